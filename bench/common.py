@@ -1,0 +1,84 @@
+"""Shared plumbing for benchmarks (ARCHITECTURE §7).
+
+Every benchmark compares Surge against a baseline *in the same run*, repeats the pair several
+times interleaved (this machine is noisy: ±20-40 % between windows), and reports medians and
+ratios. ``report()`` prints a human table and, as the last line, one JSON object, and writes
+it to ``bench/results/NAME.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+console = Console(stderr=True)
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """q in [0, 100]; nearest-rank on the sorted values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return float(ordered[index])
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+    }
+
+
+def report(
+    name: str,
+    *,
+    ours: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    ratio: float,
+    target: float | str,
+    ok: bool,
+    rows: list[tuple[str, str, str]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """Print the table, print the JSON line last, write ``bench/results/NAME.json``."""
+    if rows:
+        table = Table(title=title or f"surge bench {name}")
+        table.add_column("metric")
+        table.add_column("surge", justify="right")
+        table.add_column("baseline", justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    result: dict[str, Any] = {
+        "bench": name,
+        "ours": dict(ours),
+        "baseline": dict(baseline),
+        "ratio": round(ratio, 3),
+        "target": target,
+        "ok": ok,
+    }
+    if extra:
+        result["extra"] = dict(extra)
+    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    result["machine"] = machine()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result

@@ -1,0 +1,162 @@
+"""`surge bench ping`: GET /livez through Surge's whole stack versus a bare FastAPI app.
+
+Both run under uvicorn (uvloop + httptools) with the same worker count, both servers up for
+the whole run, measured alternately (surge, bare, surge, bare, ...) so a slow window of this
+noisy 2-core machine hits both. The ratio (surge rps / bare rps, medians) is what Surge's own
+middleware, metrics and logging cost. Target: ≥ 0.8.
+
+Load: wrk (when installed: 2 threads, 64 connections) or the bundled closed-loop generator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import console, median, report
+from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = 2
+CONNECTIONS = 64
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}) before answering {url}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def _uvicorn(target: str, port: int, env: dict[str, str], factory: bool) -> subprocess.Popen[bytes]:
+    args = [
+        sys.executable, "-m", "uvicorn", target, "--port", str(port), "--workers", str(WORKERS),
+        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+    if factory:
+        args.append("--factory")
+    return subprocess.Popen(
+        args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _load(url: str, seconds: float) -> dict[str, float]:
+    wrk = shutil.which("wrk")
+    if wrk:
+        out = subprocess.run(
+            [wrk, "-t2", f"-c{CONNECTIONS}", f"-d{seconds:.0f}s", "--latency", url],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+        assert p99 is not None
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        return {
+            "rps": rps,
+            "p99_ms": float(p99.group(1)) * scale,
+            "errors": int(errors.group(1)) if errors else 0,
+        }
+    out = subprocess.run(
+        [sys.executable, "-m", "bench._loadgen", url, str(CONNECTIONS), str(seconds)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout  # fmt: skip
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def main(quick: bool = False) -> None:
+    reps, seconds = (2, 4.0) if quick else (5, 10.0)
+    folder = Path(tempfile.mkdtemp(prefix="surge-bench-ping-"))
+    pg = EmbeddedPostgres(folder / "pg")
+    redis = EmbeddedRedis(folder / "redis")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with console.status("Starting PostgreSQL, Redis, Surge and the bare app..."):
+            pg.start()
+            redis.start()
+            metrics_dir = folder / "metrics"
+            metrics_dir.mkdir()
+            env = {
+                **os.environ,
+                "DATABASE_URL": pg.url,
+                "REDIS_URL": redis.url,
+                "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+                "SURGE_LOG_LEVEL": "WARNING",
+                "PYTHONPATH": str(ROOT),
+            }
+            surge_port, bare_port = free_port(), free_port()
+            procs.append(_uvicorn("surge.app:create_app", surge_port, env, factory=True))
+            procs.append(_uvicorn("bench._bare_app:app", bare_port, env, factory=False))
+            surge_url = f"http://127.0.0.1:{surge_port}/livez"
+            bare_url = f"http://127.0.0.1:{bare_port}/livez"
+            _wait(surge_url, procs[0])
+            _wait(bare_url, procs[1])
+        _load(surge_url, 2)  # warm both (imports, caches, connection setup)
+        _load(bare_url, 2)
+        ours: list[dict[str, float]] = []
+        base: list[dict[str, float]] = []
+        from rich.progress import Progress
+
+        with Progress(console=console) as progress:
+            task = progress.add_task(f"{reps} × (surge, bare), {seconds:.0f}s each", total=reps * 2)
+            for _ in range(reps):
+                ours.append(_load(surge_url, seconds))
+                progress.advance(task)
+                base.append(_load(bare_url, seconds))
+                progress.advance(task)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=30)
+        redis.stop()
+        pg.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    ratios = [o["rps"] / b["rps"] for o, b in zip(ours, base, strict=True)]
+    ours_rps, base_rps = median([o["rps"] for o in ours]), median([b["rps"] for b in base])
+    ours_p99, base_p99 = median([o["p99_ms"] for o in ours]), median([b["p99_ms"] for b in base])
+    ratio = median(ratios)
+    report(
+        "ping",
+        ours={"rps": round(ours_rps), "p99_ms": round(ours_p99, 2), "runs_rps": [round(o["rps"]) for o in ours]},
+        baseline={"rps": round(base_rps), "p99_ms": round(base_p99, 2), "runs_rps": [round(b["rps"]) for b in base],
+                  "what": "bare FastAPI app, no middleware, same uvicorn settings"},
+        ratio=ratio,
+        target=0.8,
+        ok=ratio >= 0.8,
+        rows=[
+            ("requests/s (median)", f"{ours_rps:,.0f}", f"{base_rps:,.0f}"),
+            ("p99 latency ms (median)", f"{ours_p99:.2f}", f"{base_p99:.2f}"),
+            ("ratio of paired runs (median)", f"{ratio:.3f}", "1.000"),
+        ],
+        extra={
+            "workers": WORKERS, "connections": CONNECTIONS, "seconds_per_run": seconds, "reps": reps,
+            "load_generator": "wrk" if shutil.which("wrk") else "bench._loadgen",
+            "paired_ratios": [round(r, 3) for r in ratios],
+        },
+        title="surge bench ping — GET /livez, full Surge stack vs bare FastAPI",
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)

@@ -1,0 +1,55 @@
+"""Alembic environment: async engine, every model's metadata, one migrator at a time.
+
+A PostgreSQL advisory lock serialises concurrent ``surge migrate`` runs (several processes
+starting at once must not race on the same DDL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy import pool, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from surge.config import settings
+from surge.models import Base
+
+MIGRATION_LOCK_ID = 7_421_001  # arbitrary, constant: pg_advisory_lock key for migrations
+
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    return context.config.get_main_option("sqlalchemy.url") or settings.DATABASE_URL
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _run(connection: Connection) -> None:
+    connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_ID})
+    try:
+        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_ID})
+        connection.commit()
+
+
+async def run_migrations_online() -> None:
+    engine = create_async_engine(_url(), poolclass=pool.NullPool)
+    async with engine.connect() as connection:
+        await connection.run_sync(_run)
+    await engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    asyncio.run(run_migrations_online())

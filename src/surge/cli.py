@@ -1,0 +1,475 @@
+"""``surge``: up, serve, worker, migrate, seed-demo, bench, doctor.
+
+Heavy imports happen inside the commands: ``PROMETHEUS_MULTIPROC_DIR`` must be set before
+prometheus_client is first imported, and ``surge --help`` should answer instantly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="surge",
+    help="Surge: API, workers and embedded servers on one machine, or any part of it.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---- embedded servers --------------------------------------------------------------------
+@dataclass
+class Servers:
+    """The PostgreSQL and Redis this command uses; the embedded ones it started, to stop."""
+
+    database_url: str
+    redis_url: str
+    started: list[object] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for server in reversed(self.started):
+            stop = getattr(server, "stop", None)
+            if stop is not None:
+                try:
+                    stop()
+                except Exception as error:
+                    console.print(f"[red]could not stop {type(server).__name__}: {error}")
+        self.started.clear()
+
+
+def resolve_servers() -> Servers:
+    """Use DATABASE_URL / REDIS_URL when set; otherwise start embedded servers in DATA_DIR."""
+    from surge.config import settings
+    from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    servers = Servers(settings.DATABASE_URL, settings.REDIS_URL)
+    if not servers.database_url:
+        with console.status("Starting embedded PostgreSQL (first run initialises it)..."):
+            pg = EmbeddedPostgres(settings.DATA_DIR / "postgres")
+            servers.database_url = pg.start()
+            servers.started.append(pg)
+        console.print(f"[green]✓[/] PostgreSQL (embedded) on 127.0.0.1:{pg.port}")
+    else:
+        console.print(f"[green]✓[/] PostgreSQL (external) {_mask_url(servers.database_url)}")
+    if not servers.redis_url:
+        with console.status("Starting embedded Redis..."):
+            redis = EmbeddedRedis(settings.DATA_DIR / "redis")
+            servers.redis_url = redis.start()
+            servers.started.append(redis)
+        console.print(f"[green]✓[/] Redis (embedded) on 127.0.0.1:{redis.port}")
+    else:
+        console.print(f"[green]✓[/] Redis (external) {_mask_url(servers.redis_url)}")
+    # Child processes and this one read the same values from here on.
+    os.environ["DATABASE_URL"] = servers.database_url
+    os.environ["REDIS_URL"] = servers.redis_url
+    settings.DATABASE_URL = servers.database_url
+    settings.REDIS_URL = servers.redis_url
+    return servers
+
+
+def _mask_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable url>"
+
+
+def run_migrations(url: str) -> int:
+    from surge.kit.db import migrate
+
+    pending = migrate.pending_revisions(url)
+    if not pending:
+        console.print("[green]✓[/] Database schema up to date")
+        return 0
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+        TextColumn("{task.completed}/{task.total}"), console=console,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("Applying migrations", total=len(pending))
+        migrate.upgrade(url, on_step=lambda rev: progress.update(task, advance=1, description=rev))
+    console.print(f"[green]✓[/] Applied {len(pending)} migration(s)")
+    return len(pending)
+
+
+def _prepare_metrics_dir() -> None:
+    from surge.config import settings
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    path = (settings.DATA_DIR / "metrics").resolve()
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
+# ---- commands ----------------------------------------------------------------------------
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 0,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "",
+    job_processes: Annotated[int, typer.Option(help="Job worker processes.")] = 1,
+    seed: Annotated[bool, typer.Option(help="Load demo data (idempotent).")] = True,
+) -> None:
+    """Everything on this machine: servers, migrations, demo data, API and workers. Ctrl-C stops all."""
+    from surge.config import settings
+
+    workers = workers or settings.WEB_WORKERS
+    port = port or settings.PORT
+    host = host or settings.HOST
+    servers = resolve_servers()
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    stopping = False
+
+    def stop_all(signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+
+    previous_int = signal.signal(signal.SIGINT, stop_all)
+    previous_term = signal.signal(signal.SIGTERM, stop_all)
+    try:
+        run_migrations(servers.database_url)
+        if seed:
+            _seed_demo()
+        _prepare_metrics_dir()
+        python = sys.executable
+        serve_cmd = [python, "-m", "surge.cli", "serve", "--workers", str(workers),
+                     "--port", str(port), "--host", host, "--no-servers"]  # fmt: skip
+        children.append(("api", subprocess.Popen(serve_cmd, start_new_session=True)))
+        if _has_jobs() and job_processes > 0:
+            worker_cmd = [python, "-m", "surge.cli", "worker", "--processes", str(job_processes)]
+            children.append(("worker", subprocess.Popen(worker_cmd, start_new_session=True)))
+        _wait_for_http(host, port, timeout=60, children=children)
+        base = f"http://{host}:{port}"
+        console.print(
+            Panel.fit(
+                f"API         {base}\n"
+                f"OpenAPI     {base}/docs\n"
+                f"Health      {base}/api/health   ({base}/livez, {base}/readyz)\n"
+                f"Metrics     {base}/metrics\n"
+                f"Processes   {workers} web" + (f", {job_processes} job worker" if len(children) > 1 else "")
+                + "\n\nCtrl-C stops everything.",
+                title="[bold green]Surge is up",
+            )
+        )  # fmt: skip
+        while not stopping:
+            for name, child in children:
+                if child.poll() is not None:
+                    console.print(f"[red]{name} exited with {child.returncode}; stopping")
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
+        # The web drain and the workers' drain run in parallel; wait for the longer one,
+        # so a job finishing within JOBS_SHUTDOWN_GRACE is not killed and re-run.
+        grace = max(settings.SHUTDOWN_GRACE, settings.JOBS_SHUTDOWN_GRACE).total_seconds()
+        _stop_children(children, grace=grace + 5)
+        servers.stop()
+        console.print("[green]✓[/] Stopped; nothing left running.")
+
+
+def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], grace: float) -> None:
+    for _, child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for name, child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            console.print(f"[yellow]{name} did not stop in {grace:.0f}s; killing it")
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+def _wait_for_http(
+    host: str, port: int, *, timeout: float, children: list[tuple[str, subprocess.Popen[bytes]]]
+) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with console.status("Waiting for the API to be ready..."):
+        while time.monotonic() < deadline:
+            for name, child in children:
+                if child.poll() is not None:
+                    raise typer.Exit(f"{name} exited with {child.returncode} during start-up")  # type: ignore[arg-type]
+            try:
+                if httpx.get(f"http://{host}:{port}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    raise typer.Exit(1)
+
+
+def _has_jobs() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("surge.worker") is not None
+
+
+def _seed_demo() -> None:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("surge.demo") is None:
+        return
+    demo = importlib.import_module("surge.demo")
+    demo.seed(console)
+
+
+@app.command()
+def serve(
+    workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 0,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "",
+    servers_: Annotated[
+        bool,
+        typer.Option("--servers/--no-servers", help="Start embedded servers if no URL is set."),
+    ] = True,
+) -> None:
+    """The API alone: N uvicorn processes (uvloop + httptools), graceful drain on SIGTERM."""
+    from surge.config import settings
+
+    servers = resolve_servers() if servers_ else None
+    workers = workers or settings.WEB_WORKERS
+    _prepare_metrics_dir()
+    import uvicorn
+
+    try:
+        uvicorn.run(
+            "surge.app:create_app",
+            factory=True,
+            host=host or settings.HOST,
+            port=port or settings.PORT,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE.total_seconds()),
+            backlog=4096,
+        )
+    finally:
+        if servers is not None:
+            servers.stop()
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending database migrations (with a progress bar)."""
+    servers = resolve_servers()
+    try:
+        run_migrations(servers.database_url)
+    finally:
+        servers.stop()
+
+
+@app.command()
+def worker(
+    processes: Annotated[int, typer.Option(help="Worker processes (default JOBS_PROCESSES).")] = 0,
+    concurrency: Annotated[
+        int, typer.Option(help="Jobs at once per process (default JOBS_CONCURRENCY).")
+    ] = 0,
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues (default: every registered queue).")
+    ] = "",
+    metrics_port: Annotated[
+        int, typer.Option(help="Serve the fleet's aggregated Prometheus metrics here (0: off).")
+    ] = 0,
+) -> None:
+    """The job worker fleet: N processes × C jobs, crashed processes restarted, graceful
+    stop on SIGTERM / Ctrl-C (running jobs finish or go back to the queue)."""
+    import shutil
+
+    from surge.config import settings
+
+    own_metrics_dir = None
+    if metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # A folder of this fleet's own: another fleet or `surge up` may share DATA_DIR.
+        own_metrics_dir = (settings.DATA_DIR / f"metrics-worker-{os.getpid()}").resolve()
+        shutil.rmtree(own_metrics_dir, ignore_errors=True)
+        own_metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(own_metrics_dir)
+    from surge.kit.jobs.fleet import run_fleet  # after the metrics folder is chosen
+
+    servers = resolve_servers()
+    try:
+        if servers.started:  # embedded servers of a dev machine: bring the schema along
+            run_migrations(servers.database_url)
+        command = [sys.executable, "-m", "surge.worker"]
+        if concurrency:
+            command += ["--concurrency", str(concurrency)]
+        if queues:
+            command += ["--queues", queues]
+        count = processes or settings.JOBS_PROCESSES
+        console.print(f"[green]✓[/] Job workers: {count} process(es)")
+        run_fleet(
+            command, processes=count, grace=settings.JOBS_SHUTDOWN_GRACE.total_seconds() + 2,
+            metrics_port=metrics_port, metrics_host=settings.HOST,
+        )  # fmt: skip
+    finally:
+        servers.stop()
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+@app.command("seed-demo")
+def seed_demo() -> None:
+    """Load the demo data (idempotent)."""
+    servers = resolve_servers()
+    try:
+        run_migrations(servers.database_url)
+        _seed_demo()
+    finally:
+        servers.stop()
+
+
+@app.command()
+def bench(
+    name: Annotated[
+        str, typer.Argument(help="ping | cache | ratelimit | jobs | breaker | ... | all")
+    ],
+    quick: Annotated[bool, typer.Option(help="Shorter runs (smoke test, noisier).")] = False,
+) -> None:
+    """Run a benchmark from bench/ side by side with its baseline; writes bench/results/NAME.json."""
+    import importlib
+
+    sys.path.insert(0, str(PROJECT_ROOT))
+    names = _bench_names() if name == "all" else [name]
+    for bench_name in names:
+        try:
+            module = importlib.import_module(f"bench.{bench_name}")
+        except ModuleNotFoundError as error:
+            raise typer.BadParameter(
+                f"no benchmark {bench_name!r} (have: {', '.join(_bench_names())})"
+            ) from error
+        module.main(quick=quick)
+
+
+def _bench_names() -> list[str]:
+    folder = PROJECT_ROOT / "bench"
+    return sorted(
+        p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and p.stem != "common"
+    )
+
+
+@app.command()
+def doctor() -> None:
+    """Print the effective configuration (secrets masked) and check every server, with timings."""
+    from surge.config import settings
+
+    table = Table(title="Effective configuration", show_lines=False)
+    table.add_column("setting")
+    table.add_column("value")
+    for key, value in settings.model_dump().items():
+        shown = str(value)
+        if "SECRET" in key or "PASSWORD" in key:
+            shown = "********"
+        elif key.endswith("_URL") and value:
+            shown = _mask_url(str(value))
+        elif key.endswith("_URLS"):
+            shown = ", ".join(_mask_url(v) for v in value)
+        table.add_row(key, shown or "[dim](embedded)")
+    console.print(table)
+    servers = resolve_servers()
+    try:
+        import asyncio
+
+        results = asyncio.run(_doctor_checks(servers.database_url, servers.redis_url))
+    finally:
+        servers.stop()
+    checks = Table(title="Connectivity")
+    for column in ("server", "ok", "ms", "detail"):
+        checks.add_column(column)
+    failed = False
+    for server, ok, ms, detail in results:
+        failed |= not ok
+        checks.add_row(server, "[green]yes" if ok else "[red]no", f"{ms:.1f}", detail)
+    console.print(checks)
+    if failed:
+        raise typer.Exit(1)
+
+
+async def _doctor_checks(database_url: str, redis_url: str) -> list[tuple[str, bool, float, str]]:
+    import redis.asyncio as redis_async
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from surge.config import settings
+    from surge.kit.db import migrate
+
+    out: list[tuple[str, bool, float, str]] = []
+    for label, url in [("postgresql primary", database_url)] + [
+        (f"postgresql replica {i}", u) for i, u in enumerate(settings.DATABASE_REPLICA_URLS)
+    ]:
+        started = time.perf_counter()
+        engine = create_async_engine(url, connect_args={"timeout": 5})
+        try:
+            async with engine.connect() as conn:
+                version = (await conn.execute(text("SHOW server_version"))).scalar_one()
+            detail = f"PostgreSQL {version}"
+            ok = True
+        except Exception as error:
+            detail, ok = f"{type(error).__name__}: {error}"[:120], False
+        finally:
+            await engine.dispose()
+        out.append((label, ok, (time.perf_counter() - started) * 1000, detail))
+    started = time.perf_counter()
+    client = redis_async.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        info = await client.info("server")
+        out.append(
+            (
+                "redis",
+                True,
+                (time.perf_counter() - started) * 1000,
+                f"Redis {info['redis_version']}",
+            )
+        )
+    except Exception as error:
+        out.append(("redis", False, (time.perf_counter() - started) * 1000, str(error)[:120]))
+    finally:
+        await client.aclose()
+    try:
+        import asyncio
+
+        pending = await asyncio.to_thread(migrate.pending_revisions, database_url)
+        out.append(
+            ("migrations", not pending, 0.0, f"{len(pending)} pending" if pending else "up to date")
+        )
+    except Exception as error:
+        out.append(("migrations", False, 0.0, str(error)[:120]))
+    return out
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""PostgreSQL: one pooled primary engine per process, optional read replicas, the unit of work.
+
+- ``Database.session()``: one unit of work. Inner code flushes, never commits; the edge (the
+  request dependency, the job runner) commits once, then runs the ``on_commit`` callbacks
+  (cache invalidations, notifications) so nobody hears of a write that rolled back (ADR 0002).
+- ``Database.read_session()``: read-only work, routed round-robin to a healthy replica when
+  ``DATABASE_REPLICA_URLS`` is set; a replica that fails to connect is skipped for
+  ``DB_REPLICA_RETRY`` and the read goes to the primary.
+- Pool: ``IdleTimeoutPool`` (max 20, floor 5, idle 30 s), gauges in ``/metrics``, slow
+  queries logged and counted, connection loss mapped to 503 by ``is_unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import event, exc, text
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from surge.kit.db.pool import IdleTimeoutPool, prewarm
+from surge.kit.telemetry import metrics
+
+log = structlog.get_logger()
+
+OnCommit = Callable[[], Awaitable[None]]
+_ON_COMMIT = "surge_on_commit"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    max_size: int = 20
+    min_size: int = 5
+    idle_timeout: float = 30.0
+    checkout_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    statement_timeout: float = 30.0
+    slow_query: float = 0.5
+    pgbouncer: bool = False
+    replica_retry: float = 5.0
+    application_name: str = "surge"
+
+
+def engine_options(url: str, config: PoolConfig) -> dict[str, Any]:
+    """The ``create_async_engine`` keyword arguments for one server (pure; tested by config)."""
+    server_settings = {"application_name": config.application_name}
+    connect_args: dict[str, Any] = {
+        "timeout": config.connect_timeout,
+        "command_timeout": None,
+        "server_settings": server_settings,
+    }
+    if config.statement_timeout and not config.pgbouncer:
+        server_settings["statement_timeout"] = str(int(config.statement_timeout * 1000))
+    if config.pgbouncer:
+        # PgBouncer in transaction mode hands each transaction any server connection, so a
+        # statement prepared on one is unknown on the next: turn off asyncpg's statement
+        # cache and SQLAlchemy's, and name statements uniquely (SQLAlchemy asyncpg docs).
+        # Startup parameters other than a few are refused by PgBouncer, so statement_timeout
+        # must be set on the role instead (ALTER ROLE ... SET statement_timeout).
+        from uuid import uuid4
+
+        connect_args["statement_cache_size"] = 0
+        connect_args["prepared_statement_cache_size"] = 0
+        connect_args["prepared_statement_name_func"] = lambda: f"__surge_{uuid4()}__"
+    return {
+        "poolclass": IdleTimeoutPool,
+        "pool_size": config.max_size,
+        "pool_timeout": config.checkout_timeout,
+        "pool_recycle": 3600,
+        "pool_pre_ping": False,  # a dead connection fails fast and is invalidated instead
+        "connect_args": connect_args,
+    }
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """True when ``error`` means PostgreSQL cannot be reached (→ 503), not a bad query."""
+    if isinstance(error, exc.TimeoutError):  # pool exhausted
+        return True
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        orig = getattr(error.orig, "__cause__", None) or error.orig
+        name = type(orig).__name__
+        return isinstance(orig, OSError | ConnectionError) or name in {
+            "CannotConnectNowError",
+            "ConnectionDoesNotExistError",
+            "InterfaceError",
+            "AdminShutdownError",
+            "ConnectionFailureError",
+            "TooManyConnectionsError",
+        }
+    return isinstance(error, OSError | ConnectionError | asyncio.TimeoutError)
+
+
+def on_commit(session: AsyncSession, callback: OnCommit) -> None:
+    """Run ``callback`` after ``session``'s unit of work commits (dropped on rollback)."""
+    session.info.setdefault(_ON_COMMIT, []).append(callback)
+
+
+class Database:
+    """The process's engines and sessions. Create once, ``await start()``, ``await close()``."""
+
+    def __init__(
+        self, url: str, replica_urls: Sequence[str] = (), config: PoolConfig | None = None
+    ) -> None:
+        self.config = config or PoolConfig()
+        self.primary = self._engine(url, "primary")
+        self.replicas = [self._engine(u, f"replica{i}") for i, u in enumerate(replica_urls)]
+        self._replica_cycle = itertools.cycle(range(len(self.replicas))) if self.replicas else None
+        self._replica_down_until = [0.0] * len(self.replicas)
+        self._sessions = async_sessionmaker(self.primary, expire_on_commit=False)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _engine(self, url: str, name: str) -> AsyncEngine:
+        engine = create_async_engine(url, **engine_options(url, self.config))
+        pool = engine.pool
+        assert isinstance(pool, IdleTimeoutPool)
+        pool.min_size = self.config.min_size
+        self._instrument(engine, name)
+        return engine
+
+    def _instrument(self, engine: AsyncEngine, name: str) -> None:
+        slow = self.config.slow_query
+        pool = engine.pool
+        assert isinstance(pool, IdleTimeoutPool)
+        size = metrics.DB_POOL_SIZE.labels(name)
+        checked_out = metrics.DB_POOL_CHECKED_OUT.labels(name)
+        waiting = metrics.DB_POOL_WAITING.labels(name)
+        slow_counter = metrics.DB_SLOW_QUERIES.labels(name)
+
+        def update_gauges(*_: Any) -> None:
+            size.set(pool.opened())
+            checked_out.set(pool.checkedout())
+            waiting.set(pool.waiting())
+
+        for name_ in ("checkout", "checkin", "connect", "close", "invalidate"):
+            event.listen(pool, name_, update_gauges)
+
+        def before(
+            conn: Any, _cursor: Any, _stmt: str, _params: Any, ctx: Any, _many: bool
+        ) -> None:
+            ctx._surge_started = time.perf_counter()
+
+        def after(
+            conn: Any, _cursor: Any, statement: str, _params: Any, ctx: Any, _many: bool
+        ) -> None:
+            elapsed = time.perf_counter() - ctx._surge_started
+            if elapsed >= slow:
+                slow_counter.inc()
+                metrics.DB_QUERY_MAX.set(elapsed)
+                log.warning(
+                    "db.slow_query", pool=name, duration_ms=round(elapsed * 1000, 1),
+                    statement=statement[:500],
+                )  # fmt: skip
+
+        event.listen(engine.sync_engine, "before_cursor_execute", before)
+        event.listen(engine.sync_engine, "after_cursor_execute", after)
+
+    @property
+    def engines(self) -> list[AsyncEngine]:
+        return [self.primary, *self.replicas]
+
+    async def start(self) -> None:
+        """Open the floor of connections and start the idle reaper. Tolerates a DB that is down."""
+        for engine in self.engines:
+            try:
+                await prewarm(engine, self.config.min_size)
+            except Exception as error:
+                log.warning("db.prewarm_failed", error=str(error))
+        self._tasks.append(asyncio.create_task(self._reap_forever(), name="db-reaper"))
+
+    async def _reap_forever(self) -> None:
+        interval = max(0.2, min(self.config.idle_timeout / 3, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            for engine in self.engines:
+                pool = engine.pool
+                assert isinstance(pool, IdleTimeoutPool)
+                try:
+                    closed = await pool.reap(self.config.idle_timeout)
+                except Exception:
+                    log.exception("db.reap_failed")
+                    continue
+                if closed:
+                    log.debug("db.pool.reaped", closed=closed, open=pool.opened())
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for engine in self.engines:
+            await engine.dispose()
+
+    # ---- units of work ------------------------------------------------------------------
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work on the primary: commit at the end, roll back on any error."""
+        async with self._sessions() as session:
+            try:
+                yield session
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+            await run_on_commit(session)
+
+    @asynccontextmanager
+    async def read_session(self) -> AsyncIterator[AsyncSession]:
+        """A read-only session, on a healthy replica when there is one."""
+        connection = await self._read_connection()
+        try:
+            async with AsyncSession(bind=connection, expire_on_commit=False) as session:
+                yield session
+        finally:
+            await connection.close()
+
+    async def _read_connection(self) -> AsyncConnection:
+        if self._replica_cycle is not None:
+            now = time.monotonic()
+            for _ in range(len(self.replicas)):
+                index = next(self._replica_cycle)
+                if self._replica_down_until[index] > now:
+                    continue
+                try:
+                    return await self.replicas[index].connect()
+                except Exception as error:
+                    if not is_unavailable(error):
+                        raise
+                    self._replica_down_until[index] = now + self.config.replica_retry
+                    metrics.DB_REPLICA_FALLBACKS.inc()
+                    log.warning("db.replica_down", replica=index, error=str(error)[:200])
+            metrics.DB_REPLICA_FALLBACKS.inc()
+        return await self.primary.connect()
+
+    async def ping(self, engine: AsyncEngine | None = None) -> None:
+        """``SELECT 1`` on ``engine`` (default: the primary). Raises when it cannot."""
+        async with (engine or self.primary).connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+
+async def run_on_commit(session: AsyncSession) -> None:
+    callbacks: list[OnCommit] = session.info.pop(_ON_COMMIT, [])
+    for callback in callbacks:
+        try:
+            await callback()
+        except Exception:  # the write is committed; a failed side effect must not undo the reply
+            log.exception("db.on_commit_failed", callback=getattr(callback, "__qualname__", "?"))

@@ -1,0 +1,208 @@
+"""One async Redis client per process, with seed 000's reconnect strategy and a fast "down" signal.
+
+    RedisUnavailable (< DependencyUnavailable < ServiceUnavailable < SurgeError)
+
+redis-py alone makes every caller wait for its own socket timeout while Redis is down, and
+its built-in retries multiply that. Here the first failure marks Redis *down*; from then on
+``RedisGateway.client()`` raises ``RedisUnavailable`` at once (no I/O) and one background
+probe reconnects with backoff 100 ms × attempt, capped at 3 s (seed 000 ``retryStrategy``).
+After 10 failed attempts in a row it logs ``redis.gave_up`` once and keeps probing at the
+cap: a server that stops trying for good needs a human to restart it (ADR 0004).
+A ``READONLY`` reply (we hit a demoted primary after a failover) drops every pooled
+connection so the next command reconnects (seed 000 ``reconnectOnError``).
+
+Callers use ``async with gateway.guard(): await gateway.client().get(...)`` or the
+``call`` helper; both translate connection errors into ``RedisUnavailable`` and mark the
+gateway down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import redis.asyncio as redis_async
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from surge.kit.errors import DependencyUnavailable
+from surge.kit.telemetry.metrics import REDIS_UP
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+#: The errors that mean "Redis is not reachable", as opposed to a bad command.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def _pool_exhausted(error: BaseException) -> bool:
+    return isinstance(error, MaxConnectionsError) or (
+        isinstance(error, RedisConnectionError) and str(error) == "No connection available."
+    )
+
+
+class RedisUnavailable(DependencyUnavailable):
+    """Redis is down (or was a moment ago and has not answered a probe since)."""
+
+    def __init__(self, message: str = "Redis is unavailable") -> None:
+        super().__init__(message, retry_after=1)
+
+
+class RedisGateway:
+    """Owns the process's Redis client and knows, without I/O, whether Redis is up."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        socket_timeout: float = 1.0,
+        connect_timeout: float = 0.5,
+        backoff_step: float = 0.1,
+        backoff_max: float = 3.0,
+        max_attempts: int = 10,
+        max_connections: int = 64,
+    ) -> None:
+        self.url = url
+        self.backoff_step = backoff_step
+        self.backoff_max = backoff_max
+        self.max_attempts = max_attempts
+        # A blocking pool: with more commands in flight than connections, callers wait
+        # (up to socket_timeout) for one instead of failing; an exhausted pool is a busy
+        # process, not a Redis outage, and must not flip the gateway to "down".
+        pool = redis_async.BlockingConnectionPool.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            # Retries are ours (one probe for the whole process), not per command.
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            max_connections=max_connections,
+            timeout=socket_timeout,
+        )
+        self._client: redis_async.Redis = redis_async.Redis(connection_pool=pool)
+        self._up = True
+        self._down_since = 0.0
+        self._attempts = 0
+        self._probe: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[bool], None]] = []
+        REDIS_UP.set(1)
+
+    # ---- state --------------------------------------------------------------------------
+    @property
+    def is_up(self) -> bool:
+        return self._up
+
+    def on_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(up)`` whenever Redis goes down or comes back (e.g. to resync a cache)."""
+        self._listeners.append(listener)
+
+    def client(self) -> redis_async.Redis:
+        """The shared client, or ``RedisUnavailable`` immediately while Redis is down."""
+        if not self._up:
+            raise RedisUnavailable()
+        return self._client
+
+    @property
+    def raw(self) -> redis_async.Redis:
+        """The client regardless of state (health probes, tests)."""
+        return self._client
+
+    def mark_down(self, error: BaseException) -> None:
+        if isinstance(error, ReadOnlyError):
+            # A failover demoted the server we talk to: reconnect, it is not "down".
+            log.warning("redis.readonly_reconnect")
+            asyncio.get_running_loop().create_task(self._client.connection_pool.disconnect())
+            return
+        if not self._up:
+            return
+        self._up = False
+        self._down_since = time.monotonic()
+        self._attempts = 0
+        REDIS_UP.set(0)
+        log.warning("redis.down", error=f"{type(error).__name__}: {error}")
+        self._notify(False)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._reconnect())
+
+    def _notify(self, up: bool) -> None:
+        for listener in self._listeners:
+            try:
+                listener(up)
+            except Exception:  # a listener must never break the gateway
+                log.exception("redis.listener_failed")
+
+    async def _reconnect(self) -> None:
+        while not self._up:
+            self._attempts += 1
+            delay = min(self._attempts * self.backoff_step, self.backoff_max)
+            if self._attempts == self.max_attempts + 1:
+                log.error(
+                    "redis.gave_up", attempts=self.max_attempts, next_every_s=self.backoff_max
+                )
+            await asyncio.sleep(delay)
+            try:
+                await self._client.connection_pool.disconnect()
+                await asyncio.wait_for(self._client.ping(), timeout=max(delay, 0.5))
+            except Exception:
+                continue
+            self._up = True
+            REDIS_UP.set(1)
+            log.info(
+                "redis.up",
+                attempts=self._attempts,
+                down_for_s=round(time.monotonic() - self._down_since, 3),
+            )
+            self._notify(True)
+
+    # ---- calls --------------------------------------------------------------------------
+    @asynccontextmanager
+    async def guard(self) -> AsyncIterator[redis_async.Redis]:
+        """``async with gateway.guard() as r:`` — connection errors become RedisUnavailable."""
+        client = self.client()
+        try:
+            yield client
+        except ReadOnlyError as exc:
+            self.mark_down(exc)
+            raise RedisUnavailable("Redis answered READONLY; reconnecting") from exc
+        except CONNECTION_ERRORS as exc:
+            if _pool_exhausted(exc):
+                raise RedisUnavailable("No Redis connection free in this process") from exc
+            self.mark_down(exc)
+            raise RedisUnavailable() from exc
+
+    async def call(self, fn: Callable[[redis_async.Redis], Awaitable[T]]) -> T:
+        async with self.guard() as client:
+            return await fn(client)
+
+    async def ping(self, timeout: float = 0.5) -> bool:
+        """Health check: False at once while down, else a real PING within ``timeout``."""
+        if not self._up:
+            return False
+        try:
+            async with asyncio.timeout(timeout), self.guard() as client:
+                await client.ping()
+        except (RedisUnavailable, TimeoutError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        await self._client.aclose()
+
+    def info(self) -> dict[str, Any]:
+        return {"up": self._up, "reconnect_attempts": self._attempts}

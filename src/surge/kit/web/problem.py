@@ -1,0 +1,147 @@
+"""RFC 9457 ``application/problem+json`` for every error a client can see.
+
+One renderer (``problem_response``) and the exception handlers that route Surge errors,
+Starlette's HTTP errors (404, 405), payload validation (422) and database outages (503)
+through it. An unexpected exception never reaches here: ``SurgeMiddleware`` turns it into a
+bare 500 without detail (the stack trace goes to the log, with the request id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from surge.kit.db import is_unavailable
+from surge.kit.errors import SurgeError
+
+log = structlog.get_logger()
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://surge.dev/problems/"
+
+
+def problem_body(
+    status: int,
+    *,
+    title: str | None = None,
+    detail: str | None = None,
+    type_: str | None = None,
+    instance: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + type_ if type_ else "about:blank",
+        "title": title or _phrase(status),
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    if instance:
+        body["instance"] = instance
+    if extra:
+        body.update({k: v for k, v in extra.items() if k not in body})
+    return orjson.dumps(body, default=str)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def problem_response(
+    status: int,
+    *,
+    detail: str | None = None,
+    title: str | None = None,
+    type_: str | None = None,
+    request: Request | None = None,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Response:
+    return Response(
+        problem_body(
+            status,
+            title=title,
+            detail=detail,
+            type_=type_,
+            instance=request.url.path if request is not None else None,
+            extra=extra,
+        ),
+        status_code=status,
+        headers=dict(headers or {}),
+        media_type=PROBLEM_JSON,
+    )
+
+
+async def _surge_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, SurgeError)
+    return problem_response(
+        error.status_code,
+        detail=error.message,
+        title=error.title,
+        type_=error.type_slug,
+        request=request,
+        headers=error.headers,
+        extra=error.extra,
+    )
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, StarletteHTTPException)
+    detail: str | None = error.detail if isinstance(error.detail, str) else None
+    if detail == _phrase(error.status_code):
+        detail = None
+    return problem_response(
+        error.status_code, detail=detail, request=request, headers=error.headers or {}
+    )
+
+
+async def _validation_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, RequestValidationError)
+    errors = [
+        {"loc": list(item.get("loc", ())), "msg": item.get("msg"), "type": item.get("type")}
+        for item in error.errors()
+    ]
+    return problem_response(
+        422,
+        title="Unprocessable Content",
+        detail="The request is not valid; see `errors`.",
+        type_="validation",
+        request=request,
+        extra={"errors": errors},
+    )
+
+
+async def _database_error(request: Request, error: Exception) -> Response:
+    if is_unavailable(error):
+        log.warning("db.unavailable", error=str(error)[:300])
+        return problem_response(
+            503,
+            detail="The database is unavailable; nothing was written. Retry shortly.",
+            type_="dependency-unavailable",
+            request=request,
+            headers={"Retry-After": "5"},
+        )
+    raise error  # a real bug: let SurgeMiddleware answer 500 and log it
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(SurgeError, _surge_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeoutError, _database_error)
+    app.add_exception_handler(ConnectionError, _database_error)
+    app.add_exception_handler(TimeoutError, _database_error)

@@ -1,0 +1,187 @@
+"""kit.db: the seed-000 pool (max 20, floor 5, idle timeout), replicas with fallback, UoW."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from surge.app import create_app
+from surge.kit.db import Database, PoolConfig, engine_options, on_commit
+from surge.kit.db.pool import IdleTimeoutPool
+from surge.kit.embedded import free_port
+from surge.kit.web.deps import SessionDep
+from tests.conftest import app_client, make_settings
+
+
+def _pool(db: Database) -> IdleTimeoutPool:
+    pool = db.primary.pool
+    assert isinstance(pool, IdleTimeoutPool)
+    return pool
+
+
+async def _server_connections(db: Database, application_name: str) -> int:
+    async with db.primary.connect() as conn:
+        count = await conn.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
+            {"n": application_name},
+        )
+    return int(count or 0)  # the asking connection is one of the pool's own
+
+
+@pytest.fixture
+async def busy_app(
+    server_urls: tuple[str, str],
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    settings = make_settings(*server_urls, DB_POOL_TIMEOUT=30)
+    app = create_app(settings)
+
+    @app.get("/t/sleep")
+    async def sleep(session: SessionDep) -> dict[str, int]:
+        await session.execute(text("SELECT pg_sleep(0.05)"))
+        return {"ok": 1}
+
+    async for client in app_client(app):
+        yield app, client
+
+
+async def test_50_concurrent_requests_hold_at_most_20_connections(
+    busy_app: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    """Seed 000 checklist: 50 concurrent requests never hold more than 20 connections."""
+    app, client = busy_app
+    db: Database = app.state.runtime.db
+    pool = _pool(db)
+    peak = 0
+    done = False
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done:
+            peak = max(peak, pool.opened())
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    responses = await asyncio.gather(*(client.get("/t/sleep") for _ in range(50)))
+    done = True
+    await watcher
+    assert all(r.status_code == 200 for r in responses)
+    assert peak == 20, f"the pool should have been used to its limit, peaked at {peak}"
+    assert pool.opened() <= 20
+    assert pool.waiting() == 0
+
+
+async def test_idle_connections_close_down_to_the_floor(server_urls: tuple[str, str]) -> None:
+    config = PoolConfig(max_size=10, min_size=3, idle_timeout=0.3, application_name="surge-idle")
+    db = Database(server_urls[0], config=config)
+    await db.start()
+    try:
+        assert _pool(db).opened() == 3, "the floor is opened at start"
+
+        async def hold() -> None:
+            async with db.primary.connect() as conn:
+                await conn.execute(text("SELECT pg_sleep(0.05)"))
+
+        await asyncio.gather(*(hold() for _ in range(10)))
+        assert _pool(db).opened() == 10
+        assert await _server_connections(db, "surge-idle") >= 9
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if _pool(db).opened() == 3:
+                break
+        assert _pool(db).opened() == 3, "idle connections above the floor were not closed"
+        assert await _server_connections(db, "surge-idle") == 3
+    finally:
+        await db.close()
+
+
+async def test_read_session_uses_replica_then_falls_back(server_urls: tuple[str, str]) -> None:
+    dead = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/surge"
+    config = PoolConfig(min_size=0, replica_retry=60, connect_timeout=1)
+    db = Database(server_urls[0], [server_urls[0], dead], config=config)
+    try:
+        seen = set()
+        for _ in range(4):
+            async with db.read_session() as session:
+                await session.execute(text("SELECT 1"))
+                seen.add(session.bind.engine.url.port if session.bind else None)  # type: ignore[union-attr]
+        # both reads hit a working server: the live replica, or the primary instead of the dead one
+        assert db._replica_down_until[1] > 0, "the dead replica was not marked down"
+        assert db._replica_down_until[0] == 0
+        assert _pool(db).checkedout() == 0
+    finally:
+        await db.close()
+
+
+async def test_unit_of_work_commits_once_and_runs_on_commit(server_urls: tuple[str, str]) -> None:
+    db = Database(server_urls[0], config=PoolConfig(min_size=0))
+    fired: list[str] = []
+    try:
+        async with db.session() as session:
+            await session.execute(text("CREATE TEMP TABLE IF NOT EXISTS uow_t (v int)"))
+
+            async def hook() -> None:
+                fired.append("committed")
+
+            on_commit(session, hook)
+        assert fired == ["committed"]
+
+        with pytest.raises(RuntimeError):
+            async with db.session() as session:
+
+                async def never() -> None:
+                    fired.append("rolled back but fired")
+
+                on_commit(session, never)
+                raise RuntimeError("boom")
+        assert fired == ["committed"], "a rolled-back unit of work must not fire on_commit"
+    finally:
+        await db.close()
+
+
+def test_pgbouncer_mode_disables_statement_caches() -> None:
+    options = engine_options("postgresql+asyncpg://x@h/db", PoolConfig(pgbouncer=True))
+    args = options["connect_args"]
+    assert args["statement_cache_size"] == 0
+    assert args["prepared_statement_cache_size"] == 0
+    assert args["prepared_statement_name_func"]() != args["prepared_statement_name_func"]()
+    assert "statement_timeout" not in args["server_settings"]
+    direct = engine_options("postgresql+asyncpg://x@h/db", PoolConfig(statement_timeout=2.5))
+    assert direct["connect_args"]["server_settings"]["statement_timeout"] == "2500"
+    assert "statement_cache_size" not in direct["connect_args"]
+
+
+async def test_statement_timeout_is_enforced(server_urls: tuple[str, str]) -> None:
+    db = Database(server_urls[0], config=PoolConfig(min_size=0, statement_timeout=0.2))
+    try:
+        with pytest.raises(Exception, match="statement timeout"):
+            async with db.session() as session:
+                await session.execute(text("SELECT pg_sleep(2)"))
+    finally:
+        await db.close()
+
+
+async def test_a_failed_commit_is_never_a_2xx(server_urls: tuple[str, str]) -> None:
+    """The unit of work commits before the response: a commit-time error is a 5xx."""
+    app = create_app(make_settings(*server_urls))
+
+    @app.post("/t/deferred")
+    async def deferred(session: SessionDep) -> dict[str, bool]:
+        await session.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS uow_deferred (v int, CONSTRAINT uow_deferred_u "
+                "UNIQUE (v) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+        # both inserts succeed; the unique check fires at COMMIT
+        await session.execute(text("INSERT INTO uow_deferred VALUES (1), (1)"))
+        return {"ok": True}
+
+    async for client in app_client(app):
+        response = await client.post("/t/deferred")
+        assert response.status_code == 500, response.text
+        assert response.headers["content-type"] == "application/problem+json"

@@ -1,0 +1,192 @@
+"""problem+json for every error, request ids, body limit, request timeout."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from surge.app import create_app
+from surge.config import Settings
+from surge.kit.errors import Conflict
+from tests.conftest import app_client, make_settings
+
+
+class Item(BaseModel):
+    name: str
+    quantity: int
+
+
+@pytest.fixture
+async def web(server_urls: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    settings: Settings = make_settings(*server_urls, REQUEST_BODY_LIMIT=1000, REQUEST_TIMEOUT=0.3)
+    app: FastAPI = create_app(settings)
+
+    @app.post("/t/items", status_code=201)
+    async def create_item(item: Item) -> Item:
+        return item
+
+    @app.get("/t/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    @app.get("/t/conflict")
+    async def conflict() -> None:
+        raise Conflict("already there", extra={"existing_id": 7})
+
+    @app.get("/t/slow")
+    async def slow() -> None:
+        await asyncio.sleep(5)
+
+    async for client in app_client(app):
+        yield client
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status
+    assert body["title"]
+    assert "type" in body
+    return dict(body)
+
+
+async def test_404_is_problem(web: httpx.AsyncClient) -> None:
+    assert_problem(await web.get("/no/such/route"), 404)
+
+
+async def test_405_is_problem(web: httpx.AsyncClient) -> None:
+    assert_problem(await web.delete("/livez"), 405)
+
+
+async def test_422_lists_the_errors(web: httpx.AsyncClient) -> None:
+    body = assert_problem(await web.post("/t/items", json={"name": "x", "quantity": "many"}), 422)
+    errors = body["errors"]
+    assert isinstance(errors, list) and errors[0]["loc"] == ["body", "quantity"]
+
+
+async def test_malformed_json_is_422(web: httpx.AsyncClient) -> None:
+    response = await web.post(
+        "/t/items", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 422)
+
+
+async def test_500_hides_internals(web: httpx.AsyncClient) -> None:
+    response = await web.get("/t/boom")
+    body = assert_problem(response, 500)
+    assert "secret" not in response.text and "Traceback" not in response.text
+    assert body["title"] == "Internal Server Error"
+    assert response.headers["x-request-id"]
+
+
+async def test_domain_error_carries_status_and_extra(web: httpx.AsyncClient) -> None:
+    body = assert_problem(await web.get("/t/conflict"), 409)
+    assert body["detail"] == "already there"
+    assert body["existing_id"] == 7
+    assert str(body["type"]).endswith("/conflict")
+
+
+async def test_413_by_content_length(web: httpx.AsyncClient) -> None:
+    response = await web.post(
+        "/t/items", content=b"x" * 5000, headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 413)
+
+
+async def test_413_for_streamed_body_without_length(web: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"y" * 500
+
+    response = await web.post(
+        "/t/items", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 413)
+
+
+async def test_valid_body_under_limit_passes(web: httpx.AsyncClient) -> None:
+    response = await web.post("/t/items", json={"name": "x", "quantity": 2})
+    assert response.status_code == 201
+    assert response.json() == {"name": "x", "quantity": 2}
+
+
+async def test_request_timeout_is_504(web: httpx.AsyncClient) -> None:
+    assert_problem(await web.get("/t/slow"), 504)
+
+
+async def test_request_id_is_echoed_or_made(web: httpx.AsyncClient) -> None:
+    given = await web.get("/livez", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = await web.get("/livez")
+    assert len(made.headers["x-request-id"]) == 32
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traced = await web.get("/livez", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+    assert traced.headers["x-request-id"] == trace
+    hostile = await web.get("/livez", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert hostile.headers["x-request-id"] != "bad id\twith spaces"
+
+
+async def test_metrics_use_route_templates(web: httpx.AsyncClient) -> None:
+    await web.get("/livez")
+    await web.get("/definitely/not/here/123")
+    text = (await web.get("/metrics")).text
+    assert 'http_request_duration_seconds_count{method="GET",route="/livez"}' in text
+    assert 'route="<unmatched>"' in text
+    assert "/definitely/not/here/123" not in text
+    assert "db_pool_checked_out" in text
+
+
+async def test_nested_router_metrics_keep_every_prefix(server_urls: tuple[str, str]) -> None:
+    from fastapi import APIRouter
+
+    app = create_app(make_settings(*server_urls))
+    outer, inner = APIRouter(prefix="/t/outer"), APIRouter(prefix="/inner")
+
+    @inner.get("/{key}")
+    async def deep(key: str) -> dict[str, str]:
+        return {"key": key}
+
+    outer.include_router(inner)
+    app.include_router(outer)
+    async for client in app_client(app):
+        assert (await client.get("/t/outer/inner/abc")).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert 'route="/t/outer/inner/{key}"' in text
+
+
+def test_batched_request_metrics_land_in_the_right_buckets() -> None:
+    """RequestRecorder writes prometheus-client's histogram internals; this fails loudly if a
+    new prometheus-client version moves them."""
+    from prometheus_client import REGISTRY
+
+    from surge.kit.telemetry.metrics import RequestRecorder
+
+    recorder = RequestRecorder()
+    route = "/t/recorder-check"
+    for seconds in (0.0005, 0.003, 0.003, 0.2, 45.0):
+        recorder.started()
+        recorder.finished("GET", route, 200, seconds)
+    recorder.started()
+    recorder.finished("GET", route, 503, 0.01)
+    recorder.flush()
+
+    def sample(name: str, **labels: str) -> float:
+        value = REGISTRY.get_sample_value(name, {"method": "GET", "route": route, **labels})
+        return float(value or 0.0)
+
+    assert sample("http_requests_total", status="200") == 5
+    assert sample("http_requests_total", status="503") == 1
+    assert sample("http_request_duration_seconds_count") == 6
+    assert sample("http_request_duration_seconds_bucket", le="0.001") == 1
+    assert sample("http_request_duration_seconds_bucket", le="0.005") == 3
+    assert sample("http_request_duration_seconds_bucket", le="0.01") == 4
+    assert sample("http_request_duration_seconds_bucket", le="0.25") == 5
+    assert sample("http_request_duration_seconds_bucket", le="30.0") == 5
+    assert sample("http_request_duration_seconds_bucket", le="+Inf") == 6
+    assert abs(sample("http_request_duration_seconds_sum") - 45.2165) < 1e-9

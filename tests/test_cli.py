@@ -1,0 +1,176 @@
+"""The newcomer's path: `surge up` on a fresh data folder with no configuration, then Ctrl-C.
+
+Runs the real command in a subprocess with embedded servers in a temporary folder (the
+test's own), checks the endpoints the README promises, interrupts it, and verifies that
+nothing it started is left running. Then `surge migrate` reuses the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from surge.config import Environment, Settings
+from surge.kit.embedded import free_port
+from tests.fixtures.servers import ROOT, wait_http
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR"}
+        and not k.startswith("SURGE_")
+    }
+    env["SURGE_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def _running_under(folder: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(folder) in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_up_serves_and_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "surge.cli", "up", "--workers", "2", "--port", str(port)],
+        env=_env(data_dir),
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", timeout=90, proc=proc)
+        health = httpx.get(f"{base}/api/health", timeout=5)
+        assert health.status_code == 200, health.text
+        assert health.json()["checks"] == {"database": True, "redis": True}
+        assert httpx.get(f"{base}/livez").status_code == 200
+        assert httpx.get(f"{base}/readyz").status_code == 200
+        for _ in range(20):
+            httpx.get(f"{base}/livez")
+        # two web processes, one exposition: the counts add up across processes (each
+        # process flushes its batched request metrics every second)
+        count = 0.0
+        deadline = time.monotonic() + 5
+        while count < 21 and time.monotonic() < deadline:
+            metrics = httpx.get(f"{base}/metrics").text
+            count = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith('http_requests_total{method="GET",route="/livez",status="200"}')
+            )
+            time.sleep(0.2)
+        assert count >= 21
+        assert "http_request_duration_seconds_bucket" in metrics
+        assert 'db_pool_connections{pool="primary"}' in metrics
+        assert httpx.get(f"{base}/docs").status_code == 200
+        pg_pid = int((data_dir / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])
+        redis_pid = int((data_dir / "redis" / "redis.pid").read_text().strip())
+        assert psutil.pid_exists(pg_pid) and psutil.pid_exists(redis_pid)
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            log.close()
+    output = (tmp_path / "up.log").read_text()
+    assert code == 0, output[-3000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        psutil.pid_exists(pg_pid) or psutil.pid_exists(redis_pid) or _running_under(data_dir)
+    ):
+        time.sleep(0.1)
+    assert not psutil.pid_exists(pg_pid), "embedded PostgreSQL left running"
+    assert not psutil.pid_exists(redis_pid), "embedded Redis left running"
+    assert not _running_under(data_dir), "a process of this run is still alive"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{base}/livez", timeout=1)
+
+    # Running again reuses .data: same cluster, same port, schema already there.
+    port_before = json.loads((data_dir / "postgres" / "surge.json").read_text())["port"]
+    again = subprocess.run(
+        [sys.executable, "-m", "surge.cli", "migrate"],
+        env=_env(data_dir),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "up to date" in again.stderr
+    assert json.loads((data_dir / "postgres" / "surge.json").read_text())["port"] == port_before
+    assert not _running_under(data_dir)
+
+
+def test_doctor_checks_external_servers(server_urls: tuple[str, str]) -> None:
+    env = {**os.environ, "DATABASE_URL": server_urls[0], "REDIS_URL": server_urls[1]}
+    result = subprocess.run(
+        [sys.executable, "-m", "surge.cli", "doctor"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "PostgreSQL 16" in result.stderr
+    assert "Redis 6" in result.stderr
+    assert "********" in result.stderr  # SECRET_KEY masked
+
+
+def test_doctor_fails_when_a_server_is_unreachable(server_urls: tuple[str, str]) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": server_urls[0],
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "surge.cli", "doctor"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+
+
+def test_production_refuses_default_secret() -> None:
+    with pytest.raises(ValueError, match="SURGE_SECRET_KEY"):
+        Settings(ENV=Environment.production, DATABASE_URL="", REDIS_URL="")
+    with pytest.raises(ValueError, match="SURGE_SECRET_KEY"):
+        Settings(ENV=Environment.production, SECRET_KEY="short")  # type: ignore[arg-type]
+    ok = Settings(ENV=Environment.production, SECRET_KEY="x" * 40)  # type: ignore[arg-type]
+    assert ok.is_production
+
+
+def test_urls_are_normalised_and_split() -> None:
+    s = Settings(
+        DATABASE_URL="postgres://u:p@h:5432/d",
+        DATABASE_REPLICA_URLS="postgresql://u@r1/d, postgresql://u@r2/d",  # type: ignore[arg-type]
+    )
+    assert s.DATABASE_URL == "postgresql+asyncpg://u:p@h:5432/d"
+    assert s.DATABASE_REPLICA_URLS == ["postgresql+asyncpg://u@r1/d", "postgresql+asyncpg://u@r2/d"]
