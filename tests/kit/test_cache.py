@@ -1,0 +1,507 @@
+"""kit.cache in one process, against the suite's real Redis (and, for outages, a Redis the test
+starts and stops itself). Two ``Cache`` objects with their own gateways stand for two
+processes where only L1 separation matters; real processes are in test_cache_multiprocess.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as redis_async
+from prometheus_client import REGISTRY
+from sqlalchemy import text
+
+from surge.kit.cache import Cache, RecursiveLoad, ValueNotCacheable
+from surge.kit.embedded import EmbeddedRedis
+from surge.kit.redis import RedisGateway
+from surge.kit.runtime import Runtime
+from tests.fixtures.servers import start_redis
+
+
+class Clock:
+    """Injectable wall clock: tests move time instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Counter:
+    """A loader that counts its calls and can be told to fail or to wait."""
+
+    def __init__(self, value: Any = "v", delay: float = 0.0) -> None:
+        self.calls = 0
+        self.value = value
+        self.delay = delay
+        self.fail: Exception | None = None
+
+    async def __call__(self) -> Any:
+        self.calls += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        return self.value
+
+
+CacheFactory = Callable[..., Awaitable[Cache]]
+
+
+@pytest.fixture
+async def make_cache(server_urls: tuple[str, str]) -> AsyncIterator[CacheFactory]:
+    """Caches sharing one fresh namespace on the suite's Redis, closed after the test."""
+    namespace = f"test:{uuid.uuid4().hex[:8]}"
+    made: list[tuple[Cache, RedisGateway]] = []
+
+    async def factory(url: str | None = None, max_connections: int = 64, **options: Any) -> Cache:
+        gateway = RedisGateway(
+            url or server_urls[1],
+            backoff_step=0.05,
+            backoff_max=0.2,
+            max_connections=max_connections,
+        )
+        options.setdefault("namespace", namespace)
+        options.setdefault("ttl_jitter", 0.0)
+        cache = Cache(gateway, **options)
+        await cache.start()
+        made.append((cache, gateway))
+        return cache
+
+    yield factory
+    for cache, gateway in made:
+        await cache.close()
+        await gateway.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+class TestTiers:
+    async def test_miss_loads_then_l1_then_l2_in_another_process(
+        self, make_cache: CacheFactory
+    ) -> None:
+        a, b = await make_cache(), await make_cache()
+        loader = Counter({"n": 1, "t": (1, 2)})
+        first = await a.fetch("k", loader)
+        assert (first.source, first.stale) == ("loader", False)
+        # Every process sees the msgpack round trip, the writer included: tuples are lists.
+        assert first.value == {"n": 1, "t": [1, 2]}
+        assert (await a.fetch("k", loader)).source == "l1"
+        assert (await b.fetch("k", loader)).source == "l2"
+        assert (await b.fetch("k", loader)).source == "l1"
+        assert loader.calls == 1
+
+    async def test_ttl_is_honoured_with_an_injected_clock(self, make_cache: CacheFactory) -> None:
+        clock = Clock()
+        options = {"clock": clock, "stale_while_revalidate": 0.0, "max_stale": 0.0}
+        a, b = await make_cache(**options), await make_cache(**options)
+        loader = Counter("v1")
+        await a.set("k", "v0", ttl=10)
+        clock.advance(9.9)
+        assert await a.get("k") == "v0"
+        assert await b.get("k") == "v0"  # from L2: the envelope carries the expiry
+        clock.advance(0.2)
+        assert await a.get("k", "MISS") == "MISS"
+        assert await b.get("k", "MISS") == "MISS"
+        assert await a.get_or_load("k", loader, ttl=10) == "v1"
+        assert loader.calls == 1
+
+    async def test_ttl_jitter_spreads_expiries_and_never_extends_them(
+        self, make_cache: CacheFactory
+    ) -> None:
+        clock = Clock()
+        cache = await make_cache(clock=clock, ttl_jitter=0.2)
+        for i in range(50):
+            await cache.set(f"j{i}", i, ttl=100)
+        expiries = [cache.l1.get(f"j{i}").fresh_until - clock.now for i in range(50)]  # type: ignore[union-attr]
+        assert all(80 <= e <= 100 for e in expiries), expiries
+        assert len({round(e, 3) for e in expiries}) > 40  # not expiring together
+
+    async def test_l1_is_bounded_by_entry_count(self, make_cache: CacheFactory) -> None:
+        cache = await make_cache(l1_max_entries=100)
+        for i in range(250):
+            await cache.set(f"k{i}", i)
+        assert len(cache.l1) == 100
+        assert cache.stats()["evictions"] == 150
+        assert "k249" in cache.l1
+        assert "k0" not in cache.l1
+        assert await cache.get("k0") == 0  # evicted from L1, still in L2
+
+    async def test_oversized_values_stay_out_of_redis(
+        self, make_cache: CacheFactory, redis_client: redis_async.Redis
+    ) -> None:
+        cache = await make_cache(max_value_bytes=1000)
+        await cache.set("big", "x" * 2000)
+        await cache.set("small", "x" * 10)
+        assert await redis_client.exists(f"{cache.namespace}:0:small") == 1
+        assert await redis_client.exists(f"{cache.namespace}:0:big") == 0
+        assert await cache.get("big") == "x" * 2000  # this process keeps it in L1
+
+
+class TestSingleFlight:
+    async def test_1000_concurrent_misses_call_the_loader_once(
+        self, make_cache: CacheFactory
+    ) -> None:
+        cache = await make_cache()
+        loader = Counter("v", delay=0.05)
+        values = await asyncio.gather(*[cache.get_or_load("hot", loader) for _ in range(1000)])
+        assert loader.calls == 1
+        assert set(values) == {"v"}
+
+    async def test_a_burst_of_distinct_misses_queues_instead_of_exhausting_the_pool(
+        self, make_cache: CacheFactory
+    ) -> None:
+        """redis-py raises MaxConnectionsError past the pool size and the gateway takes that
+        for "Redis down"; the cache must keep its commands under the pool size."""
+        cache = await make_cache(max_connections=8)
+        loader = Counter("v", delay=0.01)
+        values = await asyncio.gather(*[cache.get_or_load(f"k{i}", loader) for i in range(500)])
+        assert set(values) == {"v"}
+        assert loader.calls == 500
+        assert cache.gateway.is_up
+        assert cache.stats()["degraded"] is False
+
+    async def test_a_cancelled_caller_does_not_cancel_the_others(
+        self, make_cache: CacheFactory
+    ) -> None:
+        cache = await make_cache()
+        loader = Counter("v", delay=0.1)
+        impatient = asyncio.create_task(cache.get_or_load("k", loader))
+        patient = asyncio.create_task(cache.get_or_load("k", loader))
+        await asyncio.sleep(0.02)
+        impatient.cancel()
+        assert await patient == "v"
+        assert loader.calls == 1
+
+    async def test_a_loader_asking_for_its_own_key_raises_instead_of_hanging(
+        self, make_cache: CacheFactory
+    ) -> None:
+        cache = await make_cache()
+
+        async def recursive() -> Any:
+            return await cache.get_or_load("loop", recursive)
+
+        with pytest.raises(RecursiveLoad):
+            await asyncio.wait_for(cache.get_or_load("loop", recursive), timeout=2)
+
+    async def test_loader_errors_propagate_when_nothing_stale_exists(
+        self, make_cache: CacheFactory
+    ) -> None:
+        cache = await make_cache()
+        loader = Counter()
+        loader.fail = LookupError("db says no")
+        with pytest.raises(LookupError, match="db says no"):
+            await cache.get_or_load("k", loader)
+        loader.fail = None
+        assert await cache.get_or_load("k", loader) == "v"  # failures are not cached
+
+
+class TestStale:
+    async def test_stale_while_revalidate_serves_stale_and_refreshes_once(
+        self, make_cache: CacheFactory
+    ) -> None:
+        clock = Clock()
+        cache = await make_cache(clock=clock, stale_while_revalidate=30.0)
+        await cache.set("k", "old", ttl=10)
+        clock.advance(15)
+        loader = Counter("new", delay=0.05)
+        results = await asyncio.gather(*[cache.fetch("k", loader) for _ in range(50)])
+        assert {(r.value, r.stale) for r in results} == {("old", True)}
+        await eventually(lambda: _fresh_is(cache, "k", "new"))
+        assert loader.calls == 1
+
+    async def test_stale_if_error_serves_the_stale_value_when_the_loader_raises(
+        self, make_cache: CacheFactory
+    ) -> None:
+        clock = Clock()
+        cache = await make_cache(
+            clock=clock, stale_while_revalidate=0.0, max_stale=3600.0, fail_safe_throttle=5.0
+        )
+        await cache.set("k", "old", ttl=10)
+        clock.advance(60)
+        loader = Counter()
+        loader.fail = ConnectionRefusedError("database down")
+        result = await cache.fetch("k", loader)
+        assert (result.value, result.stale) == ("old", True)
+        assert loader.calls == 1
+        # Throttled: the failing loader rests instead of being hammered by every request.
+        assert (await cache.fetch("k", loader)).value == "old"
+        assert loader.calls == 1
+        clock.advance(6)
+        loader.fail = None
+        loader.value = "new"
+        assert await cache.fetch("k", loader) == _fresh("new", "loader")
+
+    async def test_nothing_is_served_past_max_stale(self, make_cache: CacheFactory) -> None:
+        clock = Clock()
+        cache = await make_cache(clock=clock, stale_while_revalidate=0.0, max_stale=100.0)
+        await cache.set("k", "old", ttl=10)
+        clock.advance(111)
+        loader = Counter()
+        loader.fail = ConnectionRefusedError("database down")
+        with pytest.raises(ConnectionRefusedError):
+            await cache.fetch("k", loader)
+
+
+class TestInvalidation:
+    async def test_delete_drops_l1_here_and_there_and_l2(self, make_cache: CacheFactory) -> None:
+        a, b = await make_cache(), await make_cache()
+        await a.set("k", 1)
+        assert await b.get("k") == 1
+        await a.delete("k")
+        assert "k" not in a.l1
+        await eventually(lambda: _absent(b, "k"))
+        assert await b.get("k", "MISS") == "MISS"
+
+    async def test_tags_invalidate_every_entry_carrying_them(
+        self, make_cache: CacheFactory
+    ) -> None:
+        a, b = await make_cache(), await make_cache()
+        await a.set("u1", "x", tags=["team:1"])
+        await a.set("u2", "y", tags=["team:1", "org:9"])
+        await a.set("u3", "z", tags=["team:2"])
+        for key in ("u1", "u2", "u3"):
+            assert await b.get(key) is not None
+        await b.invalidate_tags("team:1")
+        for cache in (a, b):
+            await eventually(lambda c=cache: _gone(c, "u1"))  # type: ignore[misc]
+            assert await cache.get("u2", "MISS") == "MISS"
+            assert await cache.get("u3") == "z"
+
+    async def test_a_lost_message_causes_bounded_staleness(
+        self, make_cache: CacheFactory, redis_client: redis_async.Redis
+    ) -> None:
+        """Bump a tag and the sequence number the way ``invalidate_tags`` does, but publish
+        nothing: the other process must notice the gap at its next resync and stop serving."""
+        b = await make_cache(resync_interval=0.1)
+        await b.set("k", "old", tags=["t"])
+        assert (await b.fetch("k", Counter())).source == "l1"
+        await redis_client.incr(f"{b.namespace}:t:t")
+        await redis_client.incr(f"{b.namespace}:seq")
+        started = time.monotonic()
+        await eventually(lambda: _fresh_is(b, "k", "new", loader_value="new"), timeout=2.0)
+        assert time.monotonic() - started < 1.0  # ~2 resync intervals, not the 5 min TTL
+
+    async def test_a_load_racing_a_delete_does_not_write_back_the_old_value(
+        self, make_cache: CacheFactory
+    ) -> None:
+        """Facebook's lease rule: the delete kills the lease, the slow loader's write is refused."""
+        a, b = await make_cache(), await make_cache()
+        slow = Counter("read-before-the-write", delay=0.2)
+        loading = asyncio.create_task(a.get_or_load("k", slow))
+        await asyncio.sleep(0.05)
+        await b.delete("k")  # the write committed; the loader read the old row
+        assert await loading == "read-before-the-write"  # its caller still gets an answer
+        assert await b.get("k", "MISS") == "MISS"
+        assert await a.get("k", "MISS") == "MISS"
+
+    async def test_clear_forgets_everything_in_o1(
+        self, make_cache: CacheFactory, redis_client: redis_async.Redis
+    ) -> None:
+        a, b = await make_cache(), await make_cache()
+        for i in range(20):
+            await a.set(f"k{i}", i)
+        assert await b.get("k3") == 3
+        await a.clear()
+        await eventually(lambda: _absent(b, "k3"))
+        for cache in (a, b):
+            assert await cache.get("k3", "MISS") == "MISS"
+        assert int(await redis_client.get(f"{a.namespace}:ver") or 0) == 1
+
+    async def test_invalidation_waits_for_the_commit(
+        self, make_cache: CacheFactory, runtime: Runtime
+    ) -> None:
+        cache = await make_cache()
+        await cache.set("row", "old")
+        async with runtime.db.session() as session:
+            await session.execute(text("SELECT 1"))
+            cache.invalidate_on_commit(session, keys=["row"])
+            assert await cache.get("row") == "old"  # not yet: the write is uncommitted
+        assert await cache.get("row", "MISS") == "MISS"
+
+        await cache.set("row", "old")
+        with pytest.raises(RuntimeError):
+            async with runtime.db.session() as session:
+                cache.invalidate_on_commit(session, keys=["row"])
+                raise RuntimeError("rolled back")
+        assert await cache.get("row") == "old"
+
+
+class TestBadInput:
+    async def test_an_error_reply_from_redis_is_a_miss_not_an_error(
+        self, make_cache: CacheFactory, redis_client: redis_async.Redis
+    ) -> None:
+        cache = await make_cache()
+        await redis_client.hset(f"{cache.namespace}:0:k", "field", "x")  # WRONGTYPE for GET
+        loader = Counter("from-db")
+        assert await cache.get_or_load("k", loader) == "from-db"
+        assert await cache.get("k") == "from-db"  # served from L1
+        assert cache.stats()["degraded"] is False  # Redis is up: not an outage
+
+    async def test_a_value_msgpack_cannot_encode_raises_and_frees_the_lease(
+        self, make_cache: CacheFactory
+    ) -> None:
+        a, b = await make_cache(lease=5.0), await make_cache(lease=5.0)
+        bad = Counter(object())
+        with pytest.raises(ValueNotCacheable):
+            await a.get_or_load("k", bad)
+        # b does not wait 5 s for a lease nobody will fulfil.
+        started = time.monotonic()
+        assert await b.get_or_load("k", Counter("ok")) == "ok"
+        assert time.monotonic() - started < 1.0
+
+
+class TestRedisDown:
+    @pytest.fixture
+    async def own_redis(self, tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
+        server = await asyncio.to_thread(start_redis, tmp_path / "redis")
+        try:
+            yield server
+        finally:
+            await asyncio.to_thread(server.stop)
+
+    async def test_redis_stopped_mid_test_costs_callers_nothing(
+        self, make_cache: CacheFactory, own_redis: EmbeddedRedis
+    ) -> None:
+        cache = await make_cache(own_redis.url)
+        other = await make_cache(own_redis.url)
+        for i in range(10):
+            await cache.set(f"k{i}", i)
+        await asyncio.to_thread(own_redis.stop)
+
+        loader = Counter("from-db")
+        started = time.monotonic()
+        for i in range(10):
+            assert await cache.get_or_load(f"k{i}", loader) == i  # L1 keeps serving
+        assert await cache.get_or_load("new", loader) == "from-db"  # loader keeps serving
+        assert await cache.get_or_load("new", loader) == "from-db"  # and L1 keeps it
+        await cache.set("k1", "changed")
+        await cache.delete("k2")
+        await cache.invalidate_tags("any")
+        assert time.monotonic() - started < 2.0  # no per-call socket timeouts
+        assert loader.calls == 1
+        assert cache.stats()["degraded"] is True
+        # The other process never had k5 in its L1 and cannot reach L2: a miss, not an error.
+        assert await other.get("k5", "MISS") == "MISS"
+
+        await asyncio.to_thread(own_redis.start)  # same port
+        await eventually(lambda: _recovered(cache), timeout=10)
+        await other.delete("nothing")  # let other notice the outage if it has not yet
+        await eventually(lambda: _recovered(other), timeout=10)
+        # The delete made while Redis was down was replayed: L2 forgot k2 too.
+        await eventually(lambda: _l2_lacks(other, "k2"), timeout=5)
+        await cache.set("after", 1)
+        assert await other.get("after") == 1
+
+    async def test_a_redis_restart_that_lost_its_data_leaves_no_stale_l1(
+        self, make_cache: CacheFactory, own_redis: EmbeddedRedis
+    ) -> None:
+        """No persistence: the restart loses values, tag versions and the sequence counter.
+        L1 copies may have missed invalidations meanwhile, so the listener flushes them."""
+        a, b = await make_cache(own_redis.url), await make_cache(own_redis.url)
+        await a.set("k", "v1", tags=["t"])
+        assert await b.get("k") == "v1"
+        await asyncio.to_thread(own_redis.stop)
+        await b.delete("zzz")  # b notices the outage
+        await asyncio.to_thread(own_redis.start)
+        await eventually(lambda: _recovered(b), timeout=10)
+        await eventually(lambda: _absent(b, "k"), timeout=5)
+        assert await b.get("k", "MISS") == "MISS"
+        await a.set("k", "v2", tags=["t"])
+        await a.invalidate_tags("t")
+        await eventually(lambda: _gone(b, "k"), timeout=5)
+
+
+class TestWarmStatsMetrics:
+    async def test_warm_batch_loads_only_what_is_missing(self, make_cache: CacheFactory) -> None:
+        a, b = await make_cache(), await make_cache()
+        await a.set("w1", "cached")
+        # Let b hear a's message first: a read racing it would (rightly) not fill L1.
+        await eventually(lambda: _heard_everything(b))
+        asked: list[list[str]] = []
+
+        async def batch(keys: Any) -> dict[str, Any]:
+            asked.append(list(keys))
+            return {k: k.upper() for k in keys if k != "w4"}
+
+        loaded = await b.warm(["w1", "w2", "w3", "w4"], batch)
+        assert loaded == 2
+        assert asked == [["w2", "w3", "w4"]]
+        assert [k in b.l1 for k in ("w1", "w2", "w3", "w4")] == [True, True, True, False]
+        assert await a.get("w2") == "W2"
+
+    async def test_metrics_count_hits_misses_loads_and_size(self, make_cache: CacheFactory) -> None:
+        name = f"m{uuid.uuid4().hex[:6]}"
+        cache = await make_cache(name=name)
+        loader = Counter()
+        await cache.get_or_load("k", loader)
+        for _ in range(9):
+            await cache.get_or_load("k", loader)
+        cache._flush_metrics()
+
+        def sample(metric: str, **labels: str) -> float:
+            value = REGISTRY.get_sample_value(metric, {"cache": name, **labels})
+            return float(value or 0.0)
+
+        assert sample("cache_hits_total", tier="l1") == 9
+        assert sample("cache_misses_total", tier="l1") == 1
+        assert sample("cache_misses_total", tier="l2") == 1
+        assert sample("cache_loads_total", outcome="ok") == 1
+        assert sample("cache_load_seconds_count") == 1
+        assert sample("cache_l1_entries") == 1
+        assert sample("cache_hit_ratio") == pytest.approx(0.9)
+        assert cache.stats()["hit_ratio"] == pytest.approx(0.9)
+
+    async def test_runtime_builds_and_starts_the_cache(self, runtime: Runtime) -> None:
+        loader = Counter("rt")
+        key = f"rt-{uuid.uuid4().hex}"
+        assert await runtime.cache.get_or_load(key, loader) == "rt"
+        assert runtime.cache.l1.max_entries == runtime.settings.CACHE_L1_MAX_ENTRIES
+        await runtime.cache.delete(key)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _fresh(value: Any, source: str) -> Any:
+    from surge.kit.cache import CacheResult
+
+    return CacheResult(value, False, source)  # type: ignore[arg-type]
+
+
+async def _fresh_is(cache: Cache, key: str, value: Any, loader_value: Any = None) -> bool:
+    result = await cache.fetch(key, Counter(loader_value))
+    return not result.stale and bool(result.value == value)
+
+
+async def _absent(cache: Cache, key: str) -> bool:
+    return key not in cache.l1
+
+
+async def _gone(cache: Cache, key: str) -> bool:
+    return bool(await cache.get(key, "MISS") == "MISS")
+
+
+async def _recovered(cache: Cache) -> bool:
+    return not cache.stats()["degraded"] and cache.gateway.is_up
+
+
+async def _heard_everything(cache: Cache) -> bool:
+    published = int(await cache.gateway.raw.get(f"{cache.namespace}:seq") or 0)
+    return cache._last_seq >= published
+
+
+async def _l2_lacks(cache: Cache, key: str) -> bool:
+    return bool(await cache.get(key, "MISS") == "MISS")
