@@ -1,0 +1,347 @@
+"""FastAPI/ASGI side of the limiter: a global middleware, a per-route dependency, headers.
+
+``RateLimitMiddleware`` sits inside ``SurgeMiddleware`` (so a 429 carries a request id and is
+counted). For each request it asks the ``identify`` hook who is calling, resolves the client
+IP (``X-Forwarded-For`` only from trusted proxies), collects every policy that applies — the
+global ones matched by tier, path and method, plus the ``RouteLimit`` policies of the route
+the request will reach — and decides them all in **one** Redis round trip. The route lookup
+uses the app's own routes (only those that declare a ``RouteLimit``, so unlimited routes cost
+nothing), which is what lets an endpoint limit ride in the same round trip as the tier limit.
+
+``RouteLimit`` is also a FastAPI dependency: under the middleware it only returns the
+decision already made; without the middleware (``surge.kit`` used in another service) it
+checks its own policies and raises ``TooManyRequests``.
+
+Responses of limited routes carry the IETF draft (draft-ietf-httpapi-ratelimit-headers-10)
+fields ``RateLimit-Policy: "name";q=LIMIT;w=SECONDS`` and
+``RateLimit: "name";r=REMAINING;t=SECONDS``, one item per enforced policy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import ipaddress
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from fastapi import Request, Response
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from surge.kit.errors import ServiceUnavailable, TooManyRequests
+from surge.kit.ratelimit.limiter import Check, Decision, RateLimiter
+from surge.kit.ratelimit.policy import ANONYMOUS, Per, RatePolicy, Subject
+from surge.kit.ratelimit.policy import Scope as PolicyScope
+from surge.kit.web.client_ip import UNKNOWN, ClientIpResolver
+from surge.kit.web.problem import PROBLEM_JSON, problem_body
+
+log = structlog.get_logger()
+
+STATE_DECISION = "ratelimit"
+STATE_COVERED = "ratelimit_covered"
+STATE_LIMITER = "ratelimiter"
+
+
+class RouteLimit:
+    """``Depends(RouteLimit("expensive-20-per-minute", cost=5))``: endpoint limits.
+
+    ``policies`` are names of configured ``scope="route"`` policies or ``RatePolicy``
+    objects; their budget is kept per route and per caller. ``cost`` is what one call spends
+    of them; ``weight``, if set, is what it spends of the global (tier, IP) policies instead
+    of their own cost (an export that counts as 10 requests of the caller's quota).
+    """
+
+    def __init__(self, *policies: str | RatePolicy, cost: int = 1, weight: int | None = None):
+        if not policies:
+            raise ValueError("RouteLimit needs at least one policy")
+        self.names = policies
+        self.cost = cost
+        self.weight = weight
+        self._resolved: tuple[int, list[RatePolicy]] | None = None
+
+    def resolve(self, limiter: RateLimiter) -> list[RatePolicy]:
+        """The policies, names looked up in ``limiter`` (``RateLimitError`` if unknown)."""
+        if self._resolved is None or self._resolved[0] != id(limiter):
+            policies = [p if isinstance(p, RatePolicy) else limiter.policy(p) for p in self.names]
+            self._resolved = (id(limiter), policies)
+        return self._resolved[1]
+
+    async def __call__(self, request: Request, response: Response) -> Decision:
+        state = request.scope.setdefault("state", {})
+        if id(self) in state.get(STATE_COVERED, ()):
+            decision: Decision = state[STATE_DECISION]
+            return decision
+        limiter = find_limiter(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", request.url.path)
+        subject = await _identify(limiter, request.scope)
+        ip = _ip_partition(limiter.client_ip(request.scope))
+        checks = [
+            Check(
+                policy, _partition(policy, subject, ip, f"{request.method} {template}"), self.cost
+            )
+            for policy in self.resolve(limiter)
+        ]
+        decision = await limiter.check([c for c in checks if c.partition])
+        state[STATE_DECISION] = decision
+        raise_for(decision)
+        for name, value in rate_limit_headers(decision):
+            response.headers[name.decode()] = value.decode()
+        return decision
+
+
+def find_limiter(request: Request) -> RateLimiter:
+    """The limiter the middleware registered, else ``app.state.runtime.extensions``."""
+    limiter = request.scope.get("state", {}).get(STATE_LIMITER)
+    if limiter is None:
+        runtime = getattr(request.app.state, "runtime", None)
+        limiter = getattr(runtime, "extensions", {}).get("ratelimit")
+    if not isinstance(limiter, RateLimiter):
+        raise RuntimeError("no RateLimiter: install RateLimitMiddleware or runtime.extensions")
+    return limiter
+
+
+def raise_for(decision: Decision) -> None:
+    """Turn a denied decision into the error the problem handlers render."""
+    if decision.allowed:
+        return
+    if decision.unavailable:
+        raise ServiceUnavailable("The rate limiter is unavailable; retry shortly.", retry_after=1)
+    raise TooManyRequests(
+        _detail(decision),
+        retry_after=decision.retry_after,
+        headers={k.decode(): v.decode() for k, v in rate_limit_headers(decision)},
+        extra={"policies": decision.denied_by},
+    )
+
+
+class RateLimitMiddleware:
+    """Applies every matching policy of a request in one decision; see the module docstring."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter,
+        exempt_paths: Sequence[str] = ("/livez", "/readyz", "/metrics", "/api/health"),
+    ) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.exempt_exact = frozenset(p for p in exempt_paths if not _is_glob(p))
+        globs = [p for p in exempt_paths if _is_glob(p)]
+        self.exempt_glob = re.compile("|".join(_glob(p) for p in globs)) if globs else None
+        self.global_policies = [
+            p for p in limiter.policies.values() if p.scope is PolicyScope.global_
+        ]
+        self._routes: list[tuple[BaseRoute, list[RouteLimit]]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._exempt(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state[STATE_LIMITER] = self.limiter
+        checks = await self._checks(scope, state)
+        if not checks:
+            await self.app(scope, receive, send)
+            return
+        decision = await self.limiter.check(checks)
+        state[STATE_DECISION] = decision
+        headers = rate_limit_headers(decision)
+        if not decision.allowed:
+            await _send_denied(send, decision, headers, scope["path"])
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if headers else send)
+
+    def _exempt(self, path: str) -> bool:
+        if path in self.exempt_exact:
+            return True
+        return self.exempt_glob is not None and self.exempt_glob.match(path) is not None
+
+    async def _checks(self, scope: Scope, state: dict[str, Any]) -> list[Check]:
+        subject = await _identify(self.limiter, scope)
+        tier = subject.tier if subject is not None else ANONYMOUS
+        ip = _ip_partition(self.limiter.client_ip(scope))
+        method: str = scope["method"]
+        path: str = scope["path"]
+        route_limits: list[RouteLimit] = []
+        template = path
+        for route, limits in self._limited_routes(scope):
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                route_limits, template = limits, getattr(route, "path", path)
+                break
+        weight = next((rl.weight for rl in route_limits if rl.weight is not None), None)
+        checks: list[Check] = []
+        for policy in self.global_policies:
+            if policy.matches(method, path, tier, subject is not None):
+                partition = _partition(policy, subject, ip, None)
+                if partition:
+                    checks.append(
+                        Check(policy, partition, policy.cost if weight is None else weight)
+                    )
+        if route_limits:
+            endpoint = f"{method} {template}"
+            covered = state.setdefault(STATE_COVERED, set())
+            for route_limit in route_limits:
+                covered.add(id(route_limit))
+                for policy in route_limit.resolve(self.limiter):
+                    partition = _partition(policy, subject, ip, endpoint)
+                    if partition:
+                        checks.append(Check(policy, partition, route_limit.cost))
+        return checks
+
+    def _limited_routes(self, scope: Scope) -> list[tuple[BaseRoute, list[RouteLimit]]]:
+        if self._routes is None:
+            app = scope.get("app")
+            routes: list[BaseRoute] = list(getattr(getattr(app, "router", None), "routes", []))
+            found = [(route, _route_limits(route)) for route in routes]
+            self._routes = [(route, limits) for route, limits in found if limits]
+        return self._routes
+
+
+def _route_limits(route: BaseRoute) -> list[RouteLimit]:
+    """Every ``RouteLimit`` among a route's dependencies (nested ones included)."""
+    found: list[RouteLimit] = []
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        if dependant is None:
+            continue
+        if isinstance(dependant.call, RouteLimit):
+            found.append(dependant.call)
+        pending += dependant.dependencies
+    return found
+
+
+async def _identify(limiter: RateLimiter, scope: Scope) -> Subject | None:
+    """The caller, or None. A failing hook must not turn every request into a 500: the
+    caller is then treated as anonymous (limited per IP) and the failure is logged."""
+    try:
+        result = limiter.identify(scope)
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception:
+        log.exception("ratelimit.identify_failed", path=scope.get("path"))
+        return None
+    return result
+
+
+def _partition(policy: RatePolicy, subject: Subject | None, ip: str, endpoint: str | None) -> str:
+    if policy.per is Per.ip or (policy.per is Per.subject_or_ip and subject is None):
+        who = f"ip:{ip}"
+    elif subject is not None:
+        who = f"id:{subject.id}"
+    else:
+        return ""  # a per-subject policy does not apply to an anonymous caller
+    return f"{endpoint}|{who}" if endpoint else who
+
+
+def _ip_partition(address: str) -> str:
+    """IPv6 callers are limited per /64: one host usually owns the whole /64 (RFC 6177)."""
+    if ":" not in address:
+        return address
+    try:
+        network = ipaddress.ip_network(f"{address}/64", strict=False)
+    except ValueError:
+        return address
+    return str(network)
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    """``RateLimit-Policy`` and ``RateLimit`` for the enforced, metered policies."""
+    shown = [v for v in decision.verdicts if not v.policy.shadow and v.store in ("redis", "local")]
+    if not shown:
+        return []
+    policy = ", ".join(v.policy.header_item() for v in shown)
+    state = ", ".join(
+        f'"{v.policy.name}";r={v.remaining};t={math.ceil(v.reset_after)}' for v in shown
+    )
+    return [(b"ratelimit-policy", policy.encode()), (b"ratelimit", state.encode())]
+
+
+def _detail(decision: Decision) -> str:
+    return (
+        f"Rate limit exceeded ({', '.join(decision.denied_by)}); "
+        f"retry in {max(1, math.ceil(decision.retry_after))} s."
+    )
+
+
+async def _send_denied(
+    send: Send, decision: Decision, headers: list[tuple[bytes, bytes]], path: str
+) -> None:
+    if decision.unavailable:
+        status, slug, retry = 503, "rate-limit-unavailable", 1
+        detail = "The rate limiter is unavailable; retry shortly."
+        extra: dict[str, Any] = {}
+    else:
+        status, slug = 429, "too-many-requests"
+        retry = max(1, math.ceil(decision.retry_after))
+        detail = _detail(decision)
+        extra = {"policies": decision.denied_by, "retry_after": retry}
+    body = problem_body(status, type_=slug, detail=detail, instance=path, extra=extra)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_JSON.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(retry).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class MemoClientIp(ClientIpResolver):
+    """``ClientIpResolver`` that remembers its last answers per (peer, ``X-Forwarded-For``).
+
+    With trusted proxies configured, resolving parses every hop with ``ipaddress`` (several
+    µs a request: in a profile of one web worker under load it cost as much as the limiter's
+    own decision once round trips were shared); a fleet sees the same few peers over and over.
+    At most ``size`` entries: the header is the caller's to choose, so the memo is dropped
+    when full rather than allowed to grow.
+    """
+
+    def __init__(self, trusted_proxies: Sequence[str], *, size: int = 4096) -> None:
+        super().__init__(trusted_proxies)
+        self.size = size
+        self._memo: dict[tuple[str, bytes | None], str] = {}
+
+    def __call__(self, scope: Any) -> str:
+        if not self.networks:
+            client = scope.get("client")
+            return str(client[0]) if client else UNKNOWN
+        client = scope.get("client")
+        forwarded: bytes | None = None
+        for name, value in scope.get("headers", ()):
+            if name == b"x-forwarded-for":
+                forwarded = value if forwarded is None else forwarded + b"," + value
+        key = (str(client[0]) if client else UNKNOWN, forwarded)
+        found = self._memo.get(key)
+        if found is None:
+            found = super().__call__(scope)
+            if len(self._memo) >= self.size:
+                self._memo.clear()
+            self._memo[key] = found
+        return found
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def _glob(pattern: str) -> str:
+    return fnmatch.translate(pattern)
