@@ -1,0 +1,351 @@
+"""Producer side: enqueue in the caller's transaction, bulk, batches, status, retry, cancel.
+
+Every function takes the caller's ``AsyncSession`` first and runs on its connection, inside
+its transaction: the job exists exactly when the caller's writes commit (ARCHITECTURE §2).
+Nothing here commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import pydantic_core
+from pydantic import BaseModel
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from surge.kit.jobs.errors import JobNotFound, JobStateConflict, UnknownJob
+from surge.kit.jobs.registry import JobSpec, get_spec
+
+Payload = Mapping[str, Any] | BaseModel | None
+T = TypeVar("T")
+
+_ON_CONFLICT = "ON CONFLICT (dedup_key) WHERE state IN ('queued', 'active') DO NOTHING"
+
+_INSERT_ONE = text(
+    f"""
+    INSERT INTO jobs (queue, name, payload, priority, run_at, max_attempts, max_stalled,
+                      dedup_key, lock_key)
+    VALUES (:queue, :name, CAST(:payload AS jsonb), :priority,
+            COALESCE(CAST(:run_at AS timestamptz), now())
+                + make_interval(secs => CAST(:delay AS double precision)),
+            :max_attempts, :max_stalled, :dedup_key, :lock_key)
+    {_ON_CONFLICT}
+    RETURNING id
+    """
+)
+
+_INSERT_MANY = text(
+    f"""
+    INSERT INTO jobs (queue, name, payload, priority, run_at, max_attempts, max_stalled,
+                      dedup_key, lock_key)
+    SELECT :queue, :name, CAST(t.payload AS jsonb), :priority,
+           COALESCE(CAST(:run_at AS timestamptz), now())
+               + make_interval(secs => CAST(:delay AS double precision)),
+           :max_attempts, :max_stalled, t.dedup_key, t.lock_key
+    FROM unnest(CAST(:payloads AS text[]), CAST(:dedup_keys AS text[]),
+                CAST(:lock_keys AS text[])) AS t(payload, dedup_key, lock_key)
+    {_ON_CONFLICT}
+    RETURNING id
+    """
+)
+
+
+def _spec(name: str) -> JobSpec:
+    spec = get_spec(name)
+    if spec is None:
+        raise UnknownJob(
+            f"no job registered as {name!r}: import the module that defines it "
+            "(surge.worker.discover() imports every domain's jobs)"
+        )
+    return spec
+
+
+def _dump(payload: Payload) -> str:
+    if payload is None:
+        return "{}"
+    if isinstance(payload, BaseModel):
+        return payload.model_dump_json()
+    return pydantic_core.to_json(dict(payload)).decode()
+
+
+def _delay(delay: timedelta | None) -> float:
+    return delay.total_seconds() if delay else 0.0
+
+
+async def enqueue(
+    session: AsyncSession,
+    name: str,
+    payload: Payload = None,
+    *,
+    dedup_key: str | None = None,
+    lock_key: str | None = None,
+    run_at: datetime | None = None,
+    delay: timedelta | None = None,
+    priority: int | None = None,
+    max_attempts: int | None = None,
+) -> int | None:
+    """Add one job inside ``session``'s transaction; returns its id, or ``None`` when a job
+    with the same ``dedup_key`` is already queued or running (nothing is added).
+
+    ``lock_key``: jobs sharing it never run at the same time (one per account, say).
+    ``priority``: higher runs first (default: the job's registered priority).
+    ``run_at`` / ``delay``: not before this moment / this long after the commit's clock.
+    """
+    spec = _spec(name)
+    result = await session.execute(
+        _INSERT_ONE,
+        {
+            "queue": spec.queue,
+            "name": name,
+            "payload": _dump(payload),
+            "priority": spec.priority if priority is None else priority,
+            "run_at": run_at,
+            "delay": _delay(delay),
+            "max_attempts": max_attempts if max_attempts is not None else spec.max_attempts,
+            "max_stalled": spec.max_stalled,
+            "dedup_key": dedup_key,
+            "lock_key": lock_key,
+        },
+    )
+    return result.scalar_one_or_none()
+
+
+async def enqueue_many(
+    session: AsyncSession,
+    name: str,
+    payloads: Sequence[Payload],
+    *,
+    dedup_keys: Sequence[str | None] | None = None,
+    lock_keys: Sequence[str | None] | None = None,
+    run_at: datetime | None = None,
+    delay: timedelta | None = None,
+    priority: int | None = None,
+    max_attempts: int | None = None,
+) -> list[int]:
+    """Add many jobs of one name in one statement (``unnest``), in ``session``'s
+    transaction; returns the ids created (duplicates by ``dedup_key`` are skipped)."""
+    if not payloads:
+        return []
+    count = len(payloads)
+    if dedup_keys is not None and len(dedup_keys) != count:
+        raise ValueError("dedup_keys must have one entry per payload")
+    if lock_keys is not None and len(lock_keys) != count:
+        raise ValueError("lock_keys must have one entry per payload")
+    spec = _spec(name)
+    result = await session.execute(
+        _INSERT_MANY,
+        {
+            "queue": spec.queue,
+            "name": name,
+            "payloads": [_dump(p) for p in payloads],
+            "dedup_keys": list(dedup_keys) if dedup_keys is not None else [None] * count,
+            "lock_keys": list(lock_keys) if lock_keys is not None else [None] * count,
+            "priority": spec.priority if priority is None else priority,
+            "run_at": run_at,
+            "delay": _delay(delay),
+            "max_attempts": max_attempts if max_attempts is not None else spec.max_attempts,
+            "max_stalled": spec.max_stalled,
+        },
+    )
+    return list(result.scalars())
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of at most ``size`` items."""
+    if size < 1:
+        raise ValueError("size must be ≥ 1")
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+async def enqueue_batches(
+    session: AsyncSession,
+    name: str,
+    items: Iterable[Any],
+    *,
+    batch_size: int = 50,
+    key: str = "items",
+    extra: Mapping[str, Any] | None = None,
+    dedup_prefix: str | None = None,
+    delay: timedelta | None = None,
+) -> list[int]:
+    """Split ``items`` into jobs of ``batch_size`` (seed 001: "credit these 10 000 accounts in
+    batches of 50"), each job's payload ``{key: [...], **extra}``, all in one statement and
+    in ``session``'s transaction. ``dedup_prefix`` makes the split idempotent: batch ``i``
+    gets dedup key ``f"{dedup_prefix}:{i}"``. Each batch is one job = one transaction, so a
+    batch either fully applies or is retried."""
+    payloads: list[Payload] = []
+    for chunk in chunked(items, batch_size):
+        payloads.append({key: chunk, **(extra or {})})
+    dedup = [f"{dedup_prefix}:{i}" for i in range(len(payloads))] if dedup_prefix else None
+    return await enqueue_many(session, name, payloads, dedup_keys=dedup, delay=delay)
+
+
+# ---- status -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobInfo:
+    """A job's state as stored (``queued | active | succeeded | failed | cancelled``)."""
+
+    id: int
+    name: str
+    queue: str
+    state: str
+    payload: dict[str, Any]
+    priority: int
+    attempts: int
+    stalls: int
+    max_attempts: int | None
+    dedup_key: str | None
+    lock_key: str | None
+    last_error: str | None
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+_COLUMNS = (
+    "id, name, queue, state, payload::text AS payload, priority, attempts, stalls, "
+    "max_attempts, dedup_key, lock_key, last_error, run_at, created_at, started_at, "
+    "finished_at, worker"
+)
+
+
+def _info(row: Any) -> JobInfo:
+    values = dict(row._mapping)
+    values["payload"] = pydantic_core.from_json(values["payload"])
+    return JobInfo(**values)
+
+
+async def get_job(session: AsyncSession, job_id: int) -> JobInfo | None:
+    """The job's current state, or ``None``."""
+    row = (
+        await session.execute(text(f"SELECT {_COLUMNS} FROM jobs WHERE id = :id"), {"id": job_id})
+    ).first()
+    return _info(row) if row else None
+
+
+async def recent_failures(session: AsyncSession, *, limit: int = 20) -> list[JobInfo]:
+    """Failed jobs, newest first (they are retained until retried or purged by hand)."""
+    rows = await session.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'failed' "
+            "ORDER BY finished_at DESC NULLS LAST, id DESC LIMIT :limit"
+        ),
+        {"limit": limit},
+    )
+    return [_info(row) for row in rows]
+
+
+async def retry_job(session: AsyncSession, job_id: int) -> JobInfo:
+    """Put a failed or cancelled job back in its queue, now, with a fresh attempt count.
+
+    Raises ``JobNotFound``, or ``JobStateConflict`` when it is not failed/cancelled or another
+    job with its dedup key is already waiting."""
+    try:
+        async with session.begin_nested():
+            row = (
+                await session.execute(
+                    text(
+                        "UPDATE jobs SET state = 'queued', attempts = 0, stalls = 0, "
+                        "run_at = now(), finished_at = NULL, lease_token = NULL, "
+                        "lease_expires_at = NULL, worker = NULL "
+                        "WHERE id = :id AND state IN ('failed', 'cancelled') RETURNING id"
+                    ),
+                    {"id": job_id},
+                )
+            ).first()
+    except IntegrityError as error:
+        raise JobStateConflict(
+            f"job {job_id}: another job with the same dedup key is waiting"
+        ) from error
+    info = await get_job(session, job_id)
+    if info is None:
+        raise JobNotFound(f"no job {job_id}")
+    if row is None:
+        raise JobStateConflict(f"job {job_id} is {info.state}, only failed or cancelled jobs retry")
+    return info
+
+
+async def cancel_job(session: AsyncSession, job_id: int) -> bool:
+    """Cancel a job that has not started (``queued``); returns False if it already started."""
+    row = (
+        await session.execute(
+            text(
+                "UPDATE jobs SET state = 'cancelled', finished_at = now() "
+                "WHERE id = :id AND state = 'queued' RETURNING id"
+            ),
+            {"id": job_id},
+        )
+    ).first()
+    return row is not None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """One queue's depth and lag (``oldest_age_seconds``: how late the oldest ready job is)."""
+
+    queue: str
+    ready: int
+    scheduled: int
+    active: int
+    oldest_age_seconds: float
+
+
+async def queue_stats(session: AsyncSession) -> list[QueueStats]:
+    """Per-queue depth and lag, read from the two partial indexes (queued, active) only."""
+    rows = await session.execute(
+        text(
+            """
+            SELECT queue,
+                   count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS ready,
+                   count(*) FILTER (WHERE state = 'queued' AND run_at > now()) AS scheduled,
+                   count(*) FILTER (WHERE state = 'active') AS active,
+                   COALESCE(EXTRACT(EPOCH FROM now() - min(run_at)
+                       FILTER (WHERE state = 'queued' AND run_at <= now())), 0)::float8
+                       AS oldest_age_seconds
+            FROM jobs WHERE state IN ('queued', 'active')
+            GROUP BY queue ORDER BY queue
+            """
+        )
+    )
+    return [QueueStats(**dict(row._mapping)) for row in rows]
+
+
+async def finished_counts(session: AsyncSession, *, since: timedelta) -> dict[str, dict[str, int]]:
+    """Per queue, jobs that succeeded / failed / were cancelled in the last ``since``, and
+    every failed job still retained (``failed_total``)."""
+    rows = await session.execute(
+        text(
+            """
+            SELECT queue, state, count(*) AS n,
+                   count(*) FILTER (WHERE finished_at > now() - make_interval(secs => :secs))
+                       AS recent
+            FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled')
+            GROUP BY queue, state
+            """
+        ),
+        {"secs": since.total_seconds()},
+    )
+    out: dict[str, dict[str, int]] = {}
+    for queue, state, total, recent in rows:
+        entry = out.setdefault(queue, {})
+        entry[state] = int(recent)
+        if state == "failed":
+            entry["failed_total"] = int(total)
+    return out

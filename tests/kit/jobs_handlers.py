@@ -1,0 +1,91 @@
+"""Jobs used by the kit.jobs tests, imported by in-process workers and by worker
+subprocesses (``SURGE_JOBS_MODULES=tests.kit.jobs_handlers``). Each writes what it saw to
+``job_test_effects`` through ``ctx.session``, so the effect commits only with the job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from datetime import timedelta
+
+from sqlalchemy import text
+
+from surge.kit.jobs import JobContext, job
+
+EFFECTS_DDL = """
+CREATE TABLE IF NOT EXISTS job_test_effects (
+    id bigserial PRIMARY KEY,
+    job_id bigint NOT NULL,
+    token bigint NOT NULL,
+    pid integer NOT NULL,
+    note text,
+    started_at timestamptz NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+async def record(ctx: JobContext, note: str | None = None) -> None:
+    await ctx.session.execute(
+        text(
+            "INSERT INTO job_test_effects (job_id, token, pid, note, started_at) "
+            "VALUES (:job, :token, :pid, :note, "
+            "COALESCE(CAST(:started AS timestamptz), clock_timestamp()))"
+        ),
+        {"job": ctx.id, "token": ctx.token, "pid": os.getpid(), "note": note,
+         "started": ctx.payload.get("_started")},
+    )  # fmt: skip
+
+
+@job("test.noop", queue="t_noop")
+async def noop(ctx: JobContext) -> None:
+    return None
+
+
+@job("test.record", queue="t_record")
+async def record_job(ctx: JobContext) -> None:
+    await record(ctx, ctx.payload.get("note"))
+
+
+@job("test.fail", queue="t_fail", max_attempts=3, backoff=timedelta(milliseconds=200))
+async def fail(ctx: JobContext) -> None:
+    raise RuntimeError(f"boom on attempt {ctx.attempt}")
+
+
+@job("test.suicide", queue="t_suicide")
+async def suicide(ctx: JobContext) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@job("test.slow", queue="t_slow")
+async def slow(ctx: JobContext) -> None:
+    """Records, then sleeps: the row is written early but commits only with the job."""
+    await record(ctx, "slow")
+    await asyncio.sleep(float(ctx.payload.get("seconds", 1.0)))
+
+
+@job("test.locked", queue="t_locked")
+async def locked(ctx: JobContext) -> None:
+    started = await ctx.session.scalar(text("SELECT clock_timestamp()"))
+    await asyncio.sleep(0.05)
+    await ctx.session.execute(
+        text(
+            "INSERT INTO job_test_effects (job_id, token, pid, note, started_at) "
+            "VALUES (:job, :token, :pid, :note, :started)"
+        ),
+        {"job": ctx.id, "token": ctx.token, "pid": os.getpid(),
+         "note": ctx.payload["key"], "started": started},
+    )  # fmt: skip
+
+
+@job("test.limited", queue="t_limited")
+async def limited(ctx: JobContext) -> None:
+    await asyncio.sleep(float(ctx.payload.get("seconds", 0)))
+
+
+@job("test.commits", queue="t_commits", max_attempts=1)
+async def commits(ctx: JobContext) -> None:
+    """Breaks the rule: commits its own session (which would bypass the fencing)."""
+    await record(ctx, "self-committed")
+    await ctx.session.commit()

@@ -1,0 +1,446 @@
+"""kit.jobs on real PostgreSQL: transactional enqueue, dedup, retries, fencing, periodic.
+
+In-process ``Worker``s run here; the crash/freeze/fleet scenarios, which need real worker
+processes, are in ``test_jobs_processes.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+
+from surge.config import Settings
+from surge.kit.jobs import (
+    JobStateConflict,
+    UnknownJob,
+    enqueue,
+    enqueue_batches,
+    enqueue_many,
+    get_job,
+    retry_job,
+)
+from surge.kit.jobs.worker import Worker, WorkerConfig
+from surge.kit.runtime import Runtime
+from tests.kit import jobs_handlers
+from tests.kit.jobs_handlers import EFFECTS_DDL
+
+FAST = {
+    "lease": timedelta(seconds=1),
+    "stalled_check": timedelta(milliseconds=300),
+    "poll_interval": timedelta(milliseconds=100),
+    "shutdown_grace": timedelta(seconds=2),
+}
+
+
+@pytest.fixture
+async def jobs_db(runtime: Runtime) -> AsyncIterator[Runtime]:
+    assert jobs_handlers  # registers the test jobs
+    async with runtime.db.session() as session:
+        await session.execute(text(EFFECTS_DDL))
+        await session.execute(text("DELETE FROM jobs WHERE name LIKE 'test.%'"))
+        await session.execute(text("DELETE FROM job_test_effects"))
+        await session.execute(text("DELETE FROM job_dispatches WHERE queue LIKE 't\\_%'"))
+    yield runtime
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    runtime: Runtime, queues: list[str], **overrides: object
+) -> AsyncIterator[Worker]:
+    config = WorkerConfig(queues=queues, **{**FAST, **overrides})  # type: ignore[arg-type]
+    worker = Worker(runtime, config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def state_of(runtime: Runtime, job_id: int) -> str:
+    async with runtime.db.session() as session:
+        info = await get_job(session, job_id)
+    assert info is not None
+    return info.state
+
+
+class TestTransactionalEnqueue:
+    async def test_rollback_of_the_enqueuing_transaction_leaves_no_job(
+        self, jobs_db: Runtime
+    ) -> None:
+        class Boom(Exception):
+            pass
+
+        job_id: int | None = None
+        with pytest.raises(Boom):
+            async with jobs_db.db.session() as session:
+                job_id = await enqueue(session, "test.record", {"note": "never"})
+                assert job_id is not None
+                raise Boom
+        assert job_id is not None
+        async with jobs_db.db.session() as session:
+            assert await get_job(session, job_id) is None
+            count = await session.scalar(text("SELECT count(*) FROM jobs WHERE name LIKE 'test.%'"))
+        assert count == 0
+
+    async def test_enqueue_rides_on_the_callers_connection(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.record", {"note": "x"})
+            # Visible inside the transaction, invisible to any other connection until commit.
+            assert await get_job(session, job_id or 0) is not None
+            async with jobs_db.db.session() as other:
+                assert await get_job(other, job_id or 0) is None
+        async with jobs_db.db.session() as session:
+            assert await get_job(session, job_id or 0) is not None
+
+    async def test_unknown_job_name_is_refused(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            with pytest.raises(UnknownJob):
+                await enqueue(session, "test.nope")
+
+
+class TestRun:
+    async def test_job_runs_once_and_its_writes_commit_with_it(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.record", {"note": "hello"})
+        assert job_id is not None
+        async with running_worker(jobs_db, ["t_record"]):
+            await wait_for(lambda: _is(jobs_db, job_id, "succeeded"))
+        async with jobs_db.db.session() as session:
+            notes = (await session.execute(
+                text("SELECT note FROM job_test_effects WHERE job_id = :id"), {"id": job_id}
+            )).scalars().all()  # fmt: skip
+        assert notes == ["hello"]
+
+    async def test_bulk_and_batches(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            ids = await enqueue_many(session, "test.noop", [{"i": i} for i in range(500)])
+            batch_ids = await enqueue_batches(
+                session, "test.record", range(120), batch_size=50, dedup_prefix="ev1"
+            )
+            again = await enqueue_batches(
+                session, "test.record", range(120), batch_size=50, dedup_prefix="ev1"
+            )
+        assert len(ids) == 500
+        assert len(batch_ids) == 3  # 50 + 50 + 20
+        assert again == []  # same split, same dedup keys: nothing new
+        async with jobs_db.db.session() as session:
+            sizes = (await session.execute(text(
+                "SELECT jsonb_array_length(payload->'items') FROM jobs "
+                "WHERE id = ANY(:ids) ORDER BY id"), {"ids": batch_ids})).scalars().all()  # fmt: skip
+        assert sizes == [50, 50, 20]
+        async with running_worker(jobs_db, ["t_noop"], concurrency=16):
+            await wait_for(lambda: _count(jobs_db, "test.noop", "succeeded", 500))
+
+
+class TestStallAccounting:
+    async def test_expired_lease_is_requeued_counted_and_then_failed(
+        self, jobs_db: Runtime
+    ) -> None:
+        """The reaper alone, deterministically: a lease in the past is one stall (re-queued,
+        counter +1); past max_stalled the job is failed, not looped."""
+        from prometheus_client import REGISTRY
+
+        def stalled_total() -> float:
+            value = REGISTRY.get_sample_value("surge_jobs_stalled_total", {"queue": "t_record"})
+            return value or 0.0
+
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.record")
+        assert job_id is not None
+        worker = Worker(jobs_db, WorkerConfig(queues=["t_none"], max_stalled=1, **FAST))  # type: ignore[arg-type]
+        before = stalled_total()
+        for expected_state in ("queued", "failed"):
+            async with jobs_db.db.session() as session:
+                await session.execute(
+                    text(
+                        "UPDATE jobs SET state = 'active', lease_token = 1, attempts = attempts + 1, "
+                        "lease_expires_at = now() - interval '1 second' WHERE id = :id"
+                    ),
+                    {"id": job_id},
+                )
+            assert await worker.recover_stalled() >= 1
+            assert await state_of(jobs_db, job_id) == expected_state
+        async with jobs_db.db.session() as session:
+            info = await get_job(session, job_id)
+        assert info is not None
+        assert info.stalls == 2
+        assert "stalled more than 1 times" in (info.last_error or "")
+        assert stalled_total() - before == 2
+
+
+class TestFencing:
+    async def test_a_handler_cannot_commit_its_session_itself(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.commits")
+        assert job_id is not None
+        async with running_worker(jobs_db, ["t_commits"]):
+            await wait_for(lambda: _is(jobs_db, job_id, "failed"))
+        async with jobs_db.db.session() as session:
+            info = await get_job(session, job_id)
+            effects = await session.scalar(text("SELECT count(*) FROM job_test_effects"))
+        assert info is not None
+        assert "must not commit ctx.session" in (info.last_error or "")
+        assert effects == 0
+
+
+class TestDedupAndLock:
+    async def test_dedup_key_holds_under_concurrent_enqueues(self, jobs_db: Runtime) -> None:
+        async def one() -> int | None:
+            async with jobs_db.db.session() as session:
+                return await enqueue(session, "test.record", {"note": "d"}, dedup_key="k1")
+
+        results = await asyncio.gather(*(one() for _ in range(20)))
+        created = [r for r in results if r is not None]
+        assert len(created) == 1
+        # Once it ran, the key is free again.
+        async with running_worker(jobs_db, ["t_record"]):
+            await wait_for(lambda: _is(jobs_db, created[0], "succeeded"))
+        assert await one() is not None
+
+    async def test_lock_key_serialises_jobs_across_workers(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            await enqueue_many(
+                session, "test.locked", [{"key": f"acct{i % 2}"} for i in range(12)],
+                lock_keys=[f"acct{i % 2}" for i in range(12)],
+            )  # fmt: skip
+        async with (
+            running_worker(jobs_db, ["t_locked"], concurrency=8),
+            running_worker(jobs_db, ["t_locked"], concurrency=8),
+        ):
+            await wait_for(lambda: _count(jobs_db, "test.locked", "succeeded", 12), timeout=20)
+        async with jobs_db.db.session() as session:
+            rows = (await session.execute(text(
+                "SELECT note, started_at, at FROM job_test_effects ORDER BY note, started_at"
+            ))).all()  # fmt: skip
+        assert len(rows) == 12
+        for (key_a, _, end_a), (key_b, start_b, _) in itertools.pairwise(rows):
+            if key_a == key_b:
+                assert start_b >= end_a, f"two {key_a} jobs overlapped"
+
+
+class TestRetries:
+    async def test_retries_follow_the_backoff_then_fail_with_the_last_error(
+        self, jobs_db: Runtime
+    ) -> None:
+        from prometheus_client import REGISTRY
+
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.fail")
+        assert job_id is not None
+        gaps: list[float] = []
+        async with running_worker(jobs_db, ["t_fail"], poll_interval=timedelta(milliseconds=20)):
+            last_attempts, last_change = 0, asyncio.get_running_loop().time()
+            deadline = last_change + 15
+            while asyncio.get_running_loop().time() < deadline:
+                async with jobs_db.db.session() as session:
+                    info = await get_job(session, job_id)
+                assert info is not None
+                if info.attempts != last_attempts:
+                    now = asyncio.get_running_loop().time()
+                    if last_attempts:
+                        gaps.append(now - last_change)
+                    last_attempts, last_change = info.attempts, now
+                if info.state == "failed":
+                    break
+                await asyncio.sleep(0.01)
+        assert info is not None
+        assert info.state == "failed"
+        assert info.attempts == 3
+        assert (
+            REGISTRY.get_sample_value("surge_jobs_retried_total", {"queue": "t_fail"}) or 0
+        ) >= 2
+        assert info.last_error is not None
+        assert "boom on attempt 3" in info.last_error
+        # backoff 200 ms doubled, equal jitter: gap 1 in [0.1, 0.2], gap 2 in [0.2, 0.4] s
+        # (plus the worker's poll and the test's 10 ms sampling).
+        assert len(gaps) == 2
+        assert 0.1 <= gaps[0] <= 0.2 + 0.25, gaps
+        assert 0.2 <= gaps[1] <= 0.4 + 0.25, gaps
+
+    async def test_retry_from_failed(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.fail", max_attempts=1)
+        assert job_id is not None
+        async with running_worker(jobs_db, ["t_fail"]):
+            await wait_for(lambda: _is(jobs_db, job_id, "failed"))
+            async with jobs_db.db.session() as session:
+                info = await retry_job(session, job_id)
+            assert info.state == "queued"
+            assert info.attempts == 0
+            await wait_for(lambda: _is(jobs_db, job_id, "failed"))
+        async with jobs_db.db.session() as session:
+            with pytest.raises(JobStateConflict):
+                await retry_job(session, (await enqueue(session, "test.record")) or 0)
+
+
+async def _is(runtime: Runtime, job_id: int, state: str) -> bool:
+    return await state_of(runtime, job_id) == state
+
+
+async def _count(runtime: Runtime, name: str, state: str, expected: int) -> bool:
+    async with runtime.db.session() as session:
+        n = await session.scalar(
+            text("SELECT count(*) FROM jobs WHERE name = :n AND state = :s"),
+            {"n": name, "s": state},
+        )
+    return bool(n == expected)
+
+
+__all__ = ["Settings"]
+
+
+class TestAdminApi:
+    async def test_stats_failures_and_retry(self, jobs_db: Runtime) -> None:
+        from fastapi import FastAPI
+        from httpx import ASGITransport, AsyncClient
+
+        from surge.kit.jobs.admin import admin_router
+        from surge.kit.web.problem import install_problem_handlers
+
+        app = FastAPI()
+        app.state.runtime = jobs_db
+        install_problem_handlers(app)
+        app.include_router(admin_router())
+        async with jobs_db.db.session() as session:
+            failed_id = await enqueue(session, "test.fail", max_attempts=1)
+            await enqueue_many(session, "test.record", [{}] * 3)
+        assert failed_id is not None
+        async with running_worker(jobs_db, ["t_fail"]):
+            await wait_for(lambda: _is(jobs_db, failed_id, "failed"))
+        transport = ASGITransport(app=app)
+        async with AsyncClient(transport=transport, base_url="http://t") as web:
+            overview = (await web.get("/api/admin/jobs")).json()
+            queues = {q["queue"]: q for q in overview["queues"]}
+            assert queues["t_record"]["ready"] == 3
+            assert queues["t_record"]["oldest_age_seconds"] >= 0
+            assert queues["t_fail"]["failed_retained"] >= 1
+            assert overview["recent_failures"][0]["id"] == failed_id
+            assert "boom" in overview["recent_failures"][0]["last_error"]
+            detail = (await web.get(f"/api/admin/jobs/{failed_id}")).json()
+            assert detail["state"] == "failed"
+            retried = await web.post(f"/api/admin/jobs/{failed_id}/retry")
+            assert retried.status_code == 200
+            assert retried.json()["state"] == "queued"
+            again = await web.post(f"/api/admin/jobs/{failed_id}/retry")
+            assert again.status_code == 409
+            assert again.headers["content-type"].startswith("application/problem+json")
+            assert (await web.get("/api/admin/jobs/999999999")).status_code == 404
+            waiting = (await web.get("/api/admin/jobs")).json()["queues"]
+            assert {q["queue"]: q for q in waiting}["t_record"]["ready"] == 3
+            async with jobs_db.db.session() as session:
+                queued_id = await enqueue(session, "test.record", delay=timedelta(hours=1))
+            cancelled = await web.post(f"/api/admin/jobs/{queued_id}/cancel")
+            assert cancelled.json()["state"] == "cancelled"
+            assert (await web.post(f"/api/admin/jobs/{queued_id}/cancel")).status_code == 409
+
+    async def test_the_app_guards_the_jobs_admin_api(self, client: object) -> None:
+        from httpx import AsyncClient
+
+        assert isinstance(client, AsyncClient)
+        response = await client.get("/api/admin/jobs")
+        assert response.status_code in (401, 403)
+
+
+class TestPeriodic:
+    async def test_cron_slot_is_enqueued_once_by_one_of_many_workers(
+        self, jobs_db: Runtime
+    ) -> None:
+        from surge.kit.jobs import job as register
+        from surge.kit.jobs.registry import unregister
+
+        # Yearly: the slot made due below is the only one that can fall inside this test
+        # (an every-minute schedule legitimately fires twice across a minute boundary).
+        @register("test.cron", queue="t_cron", cron="0 0 1 1 *")
+        async def tick(ctx: object) -> None:
+            return None
+
+        try:
+            async with jobs_db.db.session() as session:
+                await session.execute(text("DELETE FROM job_schedules WHERE name = 'test.cron'"))
+                await session.execute(
+                    text(
+                        "INSERT INTO job_schedules (name, next_run_at) "
+                        "VALUES ('test.cron', now() - interval '1 second')"
+                    )
+                )
+            async with (
+                running_worker(jobs_db, ["t_cron"]),
+                running_worker(jobs_db, ["t_cron"]),
+                running_worker(jobs_db, ["t_cron"]),
+            ):
+                await wait_for(lambda: _count(jobs_db, "test.cron", "succeeded", 1))
+                await asyncio.sleep(1.0)  # three more maintenance rounds each
+            async with jobs_db.db.session() as session:
+                count = await session.scalar(
+                    text("SELECT count(*) FROM jobs WHERE name = 'test.cron'")
+                )
+                next_at = await session.scalar(
+                    text("SELECT next_run_at > now() FROM job_schedules WHERE name = 'test.cron'")
+                )
+            assert count == 1
+            assert next_at is True
+        finally:
+            unregister("test.cron")
+
+    def test_cron_expressions(self) -> None:
+        from datetime import UTC, datetime
+
+        from surge.kit.jobs.cron import Cron, CronError
+
+        at = datetime(2026, 11, 22, 10, 7, 30, tzinfo=UTC)  # a Sunday
+        assert Cron.parse("*/15 * * * *").next_after(at) == at.replace(minute=15, second=0)
+        assert Cron.parse("0 6 * * *").next_after(at) == datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
+        assert Cron.parse("30 9 * * 1-5").next_after(at) == datetime(
+            2026, 11, 23, 9, 30, tzinfo=UTC
+        )
+        assert Cron.parse("0 0 1 * *").next_after(at) == datetime(2026, 12, 1, tzinfo=UTC)
+        assert Cron.parse("@daily").next_after(at) == datetime(2026, 11, 23, tzinfo=UTC)
+        with pytest.raises(CronError):
+            Cron.parse("61 * * * *")
+        with pytest.raises(CronError):
+            Cron.parse("* * *")
+
+
+class TestSchema:
+    async def test_the_migration_matches_the_kits_table_definitions(self, runtime: Runtime) -> None:
+        """Alembic's autogenerate, run against the migrated database, finds nothing to change
+        in the jobs tables: the hand-written migration and ``define_tables`` agree."""
+        from alembic.autogenerate import compare_metadata
+        from alembic.migration import MigrationContext
+        from sqlalchemy import MetaData
+
+        from surge.kit.jobs.schema import define_tables
+        from surge.models.base import NAMING_CONVENTION
+
+        metadata = MetaData(naming_convention=NAMING_CONVENTION)
+        ours = set(define_tables(metadata))
+
+        def diff(sync_conn: object) -> list[object]:
+            context = MigrationContext.configure(sync_conn)  # type: ignore[arg-type]
+            return list(compare_metadata(context, metadata))
+
+        async with runtime.db.primary.connect() as conn:
+            changes = await conn.run_sync(diff)
+
+        def about_ours(change: object) -> bool:
+            text_ = repr(change)
+            if isinstance(change, tuple) and change and change[0] == "remove_table":
+                return bool(change[1].name in ours)
+            return any(f"'{name}'" in text_ or f"table={name}" in text_ for name in ours)
+
+        assert [c for c in changes if about_ours(c)] == []
