@@ -1,0 +1,419 @@
+"""`surge bench privileges`: seed 003's privilege checks, measured three ways in one run.
+
+(a) ``has_privilege`` in-process from the memory tier, versus one raw Redis GET of the same
+    entry (the tier below it; seed 003 budgets 1-5 ms for it) — same process, same Redis.
+(b) ``GET /api/v1/me/privileges`` (JWT check, revocation check in Redis, plan-aware rate
+    limiter, privileges from memory) versus ``GET /livez`` on the *same* server, alternated
+    run by run. Target: requests/s ratio ≥ 0.6.
+(c) ``POST /api/v1/privileges/batch`` with 100 users, warm, p50 over HTTP (seed 003 reports
+    30 ms; target ≤ 5 ms); beside it, in-process, the batch from memory versus the one SQL
+    query that answers it from PostgreSQL without any cache.
+
+Servers: an embedded PostgreSQL and Redis started in a temporary folder; Surge under uvicorn
+with 2 workers (uvloop + httptools), rate limiting *on* with limits too high to trigger (its
+cost is part of the measurement). Load: wrk (2 threads, 64 connections) when installed, else
+a bundled closed-loop generator that can send the Authorization header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyotp
+from sqlalchemy import text
+
+from bench.common import console, median, percentile, report
+from surge.config import Settings
+from surge.kit.db import migrate
+from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from surge.kit.security import PasswordHasher
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = 2
+CONNECTIONS = 64
+USERS = 5000
+PASSWORD = "bench-password-bench-password"
+ADMIN_SECRET = pyotp.random_base32()
+#: Limits nobody reaches in a bench run: the limiter still runs (one Redis call per request).
+HIGH_LIMITS = [
+    {"name": "bench-subject", "limit": 10**9, "period": "PT1M", "per": "subject"},
+    {"name": "bench-ip", "limit": 10**9, "period": "PT1M", "per": "ip"},
+]
+
+
+# ---- load generation ------------------------------------------------------------------------
+
+
+def _wrk(url: str, seconds: float, token: str | None) -> dict[str, float]:
+    wrk = shutil.which("wrk")
+    assert wrk is not None
+    args = [wrk, "-t2", f"-c{CONNECTIONS}", f"-d{seconds:.0f}s", "--latency"]
+    if token:
+        args += ["-H", f"Authorization: Bearer {token}"]
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert p99 is not None
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": rps,
+        "p99_ms": float(p99.group(1)) * scale,
+        "errors": int(errors.group(1)) if errors else 0,
+    }
+
+
+async def _closed_loop(url: str, seconds: float, token: str | None) -> dict[str, float]:
+    """Fallback generator: CONNECTIONS keep-alive connections, one request in flight each."""
+    parts = httpx.URL(url)
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    request = (
+        f"GET {parts.raw_path.decode()} HTTP/1.1\r\nHost: {parts.host}\r\n{auth}\r\n"
+    ).encode()
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def connection() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(parts.host, parts.port)
+        while (now := time.perf_counter()) < stop_at:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if length:
+                await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors += 1
+            latencies.append(time.perf_counter() - now)
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(CONNECTIONS)))
+    elapsed = time.perf_counter() - started
+    return {
+        "rps": len(latencies) / elapsed,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "errors": errors,
+    }
+
+
+def _load(url: str, seconds: float, token: str | None = None) -> dict[str, float]:
+    if shutil.which("wrk"):
+        return _wrk(url, seconds, token)
+    return asyncio.run(_closed_loop(url, seconds, token))
+
+
+# ---- setup ----------------------------------------------------------------------------------
+
+
+async def _seed(database_url: str) -> tuple[list[str], str]:
+    """USERS users (a third on paid plans), one admin with MFA; the view refreshed."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    password_hash = PasswordHasher().hash_sync(PASSWORD)  # the server's default parameters
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO users (email, password_hash, role) "
+                    "SELECT 'user' || g || '@bench.test', :h, 'user' FROM generate_series(1, :n) g"
+                ),
+                {"h": password_hash, "n": USERS},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO users (email, password_hash, role, mfa_secret, mfa_enabled) "
+                    "VALUES ('admin@bench.test', :h, 'admin', :s, true)"
+                ),
+                {"h": password_hash, "s": ADMIN_SECRET},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO subscriptions (user_id, plan, expires_at) "
+                    "SELECT id, (ARRAY['plus', 'pro', 'ultra'])[1 + (abs(hashtext(id::text)) % 3)], "
+                    "now() + interval '30 days' FROM users "
+                    "WHERE role = 'user' AND abs(hashtext(email)) % 3 = 0"
+                )
+            )
+            await conn.execute(text("REFRESH MATERIALIZED VIEW active_subscriptions"))
+            await conn.execute(text("UPDATE view_refreshes SET refreshed_at = now()"))
+            ids = (
+                (await conn.execute(text("SELECT id::text FROM users WHERE role = 'user'")))
+                .scalars()
+                .all()
+            )
+    finally:
+        await engine.dispose()
+    return list(ids), password_hash
+
+
+def _login(base: str, email: str, otp: str | None = None) -> str:
+    body: dict[str, Any] = {"email": email, "password": PASSWORD}
+    if otp:
+        body["otp"] = otp
+    response = httpx.post(f"{base}/api/v1/auth/login", json=body, timeout=10)
+    response.raise_for_status()
+    return str(response.json()["access_token"])
+
+
+def _server(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "surge.app:create_app", "--factory",
+         "--port", str(port), "--workers", str(WORKERS), "--loop", "uvloop",
+         "--http", "httptools", "--no-access-log", "--log-level", "warning"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}) before answering {url}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+# ---- (a) and (c) in-process -----------------------------------------------------------------
+
+
+async def _in_process(
+    database_url: str, redis_url: str, user_ids: list[str], reps: int, calls: int
+) -> dict[str, Any]:
+    from surge.identity import repository
+    from surge.identity.service import Identity
+    from surge.kit.runtime import Runtime
+
+    settings = Settings(DATABASE_URL=database_url, REDIS_URL=redis_url, LOG_LEVEL="WARNING")
+    runtime = Runtime(settings)
+    await runtime.start()
+    identity = Identity(runtime.db, runtime.redis, settings)
+    await identity.start(warm=False, refresh_view=False)
+    try:
+        uid = uuid.UUID(user_ids[0])
+        await identity.has_privilege(uid, "export")  # into memory and Redis
+        l2_key = next(iter(await runtime.redis.raw.keys(f"surge:identity:priv:*{uid}")), None)
+        assert l2_key is not None
+        redis_client = runtime.redis.raw
+        batch = [uuid.UUID(u) for u in user_ids[100:200]]
+        await identity.privileges.get_many(batch)
+        check_us: list[float] = []
+        redis_us: list[float] = []
+        batch_mem_ms: list[float] = []
+        batch_sql_ms: list[float] = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            for _ in range(calls):
+                await identity.has_privilege(uid, "export")
+            check_us.append((time.perf_counter() - started) / calls * 1e6)
+            started = time.perf_counter()
+            for _ in range(calls // 10):
+                await redis_client.get(l2_key)
+            redis_us.append((time.perf_counter() - started) / (calls // 10) * 1e6)
+            for _ in range(50):
+                started = time.perf_counter()
+                await identity.privileges.get_many(batch)
+                batch_mem_ms.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                async with runtime.db.read_session() as session:
+                    await repository.grants(session, batch)
+                batch_sql_ms.append((time.perf_counter() - started) * 1000)
+        return {
+            "check_us": median(check_us),
+            "check_runs_us": [round(v, 2) for v in check_us],
+            "redis_get_us": median(redis_us),
+            "batch_memory_p50_ms": median(batch_mem_ms),
+            "batch_sql_p50_ms": median(batch_sql_ms),
+        }
+    finally:
+        await identity.close()
+        await runtime.stop()
+
+
+def _batch_http(base: str, token: str, user_ids: list[str], requests: int) -> dict[str, float]:
+    body = {"user_ids": user_ids[:100], "feature": "api_access"}
+    headers = {"Authorization": f"Bearer {token}"}
+    latencies: list[float] = []
+    with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+        for _ in range(5):  # warm: every entry in both workers' memory
+            client.post("/api/v1/privileges/batch", json=body).raise_for_status()
+        for _ in range(requests):
+            started = time.perf_counter()
+            response = client.post("/api/v1/privileges/batch", json=body)
+            latencies.append((time.perf_counter() - started) * 1000)
+            response.raise_for_status()
+    return {"p50_ms": median(latencies), "p99_ms": percentile(latencies, 99)}
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def main(quick: bool = False) -> None:
+    reps, seconds = (2, 2.0) if quick else (5, 6.0)
+    folder = Path(tempfile.mkdtemp(prefix="surge-bench-privileges-"))
+    pg = EmbeddedPostgres(folder / "pg")
+    redis = EmbeddedRedis(folder / "redis")
+    procs: list[subprocess.Popen[bytes]] = []
+    ours: list[dict[str, float]] = []
+    base: list[dict[str, float]] = []
+    ours_nolimit: list[dict[str, float]] = []
+    base_nolimit: list[dict[str, float]] = []
+    try:
+        with console.status("Starting PostgreSQL, Redis and Surge; seeding users..."):
+            pg.start()
+            redis.start()
+            migrate.upgrade(pg.url)
+            user_ids, _ = asyncio.run(_seed(pg.url))
+            metrics_dir = folder / "metrics"
+            metrics_dir.mkdir()
+            env = {
+                **os.environ,
+                "DATABASE_URL": pg.url,
+                "REDIS_URL": redis.url,
+                "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+                "SURGE_LOG_LEVEL": "WARNING",
+                "SURGE_RATELIMIT_POLICIES": json.dumps(HIGH_LIMITS),
+                "PYTHONPATH": str(ROOT),
+            }
+            port, port_nolimit = free_port(), free_port()
+            procs.append(_server(port, env))
+            # The same app with the rate limiter off: how much of (b) is the limiter's.
+            nolimit_dir = folder / "metrics-nolimit"
+            nolimit_dir.mkdir()
+            procs.append(
+                _server(
+                    port_nolimit,
+                    {**env, "SURGE_RATELIMIT_ENABLED": "false",
+                     "PROMETHEUS_MULTIPROC_DIR": str(nolimit_dir)},
+                )
+            )  # fmt: skip
+            url, url_nolimit = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port_nolimit}"
+            _wait(f"{url}/readyz", procs[0])
+            _wait(f"{url_nolimit}/readyz", procs[1])
+            user_token = _login(url, "user1@bench.test")
+            admin_token = _login(url, "admin@bench.test", pyotp.TOTP(ADMIN_SECRET).now())
+        console.print("(a) + in-process batch ...")
+        local = asyncio.run(
+            _in_process(pg.url, redis.url, user_ids, reps=reps, calls=20_000 if quick else 100_000)
+        )
+        console.print("(c) batch of 100 over HTTP ...")
+        batch = _batch_http(url, admin_token, user_ids, 100 if quick else 400)
+        privileges_url, livez_url = f"{url}/api/v1/me/privileges", f"{url}/livez"
+        privileges_nl, livez_nl = f"{url_nolimit}/api/v1/me/privileges", f"{url_nolimit}/livez"
+        for warm_url, warm_token in (
+            (privileges_url, user_token), (livez_url, None),
+            (privileges_nl, user_token), (livez_nl, None),
+        ):  # fmt: skip
+            _load(warm_url, 1 if quick else 2, warm_token)  # warm both workers, every path
+        from rich.progress import Progress
+
+        with Progress(console=console) as progress:
+            task = progress.add_task(
+                f"(b) {reps} × (/me/privileges, /livez) × (limiter on, off), {seconds:.0f}s each",
+                total=reps * 4,
+            )
+            for _ in range(reps):
+                ours.append(_load(privileges_url, seconds, user_token))
+                progress.advance(task)
+                base.append(_load(livez_url, seconds))
+                progress.advance(task)
+                ours_nolimit.append(_load(privileges_nl, seconds, user_token))
+                progress.advance(task)
+                base_nolimit.append(_load(livez_nl, seconds))
+                progress.advance(task)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=30)
+        redis.stop()
+        pg.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    ratios = [o["rps"] / b["rps"] for o, b in zip(ours, base, strict=True)]
+    ratio = median(ratios)
+    ours_rps, base_rps = median([o["rps"] for o in ours]), median([b["rps"] for b in base])
+    ours_p99, base_p99 = median([o["p99_ms"] for o in ours]), median([b["p99_ms"] for b in base])
+    ratio_nolimit = median(
+        [o["rps"] / b["rps"] for o, b in zip(ours_nolimit, base_nolimit, strict=True)]
+    )
+    nl_rps = median([o["rps"] for o in ours_nolimit])
+    nl_base = median([b["rps"] for b in base_nolimit])
+    errors = sum(r["errors"] for r in (*ours, *base, *ours_nolimit, *base_nolimit))
+    ok = ratio >= 0.6 and batch["p50_ms"] <= 5.0 and errors == 0
+    report(
+        "privileges",
+        ours={
+            "me_privileges_rps": round(ours_rps), "me_privileges_p99_ms": round(ours_p99, 2),
+            "runs_rps": [round(o["rps"]) for o in ours],
+            "has_privilege_memory_us": round(local["check_us"], 2),
+            "batch100_http_p50_ms": round(batch["p50_ms"], 2),
+            "batch100_http_p99_ms": round(batch["p99_ms"], 2),
+            "batch100_in_process_p50_ms": round(local["batch_memory_p50_ms"], 3),
+        },
+        baseline={
+            "livez_rps": round(base_rps), "livez_p99_ms": round(base_p99, 2),
+            "runs_rps": [round(b["rps"]) for b in base],
+            "redis_get_us": round(local["redis_get_us"], 2),
+            "batch100_sql_no_cache_p50_ms": round(local["batch_sql_p50_ms"], 3),
+            "seed_003_batch_ms": 30,
+            "what": "GET /livez on the same server; raw Redis GET; one SQL query; seed 003's figure",
+        },
+        ratio=ratio,
+        target="rps ratio ≥ 0.6 and batch-100 p50 ≤ 5 ms",
+        ok=ok,
+        rows=[
+            ("(a) has_privilege, memory tier (µs/call)", f"{local['check_us']:.2f}",
+             f"{local['redis_get_us']:.1f} (one Redis GET)"),
+            ("(b) requests/s (median)", f"{ours_rps:,.0f}", f"{base_rps:,.0f} (/livez)"),
+            ("(b) p99 ms (median)", f"{ours_p99:.2f}", f"{base_p99:.2f}"),
+            ("(b) rps ratio of paired runs (median)", f"{ratio:.3f}", "target ≥ 0.6"),
+            ("(b) same, rate limiter off: rps", f"{nl_rps:,.0f}", f"{nl_base:,.0f} (/livez)"),
+            ("(b) same, rate limiter off: ratio", f"{ratio_nolimit:.3f}", "target ≥ 0.6"),
+            ("(c) batch of 100, HTTP p50 ms", f"{batch['p50_ms']:.2f}", "30 (seed 003), target ≤ 5"),
+            ("(c) batch of 100, in-process p50 ms", f"{local['batch_memory_p50_ms']:.3f}",
+             f"{local['batch_sql_p50_ms']:.3f} (one SQL query, no cache)"),
+        ],
+        extra={
+            "workers": WORKERS, "connections": CONNECTIONS, "seconds_per_run": seconds,
+            "reps": reps, "users": USERS, "errors": errors,
+            "load_generator": "wrk" if shutil.which("wrk") else "bench.privileges closed loop",
+            "paired_ratios": [round(r, 3) for r in ratios],
+            "limiter_off": {
+                "me_privileges_rps": round(nl_rps), "livez_rps": round(nl_base),
+                "ratio": round(ratio_nolimit, 3),
+                "runs_rps": [round(o["rps"]) for o in ours_nolimit],
+            },
+            "rate_limiter": "on, limits out of reach (its Redis call is in the measurement)",
+        },
+        title="surge bench privileges — seed 003 privilege checks",
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)

@@ -1,0 +1,78 @@
+"""Dependencies other modules import to protect their routes.
+
+    from surge.identity.deps import CurrentUser, require_admin_mfa, require_role
+
+- ``current_user``: a valid, unrevoked access token (401 problem+json otherwise);
+- ``require_role("partner", "admin")``: one of those roles (403 otherwise);
+- ``require_admin_mfa``: an admin whose session passed MFA (seed 004) — use it on every
+  ``/api/admin`` router: ``APIRouter(dependencies=[Depends(require_admin_mfa)])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, Request
+
+from surge.identity.service import Identity, Principal
+from surge.kit.errors import Forbidden
+from surge.kit.security import InvalidToken
+
+log = structlog.get_logger()
+
+
+async def get_identity(request: Request) -> Identity:
+    identity: Identity = request.app.state.runtime.extensions["identity"]
+    return identity
+
+
+IdentityDep = Annotated[Identity, Depends(get_identity)]
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidToken("Bearer token required")
+    return token.strip()
+
+
+async def current_user(request: Request, identity: IdentityDep) -> Principal:
+    """The authenticated caller; also stored on ``request.state.principal`` for middleware
+    and logs (the rate limiter reads it to pick the caller's tier)."""
+    principal = await identity.authenticate(bearer_token(request))
+    request.state.principal = principal
+    structlog.contextvars.bind_contextvars(user_id=str(principal.user_id))
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(current_user)]
+
+
+def require_role(*roles: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency that lets only ``roles`` through."""
+    allowed = frozenset(roles)
+
+    async def dependency(principal: CurrentUser) -> Principal:
+        if principal.role not in allowed:
+            raise Forbidden("Your role does not allow this")
+        return principal
+
+    return dependency
+
+
+async def require_admin_mfa(principal: CurrentUser) -> Principal:
+    """An admin whose current session passed a second factor (seed 004: TOTP for admins)."""
+    if principal.role != "admin":
+        raise Forbidden("Administrators only")
+    if not principal.mfa:
+        raise Forbidden(
+            "Multi-factor authentication is required for administration",
+            extra={"mfa_required": True},
+        )
+    return principal
+
+
+AdminMfa = Annotated[Principal, Depends(require_admin_mfa)]

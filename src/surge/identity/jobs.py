@@ -1,0 +1,22 @@
+"""Identity's periodic jobs (run by ``surge worker``; ``surge.worker`` discovers this module)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from surge.identity.service import refresh_view
+from surge.kit.jobs import JobContext, job
+
+
+@job(
+    "identity.active_subscriptions.refresh",
+    queue="identity",
+    cron="* * * * *",  # seed 003: every minute
+    max_attempts=1,  # the next slot is a minute away: retrying a missed one is pointless
+    timeout=timedelta(seconds=50),
+)
+async def refresh_active_subscriptions_job(ctx: JobContext) -> None:
+    """``REFRESH MATERIALIZED VIEW CONCURRENTLY active_subscriptions`` in the job's unit of
+    work; skipped when another process refreshed it less than 50 s ago."""
+    refreshed = await refresh_view(ctx.session, min_age=50)
+    ctx.log.info("identity.view_refresh_job", refreshed=refreshed)

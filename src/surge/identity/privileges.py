@@ -1,0 +1,135 @@
+"""Seed 003's privilege checks: process memory (LRU, 50 000) → Redis (5 min) → PostgreSQL.
+
+The tiers, single-flight, stale-if-error and cross-process invalidation are ``kit.cache``'s;
+identity owns a dedicated ``Cache`` instance (namespace ``surge:identity:priv``) so that the
+50 000 memory slots seed 003 sizes are privileges only, never evicted by other caches.
+
+Failover, as seed 003 prescribes:
+- Redis down → memory, then the database (the gateway knows Redis is down: no timeouts);
+- PostgreSQL down → the cached entry even past its TTL (``source="stale"``, up to
+  ``IDENTITY_PRIVILEGE_STALE``);
+- both down, nothing cached → the free tier (``source="fallback"``).
+
+Invalidation: a plan change deletes the user's entry after its transaction commits — this
+process's memory, Redis, and every other process's memory through kit.cache's pub/sub.
+Caches hold only *which plan until when*; features come from configuration at read time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import structlog
+from prometheus_client import Counter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from surge.identity import repository
+from surge.identity.plans import FREE, Catalog, Grant, Privileges, privileges_for
+from surge.kit.cache import Cache
+from surge.kit.db import Database, is_unavailable
+
+log = structlog.get_logger()
+
+PRIVILEGE_LOOKUPS = Counter(
+    "surge_privilege_lookups_total",
+    "Privilege lookups by the tier that answered (memory, redis, database, stale, fallback).",
+    ["source"],
+)
+_SOURCES = {"l1": "memory", "l2": "redis", "loader": "database"}
+_COUNTERS = {
+    s: PRIVILEGE_LOOKUPS.labels(s) for s in ("memory", "redis", "database", "stale", "fallback")
+}
+
+
+class PrivilegeStore:
+    """Privileges of users, through ``cache`` (memory → Redis) and the database."""
+
+    def __init__(self, db: Database, cache: Cache, catalog: Catalog) -> None:
+        self.db = db
+        self.cache = cache
+        self.catalog = catalog
+
+    async def start(self) -> None:
+        await self.cache.start()
+
+    async def close(self) -> None:
+        await self.cache.close()
+
+    # ---- reads --------------------------------------------------------------------------
+    async def get(self, user_id: uuid.UUID) -> Privileges:
+        key = str(user_id)
+
+        async def load() -> dict[str, Any]:
+            async with self.db.read_session() as session:
+                grants = await repository.grants(session, [user_id])
+            return _encode(grants[user_id])
+
+        try:
+            result = await self.cache.fetch(key, load)
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
+            log.warning("identity.privileges.fallback", user_id=key)
+            return self._privileges(user_id, Grant(plan=FREE), "fallback")
+        source = "stale" if result.stale else _SOURCES.get(result.source, result.source)
+        return self._privileges(user_id, _decode(result.value), source)
+
+    async def has_privilege(self, user_id: uuid.UUID, feature: str) -> bool:
+        """Seed 003's check; from memory it costs microseconds (``bench/privileges.py``)."""
+        return (await self.get(user_id)).has(feature)
+
+    async def get_many(self, user_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Privileges]:
+        """Privileges for each id. Misses cost one Redis MGET and one SQL query for all of
+        them together (``Cache.warm``), not one round trip per user."""
+        unique = list(dict.fromkeys(user_ids))
+        try:
+            await self.cache.warm([str(u) for u in unique], self._load_many)
+        except Exception as error:
+            if not is_unavailable(error):
+                raise  # a bug, not an outage
+            # PostgreSQL down: each get() below serves what is cached, else the free tier.
+        return {user_id: await self.get(user_id) for user_id in unique}
+
+    async def _load_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        async with self.db.read_session() as session:
+            grants = await repository.grants(session, [uuid.UUID(k) for k in keys])
+        return {str(user_id): _encode(grant) for user_id, grant in grants.items()}
+
+    def _privileges(self, user_id: uuid.UUID, grant: Grant, source: str) -> Privileges:
+        _COUNTERS[source].inc()
+        return privileges_for(self.catalog, user_id, grant, source)
+
+    # ---- writes -------------------------------------------------------------------------
+    def invalidate_on_commit(self, session: AsyncSession, user_id: uuid.UUID) -> None:
+        """Forget ``user_id`` everywhere once ``session`` commits (never on rollback)."""
+        self.cache.invalidate_on_commit(session, keys=[str(user_id)])
+
+    async def invalidate(self, user_id: uuid.UUID) -> None:
+        await self.cache.delete(str(user_id))
+
+    async def warm(self, limit: int) -> int:
+        """Load the most active users' privileges into memory (and Redis) at start."""
+        async with self.db.read_session() as session:
+            user_ids = await repository.most_active_users(session, limit)
+        await self.cache.warm([str(u) for u in user_ids], self._load_many)
+        return len(user_ids)
+
+    def forget_all_local(self) -> None:
+        """Drop this process's memory tier (tests, benchmarks)."""
+        self.cache.l1.clear()
+
+
+def _encode(grant: Grant) -> dict[str, Any]:
+    return {
+        "p": grant.plan,
+        "e": grant.expires_at.isoformat() if grant.expires_at else None,
+        "f": grant.found,
+    }
+
+
+def _decode(data: dict[str, Any]) -> Grant:
+    expires = datetime.fromisoformat(data["e"]) if data.get("e") else None
+    return Grant(plan=data["p"], expires_at=expires, found=bool(data.get("f", True)))

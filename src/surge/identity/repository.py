@@ -1,0 +1,283 @@
+"""Identity's SQL. Functions take the session first; they flush, never commit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from surge.identity.plans import Grant
+from surge.models.audit import AuditEntry
+from surge.models.identity import AuthSession, RefreshToken, Subscription, User
+
+#: Rows changed this long before the view's last refresh are still read from the table:
+#: longer than any transaction may run (statement_timeout 30 s), so a plan change that
+#: committed while the refresh was running is never missed.
+VIEW_OVERLAY_MARGIN = "5 minutes"
+
+
+async def user_by_email(session: AsyncSession, email: str) -> User | None:
+    result = await session.execute(select(User).where(User.email == email.lower()))
+    return result.scalar_one_or_none()
+
+
+async def user_by_id(
+    session: AsyncSession, user_id: uuid.UUID, *, for_update: bool = False
+) -> User | None:
+    statement = select(User).where(User.id == user_id)
+    if for_update:
+        statement = statement.with_for_update()
+    result = await session.execute(statement)
+    return result.scalar_one_or_none()
+
+
+async def live_sessions(
+    session: AsyncSession, user_id: uuid.UUID, *, now: datetime
+) -> Sequence[AuthSession]:
+    """The user's unrevoked, unexpired sessions, oldest first."""
+    result = await session.execute(
+        select(AuthSession)
+        .where(
+            AuthSession.user_id == user_id,
+            AuthSession.revoked_at.is_(None),
+            AuthSession.expires_at > now,
+        )
+        .order_by(AuthSession.created_at, AuthSession.id)
+    )
+    return result.scalars().all()
+
+
+async def session_page(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    *,
+    now: datetime,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> Sequence[AuthSession]:
+    statement = (
+        select(AuthSession)
+        .where(
+            AuthSession.user_id == user_id,
+            AuthSession.revoked_at.is_(None),
+            AuthSession.expires_at > now,
+        )
+        .order_by(AuthSession.created_at, AuthSession.id)
+        .limit(limit)
+    )
+    if after is not None:
+        statement = statement.where(
+            (AuthSession.created_at, AuthSession.id) > (after[0], after[1])  # type: ignore[operator]
+        )
+    result = await session.execute(statement)
+    return result.scalars().all()
+
+
+async def refresh_token_for_update(
+    session: AsyncSession, token_hash: str
+) -> tuple[RefreshToken, AuthSession] | None:
+    """The token and its session, both locked: two concurrent refreshes serialise here."""
+    result = await session.execute(
+        select(RefreshToken, AuthSession)
+        .join(AuthSession, AuthSession.id == RefreshToken.session_id)
+        .where(RefreshToken.token_hash == token_hash)
+        .with_for_update()
+    )
+    row = result.first()
+    return (row[0], row[1]) if row is not None else None
+
+
+async def revocation_state(
+    session: AsyncSession, session_id: uuid.UUID
+) -> tuple[datetime | None, datetime | None] | None:
+    """``(session.revoked_at, user.tokens_valid_after)``; None when the session is unknown."""
+    result = await session.execute(
+        select(AuthSession.revoked_at, User.tokens_valid_after)
+        .join(User, User.id == AuthSession.user_id)
+        .where(AuthSession.id == session_id)
+    )
+    row = result.first()
+    return (row[0], row[1]) if row is not None else None
+
+
+async def revoke_sessions(
+    session: AsyncSession, session_ids: Sequence[uuid.UUID], *, now: datetime, reason: str
+) -> list[uuid.UUID]:
+    """Revoke the still-live ones among ``session_ids``; returns those it revoked."""
+    if not session_ids:
+        return []
+    result = await session.execute(
+        update(AuthSession)
+        .where(AuthSession.id.in_(session_ids), AuthSession.revoked_at.is_(None))
+        .values(revoked_at=now, revoke_reason=reason)
+        .returning(AuthSession.id)
+    )
+    return list(result.scalars().all())
+
+
+async def recent_revocations(
+    session: AsyncSession, *, since: datetime
+) -> tuple[list[uuid.UUID], list[tuple[uuid.UUID, datetime]]]:
+    """Sessions revoked and users' not-before set since ``since`` (to replay into Redis)."""
+    sessions = await session.execute(select(AuthSession.id).where(AuthSession.revoked_at > since))
+    users = await session.execute(
+        select(User.id, User.tokens_valid_after).where(User.tokens_valid_after > since)
+    )
+    return list(sessions.scalars().all()), [
+        (row[0], row[1]) for row in users.all() if row[1] is not None
+    ]
+
+
+async def consume_totp_step(session: AsyncSession, user_id: uuid.UUID, step: int) -> bool:
+    """Record ``step`` as used unless it (or a later one) already was: compare-and-set, so
+    two requests racing with one code cannot both succeed."""
+    result = await session.execute(
+        update(User)
+        .where(
+            User.id == user_id,
+            (User.mfa_last_step.is_(None)) | (User.mfa_last_step < step),
+        )
+        .values(mfa_last_step=step)
+        .returning(User.id)
+    )
+    return result.first() is not None
+
+
+async def consume_backup_code(session: AsyncSession, user_id: uuid.UUID, digest: str) -> bool:
+    result = await session.execute(
+        text(
+            "UPDATE users SET mfa_backup_codes = array_remove(mfa_backup_codes, :d) "
+            "WHERE id = :id AND :d = ANY(mfa_backup_codes) RETURNING id"
+        ),
+        {"d": digest, "id": user_id},
+    )
+    return result.first() is not None
+
+
+# ---- subscriptions and privileges --------------------------------------------------------
+
+
+async def subscription_for_update(session: AsyncSession, user_id: uuid.UUID) -> Subscription | None:
+    result = await session.execute(
+        select(Subscription).where(Subscription.user_id == user_id).with_for_update()
+    )
+    return result.scalar_one_or_none()
+
+
+async def upsert_subscription(
+    session: AsyncSession, user_id: uuid.UUID, *, plan: str, expires_at: datetime | None
+) -> None:
+    statement = insert(Subscription).values(user_id=user_id, plan=plan, expires_at=expires_at)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[Subscription.user_id],
+            set_={"plan": plan, "expires_at": expires_at, "updated_at": text("now()")},
+        )
+    )
+
+
+_GRANTS_SQL = text(
+    f"""
+    WITH ids AS (SELECT unnest(CAST(:ids AS uuid[])) AS id),
+    mark AS (
+        SELECT refreshed_at - interval '{VIEW_OVERLAY_MARGIN}' AS since
+        FROM view_refreshes WHERE name = 'active_subscriptions'
+    )
+    SELECT ids.id,
+           u.id IS NOT NULL AS found,
+           s.user_id IS NOT NULL AS changed,
+           s.plan AS live_plan, s.expires_at AS live_expires,
+           a.plan AS view_plan, a.expires_at AS view_expires
+    FROM ids
+    LEFT JOIN users u ON u.id = ids.id
+    LEFT JOIN active_subscriptions a ON a.user_id = ids.id
+    LEFT JOIN subscriptions s
+           ON s.user_id = ids.id
+          AND s.updated_at > COALESCE((SELECT since FROM mark), '-infinity')
+    """
+)
+
+
+async def grants(session: AsyncSession, user_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Grant]:
+    """Each user's plan from the ``active_subscriptions`` view (seed 003), overlaid with the
+    subscriptions changed since the view's last refresh so a plan change counts at once."""
+    result = await session.execute(_GRANTS_SQL, {"ids": list(user_ids)})
+    out: dict[uuid.UUID, Grant] = {}
+    for row in result.all():
+        if row.changed:
+            plan, expires = row.live_plan, row.live_expires
+        else:
+            plan, expires = row.view_plan, row.view_expires
+        out[row.id] = Grant(plan=plan or "free", expires_at=expires, found=bool(row.found))
+    return out
+
+
+async def active_user_count(session: AsyncSession, since: datetime) -> int:
+    """Distinct users with a live session used since ``since`` (seed 002 "active users")."""
+    count = await session.scalar(
+        select(func.count(func.distinct(AuthSession.user_id))).where(
+            AuthSession.revoked_at.is_(None), AuthSession.last_used_at >= since
+        )
+    )
+    return int(count or 0)
+
+
+async def most_active_users(session: AsyncSession, limit: int) -> list[uuid.UUID]:
+    """Users with the most recently used live sessions (cache warming)."""
+    result = await session.execute(
+        text(
+            "SELECT user_id FROM auth_sessions WHERE revoked_at IS NULL "
+            "GROUP BY user_id ORDER BY max(last_used_at) DESC LIMIT :n"
+        ),
+        {"n": limit},
+    )
+    return list(result.scalars().all())
+
+
+async def add_audit(
+    session: AsyncSession,
+    actor_id: uuid.UUID | None,
+    *,
+    action: str,
+    subject_type: str,
+    subject_id: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    request_id: str | None = None,
+) -> None:
+    session.add(
+        AuditEntry(
+            actor_id=actor_id,
+            action=action,
+            subject_type=subject_type,
+            subject_id=subject_id,
+            before=before,
+            after=after,
+            request_id=request_id,
+        )
+    )
+    await session.flush()
+
+
+async def audit_page(
+    session: AsyncSession,
+    *,
+    subject_type: str | None,
+    subject_id: str | None,
+    before_id: int | None,
+    limit: int,
+) -> Sequence[AuditEntry]:
+    statement = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+    if subject_type is not None:
+        statement = statement.where(AuditEntry.subject_type == subject_type)
+    if subject_id is not None:
+        statement = statement.where(AuditEntry.subject_id == subject_id)
+    if before_id is not None:
+        statement = statement.where(AuditEntry.id < before_id)
+    result = await session.execute(statement)
+    return result.scalars().all()

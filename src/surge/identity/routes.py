@@ -1,0 +1,280 @@
+"""Identity's HTTP surface: ``/api/v1/auth/*``, ``/api/v1/me*``, ``/api/v1/privileges/batch``
+and the admin routes ``/api/admin/users/{id}/plan`` and ``/api/admin/audit-log``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status
+
+from surge.identity import repository
+from surge.identity.deps import (
+    AdminMfa,
+    CurrentUser,
+    IdentityDep,
+    current_user,
+    get_identity,
+    require_admin_mfa,
+)
+from surge.identity.plans import Privileges
+from surge.identity.schemas import (
+    AccessTokenRead,
+    AuditPage,
+    AuditRead,
+    BatchRead,
+    BatchRequest,
+    LoginRequest,
+    LogoutRequest,
+    MfaSetupRead,
+    MfaVerifyRequest,
+    PlanChange,
+    PrivilegesRead,
+    RefreshRequest,
+    SessionPage,
+    SessionRead,
+    TokenRead,
+    UserCreate,
+    UserRead,
+    decode_cursor,
+    encode_cursor,
+)
+from surge.identity.service import PRIVILEGES_STATE, Identity, TokenPair
+from surge.kit.errors import BadRequest
+from surge.kit.web.deps import ReadSessionDep, SessionDep
+
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+def _tokens(pair: TokenPair) -> TokenRead:
+    return TokenRead(
+        access_token=pair.access_token,
+        refresh_token=pair.refresh_token,
+        expires_in=pair.expires_in,
+        session_id=pair.session_id,
+    )
+
+
+def _client_ip(request: Request, identity: Identity) -> str:
+    """The client address behind trusted proxies (``TRUSTED_PROXIES``): the per-IP login
+    budget must count the caller, not the load balancer."""
+    return identity.client_ip(request.scope)
+
+
+def _privileges(p: Privileges) -> PrivilegesRead:
+    return PrivilegesRead(
+        user_id=p.user_id,
+        plan=p.plan,
+        features=sorted(p.features),
+        rate_tier=p.rate_tier,
+        expires_at=p.expires_at,
+        source=p.source,
+    )
+
+
+router = APIRouter(prefix="/api/v1", tags=["identity"])
+
+
+async def my_privileges(request: Request) -> Response:
+    """The caller's plan, features and rate tier (seed 003). The hot path of the API: no
+    FastAPI dependencies (their resolution cost as much as the rest of the request) and
+    JSON bytes written directly (the schema above documents them) — bench/privileges.py."""
+    identity = await get_identity(request)
+    principal = await current_user(request, identity)
+    p = getattr(request.state, PRIVILEGES_STATE, None)  # loaded by the rate-limit hook
+    if p is None or p.user_id != principal.user_id:
+        p = await identity.privileges_of(principal.user_id)
+    body = {
+        "user_id": str(p.user_id),
+        "plan": p.plan,
+        "features": sorted(p.features),
+        "rate_tier": p.rate_tier,
+        "expires_at": p.expires_at.isoformat() if p.expires_at else None,
+        "source": p.source,
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@router.post("/auth/register", status_code=status.HTTP_201_CREATED)
+async def register(body: UserCreate, session: SessionDep, identity: IdentityDep) -> UserRead:
+    user = await identity.register(session, email=body.email, password=body.password)
+    await session.refresh(user)
+    return UserRead.model_validate(user)
+
+
+@router.post("/auth/login")
+async def login(body: LoginRequest, request: Request, identity: IdentityDep) -> TokenRead:
+    pair = await identity.login(
+        email=body.email,
+        password=body.password,
+        otp=body.otp,
+        ip=_client_ip(request, identity),
+        user_agent=request.headers.get("user-agent"),
+    )
+    return _tokens(pair)
+
+
+@router.post("/auth/refresh")
+async def refresh(body: RefreshRequest, identity: IdentityDep) -> TokenRead:
+    return _tokens(await identity.refresh(body.refresh_token))
+
+
+@router.post("/auth/logout", status_code=status.HTTP_204_NO_CONTENT)
+async def logout(
+    principal: CurrentUser, identity: IdentityDep, body: LogoutRequest | None = None
+) -> Response:
+    await identity.logout(principal, everywhere=bool(body and body.everywhere))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/auth/sessions")
+async def list_sessions(
+    principal: CurrentUser,
+    session: ReadSessionDep,
+    limit: Limit = 50,
+    cursor: str | None = None,
+) -> SessionPage:
+    after_values = decode_cursor(cursor)
+    after = None
+    if after_values is not None:
+        try:
+            after = (datetime.fromisoformat(after_values[0]), uuid.UUID(after_values[1]))
+        except (IndexError, ValueError, TypeError) as error:
+            raise BadRequest("Invalid cursor") from error
+    rows = await repository.session_page(
+        session, principal.user_id, now=datetime.now(UTC), after=after, limit=limit + 1
+    )
+    items = [
+        SessionRead.model_validate(row).model_copy(
+            update={"current": row.id == principal.session_id}
+        )
+        for row in rows[:limit]
+    ]
+    next_cursor = (
+        encode_cursor(rows[limit - 1].created_at.isoformat(), str(rows[limit - 1].id))
+        if len(rows) > limit
+        else None
+    )
+    return SessionPage(items=items, next_cursor=next_cursor)
+
+
+@router.delete("/auth/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def revoke_session(
+    session_id: uuid.UUID, principal: CurrentUser, identity: IdentityDep
+) -> Response:
+    await identity.revoke_session(principal, session_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/auth/mfa/setup")
+async def mfa_setup(
+    principal: CurrentUser, session: SessionDep, identity: IdentityDep
+) -> MfaSetupRead:
+    enrollment = await identity.mfa_setup(session, principal)
+    return MfaSetupRead(
+        secret=enrollment.secret,
+        provisioning_uri=enrollment.provisioning_uri,
+        backup_codes=enrollment.backup_codes,
+    )
+
+
+@router.post("/auth/mfa/verify")
+async def mfa_verify(
+    body: MfaVerifyRequest, principal: CurrentUser, identity: IdentityDep
+) -> AccessTokenRead:
+    token = await identity.mfa_verify(principal, body.code)
+    return AccessTokenRead(access_token=token, expires_in=int(identity.codec.ttl))
+
+
+@router.get("/me")
+async def me(principal: CurrentUser, session: ReadSessionDep, identity: IdentityDep) -> UserRead:
+    return UserRead.model_validate(await identity.get_user(session, principal.user_id))
+
+
+@router.post(
+    "/privileges/batch", dependencies=[Depends(require_admin_mfa)], response_model=BatchRead
+)
+async def privileges_batch(body: BatchRequest, identity: IdentityDep) -> Response:
+    """Up to 100 users in one call (seed 003): answered from memory when warm, else one
+    Redis MGET and one SQL query for all the misses. JSON bytes written directly: building
+    100 response models cost more than the checks themselves (bench/privileges.py)."""
+    found = await identity.privileges.get_many(body.user_ids)
+    feature = body.feature
+    results = []
+    for user_id in body.user_ids:
+        p = found[user_id]
+        results.append(
+            {
+                "user_id": str(user_id),
+                "found": p.found,
+                "plan": p.plan,
+                "allowed": (feature in p.features) if feature is not None else None,
+                "features": sorted(p.features),
+            }
+        )
+    return Response(orjson.dumps({"results": results}), media_type="application/json")
+
+
+admin_router = APIRouter(prefix="/api/admin", tags=["admin"])
+
+
+def install_routes(app: FastAPI) -> None:
+    """Add identity's routes to ``app``. ``GET /api/v1/me/privileges`` goes directly on the
+    app's router, before everything else identity adds: it is the hottest route of the API,
+    FastAPI keeps included routers nested (a few µs per request) and matches routes in order
+    (cost grows with the position) — bench/privileges.py."""
+    app.router.add_api_route(
+        "/api/v1/me/privileges",
+        my_privileges,
+        methods=["GET"],
+        response_model=PrivilegesRead,
+        tags=["identity"],
+        summary="The caller's plan, features and rate tier",
+    )
+    app.include_router(router)
+    app.include_router(admin_router)
+
+
+@admin_router.put("/users/{user_id}/plan", status_code=status.HTTP_204_NO_CONTENT)
+async def change_plan(
+    user_id: uuid.UUID,
+    body: PlanChange,
+    *,
+    principal: AdminMfa,
+    session: SessionDep,
+    identity: IdentityDep,
+    request: Request,
+) -> Response:
+    await identity.change_plan(
+        session,
+        principal.user_id,
+        user_id=user_id,
+        plan=body.plan,
+        expires_at=body.expires_at,
+        request_id=getattr(request.state, "request_id", None),
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@admin_router.get("/audit-log", dependencies=[Depends(require_admin_mfa)])
+async def audit_log(
+    session: ReadSessionDep,
+    limit: Limit = 50,
+    cursor: str | None = None,
+    subject_type: str | None = None,
+    subject_id: str | None = None,
+) -> AuditPage:
+    values = decode_cursor(cursor)
+    before_id = int(values[0]) if values else None
+    rows = await repository.audit_page(
+        session,
+        subject_type=subject_type,
+        subject_id=subject_id,
+        before_id=before_id,
+        limit=limit + 1,
+    )
+    items = [AuditRead.model_validate(row) for row in rows[:limit]]
+    next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return AuditPage(items=items, next_cursor=next_cursor)

@@ -1,0 +1,165 @@
+"""Identity's request and response bodies."""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from surge.kit.errors import BadRequest
+
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+
+#: argon2 hashes any length, but a megabyte password is a CPU-exhaustion request.
+Password = Annotated[str, Field(min_length=8, max_length=256)]
+
+
+class UserCreate(BaseModel):
+    email: str = Field(max_length=254)
+    password: Password
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _EMAIL.match(value):
+            raise ValueError("not an e-mail address")
+        return value
+
+
+class LoginRequest(BaseModel):
+    email: str = Field(max_length=254)
+    password: str = Field(max_length=256)
+    otp: str | None = Field(default=None, max_length=32, description="TOTP or backup code")
+
+
+class RefreshRequest(BaseModel):
+    refresh_token: str = Field(max_length=200)
+
+
+class LogoutRequest(BaseModel):
+    everywhere: bool = False
+
+
+class TokenRead(BaseModel):
+    access_token: str
+    refresh_token: str
+    token_type: str = "bearer"
+    expires_in: int
+    session_id: uuid.UUID
+
+
+class AccessTokenRead(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+
+
+class UserRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    email: str
+    role: str
+    mfa_enabled: bool
+    created_at: datetime
+
+
+class SessionRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    created_at: datetime
+    last_used_at: datetime
+    expires_at: datetime
+    mfa_verified: bool
+    ip: str | None
+    user_agent: str | None
+    current: bool = False
+
+
+class SessionPage(BaseModel):
+    items: list[SessionRead]
+    next_cursor: str | None
+
+
+class MfaSetupRead(BaseModel):
+    secret: str
+    provisioning_uri: str
+    backup_codes: list[str] = Field(description="Shown once; each works once.")
+
+
+class MfaVerifyRequest(BaseModel):
+    code: str = Field(max_length=32)
+
+
+class PrivilegesRead(BaseModel):
+    user_id: uuid.UUID
+    plan: str
+    features: list[str]
+    rate_tier: str
+    expires_at: datetime | None
+    source: str = Field(description="memory | redis | database | stale | fallback")
+
+
+class BatchRequest(BaseModel):
+    user_ids: list[uuid.UUID] = Field(min_length=1, max_length=100)
+    feature: str | None = Field(default=None, max_length=100)
+
+
+class BatchItem(BaseModel):
+    user_id: uuid.UUID
+    found: bool
+    plan: str
+    allowed: bool | None = None
+    features: list[str]
+
+
+class BatchRead(BaseModel):
+    results: list[BatchItem]
+
+
+class PlanChange(BaseModel):
+    plan: str = Field(max_length=50)
+    expires_at: datetime | None = None
+
+
+class AuditRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: datetime
+    actor_id: uuid.UUID | None
+    action: str
+    subject_type: str
+    subject_id: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    request_id: str | None
+
+
+class AuditPage(BaseModel):
+    items: list[AuditRead]
+    next_cursor: str | None
+
+
+def encode_cursor(*values: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(values, default=str)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> list[Any] | None:
+    if not cursor:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        values = orjson.loads(base64.urlsafe_b64decode(padded))
+    except ValueError as error:
+        raise BadRequest("Invalid cursor") from error
+    if not isinstance(values, list):
+        raise BadRequest("Invalid cursor")
+    return values

@@ -1,0 +1,262 @@
+"""Plans, privileges through memory → Redis → PostgreSQL, the active_subscriptions view,
+the audit log and the batch check — against the session's real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from surge.identity.service import refresh_active_subscriptions
+from tests.fixtures.servers import free_port, serve_env, surge_process
+from tests.identity.conftest import (
+    FAST_ARGON2,
+    bearer,
+    identity_of,
+    login,
+    make_admin,
+    register,
+)
+
+
+async def _set_plan(
+    api: httpx.AsyncClient, admin: dict[str, str], user_id: str, plan: str, **extra: str
+) -> httpx.Response:
+    return await api.put(
+        f"/api/admin/users/{user_id}/plan", json={"plan": plan, **extra}, headers=bearer(admin)
+    )
+
+
+class TestPlanChange:
+    async def test_plan_change_updates_privileges_and_is_audited(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        _, admin, _ = await make_admin(id_app, api)
+        email, user_id = await register(api)
+        tokens = await login(api, email)
+        before = (await api.get("/api/v1/me/privileges", headers=bearer(tokens))).json()
+        assert before["plan"] == "free"
+        assert before["features"] == ["basic"]
+        assert before["rate_tier"] == "free"
+        assert (await _set_plan(api, admin, user_id, "pro")).status_code == 204
+        after = (await api.get("/api/v1/me/privileges", headers=bearer(tokens))).json()
+        assert after["plan"] == "pro"
+        assert "api_access" in after["features"]
+        assert after["rate_tier"] == "pro"
+        log = (
+            await api.get(
+                f"/api/admin/audit-log?subject_type=user&subject_id={user_id}",
+                headers=bearer(admin),
+            )
+        ).json()
+        [entry] = log["items"]
+        assert entry["action"] == "identity.plan.changed"
+        assert entry["before"] == {"plan": "free", "expires_at": None}
+        assert entry["after"] == {"plan": "pro", "expires_at": None}
+        assert entry["actor_id"] == identity_of(id_app).codec.verify(admin["access_token"])["sub"]
+        assert entry["request_id"]
+
+    async def test_unknown_plan_is_422_and_changes_nothing(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        _, admin, _ = await make_admin(id_app, api)
+        _, user_id = await register(api)
+        response = await _set_plan(api, admin, user_id, "platinum")
+        assert response.status_code == 422
+        assert "free" in response.json()["plans"]
+        log = await api.get(
+            f"/api/admin/audit-log?subject_type=user&subject_id={user_id}", headers=bearer(admin)
+        )
+        assert log.json()["items"] == []
+
+    async def test_expired_subscription_is_free(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        _, admin, _ = await make_admin(id_app, api)
+        _, user_id = await register(api)
+        soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+        assert (await _set_plan(api, admin, user_id, "ultra", expires_at=soon)).status_code == 204
+        identity = identity_of(id_app)
+        assert await identity.has_privilege(uuid.UUID(user_id), "sso")
+        await asyncio.sleep(1.1)
+        # Still cached in memory, but expiry is checked on every read.
+        assert not await identity.has_privilege(uuid.UUID(user_id), "sso")
+        assert (await identity.privileges_of(uuid.UUID(user_id))).plan == "free"
+
+
+class TestTiers:
+    async def test_memory_then_redis_then_database(
+        self, api: httpx.AsyncClient, id_app: FastAPI, redis_client: object
+    ) -> None:
+        _, user_id = await register(api)
+        store = identity_of(id_app).privileges
+        uid = uuid.UUID(user_id)
+        assert (await store.get(uid)).source == "database"
+        assert (await store.get(uid)).source == "memory"
+        store.forget_all_local()
+        assert (await store.get(uid)).source == "redis"
+        assert (await store.get(uid)).source == "memory"
+
+    async def test_invalidation_reaches_other_process_memory(
+        self, api: httpx.AsyncClient, id_app: FastAPI, id_settings: object
+    ) -> None:
+        """Two Identity instances (two processes' worth of memory) on the same Redis."""
+        from surge.identity.service import Identity
+        from surge.kit.runtime import Runtime
+
+        _, admin, _ = await make_admin(id_app, api)
+        _, user_id = await register(api)
+        uid = uuid.UUID(user_id)
+        other_runtime = Runtime(id_settings)  # type: ignore[arg-type]
+        await other_runtime.start()
+        other = Identity(other_runtime.db, other_runtime.redis, id_settings)  # type: ignore[arg-type]
+        await other.start(warm=False, refresh_view=False)
+        try:
+            started = time.monotonic()
+            while not other.privileges.cache._listening:
+                assert time.monotonic() - started < 5
+                await asyncio.sleep(0.01)
+            assert (await other.privileges.get(uid)).plan == "free"
+            assert (await other.privileges.get(uid)).source == "memory"
+            assert (await _set_plan(api, admin, user_id, "plus")).status_code == 204
+            started = time.monotonic()
+            while (await other.privileges.get(uid)).plan != "plus":
+                assert time.monotonic() - started < 1.0
+                await asyncio.sleep(0.01)
+        finally:
+            await other.close()
+            await other_runtime.stop()
+
+
+class TestMaterializedView:
+    async def test_refresh_fills_the_view_and_later_changes_overlay_it(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        _, admin, _ = await make_admin(id_app, api)
+        _, user_id = await register(api)
+        runtime = id_app.state.runtime
+        assert (await _set_plan(api, admin, user_id, "plus")).status_code == 204
+        assert await refresh_active_subscriptions(runtime.db)
+        async with runtime.db.read_session() as session:
+            plan = await session.scalar(
+                text("SELECT plan FROM active_subscriptions WHERE user_id = :u"), {"u": user_id}
+            )
+        assert plan == "plus"
+        # A change after the refresh is read through the overlay, not the stale view row.
+        assert (await _set_plan(api, admin, user_id, "ultra")).status_code == 204
+        identity_of(id_app).privileges.forget_all_local()
+        privileges = await identity_of(id_app).privileges_of(uuid.UUID(user_id))
+        assert privileges.plan == "ultra"
+        # A refresh that is not due is skipped (one refresh per interval cluster-wide).
+        assert not await refresh_active_subscriptions(runtime.db, min_age=60)
+
+    async def test_view_has_the_indexes_seed_003_asks_for(self, id_app: FastAPI) -> None:
+        async with id_app.state.runtime.db.read_session() as session:
+            rows = await session.execute(
+                text(
+                    "SELECT indexname, indexdef FROM pg_indexes "
+                    "WHERE tablename IN ('subscriptions', 'active_subscriptions')"
+                )
+            )
+            indexes = {row[0]: row[1] for row in rows}
+        assert "UNIQUE" in indexes["ux_active_subscriptions_user"]  # needed by CONCURRENTLY
+        assert "WHERE (plan <> 'free'::text)" in indexes["ix_subscriptions_paid_expiry"]
+        assert "(user_id, plan, expires_at)" in indexes["ix_subscriptions_user_plan_expiry"]
+
+
+class TestBatch:
+    async def test_batch_of_100(self, api: httpx.AsyncClient, id_app: FastAPI) -> None:
+        _, admin, _ = await make_admin(id_app, api)
+        users = [(await register(api))[1] for _ in range(3)]
+        assert (await _set_plan(api, admin, users[1], "pro")).status_code == 204
+        unknown = [str(uuid.uuid4()) for _ in range(97)]
+        response = await api.post(
+            "/api/v1/privileges/batch",
+            json={"user_ids": users + unknown, "feature": "api_access"},
+            headers=bearer(admin),
+        )
+        assert response.status_code == 200
+        results = response.json()["results"]
+        assert [r["user_id"] for r in results] == users + unknown
+        assert [r["allowed"] for r in results[:3]] == [False, True, False]
+        assert all(r["found"] for r in results[:3])
+        assert not any(r["found"] for r in results[3:])
+        too_many = await api.post(
+            "/api/v1/privileges/batch",
+            json={"user_ids": [str(uuid.uuid4()) for _ in range(101)]},
+            headers=bearer(admin),
+        )
+        assert too_many.status_code == 422
+
+
+@pytest.mark.timeout(90)
+async def test_plan_change_reaches_another_process_within_1s(
+    api: httpx.AsyncClient, id_app: FastAPI, server_urls: tuple[str, str]
+) -> None:
+    """A real second process (``surge serve``) answers /me/privileges from its memory; a plan
+    change made here must show there within a second."""
+    _, admin, _ = await make_admin(id_app, api)
+    email, user_id = await register(api)
+    tokens = await login(api, email)
+    port = free_port()
+    env = serve_env(*server_urls, **{f"SURGE_{k}": str(v) for k, v in FAST_ARGON2.items()})
+    url = f"http://127.0.0.1:{port}"
+    with surge_process(
+        ["serve", "--workers", "1", "--port", str(port), "--no-servers"],
+        env,
+        ready_url=f"{url}/readyz",
+    ):
+        async with httpx.AsyncClient(base_url=url, timeout=5) as remote:
+            first = await remote.get("/api/v1/me/privileges", headers=bearer(tokens))
+            assert first.json()["plan"] == "free"
+            second = await remote.get("/api/v1/me/privileges", headers=bearer(tokens))
+            assert second.json()["source"] == "memory"
+            assert (await _set_plan(api, admin, user_id, "ultra")).status_code == 204
+            changed = time.monotonic()
+            while True:
+                body = (await remote.get("/api/v1/me/privileges", headers=bearer(tokens))).json()
+                if body["plan"] == "ultra":
+                    break
+                assert time.monotonic() - changed < 1.0, body
+                await asyncio.sleep(0.02)
+
+
+class TestRefreshJob:
+    async def test_registered_every_minute_and_refreshes(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        from surge.identity.jobs import refresh_active_subscriptions_job
+        from surge.kit.jobs import JobContext
+        from surge.kit.jobs.registry import get_spec
+
+        spec = get_spec("identity.active_subscriptions.refresh")
+        assert spec is not None
+        assert spec.cron is not None
+        slot = datetime(2026, 11, 22, 3, 0, 30, tzinfo=UTC)
+        assert spec.next_run(slot) == datetime(2026, 11, 22, 3, 1, tzinfo=UTC)
+        _, admin, _ = await make_admin(id_app, api)
+        _, user_id = await register(api)
+        assert (await _set_plan(api, admin, user_id, "pro")).status_code == 204
+        runtime = id_app.state.runtime
+        async with runtime.db.session() as session:
+            # Make the last refresh look old enough for the job's "not twice a minute" rule.
+            await session.execute(
+                text("UPDATE view_refreshes SET refreshed_at = now() - interval '2 minutes'")
+            )
+        async with runtime.db.session() as session:
+            ctx = JobContext(
+                id=1, name=spec.name, queue=spec.queue, payload={}, attempt=1, token=1,
+                stalls=0, runtime=runtime, session_factory=lambda: session,
+            )  # fmt: skip
+            await refresh_active_subscriptions_job(ctx)
+        async with runtime.db.read_session() as session:
+            plan = await session.scalar(
+                text("SELECT plan FROM active_subscriptions WHERE user_id = :u"), {"u": user_id}
+            )
+        assert plan == "pro"

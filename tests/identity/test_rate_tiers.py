@@ -1,0 +1,82 @@
+"""The caller's plan selects the rate-limit policy (identity's ``identify`` hook for
+kit.ratelimit), and a plan change moves the caller to the new tier at once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from tests.conftest import app_client
+from tests.identity.conftest import (
+    bearer,
+    identity_of,
+    identity_settings,
+    login,
+    make_admin,
+    register,
+)
+
+
+@pytest.fixture
+async def limited(server_urls: tuple[str, str]) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    from surge.app import create_app
+
+    settings = identity_settings(
+        *server_urls,
+        RATELIMIT_ENABLED=True,
+        RATELIMIT_KEY_PREFIX=f"rl-test-{uuid.uuid4().hex[:8]}:",
+        RATELIMIT_POLICIES=[
+            {"name": "t-free", "limit": 3, "period": "PT1M", "per": "subject", "tiers": ["free"]},
+            {"name": "t-pro", "limit": 8, "period": "PT1M", "per": "subject", "tiers": ["pro"]},
+        ],
+    )
+    app = create_app(settings)
+    async for client in app_client(app):
+        yield app, client
+
+
+async def test_plan_selects_the_rate_limit_tier(
+    limited: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, api = limited
+    identity = identity_of(app)
+    # The admin is on "ultra", which no policy here limits.
+    _, admin, _ = await make_admin(app, api)
+    admin_id = uuid.UUID(identity.codec.verify(admin["access_token"])["sub"])
+    async with app.state.runtime.db.session() as session:
+        await identity.change_plan(session, None, user_id=admin_id, plan="ultra", expires_at=None)
+    email, user_id = await register(api)
+    tokens = await login(api, email)
+    statuses = [(await api.get("/api/v1/me", headers=bearer(tokens))).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    response = await api.put(
+        f"/api/admin/users/{user_id}/plan", json={"plan": "pro"}, headers=bearer(admin)
+    )
+    assert response.status_code == 204
+    statuses = [(await api.get("/api/v1/me", headers=bearer(tokens))).status_code for _ in range(9)]
+    assert statuses == [200] * 8 + [429]
+
+
+async def test_forged_token_is_anonymous_for_the_limiter(
+    limited: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, api = limited
+    subject = identity_of(app).rate_limit_subject(
+        {"type": "http", "headers": [(b"authorization", b"Bearer not.a.token")]}
+    )
+    assert subject is None
+    email, _ = await register(api)
+    tokens = await login(api, email)
+    scope: dict[str, object] = {
+        "type": "http",
+        "headers": [(b"authorization", f"Bearer {tokens['access_token']}".encode())],
+    }
+    found = identity_of(app).rate_limit_subject(scope)
+    assert found is not None
+    resolved = await found
+    assert resolved is not None
+    assert resolved.tier == "free"
