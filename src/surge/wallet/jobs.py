@@ -1,0 +1,86 @@
+"""The wallet's jobs: earnings batches, withdrawal notifications, and upkeep (stats view
+refresh, monthly partitions, expired idempotency keys). ``surge.worker`` imports this module.
+
+Each handler writes through ``ctx.session``, which the runner commits together with the
+job's completion, fenced by the attempt's token: a worker killed mid-batch leaves nothing,
+and of all attempts exactly one commits (ADR 0007, ADR 0010).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from uuid import UUID
+
+from sqlalchemy import select
+
+from surge.config import settings
+from surge.kit.jobs import JobContext, job
+from surge.kit.web.idempotency import idempotency_keys
+from surge.models.wallet import Withdrawal
+from surge.wallet.service import EARNINGS_JOB, NOTIFY_JOB, changed_owners, stats_key
+from surge.wallet.service import wallet as wallet_service
+
+_REFRESH_MINUTES = max(1, int(settings.WALLET_STATS_REFRESH.total_seconds() // 60))
+
+
+def _invalidate_stats(ctx: JobContext) -> None:
+    owners = changed_owners(ctx.session)
+    if owners:
+        ctx.runtime.cache.invalidate_on_commit(ctx.session, keys=[stats_key(o) for o in owners])
+
+
+@job(EARNINGS_JOB, queue="wallet", max_attempts=10, backoff=timedelta(seconds=2))
+async def credit_earnings(ctx: JobContext) -> None:
+    """Credit one batch of partners for one revenue event and enqueue the next batch."""
+    wallet_service.configure(ctx.runtime.settings)
+    after = ctx.payload.get("after")
+    await wallet_service.credit_earnings_batch(
+        ctx.session, event_id=str(ctx.payload["event_id"]), after=UUID(after) if after else None
+    )
+    _invalidate_stats(ctx)
+
+
+@job(NOTIFY_JOB, queue="wallet", max_attempts=5)
+async def notify_withdrawal(ctx: JobContext) -> None:
+    """Tell the partner its withdrawal was decided.
+
+    Delivery belongs to the notifications module, which does not exist yet: until it does,
+    this job composes the message and logs it (``wallet.withdrawal.notify``), so the
+    decision → notification hand-off (enqueued in the decision's transaction) is in place."""
+    withdrawal = await ctx.session.scalar(
+        select(Withdrawal).where(Withdrawal.id == UUID(str(ctx.payload["withdrawal_id"])))
+    )
+    if withdrawal is None:
+        return
+    ctx.log.info(
+        "wallet.withdrawal.notify",
+        owner_id=str(withdrawal.owner_id),
+        withdrawal_id=str(withdrawal.id),
+        status=withdrawal.status,
+        amount=withdrawal.amount,
+        currency=withdrawal.currency,
+    )
+
+
+@job("wallet.stats.refresh", queue="wallet", cron=f"*/{_REFRESH_MINUTES} * * * *")
+async def refresh_stats(ctx: JobContext) -> None:
+    """Seed 001: refresh the dashboard view concurrently every WALLET_STATS_REFRESH."""
+    await wallet_service.refresh_stats(ctx.session)
+
+
+@job("wallet.partitions.ensure", queue="wallet", cron="7 * * * *")
+async def ensure_partitions(ctx: JobContext) -> None:
+    """Keep WALLET_PARTITION_MONTHS_AHEAD monthly partitions created ahead (hourly: cheap,
+    idempotent, and a missed run is made up long before a month boundary)."""
+    wallet_service.configure(ctx.runtime.settings)
+    created = await wallet_service.ensure_partitions(ctx.session)
+    if created:
+        ctx.log.info("wallet.partitions.created", count=created)
+
+
+@job("wallet.idempotency.purge", queue="wallet", cron="23 * * * *")
+async def purge_idempotency_keys(ctx: JobContext) -> None:
+    """Forget HTTP idempotency keys older than their 24 h lifetime."""
+    purged = await idempotency_keys.purge(ctx.session)
+    if purged:
+        ctx.log.info("wallet.idempotency.purged", count=purged)

@@ -1,0 +1,500 @@
+"""The double-entry ledger under the wallet: accounts, transfers, two-phase reservations,
+and the invariant checker that every chaos test and the benchmark run afterwards.
+
+    WalletError (SurgeError)              500 unless a subclass says otherwise
+    ├── InsufficientFunds (Conflict)      409: the database's CHECK refused the debit
+    ├── IdempotencyKeyReused (Conflict)   409: the key already names a different transfer
+    ├── AlreadyResolved (Conflict)        409: the pending transfer was posted or voided
+    ├── LedgerNotFound (NotFound)         404: account or pending transfer does not exist
+    └── InvalidTransfer (Unprocessable)   422: same account twice, amount ≤ 0
+
+Every balance change goes through one of two PL/pgSQL functions created by migration
+``0004_wallet`` — ``wallet_transfer`` and ``wallet_resolve`` — inside the caller's
+transaction, so the transfer, both balance updates and both entries commit or vanish
+together. Each call is one round trip (the figure that lets a Python ledger keep up with
+pgbench, see ``bench/ledger.py``). Accounts are locked in id order, so two transactions that
+touch the same accounts queue instead of deadlocking; a transaction that moves money between
+more than two accounts calls ``lock()`` first with all of them.
+
+Signs: ``balance`` = posted credits − posted debits, for every account, so the sum of all
+balances is zero by construction and a partner's wallet (money the platform owes) is
+positive. Guarded accounts (wallets, holds, payouts) must keep ``balance − pending_out ≥ 0``;
+revenue and external are the unguarded sources money comes from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NamedTuple
+from uuid import UUID
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
+
+log = structlog.get_logger()
+
+
+class WalletError(SurgeError):
+    """Root of the wallet domain's errors."""
+
+
+class InsufficientFunds(WalletError, Conflict):
+    """The debit would take a guarded account below zero available."""
+
+
+class IdempotencyKeyReused(WalletError, Conflict):
+    """The idempotency key already names a transfer with other fields."""
+
+
+class AlreadyResolved(WalletError, Conflict):
+    """The pending transfer was already posted or voided (under another key)."""
+
+
+class LedgerNotFound(WalletError, NotFound):
+    """An account or pending transfer that does not exist (or not in that currency)."""
+
+
+class InvalidTransfer(WalletError, UnprocessableEntity):
+    """A transfer the ledger refuses by shape: same account twice, non-positive amount."""
+
+
+class SystemAccount(StrEnum):
+    """The platform's own accounts, one per currency.
+
+    - revenue: debited for every commission paid (unguarded: it goes negative by what the
+      platform has paid its partners);
+    - holds: credited by a withdrawal when it is approved, then emptied into payouts;
+    - payouts: what is owed to partners' bank accounts until a payment provider settles it;
+    - external: the outside world (manual adjustments, imports, the benchmark's seeding).
+    """
+
+    revenue = "revenue"
+    holds = "holds"
+    payouts = "payouts"
+    external = "external"
+
+
+UNGUARDED = frozenset({SystemAccount.revenue, SystemAccount.external})
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """The outcome of one ledger call. ``created`` is False when the idempotency key had
+    already been used for the same transfer: nothing moved the second time."""
+
+    transfer_id: int
+    created: bool
+    debit_balance: int
+    credit_balance: int
+
+
+class TransferSpec(NamedTuple):
+    """One posted transfer of a ``transfer_many`` call."""
+
+    key: str
+    debit: int
+    credit: int
+    amount: int
+    currency: str
+    kind: str
+    reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    account_id: int
+    currency: str
+    balance: int
+    pending_out: int
+    pending_in: int
+
+    @property
+    def available(self) -> int:
+        """What may still be debited: posted balance minus reservations."""
+        return self.balance - self.pending_out
+
+
+_TRANSFER = text(
+    "SELECT transfer_id, created, debit_balance, credit_balance FROM "
+    "wallet_transfer(:key, :debit, :credit, :amount, :currency, :kind, :reference, :pending)"
+)
+_TRANSFER_MANY = text(
+    "SELECT t.transfer_id, t.created, t.debit_balance, t.credit_balance "
+    "FROM unnest(CAST(:key AS text[]), CAST(:debit AS bigint[]), CAST(:credit AS bigint[]), "
+    "            CAST(:amount AS bigint[]), CAST(:currency AS text[]), CAST(:kind AS text[]), "
+    "            CAST(:reference AS text[])) WITH ORDINALITY "
+    "     AS x(key, debit, credit, amount, currency, kind, reference, n), "
+    "LATERAL wallet_transfer(x.key, x.debit, x.credit, x.amount, x.currency, x.kind, "
+    "                        x.reference, false) AS t "
+    "ORDER BY x.n"
+)
+_RESOLVE = text(
+    "SELECT transfer_id, created, debit_balance, credit_balance FROM "
+    "wallet_resolve(:key, :pending_id, :post, :kind)"
+)
+
+
+_TRANSFER_DRIVER = (
+    "SELECT transfer_id, created, debit_balance, credit_balance "
+    "FROM wallet_transfer($1, $2, $3, $4, $5, $6, $7, false)"
+)
+
+
+def _sqlstate(error: BaseException) -> tuple[str | None, str | None, str]:
+    """(SQLSTATE, constraint, message) of a SQLAlchemy-wrapped or a bare asyncpg error."""
+    orig: Any = getattr(error, "orig", None) or error
+    cause: Any = getattr(orig, "__cause__", None) or orig
+    state = getattr(orig, "sqlstate", None) or getattr(cause, "sqlstate", None)
+    constraint = getattr(cause, "constraint_name", None)
+    message = str(getattr(cause, "message", None) or orig)
+    return state, constraint, message
+
+
+def translate(error: BaseException) -> WalletError | None:
+    """Map the ledger functions' SQLSTATEs and constraint names to domain errors."""
+    state, constraint, message = _sqlstate(error)
+    if state == "23514":
+        if constraint == "ck_wallet_accounts_non_negative":
+            return InsufficientFunds("Insufficient funds for this transfer.")
+        return InvalidTransfer(f"Transfer refused by {constraint}.")
+    if state == "WL404":
+        return LedgerNotFound(message)
+    if state == "WL409":
+        return IdempotencyKeyReused(message)
+    if state == "WL410":
+        return AlreadyResolved(message)
+    if state == "WL422":
+        return InvalidTransfer(message)
+    return None
+
+
+class Ledger:
+    """Stateless service over the ledger tables; the one way balances change.
+
+    System account ids are cached per process once seen committed: they never change
+    once created (rows are never deleted)."""
+
+    def __init__(self) -> None:
+        self._system: dict[tuple[str, str], int] = {}
+
+    # ---- accounts ------------------------------------------------------------------------
+    async def system_account(
+        self, session: AsyncSession, code: SystemAccount, *, currency: str
+    ) -> int:
+        """The id of system account ``code`` in ``currency``, created on first use."""
+        cached = self._system.get((code, currency))
+        if cached is not None:
+            return cached
+        created = (
+            await session.execute(
+                text(
+                    "INSERT INTO wallet_accounts (code, currency, guarded) VALUES (:c, :cur, :g) "
+                    "ON CONFLICT (code, currency) WHERE owner_id IS NULL DO NOTHING RETURNING id"
+                ),
+                {"c": code.value, "cur": currency, "g": code not in UNGUARDED},
+            )
+        ).scalar_one_or_none()
+        if created is not None:
+            # Not cached: until this transaction commits, the row exists for nobody else
+            # (a concurrent transaction given this id would find no account).
+            return int(created)
+        account_id = int(
+            (
+                await session.execute(
+                    text(
+                        "SELECT id FROM wallet_accounts "
+                        "WHERE code = :c AND currency = :cur AND owner_id IS NULL"
+                    ),
+                    {"c": code.value, "cur": currency},
+                )
+            ).scalar_one()
+        )
+        self._system[(code, currency)] = account_id
+        return account_id
+
+    async def open_wallet(self, session: AsyncSession, owner_id: UUID, *, currency: str) -> int:
+        """The id of ``owner_id``'s guarded wallet in ``currency``, created on first use."""
+        row = (
+            await session.execute(
+                text(
+                    "INSERT INTO wallet_accounts (owner_id, code, currency) "
+                    "VALUES (:o, 'wallet', :cur) "
+                    "ON CONFLICT (owner_id, currency) WHERE owner_id IS NOT NULL DO NOTHING "
+                    "RETURNING id"
+                ),
+                {"o": owner_id, "cur": currency},
+            )
+        ).scalar_one_or_none()
+        if row is not None:
+            return int(row)
+        return int(
+            (
+                await session.execute(
+                    text("SELECT id FROM wallet_accounts WHERE owner_id = :o AND currency = :cur"),
+                    {"o": owner_id, "cur": currency},
+                )
+            ).scalar_one()
+        )
+
+    async def open_wallets(
+        self, session: AsyncSession, owner_ids: Sequence[UUID], *, currency: str
+    ) -> dict[UUID, int]:
+        """``open_wallet`` for many owners in two round trips (an earnings batch)."""
+        await session.execute(
+            text(
+                "INSERT INTO wallet_accounts (owner_id, code, currency) "
+                "SELECT o, 'wallet', :cur FROM unnest(CAST(:owners AS uuid[])) AS o "
+                "ON CONFLICT (owner_id, currency) WHERE owner_id IS NOT NULL DO NOTHING"
+            ),
+            {"owners": list(owner_ids), "cur": currency},
+        )
+        rows = await session.execute(
+            text(
+                "SELECT owner_id, id FROM wallet_accounts "
+                "WHERE owner_id = ANY(CAST(:owners AS uuid[])) AND currency = :cur"
+            ),
+            {"owners": list(owner_ids), "cur": currency},
+        )
+        return {owner: int(account) for owner, account in rows.all()}
+
+    async def wallet_of(
+        self, session: AsyncSession, owner_id: UUID, *, currency: str
+    ) -> int | None:
+        value = (
+            await session.execute(
+                text("SELECT id FROM wallet_accounts WHERE owner_id = :o AND currency = :cur"),
+                {"o": owner_id, "cur": currency},
+            )
+        ).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    async def balance(self, session: AsyncSession, account_id: int) -> Balance:
+        row = (
+            await session.execute(
+                text(
+                    "SELECT id, currency, balance, pending_out, pending_in "
+                    "FROM wallet_accounts WHERE id = :id"
+                ),
+                {"id": account_id},
+            )
+        ).one_or_none()
+        if row is None:
+            raise LedgerNotFound(f"no account {account_id}")
+        return Balance(*row)
+
+    async def lock(self, session: AsyncSession, account_ids: Iterable[int]) -> None:
+        """Lock ``account_ids`` for this transaction in id order. Call it before a sequence
+        of transfers over more than two accounts, so every transaction acquires its locks
+        in the one global order and none can wait on another in a cycle."""
+        ids = sorted(set(account_ids))
+        await session.execute(
+            text("SELECT 1 FROM wallet_accounts WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+            {"ids": ids},
+        )
+
+    # ---- movements -----------------------------------------------------------------------
+    async def transfer(
+        self,
+        session: AsyncSession,
+        *,
+        key: str,
+        debit: int,
+        credit: int,
+        amount: int,
+        currency: str,
+        kind: str,
+        reference: str | None = None,
+        pending: bool = False,
+    ) -> Posted:
+        """Move ``amount`` minor units from ``debit`` to ``credit`` (posted at once), or
+        reserve it (``pending=True``: the debit's available balance drops now, the posted
+        balances move only on ``post``). Idempotent by ``key``."""
+        if amount <= 0:
+            raise InvalidTransfer("amount must be a positive number of minor units")
+        params = {
+            "key": key, "debit": debit, "credit": credit, "amount": amount,
+            "currency": currency, "kind": kind, "reference": reference, "pending": pending,
+        }  # fmt: skip
+        return await self._call(session, _TRANSFER, params)
+
+    async def transfer_now(
+        self,
+        engine: AsyncEngine,
+        *,
+        key: str,
+        debit: int,
+        credit: int,
+        amount: int,
+        currency: str,
+        kind: str,
+        reference: str | None = None,
+    ) -> Posted:
+        """A transfer that is a whole unit of work by itself (an adjustment, an import, a
+        payment settled elsewhere): one statement in autocommit mode on the driver's
+        connection, so one round trip instead of BEGIN + call + COMMIT. Atomic all the same
+        — a statement is a transaction — and the hot account's row lock is released inside
+        the server, without waiting for the client's COMMIT. ``bench/ledger.py`` measures
+        both paths: this one is ~2-3× the unit-of-work path on 2 cores.
+
+        Use ``transfer()`` whenever the transfer must commit with other writes."""
+        if amount <= 0:
+            raise InvalidTransfer("amount must be a positive number of minor units")
+        async with engine.connect() as connection:
+            # The driver's own connection, outside any transaction: PostgreSQL runs the call
+            # as a transaction of its own (autocommit). SQLAlchemy sees no transaction on it
+            # and hands it back to the pool as it found it. Going to asyncpg directly skips
+            # SQLAlchemy's per-statement work, which on 2 cores is what limits throughput.
+            raw = await connection.get_raw_connection()
+            driver: Any = raw.driver_connection
+            try:
+                row = await driver.fetchrow(
+                    _TRANSFER_DRIVER, key, debit, credit, amount, currency, kind, reference
+                )
+            except Exception as error:  # asyncpg's own errors: no SQLAlchemy wrapping here
+                domain = translate(error)
+                if domain is None:
+                    raise
+                raise domain from error
+        return Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3]))
+
+    async def transfer_many(
+        self, session: AsyncSession, transfers: Sequence[TransferSpec]
+    ) -> list[Posted]:
+        """Many posted transfers in the caller's transaction, in two round trips whatever
+        their number (an earnings batch of 50 would otherwise be 50): ``lock()`` on every
+        account involved, then one statement calling ``wallet_transfer`` once per row.
+        Each transfer keeps its own idempotency key; the result is in input order."""
+        if not transfers:
+            return []
+        if any(spec.amount <= 0 for spec in transfers):
+            raise InvalidTransfer("amount must be a positive number of minor units")
+        await self.lock(session, [a for spec in transfers for a in (spec.debit, spec.credit)])
+        columns = list(zip(*transfers, strict=True))
+        params = dict(zip(TransferSpec._fields, (list(column) for column in columns), strict=True))
+        try:
+            rows = (await session.execute(_TRANSFER_MANY, params)).all()
+        except DBAPIError as error:
+            domain = translate(error)
+            if domain is None:
+                raise
+            raise domain from error
+        return [Posted(int(r[0]), bool(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    async def post(self, session: AsyncSession, *, key: str, pending_id: int, kind: str) -> Posted:
+        """Second phase: the reserved amount moves for good."""
+        return await self._call(
+            session, _RESOLVE, {"key": key, "pending_id": pending_id, "post": True, "kind": kind}
+        )
+
+    async def void(self, session: AsyncSession, *, key: str, pending_id: int, kind: str) -> Posted:
+        """Second phase: the reservation is released; no posted balance moves."""
+        return await self._call(
+            session, _RESOLVE, {"key": key, "pending_id": pending_id, "post": False, "kind": kind}
+        )
+
+    async def _call(self, session: AsyncSession, statement: Any, params: dict[str, Any]) -> Posted:
+        try:
+            row = (await session.execute(statement, params)).one()
+        except DBAPIError as error:
+            domain = translate(error)
+            if domain is None:
+                raise
+            raise domain from error
+        return Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3]))
+
+    # ---- invariants (ARCHITECTURE §6) -----------------------------------------------------
+    async def check_invariants(self, session: AsyncSession) -> list[str]:
+        """Every violation of the money rules, as readable lines; empty when all hold.
+
+        1. per currency, the sum of all balances is zero, and pending out = pending in;
+        2. each balance equals the sum of its entries, and its latest entry's balance_after;
+        3. each reservation equals its open pending transfers;
+        4. no guarded account shows negative availability;
+        5. no idempotency key has two effects: one transfer per key (unique index), one
+           resolution per pending transfer, one earning per (event, owner), and every
+           transfer has exactly its two entries (or none while pending/void).
+        """
+        problems: list[str] = []
+
+        async def rows(sql: str) -> Sequence[Any]:
+            return (await session.execute(text(sql))).all()
+
+        for currency, total, out, in_ in await rows(
+            "SELECT currency, sum(balance), sum(pending_out), sum(pending_in) "
+            "FROM wallet_accounts GROUP BY currency"
+        ):
+            if total != 0:
+                problems.append(f"{currency}: sum of balances is {total}, not 0")
+            if out != in_:
+                problems.append(f"{currency}: pending out {out} != pending in {in_}")
+        for account_id, balance, entries, last in await rows(
+            "SELECT a.id, a.balance, coalesce(e.total, 0), "
+            "  (SELECT x.balance_after FROM wallet_entries x WHERE x.account_id = a.id "
+            "   ORDER BY x.id DESC LIMIT 1) "
+            "FROM wallet_accounts a LEFT JOIN "
+            "  (SELECT account_id, sum(amount) AS total FROM wallet_entries GROUP BY account_id) e "
+            "  ON e.account_id = a.id "
+            "WHERE a.balance <> coalesce(e.total, 0) "
+            "   OR a.balance <> coalesce((SELECT x.balance_after FROM wallet_entries x "
+            "       WHERE x.account_id = a.id ORDER BY x.id DESC LIMIT 1), 0)"
+        ):
+            problems.append(
+                f"account {account_id}: balance {balance}, entries sum {entries}, "
+                f"last balance_after {last}"
+            )
+        for account_id, out, in_, open_out, open_in in await rows(
+            "WITH open AS (SELECT p.* FROM wallet_transfers p WHERE p.phase = 'pending' "
+            "  AND NOT EXISTS (SELECT 1 FROM wallet_transfers r WHERE r.pending_id = p.id)) "
+            "SELECT a.id, a.pending_out, a.pending_in, "
+            "  coalesce((SELECT sum(amount) FROM open WHERE debit_account_id = a.id), 0), "
+            "  coalesce((SELECT sum(amount) FROM open WHERE credit_account_id = a.id), 0) "
+            "FROM wallet_accounts a"
+        ):
+            if out != open_out or in_ != open_in:
+                problems.append(
+                    f"account {account_id}: reserved out/in {out}/{in_}, "
+                    f"open pending transfers {open_out}/{open_in}"
+                )
+        for (account_id,) in await rows(
+            "SELECT id FROM wallet_accounts WHERE guarded AND balance - pending_out < 0"
+        ):
+            problems.append(f"account {account_id}: guarded and negative")
+        for transfer_id, phase, count in await rows(
+            "SELECT t.id, t.phase, count(e.id) FROM wallet_transfers t "
+            "LEFT JOIN wallet_entries e ON e.transfer_id = t.id GROUP BY t.id, t.phase "
+            "HAVING count(e.id) <> CASE WHEN t.phase IN ('single', 'post') THEN 2 ELSE 0 END"
+        ):
+            problems.append(f"transfer {transfer_id} ({phase}) has {count} entries")
+        for key, count in await rows(
+            "SELECT idempotency_key, count(*) FROM wallet_transfers "
+            "GROUP BY idempotency_key HAVING count(*) > 1"
+        ):
+            problems.append(f"idempotency key {key} has {count} transfers")
+        for pending_id, count in await rows(
+            "SELECT pending_id, count(*) FROM wallet_transfers WHERE pending_id IS NOT NULL "
+            "GROUP BY pending_id HAVING count(*) > 1"
+        ):
+            problems.append(f"pending transfer {pending_id} resolved {count} times")
+        for event_id, owner_id, count in await rows(
+            "SELECT event_id, owner_id, count(*) FROM wallet_earnings "
+            "GROUP BY event_id, owner_id HAVING count(*) > 1"
+        ):
+            problems.append(f"event {event_id} credited {owner_id} {count} times")
+        for withdrawal_id, status, phase in await rows(
+            "SELECT w.id, w.status, r.phase FROM wallet_withdrawals w "
+            "LEFT JOIN wallet_transfers r ON r.pending_id = w.transfer_id "
+            "WHERE (w.status = 'pending') <> (r.id IS NULL) "
+            "   OR (w.status = 'approved' AND r.phase <> 'post') "
+            "   OR (w.status = 'rejected' AND r.phase <> 'void')"
+        ):
+            problems.append(f"withdrawal {withdrawal_id} is {status} but its transfer is {phase}")
+        return problems
+
+
+ledger = Ledger()

@@ -1,0 +1,163 @@
+"""Wallet API schemas. Amounts are integers of the currency's minor unit (cents), never
+floats; percentages are basis points (1 % = 100)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class WalletRead(_Read):
+    currency: str
+    balance: int = Field(description="Posted balance, minor units.")
+    available: int = Field(description="Balance minus pending withdrawals.")
+    pending_withdrawals: int
+
+
+class EntryRead(_Read):
+    id: int
+    transfer_id: int
+    kind: str
+    amount: int = Field(description="Signed: positive credits the wallet.")
+    balance_before: int
+    balance_after: int
+    reference: str | None
+    created_at: datetime
+
+
+class EntryPage(BaseModel):
+    items: list[EntryRead]
+    next_cursor: str | None
+
+
+class StatsRead(BaseModel):
+    currency: str
+    balance: int
+    available: int
+    earnings_count: int
+    earnings_total: int
+    shown_profit_total: int
+    last_earning_at: datetime | None
+    withdrawn_total: int
+    withdrawals_pending: int
+    refreshed_at: datetime | None = Field(description="When the aggregate view was refreshed.")
+
+
+class WithdrawalCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: int = Field(gt=0, le=2**63 - 1, strict=True, description="Minor units.")
+
+
+class WithdrawalRead(_Read):
+    id: UUID
+    amount: int
+    currency: str
+    status: str
+    reason: str | None = None
+    decided_at: datetime | None = None
+    created_at: datetime
+
+
+class WithdrawalPage(BaseModel):
+    items: list[WithdrawalRead]
+    next_cursor: str | None
+
+
+class AdminWithdrawalRead(WithdrawalRead):
+    owner_id: UUID
+
+
+class AdminWithdrawalPage(BaseModel):
+    items: list[AdminWithdrawalRead]
+    next_cursor: str | None
+
+
+class EarningRead(_Read):
+    """What a partner sees of an event: its shown profit and its earning, never the
+    event's real profit."""
+
+    id: int
+    event_id: str
+    event_kind: str
+    shown_profit: int
+    amount: int
+    currency: str
+    share_bps: int
+    commission_bps: int
+    created_at: datetime
+
+
+class EarningPage(BaseModel):
+    items: list[EarningRead]
+    next_cursor: str | None
+
+
+class RevenueEventCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200, description="Idempotency key of the event.")
+    kind: str = Field(min_length=1, max_length=50, examples=["game", "sale"])
+    profit: int = Field(
+        strict=True,
+        ge=-(2**63 - 1),
+        le=2**63 - 1,
+        description="Real profit in minor units (a loss, ≤ 0, credits nothing).",
+    )
+    occurred_at: datetime | None = None
+
+
+class RevenueEventRead(_Read):
+    id: str
+    kind: str
+    profit: int
+    currency: str
+    occurred_at: datetime
+    created: bool = Field(description="False when this event id was already recorded.")
+
+
+class PartnerTerms(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    share_bps: int = Field(ge=0, le=10_000, strict=True)
+    commission_bps: int | None = Field(default=None, ge=0, le=10_000, strict=True)
+    active: bool = True
+
+
+class PartnerRead(_Read):
+    owner_id: UUID
+    share_bps: int
+    commission_bps: int
+    active: bool
+
+
+class DecisionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class BatchApproveCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[UUID] = Field(min_length=1, max_length=100)
+
+
+class BatchItemRead(_Read):
+    id: UUID
+    ok: bool
+    status: str | None = None
+    error: str | None = None
+    code: int | None = None
+
+
+class BatchApproveRead(BaseModel):
+    results: list[BatchItemRead]
+    approved: int
+    failed: int

@@ -1,0 +1,444 @@
+"""The wallet's use cases (seed 001): earnings from revenue events, withdrawals with admin
+approval, and the partner's reads — every money movement through ``surge.wallet.ledger``.
+
+    WalletError (see ``surge.wallet.ledger`` for the ledger's own subclasses)
+    ├── WithdrawalNotFound (NotFound)          404, also for another partner's withdrawal
+    ├── WithdrawalAlreadyDecided (Conflict)    409: approved/rejected the other way already
+    ├── WithdrawalOutOfBounds (Unprocessable)  422: below the minimum or above the maximum
+    └── RevenueEventConflict (Conflict)        409: event id reused with other figures
+
+Ownership is checked here, in the service (every partner-facing method takes the acting
+owner's id and filters by it), not in the routes: a new endpoint cannot forget it.
+
+Money arithmetic (integers only): shown profit = ⌊profit × share_bps / 10 000⌋ and
+earning = ⌊profit × share_bps × commission_bps / 10⁸⌋ — one rounding, toward zero, at the
+end, so a partner is never credited more than its exact share and the fractions stay with
+the platform. An earning below one minor unit is skipped (no transfer, no row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import structlog
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from surge import config
+from surge.config import Settings
+from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
+from surge.kit.jobs import enqueue
+from surge.models.wallet import Earning, Partner, RevenueEvent, Withdrawal
+from surge.wallet import repository
+from surge.wallet.ledger import (
+    Balance,
+    Ledger,
+    SystemAccount,
+    TransferSpec,
+    WalletError,
+    ledger,
+)
+
+log = structlog.get_logger()
+
+#: ``session.info`` key: owners whose figures this unit of work changed (the edge that
+#: commits it invalidates their cached stats; see ``changed_owners``).
+CHANGED = "wallet.changed_owners"
+EARNINGS_JOB = "wallet.earnings.credit"
+NOTIFY_JOB = "wallet.withdrawal.notify"
+BPS = 10_000
+#: pg advisory lock key: one stats refresh at a time across every process.
+STATS_LOCK = 7_421_010
+
+
+class WithdrawalNotFound(WalletError, NotFound):
+    """No such withdrawal for this owner (another partner's is reported the same way)."""
+
+
+class WithdrawalAlreadyDecided(WalletError, Conflict):
+    """The withdrawal was already decided the other way."""
+
+
+class WithdrawalOutOfBounds(WalletError, UnprocessableEntity):
+    """The amount is outside the configured minimum/maximum."""
+
+
+class RevenueEventConflict(WalletError, Conflict):
+    """A revenue event id was reused with different figures."""
+
+
+def earning_for(profit: int, share_bps: int, commission_bps: int) -> tuple[int, int]:
+    """(shown profit, earning) in minor units, rounded toward zero once (module docstring)."""
+    if profit <= 0:
+        return 0, 0
+    return profit * share_bps // BPS, profit * share_bps * commission_bps // (BPS * BPS)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One row of a batch decision: ``ok`` or the error that stopped this item alone."""
+
+    id: UUID
+    ok: bool
+    status: str | None = None
+    error: str | None = None
+    code: int | None = None
+
+
+def changed_owners(session: AsyncSession) -> set[UUID]:
+    """Owners whose balance, earnings or withdrawals changed in ``session``'s unit of work."""
+    owners: set[UUID] = session.info.setdefault(CHANGED, set())
+    return owners
+
+
+def stats_key(owner_id: UUID) -> str:
+    """The cache key of an owner's dashboard stats."""
+    return f"wallet:stats:{owner_id}"
+
+
+class WalletService:
+    """The wallet domain's use cases. Stateless apart from the settings it reads
+    (``configure()`` swaps them, e.g. for a test's settings)."""
+
+    def __init__(self, ledger_: Ledger) -> None:
+        self.ledger = ledger_
+        self.settings: Settings = config.settings
+
+    def configure(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def currency(self) -> str:
+        return self.settings.WALLET_CURRENCY
+
+    def _changed(self, session: AsyncSession, owner_id: UUID) -> None:
+        changed_owners(session).add(owner_id)
+
+    # ---- partners ------------------------------------------------------------------------
+    async def set_partner(
+        self,
+        session: AsyncSession,
+        owner_id: UUID,
+        *,
+        share_bps: int,
+        commission_bps: int | None = None,
+        active: bool = True,
+    ) -> Partner:
+        """Create or update a partner's terms and open its wallet."""
+        commission = (
+            self.settings.WALLET_COMMISSION_BPS if commission_bps is None else commission_bps
+        )
+        await session.execute(
+            text(
+                "INSERT INTO wallet_partners (owner_id, share_bps, commission_bps, active) "
+                "VALUES (:o, :s, :c, :a) ON CONFLICT (owner_id) DO UPDATE SET "
+                "share_bps = EXCLUDED.share_bps, commission_bps = EXCLUDED.commission_bps, "
+                "active = EXCLUDED.active"
+            ),
+            {"o": owner_id, "s": share_bps, "c": commission, "a": active},
+        )
+        await self.ledger.open_wallet(session, owner_id, currency=self.currency)
+        partner = await session.get(Partner, owner_id, populate_existing=True)
+        assert partner is not None
+        return partner
+
+    # ---- earnings ------------------------------------------------------------------------
+    async def record_revenue_event(
+        self,
+        session: AsyncSession,
+        *,
+        event_id: str,
+        kind: str,
+        profit: int,
+        occurred_at: datetime | None = None,
+    ) -> tuple[RevenueEvent, bool]:
+        """Record an event once (its id is the idempotency key) and, in the same
+        transaction, enqueue the first earnings batch. Returns (event, created)."""
+        inserted = (
+            await session.execute(
+                text(
+                    "INSERT INTO wallet_revenue_events (id, kind, profit, currency, occurred_at) "
+                    "VALUES (:id, :kind, :profit, :cur, :at) ON CONFLICT (id) DO NOTHING "
+                    "RETURNING id"
+                ),
+                {
+                    "id": event_id,
+                    "kind": kind,
+                    "profit": profit,
+                    "cur": self.currency,
+                    "at": occurred_at or datetime.now(UTC),
+                },
+            )
+        ).scalar_one_or_none()
+        event = await session.get(RevenueEvent, event_id, populate_existing=True)
+        assert event is not None
+        if inserted is None:
+            if (event.kind, event.profit) != (kind, profit):
+                raise RevenueEventConflict(
+                    f"revenue event {event_id} was already recorded with other figures"
+                )
+            return event, False
+        await enqueue(
+            session, EARNINGS_JOB, {"event_id": event_id, "after": None},
+            dedup_key=f"earnings:{event_id}:",
+        )  # fmt: skip
+        log.info("wallet.revenue_event.recorded", event_id=event_id, kind=kind)
+        return event, True
+
+    async def credit_earnings_batch(
+        self, session: AsyncSession, *, event_id: str, after: UUID | None
+    ) -> UUID | None:
+        """Credit the next ``WALLET_EARNINGS_BATCH`` partners active since before the event
+        (by owner id, after ``after``) for ``event_id``, in the caller's transaction, and enqueue the next batch.
+
+        Exactly once per (event, partner): each credit is a ledger transfer keyed
+        ``earning:{event}:{owner}``, and the earning row is written only when that transfer
+        was new. A batch killed half-way rolls back whole; its retry replays nothing twice.
+        Returns the last owner of this batch, or None when the event is fully credited.
+        """
+        event = await session.get(RevenueEvent, event_id)
+        if event is None:
+            raise NotFound(f"no revenue event {event_id}")
+        size = self.settings.WALLET_EARNINGS_BATCH
+        rows = (
+            await session.execute(
+                select(Partner.owner_id, Partner.share_bps, Partner.commission_bps)
+                .where(
+                    Partner.active,
+                    # Only partners whose terms existed when the event was recorded: one who
+                    # joins while the batches run (or later, on a replay) earns nothing from it.
+                    Partner.created_at <= event.created_at,
+                    *([Partner.owner_id > after] if after else []),
+                )
+                .order_by(Partner.owner_id)
+                .limit(size)
+            )
+        ).all()
+        if not rows:
+            return None
+        revenue = await self.ledger.system_account(
+            session, SystemAccount.revenue, currency=event.currency
+        )
+        wallets = await self.ledger.open_wallets(
+            session, [row.owner_id for row in rows], currency=event.currency
+        )
+        # One statement for the whole batch, after one lock acquisition in id order (ADR
+        # 0010: no deadlocks between batches of different events, which all debit revenue).
+        due = []
+        for row in rows:
+            shown, amount = earning_for(event.profit, row.share_bps, row.commission_bps)
+            if amount >= 1:
+                due.append((row, shown, amount))
+        posted = await self.ledger.transfer_many(
+            session,
+            [
+                TransferSpec(
+                    key=f"earning:{event_id}:{row.owner_id}",
+                    debit=revenue,
+                    credit=wallets[row.owner_id],
+                    amount=amount,
+                    currency=event.currency,
+                    kind="earning",
+                    reference=event_id,
+                )
+                for row, _, amount in due
+            ],
+        )
+        credited = 0
+        for (row, shown, amount), result in zip(due, posted, strict=True):
+            if not result.created:  # credited by an earlier attempt that committed
+                continue
+            session.add(
+                Earning(
+                    event_id=event_id,
+                    owner_id=row.owner_id,
+                    transfer_id=result.transfer_id,
+                    shown_profit=shown,
+                    amount=amount,
+                    currency=event.currency,
+                    share_bps=row.share_bps,
+                    commission_bps=row.commission_bps,
+                    event_kind=event.kind,
+                )
+            )
+            credited += 1
+            self._changed(session, row.owner_id)
+        await session.flush()
+        last: UUID = rows[-1].owner_id
+        more = len(rows) == size
+        if more:
+            await enqueue(
+                session, EARNINGS_JOB, {"event_id": event_id, "after": str(last)},
+                dedup_key=f"earnings:{event_id}:{last}",
+            )  # fmt: skip
+        log.info("wallet.earnings.batch", event_id=event_id, partners=len(rows), credited=credited)
+        return last if more else None
+
+    # ---- withdrawals ---------------------------------------------------------------------
+    async def request_withdrawal(
+        self, session: AsyncSession, owner_id: UUID, *, amount: int
+    ) -> Withdrawal:
+        """Reserve ``amount`` from the owner's wallet (a pending transfer to holds) and
+        record the request. Insufficient available funds → 409, refused by the database."""
+        low, high = self.settings.WALLET_WITHDRAWAL_MIN, self.settings.WALLET_WITHDRAWAL_MAX
+        if not low <= amount <= high:
+            raise WithdrawalOutOfBounds(
+                f"A withdrawal must be between {low} and {high} minor units."
+            )
+        wallet = await self.ledger.wallet_of(
+            session, owner_id, currency=self.currency
+        ) or await self.ledger.open_wallet(session, owner_id, currency=self.currency)
+        holds = await self.ledger.system_account(
+            session, SystemAccount.holds, currency=self.currency
+        )
+        withdrawal_id = uuid4()
+        posted = await self.ledger.transfer(
+            session,
+            key=f"withdrawal:{withdrawal_id}",
+            debit=wallet,
+            credit=holds,
+            amount=amount,
+            currency=self.currency,
+            kind="withdrawal",
+            reference=str(withdrawal_id),
+            pending=True,
+        )
+        withdrawal = Withdrawal(
+            id=withdrawal_id, owner_id=owner_id, account_id=wallet, amount=amount,
+            currency=self.currency, status="pending", transfer_id=posted.transfer_id,
+        )  # fmt: skip
+        session.add(withdrawal)
+        await session.flush()
+        await session.refresh(withdrawal)
+        self._changed(session, owner_id)
+        log.info("wallet.withdrawal.requested", withdrawal_id=str(withdrawal_id), amount=amount)
+        return withdrawal
+
+    async def decide(
+        self,
+        session: AsyncSession,
+        admin_id: UUID,
+        withdrawal_id: UUID,
+        *,
+        approve: bool,
+        reason: str | None = None,
+    ) -> Withdrawal:
+        """Approve (post the reservation, then move it from holds to payouts) or reject
+        (void it). Idempotent: deciding the same way twice returns the withdrawal as is;
+        the other way is 409. Enqueues the partner's e-mail notification."""
+        withdrawal = (
+            await session.execute(
+                select(Withdrawal).where(Withdrawal.id == withdrawal_id).with_for_update()
+            )
+        ).scalar_one_or_none()
+        if withdrawal is None:
+            raise WithdrawalNotFound(f"no withdrawal {withdrawal_id}")
+        target = "approved" if approve else "rejected"
+        if withdrawal.status == target:
+            return withdrawal
+        if withdrawal.status != "pending":
+            raise WithdrawalAlreadyDecided(f"withdrawal {withdrawal_id} is {withdrawal.status}")
+        currency = withdrawal.currency
+        holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
+        key = f"withdrawal:{withdrawal_id}"
+        if approve:
+            payouts = await self.ledger.system_account(
+                session, SystemAccount.payouts, currency=currency
+            )
+            await self.ledger.lock(session, [withdrawal.account_id, holds, payouts])
+            resolution = await self.ledger.post(
+                session, key=f"{key}:post", pending_id=withdrawal.transfer_id, kind="withdrawal"
+            )
+            await self.ledger.transfer(
+                session, key=f"{key}:payout", debit=holds, credit=payouts,
+                amount=withdrawal.amount, currency=currency, kind="payout", reference=str(withdrawal_id),
+            )  # fmt: skip
+        else:
+            resolution = await self.ledger.void(
+                session, key=f"{key}:void", pending_id=withdrawal.transfer_id, kind="withdrawal"
+            )
+        withdrawal.status = target
+        withdrawal.resolution_transfer_id = resolution.transfer_id
+        withdrawal.decided_by = admin_id
+        withdrawal.decided_at = datetime.now(UTC)
+        withdrawal.reason = reason
+        await session.flush()
+        await enqueue(
+            session, NOTIFY_JOB, {"withdrawal_id": str(withdrawal_id), "status": target},
+            dedup_key=f"withdrawal-notify:{withdrawal_id}",
+        )  # fmt: skip
+        self._changed(session, withdrawal.owner_id)
+        log.info("wallet.withdrawal.decided", withdrawal_id=str(withdrawal_id), status=target)
+        return withdrawal
+
+    async def batch_approve(
+        self, session: AsyncSession, admin_id: UUID, ids: Sequence[UUID]
+    ) -> list[BatchItem]:
+        """Approve each withdrawal in its own savepoint: one failing item is reported and
+        rolled back alone, the others commit with the request."""
+        results: list[BatchItem] = []
+        for withdrawal_id in dict.fromkeys(ids):  # duplicates decided once, order kept
+            try:
+                async with session.begin_nested():
+                    withdrawal = await self.decide(session, admin_id, withdrawal_id, approve=True)
+                results.append(BatchItem(withdrawal_id, True, status=withdrawal.status))
+            except SurgeError as error:
+                results.append(
+                    BatchItem(withdrawal_id, False, error=error.message, code=error.status_code)
+                )
+        return results
+
+    async def withdrawal(
+        self, session: AsyncSession, owner_id: UUID, withdrawal_id: UUID
+    ) -> Withdrawal:
+        """The owner's withdrawal; another owner's is "not found", never "forbidden"."""
+        found = (
+            await session.execute(
+                select(Withdrawal).where(
+                    Withdrawal.id == withdrawal_id, Withdrawal.owner_id == owner_id
+                )
+            )
+        ).scalar_one_or_none()
+        if found is None:
+            raise WithdrawalNotFound(f"no withdrawal {withdrawal_id}")
+        return found
+
+    # ---- reads ---------------------------------------------------------------------------
+    async def balance(self, session: AsyncSession, owner_id: UUID) -> Balance | None:
+        """The owner's real-time balance (primary), or None before its first wallet."""
+        wallet = await self.ledger.wallet_of(session, owner_id, currency=self.currency)
+        return None if wallet is None else await self.ledger.balance(session, wallet)
+
+    async def stats(self, session: AsyncSession, owner_id: UUID) -> dict[str, Any]:
+        """The owner's dashboard figures (materialized view + what happened since) and its
+        real-time balance."""
+        figures = await repository.stats(session, owner_id, self.currency)
+        current = await self.balance(session, owner_id)
+        figures["balance"] = current.balance if current else 0
+        figures["available"] = current.available if current else 0
+        figures["currency"] = self.currency
+        return figures
+
+    async def refresh_stats(self, session: AsyncSession) -> bool:
+        """``REFRESH MATERIALIZED VIEW CONCURRENTLY wallet_stats``, one process at a time
+        (transaction-scoped advisory lock); readers are never blocked."""
+        got = await session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": STATS_LOCK})
+        if not got:
+            return False
+        await session.execute(text("REFRESH MATERIALIZED VIEW CONCURRENTLY wallet_stats"))
+        return True
+
+    async def ensure_partitions(self, session: AsyncSession) -> int:
+        """Create this month's and the next months' history partitions (idempotent)."""
+        created = await session.scalar(
+            text("SELECT wallet_ensure_partitions(:n)"),
+            {"n": self.settings.WALLET_PARTITION_MONTHS_AHEAD},
+        )
+        return int(created or 0)
+
+
+wallet = WalletService(ledger)

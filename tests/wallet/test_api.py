@@ -1,0 +1,382 @@
+"""The wallet API end to end on the real app: identity (JWT, roles, MFA admins), kit.jobs
+(earnings and notifications enqueued in the request's transaction), kit.cache (stats),
+PostgreSQL and Redis — partner isolation, Idempotency-Key semantics, admin decisions."""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import uuid4
+
+import httpx
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from surge.wallet.ledger import ledger
+from surge.wallet.service import wallet as wallet_service
+from tests.wallet.conftest import Caller, make_partner, runtime_of, wallet_worker
+from tests.wallet.factories import fund
+
+
+async def funded_partner(app: FastAPI, api: httpx.AsyncClient, amount: int = 100_000) -> Caller:
+    partner = await make_partner(app, api)
+    async with runtime_of(app).db.session() as session:
+        await fund(session, partner.id, amount)
+    return partner
+
+
+async def withdraw(
+    api: httpx.AsyncClient, who: Caller, amount: int, key: str | None = None
+) -> httpx.Response:
+    headers = dict(who.headers)
+    if key:
+        headers["Idempotency-Key"] = key
+    return await api.post("/api/v1/withdrawals", json={"amount": amount}, headers=headers)
+
+
+async def assert_invariants(app: FastAPI) -> None:
+    async with runtime_of(app).db.session() as session:
+        assert await ledger.check_invariants(session) == []
+
+
+class TestIsolation:
+    async def test_partner_b_cannot_see_or_touch_partner_a(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        a = await funded_partner(wallet_app, api)
+        b = await funded_partner(wallet_app, api, amount=7)
+        made = await withdraw(api, a, 5_000)
+        assert made.status_code == 201, made.text
+        withdrawal_id = made.json()["id"]
+
+        # A's withdrawal by id: A sees it, B gets 404 (not 403: its existence is not leaked).
+        assert (
+            await api.get(f"/api/v1/withdrawals/{withdrawal_id}", headers=a.headers)
+        ).status_code == 200
+        other = await api.get(f"/api/v1/withdrawals/{withdrawal_id}", headers=b.headers)
+        assert other.status_code == 404
+        assert other.headers["content-type"] == "application/problem+json"
+        # B's lists and stats hold B's money only.
+        listed = (await api.get("/api/v1/withdrawals", headers=b.headers)).json()
+        assert listed["items"] == []
+        history = (await api.get("/api/v1/wallet/transactions", headers=b.headers)).json()
+        assert [item["amount"] for item in history["items"]] == [7]
+        stats = (await api.get("/api/v1/wallet/stats", headers=b.headers)).json()
+        assert (stats["balance"], stats["withdrawals_pending"]) == (7, 0)
+        a_stats = (await api.get("/api/v1/wallet/stats", headers=a.headers)).json()
+        assert (a_stats["balance"], a_stats["withdrawals_pending"]) == (100_000, 5_000)
+        # A partner cannot act as an admin on anyone's withdrawal.
+        approve = await api.post(
+            f"/api/admin/withdrawals/{withdrawal_id}/approve", headers=b.headers
+        )
+        assert approve.status_code == 403
+
+    async def test_row_level_security_hides_other_owners_even_without_a_filter(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        """Superusers bypass RLS, so the probe runs as a plain role, as production should."""
+        a = await funded_partner(wallet_app, api)
+        b = await funded_partner(wallet_app, api)
+        assert (await withdraw(api, a, 1_000)).status_code == 201
+        assert (await withdraw(api, b, 1_000)).status_code == 201
+        async with runtime_of(wallet_app).db.session() as session:
+            await session.execute(
+                text(
+                    "DO $$ BEGIN CREATE ROLE wallet_rls_probe NOLOGIN; "
+                    "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+                )
+            )
+            await session.execute(text("GRANT SELECT ON wallet_withdrawals TO wallet_rls_probe"))
+        async with runtime_of(wallet_app).db.session() as session:
+            await session.execute(text("SET LOCAL ROLE wallet_rls_probe"))
+            await session.execute(
+                text("SELECT set_config('surge.owner_id', :o, true)"), {"o": str(b.id)}
+            )
+            owners = set(
+                (await session.execute(text("SELECT owner_id FROM wallet_withdrawals"))).scalars()
+            )
+        assert owners == {b.id}
+
+
+class TestIdempotencyKey:
+    async def test_same_key_same_body_replays_the_first_response(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        partner = await funded_partner(wallet_app, api)
+        key = f"k-{uuid4()}"
+        first = await withdraw(api, partner, 2_000, key)
+        again = await withdraw(api, partner, 2_000, key)
+        assert first.status_code == again.status_code == 201
+        assert again.json() == first.json()
+        assert again.headers["Idempotent-Replayed"] == "true"
+        listed = (await api.get("/api/v1/withdrawals", headers=partner.headers)).json()
+        assert len(listed["items"]) == 1
+        wallet = (await api.get("/api/v1/wallet", headers=partner.headers)).json()
+        assert wallet["available"] == 98_000
+
+    async def test_same_key_different_body_is_422(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        partner = await funded_partner(wallet_app, api)
+        key = f"k-{uuid4()}"
+        assert (await withdraw(api, partner, 2_000, key)).status_code == 201
+        other = await withdraw(api, partner, 3_000, key)
+        assert other.status_code == 422
+        assert other.json()["type"].endswith("idempotency-key-mismatch")
+        wallet = (await api.get("/api/v1/wallet", headers=partner.headers)).json()
+        assert wallet["available"] == 98_000
+
+    async def test_concurrent_duplicates_have_one_effect(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        partner = await funded_partner(wallet_app, api)
+        key = f"k-{uuid4()}"
+        replies = await asyncio.gather(*(withdraw(api, partner, 1_000, key) for _ in range(8)))
+        assert {r.status_code for r in replies} == {201}
+        assert len({r.json()["id"] for r in replies}) == 1
+        wallet = (await api.get("/api/v1/wallet", headers=partner.headers)).json()
+        assert wallet["available"] == 99_000
+
+    async def test_a_failed_attempt_does_not_burn_the_key(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        partner = await funded_partner(wallet_app, api, amount=500)
+        key = f"k-{uuid4()}"
+        assert (await withdraw(api, partner, 600, key)).status_code == 409  # insufficient
+        async with runtime_of(wallet_app).db.session() as session:
+            await fund(session, partner.id, 500)
+        assert (await withdraw(api, partner, 600, key)).status_code == 201
+
+
+class TestWithdrawalDecisions:
+    async def test_approve_reject_and_batch_with_per_item_results(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        partner = await funded_partner(wallet_app, api)
+        ids = [(await withdraw(api, partner, 10_000)).json()["id"] for _ in range(4)]
+        rejected = await api.post(
+            f"/api/admin/withdrawals/{ids[0]}/reject", json={"reason": "KYC"}, headers=admin.headers
+        )
+        assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+        approved = await api.post(f"/api/admin/withdrawals/{ids[1]}/approve", headers=admin.headers)
+        assert approved.status_code == 200 and approved.json()["status"] == "approved"
+        missing = str(uuid4())
+        batch = await api.post(
+            "/api/admin/withdrawals/batch-approve",
+            json={"ids": [ids[2], ids[0], missing, ids[3]]},
+            headers=admin.headers,
+        )
+        assert batch.status_code == 200, batch.text
+        results = {item["id"]: item for item in batch.json()["results"]}
+        assert results[ids[2]]["ok"] and results[ids[3]]["ok"]
+        assert (results[ids[0]]["ok"], results[ids[0]]["code"]) == (False, 409)  # was rejected
+        assert (results[missing]["ok"], results[missing]["code"]) == (False, 404)
+        assert (batch.json()["approved"], batch.json()["failed"]) == (2, 2)
+
+        wallet = (await api.get("/api/v1/wallet", headers=partner.headers)).json()
+        assert (wallet["balance"], wallet["available"]) == (70_000, 70_000)
+        history = (await api.get("/api/v1/wallet/transactions", headers=partner.headers)).json()
+        assert [i["amount"] for i in history["items"]] == [-10_000, -10_000, -10_000, 100_000]
+        for item in history["items"]:
+            assert item["balance_after"] == item["balance_before"] + item["amount"]
+        async with runtime_of(wallet_app).db.session() as session:
+            audited = (
+                await session.execute(
+                    text(
+                        "SELECT action, count(*) FROM audit_log WHERE subject_id = ANY(:ids) "
+                        "GROUP BY action"
+                    ),
+                    {"ids": ids},
+                )
+            ).all()
+            notified = (
+                await session.execute(
+                    text(
+                        "SELECT count(*) FROM jobs WHERE name = 'wallet.withdrawal.notify' "
+                        "AND payload->>'withdrawal_id' = ANY(:ids)"
+                    ),
+                    {"ids": ids},
+                )
+            ).scalar_one()
+        assert dict((a, n) for a, n in audited) == {
+            "wallet.withdrawal.reject": 1,
+            "wallet.withdrawal.approve": 3,
+        }
+        assert notified == 4
+        await assert_invariants(wallet_app)
+
+    async def test_admin_queue_lists_pending_withdrawals_of_every_partner(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        a = await funded_partner(wallet_app, api)
+        b = await funded_partner(wallet_app, api)
+        mine = {(await withdraw(api, who, 1_000)).json()["id"] for who in (a, b)}
+        seen: set[str] = set()
+        cursor: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": 100, **({"cursor": cursor} if cursor else {})}
+            page = await api.get("/api/admin/withdrawals", params=params, headers=admin.headers)
+            assert page.status_code == 200, page.text
+            seen |= {item["id"] for item in page.json()["items"]}
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                break
+        assert mine <= seen
+        assert (await api.get("/api/admin/withdrawals", headers=a.headers)).status_code == 403
+
+    async def test_amount_bounds(self, wallet_app: FastAPI, api: httpx.AsyncClient) -> None:
+        partner = await funded_partner(wallet_app, api)
+        assert (await withdraw(api, partner, 99)).status_code == 422  # WALLET_WITHDRAWAL_MIN=100
+        assert (await withdraw(api, partner, 1_000_001)).status_code == 422
+        assert (await withdraw(api, partner, 100_001)).status_code == 409  # more than available
+
+    async def test_hostile_numbers_are_422_never_500(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        """Past BIGINT, floats, strings, negatives: refused as payload errors, nothing written."""
+        partner = await funded_partner(wallet_app, api)
+        for amount in (10**30, -5, 0, 100.5, "100", None):
+            response = await api.post(
+                "/api/v1/withdrawals", json={"amount": amount}, headers=partner.headers
+            )
+            assert response.status_code == 422, (amount, response.text)
+            assert response.headers["content-type"] == "application/problem+json"
+        for profit in (10**30, 1.5, "7"):
+            response = await api.post(
+                "/api/v1/revenue-events",
+                json={"id": f"hostile-{uuid4()}", "kind": "game", "profit": profit},
+                headers=admin.headers,
+            )
+            assert response.status_code == 422, (profit, response.text)
+        await assert_invariants(wallet_app)
+
+
+class TestEarnings:
+    async def test_revenue_event_credits_every_active_partner_once(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        runtime = runtime_of(wallet_app)
+        partners = [await make_partner(wallet_app, api) for _ in range(3)]
+        for partner, terms_body in zip(
+            partners,
+            ({"share_bps": 4_000}, {"share_bps": 2_500}, {"share_bps": 100, "commission_bps": 5}),
+            strict=True,
+        ):
+            terms = await api.put(
+                f"/api/admin/partners/{partner.id}", json=terms_body, headers=admin.headers
+            )
+            assert terms.status_code == 200, terms.text
+        stats_before = (await api.get("/api/v1/wallet/stats", headers=partners[0].headers)).json()
+        event = {"id": f"game-{uuid4()}", "kind": "game", "profit": 123_456}
+        created = await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
+        assert created.status_code == 201, created.text
+        late = await make_partner(wallet_app, api)  # joins after the event: earns nothing
+        joined = await api.put(
+            f"/api/admin/partners/{late.id}", json={"share_bps": 9_000}, headers=admin.headers
+        )
+        assert joined.status_code == 200, joined.text
+        replay = await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
+        assert replay.status_code == 200 and replay.json()["created"] is False
+        changed = await api.post(
+            "/api/v1/revenue-events", json={**event, "profit": 1}, headers=admin.headers
+        )
+        assert changed.status_code == 409  # an event id names one set of figures, forever
+        not_a_partner = await api.put(
+            f"/api/admin/partners/{admin.id}", json={"share_bps": 1}, headers=admin.headers
+        )
+        assert not_a_partner.status_code == 422
+        unknown = await api.put(
+            f"/api/admin/partners/{uuid4()}", json={"share_bps": 1}, headers=admin.headers
+        )
+        assert unknown.status_code == 404
+        forbidden = await api.post(
+            "/api/v1/revenue-events", json=event, headers=partners[0].headers
+        )
+        assert forbidden.status_code == 403
+
+        async with wallet_worker(runtime):
+            for _ in range(200):
+                earned = (await api.get("/api/v1/earnings", headers=partners[1].headers)).json()
+                if earned["items"]:
+                    break
+                await asyncio.sleep(0.05)
+        mine = (await api.get("/api/v1/earnings", headers=partners[0].headers)).json()["items"]
+        # 123 456 × 40 % = 49 382 shown; × 10 % commission = 4 938 (rounded down).
+        assert [(e["shown_profit"], e["amount"]) for e in mine] == [(49_382, 4_938)]
+        assert "profit" not in mine[0]
+        assert [e["amount"] for e in earned["items"]] == [3_086]  # 123 456 × 25 % × 10 %
+        third = (await api.get("/api/v1/earnings", headers=partners[2].headers)).json()
+        assert third["items"] == []  # 123 456 × 1 % × 0.05 % = 0.6: below one unit, skipped
+        assert (await api.get("/api/v1/earnings", headers=late.headers)).json()["items"] == []
+        # The stats cached before the event were invalidated by the earning's commit.
+        stats = (await api.get("/api/v1/wallet/stats", headers=partners[0].headers)).json()
+        assert stats_before["earnings_total"] == 0
+        assert (stats["earnings_total"], stats["earnings_count"], stats["balance"]) == (
+            4_938,
+            1,
+            4_938,
+        )
+        await assert_invariants(wallet_app)
+
+
+class TestStats:
+    async def test_view_refresh_neither_loses_nor_double_counts(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        """Figures = view (rows older than its cut-off) + rows since: the same before and
+        after a refresh moves an earning from the overlay into the view."""
+        runtime = runtime_of(wallet_app)
+        partner = await make_partner(wallet_app, api)
+        async with runtime.db.session() as session:
+            await wallet_service.set_partner(session, partner.id, share_bps=5_000)
+            for minutes_ago, amount in ((5, 300), (0, 200)):
+                await session.execute(
+                    text(
+                        "INSERT INTO wallet_earnings (event_id, owner_id, transfer_id, "
+                        "shown_profit, amount, currency, share_bps, commission_bps, event_kind, "
+                        "created_at) VALUES (:e, :o, 0, :s, :a, 'USD', 5000, 1000, 'game', "
+                        "now() - make_interval(mins => :m))"
+                    ),
+                    {
+                        "e": f"s-{uuid4()}",
+                        "o": partner.id,
+                        "s": amount * 10,
+                        "a": amount,
+                        "m": minutes_ago,
+                    },
+                )
+        async with runtime.db.read_session() as session:
+            before = await wallet_service.stats(session, partner.id)
+        async with runtime.db.session() as session:
+            assert await wallet_service.refresh_stats(session)
+        async with runtime.db.read_session() as session:
+            after = await wallet_service.stats(session, partner.id)
+        assert before["refreshed_at"] != after["refreshed_at"]
+        for figures in (before, after):
+            assert (figures["earnings_count"], figures["earnings_total"]) == (2, 500)
+            assert figures["shown_profit_total"] == 5_000
+
+
+class TestPagination:
+    async def test_transactions_cursor_walks_every_entry_once(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        partner = await make_partner(wallet_app, api)
+        async with runtime_of(wallet_app).db.session() as session:
+            for amount in range(1, 8):
+                await fund(session, partner.id, amount)
+        seen: list[int] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+            page = (
+                await api.get("/api/v1/wallet/transactions", params=params, headers=partner.headers)
+            ).json()
+            seen += [item["amount"] for item in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert sorted(seen) == list(range(1, 8))
+        too_many = await api.get(
+            "/api/v1/wallet/transactions", params={"limit": 101}, headers=partner.headers
+        )
+        assert too_many.status_code == 422
