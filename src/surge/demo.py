@@ -1,0 +1,106 @@
+"""Demo data for ``make run`` / ``surge seed-demo``: a few accounts to log in with.
+
+Idempotent: it does nothing when the demo admin already exists. Everything goes through the
+domain services (passwords hashed, plan changes audited, partner wallets opened, revenue
+events enqueue their earnings jobs, which the worker fleet then credits), so the demo shows
+what the product does rather than rows typed into tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from rich.console import Console
+from sqlalchemy import select
+
+from surge.config import Settings
+from surge.config import settings as default_settings
+from surge.identity.service import Identity
+from surge.kit.runtime import Runtime
+from surge.models.identity import User
+from surge.wallet.service import wallet as wallet_service
+from surge.worker import discover
+
+DEMO_PASSWORD = "surge-demo-password"
+DEMO_DOMAIN = "demo.surge.dev"
+
+#: (local part, role, plan)
+ACCOUNTS = [
+    ("admin", "admin", "ultra"),
+    ("alice", "user", "plus"),
+    ("bob", "user", "pro"),
+    ("carol", "user", "free"),
+]
+#: (local part, role, share of profit in basis points)
+PARTNERS = [
+    ("partner1", "partner", 5_000),
+    ("partner2", "partner", 2_500),
+    ("reseller1", "reseller", 1_000),
+]
+#: (event id, kind, profit in minor units)
+REVENUE_EVENTS = [
+    ("demo-sale-0001", "sale", 1_250_000),
+    ("demo-game-0002", "game", 480_000),
+    ("demo-sale-0003", "sale", 93_500),
+]
+
+
+def email(local: str) -> str:
+    return f"{local}@{DEMO_DOMAIN}"
+
+
+async def seed_async(settings: Settings) -> bool:
+    """Create the demo accounts; returns False when they were already there."""
+    discover(settings)
+    runtime = Runtime(settings, application_name="surge-demo")
+    await runtime.start()
+    identity = Identity(runtime.db, runtime.redis, settings)
+    wallet_service.configure(settings)
+    try:
+        async with runtime.db.session() as session:
+            admin_email = email("admin")
+            if await session.scalar(select(User.id).where(User.email == admin_email)):
+                return False
+            admin = await identity.register(
+                session, email=admin_email, password=DEMO_PASSWORD, role="admin"
+            )
+            expires = datetime.now(UTC) + timedelta(days=365)
+            for local, role, plan in ACCOUNTS:
+                user = (
+                    admin
+                    if local == "admin"
+                    else await identity.register(
+                        session, email=email(local), password=DEMO_PASSWORD, role=role
+                    )
+                )
+                if plan != "free":
+                    await identity.change_plan(
+                        session, admin.id, user_id=user.id, plan=plan, expires_at=expires
+                    )
+            for local, role, share_bps in PARTNERS:
+                partner = await identity.register(
+                    session, email=email(local), password=DEMO_PASSWORD, role=role
+                )
+                await wallet_service.set_partner(session, partner.id, share_bps=share_bps)
+            for event_id, kind, profit in REVENUE_EVENTS:
+                await wallet_service.record_revenue_event(
+                    session, event_id=event_id, kind=kind, profit=profit
+                )
+        return True
+    finally:
+        await identity.close()
+        await runtime.stop()
+
+
+def seed(console: Console, settings: Settings | None = None) -> None:
+    with console.status("Loading demo data..."):
+        created = asyncio.run(seed_async(settings or default_settings))
+    if created:
+        console.print(
+            f"[green]✓[/] Demo data: admin, alice, bob, carol, partner1, partner2, reseller1 "
+            f"@{DEMO_DOMAIN}, password [bold]{DEMO_PASSWORD}[/] (admin endpoints need MFA: "
+            f"POST /api/v1/auth/mfa/setup then /verify)"
+        )
+    else:
+        console.print(f"[green]✓[/] Demo data already loaded (password {DEMO_PASSWORD})")

@@ -1,0 +1,46 @@
+"""`make run` loads demo data through the domain services, once."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from surge.config import Settings
+from surge.demo import ACCOUNTS, DEMO_PASSWORD, PARTNERS, REVENUE_EVENTS, email, seed_async
+from surge.kit.runtime import Runtime
+
+
+async def test_demo_seed_is_idempotent_and_goes_through_the_services(
+    settings: Settings, runtime: Runtime
+) -> None:
+    first = await seed_async(settings)
+    again = await seed_async(settings)
+    assert first is True and again is False
+    async with runtime.db.session() as session:
+        emails = [email(local) for local, *_ in ACCOUNTS + PARTNERS]
+        users = (
+            await session.execute(
+                text("SELECT email, role, password_hash FROM users WHERE email = ANY(:e)"),
+                {"e": emails},
+            )
+        ).all()
+        assert len(users) == len(emails)
+        assert all(row.password_hash.startswith("$argon2id$") for row in users)
+        assert all(DEMO_PASSWORD not in row.password_hash for row in users)
+        partners = await session.scalar(
+            text(
+                "SELECT count(*) FROM wallet_partners p JOIN users u ON u.id = p.owner_id "
+                "WHERE u.email = ANY(:e)"
+            ),
+            {"e": emails},
+        )
+        assert partners == len(PARTNERS)
+        # each revenue event enqueued its first earnings batch in the same transaction
+        jobs = await session.scalar(
+            text("SELECT count(*) FROM jobs WHERE dedup_key = ANY(:k)"),
+            {"k": [f"earnings:{event_id}:" for event_id, *_ in REVENUE_EVENTS]},
+        )
+        assert jobs == len(REVENUE_EVENTS)
+        audited = await session.scalar(
+            text("SELECT count(*) FROM audit_log WHERE action = 'identity.plan.changed'")
+        )
+        assert audited >= len([a for a in ACCOUNTS if a[2] != "free"])
