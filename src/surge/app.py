@@ -96,6 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        telemetry={
+            "tracing": settings.OTEL_ENABLED,
+            "metrics": settings.OTEL_ENABLED,
+            "logs": settings.OTEL_ENABLED,
+        },
     )
     app.state.runtime = runtime
     install_problem_handlers(app)

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     """One log line per request. Off by default: errors and slow requests are always logged."""
     SLOW_REQUEST: timedelta = timedelta(seconds=1)
     """Seed 002 alert threshold: a request slower than this is logged."""
+    OTEL_ENABLED: bool = False
+    """FastAPI's native OpenTelemetry spans and metrics, exported by the OpenTelemetry SDK
+    you configure. Off by default: Surge's metrics are Prometheus (``/metrics``) and it
+    propagates ``traceparent`` itself; off also saves FastAPI's per-request provider
+    lookups (ADR 0011)."""
 
     # --- health --------------------------------------------------------------------------
     HEALTH_CHECK_TIMEOUT: timedelta = timedelta(milliseconds=1500)

@@ -80,6 +80,18 @@ class TestExactness:
         # another partition has its own budget
         assert (await limiter.hit("anon", "ip:10.0.0.2")).allowed
 
+    async def test_any_partition_text_is_its_own_key(self, make_limiter: MakeLimiter) -> None:
+        """Keys travel to Redis one per line: a partition with a line break, spaces or
+        non-ASCII text (caller-supplied ids) must neither break a batch nor share a budget."""
+        limiter = make_limiter(policy("odd", 2, 60))
+        partitions = ["a\nb", "a", "b", "a b|c:d", "ünï\r\n", "a\\nb"]
+        decisions = await asyncio.gather(
+            *(limiter.hit("odd", p) for p in partitions for _ in range(3))
+        )
+        for i, partition in enumerate(partitions):
+            mine = decisions[3 * i : 3 * i + 3]
+            assert sorted(d.allowed for d in mine) == [False, True, True], partition
+
     async def test_weighted_cost(self, make_limiter: MakeLimiter) -> None:
         limiter = make_limiter(policy("heavy", 10, 60))
         assert [(await limiter.hit("heavy", "u", cost=3)).allowed for _ in range(4)] == [

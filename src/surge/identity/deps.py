@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import structlog
 from fastapi import Depends, Request
 
-from surge.identity.service import Identity, Principal
+from surge.identity.service import PRINCIPAL_STATE, Identity, Principal
 from surge.kit.errors import Forbidden
 from surge.kit.security import InvalidToken
 
@@ -42,7 +42,11 @@ def bearer_token(request: Request) -> str:
 async def current_user(request: Request, identity: IdentityDep) -> Principal:
     """The authenticated caller; also stored on ``request.state.principal`` for middleware
     and logs (the rate limiter reads it to pick the caller's tier)."""
-    principal = await identity.authenticate(bearer_token(request))
+    signed = request.scope.get("state", {}).get(PRINCIPAL_STATE)
+    if signed is not None:  # this request's token, verified by the rate-limit hook
+        principal = await identity.check_live(signed)
+    else:
+        principal = await identity.authenticate(bearer_token(request))
     request.state.principal = principal
     structlog.contextvars.bind_contextvars(user_id=str(principal.user_id))
     return principal

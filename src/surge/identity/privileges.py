@@ -17,6 +17,7 @@ Caches hold only *which plan until when*; features come from configuration at re
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -51,6 +52,11 @@ class PrivilegeStore:
         self.db = db
         self.cache = cache
         self.catalog = catalog
+        #: user id → (cached value, source, valid until (epoch s), its Privileges): a
+        #: memory hit returns the same Privileges until the cache entry is replaced or the
+        #: plan expires, instead of decoding the entry and building a new one every call.
+        self._built: dict[uuid.UUID, tuple[object, str, float, Privileges]] = {}
+        self._built_max = max(1, cache.l1.max_entries)
 
     async def start(self) -> None:
         await self.cache.start()
@@ -75,7 +81,26 @@ class PrivilegeStore:
             log.warning("identity.privileges.fallback", user_id=key)
             return self._privileges(user_id, Grant(plan=FREE), "fallback")
         source = "stale" if result.stale else _SOURCES.get(result.source, result.source)
-        return self._privileges(user_id, _decode(result.value), source)
+        built = self._built.get(user_id)
+        if (
+            built is not None
+            and built[0] is result.value
+            and built[1] == source
+            and time.time() < built[2]
+        ):
+            _COUNTERS[source].inc()
+            return built[3]
+        grant = _decode(result.value)
+        privileges = self._privileges(user_id, grant, source)
+        if len(self._built) >= self._built_max:
+            self._built.pop(next(iter(self._built)))  # the oldest built
+        valid_until = (
+            grant.expires_at.timestamp()
+            if grant.expires_at is not None and privileges.plan != FREE
+            else float("inf")
+        )
+        self._built[user_id] = (result.value, source, valid_until, privileges)
+        return privileges
 
     async def has_privilege(self, user_id: uuid.UUID, feature: str) -> bool:
         """Seed 003's check; from memory it costs microseconds (``bench/privileges.py``)."""

@@ -61,6 +61,9 @@ log = structlog.get_logger()
 
 #: Request-state key under which the rate-limit hook leaves the caller's privileges.
 PRIVILEGES_STATE = "identity_privileges"
+#: The principal whose signature the rate-limit hook already checked for this request
+#: (``current_user`` then only checks revocation).
+PRINCIPAL_STATE = "identity_signed_principal"
 #: pg advisory lock key: one view refresh at a time across every process.
 REFRESH_LOCK_ID = 7_421_003
 
@@ -381,7 +384,10 @@ class Identity:
 
     async def authenticate(self, token: str) -> Principal:
         """Verify an access token and that its session is still live."""
-        principal = self.principal_of(token)
+        return await self.check_live(self.principal_of(token))
+
+    async def check_live(self, principal: Principal) -> Principal:
+        """``principal`` (from a verified token) if its session has not been revoked."""
         if await self.revocations.is_revoked(
             principal.session_id, principal.user_id, principal.issued_at
         ):
@@ -561,12 +567,14 @@ class Identity:
             principal = self.principal_of(token)
         except InvalidToken:
             return None
-        return self._subject(principal.user_id, scope)
+        return self._subject(principal, scope)
 
-    async def _subject(self, user_id: uuid.UUID, scope: Any) -> Subject:
-        privileges = await self.privileges.get(user_id)
-        scope.setdefault("state", {})[PRIVILEGES_STATE] = privileges
-        return Subject(str(user_id), privileges.rate_tier)
+    async def _subject(self, principal: Principal, scope: Any) -> Subject:
+        privileges = await self.privileges.get(principal.user_id)
+        state = scope.setdefault("state", {})
+        state[PRIVILEGES_STATE] = privileges
+        state[PRINCIPAL_STATE] = principal
+        return Subject(str(principal.user_id), privileges.rate_tier)
 
 
 def _bearer(scope: Any) -> str | None:

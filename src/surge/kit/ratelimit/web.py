@@ -44,6 +44,9 @@ log = structlog.get_logger()
 STATE_DECISION = "ratelimit"
 STATE_COVERED = "ratelimit_covered"
 STATE_LIMITER = "ratelimiter"
+#: Distinct (caller, route) plans a middleware remembers before starting over.
+MEMO_MAX = 10_000
+_Plan = tuple[list[Check], frozenset[int]]
 
 
 class RouteLimit:
@@ -138,6 +141,10 @@ class RateLimitMiddleware:
             p for p in limiter.policies.values() if p.scope is PolicyScope.global_
         ]
         self._routes: list[tuple[BaseRoute, list[RouteLimit]]] | None = None
+        #: (caller, tier, ip, method, root path, path) → the checks that apply and the route
+        #: limits they cover: matching policies and routes is pure, so a caller repeating a
+        #: request pays it once. Bounded; cleared whole when full (paths with ids churn it).
+        self._memo: dict[tuple[str | None, str, str, str, str, str], _Plan] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._exempt(scope["path"]):
@@ -171,7 +178,25 @@ class RateLimitMiddleware:
     async def _checks(self, scope: Scope, state: dict[str, Any]) -> list[Check]:
         subject = await _identify(self.limiter, scope)
         tier = subject.tier if subject is not None else ANONYMOUS
-        ip = _ip_partition(self.limiter.client_ip(scope))
+        ip = self.limiter.client_ip(scope)
+        method: str = scope["method"]
+        path: str = scope["path"]
+        key = (
+            subject.id if subject is not None else None,
+            tier, ip, method, scope.get("root_path", ""), path,
+        )  # fmt: skip
+        plan = self._memo.get(key)
+        if plan is None:
+            if len(self._memo) >= MEMO_MAX:
+                self._memo.clear()
+            plan = self._memo[key] = self._plan(scope, subject, tier, _ip_partition(ip))
+        checks, covered = plan
+        if covered:
+            state.setdefault(STATE_COVERED, set()).update(covered)
+        return checks
+
+    def _plan(self, scope: Scope, subject: Subject | None, tier: str, ip: str) -> _Plan:
+        """The checks for one (caller, route) and the ids of the route limits they cover."""
         method: str = scope["method"]
         path: str = scope["path"]
         route_limits: list[RouteLimit] = []
@@ -190,16 +215,16 @@ class RateLimitMiddleware:
                     checks.append(
                         Check(policy, partition, policy.cost if weight is None else weight)
                     )
+        covered: frozenset[int] = frozenset()
         if route_limits:
             endpoint = f"{method} {template}"
-            covered = state.setdefault(STATE_COVERED, set())
+            covered = frozenset(id(route_limit) for route_limit in route_limits)
             for route_limit in route_limits:
-                covered.add(id(route_limit))
                 for policy in route_limit.resolve(self.limiter):
                     partition = _partition(policy, subject, ip, endpoint)
                     if partition:
                         checks.append(Check(policy, partition, route_limit.cost))
-        return checks
+        return checks, covered
 
     def _limited_routes(self, scope: Scope) -> list[tuple[BaseRoute, list[RouteLimit]]]:
         if self._routes is None:
