@@ -47,7 +47,8 @@ CONNECTIONS = 64
 USERS = 5000
 PASSWORD = "bench-password-bench-password"
 ADMIN_SECRET = pyotp.random_base32()
-#: Limits nobody reaches in a bench run: the limiter still runs (one Redis call per request).
+#: Limits nobody reaches in a bench run: the limiter still runs (every request waits for its
+#: decision; concurrent decisions share one Redis round trip, ADR 0006).
 HIGH_LIMITS = [
     {"name": "bench-subject", "limit": 10**9, "period": "PT1M", "per": "subject"},
     {"name": "bench-ip", "limit": 10**9, "period": "PT1M", "per": "ip"},
