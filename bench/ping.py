@@ -10,76 +10,20 @@ Load: wrk (when installed: 2 threads, 64 connections) or the bundled closed-loop
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
+from bench._loadgen import CONNECTIONS, load, uvicorn_server, wait_ready
 from bench.common import console, median, report
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
-CONNECTIONS = 64
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}) before answering {url}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-def _uvicorn(target: str, port: int, env: dict[str, str], factory: bool) -> subprocess.Popen[bytes]:
-    args = [
-        sys.executable, "-m", "uvicorn", target, "--port", str(port), "--workers", str(WORKERS),
-        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
-    ]  # fmt: skip
-    if factory:
-        args.append("--factory")
-    return subprocess.Popen(
-        args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-
-
-def _load(url: str, seconds: float) -> dict[str, float]:
-    wrk = shutil.which("wrk")
-    if wrk:
-        out = subprocess.run(
-            [wrk, "-t2", f"-c{CONNECTIONS}", f"-d{seconds:.0f}s", "--latency", url],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-        p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-        assert p99 is not None
-        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
-        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        return {
-            "rps": rps,
-            "p99_ms": float(p99.group(1)) * scale,
-            "errors": int(errors.group(1)) if errors else 0,
-        }
-    out = subprocess.run(
-        [sys.executable, "-m", "bench._loadgen", url, str(CONNECTIONS), str(seconds)],
-        capture_output=True, text=True, check=True, cwd=ROOT,
-    ).stdout  # fmt: skip
-    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def main(quick: bool = False) -> None:
@@ -103,14 +47,22 @@ def main(quick: bool = False) -> None:
                 "PYTHONPATH": str(ROOT),
             }
             surge_port, bare_port = free_port(), free_port()
-            procs.append(_uvicorn("surge.app:create_app", surge_port, env, factory=True))
-            procs.append(_uvicorn("bench._bare_app:app", bare_port, env, factory=False))
+            procs.append(
+                uvicorn_server(
+                    "surge.app:create_app", surge_port, env, workers=WORKERS, factory=True
+                )
+            )
+            procs.append(
+                uvicorn_server(
+                    "bench._bare_app:app", bare_port, env, workers=WORKERS, factory=False
+                )
+            )
             surge_url = f"http://127.0.0.1:{surge_port}/livez"
             bare_url = f"http://127.0.0.1:{bare_port}/livez"
-            _wait(surge_url, procs[0])
-            _wait(bare_url, procs[1])
-        _load(surge_url, 2)  # warm both (imports, caches, connection setup)
-        _load(bare_url, 2)
+            wait_ready(surge_url, procs[0])
+            wait_ready(bare_url, procs[1])
+        load(surge_url, 2)  # warm both (imports, caches, connection setup)
+        load(bare_url, 2)
         ours: list[dict[str, float]] = []
         base: list[dict[str, float]] = []
         from rich.progress import Progress
@@ -118,9 +70,9 @@ def main(quick: bool = False) -> None:
         with Progress(console=console) as progress:
             task = progress.add_task(f"{reps} × (surge, bare), {seconds:.0f}s each", total=reps * 2)
             for _ in range(reps):
-                ours.append(_load(surge_url, seconds))
+                ours.append(load(surge_url, seconds))
                 progress.advance(task)
-                base.append(_load(bare_url, seconds))
+                base.append(load(bare_url, seconds))
                 progress.advance(task)
     finally:
         for proc in procs:

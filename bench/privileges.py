@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +34,7 @@ import httpx
 import pyotp
 from sqlalchemy import text
 
+from bench._loadgen import CONNECTIONS, load, uvicorn_server, wait_ready
 from bench.common import console, median, percentile, report
 from surge.config import Settings
 from surge.kit.db import migrate
@@ -43,7 +43,6 @@ from surge.kit.security import PasswordHasher
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
-CONNECTIONS = 64
 USERS = 5000
 PASSWORD = "bench-password-bench-password"
 ADMIN_SECRET = pyotp.random_base32()
@@ -56,69 +55,6 @@ HIGH_LIMITS = [
 
 
 # ---- load generation ------------------------------------------------------------------------
-
-
-def _wrk(url: str, seconds: float, token: str | None) -> dict[str, float]:
-    wrk = shutil.which("wrk")
-    assert wrk is not None
-    args = [wrk, "-t2", f"-c{CONNECTIONS}", f"-d{seconds:.0f}s", "--latency"]
-    if token:
-        args += ["-H", f"Authorization: Bearer {token}"]
-    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    assert p99 is not None
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {
-        "rps": rps,
-        "p99_ms": float(p99.group(1)) * scale,
-        "errors": int(errors.group(1)) if errors else 0,
-    }
-
-
-async def _closed_loop(url: str, seconds: float, token: str | None) -> dict[str, float]:
-    """Fallback generator: CONNECTIONS keep-alive connections, one request in flight each."""
-    parts = httpx.URL(url)
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    request = (
-        f"GET {parts.raw_path.decode()} HTTP/1.1\r\nHost: {parts.host}\r\n{auth}\r\n"
-    ).encode()
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + seconds
-
-    async def connection() -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection(parts.host, parts.port)
-        while (now := time.perf_counter()) < stop_at:
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-            if not head.startswith(b"HTTP/1.1 200"):
-                errors += 1
-            latencies.append(time.perf_counter() - now)
-        writer.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(connection() for _ in range(CONNECTIONS)))
-    elapsed = time.perf_counter() - started
-    return {
-        "rps": len(latencies) / elapsed,
-        "p99_ms": percentile(latencies, 99) * 1000,
-        "errors": errors,
-    }
-
-
-def _load(url: str, seconds: float, token: str | None = None) -> dict[str, float]:
-    if shutil.which("wrk"):
-        return _wrk(url, seconds, token)
-    return asyncio.run(_closed_loop(url, seconds, token))
 
 
 # ---- setup ----------------------------------------------------------------------------------
@@ -173,33 +109,6 @@ def _login(base: str, email: str, otp: str | None = None) -> str:
     response = httpx.post(f"{base}/api/v1/auth/login", json=body, timeout=10)
     response.raise_for_status()
     return str(response.json()["access_token"])
-
-
-def _server(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "surge.app:create_app", "--factory",
-         "--port", str(port), "--workers", str(WORKERS), "--loop", "uvloop",
-         "--http", "httptools", "--no-access-log", "--log-level", "warning"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}) before answering {url}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-# ---- (a) and (c) in-process -----------------------------------------------------------------
 
 
 async def _in_process(
@@ -301,20 +210,24 @@ def main(quick: bool = False) -> None:
                 "PYTHONPATH": str(ROOT),
             }
             port, port_nolimit = free_port(), free_port()
-            procs.append(_server(port, env))
+            procs.append(
+                uvicorn_server("surge.app:create_app", port, env, workers=WORKERS, factory=True)
+            )
             # The same app with the rate limiter off: how much of (b) is the limiter's.
             nolimit_dir = folder / "metrics-nolimit"
             nolimit_dir.mkdir()
             procs.append(
-                _server(
+                uvicorn_server(
+                    "surge.app:create_app",
                     port_nolimit,
                     {**env, "SURGE_RATELIMIT_ENABLED": "false",
                      "PROMETHEUS_MULTIPROC_DIR": str(nolimit_dir)},
+                    workers=WORKERS, factory=True,
                 )
             )  # fmt: skip
             url, url_nolimit = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port_nolimit}"
-            _wait(f"{url}/readyz", procs[0])
-            _wait(f"{url_nolimit}/readyz", procs[1])
+            wait_ready(f"{url}/readyz", procs[0])
+            wait_ready(f"{url_nolimit}/readyz", procs[1])
             user_token = _login(url, "user1@bench.test")
             admin_token = _login(url, "admin@bench.test", pyotp.TOTP(ADMIN_SECRET).now())
         console.print("(a) + in-process batch ...")
@@ -329,7 +242,7 @@ def main(quick: bool = False) -> None:
             (privileges_url, user_token), (livez_url, None),
             (privileges_nl, user_token), (livez_nl, None),
         ):  # fmt: skip
-            _load(warm_url, 1 if quick else 2, warm_token)  # warm both workers, every path
+            load(warm_url, 1 if quick else 2, token=warm_token)  # warm both workers, every path
         from rich.progress import Progress
 
         with Progress(console=console) as progress:
@@ -338,13 +251,13 @@ def main(quick: bool = False) -> None:
                 total=reps * 4,
             )
             for _ in range(reps):
-                ours.append(_load(privileges_url, seconds, user_token))
+                ours.append(load(privileges_url, seconds, token=user_token))
                 progress.advance(task)
-                base.append(_load(livez_url, seconds))
+                base.append(load(livez_url, seconds))
                 progress.advance(task)
-                ours_nolimit.append(_load(privileges_nl, seconds, user_token))
+                ours_nolimit.append(load(privileges_nl, seconds, token=user_token))
                 progress.advance(task)
-                base_nolimit.append(_load(livez_nl, seconds))
+                base_nolimit.append(load(livez_nl, seconds))
                 progress.advance(task)
     finally:
         for proc in procs:

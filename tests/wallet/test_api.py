@@ -5,6 +5,7 @@ PostgreSQL and Redis — partner isolation, Idempotency-Key semantics, admin dec
 from __future__ import annotations
 
 import asyncio
+import base64
 from uuid import uuid4
 
 import httpx
@@ -380,3 +381,40 @@ class TestPagination:
             "/api/v1/wallet/transactions", params={"limit": 101}, headers=partner.headers
         )
         assert too_many.status_code == 422
+
+    async def test_withdrawals_cursor_walks_every_request_once(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        partner = await funded_partner(wallet_app, api)
+        mine = [(await withdraw(api, partner, 100 + i)).json()["id"] for i in range(5)]
+        seen: list[str] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+            page = await api.get("/api/v1/withdrawals", params=params, headers=partner.headers)
+            assert page.status_code == 200, page.text
+            seen += [item["id"] for item in page.json()["items"]]
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == mine[::-1]  # newest first, each once
+
+    async def test_a_forged_cursor_is_a_400_problem(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        partner = await make_partner(wallet_app, api)
+        forged = base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|not-a-uuid").decode()
+        for path, who in (
+            ("/api/v1/withdrawals", partner),
+            ("/api/admin/withdrawals", admin),
+            ("/api/v1/wallet/transactions", partner),
+            ("/api/v1/earnings", partner),
+        ):
+            for cursor in ("%%%", "bm90IGEgY3Vyc29y", forged):
+                response = await api.get(path, params={"cursor": cursor}, headers=who.headers)
+                if path.endswith(("transactions", "earnings")) and cursor == forged:
+                    # integer keys: a foreign key matches no row, an empty page, not an error
+                    assert response.status_code == 200, (path, response.text)
+                    continue
+                assert response.status_code == 400, (path, cursor, response.text)
+                assert response.headers["content-type"] == "application/problem+json"

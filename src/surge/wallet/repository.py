@@ -9,7 +9,7 @@ Cursors are opaque: base64url of the last row's ``(created_at, id)``, newest fir
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -38,6 +38,29 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise InvalidCursor("Invalid cursor.") from error
 
 
+def int_key(key: str) -> int:
+    return int(key) if key.isdigit() else -1  # a foreign key matches no row
+
+
+def uuid_key(key: str) -> UUID:
+    try:
+        return UUID(key)
+    except ValueError as error:
+        raise InvalidCursor("Invalid cursor.") from error
+
+
+def after_cursor(
+    cursor: str | None, params: dict[str, Any], key: Callable[[str], object], *, older: bool
+) -> str:
+    """The keyset condition for rows past ``cursor`` (older ones when the listing is newest
+    first), its parameters added to ``params``; "" on the first page."""
+    if not cursor:
+        return ""
+    moment, raw = decode_cursor(cursor)
+    params.update(c_at=moment, c_id=key(raw))
+    return f"AND (created_at, id) {'<' if older else '>'} (:c_at, :c_id)"
+
+
 def page(
     rows: Sequence[Row[Any]], limit: int, key: str = "id"
 ) -> tuple[list[Row[Any]], str | None]:
@@ -60,11 +83,7 @@ async def entries(
     session: AsyncSession, account_id: int, *, limit: int, cursor: str | None
 ) -> tuple[list[Row[Any]], str | None]:
     params: dict[str, Any] = {"a": account_id, "n": limit + 1}
-    after = ""
-    if cursor:
-        moment, key = decode_cursor(cursor)
-        params.update(c_at=moment, c_id=int(key) if key.isdigit() else -1)
-        after = "AND (created_at, id) < (:c_at, :c_id)"
+    after = after_cursor(cursor, params, int_key, older=True)
     rows = (
         await session.execute(
             text(
@@ -83,11 +102,7 @@ async def earnings(
 ) -> tuple[list[Row[Any]], str | None]:
     await scope_to_owner(session, owner_id)
     params: dict[str, Any] = {"o": owner_id, "n": limit + 1}
-    after = ""
-    if cursor:
-        moment, key = decode_cursor(cursor)
-        params.update(c_at=moment, c_id=int(key) if key.isdigit() else -1)
-        after = "AND (created_at, id) < (:c_at, :c_id)"
+    after = after_cursor(cursor, params, int_key, older=True)
     rows = (
         await session.execute(
             text(
@@ -106,14 +121,7 @@ async def withdrawals(
 ) -> tuple[list[Row[Any]], str | None]:
     await scope_to_owner(session, owner_id)
     params: dict[str, Any] = {"o": owner_id, "n": limit + 1}
-    after = ""
-    if cursor:
-        moment, key = decode_cursor(cursor)
-        try:
-            params.update(c_at=moment, c_id=UUID(key))
-        except ValueError as error:
-            raise InvalidCursor("Invalid cursor.") from error
-        after = "AND (created_at, id) < (:c_at, :c_id)"
+    after = after_cursor(cursor, params, uuid_key, older=True)
     rows = (
         await session.execute(
             text(
@@ -132,14 +140,7 @@ async def withdrawals_by_status(
 ) -> tuple[list[Row[Any]], str | None]:
     """Every owner's withdrawals in one status, oldest first (the admin's approval queue)."""
     params: dict[str, Any] = {"s": status, "n": limit + 1}
-    after = ""
-    if cursor:
-        moment, key = decode_cursor(cursor)
-        try:
-            params.update(c_at=moment, c_id=UUID(key))
-        except ValueError as error:
-            raise InvalidCursor("Invalid cursor.") from error
-        after = "AND (created_at, id) > (:c_at, :c_id)"
+    after = after_cursor(cursor, params, uuid_key, older=False)
     rows = (
         await session.execute(
             text(

@@ -93,6 +93,8 @@ async def list_transactions(
         session, principal.user_id, currency=wallet_service.currency
     )
     if account is None:
+        if cursor:
+            repository.decode_cursor(cursor)  # a forged cursor is a 400 even with no wallet
         return EntryPage(items=[], next_cursor=None)
     rows, next_cursor = await repository.entries(session, account, limit=limit, cursor=cursor)
     return EntryPage(
