@@ -159,7 +159,8 @@ def up(
                      "--port", str(port), "--host", host, "--no-servers"]  # fmt: skip
         children.append(("api", subprocess.Popen(serve_cmd, start_new_session=True)))
         if _has_jobs() and job_processes > 0:
-            worker_cmd = [python, "-m", "surge.cli", "worker", "--processes", str(job_processes)]
+            worker_cmd = [python, "-m", "surge.cli", "worker", "--processes", str(job_processes),
+                          "--no-servers"]  # fmt: skip
             children.append(("worker", subprocess.Popen(worker_cmd, start_new_session=True)))
         _wait_for_http(host, port, timeout=60, children=children)
         base = f"http://{host}:{port}"
@@ -301,6 +302,10 @@ def worker(
     metrics_port: Annotated[
         int, typer.Option(help="Serve the fleet's aggregated Prometheus metrics here (0: off).")
     ] = 0,
+    servers_: Annotated[
+        bool,
+        typer.Option("--servers/--no-servers", help="Start embedded servers if no URL is set."),
+    ] = True,
 ) -> None:
     """The job worker fleet: N processes × C jobs, crashed processes restarted, graceful
     stop on SIGTERM / Ctrl-C (running jobs finish or go back to the queue)."""
@@ -317,10 +322,10 @@ def worker(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(own_metrics_dir)
     from surge.kit.jobs.fleet import run_fleet  # after the metrics folder is chosen
 
-    servers = resolve_servers()
+    servers = resolve_servers() if servers_ else None
     try:
-        if servers.started:  # embedded servers of a dev machine: bring the schema along
-            run_migrations(servers.database_url)
+        if servers is not None and servers.started:  # a dev machine's embedded servers:
+            run_migrations(servers.database_url)  # bring the schema along
         command = [sys.executable, "-m", "surge.worker"]
         if concurrency:
             command += ["--concurrency", str(concurrency)]
@@ -333,7 +338,8 @@ def worker(
             metrics_port=metrics_port, metrics_host=settings.HOST,
         )  # fmt: skip
     finally:
-        servers.stop()
+        if servers is not None:
+            servers.stop()
         if own_metrics_dir is not None:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
 
