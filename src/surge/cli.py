@@ -92,8 +92,23 @@ def _mask_url(url: str) -> str:
 
 
 def run_migrations(url: str) -> int:
+    from sqlalchemy.engine import make_url
+
     from surge.kit.db import migrate
 
+    try:
+        created = migrate.ensure_database(url)
+    except Exception as error:  # unreachable, bad credentials...: one line, not a traceback
+        root: BaseException = error
+        while root.__cause__ is not None:
+            root = root.__cause__
+        console.print(
+            f"[red]✗ PostgreSQL at {_mask_url(url)}: {type(root).__name__}: {root}[/]\n"
+            "  Check DATABASE_URL (unset it to use the embedded server), then `surge doctor`."
+        )
+        raise typer.Exit(1) from None
+    if created:
+        console.print(f"[green]✓[/] Created database {make_url(url).database}")
     pending = migrate.pending_revisions(url)
     if not pending:
         console.print("[green]✓[/] Database schema up to date")

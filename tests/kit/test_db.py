@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from surge.app import create_app
-from surge.kit.db import Database, PoolConfig, engine_options, on_commit
+from surge.kit.db import Database, PoolConfig, engine_options, migrate, on_commit
 from surge.kit.db.pool import IdleTimeoutPool
 from surge.kit.embedded import free_port
 from surge.kit.web.deps import SessionDep
@@ -185,3 +187,16 @@ async def test_a_failed_commit_is_never_a_2xx(server_urls: tuple[str, str]) -> N
         response = await client.post("/t/deferred")
         assert response.status_code == 500, response.text
         assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_ensure_database_creates_a_missing_database_once(server_urls: tuple[str, str]) -> None:
+    """`surge up` / `surge migrate` against a fresh external server: the named database is
+    created, then found; an unreachable server is an error, not a silent pass."""
+    url = make_url(server_urls[0]).set(database=f"surge_new_{uuid.uuid4().hex[:8]}")
+    fresh = url.render_as_string(hide_password=False)
+    assert migrate.ensure_database(fresh) is True
+    assert migrate.ensure_database(fresh) is False
+    assert migrate.pending_revisions(fresh)  # reachable, and empty of our schema
+    unreachable = url.set(port=1).render_as_string(hide_password=False)
+    with pytest.raises(OSError):
+        migrate.ensure_database(unreachable)

@@ -23,6 +23,40 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def ensure_database(url: str) -> bool:
+    """Create the database ``url`` names if the server does not have it (a fresh external
+    server on a developer's machine). Returns True when it was created. Needs a role that
+    may create databases; connection errors other than "no such database" propagate."""
+    import asyncpg  # type: ignore[import-untyped]
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url)
+
+    async def run() -> bool:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect():
+                return False
+        except Exception as error:
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, asyncpg.InvalidCatalogNameError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+        finally:
+            await engine.dispose()
+        admin = create_async_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            async with admin.connect() as connection:
+                name = (target.database or "").replace('"', '""')
+                await connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.dispose()
+        return True
+
+    return asyncio.run(run())
+
+
 def pending_revisions(url: str) -> list[str]:
     """Revisions not yet applied, oldest first."""
     script = ScriptDirectory.from_config(alembic_config(url))
