@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,8 +136,9 @@ def test_doctor_checks_external_servers(server_urls: tuple[str, str]) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "PostgreSQL 16" in result.stderr
-    assert "Redis 6" in result.stderr
+    # Each server reached and its version reported (embedded: 16 / 6.2; external: any).
+    assert re.search(r"PostgreSQL \d+", result.stderr), result.stderr[-2000:]
+    assert re.search(r"Redis \d+\.\d+", result.stderr), result.stderr[-2000:]
     assert "********" in result.stderr  # SECRET_KEY masked
 
 

@@ -99,8 +99,10 @@ async def test_exhausted_pool_is_not_an_outage(server_urls: tuple[str, str]) -> 
     try:
 
         async def slow_call() -> object:
+            # BLPOP on a key nobody pushes to holds its connection 20 ms (DEBUG SLEEP would
+            # too, but Redis 7 refuses DEBUG unless enable-debug-command is set).
             return await gateway.call(
-                lambda r: r.execute_command("DEBUG", "SLEEP", "0.02")  # type: ignore[no-untyped-call]
+                lambda r: r.execute_command("BLPOP", "surge-test:never-pushed", "0.02")  # type: ignore[no-untyped-call]
             )
 
         await asyncio.gather(*(slow_call() for _ in range(40)))
