@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as redis_async
 from fastapi import FastAPI
 
-from surge.config import Settings
+from surge.config import Settings, normalize_database_url
 from surge.kit.db import migrate
 from surge.kit.runtime import Runtime
 from tests.fixtures.servers import start_postgres, start_redis
@@ -28,7 +28,7 @@ TEST_SECRET = "test-secret-test-secret-test-secret-0123"
 @pytest.fixture(scope="session")
 def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     started: list[object] = []
-    database_url = os.environ.get("SURGE_TEST_DATABASE_URL", "")
+    database_url = normalize_database_url(os.environ.get("SURGE_TEST_DATABASE_URL", ""))
     redis_url = os.environ.get("SURGE_TEST_REDIS_URL", "")
     base: Path = tmp_path_factory.mktemp("servers")
     if not database_url:
@@ -39,6 +39,7 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         rd = start_redis(base / "redis")
         started.append(rd)
         redis_url = rd.url
+    migrate.ensure_database(database_url)  # an external server: created on first use
     migrate.upgrade(database_url)
     os.environ["DATABASE_URL"] = database_url
     os.environ["REDIS_URL"] = redis_url
