@@ -355,6 +355,10 @@ class Settings(BaseSettings):
     """Smallest withdrawal, in minor units (1 000 = 10.00)."""
     WALLET_WITHDRAWAL_MAX: int = 1_000_000
     """Largest single withdrawal, in minor units (1 000 000 = 10 000.00)."""
+    WALLET_REVENUE_EVENT_MAX: int = 10**12
+    """Largest |profit| of one revenue event, in minor units (10¹² = 10 000 000 000.00).
+    A bound keeps every balance far from BIGINT's end: one event near 2⁶³ would overflow
+    the revenue account and stop every later earnings batch."""
     WALLET_COMMISSION_BPS: int = 1_000
     """Default commission on a partner's shown profit, in basis points (seed 001: 10 %)."""
     WALLET_EARNINGS_BATCH: int = 50

@@ -171,6 +171,8 @@ def translate(error: BaseException) -> WalletError | None:
         return AlreadyResolved(message)
     if state == "WL422":
         return InvalidTransfer(message)
+    if state == "22003":  # a balance would leave BIGINT: refused, never wrapped
+        return InvalidTransfer("This transfer would overflow an account balance.")
     return None
 
 

@@ -3,50 +3,19 @@
 Every function takes the owner id and filters by it; the ones reading RLS-protected tables
 also set ``surge.owner_id`` for the transaction, so PostgreSQL itself hides other owners'
 rows (defence in depth: a forgotten filter returns nothing instead of someone else's money).
-Cursors are opaque: base64url of the last row's ``(created_at, id)``, newest first.
+Cursors are ``kit.web.cursor``'s: the last row's ``(created_at, id)``, newest first.
 """
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from surge.kit.errors import BadRequest
-
-
-class InvalidCursor(BadRequest):
-    """The cursor was not produced by this API (or was altered)."""
-
-
-def encode_cursor(created_at: datetime, key: object) -> str:
-    raw = f"{created_at.isoformat()}|{key}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        moment, _, key = raw.partition("|")
-        return datetime.fromisoformat(moment), key
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InvalidCursor("Invalid cursor.") from error
-
-
-def int_key(key: str) -> int:
-    return int(key) if key.isdigit() else -1  # a foreign key matches no row
-
-
-def uuid_key(key: str) -> UUID:
-    try:
-        return UUID(key)
-    except ValueError as error:
-        raise InvalidCursor("Invalid cursor.") from error
+from surge.kit.web.cursor import bigint, decode_cursor, encode_cursor, moment
 
 
 def after_cursor(
@@ -56,8 +25,8 @@ def after_cursor(
     first), its parameters added to ``params``; "" on the first page."""
     if not cursor:
         return ""
-    moment, raw = decode_cursor(cursor)
-    params.update(c_at=moment, c_id=key(raw))
+    at, after = decode_cursor(cursor, moment, key)
+    params.update(c_at=at, c_id=after)
     return f"AND (created_at, id) {'<' if older else '>'} (:c_at, :c_id)"
 
 
@@ -83,7 +52,7 @@ async def entries(
     session: AsyncSession, account_id: int, *, limit: int, cursor: str | None
 ) -> tuple[list[Row[Any]], str | None]:
     params: dict[str, Any] = {"a": account_id, "n": limit + 1}
-    after = after_cursor(cursor, params, int_key, older=True)
+    after = after_cursor(cursor, params, bigint, older=True)
     rows = (
         await session.execute(
             text(
@@ -102,11 +71,11 @@ async def earnings(
 ) -> tuple[list[Row[Any]], str | None]:
     await scope_to_owner(session, owner_id)
     params: dict[str, Any] = {"o": owner_id, "n": limit + 1}
-    after = after_cursor(cursor, params, int_key, older=True)
+    after = after_cursor(cursor, params, bigint, older=True)
     rows = (
         await session.execute(
             text(
-                "SELECT id, event_id, event_kind, shown_profit, amount, currency, share_bps, "
+                "SELECT id, event_id, event_kind, shown_profit, amount, currency, "
                 f"commission_bps, created_at FROM wallet_earnings WHERE owner_id = :o {after} "
                 "ORDER BY created_at DESC, id DESC LIMIT :n"
             ),
@@ -121,7 +90,7 @@ async def withdrawals(
 ) -> tuple[list[Row[Any]], str | None]:
     await scope_to_owner(session, owner_id)
     params: dict[str, Any] = {"o": owner_id, "n": limit + 1}
-    after = after_cursor(cursor, params, uuid_key, older=True)
+    after = after_cursor(cursor, params, UUID, older=True)
     rows = (
         await session.execute(
             text(
@@ -140,7 +109,7 @@ async def withdrawals_by_status(
 ) -> tuple[list[Row[Any]], str | None]:
     """Every owner's withdrawals in one status, oldest first (the admin's approval queue)."""
     params: dict[str, Any] = {"s": status, "n": limit + 1}
-    after = after_cursor(cursor, params, uuid_key, older=False)
+    after = after_cursor(cursor, params, UUID, older=False)
     rows = (
         await session.execute(
             text(

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from surge.identity.deps import AdminMfa, IdentityDep, require_role
 from surge.identity.service import Principal, audit
 from surge.kit.errors import UnprocessableEntity
+from surge.kit.web.cursor import bigint, decode_cursor, moment
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
 from surge.kit.web.idempotency import idempotency_keys
 from surge.models.wallet import Withdrawal
@@ -52,7 +53,6 @@ router = APIRouter(prefix="/api/v1", tags=["wallet"])
 admin_router = APIRouter(prefix="/api/admin", tags=["wallet admin"])
 
 Owner = Annotated[Principal, Depends(require_role("partner", "reseller"))]
-Admin = Annotated[Principal, Depends(require_role("admin"))]
 Limit = Annotated[int, Query(ge=1, le=100)]
 Cursor = Annotated[str | None, Query(max_length=200)]
 
@@ -94,7 +94,7 @@ async def list_transactions(
     )
     if account is None:
         if cursor:
-            repository.decode_cursor(cursor)  # a forged cursor is a 400 even with no wallet
+            decode_cursor(cursor, moment, bigint)  # a forged cursor is a 400, wallet or not
         return EntryPage(items=[], next_cursor=None)
     rows, next_cursor = await repository.entries(session, account, limit=limit, cursor=cursor)
     return EntryPage(
@@ -184,10 +184,10 @@ async def list_earnings(
     )
 
 
-# ---- revenue events (the platform's backend, admin role) ------------------------------------
+# ---- revenue events (the platform's backend: an admin with MFA) -----------------------------
 @router.post("/revenue-events", status_code=201, response_model=RevenueEventRead)
 async def record_revenue_event(
-    body: RevenueEventCreate, principal: Admin, session: SessionDep
+    body: RevenueEventCreate, principal: AdminMfa, session: SessionDep
 ) -> Response:
     """Record a game or sale once (201; its id again: 200 and nothing more happens). Every
     active partner is credited by jobs enqueued in this same transaction."""
@@ -257,9 +257,11 @@ async def _decide(
     approve: bool,
     reason: str | None = None,
 ) -> Withdrawal:
-    withdrawal = await wallet_service.decide(
+    withdrawal, changed = await wallet_service.decide(
         session, admin.user_id, withdrawal_id, approve=approve, reason=reason
     )
+    if not changed:  # the same decision again: nothing happened, nothing to audit
+        return withdrawal
     await audit(
         session, admin.user_id,
         action="wallet.withdrawal.approve" if approve else "wallet.withdrawal.reject",
@@ -310,7 +312,7 @@ async def batch_approve(
     approved or why not; a failing item never fails the others. Each approval is audited."""
     results = await wallet_service.batch_approve(session, admin.user_id, body.ids)
     for item in results:
-        if item.ok:
+        if item.changed:
             await audit(
                 session, admin.user_id, action="wallet.withdrawal.approve",
                 subject_type="withdrawal", subject_id=str(item.id),

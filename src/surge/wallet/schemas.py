@@ -81,7 +81,8 @@ class AdminWithdrawalPage(BaseModel):
 
 class EarningRead(_Read):
     """What a partner sees of an event: its shown profit and its earning, never the
-    event's real profit."""
+    event's real profit — nor its share of it, which with the shown profit would give the
+    real profit back (shown = profit × share)."""
 
     id: int
     event_id: str
@@ -89,7 +90,6 @@ class EarningRead(_Read):
     shown_profit: int
     amount: int
     currency: str
-    share_bps: int
     commission_bps: int
     created_at: datetime
 

@@ -71,6 +71,10 @@ class RevenueEventConflict(WalletError, Conflict):
     """A revenue event id was reused with different figures."""
 
 
+class RevenueEventOutOfBounds(WalletError, UnprocessableEntity):
+    """The profit is beyond ``WALLET_REVENUE_EVENT_MAX``."""
+
+
 def earning_for(profit: int, share_bps: int, commission_bps: int) -> tuple[int, int]:
     """(shown profit, earning) in minor units, rounded toward zero once (module docstring)."""
     if profit <= 0:
@@ -87,6 +91,8 @@ class BatchItem:
     status: str | None = None
     error: str | None = None
     code: int | None = None
+    changed: bool = False
+    """Decided by this batch (False: it already was approved): only changes are audited."""
 
 
 def changed_owners(session: AsyncSession) -> set[UUID]:
@@ -158,6 +164,11 @@ class WalletService:
     ) -> tuple[RevenueEvent, bool]:
         """Record an event once (its id is the idempotency key) and, in the same
         transaction, enqueue the first earnings batch. Returns (event, created)."""
+        bound = self.settings.WALLET_REVENUE_EVENT_MAX
+        if abs(profit) > bound:
+            raise RevenueEventOutOfBounds(
+                f"A revenue event's profit must be between -{bound} and {bound} minor units."
+            )
         inserted = (
             await session.execute(
                 text(
@@ -326,10 +337,11 @@ class WalletService:
         *,
         approve: bool,
         reason: str | None = None,
-    ) -> Withdrawal:
+    ) -> tuple[Withdrawal, bool]:
         """Approve (post the reservation, then move it from holds to payouts) or reject
-        (void it). Idempotent: deciding the same way twice returns the withdrawal as is;
-        the other way is 409. Enqueues the partner's e-mail notification."""
+        (void it). Idempotent: deciding the same way twice returns the withdrawal as is
+        (and False: nothing changed, nothing to audit); the other way is 409. Enqueues the
+        partner's e-mail notification."""
         withdrawal = (
             await session.execute(
                 select(Withdrawal).where(Withdrawal.id == withdrawal_id).with_for_update()
@@ -339,7 +351,7 @@ class WalletService:
             raise WithdrawalNotFound(f"no withdrawal {withdrawal_id}")
         target = "approved" if approve else "rejected"
         if withdrawal.status == target:
-            return withdrawal
+            return withdrawal, False
         if withdrawal.status != "pending":
             raise WithdrawalAlreadyDecided(f"withdrawal {withdrawal_id} is {withdrawal.status}")
         currency = withdrawal.currency
@@ -373,19 +385,42 @@ class WalletService:
         )  # fmt: skip
         self._changed(session, withdrawal.owner_id)
         log.info("wallet.withdrawal.decided", withdrawal_id=str(withdrawal_id), status=target)
-        return withdrawal
+        return withdrawal, True
 
     async def batch_approve(
         self, session: AsyncSession, admin_id: UUID, ids: Sequence[UUID]
     ) -> list[BatchItem]:
         """Approve each withdrawal in its own savepoint: one failing item is reported and
-        rolled back alone, the others commit with the request."""
+        rolled back alone, the others commit with the request.
+
+        Every lock the batch needs is taken first, in the global order (withdrawal rows by
+        id, then accounts by id; ADR 0010): deciding items one by one would take them
+        interleaved (W1, accounts, W2, accounts...) and deadlock against another batch in
+        another order, a single approval, or a partner's withdrawal request."""
+        unique = list(dict.fromkeys(ids))  # duplicates decided once, order kept
+        rows = (
+            await session.execute(
+                select(Withdrawal.account_id, Withdrawal.currency)
+                .where(Withdrawal.id.in_(unique))
+                .order_by(Withdrawal.id)
+                .with_for_update()
+            )
+        ).all()
+        accounts = {row.account_id for row in rows}
+        for currency in {row.currency for row in rows}:
+            for system in (SystemAccount.holds, SystemAccount.payouts):
+                accounts.add(await self.ledger.system_account(session, system, currency=currency))
+        await self.ledger.lock(session, accounts)
         results: list[BatchItem] = []
-        for withdrawal_id in dict.fromkeys(ids):  # duplicates decided once, order kept
+        for withdrawal_id in unique:
             try:
                 async with session.begin_nested():
-                    withdrawal = await self.decide(session, admin_id, withdrawal_id, approve=True)
-                results.append(BatchItem(withdrawal_id, True, status=withdrawal.status))
+                    withdrawal, changed = await self.decide(
+                        session, admin_id, withdrawal_id, approve=True
+                    )
+                results.append(
+                    BatchItem(withdrawal_id, True, status=withdrawal.status, changed=changed)
+                )
             except SurgeError as error:
                 results.append(
                     BatchItem(withdrawal_id, False, error=error.message, code=error.status_code)

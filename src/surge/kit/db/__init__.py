@@ -85,6 +85,28 @@ def engine_options(url: str, config: PoolConfig) -> dict[str, Any]:
     }
 
 
+#: SQLSTATEs of a transaction that lost a race with another one (deadlock detected,
+#: serialization failure, lock not available): nothing was written, the same request can
+#: simply be sent again.
+CONCURRENCY_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+#: SQLSTATEs of text PostgreSQL cannot store (a NUL character, a character outside the
+#: database encoding): the caller's input, not a bug.
+UNSTORABLE_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a SQLAlchemy-wrapped or bare asyncpg error, if it has one."""
+    seen: BaseException | None = error
+    for _ in range(4):  # SQLAlchemy error → adapter error → asyncpg error
+        if seen is None:
+            return None
+        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(state, str):
+            return state
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
 def is_unavailable(error: BaseException) -> bool:
     """True when ``error`` means PostgreSQL cannot be reached (→ 503), not a bad query."""
     if isinstance(error, exc.TimeoutError):  # pool exhausted

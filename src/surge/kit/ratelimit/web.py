@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import ipaddress
 import math
 import re
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from surge.kit.errors import ServiceUnavailable, TooManyRequests
 from surge.kit.ratelimit.limiter import Check, Decision, RateLimiter
 from surge.kit.ratelimit.policy import ANONYMOUS, Per, RatePolicy, Subject
 from surge.kit.ratelimit.policy import Scope as PolicyScope
-from surge.kit.web.client_ip import UNKNOWN, ClientIpResolver
+from surge.kit.web.client_ip import UNKNOWN, ClientIpResolver, ip_bucket
 from surge.kit.web.problem import PROBLEM_JSON, problem_body
 
 log = structlog.get_logger()
@@ -82,7 +81,7 @@ class RouteLimit:
         route = request.scope.get("route")
         template = getattr(route, "path", request.url.path)
         subject = await _identify(limiter, request.scope)
-        ip = _ip_partition(limiter.client_ip(request.scope))
+        ip = ip_bucket(limiter.client_ip(request.scope))
         checks = [
             Check(
                 policy, _partition(policy, subject, ip, f"{request.method} {template}"), self.cost
@@ -189,7 +188,7 @@ class RateLimitMiddleware:
         if plan is None:
             if len(self._memo) >= MEMO_MAX:
                 self._memo.clear()
-            plan = self._memo[key] = self._plan(scope, subject, tier, _ip_partition(ip))
+            plan = self._memo[key] = self._plan(scope, subject, tier, ip_bucket(ip))
         checks, covered = plan
         if covered:
             state.setdefault(STATE_COVERED, set()).update(covered)
@@ -270,17 +269,6 @@ def _partition(policy: RatePolicy, subject: Subject | None, ip: str, endpoint: s
     else:
         return ""  # a per-subject policy does not apply to an anonymous caller
     return f"{endpoint}|{who}" if endpoint else who
-
-
-def _ip_partition(address: str) -> str:
-    """IPv6 callers are limited per /64: one host usually owns the whole /64 (RFC 6177)."""
-    if ":" not in address:
-        return address
-    try:
-        network = ipaddress.ip_network(f"{address}/64", strict=False)
-    except ValueError:
-        return address
-    return str(network)
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:

@@ -85,8 +85,10 @@ class KeyRing:
         return self.keys[0]
 
     def get(self, kid: str) -> bytes | None:
+        # Bytes: compare_digest refuses non-ASCII str, and a kid is the client's input.
+        wanted = kid.encode("utf-8", "surrogatepass")
         for known, secret in self.keys:
-            if hmac.compare_digest(known, kid):
+            if hmac.compare_digest(known.encode(), wanted):
                 return secret
         return None
 
@@ -146,7 +148,12 @@ class TokenCodec:
                 self._memo.pop(token, None)
                 raise InvalidToken("Access token expired")
             return claims
-        claims = self._verify(token)
+        try:
+            claims = self._verify(token)
+        except InvalidToken:
+            raise
+        except Exception as error:  # whatever a hostile token trips in the parser: 401
+            raise InvalidToken("Malformed access token") from error
         if self.memo_size:
             self._memo[token] = claims
             if len(self._memo) > self.memo_size:

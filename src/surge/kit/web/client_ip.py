@@ -69,3 +69,15 @@ def _normalise(address: str) -> str:
 def client_ip(scope: Any, trusted_proxies: Iterable[str]) -> str:
     """One-off form of ``ClientIpResolver(trusted_proxies)(scope)``."""
     return ClientIpResolver(trusted_proxies)(scope)
+
+
+def ip_bucket(address: str) -> str:
+    """The unit a per-IP limit counts: the address itself for IPv4, its /64 for IPv6 (one
+    host usually owns a whole /64, RFC 6177, and can rotate through it at will)."""
+    if ":" not in address:
+        return address
+    try:
+        network = ipaddress.ip_network(f"{address}/64", strict=False)
+    except ValueError:
+        return address
+    return str(network)

@@ -2,7 +2,9 @@
 
 One renderer (``problem_response``) and the exception handlers that route Surge errors,
 Starlette's HTTP errors (404, 405), payload validation (422) and database outages (503)
-through it. An unexpected exception never reaches here: ``SurgeMiddleware`` turns it into a
+through it; database errors that are the caller's input (unstorable text → 422) or a lost
+race (deadlock, serialization failure → 503 + Retry-After, nothing written) too. An
+unexpected exception never reaches here: ``SurgeMiddleware`` turns it into a
 bare 500 without detail (the stack trace goes to the log, with the request id).
 """
 
@@ -21,7 +23,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from surge.kit.db import is_unavailable
+from surge.kit.db import (
+    CONCURRENCY_SQLSTATES,
+    UNSTORABLE_TEXT_SQLSTATES,
+    is_unavailable,
+    sqlstate,
+)
 from surge.kit.errors import SurgeError
 
 log = structlog.get_logger()
@@ -125,6 +132,23 @@ async def _validation_error(request: Request, error: Exception) -> Response:
 
 
 async def _database_error(request: Request, error: Exception) -> Response:
+    state = sqlstate(error)
+    if state in CONCURRENCY_SQLSTATES:  # lost a race (deadlock...): rolled back whole
+        log.warning("db.concurrency_conflict", sqlstate=state, path=request.url.path)
+        return problem_response(
+            503,
+            detail="The request collided with a concurrent one; nothing was written. Retry.",
+            type_="concurrent-update",
+            request=request,
+            headers={"Retry-After": "1"},
+        )
+    if state in UNSTORABLE_TEXT_SQLSTATES:
+        return problem_response(
+            422,
+            detail="A text field holds a character that cannot be stored (such as NUL).",
+            type_="validation",
+            request=request,
+        )
     if is_unavailable(error):
         log.warning("db.unavailable", error=str(error)[:300])
         return problem_response(
