@@ -106,6 +106,59 @@ class TestBruteForce:
         other, _ = await register(api)
         await login(api, other)
 
+    async def test_concurrent_guesses_cannot_outrun_the_budget(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        """A slot is reserved before the (slow) password hash runs: 60 guesses sent at
+        once get exactly the budget's worth of answers, and the right password sent last
+        in the burst is refused like the others."""
+        email, _ = await register(api)
+        guard = identity_of(id_app).login_guard
+        guard.max_per_account, guard.max_per_ip = 10, 1_000
+        bodies = [{"email": email, "password": f"wrong-{i}-guess"} for i in range(59)]
+        bodies.append({"email": email, "password": PASSWORD})
+        replies = await asyncio.gather(
+            *(api.post("/api/v1/auth/login", json=body) for body in bodies)
+        )
+        statuses = [r.status_code for r in replies]
+        assert statuses.count(401) <= 10, statuses
+        assert statuses.count(401) + statuses.count(429) + statuses.count(200) == 60
+        if statuses[-1] == 200:  # it may have been among the first ten served...
+            assert statuses.count(401) <= 9
+        else:
+            assert statuses[-1] == 429
+
+    async def test_a_correct_login_and_an_mfa_prompt_spend_no_budget(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        email, _ = await register(api)
+        guard = identity_of(id_app).login_guard
+        guard.max_per_account = 2
+        for _ in range(5):  # reservations given back on success
+            await login(api, email)
+        bad = {"email": email, "password": "x" * 9}
+        assert (await api.post("/api/v1/auth/login", json=bad)).status_code == 401
+        assert (await api.post("/api/v1/auth/login", json=bad)).status_code == 401
+        assert (await api.post("/api/v1/auth/login", json=bad)).status_code == 429
+
+    async def test_ipv6_callers_are_counted_per_64(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        """One host owns a whole /64 and can rotate through it: the per-IP budget counts
+        the /64, as the rate limiter does."""
+        guard = identity_of(id_app).login_guard
+        guard.max_per_ip, guard.max_per_account = 3, 100
+        net = f"2001:db8:{uuid.uuid4().int % 65_000 + 1:x}:2"
+        statuses = []
+        for i in range(6):
+            response = await api.post(
+                "/api/v1/auth/login",
+                json={"email": unique_email(), "password": "guess-guess"},
+                headers={"X-Forwarded-For": f"{net}::{i + 1:x}"},
+            )
+            statuses.append(response.status_code)
+        assert statuses == [401, 401, 401, 429, 429, 429]
+
     async def test_ip_budget_spans_accounts_behind_a_trusted_proxy(
         self, api: httpx.AsyncClient, id_app: FastAPI
     ) -> None:
@@ -259,9 +312,12 @@ class TestSessions:
         assert response.status_code == 204
         for tokens in (a, b):
             assert (await api.get("/api/v1/me", headers=bearer(tokens))).status_code == 401
-        await asyncio.sleep(1.01)  # not-before has one-second resolution (JWT iat)
+        # Signing in again at once works, although tokens carry whole-second `iat`: the
+        # cut-off is the logout's second, whose earlier tokens died with their sessions.
         fresh = await login(api, email)
         assert (await api.get("/api/v1/me", headers=bearer(fresh))).status_code == 200
+        for tokens in (a, b):
+            assert (await api.get("/api/v1/me", headers=bearer(tokens))).status_code == 401
 
 
 class TestMfa:

@@ -80,3 +80,31 @@ async def test_forged_token_is_anonymous_for_the_limiter(
     resolved = await found
     assert resolved is not None
     assert resolved.tier == "free"
+
+
+async def test_a_signed_out_token_buys_no_user_tier(
+    server_urls: tuple[str, str],
+) -> None:
+    """The rate-limit hook authenticates fully: a revoked token is anonymous (per-IP
+    budget), so keeping an old token attached does not lift the anonymous limit."""
+    from surge.app import create_app
+
+    settings = identity_settings(
+        *server_urls,
+        RATELIMIT_ENABLED=True,
+        RATELIMIT_KEY_PREFIX=f"rl-test-{uuid.uuid4().hex[:8]}:",
+        RATELIMIT_POLICIES=[
+            {"name": "t-anon", "limit": 4, "period": "PT15M", "tiers": ["anonymous"]},
+            {"name": "t-free", "limit": 100, "period": "PT15M", "per": "subject"},
+        ],
+    )
+    app = create_app(settings)
+    async for api in app_client(app):
+        api.headers["X-Forwarded-For"] = f"198.18.{uuid.uuid4().int % 250}.7"
+        email, _ = await register(api)  # anonymous 1
+        tokens = await login(api, email)  # anonymous 2
+        assert (await api.post("/api/v1/auth/logout", headers=bearer(tokens))).status_code == 204
+        statuses = [
+            (await api.get("/api/v1/me", headers=bearer(tokens))).status_code for _ in range(4)
+        ]
+        assert statuses == [401, 401, 429, 429]  # anonymous 3, 4, then over the limit

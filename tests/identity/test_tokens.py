@@ -112,6 +112,17 @@ class TestRejectedTokens:
     async def test_garbage(self, api: httpx.AsyncClient) -> None:
         await _assert_401(api, "not.a.jwt", "Malformed")
 
+    async def test_hostile_kid(self, api: httpx.AsyncClient) -> None:
+        """A kid is the client's input: non-ASCII, a lone surrogate or a number is 401,
+        never 500 (compare_digest raises on non-ASCII str)."""
+        for kid in ("\u00e9", "\ud800", "k0" * 500):
+            token = jwt.encode(
+                {"sub": "x"}, "k" * 32, algorithm="HS256", headers={"kid": kid, "typ": "at+jwt"}
+            )
+            await _assert_401(api, token, "")
+        header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"at+jwt","kid":7}').rstrip(b"=")
+        await _assert_401(api, f"{header.decode()}.e30.c2ln", "")  # PyJWT won't write it
+
 
 @pytest.fixture
 async def rotated(server_urls: tuple[str, str]) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:

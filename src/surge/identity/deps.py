@@ -42,9 +42,9 @@ def bearer_token(request: Request) -> str:
 async def current_user(request: Request, identity: IdentityDep) -> Principal:
     """The authenticated caller; also stored on ``request.state.principal`` for middleware
     and logs (the rate limiter reads it to pick the caller's tier)."""
-    signed = request.scope.get("state", {}).get(PRINCIPAL_STATE)
-    if signed is not None:  # this request's token, verified by the rate-limit hook
-        principal = await identity.check_live(signed)
+    live: Principal | None = request.scope.get("state", {}).get(PRINCIPAL_STATE)
+    if live is not None:  # this request's token, authenticated by the rate-limit hook
+        principal = live
     else:
         principal = await identity.authenticate(bearer_token(request))
     request.state.principal = principal

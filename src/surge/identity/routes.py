@@ -38,11 +38,9 @@ from surge.identity.schemas import (
     TokenRead,
     UserCreate,
     UserRead,
-    decode_cursor,
-    encode_cursor,
 )
 from surge.identity.service import PRIVILEGES_STATE, Identity, TokenPair
-from surge.kit.errors import BadRequest
+from surge.kit.web.cursor import bigint, decode_cursor, encode_cursor, moment
 from surge.kit.web.deps import ReadSessionDep, SessionDep
 
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -136,13 +134,7 @@ async def list_sessions(
     limit: Limit = 50,
     cursor: str | None = None,
 ) -> SessionPage:
-    after_values = decode_cursor(cursor)
-    after = None
-    if after_values is not None:
-        try:
-            after = (datetime.fromisoformat(after_values[0]), uuid.UUID(after_values[1]))
-        except (IndexError, ValueError, TypeError) as error:
-            raise BadRequest("Invalid cursor") from error
+    after = decode_cursor(cursor, moment, uuid.UUID) if cursor else None
     rows = await repository.session_page(
         session, principal.user_id, now=datetime.now(UTC), after=after, limit=limit + 1
     )
@@ -153,9 +145,7 @@ async def list_sessions(
         for row in rows[:limit]
     ]
     next_cursor = (
-        encode_cursor(rows[limit - 1].created_at.isoformat(), str(rows[limit - 1].id))
-        if len(rows) > limit
-        else None
+        encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
     )
     return SessionPage(items=items, next_cursor=next_cursor)
 
@@ -266,8 +256,7 @@ async def audit_log(
     subject_type: str | None = None,
     subject_id: str | None = None,
 ) -> AuditPage:
-    values = decode_cursor(cursor)
-    before_id = int(values[0]) if values else None
+    before_id = decode_cursor(cursor, bigint)[0] if cursor else None
     rows = await repository.audit_page(
         session,
         subject_type=subject_type,

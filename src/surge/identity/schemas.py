@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from surge.kit.errors import BadRequest
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 
@@ -146,20 +142,3 @@ class AuditRead(BaseModel):
 class AuditPage(BaseModel):
     items: list[AuditRead]
     next_cursor: str | None
-
-
-def encode_cursor(*values: Any) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(values, default=str)).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None) -> list[Any] | None:
-    if not cursor:
-        return None
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        values = orjson.loads(base64.urlsafe_b64decode(padded))
-    except ValueError as error:
-        raise BadRequest("Invalid cursor") from error
-    if not isinstance(values, list):
-        raise BadRequest("Invalid cursor")
-    return values

@@ -37,6 +37,7 @@ from surge.identity import repository
 from surge.kit.db import Database, is_unavailable
 from surge.kit.errors import DependencyUnavailable, TooManyRequests
 from surge.kit.redis import RedisGateway, RedisUnavailable
+from surge.kit.web.client_ip import ip_bucket
 
 log = structlog.get_logger()
 
@@ -248,12 +249,17 @@ class RevocationList:
 
 
 class LoginGuard:
-    """Failed-login counters per account and per client IP over a fixed window.
+    """Failed-login counters per account and per client IP (IPv6: per /64) over a fixed
+    window.
 
     Counting failures (not attempts) keeps a legitimate user who types the password right
     unaffected; an attacker gets ``max_per_account`` guesses per window per account and
-    ``max_per_ip`` guesses per window from one address. With Redis down the counters are
-    per process (ARCHITECTURE §4: "rate limits fall back to per-process limits").
+    ``max_per_ip`` guesses per window from one address. A slot is *reserved* before the
+    password is checked (``reserve``: INCR, refused past the budget) and kept if the attempt
+    fails, given back otherwise (``succeeded`` / ``release``): guesses sent concurrently
+    cannot all pass a read-only check while the slow password hash runs. With Redis down
+    the counters are per process (ARCHITECTURE §4: "rate limits fall back to per-process
+    limits").
     """
 
     def __init__(
@@ -268,56 +274,63 @@ class LoginGuard:
     @staticmethod
     def _keys(email: str, ip: str) -> tuple[str, str]:
         account = hashlib.sha256(email.lower().encode()).hexdigest()[:32]
-        return f"surge:auth:lf:a:{account}", f"surge:auth:lf:ip:{ip}"
+        return f"surge:auth:lf:a:{account}", f"surge:auth:lf:ip:{ip_bucket(ip)}"
 
-    async def check(self, email: str, ip: str) -> None:
-        """Raise 429 when the account or the IP is over its failure budget."""
+    async def reserve(self, email: str, ip: str) -> None:
+        """Take one attempt from the account's and the IP's budgets, or raise 429 (taking
+        nothing) when either is spent. Follow with ``succeeded``, ``release`` or nothing
+        (a failed attempt keeps its slot: it is the failure counted)."""
         keys = self._keys(email, ip)
-        counts, ttl = await self._read(keys)
-        if counts[0] >= self.max_per_account or counts[1] >= self.max_per_ip:
+        counts, ttl = await self._add(keys, 1)
+        if counts[0] > self.max_per_account or counts[1] > self.max_per_ip:
+            await self._add(keys, -1)
             log.warning("identity.login.throttled", ip=ip)
             raise TooManyRequests(
                 "Too many failed sign-in attempts; try again later", retry_after=ttl
             )
 
-    async def failed(self, email: str, ip: str) -> None:
-        for key in self._keys(email, ip):
-            try:
-                async with self.redis.guard() as client:
-                    pipe = client.pipeline(transaction=False)
-                    pipe.set(key, 0, ex=self.window, nx=True)
-                    pipe.incr(key)
-                    await pipe.execute()
-            except RedisUnavailable:
-                count, reset = self._local.get(key, (0, time.monotonic() + self.window))
-                self._local[key] = (count + 1, reset)
+    async def release(self, email: str, ip: str) -> None:
+        """Give a reserved attempt back: it ended neither in success nor in a wrong
+        password (a second factor asked for, an outage)."""
+        await self._add(self._keys(email, ip), -1)
 
     async def succeeded(self, email: str, ip: str) -> None:
-        account_key = self._keys(email, ip)[0]
+        """The account's failures are forgiven; the IP gets its reserved attempt back."""
+        account_key, ip_key = self._keys(email, ip)
         self._local.pop(account_key, None)
+        await self._add((ip_key,), -1)
         try:
             async with self.redis.guard() as client:
                 await client.delete(account_key)
         except RedisUnavailable:
             pass
 
-    async def _read(self, keys: tuple[str, str]) -> tuple[tuple[int, int], float]:
-        now = time.monotonic()
-        for key, (_, reset) in list(self._local.items()):
-            if reset <= now:
-                del self._local[key]
-        local = tuple(self._local.get(k, (0, now))[0] for k in keys)
+    async def _add(self, keys: tuple[str, ...], delta: int) -> tuple[tuple[int, ...], float]:
+        """Add ``delta`` to each counter (created with the window's TTL); the new counts and
+        the seconds until the first one resets. Redis when up, this process otherwise."""
         if self.redis.is_up:
             try:
                 async with self.redis.guard() as client:
                     pipe = client.pipeline(transaction=False)
-                    pipe.mget(list(keys))
+                    for key in keys:
+                        pipe.set(key, 0, ex=self.window, nx=True)
+                        pipe.incrby(key, delta)
                     pipe.ttl(keys[0])
-                    values, ttl = await pipe.execute()
-                remote = tuple(int(v) if v is not None else 0 for v in values)
-                return (max(local[0], remote[0]), max(local[1], remote[1])), float(
-                    max(ttl, 1) if ttl and ttl > 0 else self.window
-                )
+                    replies = await pipe.execute()
+                ttl = replies[-1]
+                counts = tuple(int(replies[2 * i + 1]) for i in range(len(keys)))
+                return counts, float(ttl if ttl and ttl > 0 else self.window)
             except RedisUnavailable:
                 pass
-        return (local[0], local[1]), float(self.window)
+        now = time.monotonic()
+        for key, (_, reset) in list(self._local.items()):
+            if reset <= now:
+                del self._local[key]
+        counts_local = []
+        for key in keys:
+            count, reset = self._local.get(key, (0, now + self.window))
+            count = max(0, count + delta)
+            self._local[key] = (count, reset)
+            counts_local.append(count)
+        first_reset = self._local[keys[0]][1]
+        return tuple(counts_local), max(1.0, first_reset - now)

@@ -41,7 +41,13 @@ from surge.identity.privileges import PrivilegeStore
 from surge.identity.security import LoginGuard, RevocationList
 from surge.kit.cache import Cache
 from surge.kit.db import Database
-from surge.kit.errors import Conflict, NotAuthenticated, NotFound, SurgeError
+from surge.kit.errors import (
+    Conflict,
+    DependencyUnavailable,
+    NotAuthenticated,
+    NotFound,
+    SurgeError,
+)
 from surge.kit.ratelimit import Subject
 from surge.kit.redis import RedisGateway
 from surge.kit.security import (
@@ -61,9 +67,9 @@ log = structlog.get_logger()
 
 #: Request-state key under which the rate-limit hook leaves the caller's privileges.
 PRIVILEGES_STATE = "identity_privileges"
-#: The principal whose signature the rate-limit hook already checked for this request
-#: (``current_user`` then only checks revocation).
-PRINCIPAL_STATE = "identity_signed_principal"
+#: The principal the rate-limit hook already authenticated for this request (signature,
+#: expiry and revocation), so ``current_user`` does not check the same token twice.
+PRINCIPAL_STATE = "identity_live_principal"
 #: pg advisory lock key: one view refresh at a time across every process.
 REFRESH_LOCK_ID = 7_421_003
 
@@ -252,45 +258,52 @@ class Identity:
     ) -> TokenPair:
         """Check the password (and the second factor when enrolled), open a session."""
         email = email.strip().lower()
-        await self.login_guard.check(email, ip)
-        evicted: list[uuid.UUID] = []
-        async with self.db.session() as session:
-            user = await repository.user_by_email(session, email)
-            if user is None:
-                await self.hasher.verify_dummy(password)
-                ok, new_hash = False, None
-            else:
-                ok, new_hash = await self.hasher.verify(user.password_hash, password)
-            if user is None or not ok:
-                await self.login_guard.failed(email, ip)
-                log.info("identity.login.failed", ip=ip)
-                raise InvalidCredentials("Wrong e-mail or password")
-            if new_hash is not None:
-                user.password_hash = new_hash
-                log.info("identity.password.rehashed", user_id=str(user.id))
-            mfa = False
-            if user.mfa_enabled:
-                if not otp:
-                    raise MfaRequired(
-                        "This account requires a one-time code", extra={"mfa_required": True}
+        await self.login_guard.reserve(email, ip)  # 429 once the failure budget is spent
+        outcome = "error"  # → the attempt is given back (second factor asked for, outage)
+        try:
+            evicted: list[uuid.UUID] = []
+            async with self.db.session() as session:
+                user = await repository.user_by_email(session, email)
+                if user is None:
+                    await self.hasher.verify_dummy(password)
+                    ok, new_hash = False, None
+                else:
+                    ok, new_hash = await self.hasher.verify(user.password_hash, password)
+                if user is None or not ok:
+                    outcome = "failed"
+                    log.info("identity.login.failed", ip=ip)
+                    raise InvalidCredentials("Wrong e-mail or password")
+                if new_hash is not None:
+                    user.password_hash = new_hash
+                    log.info("identity.password.rehashed", user_id=str(user.id))
+                mfa = False
+                if user.mfa_enabled:
+                    if not otp:
+                        raise MfaRequired(
+                            "This account requires a one-time code", extra={"mfa_required": True}
+                        )
+                    if not await self._second_factor(session, user, otp):
+                        outcome = "failed"
+                        raise InvalidCredentials("Wrong or already used one-time code")
+                    mfa = True
+                # Serialise this user's logins so the session cap cannot be raced past.
+                await repository.user_by_id(session, user.id, for_update=True)
+                now = _now()
+                live = await repository.live_sessions(session, user.id, now=now)
+                excess = len(live) - self.settings.AUTH_MAX_SESSIONS + 1
+                if excess > 0:
+                    evicted = await repository.revoke_sessions(
+                        session, [s.id for s in live[:excess]], now=now, reason="evicted"
                     )
-                if not await self._second_factor(session, user, otp):
-                    await self.login_guard.failed(email, ip)
-                    raise InvalidCredentials("Wrong or already used one-time code")
-                mfa = True
-            # Serialise this user's logins so the session cap cannot be raced past.
-            await repository.user_by_id(session, user.id, for_update=True)
-            now = _now()
-            live = await repository.live_sessions(session, user.id, now=now)
-            excess = len(live) - self.settings.AUTH_MAX_SESSIONS + 1
-            if excess > 0:
-                evicted = await repository.revoke_sessions(
-                    session, [s.id for s in live[:excess]], now=now, reason="evicted"
+                pair = await self._open_session(
+                    session, user, mfa=mfa, ip=ip, user_agent=user_agent, now=now
                 )
-            pair = await self._open_session(
-                session, user, mfa=mfa, ip=ip, user_agent=user_agent, now=now
-            )
-        await self.login_guard.succeeded(email, ip)
+            outcome = "ok"
+        finally:
+            if outcome == "ok":
+                await self.login_guard.succeeded(email, ip)
+            elif outcome == "error":
+                await self.login_guard.release(email, ip)
         if evicted:
             await self.revocations.publish(evicted)
             log.info("identity.session.evicted", user_id=str(user.id), sessions=len(evicted))
@@ -422,13 +435,20 @@ class Identity:
         now = _now()
         async with self.db.session() as session:
             if everywhere:
+                # The user's row first: a login in flight (it holds the same lock) either
+                # finishes before, and its session is among the live ones revoked here, or
+                # starts after, and is a new sign-in that must work.
+                user = await repository.user_by_id(session, principal.user_id, for_update=True)
+                assert user is not None
                 live = await repository.live_sessions(session, principal.user_id, now=now)
                 ids = [s.id for s in live] + [principal.session_id]
                 revoked = await repository.revoke_sessions(
                     session, ids, now=now, reason="logout_all"
                 )
-                user = await repository.user_by_id(session, principal.user_id, for_update=True)
-                assert user is not None
+                # Access tokens carry whole-second `iat`: tokens of this very second are
+                # covered by their sessions' revocation above, so the cut-off is the second
+                # itself — a sign-in right after this one, in the same second, is valid.
+                now = now.replace(microsecond=0)
                 user.tokens_valid_after = now
             else:
                 revoked = await repository.revoke_sessions(
@@ -556,9 +576,9 @@ class Identity:
 
     def rate_limit_subject(self, scope: Any) -> Awaitable[Subject | None] | None:
         """kit.ratelimit's ``identify`` hook: the caller's user id and plan tier, so the
-        plan selects the policy (seed 004: 300/500/1 000 per 15 min). Only the signature is
-        checked here (memoised); revocation is checked by the route's ``current_user``. An
-        invalid token is anonymous: it spends the client IP's budget. The privileges it
+        plan selects the policy (seed 004: 300/500/1 000 per 15 min). The token is fully
+        authenticated here (signature, expiry, revocation); an invalid or signed-out token
+        is anonymous: it spends the client IP's budget. The privileges it
         loads are left in the request state for the route to reuse."""
         token = _bearer(scope)
         if token is None:
@@ -569,7 +589,14 @@ class Identity:
             return None
         return self._subject(principal, scope)
 
-    async def _subject(self, principal: Principal, scope: Any) -> Subject:
+    async def _subject(self, principal: Principal, scope: Any) -> Subject | None:
+        try:
+            if await self.revocations.is_revoked(
+                principal.session_id, principal.user_id, principal.issued_at
+            ):
+                return None  # a signed-out token buys no user tier: anonymous, per IP
+        except DependencyUnavailable:
+            return None  # cannot tell: anonymous here; the route's own check answers 503
         privileges = await self.privileges.get(principal.user_id)
         state = scope.setdefault("state", {})
         state[PRIVILEGES_STATE] = privileges
