@@ -340,6 +340,14 @@ class TestAdminApi:
             assert again.status_code == 409
             assert again.headers["content-type"].startswith("application/problem+json")
             assert (await web.get("/api/admin/jobs/999999999")).status_code == 404
+            for beyond in (2**63, -(2**63) - 1, 0):  # past BIGINT, or no job id at all
+                for method, path in (
+                    ("GET", f"/api/admin/jobs/{beyond}"),
+                    ("POST", f"/api/admin/jobs/{beyond}/retry"),
+                    ("POST", f"/api/admin/jobs/{beyond}/cancel"),
+                ):
+                    refused = await web.request(method, path)
+                    assert refused.status_code == 422, (path, refused.text)
             waiting = (await web.get("/api/admin/jobs")).json()["queues"]
             assert {q["queue"]: q for q in waiting}["t_record"]["ready"] == 3
             async with jobs_db.db.session() as session:

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
+from sqlalchemy import text
 
 from surge.app import create_app
 from surge.config import Settings
 from surge.kit.errors import Conflict
+from surge.kit.web.deps import SessionDep
 from tests.conftest import app_client, make_settings
 
 
 class Item(BaseModel):
     name: str
     quantity: int
+
+
+class Stored(BaseModel):
+    name: str = "ok"
+    at: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    big: int = 1
 
 
 @pytest.fixture
@@ -41,6 +50,14 @@ async def web(server_urls: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
     @app.get("/t/slow")
     async def slow() -> None:
         await asyncio.sleep(5)
+
+    @app.post("/t/store", status_code=204)
+    async def store(body: Stored, session: SessionDep) -> None:
+        """Valid to pydantic, not to PostgreSQL: NUL text, a date pushed past year 9999."""
+        await session.execute(
+            text("SELECT CAST(:n AS text), CAST(:at AS timestamptz), CAST(:big AS bigint)"),
+            {"n": body.name, "at": body.at, "big": body.big},
+        )
 
     async for client in app_client(app):
         yield client
@@ -75,6 +92,27 @@ async def test_malformed_json_is_422(web: httpx.AsyncClient) -> None:
         "/t/items", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert_problem(response, 422)
+
+
+async def test_values_the_database_cannot_store_are_422(web: httpx.AsyncClient) -> None:
+    assert (await web.post("/t/store", json={})).status_code == 204
+    for body in (
+        {"name": "a\u0000b"},
+        {"at": "9999-12-31T23:59:59-23:59"},
+        {"at": "0001-01-01T00:00:00+23:59"},
+        {"big": 2**63},
+    ):
+        problem = assert_problem(await web.post("/t/store", json=body), 422)
+        assert problem["title"] == "Unprocessable Content"
+
+
+async def test_openapi_documents_problem_responses(web: httpx.AsyncClient) -> None:
+    spec = (await web.get("/openapi.json")).json()
+    assert "Problem" in spec["components"]["schemas"]
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            default = operation["responses"]["default"]
+            assert "application/problem+json" in default["content"]
 
 
 async def test_500_hides_internals(web: httpx.AsyncClient) -> None:

@@ -92,6 +92,10 @@ CONCURRENCY_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
 #: SQLSTATEs of text PostgreSQL cannot store (a NUL character, a character outside the
 #: database encoding): the caller's input, not a bug.
 UNSTORABLE_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
+#: SQLSTATEs of a value that passed validation but cannot be stored: past BIGINT, a date
+#: whose offset moves it out of range (asyncpg refuses to encode both: 22000), a numeric or
+#: datetime overflow, text that is not the column's type.
+OUT_OF_RANGE_SQLSTATES = frozenset({"22000", "22003", "22007", "22008", "22P02"})
 
 
 def sqlstate(error: BaseException) -> str | None:

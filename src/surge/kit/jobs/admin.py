@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.params import Depends
 
 from surge.kit.jobs.errors import JobNotFound, JobStateConflict
@@ -24,6 +24,8 @@ from surge.kit.jobs.queue import (
     retry_job,
 )
 from surge.kit.web.deps import ReadSessionDep, SessionDep
+
+JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="A job's id (BIGINT).")]
 
 
 def admin_router(
@@ -63,7 +65,7 @@ def admin_router(
         }
 
     @router.get("/{job_id}")
-    async def job_detail(job_id: int, session: ReadSessionDep) -> dict[str, Any]:
+    async def job_detail(job_id: JobId, session: ReadSessionDep) -> dict[str, Any]:
         """One job's state (queued / active / succeeded / failed / cancelled) and history."""
         job = await get_job(session, job_id)
         if job is None:
@@ -71,12 +73,12 @@ def admin_router(
         return job.as_dict()
 
     @router.post("/{job_id}/retry")
-    async def job_retry(job_id: int, session: SessionDep) -> dict[str, Any]:
+    async def job_retry(job_id: JobId, session: SessionDep) -> dict[str, Any]:
         """Re-queue a failed or cancelled job now, with its attempts reset."""
         return (await retry_job(session, job_id)).as_dict()
 
     @router.post("/{job_id}/cancel")
-    async def job_cancel(job_id: int, session: SessionDep) -> dict[str, Any]:
+    async def job_cancel(job_id: JobId, session: SessionDep) -> dict[str, Any]:
         """Cancel a job that has not started yet."""
         if not await cancel_job(session, job_id):
             job = await get_job(session, job_id)

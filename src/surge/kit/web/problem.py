@@ -25,6 +25,7 @@ from starlette.responses import Response
 
 from surge.kit.db import (
     CONCURRENCY_SQLSTATES,
+    OUT_OF_RANGE_SQLSTATES,
     UNSTORABLE_TEXT_SQLSTATES,
     is_unavailable,
     sqlstate,
@@ -142,12 +143,14 @@ async def _database_error(request: Request, error: Exception) -> Response:
             request=request,
             headers={"Retry-After": "1"},
         )
-    if state in UNSTORABLE_TEXT_SQLSTATES:
+    if state in UNSTORABLE_TEXT_SQLSTATES or state in OUT_OF_RANGE_SQLSTATES:
+        detail = (
+            "A text field holds a character that cannot be stored (such as NUL)."
+            if state in UNSTORABLE_TEXT_SQLSTATES
+            else "A value is out of the range that can be stored (a number or a date)."
+        )
         return problem_response(
-            422,
-            detail="A text field holds a character that cannot be stored (such as NUL).",
-            type_="validation",
-            request=request,
+            422, title="Unprocessable Content", detail=detail, type_="validation", request=request
         )
     if is_unavailable(error):
         log.warning("db.unavailable", error=str(error)[:300])
@@ -161,7 +164,47 @@ async def _database_error(request: Request, error: Exception) -> Response:
     raise error  # a real bug: let SurgeMiddleware answer 500 and log it
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "RFC 9457 problem details.",
+    "properties": {
+        "type": {"type": "string", "format": "uri"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+    },
+    "required": ["type", "title", "status"],
+    "additionalProperties": True,
+}
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Every operation's OpenAPI ``default`` response: an ``application/problem+json`` body
+    (401, 403, 404, 409, 413, 429, 503... are all answered that way; listing each status on
+    each route would say the same thing forty times)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+            "Problem", PROBLEM_SCHEMA
+        )
+        default = {
+            "description": "An error, as RFC 9457 problem details.",
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if isinstance(operation, dict) and "responses" in operation:
+                    operation["responses"].setdefault("default", default)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_problem_handlers(app: FastAPI) -> None:
+    _document_problems(app)
     app.add_exception_handler(SurgeError, _surge_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
