@@ -11,6 +11,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from surge.app import create_app
 from surge.kit.db import Database, PoolConfig, engine_options, migrate, on_commit
@@ -194,9 +195,19 @@ def test_ensure_database_creates_a_missing_database_once(server_urls: tuple[str,
     created, then found; an unreachable server is an error, not a silent pass."""
     url = make_url(server_urls[0]).set(database=f"surge_new_{uuid.uuid4().hex[:8]}")
     fresh = url.render_as_string(hide_password=False)
-    assert migrate.ensure_database(fresh) is True
-    assert migrate.ensure_database(fresh) is False
-    assert migrate.pending_revisions(fresh)  # reachable, and empty of our schema
+    try:
+        assert migrate.ensure_database(fresh) is True
+        assert migrate.ensure_database(fresh) is False
+        assert migrate.pending_revisions(fresh)  # reachable, and empty of our schema
+    finally:  # the server may be a shared one (SURGE_TEST_DATABASE_URL): leave it as found
+
+        async def drop() -> None:
+            admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+            async with admin.connect() as connection:
+                await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}"')
+            await admin.dispose()
+
+        asyncio.run(drop())
     unreachable = url.set(port=1).render_as_string(hide_password=False)
     with pytest.raises(OSError):
         migrate.ensure_database(unreachable)
