@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from bench.common import console, median, percentile, report
+from bench.common import console, median, percentile, report, run_async
 from surge.kit.cache import Cache
 from surge.kit.embedded import EmbeddedRedis
 from surge.kit.redis import RedisGateway
@@ -292,12 +292,7 @@ async def bench(quick: bool) -> None:
 
 
 def main(quick: bool = False) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is pinned; plain asyncio still works
-        asyncio.run(bench(quick))
-    else:
-        uvloop.run(bench(quick))
+    run_async(lambda: bench(quick))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ it to ``bench/results/NAME.json``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,13 @@ def report(
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return result
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a bench's coroutine under uvloop (as production runs), plain asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is pinned; plain asyncio still works
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench._loadgen import CONNECTIONS, load, uvicorn_server, wait_ready
+from bench._loadgen import CONNECTIONS, load, stop_servers, uvicorn_server, wait_ready
 from bench.common import console, median, report
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
@@ -75,11 +74,7 @@ def main(quick: bool = False) -> None:
                 base.append(load(bare_url, seconds))
                 progress.advance(task)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=30)
+        stop_servers(procs)
         redis.stop()
         pg.stop()
         shutil.rmtree(folder, ignore_errors=True)

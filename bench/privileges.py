@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import httpx
 import pyotp
 from sqlalchemy import text
 
-from bench._loadgen import CONNECTIONS, load, uvicorn_server, wait_ready
+from bench._loadgen import CONNECTIONS, load, stop_servers, uvicorn_server, wait_ready
 from bench.common import console, median, percentile, report
 from surge.config import Settings
 from surge.kit.db import migrate
@@ -260,11 +259,7 @@ def main(quick: bool = False) -> None:
                 base_nolimit.append(load(livez_nl, seconds))
                 progress.advance(task)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=30)
+        stop_servers(procs)
         redis.stop()
         pg.stop()
         shutil.rmtree(folder, ignore_errors=True)

@@ -48,7 +48,7 @@ from limits.aio.strategies import (
     RateLimiter as LimitsStrategy,
 )
 
-from bench.common import console, median, percentile, report
+from bench.common import console, median, percentile, report, run_async
 from surge.kit.embedded import EmbeddedRedis
 from surge.kit.ratelimit import Check, RateLimiter, RatePolicy
 from surge.kit.redis import RedisGateway
@@ -300,12 +300,7 @@ async def _bench(url: str, reps: int, seconds: float) -> None:
 
 
 def main(quick: bool = False) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is pinned; plain asyncio still works
-        asyncio.run(bench(quick))
-    else:
-        uvloop.run(bench(quick))
+    run_async(lambda: bench(quick))
 
 
 if __name__ == "__main__":
