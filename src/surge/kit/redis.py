@@ -33,6 +33,7 @@ from redis.exceptions import MaxConnectionsError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from surge.kit.errors import DependencyUnavailable
+from surge.kit.resp import RespLane
 from surge.kit.telemetry.metrics import REDIS_UP
 
 log = structlog.get_logger()
@@ -94,6 +95,7 @@ class RedisGateway:
             timeout=socket_timeout,
         )
         self._client: redis_async.Redis = redis_async.Redis(connection_pool=pool)
+        self._lane = RespLane(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout)
         self._up = True
         self._down_since = 0.0
         self._attempts = 0
@@ -116,6 +118,14 @@ class RedisGateway:
             raise RedisUnavailable()
         return self._client
 
+    def lane(self) -> RespLane:
+        """The process's pipelined connection for hot commands (``surge.kit.resp``), or
+        ``RedisUnavailable`` immediately while Redis is down. Its errors are redis-py's:
+        classify them as for the client (``CONNECTION_ERRORS``, ``ReadOnlyError``)."""
+        if not self._up:
+            raise RedisUnavailable()
+        return self._lane
+
     @property
     def raw(self) -> redis_async.Redis:
         """The client regardless of state (health probes, tests)."""
@@ -125,11 +135,13 @@ class RedisGateway:
         if isinstance(error, ReadOnlyError):
             # A failover demoted the server we talk to: reconnect, it is not "down".
             log.warning("redis.readonly_reconnect")
+            self._lane.reset()
             asyncio.get_running_loop().create_task(self._client.connection_pool.disconnect())
             return
         if not self._up:
             return
         self._up = False
+        self._lane.reset()
         self._down_since = time.monotonic()
         self._attempts = 0
         REDIS_UP.set(0)
@@ -202,6 +214,7 @@ class RedisGateway:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+        await self._lane.close()
         await self._client.aclose()
 
     def info(self) -> dict[str, Any]:

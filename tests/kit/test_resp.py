@@ -1,0 +1,199 @@
+"""kit.resp against a real Redis: pipelined callers get their own replies, error replies
+are redis-py's exceptions, a cancelled caller does not shift anyone's reply, a stuck or
+killed server fails what is in flight (and only that), and URLs carry AUTH and the db."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis_async
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    DataError,
+    NoScriptError,
+    ResponseError,
+)
+from redis.exceptions import (
+    TimeoutError as RedisTimeoutError,
+)
+
+from surge.kit.embedded import EmbeddedRedis
+from surge.kit.resp import RespLane, pack
+from tests.fixtures.servers import start_redis
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """This module's own Redis: some tests pause it, one changes its password."""
+    redis = start_redis(tmp_path_factory.mktemp("resp-redis"))
+    yield redis
+    redis.stop()
+
+
+async def pause(url: str, milliseconds: int) -> None:
+    """Redis answers nobody for ``milliseconds`` (commands sent meanwhile stay in flight)."""
+    client = redis_async.Redis.from_url(url)
+    try:
+        await client.client_pause(milliseconds, all=True)
+    finally:
+        await client.aclose()
+
+
+class TestPipelining:
+    async def test_concurrent_callers_each_get_their_own_reply(self, server: EmbeddedRedis) -> None:
+        lane = RespLane(server.url)
+        prefix = uuid.uuid4().hex
+        try:
+            await asyncio.gather(*(lane.execute("SET", f"{prefix}:{i}", i * 7) for i in range(300)))
+            values = await asyncio.gather(
+                *(lane.execute("GET", f"{prefix}:{i}") for i in range(300))
+            )
+            assert values == [b"%d" % (i * 7) for i in range(300)]
+            assert await lane.execute("INCRBY", f"{prefix}:0", 5) == 5
+            assert await lane.execute("GET", "no-such-key-" + prefix) is None
+            assert await lane.execute("MGET", f"{prefix}:1", f"{prefix}:2") == [b"7", b"14"]
+        finally:
+            await lane.close()
+
+    async def test_commands_share_one_connection(self, server: EmbeddedRedis) -> None:
+        lane = RespLane(server.url)
+        name = f"lane-{uuid.uuid4().hex[:8]}"
+        try:
+            await lane.execute("CLIENT", "SETNAME", name)
+            await asyncio.gather(*(lane.execute("PING") for _ in range(200)))
+            clients = (await lane.execute("CLIENT", "LIST")).decode()
+            assert clients.count(f"name={name}") == 1
+        finally:
+            await lane.close()
+
+
+class TestErrors:
+    async def test_error_replies_are_redis_py_exceptions_and_the_lane_goes_on(
+        self, server: EmbeddedRedis
+    ) -> None:
+        lane = RespLane(server.url)
+        key = uuid.uuid4().hex
+        try:
+            with pytest.raises(NoScriptError):
+                await lane.execute("EVALSHA", "0" * 40, 0)
+            await lane.execute("SET", key, "text")
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await lane.execute("LPUSH", key, "x")
+            assert await lane.execute("GET", key) == b"text"  # same connection, still in step
+        finally:
+            await lane.close()
+
+    def test_arguments_are_bytes_str_or_int(self) -> None:
+        assert pack(("SET", b"k", 12)) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
+        assert pack(("SET", "ü", -1)) == b"*3\r\n$3\r\nSET\r\n$2\r\n\xc3\xbc\r\n$2\r\n-1\r\n"
+        for bad in (1.5, True, None):
+            with pytest.raises(DataError):
+                pack(("SET", "k", bad))  # type: ignore[arg-type]
+
+    async def test_a_cancelled_caller_does_not_shift_the_replies(
+        self, server: EmbeddedRedis
+    ) -> None:
+        lane = RespLane(server.url)
+        key = uuid.uuid4().hex
+        try:
+            await lane.execute("SET", key, "mine")
+            await pause(server.url, 300)
+            gone = asyncio.create_task(lane.execute("ECHO", "not-yours"))
+            kept = asyncio.create_task(lane.execute("GET", key))
+            await asyncio.sleep(0.05)  # both written, both unanswered
+            gone.cancel()
+            assert await kept == b"mine"
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            assert await lane.execute("ECHO", "next") == b"next"
+        finally:
+            await lane.close()
+
+
+class TestFailures:
+    async def test_no_reply_within_the_timeout_fails_what_is_in_flight(
+        self, server: EmbeddedRedis
+    ) -> None:
+        lane = RespLane(server.url, socket_timeout=0.2)
+        try:
+            await lane.execute("PING")
+            await pause(server.url, 700)
+            started = asyncio.get_running_loop().time()
+            results = await asyncio.gather(
+                *(lane.execute("PING") for _ in range(3)), return_exceptions=True
+            )
+            waited = asyncio.get_running_loop().time() - started
+            assert all(isinstance(r, RedisTimeoutError) for r in results), results
+            assert 0.15 < waited < 0.6
+            await asyncio.sleep(0.6)  # the pause ends
+            assert await lane.execute("PING") == b"PONG"  # a new connection
+        finally:
+            await lane.close()
+
+    async def test_killed_server_fails_in_flight_then_reconnects(self, tmp_path: Path) -> None:
+        redis = start_redis(tmp_path / "redis")
+        lane = RespLane(redis.url, connect_timeout=0.3)
+        try:
+            assert await lane.execute("PING") == b"PONG"
+            await pause(redis.url, 2000)
+            in_flight = [asyncio.create_task(lane.execute("PING")) for _ in range(5)]
+            await asyncio.sleep(0.05)
+            redis.kill()
+            results = await asyncio.wait_for(
+                asyncio.gather(*in_flight, return_exceptions=True), timeout=5
+            )
+            assert all(isinstance(r, RedisConnectionError) for r in results), results
+            with pytest.raises(RedisConnectionError):
+                await lane.execute("PING")  # nothing listens: refused, not hung
+            redis.start()  # same port
+            assert await lane.execute("PING") == b"PONG"
+        finally:
+            await lane.close()
+            redis.stop()
+
+
+class TestUrls:
+    async def test_password_and_database_from_the_url(self, tmp_path: Path) -> None:
+        redis = start_redis(tmp_path / "redis")
+        admin = redis_async.Redis.from_url(redis.url)
+        try:
+            await admin.config_set("requirepass", "s3cret")
+            url = f"redis://:s3cret@127.0.0.1:{redis.port}/3"
+            lane = RespLane(url)
+            await lane.execute("SET", "where", "db3")
+            await lane.close()
+            check = redis_async.Redis.from_url(url)
+            assert await check.get("where") == b"db3"
+            assert (
+                await redis_async.Redis.from_url(f"redis://:s3cret@127.0.0.1:{redis.port}/0").get(
+                    "where"
+                )
+                is None
+            )
+            await check.aclose()
+            wrong = RespLane(f"redis://:nope@127.0.0.1:{redis.port}/0")
+            with pytest.raises(RedisConnectionError):  # redis-py's AuthenticationError
+                await wrong.execute("PING")
+        finally:
+            await admin.aclose()
+            redis.stop()
+
+    def test_a_lane_used_from_another_event_loop_reconnects(self, server: EmbeddedRedis) -> None:
+        """Its connection belongs to the loop that opened it: used from another loop, the
+        lane opens a new one instead of sharing a transport across loops."""
+        lane = RespLane(server.url)
+        first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+        try:
+            assert first.run_until_complete(lane.execute("PING")) == b"PONG"
+            assert second.run_until_complete(lane.execute("ECHO", "second")) == b"second"
+            second.run_until_complete(lane.close())
+            first.run_until_complete(asyncio.sleep(0.01))  # the first connection's teardown
+        finally:
+            first.close()
+            second.close()
