@@ -372,3 +372,26 @@ class TestUncoalesced:
         decisions = await asyncio.gather(*(limiter.hit("p", "k") for _ in range(30)))
         assert await evalsha_calls(redis_url) - before == 30
         assert sum(d.allowed for d in decisions) == 20
+
+
+class TestHeadersFromTheScript:
+    async def test_fast_headers_equal_the_verdicts_headers(self, make_limiter: MakeLimiter) -> None:
+        """The middleware formats RateLimit fields straight from the script's reply; they
+        must say exactly what the verdicts say: allowed, denied, weighted and shadow checks."""
+        from surge.kit.ratelimit.limiter import Decision
+        from surge.kit.ratelimit.web import rate_limit_headers
+
+        tight, wide = policy("tight", 3, 60), policy("wide", 100, 3600)
+        watch = policy("watch", 1, 60, shadow=True)
+        limiter = make_limiter(tight, wide, watch)
+        checks = [Check(tight, "u"), Check(wide, "u", 7), Check(watch, "u")]
+        seen = 0
+        for _ in range(5):
+            decision = await limiter.check(checks)
+            assert decision.rels is not None  # decided by the script
+            from_verdicts = Decision(decision.allowed, list(decision.verdicts))
+            assert from_verdicts.rels is None
+            assert rate_limit_headers(decision) == rate_limit_headers(from_verdicts)
+            seen += decision.allowed
+        assert seen == 3
+        assert rate_limit_headers(decision)[1][1].startswith(b'"tight";r=0;t=60, "wide";r=')

@@ -127,6 +127,11 @@ class RatePolicy(BaseModel):
     def _header_item(self) -> str:  # every limited response carries it: format it once
         return f'"{self.name}";q={self.limit};w={max(1, round(self.period.total_seconds()))}'
 
+    @cached_property
+    def header_name(self) -> bytes:
+        """The policy's name as a quoted string of the IETF fields (``b'"name"'``)."""
+        return f'"{self.name}"'.encode()
+
 
 def parse_policies(raw: list[dict[str, Any]] | list[RatePolicy]) -> list[RatePolicy]:
     """Validate the configured policies; names must be unique."""

@@ -23,7 +23,7 @@ import fnmatch
 import inspect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import structlog
@@ -36,6 +36,7 @@ from surge.kit.ratelimit.limiter import Check, Decision, RateLimiter
 from surge.kit.ratelimit.policy import ANONYMOUS, Per, RatePolicy, Subject
 from surge.kit.ratelimit.policy import Scope as PolicyScope
 from surge.kit.web.client_ip import UNKNOWN, ClientIpResolver, ip_bucket
+from surge.kit.web.middleware import RESPONSE_HEADERS
 from surge.kit.web.problem import PROBLEM_JSON, problem_body
 
 log = structlog.get_logger()
@@ -151,7 +152,10 @@ class RateLimitMiddleware:
             return
         state = scope.setdefault("state", {})
         state[STATE_LIMITER] = self.limiter
-        checks = await self._checks(scope, state)
+        subject = _identify_now(self.limiter, scope)
+        if subject is not None and not isinstance(subject, Subject):
+            subject = await _identify_later(subject, scope)
+        checks = self._checks(scope, state, subject)
         if not checks:
             await self.app(scope, receive, send)
             return
@@ -161,21 +165,28 @@ class RateLimitMiddleware:
         if not decision.allowed:
             await _send_denied(send, decision, headers, scope["path"])
             return
+        if not headers:
+            await self.app(scope, receive, send)
+            return
+        extra: list[tuple[bytes, bytes]] | None = scope.get(RESPONSE_HEADERS)
+        if extra is not None:  # SurgeMiddleware adds them to the response it wraps anyway
+            extra.extend(headers)
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
 
-        await self.app(scope, receive, send_with_headers if headers else send)
+        await self.app(scope, receive, send_with_headers)
 
     def _exempt(self, path: str) -> bool:
         if path in self.exempt_exact:
             return True
         return self.exempt_glob is not None and self.exempt_glob.match(path) is not None
 
-    async def _checks(self, scope: Scope, state: dict[str, Any]) -> list[Check]:
-        subject = await _identify(self.limiter, scope)
+    def _checks(self, scope: Scope, state: dict[str, Any], subject: Subject | None) -> list[Check]:
         tier = subject.tier if subject is not None else ANONYMOUS
         ip = self.limiter.client_ip(scope)
         method: str = scope["method"]
@@ -251,14 +262,30 @@ def _route_limits(route: BaseRoute) -> list[RouteLimit]:
 async def _identify(limiter: RateLimiter, scope: Scope) -> Subject | None:
     """The caller, or None. A failing hook must not turn every request into a 500: the
     caller is then treated as anonymous (limited per IP) and the failure is logged."""
+    result = _identify_now(limiter, scope)
+    if result is None or isinstance(result, Subject):
+        return result
+    return await _identify_later(result, scope)
+
+
+def _identify_now(limiter: RateLimiter, scope: Scope) -> Subject | Awaitable[Subject | None] | None:
+    """The hook's answer: a ``Subject``, None, or an awaitable when it needs I/O (the
+    common case, a caller whose token and plan are in memory, costs no coroutine)."""
     try:
-        result = limiter.identify(scope)
-        if inspect.isawaitable(result):
-            result = await result
+        return limiter.identify(scope)
     except Exception:
         log.exception("ratelimit.identify_failed", path=scope.get("path"))
         return None
-    return result
+
+
+async def _identify_later(pending: Any, scope: Scope) -> Subject | None:
+    try:
+        if inspect.isawaitable(pending):
+            pending = await pending
+    except Exception:
+        log.exception("ratelimit.identify_failed", path=scope.get("path"))
+        return None
+    return pending  # type: ignore[no-any-return]
 
 
 def _partition(policy: RatePolicy, subject: Subject | None, ip: str, endpoint: str | None) -> str:
@@ -273,6 +300,8 @@ def _partition(policy: RatePolicy, subject: Subject | None, ip: str, endpoint: s
 
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
     """``RateLimit-Policy`` and ``RateLimit`` for the enforced, metered policies."""
+    if decision.rels is not None:
+        return _script_headers(decision, decision.rels)
     shown = [v for v in decision.verdicts if not v.policy.shadow and v.store in ("redis", "local")]
     if not shown:
         return []
@@ -281,6 +310,38 @@ def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
         f'"{v.policy.name}";r={v.remaining};t={math.ceil(v.reset_after)}' for v in shown
     )
     return [(b"ratelimit-policy", policy.encode()), (b"ratelimit", state.encode())]
+
+
+#: id(checks) → (checks, its RateLimit-Policy value): the middleware's plans are memoised,
+#: so a caller's checks are the same list request after request (kept alive here, so an id
+#: cannot be reused while cached). Bounded; cleared whole when full.
+_POLICY_FIELDS: dict[int, tuple[Sequence[Check], bytes]] = {}
+
+
+def _script_headers(decision: Decision, rels: list[int]) -> list[tuple[bytes, bytes]]:
+    """The same fields as from the verdicts, computed from what the script returned
+    (``remaining`` and ``t`` as ``_verdict`` computes them) without building verdicts."""
+    checks = decision.checks
+    cached = _POLICY_FIELDS.get(id(checks))
+    if cached is None or cached[0] is not checks:
+        if len(_POLICY_FIELDS) >= MEMO_MAX:
+            _POLICY_FIELDS.clear()
+        items = [c.policy.header_item() for c in checks if not c.policy.shadow]
+        cached = _POLICY_FIELDS[id(checks)] = (checks, ", ".join(items).encode())
+    if not cached[1]:
+        return []
+    allowed = decision.allowed
+    state = []
+    for check, rel in zip(checks, rels, strict=True):
+        policy = check.policy
+        if policy.shadow:
+            continue
+        after = rel + check.step
+        if not allowed or after > policy.period_us:
+            after = rel
+        remaining = max(0, (policy.period_us - after) // policy.interval_us)
+        state.append(b"%s;r=%d;t=%d" % (policy.header_name, remaining, -(-after // 1_000_000)))
+    return [(b"ratelimit-policy", cached[1]), (b"ratelimit", b", ".join(state))]
 
 
 def _detail(decision: Decision) -> str:

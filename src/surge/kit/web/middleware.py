@@ -29,6 +29,11 @@ from surge.kit.web.problem import PROBLEM_JSON, problem_body
 
 log = structlog.get_logger()
 
+#: Scope key of a list of extra response headers: inner layers (the rate limiter) append to
+#: it and ``SurgeMiddleware`` adds them to the response it already wraps, instead of each
+#: layer wrapping ``send`` again (one closure and two awaits less per request).
+RESPONSE_HEADERS = "surge.response_headers"
+
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 UNMATCHED = "<unmatched>"
@@ -98,6 +103,8 @@ class SurgeMiddleware:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         id_header = (b"x-request-id", request_id.encode("latin-1"))
+        extra: list[tuple[bytes, bytes]] = []
+        scope[RESPONSE_HEADERS] = extra
         status = 500
         response_started = False
 
@@ -106,7 +113,7 @@ class SurgeMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
+                message["headers"] = [*message.get("headers", ()), id_header, *extra]
             await send(message)
 
         limit = self.body_limit
@@ -124,9 +131,10 @@ class SurgeMiddleware:
 
         recorder = metrics.REQUESTS
         recorder.started()
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
-        self._deadlines[task] = asyncio.get_running_loop().time() + self.timeout
+        self._deadlines[task] = loop.time() + self.timeout
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="request-deadlines")
         try:
