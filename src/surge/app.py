@@ -33,12 +33,17 @@ from surge.kit.telemetry.health_score import platform_health_router
 from surge.kit.telemetry.logging import configure_logging
 from surge.kit.web.middleware import SurgeMiddleware
 from surge.kit.web.problem import install_problem_handlers
+from surge.kit.web.routing import promote_routes
 from surge.wallet.routes import admin_router as wallet_admin_router
 from surge.wallet.routes import router as wallet_router
 from surge.wallet.service import wallet as wallet_service
 from surge.worker import discover as discover_jobs
 
 log = structlog.get_logger()
+
+#: Matched first, in this order: the API's hottest route (seed 003's privilege check), then
+#: the probes load balancers send to every process every few seconds.
+HOT_ROUTES = ("/api/v1/me/privileges", "/livez", "/readyz")
 
 
 def _drain_on_signal(health: Health) -> None:
@@ -117,6 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.health, runtime.extensions, dependencies=[Depends(require_admin_mfa)]
         )
     )
+    # The routes most requests hit go first: Starlette tries routes in order (ADR 0011).
+    promote_routes(app, HOT_ROUTES)
     # Added before SurgeMiddleware so it runs inside it: 429s get request ids and metrics.
     install_ratelimit(app, runtime)
     # The caller's plan picks its rate-limit tier (identity's hook; anonymous otherwise).

@@ -109,3 +109,22 @@ async def test_exhausted_pool_is_not_an_outage(server_urls: tuple[str, str]) -> 
         assert gateway.is_up
     finally:
         await gateway.close()
+
+
+def test_batched_counter_reaches_prometheus_at_the_flush() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    counter = Counter("t_batched_total", "Batched test counter.", ["source"], registry=registry)
+    batched = metrics.BatchedCounter(counter)
+    hits = batched.labels("memory")
+    assert batched.labels("memory") is hits  # one child per label set
+    for _ in range(5):
+        hits.inc()
+    batched.labels("redis").inc(3)
+    assert registry.get_sample_value("t_batched_total", {"source": "memory"}) == 0.0
+    metrics.flush_all()  # registered on creation: /metrics, alerts and admin flush first
+    assert registry.get_sample_value("t_batched_total", {"source": "memory"}) == 5.0
+    assert registry.get_sample_value("t_batched_total", {"source": "redis"}) == 3.0
+    metrics.flush_all()  # nothing counted twice
+    assert registry.get_sample_value("t_batched_total", {"source": "memory"}) == 5.0

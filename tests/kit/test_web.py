@@ -228,3 +228,50 @@ def test_batched_request_metrics_land_in_the_right_buckets() -> None:
     assert sample("http_request_duration_seconds_bucket", le="30.0") == 5
     assert sample("http_request_duration_seconds_bucket", le="+Inf") == 6
     assert abs(sample("http_request_duration_seconds_sum") - 45.2165) < 1e-9
+
+
+class TestHotRoutes:
+    def test_promoted_routes_are_matched_first_and_duplicates_keep_their_order(self) -> None:
+        from surge.kit.web.routing import promote_routes
+
+        app = FastAPI()
+
+        @app.get("/a")
+        async def a() -> dict[str, str]:
+            return {"route": "a"}
+
+        @app.get("/hot")
+        async def hot() -> dict[str, str]:
+            return {"route": "hot"}
+
+        @app.get("/twice")
+        async def first_twice() -> dict[str, str]:
+            return {"route": "first"}
+
+        @app.get("/twice")
+        async def second_twice() -> dict[str, str]:  # shadowed by the first
+            return {"route": "second"}
+
+        moved = promote_routes(app, ["/hot", "/twice", "/missing"])
+        assert moved == ["/hot"]
+        paths = [getattr(r, "path", None) for r in app.router.routes]
+        assert paths[0] == "/hot"
+        assert paths.index("/a") < paths.index("/twice")  # the rest keeps its order
+
+    async def test_json_bytes_response_is_a_complete_json_response(self) -> None:
+        from surge.kit.web.responses import JSONBytes
+
+        app = FastAPI()
+
+        @app.get("/j")
+        async def j() -> JSONBytes:
+            return JSONBytes(b'{"ok":true}', status_code=202)
+
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as client:
+            response = await client.get("/j")
+        assert response.status_code == 202
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["content-length"] == "11"
+        assert response.json() == {"ok": True}

@@ -42,13 +42,14 @@ def bearer_token(request: Request) -> str:
 async def current_user(request: Request, identity: IdentityDep) -> Principal:
     """The authenticated caller; also stored on ``request.state.principal`` for middleware
     and logs (the rate limiter reads it to pick the caller's tier)."""
-    live: Principal | None = request.scope.get("state", {}).get(PRINCIPAL_STATE)
+    state = request.scope.setdefault("state", {})
+    live: Principal | None = state.get(PRINCIPAL_STATE)
     if live is not None:  # this request's token, authenticated by the rate-limit hook
         principal = live
     else:
         principal = await identity.authenticate(bearer_token(request))
-    request.state.principal = principal
-    structlog.contextvars.bind_contextvars(user_id=str(principal.user_id))
+    state["principal"] = principal  # request.state.principal
+    structlog.contextvars.bind_contextvars(user_id=principal.key)
     return principal
 
 

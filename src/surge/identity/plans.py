@@ -10,6 +10,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
+
+import orjson
 
 from surge.config import Settings
 
@@ -81,6 +84,22 @@ class Privileges:
 
     def has(self, feature: str) -> bool:
         return feature in self.features
+
+    @cached_property
+    def json(self) -> bytes:
+        """This answer as ``GET /api/v1/me/privileges`` sends it (``PrivilegesRead``),
+        encoded once: the privilege store hands out the same object while the user's entry
+        is unchanged, so the hot route sends memoised bytes."""
+        return orjson.dumps(
+            {
+                "user_id": str(self.user_id),
+                "plan": self.plan,
+                "features": sorted(self.features),
+                "rate_tier": self.rate_tier,
+                "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+                "source": self.source,
+            }
+        )
 
 
 def privileges_for(catalog: Catalog, user_id: uuid.UUID, grant: Grant, source: str) -> Privileges:

@@ -162,6 +162,18 @@ class RevocationList:
         self._not_before = {k: v for k, v in self._not_before.items() if v > horizon}
 
     # ---- checks -------------------------------------------------------------------------
+    def revoked_now(
+        self, session_id: uuid.UUID, user_id: uuid.UUID, issued_at: float
+    ) -> bool | None:
+        """``is_revoked`` from memory, without a coroutine; None while memory is not trusted
+        (then await ``is_revoked``, which asks Redis or the database)."""
+        if not self.trusted:
+            return None
+        if session_id in self._sessions:
+            return True
+        not_before = self._not_before.get(user_id)
+        return not_before is not None and issued_at < not_before
+
     async def is_revoked(self, session_id: uuid.UUID, user_id: uuid.UUID, issued_at: float) -> bool:
         if self.trusted:
             if session_id in self._sessions:

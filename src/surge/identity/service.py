@@ -107,6 +107,12 @@ class Principal:
     role: str
     mfa: bool
     issued_at: float
+    key: str = ""
+    """``str(user_id)``, formatted once per token (principals are memoised per token)."""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", str(self.user_id))
 
 
 @dataclass(frozen=True)
@@ -574,7 +580,7 @@ class Identity:
         """The caller's rate-limit tier (plan → ``IDENTITY_PLAN_RATE_TIERS``)."""
         return (await self.privileges.get(user_id)).rate_tier
 
-    def rate_limit_subject(self, scope: Any) -> Awaitable[Subject | None] | None:
+    def rate_limit_subject(self, scope: Any) -> Subject | Awaitable[Subject | None] | None:
         """kit.ratelimit's ``identify`` hook: the caller's user id and plan tier, so the
         plan selects the policy (seed 004: 300/500/1 000 per 15 min). The token is fully
         authenticated here (signature, expiry, revocation); an invalid or signed-out token
@@ -587,6 +593,20 @@ class Identity:
             principal = self.principal_of(token)
         except InvalidToken:
             return None
+        # The common case answers from memory without a coroutine: a trusted revocation
+        # list and the caller's privileges already built (ADR 0006, bench/privileges.py).
+        revoked = self.revocations.revoked_now(
+            principal.session_id, principal.user_id, principal.issued_at
+        )
+        if revoked is not None:
+            if revoked:
+                return None  # a signed-out token buys no user tier: anonymous, per IP
+            privileges = self.privileges.peek(principal.user_id)
+            if privileges is not None:
+                state = scope.setdefault("state", {})
+                state[PRIVILEGES_STATE] = privileges
+                state[PRINCIPAL_STATE] = principal
+                return Subject(principal.key, privileges.rate_tier)
         return self._subject(principal, scope)
 
     async def _subject(self, principal: Principal, scope: Any) -> Subject | None:
@@ -601,7 +621,7 @@ class Identity:
         state = scope.setdefault("state", {})
         state[PRIVILEGES_STATE] = privileges
         state[PRINCIPAL_STATE] = principal
-        return Subject(str(principal.user_id), privileges.rate_tier)
+        return Subject(principal.key, privileges.rate_tier)
 
 
 def _bearer(scope: Any) -> str | None:

@@ -280,6 +280,19 @@ class Cache:
                 return entry.value  # type: ignore[no-any-return]
         return (await self.fetch(key, loader, ttl=ttl, tags=tags)).value
 
+    def peek(self, key: str) -> Any:
+        """The value for ``key`` if this process holds it fresh in memory, else None (then
+        ``fetch`` it). Synchronous: for hot paths that would rather not start a coroutine
+        for what is almost always a memory hit. Counts as an L1 hit; untagged keys only."""
+        entry = self.l1.get(key)
+        if entry is None or entry.tags:
+            return None
+        now = self.clock()
+        if now < entry.fresh_until and now < entry.trust_until:
+            self._hits_l1 += 1
+            return entry.value
+        return None
+
     async def fetch(
         self,
         key: str,
