@@ -24,7 +24,7 @@ from redis.exceptions import (
 )
 
 from surge.kit.embedded import EmbeddedRedis
-from surge.kit.resp import RespLane, pack
+from surge.kit.resp import LaneReset, RespLane, pack
 from tests.fixtures.servers import start_redis
 
 
@@ -156,6 +156,68 @@ class TestFailures:
         finally:
             await lane.close()
             redis.stop()
+
+    async def test_reset_fails_what_is_in_flight_as_a_reset_not_an_outage(
+        self, server: EmbeddedRedis
+    ) -> None:
+        lane = RespLane(server.url)
+        try:
+            await lane.execute("PING")
+            await pause(server.url, 300)
+            in_flight = asyncio.create_task(lane.execute("PING"))
+            await asyncio.sleep(0.05)
+            lane.reset()  # the gateway saw READONLY, or marked Redis down
+            with pytest.raises(LaneReset):
+                await in_flight
+            assert not isinstance(LaneReset(), RedisConnectionError)  # not itself an outage
+            await asyncio.sleep(0.3)
+            assert await lane.execute("PING") == b"PONG"
+        finally:
+            await lane.close()
+
+
+class TestConnecting:
+    async def test_a_cancelled_first_caller_does_not_fail_the_others(
+        self, server: EmbeddedRedis
+    ) -> None:
+        """The handshake (SELECT 2) waits on a paused server; the caller that started the
+        connection gives up (a request timeout): the others still get their connection."""
+        lane = RespLane(server.url.rsplit("/", 1)[0] + "/2", connect_timeout=2)
+        try:
+            await pause(server.url, 300)
+            first = asyncio.create_task(lane.execute("ECHO", "first"))
+            second = asyncio.create_task(lane.execute("ECHO", "second"))
+            await asyncio.sleep(0.05)
+            first.cancel()
+            assert await second == b"second"
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        finally:
+            await lane.close()
+
+    def test_a_loop_closed_with_a_command_in_flight_leaves_the_lane_usable(
+        self, server: EmbeddedRedis
+    ) -> None:
+        """A test runner closes its loop while a command still waits: the next loop gets a
+        working connection, no error and no caller left waiting forever."""
+        lane = RespLane(server.url, socket_timeout=5)
+        first = asyncio.new_event_loop()
+
+        async def leave_one_waiting() -> None:
+            await lane.execute("PING")
+            asyncio.get_running_loop().create_task(lane.execute("BLPOP", uuid.uuid4().hex, 3))
+            await asyncio.sleep(0.05)
+
+        first.run_until_complete(leave_one_waiting())
+        first.close()
+
+        async def next_loop() -> list[bytes]:
+            try:
+                return [await asyncio.wait_for(lane.execute("ECHO", str(i)), 2) for i in range(2)]
+            finally:
+                await lane.close()
+
+        assert asyncio.run(next_loop()) == [b"0", b"1"]
 
 
 class TestUrls:

@@ -5,6 +5,8 @@
     │                       in flight gets it; the next command reconnects
     ├── TimeoutError        no reply within ``socket_timeout``: the connection is dropped
     │                       (its replies can no longer be matched to their commands)
+    ├── LaneReset           its owner dropped the connection on purpose (``reset()``: the
+    │                       gateway saw an outage or ``READONLY``): not itself an outage
     └── ResponseError       an error reply, as redis-py names it (``NoScriptError``,
                             ``ReadOnlyError``, ``BusyLoadingError``, ...); the connection stays
 
@@ -27,9 +29,13 @@ How it works:
 - **One timer, not one per command.** A single timer watches the oldest command in flight;
   if it has had no reply after ``socket_timeout``, the connection is aborted and every
   command in flight fails with ``TimeoutError``.
-- **Connecting** is lazy and shared: the first caller opens the connection (``AUTH`` and
-  ``SELECT`` from the URL), concurrent ones wait for the same attempt, which is bounded by
-  ``connect_timeout``. URLs: ``redis://``, ``rediss://`` (TLS, ``ssl_cert_reqs`` /
+- **Connecting** is lazy and shared: the first command starts one attempt (a task of its
+  own, bounded by ``connect_timeout``; ``AUTH`` and ``SELECT`` from the URL) and every
+  command waits for it; a caller cancelled meanwhile stops waiting without cancelling the
+  attempt for the others.
+- **One event loop.** The connection belongs to the loop that opened it; used from another
+  loop (tests that run several), the lane opens a new one there and leaves the old one to
+  its loop. URLs: ``redis://``, ``rediss://`` (TLS, ``ssl_cert_reqs`` /
   ``ssl_ca_certs`` / ``ssl_check_hostname`` query parameters) and ``unix://``, parsed by
   redis-py's own ``parse_url``.
 - Arguments are ``bytes``, ``str`` (UTF-8) or ``int``; replies are RESP2 as hiredis returns
@@ -47,10 +53,16 @@ import hiredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError
+from redis.exceptions import DataError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["RespLane", "pack"]
+__all__ = ["LaneReset", "RespLane", "pack"]
+
+
+class LaneReset(RedisError):
+    """The command was in flight when the lane's owner dropped the connection (``reset``):
+    its fate is unknown, but Redis is not known to be down because of it."""
+
 
 _CRLF = b"\r\n"
 
@@ -156,13 +168,30 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.closed = True
+        waiters, self.waiters = self.waiters, deque()
+        if self.loop.is_closed():  # nobody can be waiting any more, and nothing can run
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        waiters, self.waiters = self.waiters, deque()
         for future, _ in waiters:
             if not future.done():
                 future.set_exception(error)
+
+    def abort_from_anywhere(self, error: Exception) -> None:
+        """``abort`` from any thread or loop: at once on its own loop, else scheduled there."""
+        if self.closed:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self.abort(error)
+        elif self.loop.is_closed():
+            self._fail(error)
+        else:
+            self.loop.call_soon_threadsafe(self.abort, error)
 
 
 class RespLane:
@@ -183,7 +212,7 @@ class RespLane:
         self._password: str | None = params.get("password")
         self._ssl = _ssl_context(params) if url.startswith("rediss://") else None
         self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._connecting: asyncio.Task[_Protocol] | None = None
 
     @property
     def connected(self) -> bool:
@@ -200,22 +229,21 @@ class RespLane:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        pending = self._connecting
-        if pending is not None and not pending.done() and pending.get_loop() is loop:
-            return await asyncio.shield(pending)
-        pending = self._connecting = loop.create_future()
+        attempt = self._connecting
+        if attempt is None or attempt.done() or attempt.get_loop() is not loop:
+            attempt = self._connecting = loop.create_task(self._attempt(loop), name="resp.connect")
+            attempt.add_done_callback(_retrieve)
+        # shield: a caller cancelled while waiting leaves; the attempt goes on for the others
+        return await asyncio.shield(attempt)
+
+    async def _attempt(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
         try:
             protocol = await asyncio.wait_for(self._open(loop), self.connect_timeout)
-        except BaseException as error:
-            failure = _connect_error(error)
-            pending.set_exception(failure)
-            pending.exception()  # retrieved: no "never retrieved" warning if nobody waits
-            if isinstance(error, asyncio.CancelledError):
-                raise
-            raise failure from error
-        self.reset()  # a connection of a previous loop or a broken one: let it go
-        self._protocol = protocol
-        pending.set_result(protocol)
+        except Exception as error:
+            raise _connect_error(error) from error
+        previous, self._protocol = self._protocol, protocol
+        if previous is not None:  # a broken one, or one of another loop: let it go
+            previous.abort_from_anywhere(LaneReset("Connection to Redis replaced"))
         return protocol
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
@@ -244,18 +272,23 @@ class RespLane:
 
     def reset(self) -> None:
         """Drop the current connection (if any); the next command opens a new one. For the
-        gateway after an outage or a failover (``READONLY``)."""
+        gateway after an outage or a failover (``READONLY``). Commands in flight fail with
+        ``LaneReset``."""
         protocol, self._protocol = self._protocol, None
-        if protocol is not None and not protocol.closed:
-            protocol.abort(RedisConnectionError("Connection to Redis reset"))
+        if protocol is not None:
+            protocol.abort_from_anywhere(LaneReset("Connection to Redis reset"))
 
     async def close(self) -> None:
         self.reset()
 
 
+def _retrieve(attempt: asyncio.Task[_Protocol]) -> None:
+    """Mark a failed attempt's error as seen (every waiter may have been cancelled)."""
+    if not attempt.cancelled():
+        attempt.exception()
+
+
 def _connect_error(error: BaseException) -> Exception:
-    if isinstance(error, asyncio.CancelledError):
-        return RedisConnectionError("Connecting to Redis was cancelled")
     if isinstance(error, TimeoutError | asyncio.TimeoutError):
         return RedisTimeoutError("Timed out connecting to Redis")
     if isinstance(error, Exception) and not isinstance(error, OSError):
