@@ -5,8 +5,13 @@ connections), otherwise the bundled closed-loop generator below in its own proce
 never shares an event loop or a core's GIL with the bench driver). Each connection sends a
 request, reads the whole response (Content-Length framing) and sends the next: the same
 closed loop as wrk. ``python -m bench._loadgen URL CONNECTIONS SECONDS`` prints one JSON
-line (requests, rps, p50_ms, p99_ms, errors); a bearer token comes from
-``SURGE_LOADGEN_TOKEN``.
+line (requests, rps, p50_ms, p99_ms, errors); bearer tokens come from
+``SURGE_LOADGEN_TOKEN`` (several: separated by spaces).
+
+``tokens=[...]`` sends ``Authorization: Bearer`` with those tokens in turn, one request after
+the other (wrk: a Lua ``request()``), so the load comes from that many callers. A run that
+compares two URLs should pass the same tokens to both: the load generator then does the
+same work for each, and only the server's work differs.
 
 ``uvicorn_server`` and ``wait_ready`` start an app the way production does (uvloop,
 httptools, N worker processes, no access log) and wait until it answers.
@@ -22,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -80,12 +86,19 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
 
 
 def load(
-    url: str, seconds: float, *, token: str | None = None, connections: int = CONNECTIONS
+    url: str,
+    seconds: float,
+    *,
+    token: str | None = None,
+    tokens: list[str] | None = None,
+    connections: int = CONNECTIONS,
 ) -> dict[str, float]:
     """rps, p99_ms and errors (non-2xx) of ``seconds`` of closed-loop load on ``url``."""
+    if token is not None:
+        tokens = [token]
     if shutil.which("wrk"):
-        return _wrk(url, seconds, token, connections)
-    env = {**os.environ, TOKEN_ENV: token or ""}
+        return _wrk(url, seconds, tokens or [], connections)
+    env = {**os.environ, TOKEN_ENV: " ".join(tokens or ())}
     out = subprocess.run(
         [sys.executable, "-m", "bench._loadgen", url, str(connections), str(seconds)],
         capture_output=True, text=True, check=True, cwd=ROOT, env=env,
@@ -93,13 +106,29 @@ def load(
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def _wrk(url: str, seconds: float, token: str | None, connections: int) -> dict[str, float]:
+#: wrk's per-request hook when several callers take turns (tokens are base64url: no quoting).
+_ROTATE_LUA = """
+local tokens = {%s}
+local n = 0
+request = function()
+  n = n %% #tokens + 1
+  return wrk.format(nil, nil, {["Authorization"] = "Bearer " .. tokens[n]})
+end
+"""
+
+
+def _wrk(url: str, seconds: float, tokens: list[str], connections: int) -> dict[str, float]:
     wrk = shutil.which("wrk")
     assert wrk is not None
     args = [wrk, "-t2", f"-c{connections}", f"-d{seconds:.0f}s", "--latency"]
-    if token:
-        args += ["-H", f"Authorization: Bearer {token}"]
-    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory(prefix="surge-wrk-") as folder:
+        if len(tokens) == 1:
+            args += ["-H", f"Authorization: Bearer {tokens[0]}"]
+        elif tokens:
+            script = Path(folder) / "rotate.lua"
+            script.write_text(_ROTATE_LUA % ", ".join(f'"{t}"' for t in tokens))
+            args += ["-s", str(script)]
+        out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     assert p99 is not None
@@ -134,22 +163,25 @@ async def _connection(
 
 
 async def run(
-    url: str, connections: int, seconds: float, token: str | None = None
+    url: str, connections: int, seconds: float, tokens: list[str] | None = None
 ) -> dict[str, float]:
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    request = (
-        f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: surge-loadgen\r\n"
-        f"{auth}\r\n"
-    ).encode()
+
+    def request(i: int) -> bytes:  # connection i speaks for caller i (mod the callers)
+        auth = f"Authorization: Bearer {tokens[i % len(tokens)]}\r\n" if tokens else ""
+        return (
+            f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}\r\n"
+            f"User-Agent: surge-loadgen\r\n{auth}\r\n"
+        ).encode()
+
     latencies: list[float] = []
     stop_at = time.perf_counter() + seconds
     started = time.perf_counter()
     errors = await asyncio.gather(
         *(
-            _connection(host, parts.port or 80, request, stop_at, latencies)
-            for _ in range(connections)
+            _connection(host, parts.port or 80, request(i), stop_at, latencies)
+            for i in range(connections)
         )
     )
     elapsed = time.perf_counter() - started
@@ -171,8 +203,8 @@ def main() -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    token = os.environ.get(TOKEN_ENV) or None
-    print(json.dumps(asyncio.run(run(url, connections, seconds, token))))
+    tokens = os.environ.get(TOKEN_ENV, "").split() or None
+    print(json.dumps(asyncio.run(run(url, connections, seconds, tokens))))
 
 
 if __name__ == "__main__":

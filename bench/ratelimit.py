@@ -56,13 +56,14 @@ from surge.kit.redis import RedisGateway
 CONCURRENCY = 64
 IDENTITIES = 1000
 # Limits far above what the run can spend: every decision takes the "allowed" path.
-TIER = RatePolicy(name="tier", limit=10**9, period=timedelta(minutes=15))
-IP = RatePolicy(name="ip", limit=10**9, period=timedelta(minutes=1), per="ip")
-ENDPOINT = RatePolicy(name="endpoint", limit=10**9, period=timedelta(minutes=1), scope="route")
+# (10**8 an hour: the finest rate GCRA counts exactly in whole µs is one unit per µs.)
+TIER = RatePolicy(name="tier", limit=10**8, period=timedelta(hours=1))
+IP = RatePolicy(name="ip", limit=10**8, period=timedelta(hours=1), per="ip")
+ENDPOINT = RatePolicy(name="endpoint", limit=10**8, period=timedelta(hours=1), scope="route")
 LIMITS_ITEMS: list[RateLimitItem] = [
-    parse("1000000000/15 minutes"),
-    parse("1000000000/minute"),
-    parse("1000000000/minute"),
+    parse("100000000/hour"),
+    parse("100000000/hour"),
+    parse("100000000/hour"),
 ]
 
 Op = Callable[[int], Awaitable[Any]]

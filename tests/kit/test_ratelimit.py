@@ -84,13 +84,29 @@ class TestExactness:
         """Keys travel to Redis one per line: a partition with a line break, spaces or
         non-ASCII text (caller-supplied ids) must neither break a batch nor share a budget."""
         limiter = make_limiter(policy("odd", 2, 60))
-        partitions = ["a\nb", "a", "b", "a b|c:d", "ünï\r\n", "a\\nb"]
+        partitions = ["a\nb", "a", "b", "a b|c:d", "ünï\r\n", "a\\nb", "bad\udcff", "bad\ufffd"]
         decisions = await asyncio.gather(
             *(limiter.hit("odd", p) for p in partitions for _ in range(3))
         )
         for i, partition in enumerate(partitions):
             mine = decisions[3 * i : 3 * i + 3]
             assert sorted(d.allowed for d in mine) == [False, True, True], partition
+
+    def test_negative_costs_and_uncountable_policies_are_refused(self) -> None:
+        from surge.kit.ratelimit import RateLimitError, RouteLimit
+
+        with pytest.raises(RateLimitError):
+            Check(policy("p", 10, 60), "u", -1)  # it would refund budget
+        with pytest.raises(ValueError, match="negative"):
+            RouteLimit("p", cost=-1)
+        with pytest.raises(ValueError, match="negative"):
+            RouteLimit("p", weight=-5)
+        # 10**9 a minute needs an interval under 1 µs: it would allow 6 * 10**7, not 10**9
+        with pytest.raises(ValueError, match="exactly"):
+            policy("fine", 10**9, 60)
+        with pytest.raises(ValueError, match="exactly"):
+            policy("uneven", 999_999_999, 3600)  # interval 3 µs: 1.2 * 10**9 would pass
+        assert policy("coarse", 10**8, 3600).interval_us == 36
 
     async def test_weighted_cost(self, make_limiter: MakeLimiter) -> None:
         limiter = make_limiter(policy("heavy", 10, 60))

@@ -161,8 +161,10 @@ class Check:
     partition: str
     cost: int = 1
     key: str = field(init=False, compare=False, repr=False)
-    """``policy:partition``, formatted once (read by dedupe, batching and the fallback). Any
-    text: keys travel length-prefixed (MessagePack), so no partition can break a batch."""
+    """``policy:partition``, formatted once (read by dedupe, batching and the fallback)."""
+    wire: bytes = field(init=False, compare=False, repr=False)
+    """``key`` as the script receives it: UTF-8, lone surrogates kept (``surrogatepass``),
+    length-prefixed in the batch, so no partition text can break a batch or share a key."""
     spec: tuple[int, int, int, int] = field(init=False, compare=False, repr=False)
     """The script's ``(interval, period, cost, enforce)`` for this check (GCRA_LUA)."""
     step: int = field(init=False, compare=False, repr=False)
@@ -170,7 +172,11 @@ class Check:
 
     def __post_init__(self) -> None:
         policy = self.policy
-        object.__setattr__(self, "key", f"{policy.name}:{self.partition}")
+        if self.cost < 0:
+            raise RateLimitError(f"a rate-limit cost cannot be negative ({self.cost})")
+        key = f"{policy.name}:{self.partition}"
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "wire", key.encode("utf-8", "surrogatepass"))
         object.__setattr__(
             self,
             "spec",
@@ -382,6 +388,7 @@ class RateLimiter:
         self.client_ip: Callable[[Any], str] = client_ip or ClientIpResolver(())
         self.policies: dict[str, RatePolicy] = {p.name: p for p in policies}
         self.prefix = prefix
+        self._wire_prefix = prefix.encode()
         self.clock = clock
         self.local = LocalStore(local_processes, clock or time.time)
         self._fallback_logged = False
@@ -472,14 +479,14 @@ class RateLimiter:
     async def _send(self, batch: list[_Pending]) -> None:
         """One EVALSHA for ``batch``; each caller gets its own slice of the reply, or the
         error (each then decides locally, as it would have alone)."""
-        prefix = self.prefix
-        keys: list[str] = []
+        prefix = self._wire_prefix
+        keys: list[bytes] = []
         numbers: list[int] = []
         specs: dict[tuple[int, int, int, int], int] = {}  # spec → its number in this batch
         for checks, _ in batch:
             numbers.append(len(checks))
             for check in checks:
-                keys.append(prefix + check.key)
+                keys.append(prefix + check.wire)
                 number = specs.get(check.spec)
                 if number is None:
                     number = specs[check.spec] = len(specs) + 1
@@ -637,7 +644,9 @@ class RateLimiter:
 
 
 #: One packer for every batch of the process (``msgpack.packb`` builds a new one per call).
-_PACKER = msgpack.Packer()
+#: ``use_bin_type=False``: bytes go as the "raw" string type, which every server's cmsgpack
+#: reads; Redis 6.2's rejects the newer bin types ("Bad data format in input").
+_PACKER = msgpack.Packer(use_bin_type=False)
 
 
 def _log_shadow_denials(decision: Decision) -> None:

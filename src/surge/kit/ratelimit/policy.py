@@ -25,7 +25,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ANONYMOUS = "anonymous"
 """The tier of a caller the ``identify`` hook did not recognise."""
@@ -91,6 +91,20 @@ class RatePolicy(BaseModel):
     @classmethod
     def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(method.upper() for method in value)
+
+    @model_validator(mode="after")
+    def _countable(self) -> RatePolicy:
+        """GCRA counts in whole microseconds: ``limit`` units must fit ``period`` exactly
+        with an interval of ``period // limit`` µs. A very fine policy (10**9 a minute) would
+        otherwise allow ``period // interval`` units, not ``limit``: refuse it here."""
+        period_us = int(self.period / timedelta(microseconds=1))
+        interval = period_us // self.limit
+        if interval < 1 or period_us // interval != self.limit:
+            raise ValueError(
+                f"{self.limit} per {self.period} cannot be counted exactly in whole "
+                "microseconds; declare it over a longer period (the same rate, e.g. per hour)"
+            )
+        return self
 
     @cached_property
     def period_us(self) -> int:

@@ -61,6 +61,8 @@ class RouteLimit:
     def __init__(self, *policies: str | RatePolicy, cost: int = 1, weight: int | None = None):
         if not policies:
             raise ValueError("RouteLimit needs at least one policy")
+        if cost < 0 or (weight is not None and weight < 0):
+            raise ValueError("RouteLimit cost and weight cannot be negative (they would refund)")
         self.names = policies
         self.cost = cost
         self.weight = weight
