@@ -48,9 +48,15 @@ async def current_user(request: Request, identity: IdentityDep) -> Principal:
         principal = live
     else:
         principal = await identity.authenticate(bearer_token(request))
-    state["principal"] = principal  # request.state.principal
-    structlog.contextvars.bind_contextvars(user_id=principal.key)
+    bind_principal(state, principal)
     return principal
+
+
+def bind_principal(state: dict[str, Any], principal: Principal) -> None:
+    """Leave the caller where middleware and logs look: ``request.state.principal`` and the
+    log context's ``user_id``."""
+    state["principal"] = principal
+    structlog.contextvars.bind_contextvars(user_id=principal.key)
 
 
 CurrentUser = Annotated[Principal, Depends(current_user)]

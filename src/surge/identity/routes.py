@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import orjson
-import structlog
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status
 
 from surge.identity import repository
@@ -16,6 +15,7 @@ from surge.identity.deps import (
     AdminMfa,
     CurrentUser,
     IdentityDep,
+    bind_principal,
     current_user,
     get_identity,
     require_admin_mfa,
@@ -63,17 +63,6 @@ def _client_ip(request: Request, identity: Identity) -> str:
     return identity.client_ip(request.scope)
 
 
-def _privileges(p: Privileges) -> PrivilegesRead:
-    return PrivilegesRead(
-        user_id=p.user_id,
-        plan=p.plan,
-        features=sorted(p.features),
-        rate_tier=p.rate_tier,
-        expires_at=p.expires_at,
-        source=p.source,
-    )
-
-
 router = APIRouter(prefix="/api/v1", tags=["identity"])
 
 
@@ -81,7 +70,7 @@ async def my_privileges(request: Request) -> Response:
     """The caller's plan, features and rate tier (seed 003). The hot path of the API: no
     FastAPI dependencies (their resolution cost as much as the rest of the request), the
     principal and privileges the rate-limit hook already resolved for this request, and the
-    body bytes memoised on the ``Privileges`` (the schema above documents them) —
+    body bytes memoised on the ``Privileges`` (``PrivilegesRead`` documents them) —
     bench/privileges.py."""
     state = request.scope.get("state") or {}
     principal: Principal | None = state.get(PRINCIPAL_STATE)
@@ -91,8 +80,7 @@ async def my_privileges(request: Request) -> Response:
         principal = await current_user(request, identity)
         p = await identity.privileges_of(principal.user_id)
     else:
-        state["principal"] = principal  # as current_user leaves it
-        structlog.contextvars.bind_contextvars(user_id=principal.key)
+        bind_principal(state, principal)  # as current_user leaves it
     return JSONBytes(p.json)
 
 

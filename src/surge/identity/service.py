@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import structlog
@@ -107,12 +108,11 @@ class Principal:
     role: str
     mfa: bool
     issued_at: float
-    key: str = ""
-    """``str(user_id)``, formatted once per token (principals are memoised per token)."""
 
-    def __post_init__(self) -> None:
-        if not self.key:
-            object.__setattr__(self, "key", str(self.user_id))
+    @cached_property
+    def key(self) -> str:
+        """``str(user_id)``, formatted once per token (principals are memoised per token)."""
+        return str(self.user_id)
 
 
 @dataclass(frozen=True)
@@ -603,10 +603,7 @@ class Identity:
                 return None  # a signed-out token buys no user tier: anonymous, per IP
             privileges = self.privileges.peek(principal.user_id)
             if privileges is not None:
-                state = scope.setdefault("state", {})
-                state[PRIVILEGES_STATE] = privileges
-                state[PRINCIPAL_STATE] = principal
-                return Subject(principal.key, privileges.rate_tier)
+                return _admit(scope, principal, privileges)
         return self._subject(principal, scope)
 
     async def _subject(self, principal: Principal, scope: Any) -> Subject | None:
@@ -617,11 +614,16 @@ class Identity:
                 return None  # a signed-out token buys no user tier: anonymous, per IP
         except DependencyUnavailable:
             return None  # cannot tell: anonymous here; the route's own check answers 503
-        privileges = await self.privileges.get(principal.user_id)
-        state = scope.setdefault("state", {})
-        state[PRIVILEGES_STATE] = privileges
-        state[PRINCIPAL_STATE] = principal
-        return Subject(principal.key, privileges.rate_tier)
+        return _admit(scope, principal, await self.privileges.get(principal.user_id))
+
+
+def _admit(scope: Any, principal: Principal, privileges: Privileges) -> Subject:
+    """The limiter's subject for a live principal; both are left in the request state for
+    the route (``current_user`` and ``/me/privileges`` reuse them)."""
+    state = scope.setdefault("state", {})
+    state[PRIVILEGES_STATE] = privileges
+    state[PRINCIPAL_STATE] = principal
+    return Subject(principal.key, privileges.rate_tier)
 
 
 def _bearer(scope: Any) -> str | None:

@@ -74,7 +74,7 @@ log = structlog.get_logger()
 #: could never be routed by one key's slot (ADR 0006: one Redis, or one shard per limiter;
 #: not Redis Cluster).
 #: Returns one integer per limit: TAT - now (µs, ≥ 0) as that decision found it. Everything
-#: else follows from it and the spec (``_decide``): new TAT = TAT + interval × cost, the limit
+#: else follows from it and the spec (``Check.allows``, ``Decision.from_script``): new TAT = TAT + interval × cost, the limit
 #: allows when new TAT - now ≤ period, a decision is blocked when an enforced limit does not.
 #: A key several decisions of the batch share (one caller's many requests) is read once and
 #: written once, with the TAT the last of them left: Redis' own work per batch stays
@@ -184,6 +184,10 @@ class Check:
         )
         object.__setattr__(self, "step", policy.interval_us * self.cost)
 
+    def allows(self, rel: int) -> bool:
+        """Would this limit pass, its TAT being ``rel`` µs ahead of now (the script's rule)?"""
+        return rel + self.step <= self.policy.period_us
+
 
 #: A decision waiting for its batch: its checks and the future its slice of the reply goes
 #: to (a tuple: built on every limited request).
@@ -241,7 +245,7 @@ class Decision:
         """The decision GCRA_LUA took for ``checks``, from the TAT each found."""
         blocked = shadow_denied = False
         for check, rel in zip(checks, rels, strict=True):
-            if rel + check.step > check.policy.period_us:
+            if not check.allows(rel):
                 if check.policy.shadow:
                     shadow_denied = True
                 else:
@@ -257,7 +261,7 @@ class Decision:
             blocked = not self.allowed
             self._verdicts = [
                 _verdict(
-                    check, rel + check.step <= check.policy.period_us, rel, rel + check.step,
+                    check, check.allows(rel), rel, rel + check.step,
                     blocked=blocked, store="redis", interval=check.policy.interval_us,
                 )
                 for check, rel in zip(self.checks, rels, strict=True)
@@ -511,12 +515,7 @@ class RateLimiter:
             if not future.done():
                 future.set_result(found)
             for check, rel in zip(checks, found, strict=True):  # spent even if its caller left
-                policy = check.policy
-                if rel + check.step <= policy.period_us:
-                    key = (policy.name, "allowed", "redis")
-                else:
-                    key = (policy.name, "shadow_denied" if policy.shadow else "denied", "redis")
-                tally[key] = tally.get(key, 0) + 1
+                _tally(tally, check.policy, check.allows(rel), "redis")
             position = end
         self._add(tally)
 
