@@ -87,3 +87,15 @@ def test_checker_catches_an_upward_import(tmp_path: Path) -> None:
     bad.write_text("from surge.wallet.service import wallet\nimport surge.app\n")
     names = [name for _, name in _imports(bad)]
     assert {_top_level(n) for n in names} >= {"wallet", "app"}
+
+
+@pytest.mark.parametrize("package", ["kit", "models", *_domains()])
+def test_only_interfaces_start_simulators(package: str) -> None:
+    """The simulators stand for the world outside: product code reaches them by URL only."""
+    offenders = [
+        f"{path.relative_to(SRC)}:{line} imports {name}"
+        for path in _modules(package)
+        for line, name in _imports(path)
+        if _top_level(name) == "sim"
+    ]
+    assert not offenders, "\n".join(offenders)

@@ -170,6 +170,7 @@ def up(
             _seed_demo()
         _prepare_metrics_dir()
         python = sys.executable
+        children += _start_simulators(host or "127.0.0.1")
         serve_cmd = [python, "-m", "surge.cli", "serve", "--workers", str(workers),
                      "--port", str(port), "--host", host, "--no-servers"]  # fmt: skip
         children.append(("api", subprocess.Popen(serve_cmd, start_new_session=True)))
@@ -205,6 +206,31 @@ def up(
         _stop_children(children, grace=grace + 5)
         servers.stop()
         console.print("[green]✓[/] Stopped; nothing left running.")
+
+
+def _start_simulators(host: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    """Start every ``surge.sim.SIMULATORS`` entry on a free port; point Surge at it.
+
+    The settings each one returns go into this process's environment, which the API and
+    worker processes started next inherit. A simulator whose URL setting is already set
+    (an external server configured by the operator) is not started."""
+    from surge.kit.embedded import free_port, wait_for_port
+    from surge.sim import SIMULATORS
+
+    started: list[tuple[str, subprocess.Popen[bytes]]] = []
+    for sim in SIMULATORS:
+        port = free_port()
+        env = sim.env(host, port)
+        if any(os.environ.get(key) for key in env):
+            console.print(f"[dim]{sim.name}: configured externally, not started")
+            continue
+        cmd = [sys.executable, "-m", sim.module, "--host", host, "--port", str(port), *sim.args]
+        child = subprocess.Popen(cmd, start_new_session=True)
+        started.append((f"sim:{sim.name}", child))
+        wait_for_port(host, port, timeout=20)
+        os.environ.update(env)
+        console.print(f"[green]✓[/] simulator {sim.name} on {host}:{port}")
+    return started
 
 
 def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], grace: float) -> None:

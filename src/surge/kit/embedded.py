@@ -48,6 +48,15 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def wait_for_port(host: str, port: int, *, timeout: float) -> None:
+    """Return once ``host:port`` accepts connections; ``EmbeddedServerError`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not port_open(port, host):
+        if time.monotonic() > deadline:
+            raise EmbeddedServerError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
 def _package_dir(name: str) -> Path:
     # Located, not imported: importing pgserver sets up its own server manager.
     spec = importlib.util.find_spec(name)

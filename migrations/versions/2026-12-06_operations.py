@@ -1,0 +1,26 @@
+"""Operations: provider accounts, proxies, packages, operations and their attempts.
+
+Revision ID: 0006_operations
+Revises: 0005_consolidation
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0006_operations"
+down_revision: str | None = "0005_consolidation"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    # Reserved in the linear chain; filled by the work it is named after.
+    op.execute("SELECT 1")
+
+
+def downgrade() -> None:
+    pass
