@@ -71,16 +71,21 @@ class SystemAccount(StrEnum):
       platform has paid its partners);
     - holds: credited by a withdrawal when it is approved, then emptied into payouts;
     - payouts: what is owed to partners' bank accounts until a payment provider settles it;
-    - external: the outside world (manual adjustments, imports, the benchmark's seeding).
+    - external: the outside world (manual adjustments, imports, the benchmark's seeding);
+    - sales: credited with what owners pay for the platform's services (operations);
+    - payments: the payment provider's side of top-ups (unguarded: it goes negative by what
+      the provider has collected for the platform and owes it).
     """
 
     revenue = "revenue"
     holds = "holds"
     payouts = "payouts"
     external = "external"
+    sales = "sales"
+    payments = "payments"
 
 
-UNGUARDED = frozenset({SystemAccount.revenue, SystemAccount.external})
+UNGUARDED = frozenset({SystemAccount.revenue, SystemAccount.external, SystemAccount.payments})
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,118 @@
+"""Money other domains move through an owner's wallet: the wallet's service for them.
+
+Operations reserve an owner's credit before work is done, then settle or release it
+(two-phase, TigerBeetle's pattern); payments credit a wallet with money that came in from
+the provider, and reverse it on a refund or a dispute. Every call is idempotent by the key
+the caller gives — the same key twice moves money once (``Posted.created`` says which) —
+and runs in the caller's transaction (it flushes, never commits).
+
+    from surge.wallet.funds import funds as funds_service
+
+    hold = await funds_service.reserve(session, owner_id, amount=1_500, currency="EUR",
+                                       key=f"op:{op.id}:reserve", kind="operation")
+    ...
+    await funds_service.settle(session, hold, key=f"op:{op.id}:settle", kind="operation")
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from surge.wallet.ledger import Balance, Ledger, Posted, SystemAccount, ledger
+from surge.wallet.service import changed_owners
+
+
+class FundsService:
+    """Stateless; see the module docstring."""
+
+    def __init__(self, ledger_: Ledger) -> None:
+        self.ledger = ledger_
+
+    async def available(self, session: AsyncSession, owner_id: UUID, *, currency: str) -> int:
+        """What ``owner_id`` may still spend in ``currency`` (0 without a wallet)."""
+        account = await self.ledger.wallet_of(session, owner_id, currency=currency)
+        if account is None:
+            return 0
+        balance: Balance = await self.ledger.balance(session, account)
+        return balance.available
+
+    async def reserve(
+        self,
+        session: AsyncSession,
+        owner_id: UUID,
+        *,
+        amount: int,
+        currency: str,
+        key: str,
+        kind: str,
+        reference: str | None = None,
+    ) -> int:
+        """Reserve ``amount`` of the owner's wallet for the platform's sales account; returns
+        the pending transfer's id. ``InsufficientFunds`` (409) when the wallet lacks it."""
+        wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
+        sales = await self.ledger.system_account(session, SystemAccount.sales, currency=currency)
+        posted = await self.ledger.transfer(
+            session, key=key, debit=wallet, credit=sales, amount=amount, currency=currency,
+            kind=kind, reference=reference, pending=True,
+        )  # fmt: skip
+        changed_owners(session).add(owner_id)
+        return posted.transfer_id
+
+    async def settle(self, session: AsyncSession, hold_id: int, *, key: str, kind: str) -> Posted:
+        """The reserved amount moves for good (the work was done)."""
+        return await self.ledger.post(session, key=key, pending_id=hold_id, kind=kind)
+
+    async def release(self, session: AsyncSession, hold_id: int, *, key: str, kind: str) -> Posted:
+        """The reservation is dropped (the work was not done); nothing is charged."""
+        return await self.ledger.void(session, key=key, pending_id=hold_id, kind=kind)
+
+    async def credit(
+        self,
+        session: AsyncSession,
+        owner_id: UUID,
+        *,
+        amount: int,
+        currency: str,
+        key: str,
+        kind: str,
+        reference: str | None = None,
+    ) -> Posted:
+        """Money that came in through the payment provider, credited to the owner's wallet."""
+        wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
+        source = await self.ledger.system_account(
+            session, SystemAccount.payments, currency=currency
+        )
+        posted = await self.ledger.transfer(
+            session, key=key, debit=source, credit=wallet, amount=amount, currency=currency,
+            kind=kind, reference=reference,
+        )  # fmt: skip
+        changed_owners(session).add(owner_id)
+        return posted
+
+    async def reverse(
+        self,
+        session: AsyncSession,
+        owner_id: UUID,
+        *,
+        amount: int,
+        currency: str,
+        key: str,
+        kind: str,
+        reference: str | None = None,
+    ) -> Posted:
+        """Take back money credited by ``credit`` (a refund, a lost dispute). The wallet is
+        guarded: ``InsufficientFunds`` (409) when the owner has already spent it — the caller
+        decides what to do then (record the debt, flag the account)."""
+        wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
+        sink = await self.ledger.system_account(session, SystemAccount.payments, currency=currency)
+        posted = await self.ledger.transfer(
+            session, key=key, debit=wallet, credit=sink, amount=amount, currency=currency,
+            kind=kind, reference=reference,
+        )  # fmt: skip
+        changed_owners(session).add(owner_id)
+        return posted
+
+
+funds = FundsService(ledger)
