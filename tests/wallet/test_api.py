@@ -328,7 +328,7 @@ class TestStats:
         runtime = runtime_of(wallet_app)
         partner = await make_partner(wallet_app, api)
         async with runtime.db.session() as session:
-            await wallet_service.set_partner(session, partner.id, share_bps=5_000)
+            await wallet_service.set_partner(session, runtime, partner.id, share_bps=5_000)
             for minutes_ago, amount in ((5, 300), (0, 200)):
                 await session.execute(
                     text(
@@ -346,11 +346,11 @@ class TestStats:
                     },
                 )
         async with runtime.db.read_session() as session:
-            before = await wallet_service.stats(session, partner.id)
+            before = await wallet_service.stats(session, runtime, partner.id)
         async with runtime.db.session() as session:
             assert await wallet_service.refresh_stats(session)
         async with runtime.db.read_session() as session:
-            after = await wallet_service.stats(session, partner.id)
+            after = await wallet_service.stats(session, runtime, partner.id)
         assert before["refreshed_at"] != after["refreshed_at"]
         for figures in (before, after):
             assert (figures["earnings_count"], figures["earnings_total"]) == (2, 500)
@@ -407,29 +407,36 @@ class TestPagination:
         def forge(text: str) -> str:
             return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
-        key_of = {"withdrawals": str(uuid4()), "transactions": "5", "earnings": "5"}
-        for path, who in (
-            ("/api/v1/withdrawals", partner),
-            ("/api/admin/withdrawals", admin),
-            ("/api/v1/wallet/transactions", partner),
-            ("/api/v1/earnings", partner),
+        # Withdrawals page by (created_at, id); history by the ledger's entry sequence alone.
+        timed = str(uuid4())
+        by_time = [
+            "%%%",
+            "bm90IGEgY3Vyc29y",
+            forge("2026-01-01T00:00:00+00:00|not-a-key"),
+            forge(f"9999-12-31T23:59:59-14:00|{timed}"),  # past datetime's range
+            forge(f"0001-01-01T00:00:00+14:00|{timed}"),
+            forge(f"2026-01-01T00:00:00|{timed}"),  # naive
+        ]
+        by_sequence = [
+            "%%%",
+            "bm90IGEgY3Vyc29y",
+            forge("not-a-key"),
+            forge("9" * 30),  # past BIGINT
+            forge("\u00b2"),  # a digit to isdigit(), not int()
+            forge("-5"),
+            forge("2026-01-01T00:00:00+00:00|5"),  # the old (created_at, id) shape
+        ]
+        fine_time = forge(f"2026-01-01T00:00:00+00:00|{timed}")
+        for path, who, forged, fine in (
+            ("/api/v1/withdrawals", partner, by_time, fine_time),
+            ("/api/admin/withdrawals", admin, by_time, fine_time),
+            ("/api/v1/wallet/transactions", partner, by_sequence, forge("5")),
+            ("/api/v1/earnings", partner, by_sequence, forge("5")),
         ):
-            valid_key = key_of[path.rsplit("/", 1)[1]]
-            forged = [
-                "%%%",
-                "bm90IGEgY3Vyc29y",
-                forge("2026-01-01T00:00:00+00:00|not-a-key"),
-                forge("2026-01-01T00:00:00+00:00|" + "9" * 30),  # past BIGINT
-                forge("2026-01-01T00:00:00+00:00|\u00b2"),  # a digit to isdigit(), not int()
-                forge(f"9999-12-31T23:59:59-14:00|{valid_key}"),  # past datetime's range
-                forge(f"0001-01-01T00:00:00+14:00|{valid_key}"),
-                forge(f"2026-01-01T00:00:00|{valid_key}"),  # naive
-            ]
             for cursor in forged:
                 response = await api.get(path, params={"cursor": cursor}, headers=who.headers)
                 assert response.status_code == 400, (path, cursor, response.text)
                 assert response.headers["content-type"] == "application/problem+json"
-            fine = forge(f"2026-01-01T00:00:00+00:00|{valid_key}")
             response = await api.get(path, params={"cursor": fine}, headers=who.headers)
             assert response.status_code == 200, (path, response.text)
 

@@ -30,7 +30,7 @@ async def assert_invariants(runtime: Runtime) -> None:
 
 async def two_wallets(runtime: Runtime, amount: int = 10_000) -> tuple[int, int]:
     async with runtime.db.session() as session:
-        a, b = await create_partner(session), await create_partner(session)
+        a, b = await create_partner(session, runtime), await create_partner(session, runtime)
         await fund(session, a, amount)
         await fund(session, b, amount)
         return (
@@ -296,7 +296,7 @@ class TestSystemAccounts:
         async with runtime.db.session() as session:
             revenue = await ledger.system_account(session, SystemAccount.revenue, currency="EUR")
             holds = await ledger.system_account(session, SystemAccount.holds, currency="EUR")
-            owner = await create_partner(session)
+            owner = await create_partner(session, runtime)
             wallet = await ledger.open_wallet(session, owner, currency="EUR")
             await ledger.transfer(
                 session, key=f"e:{uuid4()}", debit=revenue, credit=wallet, amount=10,
