@@ -251,6 +251,57 @@ class TestWithdrawalDecisions:
         await assert_invariants(wallet_app)
 
 
+class TestHistoryOrder:
+    async def test_concurrent_postings_list_in_posting_order(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        """Issue 12: a transaction that *started* first but posted last has the older
+        ``created_at`` (now() is the transaction's start); listed by ``created_at`` the
+        balance chain read out of order. Listed by the entry sequence it chains."""
+        partner = await make_partner(wallet_app, api)
+        db = runtime_of(wallet_app).db
+        async with db.session() as early:
+            await early.execute(text("SELECT 1"))  # its transaction (and now()) starts here
+            async with db.session() as late:
+                await fund(late, partner.id, 62_500)  # starts later, commits first
+            await fund(early, partner.id, 4_675)  # started earlier, posts second
+        history = (await api.get("/api/v1/wallet/transactions", headers=partner.headers)).json()
+        items = history["items"]
+        assert [i["amount"] for i in items] == [4_675, 62_500]
+        assert items[0]["created_at"] < items[1]["created_at"]  # the trap, really set
+        assert items[1]["balance_before"] == 0
+        assert items[0]["balance_before"] == items[1]["balance_after"]
+
+
+class TestBatchAudit:
+    async def test_batch_approvals_are_audited_like_single_ones(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        partner = await funded_partner(wallet_app, api)
+        single, batched = [(await withdraw(api, partner, a)).json()["id"] for a in (1_000, 2_000)]
+        response = await api.post(f"/api/admin/withdrawals/{single}/approve", headers=admin.headers)
+        assert response.status_code == 200
+        response = await api.post(
+            "/api/admin/withdrawals/batch-approve", json={"ids": [batched]}, headers=admin.headers
+        )
+        assert response.status_code == 200
+        rows = {
+            row["subject_id"]: row
+            for row in (
+                await api.get(
+                    "/api/admin/audit-log",
+                    params={"subject_type": "withdrawal"},
+                    headers=admin.headers,
+                )
+            ).json()["items"]
+        }
+        assert rows[single]["after"]["amount"] == 1_000
+        assert rows[batched]["after"]["amount"] == 2_000
+        assert rows[batched]["after"]["status"] == rows[single]["after"]["status"] == "approved"
+        assert rows[batched]["action"] == rows[single]["action"] == "wallet.withdrawal.approve"
+        assert rows[batched]["after"]["batch"] is True
+
+
 class TestEarnings:
     async def test_revenue_event_credits_every_active_partner_once(
         self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
