@@ -1,4 +1,4 @@
-"""ARCHITECTURE §3: imports only point down. interfaces → domain → kit.
+"""docs/architecture.md §3: imports only point down. interfaces → domain → kit.
 
 Parses every module under src/surge and fails on an import that points up a layer, so the
 rule holds as the code grows (a new domain package is picked up automatically).

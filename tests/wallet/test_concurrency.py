@@ -1,6 +1,6 @@
 """1 000 concurrent mixed operations on ONE wallet (credits, withdrawal requests, approvals,
 rejections, retried idempotent requests) on real PostgreSQL; afterwards the invariants of
-ARCHITECTURE §6 hold and the wallet shows exactly what the successful operations add up to."""
+docs/architecture.md §6 hold and the wallet shows exactly what the successful operations add up to."""
 
 from __future__ import annotations
 

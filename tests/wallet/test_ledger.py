@@ -1,5 +1,5 @@
 """The ledger core on real PostgreSQL: transfers, two-phase reservations, the database's own
-guards, lock ordering, partitions — and the invariants of ARCHITECTURE §6 after each."""
+guards, lock ordering, partitions — and the invariants of docs/architecture.md §6 after each."""
 
 from __future__ import annotations
 

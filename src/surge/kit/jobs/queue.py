@@ -1,7 +1,7 @@
 """Producer side: enqueue in the caller's transaction, bulk, batches, status, retry, cancel.
 
 Every function takes the caller's ``AsyncSession`` first and runs on its connection, inside
-its transaction: the job exists exactly when the caller's writes commit (ARCHITECTURE §2).
+its transaction: the job exists exactly when the caller's writes commit (docs/architecture.md §2).
 Nothing here commits.
 """
 
