@@ -40,14 +40,14 @@ FAST = {
 
 
 @pytest.fixture
-async def jobs_db(runtime: Runtime) -> AsyncIterator[Runtime]:
+async def jobs_db(runtime: Runtime) -> Runtime:
     assert jobs_handlers  # registers the test jobs
     async with runtime.db.session() as session:
         await session.execute(text(EFFECTS_DDL))
         await session.execute(text("DELETE FROM jobs WHERE name LIKE 'test.%'"))
         await session.execute(text("DELETE FROM job_test_effects"))
         await session.execute(text("DELETE FROM job_dispatches WHERE queue LIKE 't\\_%'"))
-    yield runtime
+    return runtime
 
 
 @contextlib.asynccontextmanager
@@ -87,13 +87,19 @@ class TestTransactionalEnqueue:
         class Boom(Exception):
             pass
 
-        job_id: int | None = None
-        with pytest.raises(Boom):
+        enqueued: list[int] = []
+
+        async def failing_unit_of_work() -> None:
             async with jobs_db.db.session() as session:
                 job_id = await enqueue(session, "test.record", {"note": "never"})
                 assert job_id is not None
+                enqueued.append(job_id)
                 raise Boom
-        assert job_id is not None
+
+        with pytest.raises(Boom):
+            await failing_unit_of_work()
+        assert len(enqueued) == 1
+        job_id = enqueued[0]
         async with jobs_db.db.session() as session:
             assert await get_job(session, job_id) is None
             count = await session.scalar(text("SELECT count(*) FROM jobs WHERE name LIKE 'test.%'"))
