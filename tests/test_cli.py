@@ -188,7 +188,8 @@ def test_up_help_shows_the_real_port_default() -> None:
     result = CliRunner().invoke(app, ["up", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     port_line = next(line for line in result.output.splitlines() if "--port" in line)
-    assert "8000" in port_line and "default: 0" not in port_line, port_line
+    assert "8000" in port_line, port_line
+    assert "default: 0" not in port_line, port_line
 
 
 def test_a_command_never_stops_servers_it_did_not_start(
@@ -211,7 +212,8 @@ def test_a_command_never_stops_servers_it_did_not_start(
             monkeypatch.setenv(name, "")
             monkeypatch.delenv(name)
         servers = resolve_servers()  # a second command on the same data folder
-        assert servers.database_url == pg.url and servers.redis_url == redis.url
+        assert servers.database_url == pg.url
+        assert servers.redis_url == redis.url
         assert servers.started == []
         servers.stop()
         assert pg.pid() is not None, "the other command's PostgreSQL was stopped"

@@ -133,15 +133,19 @@ class TestEnqueueNow:
                     {"id": job_id},
                 )
             ).one()
-        assert info is not None and info.state == "queued"
-        assert row.queue == "t_record" and row.payload == {"note": "now"}
+        assert info is not None
+        assert info.state == "queued"
+        assert row.queue == "t_record"
+        assert row.payload == {"note": "now"}
         spec = get_spec("test.record")
-        assert spec is not None and row.max_attempts == spec.max_attempts
+        assert spec is not None
+        assert row.max_attempts == spec.max_attempts
 
     async def test_dedup_key_and_unknown_names(self, jobs_db: Runtime) -> None:
         first = await enqueue_now(jobs_db.db.primary, "test.record", dedup_key="now-1")
         again = await enqueue_now(jobs_db.db.primary, "test.record", dedup_key="now-1")
-        assert first is not None and again is None
+        assert first is not None
+        assert again is None
         with pytest.raises(UnknownJob):
             await enqueue_now(jobs_db.db.primary, "test.nope")
 
