@@ -23,9 +23,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def upgrade() -> None:
-    op.execute(
-        """
+SCHEMA = """
 CREATE TABLE payment_topups (
     id                  UUID        NOT NULL,
     owner_id            UUID        NOT NULL,
@@ -69,7 +67,14 @@ CREATE INDEX ix_payment_events_pending ON payment_events (payment_id, created, r
     WHERE state = 'pending';
 CREATE INDEX ix_payment_events_state ON payment_events (state, received_at DESC, id);
 """
-    )
+
+
+def upgrade() -> None:
+    # One statement per call: asyncpg prepares each statement, and a prepared statement
+    # holds exactly one command.
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            op.execute(statement)
 
 
 def downgrade() -> None:
