@@ -224,7 +224,7 @@ class TopupService:
         if not stored:
             # A replay (or the provider's retry after our answer was lost): refused, nothing
             # happens twice. 200 all the same: a non-2xx makes the provider retry for days.
-            log.info("payments.webhook.replay_refused", event_id=event["id"], type=event["type"])
+            log.warning("payments.webhook.replay_refused", event_id=event["id"], type=event["type"])
             return Receipt(event["id"], duplicate=True)
         await enqueue(
             session, PROCESS_JOB, {"payment_id": payment_id}, lock_key=f"payment:{payment_id}"
