@@ -3,13 +3,17 @@ bounds and ownership, refunds and disputes, reconciliation of a lost webhook."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import text
 
 from surge.payments.service import topup as topup_service
 from tests.payments.conftest import Caller, Live
+
+T = TypeVar("T")
 
 
 async def postings(live: Live, payment_id: str) -> list[dict[str, Any]]:
@@ -23,6 +27,11 @@ async def postings(live: Live, payment_id: str) -> list[dict[str, Any]]:
             {"k": f"payment:{payment_id}", "p": f"payment:{payment_id}:%"},
         )
         return [dict(row._mapping) for row in rows]
+
+
+async def _later(coro: Awaitable[T], delay: float) -> T:
+    await asyncio.sleep(delay)
+    return await coro
 
 
 async def balance(live: Live, caller: Caller) -> int:
@@ -92,6 +101,22 @@ class TestIdempotency:
         other = await live.topup(caller, amount=901, key="k-2")
         assert other.status_code == 422
         assert other.headers["content-type"].startswith("application/problem+json")
+
+    async def test_concurrent_duplicate_gets_409_while_in_flight(self, live: Live) -> None:
+        caller = await live.reseller()
+        await live.sim.control(latency=0.5)  # the first request holds its key this long
+        first, second = await asyncio.gather(
+            live.topup(caller, amount=1_100, key="k-3"),
+            _later(live.topup(caller, amount=1_100, key="k-3"), 0.2),
+        )
+        await live.sim.control(latency=0)
+        assert first.status_code == 201, first.text
+        assert second.status_code == 409, second.text
+        assert second.headers["Retry-After"] == "1"
+        replay = await live.topup(caller, amount=1_100, key="k-3")
+        assert replay.json()["id"] == first.json()["id"]
+        await live.settled()
+        assert await balance(live, caller) == 1_100
 
     async def test_key_is_required(self, live: Live) -> None:
         caller = await live.reseller()

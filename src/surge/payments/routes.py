@@ -76,7 +76,12 @@ async def create_topup(
         )
 
     return await idempotency_keys.run(
-        request, session, scope=f"topup:{principal.user_id}", handler=handler, required=True
+        request,
+        session,
+        scope=f"topup:{principal.user_id}",
+        handler=handler,
+        required=True,
+        in_flight="conflict",
     )
 
 
