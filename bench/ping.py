@@ -17,7 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench._loadgen import CONNECTIONS, load, stop_servers, uvicorn_server, wait_ready
+from bench._loadgen import (
+    CONNECTIONS,
+    generator_name,
+    load,
+    stop_servers,
+    uvicorn_server,
+    wait_ready,
+)
 from bench.common import console, median, report
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
@@ -98,7 +105,7 @@ def main(quick: bool = False) -> None:
         ],
         extra={
             "workers": WORKERS, "connections": CONNECTIONS, "seconds_per_run": seconds, "reps": reps,
-            "load_generator": "wrk" if shutil.which("wrk") else "bench._loadgen",
+            "load_generator": generator_name(),
             "paired_ratios": [round(r, 3) for r in ratios],
         },
         title="surge bench ping — GET /livez, full Surge stack vs bare FastAPI",

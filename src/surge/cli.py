@@ -299,6 +299,7 @@ def serve(
     servers = resolve_servers() if servers_ else None
     workers = workers or settings.WEB_WORKERS
     _prepare_metrics_dir()
+    _warn_somaxconn(settings.HTTP_BACKLOG)
     import uvicorn
 
     try:
@@ -314,11 +315,25 @@ def serve(
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE.total_seconds()),
-            backlog=4096,
+            backlog=settings.HTTP_BACKLOG,
+            timeout_keep_alive=int(settings.HTTP_KEEPALIVE_TIMEOUT.total_seconds()),
         )
     finally:
         if servers is not None:
             servers.stop()
+
+
+def _warn_somaxconn(backlog: int) -> None:
+    """The kernel silently caps the listen backlog at net.core.somaxconn: say so."""
+    try:
+        cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return
+    if cap < backlog:
+        console.print(
+            f"[yellow]listen backlog {backlog} is capped by net.core.somaxconn = {cap}; "
+            f"raise it (sysctl -w net.core.somaxconn={backlog}) for connection storms"
+        )
 
 
 @app.command()
