@@ -612,9 +612,10 @@ class Identity:
                 principal.session_id, principal.user_id, principal.issued_at
             ):
                 return None  # a signed-out token buys no user tier: anonymous, per IP
+            privileges = await self.privileges.get(principal.user_id)
         except DependencyUnavailable:
             return None  # cannot tell: anonymous here; the route's own check answers 503
-        return _admit(scope, principal, await self.privileges.get(principal.user_id))
+        return _admit(scope, principal, privileges)
 
 
 def _admit(scope: Any, principal: Principal, privileges: Privileges) -> Subject:
