@@ -12,6 +12,7 @@ its time in ``StreamReader``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 
@@ -156,8 +157,6 @@ def parse_server_timing(value: str) -> dict[str, float]:
         for param in rest.split(";"):
             key, _, number = param.strip().partition("=")
             if key == "dur":
-                try:
+                with contextlib.suppress(ValueError):
                     out[name] = float(number)
-                except ValueError:
-                    pass
     return out

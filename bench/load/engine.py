@@ -25,7 +25,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
+from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from bench.load.client import Connection, ConnectionLost, build_request, parse_server_timing
 from bench.load.scenario import Call, Context, Step, User
@@ -134,8 +134,8 @@ async def _open_main(plan: OpenPlan) -> Records:
     def now() -> float:
         return perf() - perf_zero
 
-    def record(due: float, sent: float, done: float, status: int, step: int, timing: str,
-               request_id: str) -> None:  # fmt: skip
+    def record(due: float, sent: float, done: float, *, status: int, step: int,
+               timing: str = "", request_id: str = "") -> None:  # fmt: skip
         records.due.append(int(due * 1e6))
         records.sent.append(int(sent * 1e6))
         records.done.append(int(done * 1e6))
@@ -172,7 +172,7 @@ async def _open_main(plan: OpenPlan) -> Records:
                     except (TimeoutError, ConnectionLost, OSError) as exc:
                         connection.close()
                         error(f"{steps[step_index].name}: {type(exc).__name__}")
-                        record(call_due, sent, now(), NO_ANSWER, step_index, "", "")
+                        record(call_due, sent, now(), status=NO_ANSWER, step=step_index)
                         break
                     status = response.status
                     if call.expect is not None and status < 400:
@@ -182,8 +182,15 @@ async def _open_main(plan: OpenPlan) -> Records:
                             status = BAD_BODY
                     elif status >= 400:
                         error(f"{steps[step_index].name}: HTTP {status}")
-                    record(call_due, sent, now(), status, step_index, response.server_timing,
-                           response.request_id)  # fmt: skip
+                    record(
+                        call_due,
+                        sent,
+                        now(),
+                        status=status,
+                        step=step_index,
+                        timing=response.server_timing,
+                        request_id=response.request_id,
+                    )
                     call_due = now()  # a follow-up call is due when the previous one ended
                 due += rng.expovariate(rate)
         finally:

@@ -80,6 +80,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 def render(
     name: str,
+    *,
     options: dict[str, Any],
     summary: dict[str, Any],
     timeline: list[dict[str, float]],

@@ -16,6 +16,7 @@ each step is a short steady run against the same (warm) server.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -147,7 +148,7 @@ def series(samples: list[tuple[float, dict[str, float]]]) -> dict[str, list[tupl
     """Per-second rates of the cache tiers and gauges of the pool, for the plots."""
     out: dict[str, list[tuple[float, float]]] = {}
     name = "surge_privilege_lookups_total"
-    for (t0, a), (t1, b) in zip(samples, samples[1:], strict=False):
+    for (t0, a), (t1, b) in itertools.pairwise(samples):
         dt = max(1e-3, t1 - t0)
         for tier in ("memory", "redis", "database", "stale", "unavailable"):
             rate = (_sum(b, name, f'source="{tier}"') - _sum(a, name, f'source="{tier}"')) / dt
@@ -302,7 +303,7 @@ def meets(summary: dict[str, Any], targets: dict[str, float]) -> tuple[bool, lis
 
 
 def capacity_search(
-    stack: Stack, options: Options, users: list[User], population: list[User],
+    stack: Stack, options: Options, users: list[User], population: list[User], *,
     service_token: str | None, start_rate: float, steps: int = 6,
 ) -> dict[str, Any]:  # fmt: skip
     """Highest rate (users / think) meeting the targets: double until a failure, bisect."""
@@ -364,7 +365,7 @@ def run(options: Options) -> dict[str, Any]:
         main = one_run(stack, options, users, population, service_token, think=options.think,
                        ramp=options.ramp, duration=options.duration, label="run")  # fmt: skip
         if options.capacity:
-            capacity = capacity_search(stack, options, users, population, service_token,
+            capacity = capacity_search(stack, options, users, population, service_token=service_token,
                                        start_rate=len(users) / options.think)  # fmt: skip
     finally:
         stack.stop()
@@ -379,8 +380,9 @@ def finish(
     name = f"load-{options.scenario}"
     RESULTS.mkdir(exist_ok=True)
     html_path = RESULTS / f"{name}.html"
-    html_path.write_text(html.render(name, options.__dict__, summary, main["timeline"],
-                                     main["series"], capacity, misses))  # fmt: skip
+    html_path.write_text(html.render(name, options=options.__dict__, summary=summary,
+                                     timeline=main["timeline"], series=main["series"],
+                                     capacity=capacity, misses=misses))  # fmt: skip
     latency = summary["latency"]
     hit = summary.get("cache", {}).get("cache_hit_ratio")
     rows = [
@@ -418,6 +420,6 @@ def finish(
             "misses": misses,
             "report": str(html_path.relative_to(ROOT)),
             "note": "generator, server, PostgreSQL and Redis share the machine's cores",
-        },  # fmt: skip
+        },
         title=f"surge load {options.scenario}",
     )

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
+from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from bench.load.engine import (
     BAD_BODY,
@@ -176,7 +176,7 @@ def summarize(
             name: {"requests": h.get_total_count(), **_percentiles(h)}
             for name, h in per_step.items()
             if h.get_total_count()
-        },  # fmt: skip
+        },
         "where": {
             "client_wait_before_send": _percentiles(send_wait),
             "server_queue": _percentiles(server_queue),

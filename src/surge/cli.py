@@ -416,6 +416,7 @@ def load(
     scenario: Annotated[
         str, typer.Argument(help="A file in bench/load/scenarios/: seed003, seed003_writes, ping.")
     ] = "seed003",
+    *,
     users: Annotated[
         int, typer.Option(help="Signed-in users, one keep-alive connection each.")
     ] = 10_000,

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -132,7 +132,7 @@ async def test_exhausted_pool_serves_cached_plans_or_503_never_free(
         responses = await burst(api, users)
         health = await api.get("/api/health")
     assert_never_free(responses)
-    by_user = {}
+    by_user: dict[str, set[int]] = {}
     for (user_id, _), response in zip(users * 3, responses, strict=True):
         by_user.setdefault(user_id, set()).add(response.status_code)
     # The cached half got their real plan; the uncached half a 503 to retry, not "free".

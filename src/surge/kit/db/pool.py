@@ -103,7 +103,7 @@ def _stamp_idle(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
 
 async def asyncpg_connect(engine: AsyncEngine) -> Any:
     """A raw asyncpg connection to ``engine``'s database, outside its pool (caller closes)."""
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     url = engine.url
     return await asyncpg.connect(
