@@ -5,7 +5,9 @@
 soon as the previous answer is read, latencies in an HdrHistogram. The connections are raw
 asyncio protocols on uvloop: cheap enough per request that the generator leaves the server
 the same share of the 2 cores as wrk does, so the ratios agree with wrk's (ADR 0015).
-``SURGE_LOADGEN=wrk`` uses wrk instead when it is installed, to check that agreement.
+``SURGE_LOADGEN=wrk`` uses wrk instead when it is installed; ``SURGE_LOADGEN=both`` makes
+``surge bench ping`` measure with both, interleaved in one run, and report both ratios: on
+this noisy machine only pairs measured in the same window can be compared.
 
 ``tokens=[...]`` sends ``Authorization: Bearer`` with those tokens in turn, one request after
 the other (wrk: a Lua ``request()``), so the load comes from that many callers. A run that
@@ -92,6 +94,7 @@ def load(
     token: str | None = None,
     tokens: list[str] | None = None,
     connections: int = CONNECTIONS,
+    generator: str | None = None,
 ) -> dict[str, float]:
     """rps, p99_ms and errors (non-2xx) of ``seconds`` of closed-loop load on ``url``.
 
@@ -99,7 +102,7 @@ def load(
     ``SURGE_LOADGEN=wrk`` asks for wrk (installed): the cross-check that both agree."""
     if token is not None:
         tokens = [token]
-    if os.environ.get(LOADGEN_ENV) == "wrk" and shutil.which("wrk"):
+    if (generator or os.environ.get(LOADGEN_ENV)) == "wrk" and shutil.which("wrk"):
         return _wrk(url, seconds, tokens or [], connections)
     from bench.load.runner import closed
 
@@ -109,6 +112,11 @@ def load(
         parts.hostname or "127.0.0.1", parts.port or 80, path or "/", seconds,
         connections=connections, processes=GENERATOR_PROCESSES, tokens=tokens or [],
     )  # fmt: skip
+
+
+def cross_check_wrk() -> bool:
+    """``SURGE_LOADGEN=both`` and wrk installed: measure with both generators."""
+    return os.environ.get(LOADGEN_ENV) == "both" and shutil.which("wrk") is not None
 
 
 def generator_name() -> str:

@@ -71,6 +71,15 @@ def line_chart(
     return "".join(parts)
 
 
+def latency_chart(timeline: list[dict[str, float]], lo: float, hi: float) -> str:
+    """p50/p95/p99 per second of due time, log scale, steady window shaded."""
+    return line_chart(
+        "surge load: latency from the intended start (ms, log scale)",
+        {p: [(r["t"], r[p]) for r in timeline] for p in ("p50", "p95", "p99")},
+        unit="ms (log)", log=True, shade=(lo, hi),
+    )  # fmt: skip
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     body = "".join(
         f"<tr><th>{_html.escape(k)}</th><td>{_html.escape(v)}</td></tr>" for k, v in rows
@@ -93,9 +102,7 @@ def render(
     latency = summary["latency"]
     verdict = "meets every target" if not misses else "misses: " + "; ".join(misses)
     charts = [
-        line_chart("Latency from the intended start (per second of due time)",
-                   {p: [(r["t"], r[p]) for r in timeline] for p in ("p50", "p95", "p99")},
-                   unit="ms (log)", log=True, shade=shade),
+        latency_chart(timeline, *shade),
         line_chart("Throughput", {"offered (due)": [(r["t"], r["offered"]) for r in timeline],
                                   "served (done)": [(r["t"], r["served"]) for r in timeline]},
                    unit="requests/s", shade=shade),

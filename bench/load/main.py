@@ -383,6 +383,10 @@ def finish(
     html_path.write_text(html.render(name, options=options.__dict__, summary=summary,
                                      timeline=main["timeline"], series=main["series"],
                                      capacity=capacity, misses=misses))  # fmt: skip
+    # The latency plot alone, for the README (an SVG file renders on any Git host, offline).
+    (RESULTS / f"{name}.svg").write_text(
+        html.latency_chart(main["timeline"], options.ramp, options.ramp + options.duration)
+    )
     latency = summary["latency"]
     hit = summary.get("cache", {}).get("cache_hit_ratio")
     rows = [
