@@ -4,15 +4,33 @@ from surge.models.audit import AuditEntry
 from surge.models.base import Base, TimestampMixin
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
+from surge.models.wallet import (
+    Earning,
+    Entry,
+    IdempotencyKeyRow,
+    LedgerAccount,
+    Partner,
+    RevenueEvent,
+    Transfer,
+    Withdrawal,
+)
 
 __all__ = [
     "AuditEntry",
     "AuthSession",
     "Base",
+    "Earning",
+    "Entry",
+    "IdempotencyKeyRow",
+    "LedgerAccount",
+    "Partner",
     "RefreshToken",
+    "RevenueEvent",
     "Subscription",
     "TimestampMixin",
+    "Transfer",
     "User",
     "ViewRefresh",
+    "Withdrawal",
     "jobs_table",
 ]
