@@ -66,11 +66,13 @@ async def slow_server() -> AsyncIterator[SlowServer]:
         yield server
 
 
-def plan(port: int, *, users: int, think: float, duration: float) -> OpenPlan:
+def plan(
+    port: int, *, users: int, think: float, duration: float, timeout: float = 60.0
+) -> OpenPlan:
     return OpenPlan(
         host="127.0.0.1", port=port, scenario="ping", users=[User(str(i)) for i in range(users)],
         population=[], service_token=None, think=think, ramp=0.0, duration=duration,
-        start_epoch=time.time() + 0.2, seed=1,
+        start_epoch=time.time() + 0.2, seed=1, timeout=timeout,
     )  # fmt: skip
 
 
@@ -101,6 +103,24 @@ async def test_open_loop_counts_a_stall_from_the_intended_start(slow_server: Slo
     assert summary["where"]["server_app"]["p50_ms"] == pytest.approx(300, rel=0.05)
     assert summary["where"]["client_wait_before_send"]["p99_ms"] > 1000
     assert summary["served_rps"] < summary["offered_rps"] / 3  # served fell behind offered
+
+
+async def test_requests_older_than_the_timeout_fail_unsent_and_the_run_ends(
+    slow_server: SlowServer,
+) -> None:
+    # The same stall with users who give up after 0.5 s: the run ends about on time, the
+    # backlog becomes recorded timeouts (errors), and nothing is silently dropped.
+    slow_server.delay = 0.3
+    started = time.monotonic()
+    records = await _open_main(
+        plan(slow_server.port, users=1, think=0.02, duration=1.5, timeout=0.5)
+    )
+    assert time.monotonic() - started < 4
+    summary = summarize(records, ["livez"], steady_from=0.0, steady_to=1.5)
+    assert summary["errors"] >= summary["requests"] // 2
+    assert summary["statuses"]["no answer"] == summary["errors"]
+    assert any("before it could be sent" in kind for kind in records.errors)
+    assert slow_server.requests < summary["requests"]
 
 
 async def test_open_loop_keeps_the_rate_of_a_fast_server(slow_server: SlowServer) -> None:

@@ -56,7 +56,8 @@ class OpenPlan:
     #: ``time.time()`` at which second 0 of the run starts (same for every process).
     start_epoch: float
     seed: int
-    timeout: float = 30.0
+    #: A user gives up on a request this long after it was due (a recorded error).
+    timeout: float = 10.0
 
 
 @dataclass
@@ -165,9 +166,17 @@ async def _open_main(plan: OpenPlan) -> Records:
                 for call in calls:
                     head, body = _head(call, host)
                     sent = now()
+                    # The user's patience runs from when the request was due: one that is
+                    # already older than the timeout is a timeout, not sent (else an
+                    # overloaded run never ends: every user would work through its backlog).
+                    patience = plan.timeout - (sent - call_due)
+                    if patience <= 0:
+                        error(f"{steps[step_index].name}: timed out before it could be sent")
+                        record(call_due, sent, sent, status=NO_ANSWER, step=step_index)
+                        break
                     try:
                         response = await asyncio.wait_for(
-                            connection.request(_with_start_header(head, body)), plan.timeout
+                            connection.request(_with_start_header(head, body)), patience
                         )
                     except (TimeoutError, ConnectionLost, OSError) as exc:
                         connection.close()
