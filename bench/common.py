@@ -1,4 +1,4 @@
-"""Shared plumbing for benchmarks (ARCHITECTURE §7).
+"""Shared plumbing for benchmarks (docs/architecture.md §7).
 
 Every benchmark compares Surge against a baseline *in the same run*, repeats the pair several
 times interleaved (this machine is noisy: ±20-40 % between windows), and reports medians and

@@ -21,9 +21,11 @@ from surge.kit.jobs import (
     enqueue,
     enqueue_batches,
     enqueue_many,
+    enqueue_now,
     get_job,
     retry_job,
 )
+from surge.kit.jobs.registry import get_spec
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
 from tests.kit import jobs_handlers
@@ -119,6 +121,43 @@ class TestTransactionalEnqueue:
                 await enqueue(session, "test.nope")
 
 
+class TestEnqueueNow:
+    async def test_commits_at_once_with_the_registered_options(self, jobs_db: Runtime) -> None:
+        job_id = await enqueue_now(jobs_db.db.primary, "test.record", {"note": "now"})
+        assert job_id is not None
+        async with jobs_db.db.session() as session:
+            info = await get_job(session, job_id)
+            row = (
+                await session.execute(
+                    text("SELECT queue, payload, max_attempts FROM jobs WHERE id = :id"),
+                    {"id": job_id},
+                )
+            ).one()
+        assert info is not None
+        assert info.state == "queued"
+        assert row.queue == "t_record"
+        assert row.payload == {"note": "now"}
+        spec = get_spec("test.record")
+        assert spec is not None
+        assert row.max_attempts == spec.max_attempts
+
+    async def test_dedup_key_and_unknown_names(self, jobs_db: Runtime) -> None:
+        first = await enqueue_now(jobs_db.db.primary, "test.record", dedup_key="now-1")
+        again = await enqueue_now(jobs_db.db.primary, "test.record", dedup_key="now-1")
+        assert first is not None
+        assert again is None
+        with pytest.raises(UnknownJob):
+            await enqueue_now(jobs_db.db.primary, "test.nope")
+
+    async def test_a_worker_runs_it(self, jobs_db: Runtime) -> None:
+        job_id = await enqueue_now(
+            jobs_db.db.primary, "test.record", {"note": "ran"}, delay=timedelta(0)
+        )
+        assert job_id is not None
+        async with running_worker(jobs_db, ["t_record"]):
+            await wait_for(lambda: _is(jobs_db, job_id, "succeeded"))
+
+
 class TestRun:
     async def test_job_runs_once_and_its_writes_commit_with_it(self, jobs_db: Runtime) -> None:
         async with jobs_db.db.session() as session:
@@ -202,6 +241,18 @@ class TestFencing:
         assert info is not None
         assert "must not commit ctx.session" in (info.last_error or "")
         assert effects == 0
+
+    async def test_a_handler_may_use_savepoints(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.savepoint")
+        assert job_id is not None
+        async with running_worker(jobs_db, ["t_savepoint"]):
+            await wait_for(lambda: _is(jobs_db, job_id, "succeeded"))
+        async with jobs_db.db.session() as session:
+            notes = (await session.execute(
+                text("SELECT note FROM job_test_effects WHERE job_id = :j ORDER BY note"),
+                {"j": job_id})).scalars().all()  # fmt: skip
+        assert notes == ["after", "before"]
 
 
 class TestDedupAndLock:

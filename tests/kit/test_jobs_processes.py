@@ -329,7 +329,7 @@ class TestDatabaseOutage:
     async def test_workers_pause_while_postgresql_is_down_and_resume(
         self, server_urls: tuple[str, str], tmp_path: Path
     ) -> None:
-        """ARCHITECTURE §4: PostgreSQL down → workers pause (no crash, no busy loop) and
+        """docs/architecture.md §4: PostgreSQL down → workers pause (no crash, no busy loop) and
         resume by themselves; nothing enqueued before or after is lost."""
         from surge.kit.db import migrate
         from tests.conftest import make_settings

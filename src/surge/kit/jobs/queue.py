@@ -1,7 +1,7 @@
 """Producer side: enqueue in the caller's transaction, bulk, batches, status, retry, cancel.
 
 Every function takes the caller's ``AsyncSession`` first and runs on its connection, inside
-its transaction: the job exists exactly when the caller's writes commit (ARCHITECTURE §2).
+its transaction: the job exists exactly when the caller's writes commit (docs/architecture.md §2).
 Nothing here commits.
 """
 
@@ -16,7 +16,7 @@ import pydantic_core
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from surge.kit.jobs.errors import JobNotFound, JobStateConflict, UnknownJob
 from surge.kit.jobs.registry import JobSpec, get_spec
@@ -113,6 +113,57 @@ async def enqueue(
         },
     )
     return result.scalar_one_or_none()
+
+
+_INSERT_DRIVER = f"""
+    INSERT INTO jobs (queue, name, payload, priority, run_at, max_attempts, max_stalled,
+                      dedup_key, lock_key)
+    VALUES ($1, $2, $3::jsonb, $4, COALESCE($5::timestamptz, now()) + make_interval(secs => $6),
+            $7, $8, $9, $10)
+    {_ON_CONFLICT}
+    RETURNING id
+"""
+
+
+async def enqueue_now(
+    engine: AsyncEngine,
+    name: str,
+    payload: Payload = None,
+    *,
+    dedup_key: str | None = None,
+    lock_key: str | None = None,
+    run_at: datetime | None = None,
+    delay: timedelta | None = None,
+    priority: int | None = None,
+    max_attempts: int | None = None,
+) -> int | None:
+    """Add one job as a unit of work of its own: one prepared statement in autocommit mode
+    on the driver's connection — one round trip, where a session would add BEGIN and COMMIT
+    and SQLAlchemy's per-statement work (``bench/jobs.py``, "enqueue single").
+
+    For a job that must exist exactly when other writes commit, use ``enqueue`` inside
+    their transaction instead. Same arguments and result as ``enqueue``."""
+    spec = _spec(name)
+    async with engine.connect() as connection:
+        # Outside any transaction: PostgreSQL runs the statement as its own transaction, and
+        # SQLAlchemy hands the connection back to the pool as it found it. asyncpg prepares
+        # the statement once per connection (its statement cache) and reuses it.
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        value = await driver.fetchval(
+            _INSERT_DRIVER,
+            spec.queue,
+            name,
+            _dump(payload),
+            spec.priority if priority is None else priority,
+            run_at,
+            _delay(delay),
+            max_attempts if max_attempts is not None else spec.max_attempts,
+            spec.max_stalled,
+            dedup_key,
+            lock_key,
+        )
+    return None if value is None else int(value)
 
 
 async def enqueue_many(
@@ -307,8 +358,10 @@ class QueueStats:
     oldest_age_seconds: float
 
 
-async def queue_stats(session: AsyncSession) -> list[QueueStats]:
-    """Per-queue depth and lag, read from the two partial indexes (queued, active) only."""
+async def queue_stats(session: AsyncSession, known: Iterable[str] = ()) -> list[QueueStats]:
+    """Per-queue depth and lag, read from the two partial indexes (queued, active) only.
+    Every queue in ``known`` is listed too, with zeros when idle: an idle queue is a
+    queue, not a missing one."""
     rows = await session.execute(
         text(
             """
@@ -324,7 +377,10 @@ async def queue_stats(session: AsyncSession) -> list[QueueStats]:
             """
         )
     )
-    return [QueueStats(**dict(row._mapping)) for row in rows]
+    found = {row.queue: QueueStats(**dict(row._mapping)) for row in rows}
+    for queue in known:
+        found.setdefault(queue, QueueStats(queue, 0, 0, 0, 0.0))
+    return [found[queue] for queue in sorted(found)]
 
 
 async def finished_counts(session: AsyncSession, *, since: timedelta) -> dict[str, dict[str, int]]:
