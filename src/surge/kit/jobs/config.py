@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -75,11 +74,3 @@ class WorkerConfig:
             retention=settings.JOBS_RETENTION,
             rate_limits={q: RateLimit.parse(v) for q, v in settings.JOBS_RATE_LIMITS.items()},
         )
-
-
-def backoff_delay(attempt: int, base: timedelta, cap: timedelta, rng: random.Random) -> float:
-    """Exponential backoff with "equal jitter": the ``n``-th failure waits between half and
-    all of ``min(cap, base × 2^(n-1))`` — spread out (no thundering herd) yet never shorter
-    than half the nominal delay."""
-    nominal = min(cap.total_seconds(), base.total_seconds() * 2.0 ** max(0, attempt - 1))
-    return float(nominal / 2 + rng.uniform(0, nominal / 2))

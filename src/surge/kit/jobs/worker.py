@@ -45,6 +45,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
+from surge.kit.backoff import delay as retry_delay
 from surge.kit.db import is_unavailable, run_on_commit
 from surge.kit.jobs import metrics
 from surge.kit.jobs._sql import (
@@ -57,7 +58,7 @@ from surge.kit.jobs._sql import (
     RATE_LOCK_NAMESPACE,
     _pairs,
 )
-from surge.kit.jobs.config import RateLimit, WorkerConfig, backoff_delay
+from surge.kit.jobs.config import RateLimit, WorkerConfig
 from surge.kit.jobs.context import JobContext
 from surge.kit.jobs.errors import LeaseLost
 from surge.kit.jobs.maintenance import Maintenance
@@ -67,7 +68,7 @@ from surge.kit.runtime import Runtime
 
 log = structlog.get_logger()
 
-__all__ = ["JobSession", "RateLimit", "Worker", "WorkerConfig", "backoff_delay", "serve"]
+__all__ = ["JobSession", "RateLimit", "Worker", "WorkerConfig", "serve"]
 
 _RUNNER_COMMIT = "surge_jobs_runner_commit"
 
@@ -412,7 +413,7 @@ class Worker:
         base = (spec and spec.backoff) or self.config.backoff
         cap = (spec and spec.backoff_max) or self.config.backoff_max
         final = claim.attempts >= max_attempts
-        delay = 0.0 if final else backoff_delay(claim.attempts, base, cap, self._rng)
+        delay = 0.0 if final else retry_delay(claim.attempts, base, cap, rng=self._rng)
         params = {"id": claim.id, "token": claim.token, "state": "failed" if final else "queued",
                   "delay": delay, "error": _error_text(error)}  # fmt: skip
         for attempt in range(5):

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import math
 import os
-import random
 import socket
 import time
 import uuid
@@ -48,6 +47,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client import multiprocess as prom_multiprocess
 
 from surge.kit.aio import cancel_until_done
+from surge.kit.backoff import delay as backoff_delay
 from surge.kit.breaker import BreakerConfig, BreakerRegistry, UpstreamError
 from surge.kit.breaker import breakers as default_breakers
 from surge.kit.telemetry import metrics
@@ -316,7 +316,9 @@ class WebhookNotifier:
             except httpx.HTTPError as exc:
                 last = type(exc).__name__
             if attempt < self.retries:
-                await asyncio.sleep(random.uniform(0, self.backoff * 2**attempt))
+                await asyncio.sleep(
+                    backoff_delay(attempt + 1, self.backoff, math.inf, jitter="full")
+                )
         raise AlertDeliveryError(f"alert webhook failed: {last}")
 
     async def __call__(self, event: AlertEvent) -> None:
