@@ -35,7 +35,8 @@ class TestKeys:
             await keys.store(session, scope="a", key=key, response=Response(b"first", 201))
         async with runtime.db.session() as session:
             stored = await keys.claim(session, scope="a", key=key, fingerprint=fp)
-            assert stored is not None and (stored.status_code, stored.body) == (201, b"first")
+            assert stored is not None
+            assert (stored.status_code, stored.body) == (201, b"first")
             # The same key in another scope (another user) is another key.
             assert await keys.claim(session, scope="b", key=key, fingerprint=fp) is None
         with pytest.raises(IdempotencyKeyMismatch):
@@ -48,10 +49,14 @@ class TestKeys:
     async def test_rolled_back_claim_frees_the_key(self, runtime: Runtime) -> None:
         keys = IdempotencyKeys()
         key = f"k-{uuid4()}"
-        with pytest.raises(RuntimeError):
+
+        async def failing_handler() -> None:
             async with runtime.db.session() as session:
                 await keys.claim(session, scope="a", key=key, fingerprint="f1")
                 raise RuntimeError("the handler failed")
+
+        with pytest.raises(RuntimeError):
+            await failing_handler()
         async with runtime.db.session() as session:  # another body is fine: nothing happened
             assert await keys.claim(session, scope="a", key=key, fingerprint="f2") is None
 
