@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from surge.kit.runtime import Runtime
 from surge.kit.web.idempotency import (
+    IdempotencyKeyInFlight,
     IdempotencyKeyMismatch,
     IdempotencyKeys,
     InvalidIdempotencyKey,
@@ -89,3 +90,47 @@ class TestKeys:
                 {"k": key},
             )
         assert left == 0
+
+
+class TestInFlight:
+    """The IETF Idempotency-Key draft: 409 while the first request is in flight."""
+
+    async def test_conflict_while_the_first_is_open_then_replay(self, runtime: Runtime) -> None:
+        keys = IdempotencyKeys()
+        key, fp = f"k-{uuid4()}", fingerprint("POST", "/x", b"{}")
+        async with runtime.db.session() as first:
+            assert (
+                await keys.claim(first, scope="a", key=key, fingerprint=fp, in_flight="conflict")
+                is None
+            )
+            with pytest.raises(IdempotencyKeyInFlight) as info:
+                async with runtime.db.session() as second:
+                    await keys.claim(
+                        second, scope="a", key=key, fingerprint=fp, in_flight="conflict"
+                    )
+            assert info.value.status_code == 409
+            assert info.value.headers["Retry-After"] == "1"
+            await keys.store(first, scope="a", key=key, response=Response(b"done", 201))
+        async with runtime.db.session() as third:
+            stored = await keys.claim(
+                third, scope="a", key=key, fingerprint=fp, in_flight="conflict"
+            )
+            assert stored is not None
+            assert stored.body == b"done"
+
+    async def test_a_rolled_back_first_frees_the_key(self, runtime: Runtime) -> None:
+        keys = IdempotencyKeys()
+        key = f"k-{uuid4()}"
+
+        async def crashing_request() -> None:
+            async with runtime.db.session() as session:
+                await keys.claim(session, scope="a", key=key, fingerprint="f", in_flight="conflict")
+                raise RuntimeError("crashed")
+
+        with pytest.raises(RuntimeError):
+            await crashing_request()
+        async with runtime.db.session() as session:
+            assert (
+                await keys.claim(session, scope="a", key=key, fingerprint="g", in_flight="conflict")
+                is None
+            )

@@ -242,6 +242,18 @@ class TestFencing:
         assert "must not commit ctx.session" in (info.last_error or "")
         assert effects == 0
 
+    async def test_a_handler_may_use_savepoints(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.savepoint")
+        assert job_id is not None
+        async with running_worker(jobs_db, ["t_savepoint"]):
+            await wait_for(lambda: _is(jobs_db, job_id, "succeeded"))
+        async with jobs_db.db.session() as session:
+            notes = (await session.execute(
+                text("SELECT note FROM job_test_effects WHERE job_id = :j ORDER BY note"),
+                {"j": job_id})).scalars().all()  # fmt: skip
+        assert notes == ["after", "before"]
+
 
 class TestDedupAndLock:
     async def test_dedup_key_holds_under_concurrent_enqueues(self, jobs_db: Runtime) -> None:
