@@ -118,6 +118,27 @@ class TestIdempotency:
         await live.settled()
         assert await balance(live, caller) == 1_100
 
+    async def test_key_reused_after_its_http_record_expired_charges_nothing(
+        self, live: Live
+    ) -> None:
+        caller = await live.reseller()
+        first = (await live.topup(caller, amount=1_300, key="k-4")).json()
+        async with live.runtime.db.session() as session:  # 24 h later: the record is purged
+            await session.execute(
+                text("DELETE FROM idempotency_keys WHERE scope = :s AND key = 'k-4'"),
+                {"s": f"topup:{caller.id}"},
+            )
+            await session.commit()
+        created = (await live.sim.state())["counters"]["created"]
+        again = await live.topup(caller, amount=1_300, key="k-4")
+        assert again.status_code == 201
+        assert again.json()["id"] == first["id"]
+        other = await live.topup(caller, amount=1_400, key="k-4")
+        assert other.status_code == 422
+        assert (await live.sim.state())["counters"]["created"] == created  # no new charge
+        await live.settled()
+        assert await balance(live, caller) == 1_300
+
     async def test_key_is_required(self, live: Live) -> None:
         caller = await live.reseller()
         response = await live.api.post(

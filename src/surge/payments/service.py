@@ -154,6 +154,15 @@ class TopupService:
                 f"{settings.PAYMENTS_TOPUP_MAX} minor units."
             )
         topup_id = topup_id_for(owner_id, idempotency_key)
+        existing = await repository.owned_topup(session, owner_id, topup_id)
+        if existing is not None:
+            # The key made a top-up before (its HTTP record may have expired): that top-up
+            # is the answer; charging again under the same key would be a second payment.
+            if (existing.amount, existing.currency) != (amount, currency):
+                raise TopupKeyMismatch(
+                    "This Idempotency-Key was already used for a top-up with other fields."
+                )
+            return existing
         answer = await provider_client(runtime).create_intent(
             amount=amount,
             currency=currency,
@@ -172,14 +181,19 @@ class TopupService:
             raise ProviderRejected(
                 "The payment provider refused the request.", extra={"code": error.get("code")}
             )
-        topup = await repository.lock_topup(
-            session,
-            topup_id=topup_id,
-            owner_id=owner_id,
-            amount=amount,
-            currency=currency,
-            provider_payment_id=str(intent["id"]),
-        )
+        try:
+            topup = await repository.lock_topup(
+                session,
+                topup_id=topup_id,
+                owner_id=owner_id,
+                amount=amount,
+                currency=currency,
+                provider_payment_id=str(intent["id"]),
+            )
+        except LookupError:
+            raise TopupKeyMismatch(
+                "This Idempotency-Key already belongs to another payment."
+            ) from None
         await self._apply_intent(session, topup, intent)
         return topup
 
@@ -321,6 +335,7 @@ class TopupService:
         if topup.status not in repository.OPEN_STATUSES:
             return topup.status
         answer = await provider_client(runtime).retrieve_intent(topup.provider_payment_id)
+        topup.checked_at = _now()
         intent = _intent_of(answer)
         if intent is None:
             log.warning("payments.reconcile.unknown", topup_id=str(topup_id), status=answer.status)
@@ -430,7 +445,7 @@ class TopupService:
         if _RANK[status] <= _RANK[topup.status]:
             return False
         topup.status = status
-        topup.updated_at = _now()
+        topup.updated_at = topup.checked_at = _now()
         return True
 
     async def _credit(
