@@ -4,6 +4,7 @@ bounds and ownership, refunds and disputes, reconciliation of a lost webhook."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -236,3 +237,36 @@ class TestReconciliation:
         got = await live.api.get(f"/api/v1/topups/{body['id']}", headers=caller.headers)
         assert got.json()["status"] == "succeeded"
         assert len(await postings(live, body["provider_payment_id"])) == 1
+
+    async def test_scan_settles_a_payment_whose_request_died_before_commit(
+        self, live: Live
+    ) -> None:
+        """The provider charged, Surge's request died before its commit, the client never
+        retried and every webhook was lost: the provider scan still credits it, once."""
+        caller = await live.reseller()
+        await live.sim.control(drop=1.0)
+        topup_id = uuid.uuid4()
+        created = await live.sim.http.post(
+            "/v1/payment_intents",
+            json={"amount": 4_200, "currency": "usd", "payment_method": "pm_card_visa",
+                  "confirm": True,
+                  "metadata": {"topup_id": str(topup_id), "owner_id": str(caller.id)}},
+            headers={"Authorization": "Bearer sk_test_x"},
+        )  # fmt: skip
+        payment_id = created.json()["id"]
+        await live.settled()
+        assert await balance(live, caller) == 0
+        runtime = live.runtime
+        settings = runtime.settings.model_copy(update={"PAYMENTS_RECONCILE_AFTER": timedelta(0)})
+        object.__setattr__(runtime, "settings", settings)
+        applied = []
+        for _ in range(2):  # the second scan finds nothing left to do
+            async with runtime.db.session() as session:
+                applied.append(await topup_service.scan_provider(session, runtime))
+                await session.commit()
+        assert applied[0] >= 1  # ours (other tests' open payments may be settled too)
+        assert applied[1] == 0
+        assert await balance(live, caller) == 4_200
+        got = await live.api.get(f"/api/v1/topups/{topup_id}", headers=caller.headers)
+        assert got.json()["status"] == "succeeded"
+        assert len(await postings(live, payment_id)) == 1

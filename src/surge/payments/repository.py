@@ -123,6 +123,18 @@ async def stale_open_topups(
     return [(row[0], str(row[1])) for row in rows.all()]
 
 
+async def statuses(session: AsyncSession, payment_ids: Sequence[str]) -> dict[str, str]:
+    """Status of the top-ups of these provider payments (absent: Surge has no row)."""
+    if not payment_ids:
+        return {}
+    rows = await session.execute(
+        select(Topup.provider_payment_id, Topup.status).where(
+            Topup.provider_payment_id.in_(list(payment_ids))
+        )
+    )
+    return {str(row[0]): str(row[1]) for row in rows.all()}
+
+
 async def totals(session: AsyncSession) -> dict[str, Any]:
     """Counts and sums by status (tests and the admin view)."""
     rows = await session.execute(

@@ -344,6 +344,55 @@ class TopupService:
         log.info("payments.reconcile.applied", topup_id=str(topup_id), status=topup.status)
         return topup.status
 
+    async def scan_provider(
+        self, session: AsyncSession, runtime: Runtime, *, pages: int = 20
+    ) -> int:
+        """List the provider's recent intents and settle every Surge intent that has no row
+        or an open one; returns how many were applied. Closes the last gap: a request that
+        died after the provider answered, a client that never retried, and no webhook."""
+        settings = runtime.settings
+        now = _now().timestamp()
+        client = provider_client(runtime)
+        applied = 0
+        after: str | None = None
+        for _ in range(pages):
+            answer = await client.list_intents(
+                created_gte=int(now - settings.PAYMENTS_SCAN_WINDOW.total_seconds()),
+                created_lte=int(now - settings.PAYMENTS_RECONCILE_AFTER.total_seconds()),
+                starting_after=after,
+            )
+            intents = [i for i in answer.body.get("data") or [] if isinstance(i, dict)]
+            if answer.status != 200 or not intents:
+                break
+            known = await repository.statuses(session, [str(i["id"]) for i in intents])
+            for intent in intents:
+                status = known.get(str(intent["id"]))
+                metadata = intent.get("metadata") or {}
+                if "topup_id" not in metadata or (
+                    status is not None and status not in repository.OPEN_STATUSES
+                ):
+                    continue
+                try:
+                    async with session.begin_nested():
+                        topup = await self._topup_of(session, intent, amount=int(intent["amount"]))
+                        before = (topup.status, topup.amount_credited)
+                        await self._apply_intent(session, topup, intent)
+                except (_Permanent, SurgeError) as error:
+                    log.error("payments.scan.failed", payment_id=intent["id"], error=str(error))
+                    continue
+                if (topup.status, topup.amount_credited) != before or status is None:
+                    applied += 1
+                    log.warning(
+                        "payments.scan.applied",
+                        payment_id=intent["id"],
+                        status=topup.status,
+                        had_row=status is not None,
+                    )
+            if not answer.body.get("has_more"):
+                break
+            after = str(intents[-1]["id"])
+        return applied
+
     # ---- admin ------------------------------------------------------------------------------
     async def list_events(
         self, session: AsyncSession, *, state: str | None, limit: int, cursor: str | None
