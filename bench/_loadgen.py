@@ -204,7 +204,7 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         pass
     tokens = os.environ.get(TOKEN_ENV, "").split() or None
-    print(json.dumps(asyncio.run(run(url, connections, seconds, tokens))))
+    sys.stdout.write(json.dumps(asyncio.run(run(url, connections, seconds, tokens))) + "\n")
 
 
 if __name__ == "__main__":

@@ -62,16 +62,20 @@ def resolve_servers() -> Servers:
         with console.status("Starting embedded PostgreSQL (first run initialises it)..."):
             pg = EmbeddedPostgres(settings.DATA_DIR / "postgres")
             servers.database_url = pg.start()
+        if pg.started_here:  # a server found running (surge up's) is not ours to stop
             servers.started.append(pg)
-        console.print(f"[green]✓[/] PostgreSQL (embedded) on 127.0.0.1:{pg.port}")
+        how = "embedded" if pg.started_here else "embedded, already running"
+        console.print(f"[green]✓[/] PostgreSQL ({how}) on 127.0.0.1:{pg.port}")
     else:
         console.print(f"[green]✓[/] PostgreSQL (external) {_mask_url(servers.database_url)}")
     if not servers.redis_url:
         with console.status("Starting embedded Redis..."):
             redis = EmbeddedRedis(settings.DATA_DIR / "redis")
             servers.redis_url = redis.start()
+        if redis.started_here:
             servers.started.append(redis)
-        console.print(f"[green]✓[/] Redis (embedded) on 127.0.0.1:{redis.port}")
+        how = "embedded" if redis.started_here else "embedded, already running"
+        console.print(f"[green]✓[/] Redis ({how}) on 127.0.0.1:{redis.port}")
     else:
         console.print(f"[green]✓[/] Redis (external) {_mask_url(servers.redis_url)}")
     # Child processes and this one read the same values from here on.
@@ -138,11 +142,20 @@ def _prepare_metrics_dir() -> None:
 
 
 # ---- commands ----------------------------------------------------------------------------
+#: The real defaults come from the settings (SURGE_PORT / SURGE_HOST), so --help says so.
+PortOption = Annotated[
+    int | None, typer.Option(help="HTTP port.", show_default="$SURGE_PORT, else 8000")
+]
+HostOption = Annotated[
+    str | None, typer.Option(help="Bind address.", show_default="$SURGE_HOST, else 127.0.0.1")
+]
+
+
 @app.command()
 def up(
     workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 0,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "",
+    port: PortOption = None,
+    host: HostOption = None,
     job_processes: Annotated[int, typer.Option(help="Job worker processes.")] = 1,
     seed: Annotated[bool, typer.Option(help="Load demo data (idempotent).")] = True,
 ) -> None:
@@ -286,8 +299,8 @@ def _seed_demo() -> None:
 @app.command()
 def serve(
     workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 0,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "",
+    port: PortOption = None,
+    host: HostOption = None,
     servers_: Annotated[
         bool,
         typer.Option("--servers/--no-servers", help="Start embedded servers if no URL is set."),

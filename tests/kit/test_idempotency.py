@@ -36,7 +36,8 @@ class TestKeys:
             await keys.store(session, scope="a", key=key, response=Response(b"first", 201))
         async with runtime.db.session() as session:
             stored = await keys.claim(session, scope="a", key=key, fingerprint=fp)
-            assert stored is not None and (stored.status_code, stored.body) == (201, b"first")
+            assert stored is not None
+            assert (stored.status_code, stored.body) == (201, b"first")
             # The same key in another scope (another user) is another key.
             assert await keys.claim(session, scope="b", key=key, fingerprint=fp) is None
         with pytest.raises(IdempotencyKeyMismatch):
@@ -49,10 +50,14 @@ class TestKeys:
     async def test_rolled_back_claim_frees_the_key(self, runtime: Runtime) -> None:
         keys = IdempotencyKeys()
         key = f"k-{uuid4()}"
-        with pytest.raises(RuntimeError):
+
+        async def failing_handler() -> None:
             async with runtime.db.session() as session:
                 await keys.claim(session, scope="a", key=key, fingerprint="f1")
                 raise RuntimeError("the handler failed")
+
+        with pytest.raises(RuntimeError):
+            await failing_handler()
         async with runtime.db.session() as session:  # another body is fine: nothing happened
             assert await keys.claim(session, scope="a", key=key, fingerprint="f2") is None
 
@@ -110,15 +115,20 @@ class TestInFlight:
             stored = await keys.claim(
                 third, scope="a", key=key, fingerprint=fp, in_flight="conflict"
             )
-            assert stored is not None and stored.body == b"done"
+            assert stored is not None
+            assert stored.body == b"done"
 
     async def test_a_rolled_back_first_frees_the_key(self, runtime: Runtime) -> None:
         keys = IdempotencyKeys()
         key = f"k-{uuid4()}"
-        with pytest.raises(RuntimeError):
+
+        async def crashing_request() -> None:
             async with runtime.db.session() as session:
                 await keys.claim(session, scope="a", key=key, fingerprint="f", in_flight="conflict")
                 raise RuntimeError("crashed")
+
+        with pytest.raises(RuntimeError):
+            await crashing_request()
         async with runtime.db.session() as session:
             assert (
                 await keys.claim(session, scope="a", key=key, fingerprint="g", in_flight="conflict")

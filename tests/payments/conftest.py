@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from surge.config import Settings
+from surge.identity.service import identity as identity_service
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
 from tests.fixtures.payments import (
@@ -30,7 +31,7 @@ from tests.fixtures.payments import (
     payment_sim_process,
     serve_app,
 )
-from tests.identity.conftest import PASSWORD, bearer, identity_of, identity_settings, unique_email
+from tests.identity.conftest import PASSWORD, bearer, identity_settings, unique_email
 
 
 @dataclass
@@ -56,8 +57,8 @@ class Live:
     async def reseller(self) -> Caller:
         email = unique_email("reseller")
         async with self.runtime.db.session() as session:
-            user = await identity_of(self.app).register(
-                session, email=email, password=PASSWORD, role="reseller"
+            user = await identity_service.register(
+                session, self.runtime, email=email, password=PASSWORD, role="reseller"
             )
         response = await self.api.post(
             "/api/v1/auth/login", json={"email": email, "password": PASSWORD}

@@ -154,11 +154,13 @@ class TestDeadLetters:
         )
         assert dead.status_code == 200, dead.text
         found = [e for e in dead.json()["items"] if e["id"] == event["id"]]
-        assert found and "not a Surge top-up" in found[0]["last_error"]
+        assert found
+        assert "not a Surge top-up" in found[0]["last_error"]
         retried = await live.api.post(
             f"/api/admin/payments/events/{event['id']}/retry", headers=bearer(tokens)
         )
-        assert retried.status_code == 200 and retried.json()["state"] == "pending"
+        assert retried.status_code == 200
+        assert retried.json()["state"] == "pending"
         await live.settled()  # processed again: still not Surge's, so dead again
         dead = await live.api.get(
             "/api/admin/payments/events?state=dead&limit=100", headers=bearer(tokens)

@@ -57,12 +57,16 @@ class TestCredit:
 
     async def test_rolled_back_credit_leaves_nothing(self, runtime: Runtime) -> None:
         owner, key = uuid4(), f"payment:pi_{uuid4().hex}"
-        with pytest.raises(RuntimeError):
+
+        async def failing_unit_of_work() -> None:
             async with runtime.db.session() as session:
                 await funds_service.credit(
                     session, owner, amount=700, currency="USD", key=key, kind="topup"
                 )
                 raise RuntimeError("the caller's unit of work failed")
+
+        with pytest.raises(RuntimeError):
+            await failing_unit_of_work()
         async with runtime.db.session() as session:
             assert await funds_service.available(session, owner, currency="USD") == 0
             posted = await funds_service.credit(

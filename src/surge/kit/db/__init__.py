@@ -38,6 +38,7 @@ log = structlog.get_logger()
 
 OnCommit = Callable[[], Awaitable[None]]
 _ON_COMMIT = "surge_on_commit"
+_KEEP_ON_ERROR = "surge_keep_on_error"
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,13 @@ def is_unavailable(error: BaseException) -> bool:
 def on_commit(session: AsyncSession, callback: OnCommit) -> None:
     """Run ``callback`` after ``session``'s unit of work commits (dropped on rollback)."""
     session.info.setdefault(_ON_COMMIT, []).append(callback)
+
+
+def keep_on_error(session: AsyncSession) -> None:
+    """Commit ``session``'s unit of work even though the code about to raise fails it: for a
+    write that *is* the answer to the failure (a security revocation behind a 401). The
+    error still reaches the caller; ``on_commit`` callbacks run after that commit."""
+    session.info[_KEEP_ON_ERROR] = True
 
 
 class Database:
@@ -242,7 +250,11 @@ class Database:
                 yield session
                 await session.commit()
             except BaseException:
-                await session.rollback()
+                if session.info.pop(_KEEP_ON_ERROR, False):
+                    await session.commit()
+                    await run_on_commit(session)
+                else:
+                    await session.rollback()
                 raise
             await run_on_commit(session)
 
