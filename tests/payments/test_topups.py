@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from sqlalchemy import text
 
 from surge.payments.service import topup as topup_service
+from surge.wallet.funds import funds as funds_service
 from tests.payments.conftest import Caller, Live
 
 T = TypeVar("T")
@@ -217,6 +218,34 @@ class TestReversals:
         assert kinds == ["topup", "topup_dispute"]
         got = await live.api.get(f"/api/v1/topups/{refunded['id']}", headers=caller.headers)
         assert (got.json()["status"], got.json()["amount_reversed"]) == ("refunded", 3_000)
+
+    async def test_refund_of_money_already_spent_is_dead_lettered(self, live: Live) -> None:
+        """The wallet is guarded: the reversal is refused, nothing goes negative, and the
+        event waits in the dead letters for an admin."""
+        caller = await live.reseller()
+        body = (await live.topup(caller, amount=2_000)).json()
+        async with live.runtime.db.session() as session:  # spent on an operation
+            await funds_service.reserve(
+                session, caller.id, amount=1_500, currency="USD", key=f"op:{uuid.uuid4()}",
+                kind="operation",
+            )  # fmt: skip
+            await session.commit()
+        await live.sim.refund(body["provider_payment_id"])
+        await live.settled()
+        async with live.runtime.db.session() as session:
+            state, error = (
+                await session.execute(
+                    text(
+                        "SELECT state, last_error FROM payment_events "
+                        "WHERE payment_id = :p AND type = 'charge.refunded'"
+                    ),
+                    {"p": body["provider_payment_id"]},
+                )
+            ).one()
+        assert state == "dead"
+        assert "InsufficientFunds" in error
+        wallet = (await live.api.get("/api/v1/wallet", headers=caller.headers)).json()
+        assert (wallet["balance"], wallet["available"]) == (2_000, 500)
 
 
 class TestReconciliation:
