@@ -37,7 +37,14 @@ import httpx
 import pyotp
 from sqlalchemy import text
 
-from bench._loadgen import CONNECTIONS, load, stop_servers, uvicorn_server, wait_ready
+from bench._loadgen import (
+    CONNECTIONS,
+    generator_name,
+    load,
+    stop_servers,
+    uvicorn_server,
+    wait_ready,
+)
 from bench.common import console, median, percentile, report
 from surge.config import Settings
 from surge.kit.db import migrate
@@ -318,7 +325,7 @@ def main(quick: bool = False) -> None:
         extra={
             "workers": WORKERS, "connections": CONNECTIONS, "seconds_per_run": seconds,
             "reps": reps, "users": USERS, "callers": CALLERS, "errors": errors,
-            "load_generator": "wrk" if shutil.which("wrk") else "bench.privileges closed loop",
+            "load_generator": generator_name(),
             "paired_ratios": [round(r, 3) for r in ratios],
             "limiter_off": {
                 "me_privileges_rps": round(nl_rps), "livez_rps": round(nl_base),

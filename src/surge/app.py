@@ -120,5 +120,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         timeout=settings.REQUEST_TIMEOUT.total_seconds(),
         slow_request=settings.SLOW_REQUEST.total_seconds(),
         access_log=settings.LOG_ACCESS,
+        server_timing=settings.HTTP_SERVER_TIMING,
     )
     return app

@@ -312,6 +312,7 @@ def serve(
     servers = resolve_servers() if servers_ else None
     workers = workers or settings.WEB_WORKERS
     _prepare_metrics_dir()
+    _warn_somaxconn(settings.HTTP_BACKLOG)
     import uvicorn
 
     try:
@@ -327,11 +328,25 @@ def serve(
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE.total_seconds()),
-            backlog=4096,
+            backlog=settings.HTTP_BACKLOG,
+            timeout_keep_alive=int(settings.HTTP_KEEPALIVE_TIMEOUT.total_seconds()),
         )
     finally:
         if servers is not None:
             servers.stop()
+
+
+def _warn_somaxconn(backlog: int) -> None:
+    """The kernel silently caps the listen backlog at net.core.somaxconn: say so."""
+    try:
+        cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return
+    if cap < backlog:
+        console.print(
+            f"[yellow]listen backlog {backlog} is capped by net.core.somaxconn = {cap}; "
+            f"raise it (sysctl -w net.core.somaxconn={backlog}) for connection storms"
+        )
 
 
 @app.command()
@@ -407,6 +422,49 @@ def seed_demo() -> None:
         _seed_demo()
     finally:
         servers.stop()
+
+
+@app.command()
+def load(
+    scenario: Annotated[
+        str, typer.Argument(help="A file in bench/load/scenarios/: seed003, seed003_writes, ping.")
+    ] = "seed003",
+    *,
+    users: Annotated[
+        int, typer.Option(help="Signed-in users, one keep-alive connection each.")
+    ] = 10_000,
+    population: Annotated[int, typer.Option(help="Users in the database (bulk SQL).")] = 300_000,
+    think: Annotated[
+        str, typer.Option(help="Mean think time between a user's requests (5s, 500ms).")
+    ] = "5s",
+    duration: Annotated[str, typer.Option(help="Steady phase measured (after the ramp).")] = "60s",
+    ramp: Annotated[str, typer.Option(help="Users start spread over this long.")] = "20s",
+    processes: Annotated[int, typer.Option(help="Generator processes.")] = 2,
+    workers: Annotated[int, typer.Option(help="Surge web processes.")] = 2,
+    seed: Annotated[int, typer.Option(help="Population, plan mix and schedules.")] = 3,
+    capacity: Annotated[
+        bool, typer.Option("--capacity", help="Then search the highest rate meeting the targets.")
+    ] = False,
+    step_duration: Annotated[str, typer.Option(help="Steady phase of each capacity step.")] = "30s",
+) -> None:
+    """Open-loop load on a fresh Surge: seed 003's users, latency from the intended start,
+    JSON as the last line (bench/results/load-SCENARIO.json) and an HTML report beside it."""
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.load.main import Options, run
+
+    run(Options(scenario=scenario, users=users, population=population, think=_seconds(think),
+                duration=_seconds(duration), ramp=_seconds(ramp), processes=processes,
+                workers=workers, seed=seed, capacity=capacity,
+                step_duration=_seconds(step_duration)))  # fmt: skip
+
+
+def _seconds(value: str) -> float:
+    """``5s``, ``500ms``, ``2m`` or a bare number of seconds."""
+    text = value.strip().lower()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
 
 
 @app.command()

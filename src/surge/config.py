@@ -348,6 +348,20 @@ class Settings(BaseSettings):
     IDENTITY_WARM_USERS: int = 1000
     """Most recently active users whose privileges are loaded into memory at start."""
 
+    # ---- capacity ----------------------------------------------------------------------
+    HTTP_KEEPALIVE_TIMEOUT: timedelta = timedelta(seconds=75)
+    """uvicorn ``timeout_keep_alive``: an idle keep-alive connection is closed after this. It
+    must exceed the clients' think time (seed 003: 5-10 s between requests), or nearly every
+    request pays a new TCP handshake; 75 s is nginx's default and outlasts the usual load
+    balancer idle timeout (60 s), so the balancer, not Surge, closes first."""
+    HTTP_BACKLOG: int = 16384
+    """uvicorn ``backlog`` (listen queue). The kernel caps it at ``net.core.somaxconn``
+    (``surge serve`` warns when that is lower): 10 000 clients connecting at once overflow
+    4 096 and wait for SYN retransmits (1, 3, 7... s)."""
+    HTTP_SERVER_TIMING: bool = True
+    """Send ``Server-Timing: queue;dur=…, app;dur=…`` on every response (where the time went;
+    ``surge load`` reads it). Turn off to hide server timings from clients."""
+
     # --- wallet --------------------------------------------------------------------------
     WALLET_CURRENCY: str = "USD"
     """ISO 4217 code of partner wallets; every amount is an integer of its minor unit."""

@@ -57,9 +57,10 @@ class RateLimitHook:
                 principal.session_id, principal.user_id, principal.issued_at
             ):
                 return None  # a signed-out token buys no user tier: anonymous, per IP
+            privileges = await self._privileges.get(principal.user_id)
         except DependencyUnavailable:
             return None  # cannot tell: anonymous here; the route's own check answers 503
-        return admit(scope, principal, await self._privileges.get(principal.user_id))
+        return admit(scope, principal, privileges)
 
 
 def admit(scope: Any, principal: Principal, privileges: Privileges) -> Subject:

@@ -95,7 +95,7 @@ class PrivilegesRead(BaseModel):
     features: list[str]
     rate_tier: str
     expires_at: datetime | None
-    source: str = Field(description="memory | redis | database | stale | fallback")
+    source: str = Field(description="memory | redis | database | stale")
 
 
 class BatchRequest(BaseModel):

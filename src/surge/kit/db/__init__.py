@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from surge.kit.db.pool import IdleTimeoutPool, prewarm
+from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
 from surge.kit.telemetry import metrics
 
 log = structlog.get_logger()
@@ -110,6 +110,13 @@ def sqlstate(error: BaseException) -> str | None:
             return state
         seen = getattr(seen, "orig", None) or seen.__cause__
     return None
+
+
+def is_pool_exhausted(error: BaseException) -> bool:
+    """True when ``error`` is a wait for a pooled connection that timed out: the process is
+    busy (every connection in use), PostgreSQL is not down. Answer 503 + ``Retry-After``
+    like an outage, but never report or alert it as "database down" (issue 19)."""
+    return isinstance(error, exc.TimeoutError)
 
 
 def is_unavailable(error: BaseException) -> bool:
@@ -287,8 +294,21 @@ class Database:
         return await self.primary.connect()
 
     async def ping(self, engine: AsyncEngine | None = None) -> None:
-        """``SELECT 1`` on ``engine`` (default: the primary). Raises when it cannot."""
-        async with (engine or self.primary).connect() as connection:
+        """``SELECT 1`` on ``engine`` (default: the primary). Raises when it cannot.
+
+        When every pooled connection is in use, the ping opens its own connection outside
+        the pool instead of queueing behind the requests: a busy pool is not a database
+        that is down, and health (hence the health score and readiness) must not say so."""
+        engine = engine or self.primary
+        pool = engine.pool
+        if isinstance(pool, IdleTimeoutPool) and pool.exhausted():
+            connection = await asyncpg_connect(engine)
+            try:
+                await connection.execute("SELECT 1")
+            finally:
+                await connection.close()
+            return
+        async with engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
 
