@@ -4,6 +4,7 @@ the wallet tables because ``surge.models`` did not import them)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import pool
+from sqlalchemy import make_url, pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from surge.kit.db import migrate
 from surge.models import Base
 from surge.models.registry import include_object
 
@@ -31,7 +33,12 @@ def _diff(connection: Connection) -> list[Any]:
 async def test_autogenerate_on_a_migrated_database_proposes_nothing(
     server_urls: tuple[str, str],
 ) -> None:
-    engine = create_async_engine(server_urls[0], poolclass=pool.NullPool)
+    # A database of its own, migrated for this test: the suite's shared one also holds
+    # scratch tables other tests create (``job_test_effects``), which are not drift.
+    url = make_url(server_urls[0]).set(database="surge_drift").render_as_string(hide_password=False)
+    await asyncio.to_thread(migrate.ensure_database, url)
+    await asyncio.to_thread(migrate.upgrade, url)
+    engine = create_async_engine(url, poolclass=pool.NullPool)
     try:
         async with engine.connect() as connection:
             diff = await connection.run_sync(_diff)
