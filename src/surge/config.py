@@ -416,6 +416,10 @@ class Settings(BaseSettings):
     by the reconciliation job (a lost webhook costs minutes, not money)."""
     PAYMENTS_RECONCILE_BATCH: int = 100
     """Open top-ups asked about per reconciliation run."""
+    PAYMENTS_SCAN_WINDOW: timedelta = timedelta(minutes=30)
+    """The provider scan (every 5 minutes) lists the intents created between this long ago
+    and PAYMENTS_RECONCILE_AFTER ago, and settles any Surge has no row for (its request died
+    before commit and every webhook was lost) or still shows open."""
     PAYMENTS_EVENT_MAX_ATTEMPTS: int = 5
     """Failed processings of one event before it is dead-lettered (admin view, retry)."""
     PAYMENTS_EVENT_RETRY: timedelta = timedelta(seconds=5)
