@@ -34,6 +34,9 @@ from surge.kit.telemetry.logging import configure_logging
 from surge.kit.web.middleware import SurgeMiddleware
 from surge.kit.web.problem import install_problem_handlers
 from surge.kit.web.routing import promote_routes
+from surge.operations.routes import admin_router as operations_admin_router
+from surge.operations.routes import page_router as operations_page_router
+from surge.operations.routes import router as operations_router
 from surge.wallet.routes import admin_router as wallet_admin_router
 from surge.wallet.routes import router as wallet_router
 from surge.wallet.service import wallet as wallet_service
@@ -115,6 +118,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(admin_page_router)
     app.include_router(wallet_admin_router, dependencies=[Depends(require_admin_mfa)])
+    # ---- operations (issue 13) ----
+    app.include_router(operations_router)
+    app.include_router(operations_page_router)
+    app.include_router(operations_admin_router, dependencies=[Depends(require_admin_mfa)])
     app.include_router(jobs_admin_router(dependencies=[Depends(require_admin_mfa)]))
     app.include_router(breaker_router(dependencies=[Depends(require_admin_mfa)]))
     app.include_router(

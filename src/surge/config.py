@@ -370,7 +370,36 @@ class Settings(BaseSettings):
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
 
-    @field_validator("DATABASE_REPLICA_URLS", "TRUSTED_PROXIES", mode="before")
+
+    # ---- operations ----------------------------------------------------------------------
+    OPERATIONS_PROVIDER_URL: str = ""
+    """Base URL of the upstream provider's website (``surge up`` points it at the simulator)."""
+    OPERATIONS_PROXY_URLS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Egress proxies ``surge seed-demo`` registers (comma-separated); the fleet then reads
+    the ``operations_proxies`` table, managed at ``/api/admin/proxies``."""
+    OPERATIONS_SESSION_TTL: timedelta = timedelta(minutes=120)
+    """Seed 000 4.2: a provider session (cookies, per account and proxy) kept in Redis."""
+    OPERATIONS_ACCOUNT_LEASE: timedelta = timedelta(seconds=120)
+    """How long a job holds a provider account (renewed never: a job ends sooner; a crashed
+    worker's account is free again after this, the same span as JOBS_LEASE)."""
+    OPERATIONS_PROXY_BACKOFF: timedelta = timedelta(seconds=300)
+    """First re-check delay of a blocked proxy; doubled per block with full jitter
+    (scrapy-rotating-proxies: base 300 s)..."""
+    OPERATIONS_PROXY_BACKOFF_MAX: timedelta = timedelta(seconds=3600)
+    """... up to this cap (scrapy-rotating-proxies: 3 600 s)."""
+    OPERATIONS_PROXY_TRIES: int = 3
+    """Proxies one attempt tries before it gives up and the job is retried later."""
+    OPERATIONS_TIMEOUT: timedelta = timedelta(seconds=15)
+    """Connect/read timeout of one provider call."""
+    OPERATIONS_MAX_ATTEMPTS: int = 6
+    """Attempts of an operation job; after the last, the operation fails (reservation
+    released) or, when the provider may have done the work, goes to ``needs_review``."""
+    OPERATIONS_SIGNAL_PRICE: int = 100
+    """Price of a signal refresh, in minor units (1.00)."""
+    OPERATIONS_PANEL_POLL: timedelta = timedelta(seconds=1)
+    """How often the reseller panel polls an operation's status."""
+
+    @field_validator("DATABASE_REPLICA_URLS", "TRUSTED_PROXIES", "OPERATIONS_PROXY_URLS", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -34,3 +34,31 @@ class Simulator:
 
 #: Every simulator ``surge up`` starts, in order. Each domain adds its own entry.
 SIMULATORS: list[Simulator] = []
+
+
+# ---- operations (issue 13): the upstream provider's website and its egress proxies -------
+#: Provider accounts the simulator knows at start; ``surge.demo`` registers the same ones.
+PROVIDER_DEMO_ACCOUNTS = "agent1:agent1-secret,agent2:agent2-secret,agent3:agent3-secret"
+#: Egress proxies ``surge up`` starts (each with its own source address).
+PROXY_COUNT = 4
+
+
+def _proxy_env(host: str, port: int) -> dict[str, str]:
+    urls = ",".join(f"http://127.0.1.{i + 1}:{port}" for i in range(PROXY_COUNT))
+    return {"SURGE_OPERATIONS_PROXY_URLS": urls}
+
+
+SIMULATORS.append(
+    Simulator(
+        name="provider",
+        module="surge.sim.provider",
+        env=lambda host, port: {"SURGE_OPERATIONS_PROVIDER_URL": f"http://{host}:{port}"},
+        args=("--accounts", PROVIDER_DEMO_ACCOUNTS),
+    )
+)
+SIMULATORS.append(
+    Simulator(
+        name="proxies", module="surge.sim.proxies", env=_proxy_env,
+        args=("--count", str(PROXY_COUNT)),
+    )  # fmt: skip
+)

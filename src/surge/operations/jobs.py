@@ -1,0 +1,36 @@
+"""The operations job: one operation run on the provider (``surge.worker`` imports this).
+
+Queue ``operations``: its start rate is limited fleet-wide by ``JOBS_RATE_LIMITS``
+(seed 000: ``{"operations": "50/min"}``), its fleet sized by ``surge worker --processes 8
+--concurrency 8`` (seed 000's 8 × 8).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from uuid import UUID
+
+from surge.config import settings
+from surge.kit.jobs import JobContext, job
+from surge.operations.service import RUN_JOB, RetryLater
+from surge.operations.service import operations as operations_service
+
+MAX_ATTEMPTS = settings.OPERATIONS_MAX_ATTEMPTS
+
+
+@job(RUN_JOB, queue="operations", max_attempts=MAX_ATTEMPTS, backoff=timedelta(seconds=1),
+     backoff_max=timedelta(seconds=30))  # fmt: skip
+async def run_operation(ctx: JobContext) -> None:
+    """One attempt; ``RetryLater`` makes the queue run it again after its backoff. The last
+    attempt never raises it: it decides (failed, or needs_review when the provider may have
+    done the work)."""
+    limit = MAX_ATTEMPTS + settings.JOBS_MAX_STALLED
+    try:
+        status = await operations_service.run(
+            ctx.session, ctx.runtime, UUID(str(ctx.payload["operation_id"])),
+            attempt=ctx.attempt, last=ctx.attempt >= MAX_ATTEMPTS or ctx.attempt >= limit,
+        )  # fmt: skip
+    except RetryLater as reason:
+        ctx.log.info("operations.retry", attempt=ctx.attempt, reason=str(reason))
+        raise
+    ctx.log.info("operations.attempt", attempt=ctx.attempt, status=status)
