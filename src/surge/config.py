@@ -370,7 +370,6 @@ class Settings(BaseSettings):
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
 
-
     # ---- operations ----------------------------------------------------------------------
     OPERATIONS_PROVIDER_URL: str = ""
     """Base URL of the upstream provider's website (``surge up`` points it at the simulator)."""
@@ -399,7 +398,9 @@ class Settings(BaseSettings):
     OPERATIONS_PANEL_POLL: timedelta = timedelta(seconds=1)
     """How often the reseller panel polls an operation's status."""
 
-    @field_validator("DATABASE_REPLICA_URLS", "TRUSTED_PROXIES", "OPERATIONS_PROXY_URLS", mode="before")
+    @field_validator(
+        "DATABASE_REPLICA_URLS", "TRUSTED_PROXIES", "OPERATIONS_PROXY_URLS", mode="before"
+    )
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -49,7 +49,9 @@ class World:
     settings: Settings
 
 
-def ops_settings(database_url: str, redis_url: str, provider_url: str, **overrides: Any) -> Settings:
+def ops_settings(
+    database_url: str, redis_url: str, provider_url: str, **overrides: Any
+) -> Settings:
     return identity_settings(
         database_url, redis_url,
         OPERATIONS_PROVIDER_URL=provider_url,

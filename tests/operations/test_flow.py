@@ -100,7 +100,9 @@ class TestRenewal:
     ) -> None:
         mine = (await submit(api, reseller)).json()
         other = await make_reseller(ops_app, api)
-        assert (await api.get(f"/api/v1/operations/{mine['id']}", headers=other.headers)).status_code == 404
+        assert (
+            await api.get(f"/api/v1/operations/{mine['id']}", headers=other.headers)
+        ).status_code == 404
         listed = await api.get("/api/v1/operations", headers=other.headers)
         assert listed.json()["items"] == []
         page = await api.get("/api/v1/operations?limit=1", headers=reseller.headers)

@@ -70,9 +70,11 @@ async def lease_account(
         update(ProviderAccount)
         .where(ProviderAccount.id == pick)
         .values(
-            leased_until=now + lease, lease_token=token, last_used_at=now,
+            leased_until=now + lease,
+            lease_token=token,
+            last_used_at=now,
             uses=ProviderAccount.uses + 1,
-        )  # fmt: skip
+        )
         .returning(ProviderAccount)
     )
     return (account, token) if account is not None else None
@@ -158,9 +160,7 @@ async def pick_proxy(
         .values(
             last_used_at=now,
             requests=EgressProxy.requests + 1,
-            probing_until=case(
-                (EgressProxy.status == "inactive", now + probe_hold), else_=None
-            ),
+            probing_until=case((EgressProxy.status == "inactive", now + probe_hold), else_=None),
         )
         .returning(EgressProxy)
     )
@@ -221,7 +221,10 @@ async def set_proxy_status(
     if status == "active":
         values |= {"reason": None, "failures": 0, "retry_at": None}
     found: EgressProxy | None = await session.scalar(
-        update(EgressProxy).where(EgressProxy.id == proxy_id).values(**values).returning(EgressProxy)
+        update(EgressProxy)
+        .where(EgressProxy.id == proxy_id)
+        .values(**values)
+        .returning(EgressProxy)
     )
     return found
 
@@ -230,7 +233,9 @@ async def set_proxy_status(
 
 
 async def tier_of(session: AsyncSession, user_id: UUID) -> str | None:
-    tier: str | None = await session.scalar(select(Reseller.tier).where(Reseller.user_id == user_id))
+    tier: str | None = await session.scalar(
+        select(Reseller.tier).where(Reseller.user_id == user_id)
+    )
     return tier
 
 
@@ -327,9 +332,14 @@ async def add_attempt(
 ) -> None:  # fmt: skip
     session.add(
         Attempt(
-            operation_id=operation_id, attempt=attempt, account_id=account_id, proxy_id=proxy_id,
-            outcome=outcome, detail=detail, started_at=started_at,
-        )  # fmt: skip
+            operation_id=operation_id,
+            attempt=attempt,
+            account_id=account_id,
+            proxy_id=proxy_id,
+            outcome=outcome,
+            detail=detail,
+            started_at=started_at,
+        )
     )
     await session.flush()
 
@@ -349,4 +359,3 @@ async def status_counts(session: AsyncSession) -> dict[str, int]:
 async def now(session: AsyncSession) -> datetime:
     value: datetime = await session.scalar(select(func.now()))  # type: ignore[assignment]
     return value
-

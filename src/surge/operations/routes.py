@@ -92,7 +92,7 @@ async def list_operations(
     status: StatusFilter | None = None,
 ) -> OperationPage:
     """The caller's operations, newest first."""
-    rows, next_cursor = await operations_service.list(
+    rows, next_cursor = await operations_service.page(
         session, owner_id=principal.user_id, status=status, limit=limit, cursor=cursor
     )
     return OperationPage(
@@ -206,7 +206,7 @@ async def list_all_operations(
     cursor: Cursor = None,
 ) -> AdminOperationPage:
     """Every reseller's operations by status (default: the review queue)."""
-    rows, next_cursor = await operations_service.list(
+    rows, next_cursor = await operations_service.page(
         session, owner_id=None, status=status, limit=limit, cursor=cursor
     )
     return AdminOperationPage(

@@ -29,6 +29,7 @@ settles or releases it (audited).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import time
@@ -165,7 +166,7 @@ def backoff(base: timedelta, cap: timedelta) -> Callable[[int], timedelta]:
 
     def delay(n: int) -> timedelta:
         d = min(cap.total_seconds(), base.total_seconds() * 2 ** max(0, n - 1))
-        return timedelta(seconds=d / 2 + random.uniform(0, d / 2))  # noqa: S311 - jitter
+        return timedelta(seconds=d / 2 + random.uniform(0, d / 2))
 
     return delay
 
@@ -228,7 +229,7 @@ class OperationsService:
             raise OperationNotFound("No such operation.")
         return operation, await repository.attempts(session, operation_id)
 
-    async def list(
+    async def page(
         self, session: AsyncSession, *, owner_id: UUID | None, status: str | None = None,
         limit: int = 50, cursor: str | None = None,
     ) -> tuple[list[Operation], str | None]:  # fmt: skip
@@ -349,9 +350,7 @@ class OperationsService:
         operation.updated_at = now
         operation.finished_at = now
         await session.flush()
-        log.info(
-            "operations.finished", operation_id=str(operation.id), status=operation.status
-        )
+        log.info("operations.finished", operation_id=str(operation.id), status=operation.status)
 
 
 _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:k)")
@@ -408,7 +407,7 @@ class Attempts:
                 return Lease(account.id, account.username, password, token, now)
             if time.monotonic() >= deadline:
                 return None
-            await asyncio.sleep(delay + random.uniform(0, delay))  # noqa: S311 - jitter
+            await asyncio.sleep(delay + random.uniform(0, delay))
             delay = min(delay * 2, 1.0)
 
     async def release(self, lease: Lease) -> None:
@@ -486,10 +485,11 @@ class Attempts:
     async def _perform(self, url: str, session: ProviderSession) -> str:
         op = self.operation
         reference = str(op.id)
-        if op.sent_at is not None:
-            # The lost-reply rule: it may have happened. Ask, never resend blindly.
-            if reference in await self.client.history(url, session, card=op.card):
-                return "confirmed"
+        # The lost-reply rule: once sent, it may have happened. Ask, never resend blindly.
+        if op.sent_at is not None and reference in await self.client.history(
+            url, session, card=op.card
+        ):
+            return "confirmed"
         async with self.runtime.db.session() as s:
             await repository.mark_sent(s, op.id)
         op.sent_at = op.sent_at or datetime.now(UTC)
@@ -527,16 +527,12 @@ class Attempts:
     async def _store(self, key: str, session: ProviderSession) -> None:
         ttl = int(self.settings.OPERATIONS_SESSION_TTL.total_seconds())
         payload = orjson.dumps({"sid": session.sid, "csrf": session.csrf})
-        try:
+        with contextlib.suppress(RedisUnavailable):
             await self.runtime.redis.call(lambda r: r.set(key, payload, ex=ttl))
-        except RedisUnavailable:
-            pass
 
     async def _forget(self, key: str) -> None:
-        try:
+        with contextlib.suppress(RedisUnavailable):
             await self.runtime.redis.call(lambda r: r.delete(key))
-        except RedisUnavailable:
-            pass
 
     async def _proxy_ok(self, proxy: EgressProxy) -> None:
         async with self.runtime.db.session() as s:

@@ -58,7 +58,9 @@ SIMULATORS.append(
 )
 SIMULATORS.append(
     Simulator(
-        name="proxies", module="surge.sim.proxies", env=_proxy_env,
+        name="proxies",
+        module="surge.sim.proxies",
+        env=_proxy_env,
         args=("--count", str(PROXY_COUNT)),
-    )  # fmt: skip
+    )
 )

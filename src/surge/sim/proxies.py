@@ -82,7 +82,12 @@ class ForwardProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             method, target, headers, body = await _read_request(reader)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,
+        ):
             writer.close()
             return
         self.handled += 1
@@ -94,9 +99,13 @@ class ForwardProxy:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         forwarded = {k: v for k, v in headers.items() if not k.startswith("proxy-")}
         forwarded["connection"] = "close"
-        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in forwarded.items())
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in forwarded.items()
+        )
         request = head.encode("latin-1") + b"\r\n" + body
-        await self._relay(parts.hostname or "", parts.port or 80, request, reader, writer, tunnel=False)
+        await self._relay(
+            parts.hostname or "", parts.port or 80, request, reader, writer, tunnel=False
+        )
 
     async def _relay(
         self, host: str, port: int, request: bytes, reader: asyncio.StreamReader,
@@ -107,7 +116,9 @@ class ForwardProxy:
                 host, port, local_addr=(self.egress, 0)
             )
         except OSError:
-            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
             with contextlib.suppress(Exception):
                 await writer.drain()
             writer.close()
@@ -126,8 +137,7 @@ class ForwardProxy:
 async def start_proxies(count: int, port: int = 0) -> list[ForwardProxy]:
     """``count`` proxies; with ``port`` 0 each gets its own free port."""
     return [
-        await ForwardProxy(listen_address(i), port, egress_address(i)).start()
-        for i in range(count)
+        await ForwardProxy(listen_address(i), port, egress_address(i)).start() for i in range(count)
     ]
 
 
