@@ -52,15 +52,14 @@ class World:
 def ops_settings(
     database_url: str, redis_url: str, provider_url: str, **overrides: Any
 ) -> Settings:
-    return identity_settings(
-        database_url, redis_url,
-        OPERATIONS_PROVIDER_URL=provider_url,
-        OPERATIONS_PROXY_BACKOFF=timedelta(seconds=2),
-        OPERATIONS_PROXY_BACKOFF_MAX=timedelta(seconds=4),
-        OPERATIONS_TIMEOUT=timedelta(seconds=5),
-        OPERATIONS_ACCOUNT_LEASE=timedelta(seconds=30),
-        **overrides,
-    )  # fmt: skip
+    values: dict[str, Any] = {
+        "OPERATIONS_PROVIDER_URL": provider_url,
+        "OPERATIONS_PROXY_BACKOFF": timedelta(seconds=2),
+        "OPERATIONS_PROXY_BACKOFF_MAX": timedelta(seconds=4),
+        "OPERATIONS_TIMEOUT": timedelta(seconds=5),
+        "OPERATIONS_ACCOUNT_LEASE": timedelta(seconds=30),
+    }
+    return identity_settings(database_url, redis_url, **{**values, **overrides})
 
 
 async def reset(runtime: Runtime) -> None:
@@ -90,9 +89,17 @@ async def register_fleet(
 
 
 @pytest.fixture
-async def world(server_urls: tuple[str, str]) -> AsyncIterator[World]:
+def ops_overrides() -> dict[str, Any]:
+    """Settings a test changes: ``@pytest.mark.parametrize("ops_overrides", [{...}])``."""
+    return {}
+
+
+@pytest.fixture
+async def world(
+    server_urls: tuple[str, str], ops_overrides: dict[str, Any]
+) -> AsyncIterator[World]:
     async with provider_server() as provider, egress_proxies(3) as proxies:
-        yield World(provider, proxies, ops_settings(*server_urls, provider.url))
+        yield World(provider, proxies, ops_settings(*server_urls, provider.url, **ops_overrides))
 
 
 @pytest.fixture

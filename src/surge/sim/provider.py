@@ -13,6 +13,8 @@ A reseller site the workers drive with provider accounts through egress proxies:
   range, a 5xx rate, a maintenance page, a per-source-IP request budget per window answered
   by 403 or a 200 block page, account lock after N bad logins, and ``drop_rate``: the
   renewal is *performed and recorded* and then the connection is dropped before any reply.
+- Control (loopback, direct): ``POST /_control/config`` (any Config field),
+  ``/_control/accounts``, ``/_control/block`` ({"ip", "seconds"}), ``/_control/unblock``.
 - Its own record (``GET /_control/state``): every renewal/refresh performed, logins, locks,
   blocked addresses and a request log (time, client IP, path, status), so tests compare.
 
@@ -61,6 +63,11 @@ class Config:
     drop_rate: float = 0.0
     """Share of renewals performed then answered by a dropped connection."""
     idle_timeout: float = 1800.0
+    history_down: bool = False
+    """The card-status page answers 503 (nobody can tell what happened)."""
+    refused_cards: list[str] = field(default_factory=list)
+    """Cards the provider refuses to renew (its own rules: a business refusal)."""
+    """The card-status page answers 503 (nobody can tell what happened)."""
     seed: int | None = None
 
 
@@ -159,6 +166,8 @@ class Provider:
             token = _csrf(cookies["sid"])
             return Reply(200, _page("Dashboard", f'<p id="user">{html.escape(session.user)}</p>'
                                     f'<input type="hidden" name="csrf" value="{token}">'))  # fmt: skip
+        if path == "/card" and method == "GET" and self.config.history_down:
+            return Reply(503, _page("Maintenance", "<p>Card status unavailable.</p>"))
         if path == "/card" and method == "GET":
             return self._card(query.get("card", ""))
         if path == "/renew" and method == "POST":
@@ -220,7 +229,8 @@ class Provider:
     def _renew(self, session: Session, form: dict[str, str], ip: str, now: float) -> Reply:
         card, package = form.get("card", ""), form.get("package", "")
         months = int(form.get("months", "0")) if form.get("months", "").isdigit() else 0
-        if not CARD.match(card) or package not in PACKAGES or not 1 <= months <= 12:
+        refused = card in self.config.refused_cards
+        if refused or not CARD.match(card) or package not in PACKAGES or not 1 <= months <= 12:
             return Reply(200, _page("Renew", '<p class="error">Invalid renewal.</p>'))
         info = self.cards.setdefault(card, {"package": "none", "months": 0})
         info["package"] = package
@@ -252,6 +262,10 @@ class Provider:
             return Reply(200, json.dumps(asdict(self.config)).encode(), json_body=True)
         if path == "/_control/accounts" and method == "POST":
             self.accounts.update(json.loads(body or b"{}"))
+            return Reply(200, b"{}", json_body=True)
+        if path == "/_control/block" and method == "POST":
+            target = json.loads(body or b"{}")
+            self.blocked[str(target["ip"])] = time.time() + float(target.get("seconds", 3600))
             return Reply(200, b"{}", json_body=True)
         if path == "/_control/unblock" and method == "POST":
             self.blocked.clear()
