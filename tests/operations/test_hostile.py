@@ -157,7 +157,7 @@ class TestRejected:
 class TestBlockedProxy:
     @pytest.mark.parametrize("mode", ["403", "page"])
     async def test_blocked_proxy_marked_inactive_and_job_moves_on(
-        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller, admin: Caller,
+        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller, admin: Caller, *,
         world: World, mode: str,
     ) -> None:  # fmt: skip
         blocked_ip = egress_address(0)
