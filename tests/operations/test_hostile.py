@@ -208,3 +208,34 @@ class TestAccounts:
         assert accounts["agent2"]["status"] == "active"
         proxies = (await api.get("/api/admin/proxies", headers=admin.headers)).json()
         assert all(p["status"] == "active" for p in proxies)
+
+
+class TestReaper:
+    async def test_an_operation_whose_job_died_is_decided(
+        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller
+    ) -> None:
+        runtime = runtime_of(ops_app)
+        never_sent = (await submit(api, reseller)).json()
+        maybe_sent = (await submit(api, reseller)).json()
+        async with runtime.db.session() as session:
+            # Their jobs failed for good (stalled past the limit), one after the call left.
+            await session.execute(
+                text("UPDATE jobs SET state = 'failed' WHERE dedup_key IN (:a, :b)"),
+                {"a": f"op:{never_sent['id']}", "b": f"op:{maybe_sent['id']}"},
+            )
+            await session.execute(
+                text("UPDATE operations SET status = 'running', sent_at = CASE WHEN id = :b "
+                     "THEN now() END, updated_at = now() - interval '1 hour' WHERE id IN (:a, :b)"),
+                {"a": UUID(never_sent["id"]), "b": UUID(maybe_sent["id"])},
+            )  # fmt: skip
+        async with runtime.db.session() as session:
+            decided = await operations_service.reap(session, older_than=timedelta(minutes=10))
+        assert decided["failed"] >= 1 and decided["needs_review"] >= 1
+        assert await transfers(ops_app, never_sent["id"]) == [
+            ("reserve", "pending"),
+            ("release", "void"),
+        ]
+        assert await transfers(ops_app, maybe_sent["id"]) == [("reserve", "pending")]
+        async with runtime.db.session() as session:
+            again = await operations_service.reap(session, older_than=timedelta(minutes=10))
+        assert again == {"failed": 0, "needs_review": 0}

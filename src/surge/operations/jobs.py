@@ -34,3 +34,11 @@ async def run_operation(ctx: JobContext) -> None:
         ctx.log.info("operations.retry", attempt=ctx.attempt, reason=str(reason))
         raise
     ctx.log.info("operations.attempt", attempt=ctx.attempt, status=status)
+
+
+@job("operations.reap", queue="operations", cron="* * * * *")
+async def reap_operations(ctx: JobContext) -> None:
+    """Every minute: decide operations whose job died for good (see ``reap``)."""
+    decided = await operations_service.reap(ctx.session, older_than=timedelta(minutes=10))
+    if any(decided.values()):
+        ctx.log.warning("operations.reaped", **decided)

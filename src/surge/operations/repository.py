@@ -351,6 +351,23 @@ async def attempts(session: AsyncSession, operation_id: UUID) -> list[Attempt]:
     return list(rows)
 
 
+async def orphans(session: AsyncSession, *, older_than: timedelta, limit: int) -> list[UUID]:
+    """Undecided operations no job will run any more (their job failed: stalled past its
+    limit, or attempts exhausted by a crash on the last one)."""
+    rows = await session.execute(
+        text(
+            "SELECT o.id FROM operations o "
+            "WHERE o.status IN ('queued', 'running') "
+            "AND o.updated_at < now() - make_interval(secs => :age) "
+            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.dedup_key = 'op:' || o.id::text "
+            "                AND j.state IN ('queued', 'active')) "
+            "ORDER BY o.updated_at LIMIT :limit"
+        ),
+        {"age": older_than.total_seconds(), "limit": limit},
+    )
+    return [row[0] for row in rows.all()]
+
+
 async def status_counts(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(select(Operation.status, func.count()).group_by(Operation.status))
     return {status: int(count) for status, count in rows.all()}

@@ -287,6 +287,30 @@ class OperationsService:
         await self._finish(session, operation, succeeded=performed, error=operation.error)
         return operation
 
+    async def reap(self, session: AsyncSession, *, older_than: timedelta) -> dict[str, int]:
+        """Decide operations whose job is gone (failed after too many stalls): released when
+        nothing state-changing was ever sent, ``needs_review`` otherwise. Never twice: each
+        is locked like an attempt, and only undecided ones are touched."""
+        decided = {"failed": 0, "needs_review": 0}
+        for operation_id in await repository.orphans(session, older_than=older_than, limit=100):
+            if not await session.scalar(_TRY_LOCK, {"k": _lock_key(operation_id)}):
+                continue
+            operation = await repository.get_operation(session, operation_id, lock=True)
+            if operation is None or operation.status in TERMINAL:
+                continue
+            if operation.sent_at is None:
+                await self._finish(session, operation, succeeded=False, error="GAVE_UP: job ended")
+            else:
+                operation.status = "needs_review"
+                operation.error = "GAVE_UP: job ended after the call was sent"
+                operation.updated_at = datetime.now(UTC)
+                await session.flush()
+            decided[operation.status] += 1
+            log.warning(
+                "operations.reaped", operation_id=str(operation_id), status=operation.status
+            )
+        return decided
+
     async def counts(self, session: AsyncSession) -> dict[str, int]:
         return await repository.status_counts(session)
 
