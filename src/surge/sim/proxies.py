@@ -1,12 +1,14 @@
 """Egress proxies: real HTTP forward proxies on loopback, each leaving from its own address.
 
-Proxy ``i`` (0-based) listens on ``127.0.1.(i+1):PORT`` and opens its outgoing connections
+Proxy ``i`` (0-based) listens on ``127.0.1.(i+1):LISTEN_PORT`` and opens its outgoing connections
 from ``127.0.0.(i+2)`` (Linux routes all of 127.0.0.0/8 to loopback), so the provider
 simulator sees one distinct client IP per proxy, as a real site sees a proxy's address.
 One process runs every listener (one ``Simulator`` entry). Absolute-URI forwarding
 (``GET http://host/path``, one request per connection) and ``CONNECT`` tunnels.
 
-    python -m surge.sim.proxies --host 127.0.0.1 --port 9200 --count 4
+    python -m surge.sim.proxies --host 127.0.0.1 --port 9200 --count 4 --listen-port 3128
+
+(``--host:--port`` is proxy 0 too: where ``surge up`` checks the simulator is up.)
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ async def start_proxies(count: int, port: int = 0) -> list[ForwardProxy]:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    proxies = await start_proxies(args.count, args.port)
+    proxies = await start_proxies(args.count, args.listen_port)
     # Proxy 0 also answers on --host:--port, where `surge up` checks the simulator is up.
     ready = await asyncio.start_server(proxies[0]._serve, args.host, args.port)
     try:
@@ -158,6 +160,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="unused: see the module docstring")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--count", type=int, default=4)
+    parser.add_argument(
+        "--listen-port", type=int, default=0,
+        help="port of every 127.0.1.x listener (0: each its own free port)",
+    )  # fmt: skip
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(args))
