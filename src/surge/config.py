@@ -393,6 +393,10 @@ class Settings(BaseSettings):
     OPERATIONS_MAX_ATTEMPTS: int = 6
     """Attempts of an operation job; after the last, the operation fails (reservation
     released) or, when the provider may have done the work, goes to ``needs_review``."""
+    OPERATIONS_RETRY_BACKOFF: timedelta = timedelta(seconds=1)
+    """First delay before an operation's next attempt; doubled per attempt (with jitter)..."""
+    OPERATIONS_RETRY_BACKOFF_MAX: timedelta = timedelta(seconds=30)
+    """... up to this."""
     OPERATIONS_SIGNAL_PRICE: int = 100
     """Price of a signal refresh, in minor units (1.00)."""
     OPERATIONS_PANEL_POLL: timedelta = timedelta(seconds=1)

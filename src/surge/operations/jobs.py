@@ -18,8 +18,8 @@ from surge.operations.service import operations as operations_service
 MAX_ATTEMPTS = settings.OPERATIONS_MAX_ATTEMPTS
 
 
-@job(RUN_JOB, queue="operations", max_attempts=MAX_ATTEMPTS, backoff=timedelta(seconds=1),
-     backoff_max=timedelta(seconds=30))  # fmt: skip
+@job(RUN_JOB, queue="operations", max_attempts=MAX_ATTEMPTS,
+     backoff=settings.OPERATIONS_RETRY_BACKOFF, backoff_max=settings.OPERATIONS_RETRY_BACKOFF_MAX)  # fmt: skip
 async def run_operation(ctx: JobContext) -> None:
     """One attempt; ``RetryLater`` makes the queue run it again after its backoff. The last
     attempt never raises it: it decides (failed, or needs_review when the provider may have

@@ -402,6 +402,8 @@ class Attempts:
         self.backoff = backoff(
             self.settings.OPERATIONS_PROXY_BACKOFF, self.settings.OPERATIONS_PROXY_BACKOFF_MAX
         )
+        #: A state-changing call left in this attempt (its answer may be lost).
+        self.sent = False
 
     async def record(
         self, lease: Lease | None, proxy: EgressProxy | None, outcome: str, detail: str | None,
@@ -483,7 +485,10 @@ class Attempts:
                 return "rejected", f"REJECTED: {fault}"
             except (Unclear, SessionExpired) as fault:
                 await self.record(lease, proxy, "unclear", str(fault), started)
-                return "unclear", f"UNCLEAR: {fault}"
+                last = f"UNCLEAR: {fault}"
+                if self.sent:
+                    return "unclear", last
+                continue  # nothing state-changing left: another proxy may do better
             await self._proxy_ok(proxy)
             await self.record(lease, proxy, verdict, None, started)
             return "done", verdict
@@ -517,6 +522,7 @@ class Attempts:
         async with self.runtime.db.session() as s:
             await repository.mark_sent(s, op.id)
         op.sent_at = op.sent_at or datetime.now(UTC)
+        self.sent = True
         try:
             await self._send(url, session)
         except Unclear:

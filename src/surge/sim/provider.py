@@ -352,12 +352,13 @@ class ProviderServer:
                         headers[key.strip().lower()] = value.strip()
                 length = int(headers.get("content-length", "0") or 0)
                 body = await reader.readexactly(length) if length else b""
+                arrived = time.time()
                 reply = await self.provider.handle(method, target, headers, body, ip)
                 if not target.startswith("/_control"):
                     if len(self.provider.requests) > 200_000:  # a long `make run`
                         del self.provider.requests[:100_000]
                     self.provider.requests.append(
-                        (time.time(), ip, method, urlsplit(target).path, reply.status)
+                        (arrived, ip, method, urlsplit(target).path, reply.status)
                     )
                 if reply.status == 0:
                     writer.transport.abort()
