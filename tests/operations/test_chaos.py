@@ -19,8 +19,8 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from itertools import pairwise
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
