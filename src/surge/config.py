@@ -207,9 +207,11 @@ class Settings(BaseSettings):
     8 × DB_POOL_MAX connections from crowding PostgreSQL)."""
     JOBS_QUEUES: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Queues the workers take jobs from (comma-separated); empty = every registered queue."""
-    JOBS_RATE_LIMITS: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    JOBS_RATE_LIMITS: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"operations": "50/min"}
+    )
     """Global start-rate limits per queue, across all processes: `operations=50/min,email=10/s`
-    (or JSON). Seed 000: 50 jobs/min."""
+    (or JSON; empty: none). Seed 000: 50 operations/min per provider (the default)."""
     JOBS_MODULES: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Extra modules to import for their @job registrations (besides surge.<domain>.jobs)."""
     JOBS_POLL_INTERVAL: timedelta = timedelta(seconds=1)
