@@ -11,7 +11,7 @@ from datetime import timedelta
 from uuid import UUID
 
 from surge.config import settings
-from surge.kit.jobs import JobContext, get_job, job
+from surge.kit.jobs import JobContext, job
 from surge.operations.service import RUN_JOB, RetryLater
 from surge.operations.service import operations as operations_service
 
@@ -24,10 +24,9 @@ async def run_operation(ctx: JobContext) -> None:
     """One attempt; ``RetryLater`` makes the queue run it again after its backoff. The last
     attempt never raises it: it decides (failed, or needs_review when the provider may have
     done the work)."""
-    # The row's limit, not this process's setting: the API that enqueued it may differ.
-    async with ctx.runtime.db.session() as session:
-        info = await get_job(session, ctx.id)
-    limit = (info.max_attempts if info else None) or MAX_ATTEMPTS
+    # The limit the job was enqueued with (its row's), not this process's setting: the API
+    # that enqueued it may be configured otherwise.
+    limit = int(ctx.payload.get("max_attempts") or MAX_ATTEMPTS)
     try:
         status = await operations_service.run(
             ctx.session, ctx.runtime, UUID(str(ctx.payload["operation_id"])),

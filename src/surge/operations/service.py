@@ -216,8 +216,11 @@ class OperationsService:
             key=f"op:{operation.id}:reserve", kind="operation", reference=str(operation.id),
         )  # fmt: skip
         await session.flush()
-        await enqueue(session, RUN_JOB, {"operation_id": str(operation.id)},
-                      dedup_key=f"op:{operation.id}")  # fmt: skip
+        attempts = settings.OPERATIONS_MAX_ATTEMPTS
+        await enqueue(
+            session, RUN_JOB, {"operation_id": str(operation.id), "max_attempts": attempts},
+            dedup_key=f"op:{operation.id}", max_attempts=attempts,
+        )  # fmt: skip
         log.info("operations.created", operation_id=str(operation.id), kind=kind, amount=amount)
         return operation
 
@@ -489,8 +492,7 @@ class Attempts:
                 if self.sent:
                     return "unclear", last
                 continue  # nothing state-changing left: another proxy may do better
-            await self._proxy_ok(proxy)
-            await self.record(lease, proxy, verdict, None, started)
+            await self._proxy_ok(proxy, lease=lease, outcome=verdict, started=started)
             return "done", verdict
         return "unclear", last
 
@@ -564,10 +566,20 @@ class Attempts:
         with contextlib.suppress(RedisUnavailable):
             await self.runtime.redis.call(lambda r: r.delete(key))
 
-    async def _proxy_ok(self, proxy: EgressProxy) -> None:
+    async def _proxy_ok(
+        self, proxy: EgressProxy, *, lease: Lease | None = None, outcome: str | None = None,
+        started: datetime | None = None,
+    ) -> None:  # fmt: skip
+        """The proxy worked (and, in the same transaction, the step's timeline row)."""
         async with self.runtime.db.session() as s:
             if await repository.proxy_ok(s, proxy.id):
                 log.info("operations.proxy.reactivated", proxy=proxy.label)
+            if outcome is not None and started is not None:
+                await repository.add_attempt(
+                    s, self.operation.id, attempt=self.attempt,
+                    account_id=lease.account_id if lease else None, proxy_id=proxy.id,
+                    outcome=outcome, detail=None, started_at=started,
+                )  # fmt: skip
 
     async def _proxy_down(self, proxy: EgressProxy, fault: ProviderFault, *, blocked: bool) -> None:
         async with self.runtime.db.session() as s:
