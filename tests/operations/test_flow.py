@@ -3,6 +3,7 @@ proxy, renews, settles. Seed 000's login flow, signal refresh and blocked-proxy 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -132,3 +133,47 @@ class TestSessions:
         state = await control(world.provider.url, "/_control/state")
         # 3 accounts × 3 proxies could need 9 logins at most; 6 operations in a row reuse.
         assert state["logins"] < 6
+
+
+class TestLoad:
+    async def test_50_concurrent_requests_reserve_exactly(
+        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller
+    ) -> None:
+        """Seed 000: load test with 50 concurrent requests; each reserves once, exactly."""
+        import asyncio
+
+        before = await available(ops_app, reseller)
+        responses = await asyncio.gather(
+            *(submit(api, reseller, card=f"30000000{i:02d}", package="basic") for i in range(50))
+        )
+        assert [r.status_code for r in responses] == [202] * 50
+        assert len({r.json()["id"] for r in responses}) == 50
+        assert await available(ops_app, reseller) == before - 50 * 1_000
+
+
+class TestSessionExpiry:
+    async def test_expired_provider_session_logs_in_again(
+        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller, world: World
+    ) -> None:
+        async with ops_worker(runtime_of(ops_app), concurrency=1):
+            first = (await submit(api, reseller)).json()
+            assert (await wait_decided(api, reseller, first["id"]))["status"] == "succeeded"
+            logins = (await control(world.provider.url, "/_control/state"))["logins"]
+            # Every session the provider holds idles out (ours is still cached in Redis).
+            await control(world.provider.url, "/_control/expire", {})
+            second = (await submit(api, reseller)).json()
+            done = await wait_decided(api, reseller, second["id"])
+        assert done["status"] == "succeeded"
+        state = await control(world.provider.url, "/_control/state")
+        assert state["logins"] == logins + 1  # the cached session was refused: one new login
+        assert [p["reference"] for p in state["performed"]] == [first["id"], second["id"]]
+
+
+class TestLimiter:
+    def test_seed_000_rate_limit_is_the_default(self) -> None:
+        from surge.config import Settings
+        from surge.kit.jobs.worker import WorkerConfig
+
+        config = WorkerConfig.from_settings(Settings(), queues=["operations"])
+        limit = config.rate_limits["operations"]
+        assert (limit.limit, limit.period) == (50, timedelta(minutes=1))

@@ -239,3 +239,50 @@ class TestReaper:
         async with runtime.db.session() as session:
             again = await operations_service.reap(session, older_than=timedelta(minutes=10))
         assert again == {"failed": 0, "needs_review": 0}
+
+
+@pytest.mark.parametrize(
+    "ops_overrides",
+    [
+        {
+            "OPERATIONS_PROXY_BACKOFF": timedelta(seconds=60),
+            "OPERATIONS_PROXY_BACKOFF_MAX": timedelta(seconds=120),
+        }
+    ],
+)
+class TestProbe:
+    async def test_a_blocked_proxy_is_rechecked_once_due_and_comes_back(
+        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller, admin: Caller, *,
+        world: World,
+    ) -> None:  # fmt: skip
+        runtime = runtime_of(ops_app)
+        blocked_ip = egress_address(0)
+        await control(world.provider.url, "/_control/block", {"ip": blocked_ip})
+        async with ops_worker(runtime, concurrency=1):
+            first = (await submit(api, reseller)).json()
+            assert (await wait_decided(api, reseller, first["id"]))["status"] == "succeeded"
+            label = f"{world.proxies[0].listen}:{world.proxies[0].port}"
+            proxies = {
+                p["label"]: p
+                for p in (await api.get("/api/admin/proxies", headers=admin.headers)).json()
+            }
+            assert proxies[label]["status"] == "inactive"
+            # The site lifts the block; time passes beyond the cool-down (moved, not slept).
+            await control(world.provider.url, "/_control/unblock", {})
+            async with runtime.db.session() as session:
+                await session.execute(
+                    text(
+                        "UPDATE operations_proxies SET retry_at = now() - interval '1 second' WHERE label = :l"
+                    ),
+                    {"l": label},
+                )
+            second = (await submit(api, reseller)).json()
+            assert (await wait_decided(api, reseller, second["id"]))["status"] == "succeeded"
+        proxies = {
+            p["label"]: p
+            for p in (await api.get("/api/admin/proxies", headers=admin.headers)).json()
+        }
+        assert proxies[label]["status"] == "active"  # the probe went through: back in service
+        assert proxies[label]["reason"] is None
+        state = await control(world.provider.url, "/_control/state")
+        assert state["performed"][-1]["ip"] == blocked_ip  # the due proxy got the next request

@@ -14,7 +14,8 @@ A reseller site the workers drive with provider accounts through egress proxies:
   by 403 or a 200 block page, account lock after N bad logins, and ``drop_rate``: the
   renewal is *performed and recorded* and then the connection is dropped before any reply.
 - Control (loopback, direct): ``POST /_control/config`` (any Config field),
-  ``/_control/accounts``, ``/_control/block`` ({"ip", "seconds"}), ``/_control/unblock``.
+  ``/_control/accounts``, ``/_control/block`` ({"ip", "seconds"}), ``/_control/unblock``,
+  ``/_control/expire`` (every session idles out now).
 - Its own record (``GET /_control/state``): every renewal/refresh performed, logins, locks,
   blocked addresses and a request log (time, client IP, path, status), so tests compare.
 
@@ -266,6 +267,9 @@ class Provider:
         if path == "/_control/block" and method == "POST":
             target = json.loads(body or b"{}")
             self.blocked[str(target["ip"])] = time.time() + float(target.get("seconds", 3600))
+            return Reply(200, b"{}", json_body=True)
+        if path == "/_control/expire" and method == "POST":
+            self.sessions.clear()  # every session idles out at once
             return Reply(200, b"{}", json_body=True)
         if path == "/_control/unblock" and method == "POST":
             self.blocked.clear()
