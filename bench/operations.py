@@ -95,37 +95,35 @@ class Fixture:
             DATABASE_URL=database_url, REDIS_URL=redis_url, SECRET_KEY=SECRET, ENV="test",
             LOG_LEVEL="WARNING", OPERATIONS_PROVIDER_URL=provider_url,
             AUTH_ARGON2_TIME_COST=1, AUTH_ARGON2_MEMORY_KIB=8192, AUTH_ARGON2_PARALLELISM=1,
-        )  # type: ignore[call-arg]  # fmt: skip
+        )  # fmt: skip
         self.runtime = Runtime(self.settings)
         self.provider_url = provider_url
         self.email = f"bench-reseller-{uuid4().hex[:8]}@bench.surge.dev"
 
     async def start(self, proxy_urls: list[str]) -> None:
-        from surge.identity.service import Identity
+        from surge.identity.runtime import install_identity
+        from surge.identity.service import identity as identity_service
         from surge.operations.service import operations as operations_service
         from surge.wallet.funds import funds as funds_service
         from surge.worker import discover
 
         discover(self.settings)
+        install_identity(self.runtime)
         await self.runtime.start()
-        identity = Identity(self.runtime.db, self.runtime.redis, self.settings)
-        try:
-            async with self.runtime.db.session() as session:
-                user = await identity.register(
-                    session, email=self.email, password=PASSWORD, role="reseller"
+        async with self.runtime.db.session() as session:
+            user = await identity_service.register(
+                session, self.runtime, email=self.email, password=PASSWORD, role="reseller"
+            )
+            await funds_service.credit(
+                session, user.id, amount=10**12, currency=self.settings.WALLET_CURRENCY,
+                key=f"bench:{user.id}", kind="topup",
+            )  # fmt: skip
+            for username, password in ACCOUNTS.items():
+                await operations_service.add_account(
+                    session, self.runtime, username=username, password=password
                 )
-                await funds_service.credit(
-                    session, user.id, amount=10**12, currency=self.settings.WALLET_CURRENCY,
-                    key=f"bench:{user.id}", kind="topup",
-                )  # fmt: skip
-                for username, password in ACCOUNTS.items():
-                    await operations_service.add_account(
-                        session, self.runtime, username=username, password=password
-                    )
-                for url in proxy_urls:
-                    await operations_service.add_proxy(session, self.runtime, url=url)
-        finally:
-            await identity.close()
+            for url in proxy_urls:
+                await operations_service.add_proxy(session, self.runtime, url=url)
 
     async def decided(self) -> int:
         from sqlalchemy import text

@@ -13,14 +13,13 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 
 from rich.console import Console
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.config import Settings
 from surge.config import settings as default_settings
-from surge.identity.service import Identity
+from surge.identity.runtime import install_identity
+from surge.identity.service import identity as identity_service
 from surge.kit.runtime import Runtime
-from surge.models.identity import User
 from surge.operations.service import DuplicateAccount, DuplicateProxy
 from surge.operations.service import operations as operations_service
 from surge.wallet.funds import funds as funds_service
@@ -62,15 +61,13 @@ async def seed_async(settings: Settings) -> bool:
     discover(settings)
     runtime = Runtime(settings, application_name="surge-demo")
     await runtime.start()
-    identity = Identity(runtime.db, runtime.redis, settings)
-    wallet_service.configure(settings)
+    install_identity(runtime)  # the hasher and plan catalogue the service uses
     try:
-        created = await _seed_users(runtime, identity)
+        created = await _seed_users(runtime)
         async with runtime.db.session() as session:
             await seed_operations(session, runtime)
         return created
     finally:
-        await identity.close()
         await runtime.stop()
 
 
@@ -83,52 +80,51 @@ async def seed_operations(session: AsyncSession, runtime: Runtime) -> None:
     for pair in PROVIDER_DEMO_ACCOUNTS.split(","):
         username, _, password = pair.partition(":")
         with contextlib.suppress(DuplicateAccount):
-            async with session.begin_nested():
-                await operations_service.add_account(
-                    session, runtime, username=username, password=password
-                )
+            await operations_service.add_account(
+                session, runtime, username=username, password=password
+            )
     for url in runtime.settings.OPERATIONS_PROXY_URLS or PROXY_URLS:
         with contextlib.suppress(DuplicateProxy):
-            async with session.begin_nested():
-                await operations_service.add_proxy(session, runtime, url=url)
-    reseller = await session.scalar(select(User.id).where(User.email == email("reseller1")))
+            await operations_service.add_proxy(session, runtime, url=url)
+    reseller = await identity_service.find_user(session, email("reseller1"))
     if reseller is not None:
-        await operations_service.set_tier(session, reseller, tier="silver")
+        await operations_service.set_tier(session, reseller.id, tier="silver")
         await funds_service.credit(
-            session, reseller, amount=RESELLER_CREDIT, currency=runtime.settings.WALLET_CURRENCY,
-            key="demo:reseller1:credit", kind="topup", reference="demo",
+            session, reseller.id, amount=RESELLER_CREDIT,
+            currency=runtime.settings.WALLET_CURRENCY, key="demo:reseller1:credit",
+            kind="topup", reference="demo",
         )  # fmt: skip
 
 
-async def _seed_users(runtime: Runtime, identity: Identity) -> bool:
+async def _seed_users(runtime: Runtime) -> bool:
     async with runtime.db.session() as session:
         admin_email = email("admin")
-        if await session.scalar(select(User.id).where(User.email == admin_email)):
+        if await identity_service.find_user(session, admin_email) is not None:
             return False
-        admin = await identity.register(
-            session, email=admin_email, password=DEMO_PASSWORD, role="admin"
+        admin = await identity_service.register(
+            session, runtime, email=admin_email, password=DEMO_PASSWORD, role="admin"
         )
         expires = datetime.now(UTC) + timedelta(days=365)
         for local, role, plan in ACCOUNTS:
             user = (
                 admin
                 if local == "admin"
-                else await identity.register(
-                    session, email=email(local), password=DEMO_PASSWORD, role=role
+                else await identity_service.register(
+                    session, runtime, email=email(local), password=DEMO_PASSWORD, role=role
                 )
             )
             if plan != "free":
-                await identity.change_plan(
-                    session, admin.id, user_id=user.id, plan=plan, expires_at=expires
+                await identity_service.change_plan(
+                    session, runtime, admin.id, user_id=user.id, plan=plan, expires_at=expires
                 )
         for local, role, share_bps in PARTNERS:
-            partner = await identity.register(
-                session, email=email(local), password=DEMO_PASSWORD, role=role
+            partner = await identity_service.register(
+                session, runtime, email=email(local), password=DEMO_PASSWORD, role=role
             )
-            await wallet_service.set_partner(session, partner.id, share_bps=share_bps)
+            await wallet_service.set_partner(session, runtime, partner.id, share_bps=share_bps)
         for event_id, kind, profit in REVENUE_EVENTS:
             await wallet_service.record_revenue_event(
-                session, event_id=event_id, kind=kind, profit=profit
+                session, runtime, event_id=event_id, kind=kind, profit=profit
             )
     return True
 

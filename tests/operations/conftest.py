@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from surge.config import Settings
+from surge.identity.service import identity as identity_service
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
 from surge.operations.service import operations as operations_service
@@ -28,7 +29,6 @@ from tests.fixtures.provider import ACCOUNTS, egress_proxies, provider_server
 from tests.identity.conftest import (
     PASSWORD,
     bearer,
-    identity_of,
     identity_settings,
     login,
     make_admin,
@@ -129,8 +129,8 @@ async def make_reseller(
     email = unique_email("reseller")
     runtime = runtime_of(app)
     async with runtime.db.session() as session:
-        user = await identity_of(app).register(
-            session, email=email, password=PASSWORD, role="reseller"
+        user = await identity_service.register(
+            session, runtime, email=email, password=PASSWORD, role="reseller"
         )
         if credit:
             await funds_service.credit(

@@ -204,7 +204,8 @@ class TestAccounts:
         }
         assert accounts["agent1"]["status"] == "failed"
         assert accounts["agent1"]["last_error"] == "BAD_CREDENTIALS"
-        assert "password" not in accounts["agent1"] and "secret" not in accounts["agent1"]
+        assert "password" not in accounts["agent1"]
+        assert "secret" not in accounts["agent1"]
         assert accounts["agent2"]["status"] == "active"
         proxies = (await api.get("/api/admin/proxies", headers=admin.headers)).json()
         assert all(p["status"] == "active" for p in proxies)
@@ -230,7 +231,8 @@ class TestReaper:
             )  # fmt: skip
         async with runtime.db.session() as session:
             decided = await operations_service.reap(session, older_than=timedelta(minutes=10))
-        assert decided["failed"] >= 1 and decided["needs_review"] >= 1
+        assert decided["failed"] >= 1
+        assert decided["needs_review"] >= 1
         assert await transfers(ops_app, never_sent["id"]) == [
             ("reserve", "pending"),
             ("release", "void"),

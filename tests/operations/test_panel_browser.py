@@ -33,27 +33,27 @@ async def test_reseller_runs_the_renewal_wizard(
 ) -> None:
     from playwright.async_api import async_playwright
 
-    from surge.identity.service import Identity
+    from surge.identity.runtime import install_identity
+    from surge.identity.service import identity as identity_service
     from surge.wallet.funds import funds as funds_service
 
     async with provider_server() as provider, egress_proxies(2) as proxies:
         settings = ops_settings(*server_urls, provider.url)
         runtime = Runtime(settings)
+        install_identity(runtime)
         await runtime.start()
         try:
             await reset(runtime)
             await register_fleet(runtime, proxies)
             email = f"panel-{os.urandom(4).hex()}@example.com"
-            identity = Identity(runtime.db, runtime.redis, settings)
             async with runtime.db.session() as session:
-                user = await identity.register(
-                    session, email=email, password=PASSWORD, role="reseller"
+                user = await identity_service.register(
+                    session, runtime, email=email, password=PASSWORD, role="reseller"
                 )
                 await funds_service.credit(
                     session, user.id, amount=10_000, currency=settings.WALLET_CURRENCY,
                     key=f"panel:{user.id}", kind="topup",
                 )  # fmt: skip
-            await identity.close()
 
             port = free_port()
             base = f"http://127.0.0.1:{port}"

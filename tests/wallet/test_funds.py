@@ -1,108 +1,125 @@
-"""``surge.wallet.funds``: the one way other domains reserve, settle, release and credit an
-owner's money. Each call is idempotent by key, and a reservation ends exactly one way."""
+"""``surge.wallet.funds.credit`` / ``reverse``: money in from the payment provider and back,
+idempotent by the caller's key, in the caller's transaction, guarded against overdraft."""
 
 from __future__ import annotations
 
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import pytest
 
 from surge.kit.runtime import Runtime
-from surge.wallet.funds import funds
-from surge.wallet.ledger import AlreadyResolved, InsufficientFunds
-
-CUR = "USD"
+from surge.wallet.funds import funds as funds_service
+from surge.wallet.ledger import IdempotencyKeyReused, InsufficientFunds, SystemAccount, ledger
 
 
-async def credited(runtime: Runtime, amount: int) -> UUID:
-    owner = uuid4()
+async def payments_balance(runtime: Runtime) -> int:
     async with runtime.db.session() as session:
-        await funds.credit(
-            session, owner, amount=amount, currency=CUR, key=f"t:{owner}:credit", kind="topup"
-        )
-    return owner
+        account = await ledger.system_account(session, SystemAccount.payments, currency="USD")
+        return (await ledger.balance(session, account)).balance
 
 
-class TestReserve:
-    async def test_reserve_lowers_available_until_settled(self, runtime: Runtime) -> None:
-        owner = await credited(runtime, 1_000)
+class TestCredit:
+    async def test_same_key_moves_money_once(self, runtime: Runtime) -> None:
+        owner, key = uuid4(), f"payment:pi_{uuid4().hex}"
+        before = await payments_balance(runtime)
         async with runtime.db.session() as session:
-            hold = await funds.reserve(
-                session, owner, amount=300, currency=CUR, key=f"t:{owner}:r", kind="operation"
+            first = await funds_service.credit(
+                session, owner, amount=1_500, currency="USD", key=key, kind="topup"
             )
-            assert await funds.available(session, owner, currency=CUR) == 700
-            posted = await funds.settle(session, hold, key=f"t:{owner}:s", kind="operation")
-            assert posted.created
+            again = await funds_service.credit(
+                session, owner, amount=1_500, currency="USD", key=key, kind="topup"
+            )
+            await session.commit()
         async with runtime.db.session() as session:
-            assert await funds.available(session, owner, currency=CUR) == 700
-
-    async def test_release_gives_it_back(self, runtime: Runtime) -> None:
-        owner = await credited(runtime, 1_000)
+            later = await funds_service.credit(
+                session, owner, amount=1_500, currency="USD", key=key, kind="topup"
+            )
+            await session.commit()
+        assert (first.created, again.created, later.created) == (True, False, False)
+        assert first.transfer_id == again.transfer_id == later.transfer_id
         async with runtime.db.session() as session:
-            hold = await funds.reserve(
-                session, owner, amount=400, currency=CUR, key=f"t:{owner}:r", kind="operation"
-            )
-            await funds.release(session, hold, key=f"t:{owner}:v", kind="operation")
-            assert await funds.available(session, owner, currency=CUR) == 1_000
+            assert await funds_service.available(session, owner, currency="USD") == 1_500
+        # Double entry: the provider's side went down by what the wallet went up.
+        assert await payments_balance(runtime) == before - 1_500
 
-    async def test_same_key_reserves_once(self, runtime: Runtime) -> None:
-        owner = await credited(runtime, 1_000)
+    async def test_same_key_other_amount_is_refused(self, runtime: Runtime) -> None:
+        owner, key = uuid4(), f"payment:pi_{uuid4().hex}"
         async with runtime.db.session() as session:
-            key = f"t:{owner}:r"
-            first = await funds.reserve(
-                session, owner, amount=250, currency=CUR, key=key, kind="op"
+            await funds_service.credit(
+                session, owner, amount=100, currency="USD", key=key, kind="topup"
             )
-            second = await funds.reserve(
-                session, owner, amount=250, currency=CUR, key=key, kind="op"
-            )
-            assert first == second
-            assert await funds.available(session, owner, currency=CUR) == 750
-
-    async def test_more_than_available_is_refused(self, runtime: Runtime) -> None:
-        owner = await credited(runtime, 100)
-        with pytest.raises(InsufficientFunds):
+            await session.commit()
+        with pytest.raises(IdempotencyKeyReused):
             async with runtime.db.session() as session:
-                await funds.reserve(
-                    session, owner, amount=101, currency=CUR, key=f"t:{owner}:r", kind="op"
+                await funds_service.credit(
+                    session, owner, amount=999, currency="USD", key=key, kind="topup"
                 )
-        async with runtime.db.session() as session:
-            assert await funds.available(session, owner, currency=CUR) == 100
 
+    async def test_rolled_back_credit_leaves_nothing(self, runtime: Runtime) -> None:
+        owner, key = uuid4(), f"payment:pi_{uuid4().hex}"
 
-class TestOneEnding:
-    async def test_settle_twice_by_key_has_one_effect(self, runtime: Runtime) -> None:
-        owner = await credited(runtime, 1_000)
-        async with runtime.db.session() as session:
-            hold = await funds.reserve(
-                session, owner, amount=300, currency=CUR, key=f"t:{owner}:r", kind="op"
-            )
-            first = await funds.settle(session, hold, key=f"t:{owner}:s", kind="op")
-            again = await funds.settle(session, hold, key=f"t:{owner}:s", kind="op")
-            assert first.created and not again.created
-            assert await funds.available(session, owner, currency=CUR) == 700
-
-    async def test_release_after_settle_is_refused(self, runtime: Runtime) -> None:
-        owner = await credited(runtime, 1_000)
-        async with runtime.db.session() as session:
-            hold = await funds.reserve(
-                session, owner, amount=300, currency=CUR, key=f"t:{owner}:r", kind="op"
-            )
-            await funds.settle(session, hold, key=f"t:{owner}:s", kind="op")
-        with pytest.raises(AlreadyResolved):
+        async def failing_unit_of_work() -> None:
             async with runtime.db.session() as session:
-                await funds.release(session, hold, key=f"t:{owner}:v", kind="op")
-        async with runtime.db.session() as session:
-            assert await funds.available(session, owner, currency=CUR) == 700
+                await funds_service.credit(
+                    session, owner, amount=700, currency="USD", key=key, kind="topup"
+                )
+                raise RuntimeError("the caller's unit of work failed")
 
-    async def test_settle_after_release_is_refused(self, runtime: Runtime) -> None:
-        owner = await credited(runtime, 1_000)
+        with pytest.raises(RuntimeError):
+            await failing_unit_of_work()
         async with runtime.db.session() as session:
-            hold = await funds.reserve(
-                session, owner, amount=300, currency=CUR, key=f"t:{owner}:r", kind="op"
+            assert await funds_service.available(session, owner, currency="USD") == 0
+            posted = await funds_service.credit(
+                session, owner, amount=700, currency="USD", key=key, kind="topup"
             )
-            await funds.release(session, hold, key=f"t:{owner}:v", kind="op")
-        with pytest.raises(AlreadyResolved):
-            async with runtime.db.session() as session:
-                await funds.settle(session, hold, key=f"t:{owner}:s", kind="op")
+            assert posted.created  # the key was never used: nothing happened the first time
+
+
+class TestReverse:
+    async def test_reverse_once_per_key(self, runtime: Runtime) -> None:
+        owner, pi = uuid4(), f"pi_{uuid4().hex}"
         async with runtime.db.session() as session:
-            assert await funds.available(session, owner, currency=CUR) == 1_000
+            await funds_service.credit(
+                session, owner, amount=2_000, currency="USD", key=f"payment:{pi}", kind="topup"
+            )
+            for _ in range(2):
+                await funds_service.reverse(
+                    session,
+                    owner,
+                    amount=500,
+                    currency="USD",
+                    key=f"payment:{pi}:refund:re_1",
+                    kind="topup_refund",
+                )
+            await funds_service.reverse(
+                session,
+                owner,
+                amount=1_500,
+                currency="USD",
+                key=f"payment:{pi}:refund:re_2",
+                kind="topup_refund",
+            )
+            await session.commit()
+        async with runtime.db.session() as session:
+            assert await funds_service.available(session, owner, currency="USD") == 0
+
+    async def test_reverse_beyond_the_balance_is_refused(self, runtime: Runtime) -> None:
+        owner, pi = uuid4(), f"pi_{uuid4().hex}"
+        async with runtime.db.session() as session:
+            await funds_service.credit(
+                session, owner, amount=300, currency="USD", key=f"payment:{pi}", kind="topup"
+            )
+            await session.commit()
+        with pytest.raises(InsufficientFunds) as info:
+            async with runtime.db.session() as session:
+                await funds_service.reverse(
+                    session,
+                    owner,
+                    amount=301,
+                    currency="USD",
+                    key=f"payment:{pi}:dispute:dp_1",
+                    kind="topup_dispute",
+                )
+        assert info.value.status_code == 409
+        async with runtime.db.session() as session:
+            assert await funds_service.available(session, owner, currency="USD") == 300

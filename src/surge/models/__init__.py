@@ -12,21 +12,42 @@ from surge.models.operations import (
     ProviderAccount,
     Reseller,
 )
+from surge.models.payments import PaymentEvent, Topup
+from surge.models.wallet import (
+    Earning,
+    Entry,
+    IdempotencyKeyRow,
+    LedgerAccount,
+    Partner,
+    RevenueEvent,
+    Transfer,
+    Withdrawal,
+)
 
 __all__ = [
     "Attempt",
     "AuditEntry",
     "AuthSession",
     "Base",
+    "Earning",
     "EgressProxy",
+    "Entry",
+    "IdempotencyKeyRow",
+    "LedgerAccount",
     "Operation",
+    "Partner",
+    "PaymentEvent",
     "Price",
     "ProviderAccount",
     "RefreshToken",
     "Reseller",
+    "RevenueEvent",
     "Subscription",
     "TimestampMixin",
+    "Topup",
+    "Transfer",
     "User",
     "ViewRefresh",
+    "Withdrawal",
     "jobs_table",
 ]

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from surge.audit.service import audit as audit_service
 from surge.identity.deps import AdminMfa, require_role
-from surge.identity.service import Principal, audit
+from surge.identity.service import Principal
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
 from surge.kit.web.idempotency import idempotency_keys
 from surge.operations.schemas import (
@@ -142,7 +143,7 @@ async def add_account(
     account = await operations_service.add_account(
         session, runtime, username=body.username, password=body.password.get_secret_value()
     )
-    await audit(
+    await audit_service.record(
         session, admin.user_id, action="operations.account.add", subject_type="provider_account",
         subject_id=str(account.id), after={"username": account.username},
         request_id=_request_id(request),
@@ -156,7 +157,7 @@ async def update_account(
 ) -> AccountRead:
     """Disable an account, or re-enable one (also one marked failed)."""
     account = await operations_service.set_account_status(session, account_id, status=body.status)
-    await audit(
+    await audit_service.record(
         session, admin.user_id, action="operations.account.status",
         subject_type="provider_account", subject_id=str(account_id),
         after={"status": body.status}, request_id=_request_id(request),
@@ -177,7 +178,7 @@ async def add_proxy(
 ) -> ProxyRead:  # fmt: skip
     """Add an egress proxy; its URL (credentials included) is stored encrypted."""
     proxy = await operations_service.add_proxy(session, runtime, url=body.url.get_secret_value())
-    await audit(
+    await audit_service.record(
         session, admin.user_id, action="operations.proxy.add", subject_type="proxy",
         subject_id=str(proxy.id), after={"label": proxy.label}, request_id=_request_id(request),
     )  # fmt: skip
@@ -190,7 +191,7 @@ async def update_proxy(
 ) -> ProxyRead:
     """Disable a proxy, or put it back in service at once (skipping its cool-down)."""
     proxy = await operations_service.set_proxy_status(session, proxy_id, status=body.status)
-    await audit(
+    await audit_service.record(
         session, admin.user_id, action="operations.proxy.status", subject_type="proxy",
         subject_id=str(proxy_id), after={"status": body.status}, request_id=_request_id(request),
     )  # fmt: skip
@@ -222,7 +223,7 @@ async def resolve_operation(
     """Decide an operation in review after checking with the provider: settle (it was done)
     or release (it was not). Audited."""
     operation = await operations_service.resolve(session, operation_id, performed=body.performed)
-    await audit(
+    await audit_service.record(
         session, admin.user_id, action="operations.operation.resolve", subject_type="operation",
         subject_id=str(operation_id),
         before={"status": "needs_review"},
@@ -238,7 +239,7 @@ async def set_tier(
 ) -> Response:
     """The reseller's price tier (retail, silver, gold...)."""
     await operations_service.set_tier(session, user_id, tier=body.tier)
-    await audit(
+    await audit_service.record(
         session, admin.user_id, action="operations.reseller.tier", subject_type="user",
         subject_id=str(user_id), after={"tier": body.tier}, request_id=_request_id(request),
     )  # fmt: skip

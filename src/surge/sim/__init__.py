@@ -35,6 +35,14 @@ class Simulator:
 #: Every simulator ``surge up`` starts, in order. Each domain adds its own entry.
 SIMULATORS: list[Simulator] = []
 
+# ---- payments ----
+SIMULATORS.append(
+    Simulator(
+        name="payments",
+        module="surge.sim.payments",
+        env=lambda host, port: {"SURGE_PAYMENTS_PROVIDER_URL": f"http://{host}:{port}"},
+    )
+)
 
 # ---- operations (issue 13): the upstream provider's website and its egress proxies -------
 #: Provider accounts the simulator knows at start; ``surge.demo`` registers the same ones.
