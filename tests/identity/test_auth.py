@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 
 from surge.identity.service import identity as identity_service
-from tests.identity.conftest import (
+from tests.fixtures.factories import (
     PASSWORD,
     bearer,
     identity_of,

@@ -332,8 +332,8 @@ class TestDatabaseOutage:
         """docs/architecture.md §4: PostgreSQL down → workers pause (no crash, no busy loop) and
         resume by themselves; nothing enqueued before or after is lost."""
         from surge.kit.db import migrate
-        from tests.conftest import make_settings
         from tests.fixtures.servers import start_postgres
+        from tests.fixtures.settings import make_settings
 
         assert jobs_handlers
         pg = start_postgres(tmp_path / "pg")

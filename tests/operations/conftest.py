@@ -24,9 +24,8 @@ from surge.operations.service import operations as operations_service
 from surge.sim.provider import ProviderServer
 from surge.sim.proxies import ForwardProxy
 from surge.wallet.funds import funds as funds_service
-from tests.conftest import app_client
-from tests.fixtures.provider import ACCOUNTS, egress_proxies, provider_server
-from tests.identity.conftest import (
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import (
     PASSWORD,
     bearer,
     identity_settings,
@@ -34,6 +33,7 @@ from tests.identity.conftest import (
     make_admin,
     unique_email,
 )
+from tests.fixtures.provider import ACCOUNTS, egress_proxies, provider_server
 
 
 @dataclass

@@ -112,7 +112,7 @@ async def test_200_operations_hostile_provider_and_a_killed_worker(
     server_urls: tuple[str, str], tmp_path: Path
 ) -> None:
     from surge.app import create_app
-    from tests.conftest import app_client
+    from tests.fixtures.clients import app_client
 
     hostile = {
         "ip_budget": 8, "ip_window": 2.0, "block_seconds": 2.0, "block_mode": "403",

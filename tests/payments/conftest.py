@@ -24,6 +24,7 @@ from surge.config import Settings
 from surge.identity.service import identity as identity_service
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
+from tests.fixtures.factories import PASSWORD, bearer, identity_settings, unique_email
 from tests.fixtures.payments import (
     OLD_SECRET,
     SIM_SECRET,
@@ -31,7 +32,6 @@ from tests.fixtures.payments import (
     payment_sim_process,
     serve_app,
 )
-from tests.identity.conftest import PASSWORD, bearer, identity_settings, unique_email
 
 
 @dataclass

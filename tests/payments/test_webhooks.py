@@ -13,8 +13,8 @@ from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from surge.kit.security import webhooks
+from tests.fixtures.factories import bearer, make_admin
 from tests.fixtures.payments import OLD_SECRET, SIM_SECRET
-from tests.identity.conftest import bearer, make_admin
 from tests.payments.conftest import Live
 
 

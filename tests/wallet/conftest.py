@@ -19,8 +19,7 @@ from surge.config import Settings
 from surge.identity.service import identity as identity_service
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
-from tests.conftest import app_client
-from tests.identity.conftest import (
+from tests.fixtures.factories import (
     PASSWORD,
     bearer,
     identity_settings,
@@ -42,16 +41,13 @@ def wallet_settings(server_urls: tuple[str, str]) -> Settings:
 
 
 @pytest.fixture
-async def wallet_app(wallet_settings: Settings) -> FastAPI:
-    from surge.app import create_app
-
-    return create_app(wallet_settings)
+def app_settings(wallet_settings: Settings) -> Settings:
+    return wallet_settings
 
 
 @pytest.fixture
-async def api(wallet_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in app_client(wallet_app):
-        yield client
+def wallet_app(app: FastAPI) -> FastAPI:
+    return app
 
 
 def runtime_of(app: FastAPI) -> Runtime:
