@@ -21,6 +21,7 @@ from surge.kit.embedded import EmbeddedRedis
 from surge.kit.redis import RedisGateway
 from surge.kit.runtime import Runtime
 from tests.fixtures.servers import start_redis
+from tests.fixtures.waiting import eventually
 
 
 class Clock:
@@ -81,13 +82,6 @@ async def make_cache(server_urls: tuple[str, str]) -> AsyncIterator[CacheFactory
     for cache, gateway in made:
         await cache.close()
         await gateway.close()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 class TestTiers:

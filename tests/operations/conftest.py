@@ -4,8 +4,8 @@ reseller with credit, and an in-process worker on the ``operations`` queue."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from surge.config import Settings
 from surge.identity.service import identity as identity_service
-from surge.kit.jobs.worker import Worker, WorkerConfig
+from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
 from surge.operations.service import operations as operations_service
 from surge.sim.provider import ProviderServer
@@ -34,6 +34,7 @@ from tests.fixtures.factories import (
     unique_email,
 )
 from tests.fixtures.provider import ACCOUNTS, egress_proxies, provider_server
+from tests.fixtures.workers import running_worker
 
 
 @dataclass
@@ -154,24 +155,11 @@ async def admin(ops_app: FastAPI, api: httpx.AsyncClient) -> Caller:
     return Caller(id=uuid4(), headers=bearer(tokens))
 
 
-@contextlib.asynccontextmanager
-async def ops_worker(runtime: Runtime, **overrides: Any) -> AsyncIterator[Worker]:
+def ops_worker(runtime: Runtime, **overrides: Any) -> AbstractAsyncContextManager[Worker]:
     """A job worker in this process on the ``operations`` queue (what ``surge worker`` runs)."""
-    values: dict[str, Any] = {
-        "queues": ["operations"],
-        "concurrency": 8,
-        "poll_interval": timedelta(milliseconds=50),
-        "backoff": timedelta(milliseconds=100),
-    }
-    values.update(overrides)
-    worker = Worker(runtime, WorkerConfig(**values))
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    return running_worker(
+        runtime, ["operations"], stop_timeout=30, **{"concurrency": 8, **overrides}
+    )
 
 
 async def submit(

@@ -5,10 +5,10 @@ worker on the ``payments`` queue, and resellers signed in through the API."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from surge.config import Settings
 from surge.identity.service import identity as identity_service
-from surge.kit.jobs.worker import Worker, WorkerConfig
+from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
 from tests.fixtures.factories import PASSWORD, bearer, identity_settings, unique_email
 from tests.fixtures.payments import (
@@ -32,6 +32,7 @@ from tests.fixtures.payments import (
     payment_sim_process,
     serve_app,
 )
+from tests.fixtures.workers import running_worker
 
 
 @dataclass
@@ -145,23 +146,12 @@ async def pay_app(pay_settings: Settings) -> FastAPI:
     return create_app(pay_settings)
 
 
-@contextlib.asynccontextmanager
-async def payments_worker(runtime: Runtime) -> AsyncIterator[Worker]:
+def payments_worker(runtime: Runtime) -> AbstractAsyncContextManager[Worker]:
     """A job worker in this process on the ``payments`` queue (what ``surge worker`` runs)."""
-    config = WorkerConfig(
-        queues=["payments"],
-        concurrency=4,
-        poll_interval=timedelta(milliseconds=20),
-        backoff=timedelta(milliseconds=50),
-    )
-    worker = Worker(runtime, config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
+    return running_worker(
+        runtime, ["payments"],
+        poll_interval=timedelta(milliseconds=20), backoff=timedelta(milliseconds=50),
+    )  # fmt: skip
 
 
 @pytest.fixture

@@ -3,11 +3,8 @@ signed in through the API, and an in-process job worker on the ``wallet`` queue.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -17,7 +14,7 @@ from fastapi import FastAPI
 
 from surge.config import Settings
 from surge.identity.service import identity as identity_service
-from surge.kit.jobs.worker import Worker, WorkerConfig
+from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
 from tests.fixtures.factories import (
     PASSWORD,
@@ -27,6 +24,7 @@ from tests.fixtures.factories import (
     make_admin,
     unique_email,
 )
+from tests.fixtures.workers import running_worker
 
 
 @dataclass
@@ -73,21 +71,6 @@ async def admin(wallet_app: FastAPI, api: httpx.AsyncClient) -> Caller:
     return Caller(id=UUID(me.json()["id"]), headers=bearer(tokens))
 
 
-@contextlib.asynccontextmanager
-async def wallet_worker(runtime: Runtime, **overrides: Any) -> AsyncIterator[Worker]:
+def wallet_worker(runtime: Runtime, **overrides: Any) -> AbstractAsyncContextManager[Worker]:
     """A job worker in this process on the ``wallet`` queue (what ``surge worker`` runs)."""
-    config = WorkerConfig(
-        queues=["wallet"],
-        concurrency=4,
-        poll_interval=timedelta(milliseconds=50),
-        backoff=timedelta(milliseconds=100),
-        **overrides,
-    )
-    worker = Worker(runtime, config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
+    return running_worker(runtime, ["wallet"], **overrides)
