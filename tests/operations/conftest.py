@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -27,6 +27,7 @@ from surge.wallet.funds import funds as funds_service
 from tests.fixtures.clients import app_client
 from tests.fixtures.factories import (
     PASSWORD,
+    Caller,
     bearer,
     identity_settings,
     login,
@@ -35,12 +36,6 @@ from tests.fixtures.factories import (
 )
 from tests.fixtures.provider import ACCOUNTS, egress_proxies, provider_server
 from tests.fixtures.workers import running_worker
-
-
-@dataclass
-class Caller:
-    id: UUID
-    headers: dict[str, str]
 
 
 @dataclass

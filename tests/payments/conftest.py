@@ -4,8 +4,6 @@ worker on the ``payments`` queue, and resellers signed in through the API."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -13,7 +11,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import httpx
 import pytest
@@ -24,7 +21,7 @@ from surge.config import Settings
 from surge.identity.service import identity as identity_service
 from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
-from tests.fixtures.factories import PASSWORD, bearer, identity_settings, unique_email
+from tests.fixtures.factories import PASSWORD, Caller, bearer, identity_settings, unique_email
 from tests.fixtures.payments import (
     OLD_SECRET,
     SIM_SECRET,
@@ -32,13 +29,8 @@ from tests.fixtures.payments import (
     payment_sim_process,
     serve_app,
 )
+from tests.fixtures.waiting import eventually
 from tests.fixtures.workers import running_worker
-
-
-@dataclass
-class Caller:
-    id: UUID
-    headers: dict[str, str]
 
 
 @dataclass
@@ -96,11 +88,7 @@ async def _nothing_pending(runtime: Runtime) -> bool:
 
 
 async def wait_for(runtime: Runtime, check: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check(runtime):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+    await eventually(lambda: check(runtime), timeout=timeout, interval=0.05)
 
 
 def payment_settings(database_url: str, redis_url: str, sim_url: str, **overrides: Any) -> Settings:

@@ -4,7 +4,6 @@ signed in through the API, and an in-process job worker on the ``wallet`` queue.
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -18,6 +17,7 @@ from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
 from tests.fixtures.factories import (
     PASSWORD,
+    Caller,
     bearer,
     identity_settings,
     login,
@@ -25,12 +25,6 @@ from tests.fixtures.factories import (
     unique_email,
 )
 from tests.fixtures.workers import running_worker
-
-
-@dataclass
-class Caller:
-    id: UUID
-    headers: dict[str, str]
 
 
 @pytest.fixture(scope="session")
