@@ -22,12 +22,11 @@ class Topup(Base):
     """A top-up the owner asked for: one payment intent at the provider."""
 
     __tablename__ = "payment_topups"
-    # Declared as migration 0007 creates them, so autogenerate proposes no change.
     __table_args__ = (
         Index("ix_payment_topups_owner", "owner_id", text("created_at DESC"), text("id DESC")),
         Index(
             "ix_payment_topups_open",
-            "updated_at",
+            "checked_at",
             postgresql_where=text("status IN ('pending', 'requires_action', 'processing')"),
         ),
     )
@@ -44,6 +43,7 @@ class Topup(Base):
     amount_reversed: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class PaymentEvent(Base):
