@@ -220,9 +220,11 @@ class Settings(BaseSettings):
     8 × DB_POOL_MAX connections from crowding PostgreSQL)."""
     JOBS_QUEUES: CsvList[str] = Field(default_factory=list)
     """Queues the workers take jobs from (comma-separated); empty = every registered queue."""
-    JOBS_RATE_LIMITS: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    JOBS_RATE_LIMITS: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"operations": "50/min"}
+    )
     """Global start-rate limits per queue, across all processes: `operations=50/min,email=10/s`
-    (or JSON). Seed 000: 50 jobs/min."""
+    (or JSON; empty: none). Seed 000: 50 operations/min per provider (the default)."""
     JOBS_MODULES: CsvList[str] = Field(default_factory=list)
     """Extra modules to import for their @job registrations (besides surge.<domain>.jobs)."""
     JOBS_POLL_INTERVAL: timedelta = timedelta(seconds=1)
@@ -389,6 +391,38 @@ class Settings(BaseSettings):
     """How often the `wallet_stats` materialized view is refreshed concurrently."""
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
+
+    # ---- operations ----------------------------------------------------------------------
+    OPERATIONS_PROVIDER_URL: str = ""
+    """Base URL of the upstream provider's website (``surge up`` points it at the simulator)."""
+    OPERATIONS_PROXY_URLS: CsvList[str] = Field(default_factory=list)
+    """Egress proxies ``surge seed-demo`` registers (comma-separated); the fleet then reads
+    the ``operations_proxies`` table, managed at ``/api/admin/proxies``."""
+    OPERATIONS_SESSION_TTL: timedelta = timedelta(minutes=120)
+    """Seed 000 4.2: a provider session (cookies, per account and proxy) kept in Redis."""
+    OPERATIONS_ACCOUNT_LEASE: timedelta = timedelta(seconds=120)
+    """How long a job holds a provider account (renewed never: a job ends sooner; a crashed
+    worker's account is free again after this, the same span as JOBS_LEASE)."""
+    OPERATIONS_PROXY_BACKOFF: timedelta = timedelta(seconds=300)
+    """First re-check delay of a blocked proxy; doubled per block with full jitter
+    (scrapy-rotating-proxies: base 300 s)..."""
+    OPERATIONS_PROXY_BACKOFF_MAX: timedelta = timedelta(seconds=3600)
+    """... up to this cap (scrapy-rotating-proxies: 3 600 s)."""
+    OPERATIONS_PROXY_TRIES: int = 3
+    """Proxies one attempt tries before it gives up and the job is retried later."""
+    OPERATIONS_TIMEOUT: timedelta = timedelta(seconds=15)
+    """Connect/read timeout of one provider call."""
+    OPERATIONS_MAX_ATTEMPTS: int = 6
+    """Attempts of an operation job; after the last, the operation fails (reservation
+    released) or, when the provider may have done the work, goes to ``needs_review``."""
+    OPERATIONS_RETRY_BACKOFF: timedelta = timedelta(seconds=1)
+    """First delay before an operation's next attempt; doubled per attempt (with jitter)..."""
+    OPERATIONS_RETRY_BACKOFF_MAX: timedelta = timedelta(seconds=30)
+    """... up to this."""
+    OPERATIONS_SIGNAL_PRICE: int = 100
+    """Price of a signal refresh, in minor units (1.00)."""
+    OPERATIONS_PANEL_POLL: timedelta = timedelta(seconds=1)
+    """How often the reseller panel polls an operation's status."""
 
     # ---- payments -----------------------------------------------------------------------
     PAYMENTS_PROVIDER_URL: str = ""
