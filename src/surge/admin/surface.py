@@ -10,8 +10,9 @@
 
 A new domain declares ``admin_router = APIRouter(prefix="/api/admin", tags=[...])`` in its
 ``routes.py`` — no guard of its own needed — and adds it to ``domain_admin_routers()``
-below (one import, one list entry). ``tests/admin/test_surface.py`` fails if any
-``/api/admin`` route of the app is reachable without the guard.
+below (one import, one list entry). ``tests/admin/test_surface.py`` fails if an
+``/api/admin`` route is mounted anywhere else; ``TestEveryAdminRoute`` (identity's tests)
+if any answers without an admin session with MFA.
 """
 
 from __future__ import annotations
