@@ -404,7 +404,7 @@ class Settings(BaseSettings):
     """How long a job holds a provider account (renewed never: a job ends sooner; a crashed
     worker's account is free again after this, the same span as JOBS_LEASE)."""
     OPERATIONS_PROXY_BACKOFF: timedelta = timedelta(seconds=300)
-    """First re-check delay of a blocked proxy; doubled per block with full jitter
+    """First re-check delay of a blocked proxy; doubled per block, equal jitter
     (scrapy-rotating-proxies: base 300 s)..."""
     OPERATIONS_PROXY_BACKOFF_MAX: timedelta = timedelta(seconds=3600)
     """... up to this cap (scrapy-rotating-proxies: 3 600 s)."""
@@ -421,8 +421,6 @@ class Settings(BaseSettings):
     """... up to this."""
     OPERATIONS_SIGNAL_PRICE: int = 100
     """Price of a signal refresh, in minor units (1.00)."""
-    OPERATIONS_PANEL_POLL: timedelta = timedelta(seconds=1)
-    """How often the reseller panel polls an operation's status."""
 
     # ---- payments -----------------------------------------------------------------------
     PAYMENTS_PROVIDER_URL: str = ""
