@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
@@ -76,9 +77,12 @@ class TestRefused:
     ) -> None:
         caller = await live.reseller()
         event = intent_event(caller.id)
+        sample = ("surge_payments_webhooks_total", {"outcome": f"refused_{reason}"})
+        before = REGISTRY.get_sample_value(*sample) or 0.0
         with capture_logs() as logs:
             response = await post(live, event, secrets=secrets, at=int(time.time()) - age)
         assert response.status_code == 400, response.text
+        assert REGISTRY.get_sample_value(*sample) == before + 1
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["reason"] == reason
         assert any(e["event"] == "payments.webhook.refused" and e["reason"] == reason for e in logs)
