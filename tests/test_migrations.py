@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import make_url, pool
-from sqlalchemy.engine import Connection
+from sqlalchemy import pool
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from surge.kit.db import migrate
@@ -30,20 +31,34 @@ def _diff(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
-async def test_autogenerate_on_a_migrated_database_proposes_nothing(
+def test_autogenerate_on_a_migrated_database_proposes_nothing(
     server_urls: tuple[str, str],
 ) -> None:
-    # A database of its own, migrated for this test: the suite's shared one also holds
-    # scratch tables other tests create (``job_test_effects``), which are not drift.
-    url = make_url(server_urls[0]).set(database="surge_drift").render_as_string(hide_password=False)
-    await asyncio.to_thread(migrate.ensure_database, url)
-    await asyncio.to_thread(migrate.upgrade, url)
-    engine = create_async_engine(url, poolclass=pool.NullPool)
+    """On a database of its own (other tests add tables of theirs to the shared one),
+    migrated from empty like ``surge migrate`` does it, dropped afterwards."""
+    url = make_url(server_urls[0]).set(database=f"surge_drift_{uuid.uuid4().hex[:8]}")
+    fresh = url.render_as_string(hide_password=False)
+
+    async def compare() -> list[Any]:
+        engine = create_async_engine(fresh, poolclass=pool.NullPool)
+        try:
+            async with engine.connect() as connection:
+                return await connection.run_sync(_diff)
+        finally:
+            await engine.dispose()
+
+    async def drop() -> None:
+        admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        async with admin.connect() as connection:
+            await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}"')
+        await admin.dispose()
+
     try:
-        async with engine.connect() as connection:
-            diff = await connection.run_sync(_diff)
+        assert migrate.ensure_database(fresh)
+        migrate.upgrade(fresh)
+        diff = asyncio.run(compare())
     finally:
-        await engine.dispose()
+        asyncio.run(drop())
     assert diff == [], "autogenerate would propose:\n" + "\n".join(map(str, diff))
 
 
