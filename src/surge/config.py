@@ -190,7 +190,16 @@ class Settings(BaseSettings):
     """Rate-limit policies (JSON list of ``surge.kit.ratelimit.RatePolicy``), validated at
     start-up. The defaults reproduce seeds 003 and 004."""
     RATELIMIT_EXEMPT_PATHS: CsvList[str] = Field(
-        default_factory=lambda: ["/livez", "/readyz", "/metrics", "/api/health"]
+        default_factory=lambda: [
+            "/livez",
+            "/readyz",
+            "/metrics",
+            "/api/health",
+            # Signed provider callbacks come from a few provider addresses: the anonymous
+            # 50 / 15 min would turn a busy hour into days of provider retries. The HMAC,
+            # checked before any database work, is their gate (ADR 0018).
+            "/api/v1/webhooks/payments",
+        ]
     )
     """Paths (or fnmatch patterns) never limited: health probes must always get through."""
     RATELIMIT_LOCAL_PROCESSES: int | None = None
