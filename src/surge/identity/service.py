@@ -660,6 +660,12 @@ async def audit(
     )
 
 
+async def email_of(session: AsyncSession, user_id: uuid.UUID) -> str | None:
+    """A user's e-mail address (other domains, e.g. notifications, call this)."""
+    user = await repository.user_by_id(session, user_id)
+    return user.email if user is not None else None
+
+
 async def refresh_active_subscriptions(db: Database, *, min_age: float = 0.0) -> bool:
     """Refresh the view in a unit of work of its own (see ``refresh_view``)."""
     async with db.session() as session:

@@ -4,13 +4,18 @@ from surge.models.audit import AuditEntry
 from surge.models.base import Base, TimestampMixin
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
+from surge.models.notifications import NotificationEvent, OutboxMessage, Preference, Suppression
 
 __all__ = [
     "AuditEntry",
     "AuthSession",
     "Base",
+    "NotificationEvent",
+    "OutboxMessage",
+    "Preference",
     "RefreshToken",
     "Subscription",
+    "Suppression",
     "TimestampMixin",
     "User",
     "ViewRefresh",

@@ -34,3 +34,15 @@ class Simulator:
 
 #: Every simulator ``surge up`` starts, in order. Each domain adds its own entry.
 SIMULATORS: list[Simulator] = []
+
+# ---- notifications: the local SMTP relay (keeps what it receives; see surge.sim.smtp) ----
+SIMULATORS.append(
+    Simulator(
+        name="smtp",
+        module="surge.sim.smtp",
+        env=lambda host, port: {
+            "SURGE_NOTIFY_SMTP_HOST": host,
+            "SURGE_NOTIFY_SMTP_PORT": str(port),
+        },
+    )
+)

@@ -1,0 +1,51 @@
+"""The outbox's jobs: send one e-mail, and a sweeper for messages whose job was lost.
+
+``notifications.email.send`` is the one place that commits more than once per job, on
+purpose (ADR 0019): the decision to send, the "end of DATA is going on the wire" mark and
+the outcome are three short transactions, so that no database transaction stays open across
+an SMTP conversation and a worker killed at any point leaves a state the next attempt can
+read: ``queued`` (nothing left the machine: send again) or ``sending`` (the relay may have
+it: never send again, record ``unconfirmed``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from uuid import UUID
+
+from surge.kit.jobs import JobContext, job
+from surge.notifications.service import SEND_JOB
+from surge.notifications.service import notifications as notifications_service
+
+
+@job(SEND_JOB, queue="email", max_attempts=10, backoff=timedelta(seconds=5))
+async def send_email(ctx: JobContext) -> None:
+    """Send one outbox message (retries of *transient SMTP failures* are new jobs on the
+    NOTIFY_RETRY_SCHEDULE; this job's own retries cover database errors only)."""
+    runtime = ctx.runtime
+    message_id = UUID(str(ctx.payload["message_id"]))
+    async with runtime.db.session() as session:
+        prepared = await notifications_service.prepare(session, runtime, message_id)
+    if prepared is None:
+        return
+
+    async def before_end() -> bool:
+        async with runtime.db.session() as session:
+            return await notifications_service.mark_sending(session, message_id)
+
+    verdict = await notifications_service.transmit(runtime, prepared, before_end=before_end)
+    async with runtime.db.session() as session:
+        status = await notifications_service.record(
+            session, runtime, message_id, verdict, retry_key=f"notify:{message_id}:after:{ctx.id}"
+        )
+    if status == "queued":
+        ctx.log.info("notifications.email.deferred", message_id=str(message_id),
+                     stage=verdict.stage, code=verdict.code)  # fmt: skip
+
+
+@job("notifications.outbox.sweep", queue="email", cron="*/5 * * * *", max_attempts=1)
+async def sweep_outbox(ctx: JobContext) -> None:
+    """Every 5 min: re-enqueue queued messages overdue by 15 min."""
+    count = await notifications_service.sweep(ctx.session, grace=timedelta(minutes=15))
+    if count:
+        ctx.log.warning("notifications.outbox.swept", count=count)
