@@ -34,6 +34,8 @@ from surge.kit.telemetry.logging import configure_logging
 from surge.kit.web.middleware import SurgeMiddleware
 from surge.kit.web.problem import install_problem_handlers
 from surge.kit.web.routing import promote_routes
+from surge.notifications.routes import admin_router as notifications_admin_router
+from surge.notifications.routes import router as notifications_router
 from surge.wallet.routes import admin_router as wallet_admin_router
 from surge.wallet.routes import router as wallet_router
 from surge.wallet.service import wallet as wallet_service
@@ -115,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(admin_page_router)
     app.include_router(wallet_admin_router, dependencies=[Depends(require_admin_mfa)])
+    app.include_router(notifications_router)
+    app.include_router(notifications_admin_router, dependencies=[Depends(require_admin_mfa)])
     app.include_router(jobs_admin_router(dependencies=[Depends(require_admin_mfa)]))
     app.include_router(breaker_router(dependencies=[Depends(require_admin_mfa)]))
     app.include_router(

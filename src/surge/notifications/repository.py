@@ -98,9 +98,11 @@ async def lift_suppression(session: AsyncSession, address: str) -> Suppression |
 
 
 async def list_suppressions(
-    session: AsyncSession, *, after: str | None, limit: int
+    session: AsyncSession, *, after: str | None, limit: int, address: str | None = None
 ) -> Sequence[Suppression]:
     statement = select(Suppression).order_by(Suppression.address).limit(limit)
+    if address is not None:
+        statement = statement.where(Suppression.address == address.strip().lower())
     if after is not None:
         statement = statement.where(Suppression.address > after)
     return (await session.scalars(statement)).all()
@@ -177,7 +179,7 @@ async def preferences(session: AsyncSession, user_id: UUID) -> dict[str, bool]:
     rows = await session.execute(
         select(Preference.category, Preference.enabled).where(Preference.user_id == user_id)
     )
-    return {category: enabled for category, enabled in rows.tuples()}
+    return {category: enabled for category, enabled in rows.all()}
 
 
 async def set_preference(
@@ -209,7 +211,7 @@ async def event_totals(session: AsyncSession, *, since: datetime) -> dict[str, i
         .where(NotificationEvent.created_at >= since)
         .group_by(NotificationEvent.event)
     )
-    return {event: int(count) for event, count in rows.tuples()}
+    return {event: int(count) for event, count in rows.all()}
 
 
 async def overdue(session: AsyncSession, *, before: datetime, limit: int) -> list[UUID]:

@@ -449,9 +449,12 @@ class NotificationService:
                                   source=source, detail=detail, expires_at=expires_at)  # fmt: skip
 
     async def list_suppressions(
-        self, session: AsyncSession, *, after: str | None, limit: int
+        self, session: AsyncSession, *, after: str | None, limit: int, address: str | None = None
     ) -> list[Suppression]:
-        return list(await repository.list_suppressions(session, after=after, limit=limit))
+        """Suppressions by address (``address``: that one only)."""
+        return list(
+            await repository.list_suppressions(session, after=after, limit=limit, address=address)
+        )
 
     async def lift(self, session: AsyncSession, address: str) -> tuple[Suppression, list[UUID]]:
         """Lift a suppression and re-queue every message held for the address (in this
