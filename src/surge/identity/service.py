@@ -63,6 +63,7 @@ from surge.kit.security import (
 )
 from surge.kit.web.client_ip import ClientIpResolver
 from surge.models.identity import AuthSession, RefreshToken, User
+from surge.notifications.service import notifications as notifications_service
 
 log = structlog.get_logger()
 
@@ -244,6 +245,10 @@ class Identity:
         except IntegrityError as error:  # a concurrent registration won the unique index
             raise EmailTaken("An account with this e-mail already exists") from error
         log.info("identity.user.registered", user_id=str(user.id), role=role)
+        await notifications_service.send(
+            session, to=email, user_id=user.id, template="welcome", context={"email": email},
+            category="account", key=f"welcome:{user.id}",
+        )  # fmt: skip
         return user
 
     async def get_user(self, session: AsyncSession, user_id: uuid.UUID) -> User:
@@ -301,6 +306,13 @@ class Identity:
                     evicted = await repository.revoke_sessions(
                         session, [s.id for s in live[:excess]], now=now, reason="evicted"
                     )
+                device = (user_agent or "")[:300] or None
+                if await repository.is_new_device(session, user.id, device):
+                    await notifications_service.send(
+                        session, to=user.email, user_id=user.id, template="new_device",
+                        context={"ip": ip, "user_agent": device}, category="security",
+                        key=f"new-device:{user.id}:{now.isoformat()}",
+                    )  # fmt: skip
                 pair = await self._open_session(
                     session, user, mfa=mfa, ip=ip, user_agent=user_agent, now=now
                 )

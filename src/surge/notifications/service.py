@@ -7,7 +7,8 @@ Other domains call one method, in the transaction of the change that causes the 
 
     await notifications_service.send(
         session,                          # the business transaction: rollback = no mail
-        user_id=owner_id,                 # or to="someone@example.com" (or both)
+        to=partner_email,                 # the address (identity_service.email_of(session, id))
+        user_id=owner_id,                 # optional: preferences and the unsubscribe link
         template="withdrawal_decided",    # templates/<locale>/withdrawal_decided.{subject.txt,txt,html}
         context={"amount": 1250, "currency": "USD", "status": "approved", ...},
         category="wallet",                # users can opt out of a category, never of "security"
@@ -20,7 +21,7 @@ Templates in use: ``welcome`` (identity, category ``account``), ``new_device`` a
 
     NotificationError (SurgeError)
     ├── UnknownTemplate (UnprocessableEntity)     422: no such template in any locale
-    ├── NoAddress (UnprocessableEntity)           422: neither ``to`` nor a user with an e-mail
+    ├── NoAddress (UnprocessableEntity)           422: ``to`` is not an address
     ├── SuppressionNotFound (NotFound)            404: lifting an address that is not suppressed
     ├── InvalidUnsubscribeToken (BadRequest)      400: forged, truncated or for another user
     └── InvalidWebhookSignature (NotAuthenticated) 401: missing, forged or stale signature
@@ -45,7 +46,6 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.config import Settings
-from surge.identity.service import email_of
 from surge.kit.breaker import breakers
 from surge.kit.db import on_commit
 from surge.kit.errors import BadRequest, NotAuthenticated, NotFound, SurgeError, UnprocessableEntity
@@ -81,7 +81,7 @@ class UnknownTemplate(NotificationError, UnprocessableEntity):
 
 
 class NoAddress(NotificationError, UnprocessableEntity):
-    """Neither an address nor a user with one."""
+    """The recipient is not an e-mail address."""
 
 
 class SuppressionNotFound(NotificationError, NotFound):
@@ -187,7 +187,7 @@ class NotificationService:
         context: dict[str, Any],
         category: str,
         key: str,
-        to: str | None = None,
+        to: str,
         user_id: UUID | None = None,
         locale: str = "en",
     ) -> UUID:
@@ -199,8 +199,6 @@ class NotificationService:
             template_locale(template, locale)
         except TemplateNotFound as error:
             raise UnknownTemplate(f"no e-mail template {template!r}") from error
-        if to is None and user_id is not None:
-            to = await email_of(session, user_id)
         if not to or "@" not in to:
             raise NoAddress("the e-mail has no recipient address")
         message_id_ = uuid4()

@@ -14,9 +14,11 @@ from uuid import UUID
 from sqlalchemy import select
 
 from surge.config import settings
+from surge.identity.service import email_of
 from surge.kit.jobs import JobContext, job
 from surge.kit.web.idempotency import idempotency_keys
 from surge.models.wallet import Withdrawal
+from surge.notifications.service import notifications as notifications_service
 from surge.wallet.service import EARNINGS_JOB, NOTIFY_JOB, changed_owners, stats_key
 from surge.wallet.service import wallet as wallet_service
 
@@ -42,23 +44,30 @@ async def credit_earnings(ctx: JobContext) -> None:
 
 @job(NOTIFY_JOB, queue="wallet", max_attempts=5)
 async def notify_withdrawal(ctx: JobContext) -> None:
-    """Tell the partner its withdrawal was decided.
-
-    Delivery belongs to the notifications module, which does not exist yet: until it does,
-    this job composes the message and logs it (``wallet.withdrawal.notify``), so the
-    decision → notification hand-off (enqueued in the decision's transaction) is in place."""
+    """Tell the partner its withdrawal was decided: one outbox e-mail per withdrawal, written
+    in this job's transaction (enqueued in the decision's), sent by the notifications job."""
     withdrawal = await ctx.session.scalar(
         select(Withdrawal).where(Withdrawal.id == UUID(str(ctx.payload["withdrawal_id"])))
     )
     if withdrawal is None:
         return
-    ctx.log.info(
-        "wallet.withdrawal.notify",
-        owner_id=str(withdrawal.owner_id),
-        withdrawal_id=str(withdrawal.id),
-        status=withdrawal.status,
-        amount=withdrawal.amount,
-        currency=withdrawal.currency,
+    to = await email_of(ctx.session, withdrawal.owner_id)
+    if to is None:  # the partner's account is gone: nobody to tell
+        return
+    await notifications_service.send(
+        ctx.session,
+        to=to,
+        user_id=withdrawal.owner_id,
+        template="withdrawal_decided",
+        context={
+            "withdrawal_id": str(withdrawal.id),
+            "status": withdrawal.status,
+            "amount": withdrawal.amount,
+            "currency": withdrawal.currency,
+            "reason": withdrawal.reason,
+        },
+        category="wallet",
+        key=f"withdrawal-decided:{withdrawal.id}",
     )
 
 
