@@ -73,22 +73,18 @@ def dsn(recipient: str, status: str, diagnostic: str, original: UUID) -> bytes:
     """A bounce report as Postfix mails it (RFC 3464), with the original headers."""
     boundary = "dsn-boundary-1"
     return (
-        (
-            "From: MAILER-DAEMON@relay.example\r\nTo: bounces@surge.localhost\r\n"
-            "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
-            f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
-            f"\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\nThe message could not be delivered.\r\n"
-            f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
-            "Reporting-MTA: dns; relay.example\r\nArrival-Date: Sun, 6 Dec 2026 22:00:00 +0000\r\n\r\n"
-            f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: {status}\r\n"
-            f"Diagnostic-Code: smtp; {diagnostic}\r\n"
-            f"\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-            f"Message-ID: <{original}@surge.localhost>\r\nTo: {recipient}\r\nSubject: hello\r\n"
-            f"\r\n--{boundary}--\r\n"
-        ).encode()
-        if raw
-        else b""
-    )
+        "From: MAILER-DAEMON@relay.example\r\nTo: bounces@surge.localhost\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
+        f"\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\nThe message could not be delivered.\r\n"
+        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; relay.example\r\nArrival-Date: Sun, 6 Dec 2026 22:00:00 +0000\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: {status}\r\n"
+        f"Diagnostic-Code: smtp; {diagnostic}\r\n"
+        f"\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"Message-ID: <{original}@surge.localhost>\r\nTo: {recipient}\r\nSubject: hello\r\n"
+        f"\r\n--{boundary}--\r\n"
+    ).encode()
 
 
 class TestWebhook:
