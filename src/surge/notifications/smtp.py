@@ -229,8 +229,11 @@ class SmtpRelay:
             if not await before_end():
                 client.close()  # DATA never ends: the relay discards the transaction
                 return Verdict("aborted", None, "claimed by another attempt", "data")
-            stage = "end"
+            # A write refused here (the connection is already closed) sent nothing: the
+            # stage stays "data" and the message is retried; once the terminator is on the
+            # wire, a lost reply means "unconfirmed".
             protocol.write(b".\r\n")
+            stage = "end"
             reply = await protocol.read_response(timeout=timeout)
         except aiosmtplib.SMTPResponseException as error:
             if stage == "end" and error.code < 0:  # aiosmtplib's own codes: no real reply

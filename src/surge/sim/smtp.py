@@ -89,6 +89,10 @@ class Relay:
         #: Messages kept while holding the reply (the test reads it to know when to kill).
         self.holding = 0
         self._lock = threading.Lock()
+        #: Sessions inside a mail transaction (MAIL seen, DATA or RSET not yet): a graceful
+        #: stop waits for them, as an MTA finishes what it accepted before it exits.
+        self.in_transaction: set[int] = set()
+        self.closing = False
 
     # ---- control (thread-safe: tests call these from their own thread) ------------------
     def hold(self) -> None:
@@ -110,6 +114,20 @@ class Relay:
                 return rule
         return None
 
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.closing:
+            return "421 4.3.2 Service shutting down, try again later"
+        self.in_transaction.add(id(session))
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.in_transaction.discard(id(session))
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
@@ -122,6 +140,12 @@ class Relay:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        try:
+            return await self._data(session, envelope)
+        finally:
+            self.in_transaction.discard(id(session))
+
+    async def _data(self, session: Session, envelope: Envelope) -> str:
         for rcpt in envelope.rcpt_tos:
             rule = self._rule(rcpt)
             if rule is not None and rule[0] == "data":
@@ -162,13 +186,16 @@ class SmtpSimulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._transports: set[asyncio.BaseTransport] = set()
+        self._connections: list[SMTP] = []
 
     def _factory(self) -> SMTP:
         server = SMTP(self.relay, hostname="sim.smtp.localhost", data_size_limit=10 * 1024 * 1024)
+        self._connections = [c for c in self._connections if c.transport is not None]
+        self._connections.append(server)
         return server
 
     def start(self) -> None:
+        self.relay.closing = False
         loop = asyncio.new_event_loop()
         ready = threading.Event()
 
@@ -193,17 +220,26 @@ class SmtpSimulator:
         if not ready.wait(10):
             raise RuntimeError("the SMTP simulator did not start")
 
-    def stop(self) -> None:
+    def stop(self, *, drain: float = 2.0) -> None:
+        """Stop listening, refuse new transactions (421), let those under way finish (at
+        most ``drain`` seconds), then drop every connection."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
         self.relay.release()
+        self.relay.closing = True
 
         async def shutdown() -> None:
             if self._server is not None:
                 self._server.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._server.wait_closed(), 0.2)
+            deadline = loop.time() + drain
+            while self.relay.in_transaction and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            for connection in self._connections:
+                if connection.transport is not None:
+                    connection.transport.close()
+            self._connections.clear()
+            self.relay.in_transaction.clear()
             for task in asyncio.all_tasks():
                 if task is not asyncio.current_task():
                     task.cancel()
