@@ -224,10 +224,11 @@ class TestCrashWindow:
         """The worker wrote the end of DATA and died before the reply: the next attempt
         finds ``sending`` and records ``unconfirmed`` instead of sending it again."""
         message_id = await send(rt, address())
-        async with rt.db.session() as session:  # what the dead attempt left behind
+        async with rt.db.session() as session:  # the dead attempt's job, taken over
             await session.execute(text("DELETE FROM jobs WHERE payload->>'message_id' = :m"),
                                   {"m": str(message_id)})  # fmt: skip
-            assert await notifications_service.mark_sending(session, message_id)
+        assert await notifications_service.mark_sending(rt, message_id)  # what it left behind
+        async with rt.db.session() as session:
             await enqueue(session, SEND_JOB, {"message_id": str(message_id)})
         async with email_worker(rt):
             row = await wait_status(rt, message_id)

@@ -1,8 +1,8 @@
 """The outbox's jobs: send one e-mail, and a sweeper for messages whose job was lost.
 
 ``notifications.email.send`` is the one place that commits more than once per job, on
-purpose (ADR 0019): the decision to send, the "end of DATA is going on the wire" mark and
-the outcome are three short transactions, so that no database transaction stays open across
+purpose (ADR 0019): the decision to send (a read), the "end of DATA is going on the wire"
+mark, and the outcome with the job's completion are three short transactions, so that no database transaction stays open across
 an SMTP conversation and a worker killed at any point leaves a state the next attempt can
 read: ``queued`` (nothing left the machine: send again) or ``sending`` (the relay may have
 it: never send again, record ``unconfirmed``).
@@ -24,20 +24,17 @@ async def send_email(ctx: JobContext) -> None:
     NOTIFY_RETRY_SCHEDULE; this job's own retries cover database errors only)."""
     runtime = ctx.runtime
     message_id = UUID(str(ctx.payload["message_id"]))
-    async with runtime.db.session() as session:
-        prepared = await notifications_service.prepare(session, runtime, message_id)
+    prepared = await notifications_service.prepare(ctx.session, runtime, message_id)
     if prepared is None:
         return
-
-    async def before_end() -> bool:
-        async with runtime.db.session() as session:
-            return await notifications_service.mark_sending(session, message_id)
-
-    verdict = await notifications_service.transmit(runtime, prepared, before_end=before_end)
-    async with runtime.db.session() as session:
-        status = await notifications_service.record(
-            session, runtime, message_id, verdict, retry_key=f"notify:{message_id}:after:{ctx.id}"
-        )
+    verdict = await notifications_service.transmit(runtime, prepared)
+    # The outcome commits with the job's completion (one commit, not two). If that commit
+    # is lost (worker killed, lease lost), the row stays "sending" and the next attempt
+    # records "unconfirmed": never a second copy.
+    status = await notifications_service.record(
+        ctx.session, runtime, message_id, verdict,
+        retry_key=f"notify:{message_id}:after:{ctx.id}", subject=prepared.subject,
+    )  # fmt: skip
     if status == "queued":
         ctx.log.info("notifications.email.deferred", message_id=str(message_id),
                      stage=verdict.stage, code=verdict.code)  # fmt: skip

@@ -9,7 +9,7 @@ from uuid import UUID
 
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from surge.models.notifications import NotificationEvent, OutboxMessage, Preference, Suppression
 
@@ -30,12 +30,81 @@ async def message_id_by_key(session: AsyncSession, key: str) -> UUID | None:
 
 
 async def get_message(
-    session: AsyncSession, message_id: UUID, *, for_update: bool = False
+    session: AsyncSession,
+    message_id: UUID,
+    *,
+    for_update: bool = False,
+    populate_existing: bool = False,
 ) -> OutboxMessage | None:
     statement = select(OutboxMessage).where(OutboxMessage.id == message_id)
     if for_update:
-        statement = statement.with_for_update()
+        statement = statement.with_for_update().execution_options(populate_existing=True)
+    elif populate_existing:
+        statement = statement.execution_options(populate_existing=True)
     return await session.scalar(statement)
+
+
+# ---- the send path: one round trip per step (the driver's prepared statements, autocommit) --
+_LOAD_FOR_SENDING = """
+    SELECT m.id, m.status, m.to_address, m.template, m.locale, m.category,
+           m.context::text AS context, m.user_id, m.attempts, m.created_at,
+           s.reason AS suppressed_reason, s.source AS suppressed_source,
+           p.enabled AS preference
+    FROM notification_messages m
+    LEFT JOIN notification_suppressions s
+           ON s.address = m.to_address AND (s.expires_at IS NULL OR s.expires_at > now())
+    LEFT JOIN notification_preferences p ON p.user_id = m.user_id AND p.category = m.category
+    WHERE m.id = $1
+"""
+_MARK_SENDING = (
+    "UPDATE notification_messages SET status = 'sending' WHERE id = $1 AND status = 'queued' "
+    "RETURNING id"
+)
+
+
+async def load_for_sending(engine: AsyncEngine, message_id: UUID) -> dict[str, Any] | None:
+    """The message with its address's active suppression and its user's preference for
+    its category, in one statement outside any transaction (a read: nothing to commit)."""
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        row = await driver.fetchrow(_LOAD_FOR_SENDING, message_id)
+    return dict(row) if row is not None else None
+
+
+async def mark_sending_now(engine: AsyncEngine, message_id: UUID) -> bool:
+    """``queued`` → ``sending`` as a transaction of its own, committed when this returns
+    (compare-and-set: False when another attempt got there first)."""
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        return await driver.fetchval(_MARK_SENDING, message_id) is not None
+
+
+async def record_sent(
+    session: AsyncSession, message_id: UUID, *, code: int | None, detail: str, subject: str | None
+) -> bool:
+    """The common outcome in one statement: the message is ``sent`` and its final event
+    written (False when the message was no longer queued/sending)."""
+    result = await session.execute(
+        text(
+            """
+            WITH m AS (
+                UPDATE notification_messages
+                SET status = 'sent', sent_at = now(), finished_at = now(),
+                    last_code = :code, last_error = :detail,
+                    subject = COALESCE(:subject, subject), attempts = attempts + 1
+                WHERE id = :id AND status IN ('queued', 'sending')
+                RETURNING id, to_address
+            )
+            INSERT INTO notification_events (message_id, address, event, source, code, detail)
+            SELECT id, to_address, 'sent', 'smtp', :code, :detail FROM m
+            RETURNING id
+            """
+        ),
+        {"id": message_id, "code": code, "detail": detail[:1000], "subject": subject},
+    )
+    return result.scalar_one_or_none() is not None
 
 
 async def mark_sending(session: AsyncSession, message_id: UUID) -> bool:

@@ -144,6 +144,9 @@ class Prepared:
     content: bytes
     attempts: int
     created_at: datetime
+    subject: str
+    error: str | None = None
+    """Set when the message cannot be built (a template error): it fails without a try."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,66 +232,97 @@ class NotificationService:
         self, session: AsyncSession, runtime: Runtime, message_id_: UUID
     ) -> Prepared | None:
         """Load a queued message and decide whether it goes: ``None`` when it is already
-        final, or has just been finalized here (held, skipped, unconfirmed, failed)."""
+        final, or has just been finalized in ``session`` (held, skipped, unconfirmed).
+
+        The decision is one read outside any transaction (this runs once per e-mail; a
+        lock would be a write and a flushed commit). Two jobs racing for one message both
+        get past it; the compare-and-set in ``mark_sending`` lets one of them send."""
         settings = runtime.settings
-        row = await repository.get_message(session, message_id_, for_update=True)
-        if row is None:
+        row = await repository.load_for_sending(runtime.db.primary, message_id_)
+        if row is None or row["status"] not in {"queued", "sending"}:
             return None
-        if row.status == "sending":
+        if row["status"] == "sending":
             # An earlier attempt wrote the end of DATA (or was about to) and died before
             # hearing the reply: the relay may have the message. Never send it twice.
-            await self._finish(session, row, "unconfirmed", source="smtp",
-                               detail="worker stopped after the end of DATA")  # fmt: skip
+            await self._finish_from(session, message_id_, "sending", "unconfirmed", source="smtp",
+                                    detail="worker stopped after the end of DATA")  # fmt: skip
             return None
-        if row.status != "queued":
+        if row["suppressed_reason"] is not None:
+            await self._finish_from(session, message_id_, "queued", "held", source="suppression",
+                                    detail=f"{row['suppressed_reason']} ({row['suppressed_source']})")  # fmt: skip
             return None
-        now = _now()
-        suppression = await repository.active_suppression(session, row.to_address, now=now)
-        if suppression is not None:
-            await self._finish(session, row, "held", source="suppression",
-                               detail=f"{suppression.reason} ({suppression.source})")  # fmt: skip
+        security = row["category"] in settings.NOTIFY_SECURITY_CATEGORIES
+        if row["user_id"] is not None and not security and row["preference"] is False:
+            await self._finish_from(session, message_id_, "queued", "skipped", source="preferences",
+                                    detail=f"opted out of {row['category']}")  # fmt: skip
             return None
-        security = row.category in settings.NOTIFY_SECURITY_CATEGORIES
+        return self._build(settings, row)
+
+    async def _finish_from(
+        self,
+        session: AsyncSession,
+        message_id_: UUID,
+        expected: str,
+        status: str,
+        *,
+        source: str,
+        detail: str,
+    ) -> None:
+        locked = await repository.get_message(session, message_id_, for_update=True)
+        if locked is not None and locked.status == expected:
+            await self._finish(session, locked, status, source=source, detail=detail)
+
+    def _build(self, settings: Settings, row: dict[str, Any]) -> Prepared:
         unsubscribe_url = None
-        if row.user_id is not None and not security:
-            if await repository.preference(session, row.user_id, row.category) is False:
-                await self._finish(session, row, "skipped", source="preferences",
-                                   detail=f"opted out of {row.category}")  # fmt: skip
-                return None
-            token = self.unsubscribe_token(settings, row.user_id, row.category)
+        if (
+            row["user_id"] is not None
+            and row["category"] not in settings.NOTIFY_SECURITY_CATEGORIES
+        ):
+            token = self.unsubscribe_token(settings, row["user_id"], row["category"])
             unsubscribe_url = (
                 f"{settings.NOTIFY_PUBLIC_URL.rstrip('/')}/api/v1/notifications/unsubscribe"
                 f"?token={token}"
             )
         context = {
-            **row.context,
+            **json.loads(row["context"]),
             "public_url": settings.NOTIFY_PUBLIC_URL,
             "unsubscribe_url": unsubscribe_url,
         }
         try:
-            rendered = render(row.template, row.locale, context)
+            rendered = render(row["template"], row["locale"], context)
         except TemplateError as error:
-            await self._finish(session, row, "failed", source="template", detail=str(error))
-            return None
-        row.subject = rendered.subject
-        email = build_message(
-            outbox_id=row.id,
+            return Prepared(row["id"], row["to_address"], b"", row["attempts"], row["created_at"],
+                            subject="", error=f"template: {error}")  # fmt: skip
+        content = build_message(
+            outbox_id=row["id"],
             sender=settings.NOTIFY_FROM,
-            to=row.to_address,
+            to=row["to_address"],
             rendered=rendered,
-            created_at=row.created_at,
+            created_at=row["created_at"],
             unsubscribe_url=unsubscribe_url,
-            category=row.category,
+            category=row["category"],
         )
-        return Prepared(row.id, row.to_address, email.as_bytes(), row.attempts, row.created_at)
+        return Prepared(
+            row["id"], row["to_address"], content, row["attempts"], row["created_at"],
+            subject=rendered.subject,
+        )  # fmt: skip
 
-    async def mark_sending(self, session: AsyncSession, message_id_: UUID) -> bool:
+    async def mark_sending(self, runtime: Runtime, message_id_: UUID) -> bool:
         """Record, *before* the end of DATA goes on the wire, that it is about to: the
-        crash-window guard (ADR 0019). False when another attempt already did."""
-        return await repository.mark_sending(session, message_id_)
+        crash-window guard (ADR 0019). Committed when this returns — the one write of this
+        domain that is a transaction of its own, on purpose. False when another attempt
+        already did."""
+        return await repository.mark_sending_now(runtime.db.primary, message_id_)
 
-    async def transmit(self, runtime: Runtime, prepared: Prepared, *, before_end: Any) -> Verdict:
-        """Hand ``prepared`` to the relay (through the ``smtp`` breaker)."""
+    async def transmit(self, runtime: Runtime, prepared: Prepared) -> Verdict:
+        """Hand ``prepared`` to the relay (through the ``smtp`` breaker), marking it
+        ``sending`` just before the end of DATA."""
+        if prepared.error is not None:
+            return Verdict("failed", None, prepared.error, "render")
+
+        async def before_end() -> bool:
+            return await self.mark_sending(runtime, prepared.id)
+
         return await smtp_relay(runtime).send(
             sender=runtime.settings.NOTIFY_RETURN_PATH,
             recipient=prepared.to,
@@ -304,17 +338,27 @@ class NotificationService:
         verdict: Verdict,
         *,
         retry_key: str,
+        subject: str | None = None,
     ) -> str:
         """Write the outcome of one attempt; schedule the next one after a transient
         failure. Returns the message's status afterwards."""
         settings = runtime.settings
+        if verdict.kind == "aborted":
+            return "sending"
+        if verdict.kind == "sent" and await repository.record_sent(
+            session, message_id_, code=verdict.code, detail=verdict.detail, subject=subject
+        ):
+            self._count(session, "sent")
+            return "sent"
         row = await repository.get_message(session, message_id_, for_update=True)
-        if row is None or verdict.kind == "aborted":
+        if row is None:
             return row.status if row is not None else "missing"
         if row.status not in {"queued", "sending"}:
             return row.status  # finished meanwhile (e.g. a duplicate job): keep it
         row.last_code = verdict.code
         row.last_error = verdict.detail or None
+        if subject:
+            row.subject = subject
         if verdict.stage != "breaker":  # refused by the open breaker: not tried
             row.attempts += 1
         if verdict.kind == "sent":
@@ -328,6 +372,8 @@ class NotificationService:
             await self._finish(session, row, "bounced", source="smtp", code=verdict.code,
                                detail=verdict.detail)  # fmt: skip
             await self._after_hard_bounce(session, settings, row.to_address, "smtp", verdict.detail)
+        elif verdict.kind == "failed":
+            await self._finish(session, row, "failed", source=verdict.stage, detail=verdict.detail)
         elif verdict.kind == "blocked":
             await self._finish(session, row, "blocked", source="smtp", code=verdict.code,
                                detail=verdict.detail)  # fmt: skip

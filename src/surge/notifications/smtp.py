@@ -37,7 +37,7 @@ from surge.kit.breaker import Breaker, BreakerOpenError
 
 log = structlog.get_logger()
 
-Kind = Literal["sent", "transient", "hard", "blocked", "unconfirmed", "aborted"]
+Kind = Literal["sent", "transient", "hard", "blocked", "unconfirmed", "aborted", "failed"]
 
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 _BLOCK_WORDS = re.compile(
