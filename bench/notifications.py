@@ -11,9 +11,10 @@ measures both, in alternating order (ours first, then theirs, then theirs first.
   (start-up excluded), polled every 50 ms. Each message is rendered from its Jinja2
   templates, and its state is committed before the end of DATA and after the reply
   (ADR 0019), so this is the price of durability and exactly-once.
-- **aiosmtplib**: the same N messages (the same text and HTML bodies, built as
-  ``EmailMessage`` in the loop), sent by C concurrent loops in this process, each on one
-  persistent ``aiosmtplib.SMTP`` connection — the most a sender can get from this relay.
+- **aiosmtplib**: the same N messages (rendered from the same templates and built by the
+  same function, so only the outbox differs), sent by C concurrent loops in this process,
+  each on one persistent ``aiosmtplib.SMTP`` connection (``sendmail``) — the most a sender
+  can get from this relay.
 
 Target (issue 15): ours ≥ 0.7 × the plain loop.
 """
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from email.message import EmailMessage
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -162,7 +163,7 @@ class PlainLoop:
         self.port = smtp_port
 
     async def measure(self, n: int) -> float:
-        from surge.notifications.render import render
+        from surge.notifications.render import build_message, render
 
         share = [n // CONCURRENCY + (1 if i < n % CONCURRENCY else 0) for i in range(CONCURRENCY)]
 
@@ -172,15 +173,13 @@ class PlainLoop:
             try:
                 for i in range(count):
                     to = f"plain{index}-{i}@example.com"
-                    rendered = render("welcome", "en", {"email": to, "public_url": "http://x"})
-                    message = EmailMessage()
-                    message["From"] = "Surge <no-reply@surge.localhost>"
-                    message["To"] = to
-                    message["Subject"] = rendered.subject
-                    message["Message-ID"] = f"<{uuid4()}@surge.localhost>"
-                    message.set_content(rendered.text)
-                    message.add_alternative(rendered.html, subtype="html")
-                    await client.send_message(message)
+                    context = {"email": to, "public_url": "http://x", "unsubscribe_url": None}
+                    rendered = render("welcome", "en", context)
+                    content = build_message(
+                        outbox_id=uuid4(), sender="Surge <no-reply@surge.localhost>", to=to,
+                        rendered=rendered, created_at=datetime.now(UTC), category="account",
+                    )  # fmt: skip
+                    await client.sendmail("bounces@surge.localhost", [to], content)
             finally:
                 await client.quit()
 

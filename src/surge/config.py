@@ -419,6 +419,11 @@ class Settings(BaseSettings):
     """Alert when bounces / sent over the last day exceed this (SES review threshold: 5 %)."""
     NOTIFY_COMPLAINT_RATE_ALERT: float = 0.001
     """Alert when complaints / sent over the last day exceed this (SES: 0.1 %)."""
+    NOTIFY_SENDING_MARK_FLUSH: bool = False
+    """Wait for PostgreSQL's WAL flush when marking a message "sending" (just before the end
+    of DATA). Off: the mark survives any worker crash, but a *PostgreSQL* crash in the next
+    ~0.6 s (3 × wal_writer_delay) may forget it and resend that message once; it keeps a
+    disk flush out of every SMTP conversation (3-4× the throughput; ADR 0019)."""
     NOTIFY_SECURITY_CATEGORIES: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["security"]
     )

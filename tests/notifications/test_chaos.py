@@ -35,6 +35,7 @@ LONG = bool(os.environ.get("SURGE_CHAOS_LONG"))
 TRANSACTIONS = 50
 PER_TRANSACTION = 100 if LONG else 20
 ROLLED_BACK = 5
+CONNECTIONS = 8
 
 
 @contextmanager
@@ -56,6 +57,7 @@ def email_worker_process(
         "SURGE_JOBS_POLL_INTERVAL": "PT0.1S",
         "SURGE_JOBS_BACKOFF": "PT0.2S",
         "SURGE_NOTIFY_SMTP_PORT": str(port),
+        "SURGE_NOTIFY_SMTP_CONNECTIONS": str(CONNECTIONS),
         "SURGE_NOTIFY_SMTP_TIMEOUT": "PT30S",
         "SURGE_NOTIFY_RETRY_SCHEDULE": "0.2",
         "SURGE_BREAKER_OPEN_DURATION": "PT0.5S",
@@ -63,7 +65,7 @@ def email_worker_process(
     }
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "surge.worker", "--queues", "email", "--concurrency", "8"],
+            [sys.executable, "-m", "surge.worker", "--queues", "email", "--concurrency", "16"],
             env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
@@ -145,17 +147,20 @@ class TestExactlyOnceUnderChaos:
             await asyncio.to_thread(relay.stop)
             await asyncio.to_thread(relay.start)
 
-            # 2. The relay keeps what it receives but holds its "250"; once every message
-            # marked "sending" is held there (nothing left between our mark and the relay),
-            # the worker is killed: those messages were delivered, the worker never knew.
+            # 2. The relay keeps what it receives but holds its "250". Once every SMTP
+            # connection of the worker waits on a held reply, no message can be between its
+            # "sending" mark and the relay; and once the marks in the database are exactly
+            # the held messages, the worker is killed: those messages were delivered, and
+            # the worker never heard it.
             await until(lambda: delivered() >= total * 0.6, 120, "60 % delivered")
             relay.relay.hold()
 
             async def quiet() -> bool:
+                before = relay.relay.holding
                 sending = await count_status(rt, run, "sending")
-                return sending > 0 and sending == relay.relay.holding
+                return before == relay.relay.holding == sending == CONNECTIONS
 
-            await until(quiet, 30, "the in-flight messages to reach the relay")
+            await until(quiet, 60, "every connection to wait on a held reply")
             first.send_signal(signal.SIGKILL)
             first.wait()
             relay.relay.release()

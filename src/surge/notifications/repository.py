@@ -60,6 +60,13 @@ _MARK_SENDING = (
     "UPDATE notification_messages SET status = 'sending' WHERE id = $1 AND status = 'queued' "
     "RETURNING id"
 )
+# The same, committed without waiting for the WAL flush: set_config(..., true) is local to
+# the statement's own (implicit) transaction, whose commit reads synchronous_commit.
+_MARK_SENDING_ASYNC = (
+    "WITH c AS (SELECT set_config('synchronous_commit', 'off', true)) "
+    "UPDATE notification_messages SET status = 'sending' "
+    "WHERE id = $1 AND status = 'queued' AND EXISTS (SELECT FROM c) RETURNING id"
+)
 
 
 async def load_for_sending(engine: AsyncEngine, message_id: UUID) -> dict[str, Any] | None:
@@ -72,13 +79,15 @@ async def load_for_sending(engine: AsyncEngine, message_id: UUID) -> dict[str, A
     return dict(row) if row is not None else None
 
 
-async def mark_sending_now(engine: AsyncEngine, message_id: UUID) -> bool:
+async def mark_sending_now(engine: AsyncEngine, message_id: UUID, *, flush: bool) -> bool:
     """``queued`` → ``sending`` as a transaction of its own, committed when this returns
-    (compare-and-set: False when another attempt got there first)."""
+    (compare-and-set: False when another attempt got there first). ``flush=False``: the
+    commit does not wait for the WAL flush (see NOTIFY_SENDING_MARK_FLUSH)."""
     async with engine.connect() as connection:
         raw = await connection.get_raw_connection()
         driver: Any = raw.driver_connection
-        return await driver.fetchval(_MARK_SENDING, message_id) is not None
+        statement = _MARK_SENDING if flush else _MARK_SENDING_ASYNC
+        return await driver.fetchval(statement, message_id) is not None
 
 
 async def record_sent(

@@ -312,7 +312,9 @@ class NotificationService:
         crash-window guard (ADR 0019). Committed when this returns — the one write of this
         domain that is a transaction of its own, on purpose. False when another attempt
         already did."""
-        return await repository.mark_sending_now(runtime.db.primary, message_id_)
+        return await repository.mark_sending_now(
+            runtime.db.primary, message_id_, flush=runtime.settings.NOTIFY_SENDING_MARK_FLUSH
+        )
 
     async def transmit(self, runtime: Runtime, prepared: Prepared) -> Verdict:
         """Hand ``prepared`` to the relay (through the ``smtp`` breaker), marking it
