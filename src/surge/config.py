@@ -419,6 +419,10 @@ class Settings(BaseSettings):
     """Alert when bounces / sent over the last day exceed this (SES review threshold: 5 %)."""
     NOTIFY_COMPLAINT_RATE_ALERT: float = 0.001
     """Alert when complaints / sent over the last day exceed this (SES: 0.1 %)."""
+    NOTIFY_RATE_WINDOW: timedelta = timedelta(days=1)
+    """The window bounce and complaint rates are computed over."""
+    NOTIFY_RATE_MIN_SENT: int = 100
+    """No rate alert below this many e-mails sent in the window (1 bounce of 3 is noise)."""
     NOTIFY_SENDING_MARK_FLUSH: bool = False
     """Wait for PostgreSQL's WAL flush when marking a message "sending" (just before the end
     of DATA). Off: the mark survives any worker crash, but a *PostgreSQL* crash in the next

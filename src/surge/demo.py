@@ -13,12 +13,14 @@ from datetime import UTC, datetime, timedelta
 
 from rich.console import Console
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.config import Settings
 from surge.config import settings as default_settings
 from surge.identity.service import Identity
 from surge.kit.runtime import Runtime
 from surge.models.identity import User
+from surge.notifications.service import notifications as notifications_service
 from surge.wallet.service import wallet as wallet_service
 from surge.worker import discover
 
@@ -87,10 +89,22 @@ async def seed_async(settings: Settings) -> bool:
                 await wallet_service.record_revenue_event(
                     session, event_id=event_id, kind=kind, profit=profit
                 )
+            await _demo_notifications(session)
         return True
     finally:
         await identity.close()
         await runtime.stop()
+
+
+async def _demo_notifications(session: AsyncSession) -> None:
+    """Besides the welcome mails the sign-ups above sent: two the local relay refuses
+    (``surge.sim.smtp``), so the admin sees a hard bounce that suppresses its address and a
+    reputation block that does not (``/api/admin/messages``, ``/api/admin/suppressions``)."""
+    for local in ("bounce-demo", "blocked-demo"):
+        await notifications_service.send(
+            session, to=email(local), template="welcome", context={"email": email(local)},
+            category="account", key=f"demo:{local}",
+        )  # fmt: skip
 
 
 def seed(console: Console, settings: Settings | None = None) -> None:

@@ -278,3 +278,17 @@ class TestPreferences:
             assert await notifications_service.unsubscribe(session, rt, token) == "wallet"
             prefs = await notifications_service.preferences(session, rt, user_id)
         assert prefs == {"wallet": False, "security": True}
+
+
+class TestRates:
+    @pytest.mark.parametrize("settings_overrides", [{"NOTIFY_RATE_MIN_SENT": 1}])
+    async def test_rates_become_gauges(self, rt: Runtime, relay: SmtpSimulator) -> None:
+        from prometheus_client import REGISTRY
+
+        from surge.notifications.service import check_rates
+
+        async with rt.db.session() as session:
+            rates = await check_rates(session, rt)
+        assert rates.sent >= 0
+        assert REGISTRY.get_sample_value("surge_notify_window_sent") == rates.sent
+        assert REGISTRY.get_sample_value("surge_notify_bounce_rate") == rates.bounce_rate

@@ -14,7 +14,7 @@ from datetime import timedelta
 from uuid import UUID
 
 from surge.kit.jobs import JobContext, job
-from surge.notifications.service import SEND_JOB
+from surge.notifications.service import SEND_JOB, check_rates
 from surge.notifications.service import notifications as notifications_service
 
 
@@ -46,3 +46,9 @@ async def sweep_outbox(ctx: JobContext) -> None:
     count = await notifications_service.sweep(ctx.session, grace=timedelta(minutes=15))
     if count:
         ctx.log.warning("notifications.outbox.swept", count=count)
+
+
+@job("notifications.rates.check", queue="email", cron="*/5 * * * *", max_attempts=1)
+async def check_rates_job(ctx: JobContext) -> None:
+    """Every 5 min: bounce and complaint rates of the last day, as gauges and warnings."""
+    await check_rates(ctx.session, ctx.runtime)

@@ -42,7 +42,7 @@ from uuid import UUID, uuid4
 import pydantic_core
 import structlog
 from jinja2 import TemplateError, TemplateNotFound
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.config import Settings
@@ -70,6 +70,14 @@ EVENTS = Counter(
     ["event"],
 )
 DEFERRALS = Counter("surge_notify_deferrals_total", "Transient failures (one per try).", ["stage"])
+#: The last 24 h (NOTIFY_RATE_WINDOW), refreshed by the ``notifications.rates.check`` job:
+#: what SES reviews an account on (alerts in deploy/prometheus/alerts.yml).
+BOUNCE_RATE = Gauge("surge_notify_bounce_rate", "Hard bounces / sent over the rate window.",
+                    multiprocess_mode="max")  # fmt: skip
+COMPLAINT_RATE = Gauge("surge_notify_complaint_rate", "Complaints / sent over the rate window.",
+                       multiprocess_mode="max")  # fmt: skip
+WINDOW_SENT = Gauge("surge_notify_window_sent", "E-mails sent over the rate window.",
+                    multiprocess_mode="max")  # fmt: skip
 
 
 class NotificationError(SurgeError):
@@ -705,6 +713,25 @@ class NotificationService:
         return Rates(since, sent, totals.get("bounced", 0), totals.get("complained", 0))
 
 
+async def check_rates(session: AsyncSession, runtime: Runtime) -> Rates:
+    """Publish the window's bounce and complaint rates as gauges, and log a warning when
+    one is above its threshold with enough volume to mean something."""
+    settings = runtime.settings
+    rates = await notifications.rates(session, within=settings.NOTIFY_RATE_WINDOW)
+    BOUNCE_RATE.set(rates.bounce_rate)
+    COMPLAINT_RATE.set(rates.complaint_rate)
+    WINDOW_SENT.set(rates.sent)
+    if rates.sent >= settings.NOTIFY_RATE_MIN_SENT:
+        for name, value, limit in (
+            ("bounce", rates.bounce_rate, settings.NOTIFY_BOUNCE_RATE_ALERT),
+            ("complaint", rates.complaint_rate, settings.NOTIFY_COMPLAINT_RATE_ALERT),
+        ):
+            if value > limit:
+                log.warning("notifications.rate.above_threshold", rate=name, value=round(value, 4),
+                            threshold=limit, sent=rates.sent)  # fmt: skip
+    return rates
+
+
 def message_id_header(outbox_id: UUID, settings: Settings) -> str:
     """The Message-ID header Surge gives an outbox row (for tests and tools)."""
     return message_id(outbox_id, settings.NOTIFY_FROM)
@@ -717,6 +744,7 @@ __all__ = [
     "Prepared",
     "ProviderEvent",
     "Rates",
+    "check_rates",
     "enhanced_status",
     "message_id_header",
     "notifications",
