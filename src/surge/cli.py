@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -28,6 +28,12 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
+    from surge.kit.supervise import ChildProcess, Supervisor
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,16 +68,20 @@ def resolve_servers() -> Servers:
         with console.status("Starting embedded PostgreSQL (first run initialises it)..."):
             pg = EmbeddedPostgres(settings.DATA_DIR / "postgres")
             servers.database_url = pg.start()
+        if pg.started_here:  # a server found running (surge up's) is not ours to stop
             servers.started.append(pg)
-        console.print(f"[green]✓[/] PostgreSQL (embedded) on 127.0.0.1:{pg.port}")
+        how = "embedded" if pg.started_here else "embedded, already running"
+        console.print(f"[green]✓[/] PostgreSQL ({how}) on 127.0.0.1:{pg.port}")
     else:
         console.print(f"[green]✓[/] PostgreSQL (external) {_mask_url(servers.database_url)}")
     if not servers.redis_url:
         with console.status("Starting embedded Redis..."):
             redis = EmbeddedRedis(settings.DATA_DIR / "redis")
             servers.redis_url = redis.start()
+        if redis.started_here:
             servers.started.append(redis)
-        console.print(f"[green]✓[/] Redis (embedded) on 127.0.0.1:{redis.port}")
+        how = "embedded" if redis.started_here else "embedded, already running"
+        console.print(f"[green]✓[/] Redis ({how}) on 127.0.0.1:{redis.port}")
     else:
         console.print(f"[green]✓[/] Redis (external) {_mask_url(servers.redis_url)}")
     # Child processes and this one read the same values from here on.
@@ -138,11 +148,20 @@ def _prepare_metrics_dir() -> None:
 
 
 # ---- commands ----------------------------------------------------------------------------
+#: The real defaults come from the settings (SURGE_PORT / SURGE_HOST), so --help says so.
+PortOption = Annotated[
+    int | None, typer.Option(help="HTTP port.", show_default="$SURGE_PORT, else 8000")
+]
+HostOption = Annotated[
+    str | None, typer.Option(help="Bind address.", show_default="$SURGE_HOST, else 127.0.0.1")
+]
+
+
 @app.command()
 def up(
     workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 0,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "",
+    port: PortOption = None,
+    host: HostOption = None,
     job_processes: Annotated[int, typer.Option(help="Job worker processes.")] = 1,
     seed: Annotated[bool, typer.Option(help="Load demo data (idempotent).")] = True,
 ) -> None:
@@ -152,6 +171,8 @@ def up(
     workers = workers or settings.WEB_WORKERS
     port = port or settings.PORT
     host = host or settings.HOST
+    # Before anything imports prometheus_client: this process counts its restarts there too.
+    _prepare_metrics_dir()
     servers = resolve_servers()
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
@@ -168,16 +189,17 @@ def up(
         run_migrations(servers.database_url)
         if seed:
             _seed_demo()
-        _prepare_metrics_dir()
         python = sys.executable
         children += _start_simulators(host or "127.0.0.1")
         serve_cmd = [python, "-m", "surge.cli", "serve", "--workers", str(workers),
                      "--port", str(port), "--host", host, "--no-servers"]  # fmt: skip
-        children.append(("api", subprocess.Popen(serve_cmd, start_new_session=True)))
+        commands = [("api", serve_cmd)]
         if _has_jobs() and job_processes > 0:
-            worker_cmd = [python, "-m", "surge.cli", "worker", "--processes", str(job_processes),
-                          "--no-servers"]  # fmt: skip
-            children.append(("worker", subprocess.Popen(worker_cmd, start_new_session=True)))
+            commands.append(("worker", [python, "-m", "surge.cli", "worker", "--processes",
+                                        str(job_processes), "--no-servers"]))  # fmt: skip
+        supervisor, supervised = _supervise(servers, commands)
+        simulators = list(children)
+        children += _running(supervised)
         _wait_for_http(host, port, timeout=60, children=children)
         base = f"http://{host}:{port}"
         console.print(
@@ -191,11 +213,10 @@ def up(
                 title="[bold green]Surge is up",
             )
         )  # fmt: skip
+        # ---- supervision (chaos, ADR 0021): servers and children restarted, not fatal ----
         while not stopping:
-            for name, child in children:
-                if child.poll() is not None:
-                    console.print(f"[red]{name} exited with {child.returncode}; stopping")
-                    stopping = True
+            supervisor.tick()
+            children[:] = [*simulators, *_running(supervised)]
             time.sleep(0.2)
     finally:
         signal.signal(signal.SIGINT, previous_int)
@@ -206,6 +227,55 @@ def up(
         _stop_children(children, grace=grace + 5)
         servers.stop()
         console.print("[green]✓[/] Stopped; nothing left running.")
+
+
+# ---- supervision of `surge up` (chaos, ADR 0021) ---------------------------------------------
+def _supervise(
+    servers: Servers, commands: list[tuple[str, list[str]]]
+) -> tuple[Supervisor, list[ChildProcess]]:
+    """Start the API (and the worker fleet) under a ``Supervisor`` that also watches the
+    embedded servers this command started: whatever dies is restarted with backoff, logged
+    and counted (``surge_supervised_restarts_total`` on ``/metrics``)."""
+    from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
+    from surge.kit.supervise import ChildProcess, Component, Supervisor
+
+    def report(event: str, component: Component) -> None:
+        if event == "down":
+            console.print(f"[red]✗ {component.name} is down; restarting")
+        elif event == "failed":
+            console.print(
+                f"[yellow]{component.name} did not start; retry in {component.backoff:.1f}s"
+            )
+        else:
+            console.print(
+                f"[green]✓[/] {component.name} restarted (restart #{component.restarts}, "
+                f"down {component.outages[-1]:.1f}s)"
+            )
+
+    supervisor = Supervisor(on_event=report)
+    for server in servers.started:
+        if isinstance(server, EmbeddedPostgres):
+            supervisor.add(Component("postgres", server.running, _starter(server)))
+        elif isinstance(server, EmbeddedRedis):
+            supervisor.add(Component("redis", server.running, _starter(server)))
+    processes = []
+    for name, command in commands:
+        child = ChildProcess(name, command)
+        child.start()
+        supervisor.add(child.component())
+        processes.append(child)
+    return supervisor, processes
+
+
+def _starter(server: EmbeddedPostgres | EmbeddedRedis) -> Callable[[], None]:
+    def start() -> None:
+        server.start()
+
+    return start
+
+
+def _running(processes: list[ChildProcess]) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    return [(c.name, c.process) for c in processes if c.process is not None]
 
 
 def _start_simulators(host: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
@@ -286,8 +356,8 @@ def _seed_demo() -> None:
 @app.command()
 def serve(
     workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 0,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "",
+    port: PortOption = None,
+    host: HostOption = None,
     servers_: Annotated[
         bool,
         typer.Option("--servers/--no-servers", help="Start embedded servers if no URL is set."),
@@ -299,6 +369,7 @@ def serve(
     servers = resolve_servers() if servers_ else None
     workers = workers or settings.WEB_WORKERS
     _prepare_metrics_dir()
+    _warn_somaxconn(settings.HTTP_BACKLOG)
     import uvicorn
 
     try:
@@ -314,11 +385,25 @@ def serve(
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE.total_seconds()),
-            backlog=4096,
+            backlog=settings.HTTP_BACKLOG,
+            timeout_keep_alive=int(settings.HTTP_KEEPALIVE_TIMEOUT.total_seconds()),
         )
     finally:
         if servers is not None:
             servers.stop()
+
+
+def _warn_somaxconn(backlog: int) -> None:
+    """The kernel silently caps the listen backlog at net.core.somaxconn: say so."""
+    try:
+        cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return
+    if cap < backlog:
+        console.print(
+            f"[yellow]listen backlog {backlog} is capped by net.core.somaxconn = {cap}; "
+            f"raise it (sysctl -w net.core.somaxconn={backlog}) for connection storms"
+        )
 
 
 @app.command()
@@ -394,6 +479,49 @@ def seed_demo() -> None:
         _seed_demo()
     finally:
         servers.stop()
+
+
+@app.command()
+def load(
+    scenario: Annotated[
+        str, typer.Argument(help="A file in bench/load/scenarios/: seed003, seed003_writes, ping.")
+    ] = "seed003",
+    *,
+    users: Annotated[
+        int, typer.Option(help="Signed-in users, one keep-alive connection each.")
+    ] = 10_000,
+    population: Annotated[int, typer.Option(help="Users in the database (bulk SQL).")] = 300_000,
+    think: Annotated[
+        str, typer.Option(help="Mean think time between a user's requests (5s, 500ms).")
+    ] = "5s",
+    duration: Annotated[str, typer.Option(help="Steady phase measured (after the ramp).")] = "60s",
+    ramp: Annotated[str, typer.Option(help="Users start spread over this long.")] = "20s",
+    processes: Annotated[int, typer.Option(help="Generator processes.")] = 2,
+    workers: Annotated[int, typer.Option(help="Surge web processes.")] = 2,
+    seed: Annotated[int, typer.Option(help="Population, plan mix and schedules.")] = 3,
+    capacity: Annotated[
+        bool, typer.Option("--capacity", help="Then search the highest rate meeting the targets.")
+    ] = False,
+    step_duration: Annotated[str, typer.Option(help="Steady phase of each capacity step.")] = "30s",
+) -> None:
+    """Open-loop load on a fresh Surge: seed 003's users, latency from the intended start,
+    JSON as the last line (bench/results/load-SCENARIO.json) and an HTML report beside it."""
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.load.main import Options, run
+
+    run(Options(scenario=scenario, users=users, population=population, think=_seconds(think),
+                duration=_seconds(duration), ramp=_seconds(ramp), processes=processes,
+                workers=workers, seed=seed, capacity=capacity,
+                step_duration=_seconds(step_duration)))  # fmt: skip
+
+
+def _seconds(value: str) -> float:
+    """``5s``, ``500ms``, ``2m`` or a bare number of seconds."""
+    text = value.strip().lower()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
 
 
 @app.command()

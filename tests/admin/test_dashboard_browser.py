@@ -15,7 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from surge.identity.service import Identity
+from surge.identity.runtime import install_identity
+from surge.identity.service import identity as identity_service
 from surge.kit.embedded import free_port
 from surge.kit.runtime import Runtime
 from tests.fixtures.servers import serve_env, surge_process
@@ -36,10 +37,12 @@ async def test_admin_signs_in_with_mfa_and_clears_caches(
 ) -> None:
     from playwright.async_api import async_playwright
 
-    identity = Identity(runtime.db, runtime.redis, runtime.settings)
+    identity = install_identity(runtime)
     email = f"browser-admin-{os.urandom(4).hex()}@example.com"
     async with runtime.db.session() as session:
-        await identity.register(session, email=email, password=PASSWORD, role="admin")
+        await identity_service.register(
+            session, runtime, email=email, password=PASSWORD, role="admin"
+        )
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -88,7 +91,8 @@ async def test_admin_signs_in_with_mfa_and_clears_caches(
                 await page.wait_for_selector("#score:has-text('/ 100')", timeout=15_000)
                 assert not await page.is_visible("#login"), "the sign-in form must go away"
                 score = await page.text_content("#score")
-                assert score is not None and score.strip() == "100 / 100"
+                assert score is not None
+                assert score.strip() == "100 / 100"
                 assert "requests" in (await page.text_content("#http") or "")
                 await page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import select, text
 
 from surge.config import Settings
+from surge.identity.service import identity as identity_service
 from surge.kit.runtime import Runtime
 from surge.models.notifications import OutboxMessage, Suppression
 from surge.notifications.dsn import parse_dsn
@@ -24,7 +25,7 @@ from surge.notifications.service import notifications as notifications_service
 from surge.sim.smtp import SmtpSimulator
 from surge.wallet.jobs import notify_withdrawal  # noqa: F401  (registers wallet jobs)
 from tests.conftest import app_client
-from tests.identity.conftest import PASSWORD, bearer, identity_of, login, make_admin, unique_email
+from tests.identity.conftest import PASSWORD, bearer, login, make_admin, unique_email
 from tests.notifications.conftest import email_worker, wait_status
 from tests.wallet.conftest import wallet_worker
 from tests.wallet.factories import fund
@@ -161,7 +162,8 @@ class TestWebhook:
         [row] = await messages_to(napp, to)
         assert row.status == "bounced"
         found = await suppression(napp, to)
-        assert found is not None and (found.reason, found.source) == ("hard_bounce", "dsn")
+        assert found is not None
+        assert (found.reason, found.source) == ("hard_bounce", "dsn")
 
     async def test_a_dsn_reputation_block_does_not_suppress(
         self, napp: FastAPI, api: httpx.AsyncClient
@@ -212,7 +214,8 @@ class TestAdmin:
         assert listed.status_code == 200
         assert any(item["id"] == str(held_id) for item in listed.json()["items"])
         rates = await api.get("/api/admin/notifications/rates", headers=admin)
-        assert rates.status_code == 200 and rates.json()["sent"] >= 1
+        assert rates.status_code == 200
+        assert rates.json()["sent"] >= 1
 
     async def test_admin_routes_need_an_mfa_admin(
         self, napp: FastAPI, api: httpx.AsyncClient
@@ -249,8 +252,8 @@ class TestBusinessEvents:
         _, tokens, _ = await make_admin(napp, api)
         email = unique_email("partner")
         async with runtime.db.session() as session:
-            user = await identity_of(napp).register(
-                session, email=email, password=PASSWORD, role="partner"
+            user = await identity_service.register(
+                session, runtime, email=email, password=PASSWORD, role="partner"
             )
             await fund(session, user.id, 50_000)
         partner = bearer(await login(api, email))

@@ -90,7 +90,7 @@ async def until(predicate: object, timeout: float, what: str) -> None:
     """Wait for a condition of the system (not for time): poll it until a deadline."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate() if callable(predicate) else predicate  # type: ignore[truthy-function]
+        value = predicate() if callable(predicate) else predicate
         if asyncio.iscoroutine(value):
             value = await value
         if value:

@@ -68,13 +68,17 @@ class TestDelivery:
         self, rt: Runtime, relay: SmtpSimulator
     ) -> None:
         key = f"test:{uuid4()}"
-        with pytest.raises(RuntimeError):
+
+        async def business_change() -> None:
             async with rt.db.session() as session:
                 await notifications_service.send(
                     session, template="welcome", context={"email": "x"}, category="account",
                     key=key, to=address(),
                 )  # fmt: skip
                 raise RuntimeError("the business change failed")
+
+        with pytest.raises(RuntimeError):
+            await business_change()
         async with rt.db.session() as session:
             rows = await session.scalar(
                 text("SELECT count(*) FROM notification_messages WHERE key = :k"), {"k": key}
@@ -118,7 +122,8 @@ class TestRefusals:
             assert row.status == "bounced"
             assert row.last_code == 550
             found = await suppression(rt, to)
-            assert found is not None and found.reason == "hard_bounce"
+            assert found is not None
+            assert found.reason == "hard_bounce"
             assert found.expires_at is None
             second = await send(rt, to)
             held = await wait_status(rt, second)
@@ -139,7 +144,7 @@ class TestRefusals:
             assert (await wait_status(rt, second)).status == "held"
             relay.relay.mode = "accept"  # the mailbox exists again
             async with rt.db.session() as session:
-                lifted, requeued = await notifications_service.lift(session, to)
+                lifted, requeued = await notifications_service.lift(session, None, to)
             assert lifted.reason == "hard_bounce"
             assert requeued == [second]
             row = await wait_status(rt, second, {"sent"})
@@ -157,7 +162,8 @@ class TestRefusals:
         async with email_worker(rt):
             row = await wait_status(rt, message_id)
         assert row.status == "blocked"
-        assert row.last_error is not None and "5.7.1" in row.last_error
+        assert row.last_error is not None
+        assert "5.7.1" in row.last_error
         assert await suppression(rt, to) is None  # the address is fine: we are blocked
         assert await events_of(rt, message_id) == ["blocked"]
 
@@ -186,7 +192,8 @@ class TestRefusals:
         async with email_worker(rt):
             row = await wait_status(rt, message_id)
         assert row.status == "failed"
-        assert row.last_error is not None and row.last_error.startswith("gave up after")
+        assert row.last_error is not None
+        assert row.last_error.startswith("gave up after")
         assert (await events_of(rt, message_id)).count("failed") == 1
 
     async def test_a_hanging_relay_times_out_and_the_message_goes_later(
@@ -213,7 +220,8 @@ class TestRefusals:
             row = await wait_status(rt, message_id)
         assert row.status == "held"
         found = await suppression(rt, to)
-        assert found is not None and found.reason == "soft_bounces"
+        assert found is not None
+        assert found.reason == "soft_bounces"
         assert found.expires_at is not None
 
 

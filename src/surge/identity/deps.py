@@ -16,19 +16,27 @@ from typing import Annotated, Any
 import structlog
 from fastapi import Depends, Request
 
-from surge.identity.service import PRINCIPAL_STATE, Identity, Principal
+from surge.identity.principal import PRINCIPAL_STATE, Principal
+from surge.identity.runtime import IdentityState, identity_state
 from surge.kit.errors import Forbidden
 from surge.kit.security import InvalidToken
 
 log = structlog.get_logger()
 
+__all__ = [
+    "AdminMfa",
+    "CurrentUser",
+    "Principal",
+    "bearer_token",
+    "bind_principal",
+    "current_user",
+    "require_admin_mfa",
+    "require_role",
+]
 
-async def get_identity(request: Request) -> Identity:
-    identity: Identity = request.app.state.runtime.extensions["identity"]
-    return identity
 
-
-IdentityDep = Annotated[Identity, Depends(get_identity)]
+def _state(request: Request) -> IdentityState:
+    return identity_state(request.app.state.runtime)
 
 
 def bearer_token(request: Request) -> str:
@@ -39,7 +47,7 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-async def current_user(request: Request, identity: IdentityDep) -> Principal:
+async def current_user(request: Request) -> Principal:
     """The authenticated caller; also stored on ``request.state.principal`` for middleware
     and logs (the rate limiter reads it to pick the caller's tier)."""
     state = request.scope.setdefault("state", {})
@@ -47,7 +55,7 @@ async def current_user(request: Request, identity: IdentityDep) -> Principal:
     if live is not None:  # this request's token, authenticated by the rate-limit hook
         principal = live
     else:
-        principal = await identity.authenticate(bearer_token(request))
+        principal = await _state(request).authenticate(bearer_token(request))
     bind_principal(state, principal)
     return principal
 

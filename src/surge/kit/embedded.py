@@ -109,6 +109,9 @@ class EmbeddedPostgres:
     database: str = "surge"
     durable: bool = True
     max_connections: int = 300
+    #: True once ``start()`` launched the server; False when it found one running (another
+    #: command's, e.g. ``surge up``'s): only a server started here may be stopped here.
+    started_here: bool = field(default=False, init=False)
     _user: pwd.struct_passwd | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -166,6 +169,10 @@ class EmbeddedPostgres:
             return None
         return pid
 
+    def running(self) -> bool:
+        """Is the postmaster alive (what a supervisor polls; cheap: a file and a signal 0)?"""
+        return self.pid() is not None
+
     def start(self) -> str:
         """Initialise (first time), start (unless already running) and return the URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -188,6 +195,7 @@ class EmbeddedPostgres:
             if not self.port or port_open(self.port):
                 self.port = free_port()
             self._start_server()
+            self.started_here = True
         elif not self.port:
             raise EmbeddedServerError(
                 f"PostgreSQL already runs in {self.pgdata} on an unknown port"
@@ -260,6 +268,8 @@ class EmbeddedRedis:
 
     data_dir: Path
     port: int = 0
+    #: As ``EmbeddedPostgres.started_here``: False when ``start()`` reused a running server.
+    started_here: bool = field(default=False, init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -281,13 +291,23 @@ class EmbeddedRedis:
             return None
         return pid
 
+    def running(self) -> bool:
+        """Is redis-server alive? A server we started and that died is reaped here (as our
+        child it would otherwise linger as a zombie that signal 0 still finds)."""
+        if self._process is not None:
+            if self._process.poll() is None:
+                return True
+            self._process = None
+            return False
+        return self.pid() is not None
+
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         state_file = self.data_dir / "surge.json"
         if not self.port:
             with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
                 self.port = int(json.loads(state_file.read_text())["port"])
-        if self.pid() is not None and self.port and port_open(self.port):
+        if self.running() and self.port and port_open(self.port):
             return self.url
         if not self.port or port_open(self.port):
             self.port = free_port()
@@ -312,6 +332,7 @@ class EmbeddedRedis:
         while self.pid() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         state_file.write_text(json.dumps({"port": self.port}))
+        self.started_here = True
         log.info("embedded.redis.started", port=self.port)
         return self.url
 

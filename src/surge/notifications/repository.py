@@ -257,7 +257,7 @@ async def preferences(session: AsyncSession, user_id: UUID) -> dict[str, bool]:
     rows = await session.execute(
         select(Preference.category, Preference.enabled).where(Preference.user_id == user_id)
     )
-    return {category: enabled for category, enabled in rows.all()}
+    return {str(category): bool(enabled) for category, enabled in rows.all()}
 
 
 async def set_preference(

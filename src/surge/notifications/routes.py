@@ -22,7 +22,6 @@ from uuid import UUID
 from fastapi import APIRouter, Query, Request
 
 from surge.identity.deps import AdminMfa, CurrentUser
-from surge.identity.service import audit
 from surge.kit.web.cursor import decode_cursor, encode_cursor, moment
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
 from surge.notifications.schemas import (
@@ -197,19 +196,11 @@ async def add_suppression(
     body: SuppressionCreate, admin: AdminMfa, request: Request, session: SessionDep
 ) -> SuppressionRead:
     """Suppress an address by hand (audited)."""
-    await notifications_service.suppress(
-        session, body.address, detail=body.detail, expires_at=body.expires_at
-    )
-    rows = await notifications_service.list_suppressions(
-        session, after=None, limit=1, address=body.address
-    )
-    await audit(
-        session, admin.user_id, action="notifications.suppression.add",
-        subject_type="email_address", subject_id=body.address,
-        after={"reason": "manual", "detail": body.detail},
+    row = await notifications_service.suppress(
+        session, admin.user_id, body.address, detail=body.detail, expires_at=body.expires_at,
         request_id=getattr(request.state, "request_id", None),
     )  # fmt: skip
-    return SuppressionRead.model_validate(rows[0])
+    return SuppressionRead.model_validate(row)
 
 
 @admin_router.delete("/suppressions/{address}", response_model=LiftRead)
@@ -217,11 +208,7 @@ async def lift_suppression(
     address: str, admin: AdminMfa, request: Request, session: SessionDep
 ) -> LiftRead:
     """Lift a suppression and re-send every message held for the address (audited)."""
-    lifted, requeued = await notifications_service.lift(session, address)
-    await audit(
-        session, admin.user_id, action="notifications.suppression.lift",
-        subject_type="email_address", subject_id=lifted.address,
-        before={"reason": lifted.reason, "source": lifted.source}, after={"requeued": len(requeued)},
-        request_id=getattr(request.state, "request_id", None),
-    )  # fmt: skip
+    lifted, requeued = await notifications_service.lift(
+        session, admin.user_id, address, request_id=getattr(request.state, "request_id", None)
+    )
     return LiftRead(address=lifted.address, reason=lifted.reason, requeued=len(requeued))

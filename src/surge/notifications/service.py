@@ -7,7 +7,7 @@ Other domains call one method, in the transaction of the change that causes the 
 
     await notifications_service.send(
         session,                          # the business transaction: rollback = no mail
-        to=partner_email,                 # the address (identity_service.email_of(session, id))
+        to=partner.email,                 # the address (identity_service.get_user(...).email)
         user_id=owner_id,                 # optional: preferences and the unsubscribe link
         template="withdrawal_decided",    # templates/<locale>/withdrawal_decided.{subject.txt,txt,html}
         context={"amount": 1250, "currency": "USD", "status": "approved", ...},
@@ -45,6 +45,7 @@ from jinja2 import TemplateError, TemplateNotFound
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from surge.audit.service import audit as audit_service
 from surge.config import Settings
 from surge.kit.breaker import breakers
 from surge.kit.db import on_commit
@@ -491,16 +492,24 @@ class NotificationService:
     async def suppress(
         self,
         session: AsyncSession,
+        actor_id: UUID | None,
         address: str,
         *,
-        reason: str = "manual",
-        source: str = "admin",
         detail: str | None = None,
         expires_at: datetime | None = None,
-    ) -> None:
-        """Add an address to the suppression list (admin: ``reason="manual"``)."""
-        await repository.suppress(session, address.strip().lower(), reason=reason,
-                                  source=source, detail=detail, expires_at=expires_at)  # fmt: skip
+        request_id: str | None = None,
+    ) -> Suppression:
+        """An admin suppresses an address by hand (``reason="manual"``); audited."""
+        address = address.strip().lower()
+        await repository.suppress(session, address, reason="manual", source="admin",
+                                  detail=detail, expires_at=expires_at)  # fmt: skip
+        await audit_service.record(
+            session, actor_id, action="notifications.suppression.add",
+            subject_type="email_address", subject_id=address,
+            after={"reason": "manual", "detail": detail}, request_id=request_id,
+        )  # fmt: skip
+        [row] = await repository.list_suppressions(session, after=None, limit=1, address=address)
+        return row
 
     async def list_suppressions(
         self, session: AsyncSession, *, after: str | None, limit: int, address: str | None = None
@@ -510,9 +519,16 @@ class NotificationService:
             await repository.list_suppressions(session, after=after, limit=limit, address=address)
         )
 
-    async def lift(self, session: AsyncSession, address: str) -> tuple[Suppression, list[UUID]]:
+    async def lift(
+        self,
+        session: AsyncSession,
+        actor_id: UUID | None,
+        address: str,
+        *,
+        request_id: str | None = None,
+    ) -> tuple[Suppression, list[UUID]]:
         """Lift a suppression and re-queue every message held for the address (in this
-        transaction). Returns the suppression lifted and the messages re-queued."""
+        transaction; audited). Returns the suppression lifted and the messages re-queued."""
         address = address.strip().lower()
         row = await repository.lift_suppression(session, address)
         if row is None:
@@ -523,6 +539,12 @@ class NotificationService:
                                        source="admin", message_id=id_)  # fmt: skip
             await enqueue(session, SEND_JOB, {"message_id": str(id_)},
                           dedup_key=f"notify:{id_}:lift:{uuid4().hex[:8]}")  # fmt: skip
+        await audit_service.record(
+            session, actor_id, action="notifications.suppression.lift",
+            subject_type="email_address", subject_id=address,
+            before={"reason": row.reason, "source": row.source},
+            after={"requeued": len(requeued)}, request_id=request_id,
+        )  # fmt: skip
         return row, requeued
 
     # ---- feedback: webhook and DSN ------------------------------------------------------
