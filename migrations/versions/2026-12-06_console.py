@@ -1,4 +1,4 @@
-"""Console: service API keys, admin roles, metric time series.
+"""Console: look-alike e-mail skeletons, the read-only admin role.
 
 Revision ID: 0009_console
 Revises: 0008_notifications
@@ -9,18 +9,44 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
+
+from surge.kit.security.confusables import skeleton
 
 revision: str = "0009_console"
 down_revision: str | None = "0008_notifications"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+ROLES_BEFORE = "role IN ('user', 'partner', 'reseller', 'admin')"
+ROLES_AFTER = "role IN ('user', 'partner', 'reseller', 'admin', 'admin_readonly')"
+
 
 def upgrade() -> None:
-    # Reserved in the linear chain; filled by the work it is named after.
-    op.execute("SELECT 1")
+    # A look-alike (a Cyrillic "а" for a Latin "a") of an existing address is refused by
+    # a unique index on its TR39 skeleton (surge.kit.security.confusables).
+    op.add_column("users", sa.Column("email_skeleton", sa.Text()))
+    bind = op.get_bind()
+    seen: set[str] = set()
+    for user_id, email in bind.execute(sa.text("SELECT id, email FROM users ORDER BY created_at")):
+        key = skeleton(email)
+        if key in seen:  # an older look-alike pair keeps working; only the first is indexed
+            continue
+        seen.add(key)
+        bind.execute(
+            sa.text("UPDATE users SET email_skeleton = :key WHERE id = :id"),
+            {"key": key, "id": user_id},
+        )
+    op.create_unique_constraint(op.f("uq_users_email_skeleton"), "users", ["email_skeleton"])
+    # The console's read-only administrator: sees every view, may not act.
+    op.drop_constraint(op.f("ck_users_role"), "users", type_="check")
+    op.create_check_constraint(op.f("ck_users_role"), "users", ROLES_AFTER)
 
 
 def downgrade() -> None:
-    pass
+    op.execute("UPDATE users SET role = 'user' WHERE role = 'admin_readonly'")
+    op.drop_constraint(op.f("ck_users_role"), "users", type_="check")
+    op.create_check_constraint(op.f("ck_users_role"), "users", ROLES_BEFORE)
+    op.drop_constraint(op.f("uq_users_email_skeleton"), "users", type_="unique")
+    op.drop_column("users", "email_skeleton")

@@ -26,6 +26,11 @@ async def user_by_email(session: AsyncSession, email: str) -> User | None:
     return result.scalar_one_or_none()
 
 
+async def user_by_email_skeleton(session: AsyncSession, key: str) -> User | None:
+    result = await session.execute(select(User).where(User.email_skeleton == key))
+    return result.scalar_one_or_none()
+
+
 async def user_by_id(
     session: AsyncSession, user_id: uuid.UUID, *, for_update: bool = False
 ) -> User | None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import orjson
+import structlog
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status
 
 from surge.identity import repository
@@ -34,16 +35,26 @@ from surge.identity.schemas import (
     PlanChange,
     PrivilegesRead,
     RefreshRequest,
+    RegistrationAccepted,
     SessionPage,
     SessionRead,
     TokenRead,
     UserCreate,
     UserRead,
 )
-from surge.identity.service import PRINCIPAL_STATE, PRIVILEGES_STATE, Identity, Principal, TokenPair
+from surge.identity.service import (
+    PRINCIPAL_STATE,
+    PRIVILEGES_STATE,
+    EmailTaken,
+    Identity,
+    Principal,
+    TokenPair,
+)
 from surge.kit.web.cursor import bigint, decode_cursor, encode_cursor, moment
 from surge.kit.web.deps import ReadSessionDep, SessionDep
 from surge.kit.web.responses import JSONBytes
+
+log = structlog.get_logger()
 
 Limit = Annotated[int, Query(ge=1, le=100)]
 
@@ -84,11 +95,20 @@ async def my_privileges(request: Request) -> Response:
     return JSONBytes(p.json)
 
 
-@router.post("/auth/register", status_code=status.HTTP_201_CREATED)
-async def register(body: UserCreate, session: SessionDep, identity: IdentityDep) -> UserRead:
-    user = await identity.register(session, email=body.email, password=body.password)
-    await session.refresh(user)
-    return UserRead.model_validate(user)
+@router.post("/auth/register", status_code=status.HTTP_202_ACCEPTED)
+async def register(
+    body: UserCreate, session: SessionDep, identity: IdentityDep
+) -> RegistrationAccepted:
+    """The same 202 whatever the address: a taken (or look-alike) address is not revealed.
+    Its owner gets a "you already have an account" message instead (a log line until the
+    notifications outbox lands)."""
+    try:
+        await identity.register(session, email=body.email, password=body.password)
+    except EmailTaken as taken:
+        # As slow as a real registration (one password hash): no timing oracle either.
+        await identity.hasher.hash(body.password)
+        log.info("identity.register.existing_account", reason=taken.message)
+    return RegistrationAccepted()
 
 
 @router.post("/auth/login")

@@ -61,6 +61,7 @@ from surge.kit.security import (
     hash_token,
     new_opaque_token,
 )
+from surge.kit.security.confusables import normalize_email, skeleton
 from surge.kit.web.client_ip import ClientIpResolver
 from surge.models.identity import AuthSession, RefreshToken, User
 
@@ -233,10 +234,18 @@ class Identity:
     async def register(
         self, session: AsyncSession, *, email: str, password: str, role: str = "user"
     ) -> User:
-        email = email.strip().lower()
+        email = normalize_email(email)
+        key = skeleton(email)
         if await repository.user_by_email(session, email) is not None:
             raise EmailTaken("An account with this e-mail already exists")
-        user = User(email=email, password_hash=await self.hasher.hash(password), role=role)
+        if await repository.user_by_email_skeleton(session, key) is not None:
+            raise EmailTaken("An account with a look-alike e-mail already exists")
+        user = User(
+            email=email,
+            email_skeleton=key,
+            password_hash=await self.hasher.hash(password),
+            role=role,
+        )
         try:
             async with session.begin_nested():  # a savepoint: the race below leaves no trace
                 session.add(user)
@@ -263,7 +272,7 @@ class Identity:
         user_agent: str | None = None,
     ) -> TokenPair:
         """Check the password (and the second factor when enrolled), open a session."""
-        email = email.strip().lower()
+        email = normalize_email(email)
         await self.login_guard.reserve(email, ip)  # 429 once the failure budget is spent
         outcome = "error"  # → the attempt is given back (second factor asked for, outage)
         try:
