@@ -21,6 +21,7 @@ from surge.admin.routes import page_router as admin_page_router
 from surge.admin.routes import router as admin_router
 from surge.config import Settings
 from surge.config import settings as default_settings
+from surge.identity.contract import install_auth_before_body
 from surge.identity.deps import require_admin_mfa
 from surge.identity.routes import install_routes as install_identity_routes
 from surge.identity.service import Identity
@@ -31,10 +32,13 @@ from surge.kit.ratelimit import install_ratelimit
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry.health_score import platform_health_router
 from surge.kit.telemetry.logging import configure_logging
+from surge.kit.web.docs import install_docs
 from surge.kit.web.middleware import SurgeMiddleware
+from surge.kit.web.openapi import install_contract
 from surge.kit.web.problem import install_problem_handlers
 from surge.kit.web.routing import promote_routes
 from surge.wallet.routes import admin_router as wallet_admin_router
+from surge.wallet.routes import api_constraints
 from surge.wallet.routes import router as wallet_router
 from surge.wallet.service import wallet as wallet_service
 from surge.worker import discover as discover_jobs
@@ -99,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Backend platform: identity, wallet, operations, payments, notifications.",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # served from local assets below (install_docs): no CDN
         redoc_url=None,
         telemetry={
             "tracing": settings.OTEL_ENABLED,
@@ -122,6 +126,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.health, runtime.extensions, dependencies=[Depends(require_admin_mfa)]
         )
     )
+    # ---- console (issue 16): an honest contract, local docs --------------------------------
+    install_docs(app)
+    install_contract(app, constraints=api_constraints(settings))
+    install_auth_before_body(app)
+    # ---- end console ----------------------------------------------------------------------
     # The routes most requests hit go first: Starlette tries routes in order (ADR 0011).
     promote_routes(app, HOT_ROUTES)
     # Added before SurgeMiddleware so it runs inside it: 429s get request ids and metrics.

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
+from surge.config import Settings
 from surge.identity.deps import AdminMfa, IdentityDep, require_role
 from surge.identity.service import Principal, audit
 from surge.kit.errors import UnprocessableEntity
@@ -48,6 +49,20 @@ from surge.wallet.schemas import (
 )
 from surge.wallet.service import changed_owners, stats_key
 from surge.wallet.service import wallet as wallet_service
+
+
+def api_constraints(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
+    """The bounds the service enforces, as the OpenAPI document must state them (issue 16:
+    the schema said ``0 < amount ≤ 9.2e18`` while the server took 1 000–1 000 000)."""
+    return {
+        "WithdrawalCreate": {
+            "amount": {
+                "minimum": settings.WALLET_WITHDRAWAL_MIN,
+                "maximum": settings.WALLET_WITHDRAWAL_MAX,
+            }
+        }
+    }
+
 
 router = APIRouter(prefix="/api/v1", tags=["wallet"])
 admin_router = APIRouter(prefix="/api/admin", tags=["wallet admin"])
