@@ -5,8 +5,9 @@ Each repetition measures, for each engine, in alternating order (ours first, the
 then theirs first...) so a slow window of this noisy shared 2-core box hits both:
 
 - **enqueue single**: sequential enqueues, each its own transaction. Ours goes through the
-  public API (``enqueue`` on a SQLAlchemy ``AsyncSession`` unit of work), pgqueuer through
-  ``Queries.enqueue`` on a bare asyncpg connection.
+  public API for that case (``enqueue_now``: one prepared autocommit statement), pgqueuer
+  through ``Queries.enqueue`` on a bare asyncpg connection. The same through a SQLAlchemy
+  unit of work (``enqueue`` in ``db.session()``) is reported beside it, Surge only.
 - **enqueue inside an open transaction**: the same enqueues, all in one already open
   transaction — the marginal cost a request that enqueues with its write actually pays.
 - **enqueue bulk**: batches of 1 000 in one call (``enqueue_many`` / list ``enqueue``).
@@ -101,6 +102,17 @@ class Surge:
             await session.execute(text("TRUNCATE jobs"))
 
     async def enqueue_single(self, n: int) -> float:
+        """A job that is a unit of work by itself: ``enqueue_now``, one prepared statement."""
+        from surge.kit.jobs import enqueue_now
+
+        engine = self.runtime.db.primary
+        started = time.perf_counter()
+        for i in range(n):
+            await enqueue_now(engine, "bench.noop", {"i": i})
+        return n / (time.perf_counter() - started)
+
+    async def enqueue_single_session(self, n: int) -> float:
+        """The same through a unit of work (BEGIN, INSERT, COMMIT), for the record."""
         from surge.kit.jobs import enqueue
 
         started = time.perf_counter()
@@ -257,6 +269,7 @@ async def _run(quick: bool) -> dict[str, Any]:
     single_n = 200 if quick else 1000
     bulk_n = 4000 if quick else 20000
     process_n = 3000 if quick else 12000
+    session_single: list[float] = []
     results: dict[str, dict[str, list[float]]] = {
         e: {"single": [], "in_tx": [], "bulk": [], "processed": []} for e in ("surge", "pgqueuer")
     }
@@ -279,6 +292,9 @@ async def _run(quick: bool) -> dict[str, Any]:
                     for engine in order:
                         await engine.clear()
                         single = await engine.enqueue_single(single_n)
+                        if isinstance(engine, Surge):
+                            await engine.clear()
+                            session_single.append(await engine.enqueue_single_session(single_n))
                         await engine.clear()
                         in_tx = await engine.enqueue_in_transaction(single_n)
                         await engine.clear()
@@ -302,6 +318,7 @@ async def _run(quick: bool) -> dict[str, Any]:
     return {
         "results": results,
         "sizes": {"single": single_n, "bulk": bulk_n, "processed": process_n, "reps": reps},
+        "single_through_session": session_single,
     }
 
 
@@ -310,8 +327,10 @@ def main(quick: bool = False) -> None:
     res = data["results"]
     ours = {k: round(median(v), 1) for k, v in res["surge"].items()}
     base = {k: round(median(v), 1) for k, v in res["pgqueuer"].items()}
-    ratio = ours["processed"] / base["processed"] if base["processed"] else 0.0
-    ok = ours["processed"] >= 1000 and ratio >= 0.5
+    ratios = {k: round(ours[k] / base[k], 3) if base[k] else 0.0 for k in ours}
+    # Issue 17: no row behind the peer. The headline ratio is the weakest row's.
+    ratio = min(ratios.values())
+    ok = ours["processed"] >= 1000 and ratio >= 1.0
     rows = [
         (f"{label} (jobs/s, median)", f"{ours[key]:,.0f}", f"{base[key]:,.0f}")
         for key, label in (
@@ -321,16 +340,23 @@ def main(quick: bool = False) -> None:
             ("processed", "processed, 2 procs × 16"),
         )
     ]
-    rows.append(("processed ratio (surge / pgqueuer)", f"{ratio:.2f}", "target ≥ 0.5"))
+    single_session = median(data["single_through_session"])
+    rows.append(("enqueue single through a session (Surge only)", f"{single_session:,.0f}", "—"))
+    rows += [
+        (f"ratio {key} (surge / pgqueuer)", f"{value:.2f}", "≥ 1.0")
+        for key, value in ratios.items()
+    ]
     report(
         "jobs",
         ours=ours,
         baseline=base,
         ratio=ratio,
-        target="processed ≥ 1000/s and ≥ 0.5 × pgqueuer",
+        target="processed ≥ 1000/s and every row ≥ 1.0 × pgqueuer",
         ok=ok,
         rows=rows,
         extra={
+            "ratios": ratios,
+            "single_through_session": round(single_session, 1),
             "runs": res,
             "sizes": data["sizes"],
             "workers": {"processes": PROCESSES, "concurrency": CONCURRENCY},

@@ -24,6 +24,14 @@ from tests.fixtures.servers import start_postgres, start_redis
 
 TEST_SECRET = "test-secret-test-secret-test-secret-0123"
 
+# pytest's shared temporary root (/tmp/pytest-of-USER) is chmod 700 by every pytest run that
+# starts; as root, the embedded PostgreSQL runs as another user that must traverse it, so a
+# second suite starting on the same machine would cut the first one's server off its data.
+# Each checkout keeps its temporary folders to itself.
+_TEMPROOT = Path(__file__).resolve().parents[1] / ".pytest-tmp"
+_TEMPROOT.mkdir(exist_ok=True)
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(_TEMPROOT))
+
 
 @pytest.fixture(scope="session")
 def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:

@@ -21,9 +21,11 @@ from surge.kit.jobs import (
     enqueue,
     enqueue_batches,
     enqueue_many,
+    enqueue_now,
     get_job,
     retry_job,
 )
+from surge.kit.jobs.registry import get_spec
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
 from tests.kit import jobs_handlers
@@ -111,6 +113,39 @@ class TestTransactionalEnqueue:
         async with jobs_db.db.session() as session:
             with pytest.raises(UnknownJob):
                 await enqueue(session, "test.nope")
+
+
+class TestEnqueueNow:
+    async def test_commits_at_once_with_the_registered_options(self, jobs_db: Runtime) -> None:
+        job_id = await enqueue_now(jobs_db.db.primary, "test.record", {"note": "now"})
+        assert job_id is not None
+        async with jobs_db.db.session() as session:
+            info = await get_job(session, job_id)
+            row = (
+                await session.execute(
+                    text("SELECT queue, payload, max_attempts FROM jobs WHERE id = :id"),
+                    {"id": job_id},
+                )
+            ).one()
+        assert info is not None and info.state == "queued"
+        assert row.queue == "t_record" and row.payload == {"note": "now"}
+        spec = get_spec("test.record")
+        assert spec is not None and row.max_attempts == spec.max_attempts
+
+    async def test_dedup_key_and_unknown_names(self, jobs_db: Runtime) -> None:
+        first = await enqueue_now(jobs_db.db.primary, "test.record", dedup_key="now-1")
+        again = await enqueue_now(jobs_db.db.primary, "test.record", dedup_key="now-1")
+        assert first is not None and again is None
+        with pytest.raises(UnknownJob):
+            await enqueue_now(jobs_db.db.primary, "test.nope")
+
+    async def test_a_worker_runs_it(self, jobs_db: Runtime) -> None:
+        job_id = await enqueue_now(
+            jobs_db.db.primary, "test.record", {"note": "ran"}, delay=timedelta(0)
+        )
+        assert job_id is not None
+        async with running_worker(jobs_db, ["t_record"]):
+            await wait_for(lambda: _is(jobs_db, job_id, "succeeded"))
 
 
 class TestRun:

@@ -16,7 +16,7 @@ import pydantic_core
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from surge.kit.jobs.errors import JobNotFound, JobStateConflict, UnknownJob
 from surge.kit.jobs.registry import JobSpec, get_spec
@@ -113,6 +113,57 @@ async def enqueue(
         },
     )
     return result.scalar_one_or_none()
+
+
+_INSERT_DRIVER = f"""
+    INSERT INTO jobs (queue, name, payload, priority, run_at, max_attempts, max_stalled,
+                      dedup_key, lock_key)
+    VALUES ($1, $2, $3::jsonb, $4, COALESCE($5::timestamptz, now()) + make_interval(secs => $6),
+            $7, $8, $9, $10)
+    {_ON_CONFLICT}
+    RETURNING id
+"""
+
+
+async def enqueue_now(
+    engine: AsyncEngine,
+    name: str,
+    payload: Payload = None,
+    *,
+    dedup_key: str | None = None,
+    lock_key: str | None = None,
+    run_at: datetime | None = None,
+    delay: timedelta | None = None,
+    priority: int | None = None,
+    max_attempts: int | None = None,
+) -> int | None:
+    """Add one job as a unit of work of its own: one prepared statement in autocommit mode
+    on the driver's connection — one round trip, where a session would add BEGIN and COMMIT
+    and SQLAlchemy's per-statement work (``bench/jobs.py``, "enqueue single").
+
+    For a job that must exist exactly when other writes commit, use ``enqueue`` inside
+    their transaction instead. Same arguments and result as ``enqueue``."""
+    spec = _spec(name)
+    async with engine.connect() as connection:
+        # Outside any transaction: PostgreSQL runs the statement as its own transaction, and
+        # SQLAlchemy hands the connection back to the pool as it found it. asyncpg prepares
+        # the statement once per connection (its statement cache) and reuses it.
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        value = await driver.fetchval(
+            _INSERT_DRIVER,
+            spec.queue,
+            name,
+            _dump(payload),
+            spec.priority if priority is None else priority,
+            run_at,
+            _delay(delay),
+            max_attempts if max_attempts is not None else spec.max_attempts,
+            spec.max_stalled,
+            dedup_key,
+            lock_key,
+        )
+    return None if value is None else int(value)
 
 
 async def enqueue_many(
