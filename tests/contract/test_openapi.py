@@ -53,7 +53,7 @@ class TestValidationErrors:
         assert response.status_code == 422
         assert response.headers["content-type"] == PROBLEM
         body = response.json()
-        assert {"type", "title", "status", "errors"} <= set(body)
+        assert {"type", "title", "status", "errors"} <= set(body)  # errors: schema failures
         assert all({"loc", "msg", "type"} <= set(item) for item in body["errors"])
 
 

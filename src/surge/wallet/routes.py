@@ -200,7 +200,12 @@ async def list_earnings(
 
 
 # ---- revenue events (the platform's backend: an admin with MFA) -----------------------------
-@router.post("/revenue-events", status_code=201, response_model=RevenueEventRead)
+@router.post(
+    "/revenue-events",
+    status_code=201,
+    response_model=RevenueEventRead,
+    responses={200: {"model": RevenueEventRead, "description": "Already recorded: a replay"}},
+)
 async def record_revenue_event(
     body: RevenueEventCreate, principal: AdminMfa, session: SessionDep
 ) -> Response:

@@ -43,10 +43,11 @@ VALIDATION_PROBLEM_SCHEMA: dict[str, Any] = {
                     },
                 }
             },
-            "required": ["errors"],
         },
     ],
-    "description": "RFC 9457 problem details of a request that failed validation.",
+    "description": "RFC 9457 problem details of a request that failed validation: `errors` "
+    "lists each field that failed the schema; a request that passes the schema but breaks a "
+    "rule of the service (an amount out of bounds) has a `detail` and no `errors`.",
 }
 
 _UNPROCESSABLE = {
