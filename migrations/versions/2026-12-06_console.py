@@ -1,4 +1,4 @@
-"""Console: look-alike e-mail skeletons, the read-only admin role.
+"""Console: look-alike e-mail skeletons, the read-only admin role, paused job queues.
 
 Revision ID: 0009_console
 Revises: 0008_notifications
@@ -42,9 +42,20 @@ def upgrade() -> None:
     # The console's read-only administrator: sees every view, may not act.
     op.drop_constraint(op.f("ck_users_role"), "users", type_="check")
     op.create_check_constraint(op.f("ck_users_role"), "users", ROLES_AFTER)
+    # A paused queue keeps its jobs; workers skip it (surge.kit.jobs.worker's fetch).
+    op.create_table(
+        "job_queue_pauses",
+        sa.Column("queue", sa.Text(), nullable=False),
+        sa.Column(
+            "paused_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.Column("paused_by", sa.Text()),
+        sa.PrimaryKeyConstraint("queue", name=op.f("pk_job_queue_pauses")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("job_queue_pauses")
     op.execute("UPDATE users SET role = 'user' WHERE role = 'admin_readonly'")
     op.drop_constraint(op.f("ck_users_role"), "users", type_="check")
     op.create_check_constraint(op.f("ck_users_role"), "users", ROLES_BEFORE)
