@@ -17,7 +17,7 @@ import structlog
 from fastapi import Depends, FastAPI
 
 from surge import __version__
-from surge.admin.routes import page_router as admin_page_router
+from surge.admin.console import install_console
 from surge.admin.routes import router as admin_router
 from surge.config import Settings
 from surge.config import settings as default_settings
@@ -117,7 +117,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_identity_routes(app)
     app.include_router(wallet_router)
     app.include_router(admin_router)
-    app.include_router(admin_page_router)
     app.include_router(wallet_admin_router, dependencies=[Depends(require_admin_mfa)])
     app.include_router(jobs_admin_router(dependencies=[Depends(require_admin_mfa)]))
     app.include_router(breaker_router(dependencies=[Depends(require_admin_mfa)]))
@@ -128,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # ---- console (issue 16): an honest contract, local docs --------------------------------
     install_docs(app)
+    install_console(app, runtime)  # /admin: the operator's console (replaces the old page)
     install_contract(app, constraints=api_constraints(settings))
     install_auth_before_body(app)
     # ---- end console ----------------------------------------------------------------------

@@ -442,9 +442,14 @@ class JobFilter:
     state: str | None = None
     name: str | None = None
     search: str | None = None
+    job_id: int | None = None
 
     def where(self) -> tuple[str, dict[str, Any]]:
-        clauses, params = ["TRUE"], {}
+        clauses: list[str] = ["TRUE"]
+        params: dict[str, Any] = {}
+        if self.job_id is not None:
+            clauses.append("id = :f_id")
+            params["f_id"] = self.job_id
         if self.queue:
             clauses.append("queue = :f_queue")
             params["f_queue"] = self.queue
