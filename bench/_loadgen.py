@@ -1,12 +1,13 @@
 """HTTP load for the benches that drive a server (`ping`, `privileges`), and the servers.
 
-``load(url, seconds)`` runs wrk when it is installed (2 threads, ``connections`` keep-alive
-connections), otherwise the bundled closed-loop generator below in its own process (so it
-never shares an event loop or a core's GIL with the bench driver). Each connection sends a
-request, reads the whole response (Content-Length framing) and sends the next: the same
-closed loop as wrk. ``python -m bench._loadgen URL CONNECTIONS SECONDS`` prints one JSON
-line (requests, rps, p50_ms, p99_ms, errors); bearer tokens come from
-``SURGE_LOADGEN_TOKEN`` (several: separated by spaces).
+``load(url, seconds)`` runs ``bench.load``'s closed loop: 2 generator processes (wrk's
+``-t2``), ``connections`` keep-alive connections in all, each sending its next request as
+soon as the previous answer is read, latencies in an HdrHistogram. The connections are raw
+asyncio protocols on uvloop: cheap enough per request that the generator leaves the server
+the same share of the 2 cores as wrk does, so the ratios agree with wrk's (ADR 0015).
+``SURGE_LOADGEN=wrk`` uses wrk instead when it is installed; ``SURGE_LOADGEN=both`` makes
+``surge bench ping`` measure with both, interleaved in one run, and report both ratios: on
+this noisy machine only pairs measured in the same window can be compared.
 
 ``tokens=[...]`` sends ``Authorization: Bearer`` with those tokens in turn, one request after
 the other (wrk: a Lua ``request()``), so the load comes from that many callers. A run that
@@ -19,8 +20,6 @@ httptools, N worker processes, no access log) and wait until it answers.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import re
 import shutil
@@ -36,7 +35,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTIONS = 64
-TOKEN_ENV = "SURGE_LOADGEN_TOKEN"
+#: ``SURGE_LOADGEN=wrk``: use wrk instead (to check that both give the same figures).
+LOADGEN_ENV = "SURGE_LOADGEN"
+#: Generator processes: as many as wrk's threads in the reference runs (``-t2``).
+GENERATOR_PROCESSES = 2
 
 
 # ---- servers --------------------------------------------------------------------------------
@@ -92,18 +94,36 @@ def load(
     token: str | None = None,
     tokens: list[str] | None = None,
     connections: int = CONNECTIONS,
+    generator: str | None = None,
 ) -> dict[str, float]:
-    """rps, p99_ms and errors (non-2xx) of ``seconds`` of closed-loop load on ``url``."""
+    """rps, p99_ms and errors (non-2xx) of ``seconds`` of closed-loop load on ``url``.
+
+    ``bench.load``'s closed loop (2 processes, raw asyncio protocols on uvloop) unless
+    ``SURGE_LOADGEN=wrk`` asks for wrk (installed): the cross-check that both agree."""
     if token is not None:
         tokens = [token]
-    if shutil.which("wrk"):
+    if (generator or os.environ.get(LOADGEN_ENV)) == "wrk" and shutil.which("wrk"):
         return _wrk(url, seconds, tokens or [], connections)
-    env = {**os.environ, TOKEN_ENV: " ".join(tokens or ())}
-    out = subprocess.run(
-        [sys.executable, "-m", "bench._loadgen", url, str(connections), str(seconds)],
-        capture_output=True, text=True, check=True, cwd=ROOT, env=env,
-    ).stdout  # fmt: skip
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    from bench.load.runner import closed
+
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return closed(
+        parts.hostname or "127.0.0.1", parts.port or 80, path or "/", seconds,
+        connections=connections, processes=GENERATOR_PROCESSES, tokens=tokens or [],
+    )  # fmt: skip
+
+
+def cross_check_wrk() -> bool:
+    """``SURGE_LOADGEN=both`` and wrk installed: measure with both generators."""
+    return os.environ.get(LOADGEN_ENV) == "both" and shutil.which("wrk") is not None
+
+
+def generator_name() -> str:
+    """What ``load`` uses, for the bench's JSON."""
+    if os.environ.get(LOADGEN_ENV) == "wrk" and shutil.which("wrk"):
+        return "wrk -t2"
+    return f"bench.load closed loop ({GENERATOR_PROCESSES} processes)"
 
 
 #: wrk's per-request hook when several callers take turns (tokens are base64url: no quoting).
@@ -139,73 +159,3 @@ def _wrk(url: str, seconds: float, tokens: list[str], connections: int) -> dict[
         "p99_ms": float(p99.group(1)) * scale,
         "errors": int(errors.group(1)) if errors else 0,
     }
-
-
-async def _connection(
-    host: str, port: int, request: bytes, stop_at: float, out: list[float]
-) -> int:
-    reader, writer = await asyncio.open_connection(host, port)
-    errors = 0
-    while (now := time.perf_counter()) < stop_at:
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        if length:
-            await reader.readexactly(length)
-        if not head.startswith(b"HTTP/1.1 2"):
-            errors += 1
-        out.append(time.perf_counter() - now)
-    writer.close()
-    return errors
-
-
-async def run(
-    url: str, connections: int, seconds: float, tokens: list[str] | None = None
-) -> dict[str, float]:
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-
-    def request(i: int) -> bytes:  # connection i speaks for caller i (mod the callers)
-        auth = f"Authorization: Bearer {tokens[i % len(tokens)]}\r\n" if tokens else ""
-        return (
-            f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}\r\n"
-            f"User-Agent: surge-loadgen\r\n{auth}\r\n"
-        ).encode()
-
-    latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
-    started = time.perf_counter()
-    errors = await asyncio.gather(
-        *(
-            _connection(host, parts.port or 80, request(i), stop_at, latencies)
-            for i in range(connections)
-        )
-    )
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "requests": len(latencies),
-        "rps": len(latencies) / elapsed,
-        "p50_ms": latencies[len(latencies) // 2] * 1000 if latencies else 0.0,
-        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0,
-        "errors": sum(errors),
-    }
-
-
-def main() -> None:
-    url, connections, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
-    tokens = os.environ.get(TOKEN_ENV, "").split() or None
-    print(json.dumps(asyncio.run(run(url, connections, seconds, tokens))))
-
-
-if __name__ == "__main__":
-    main()

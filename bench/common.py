@@ -1,4 +1,4 @@
-"""Shared plumbing for benchmarks (ARCHITECTURE §7).
+"""Shared plumbing for benchmarks (docs/architecture.md §7).
 
 Every benchmark compares Surge against a baseline *in the same run*, repeats the pair several
 times interleaved (this machine is noisy: ±20-40 % between windows), and reports medians and
@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,7 +82,8 @@ def report(
     result["machine"] = machine()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
     return result
 
 

@@ -17,7 +17,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench._loadgen import CONNECTIONS, load, stop_servers, uvicorn_server, wait_ready
+from bench._loadgen import (
+    CONNECTIONS,
+    cross_check_wrk,
+    generator_name,
+    load,
+    stop_servers,
+    uvicorn_server,
+    wait_ready,
+)
 from bench.common import console, median, report
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
@@ -64,15 +72,21 @@ def main(quick: bool = False) -> None:
         load(bare_url, 2)
         ours: list[dict[str, float]] = []
         base: list[dict[str, float]] = []
+        cross = cross_check_wrk()
+        wrk_ours: list[dict[str, float]] = []
+        wrk_base: list[dict[str, float]] = []
         from rich.progress import Progress
 
         with Progress(console=console) as progress:
             task = progress.add_task(f"{reps} × (surge, bare), {seconds:.0f}s each", total=reps * 2)
             for _ in range(reps):
-                ours.append(load(surge_url, seconds))
+                ours.append(load(surge_url, seconds, generator="ours"))
                 progress.advance(task)
-                base.append(load(bare_url, seconds))
+                base.append(load(bare_url, seconds, generator="ours"))
                 progress.advance(task)
+                if cross:  # the same pair with wrk, in the same window
+                    wrk_ours.append(load(surge_url, seconds, generator="wrk"))
+                    wrk_base.append(load(bare_url, seconds, generator="wrk"))
     finally:
         stop_servers(procs)
         redis.stop()
@@ -95,11 +109,18 @@ def main(quick: bool = False) -> None:
             ("requests/s (median)", f"{ours_rps:,.0f}", f"{base_rps:,.0f}"),
             ("p99 latency ms (median)", f"{ours_p99:.2f}", f"{base_p99:.2f}"),
             ("ratio of paired runs (median)", f"{ratio:.3f}", "1.000"),
+            *([("same, measured with wrk (interleaved)", f"{median([o['rps'] / b['rps'] for o, b in zip(wrk_ours, wrk_base, strict=True)]):.3f}", "1.000")] if cross else []),
         ],
         extra={
             "workers": WORKERS, "connections": CONNECTIONS, "seconds_per_run": seconds, "reps": reps,
-            "load_generator": "wrk" if shutil.which("wrk") else "bench._loadgen",
+            "load_generator": generator_name(),
             "paired_ratios": [round(r, 3) for r in ratios],
+            **({"wrk_cross_check": {
+                "ratio": round(median([o["rps"] / b["rps"] for o, b in zip(wrk_ours, wrk_base, strict=True)]), 3),
+                "paired_ratios": [round(o["rps"] / b["rps"], 3) for o, b in zip(wrk_ours, wrk_base, strict=True)],
+                "surge_rps": round(median([o["rps"] for o in wrk_ours])),
+                "bare_rps": round(median([b["rps"] for b in wrk_base])),
+            }} if cross else {}),
         },
         title="surge bench ping — GET /livez, full Surge stack vs bare FastAPI",
     )  # fmt: skip

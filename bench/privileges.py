@@ -37,7 +37,14 @@ import httpx
 import pyotp
 from sqlalchemy import text
 
-from bench._loadgen import CONNECTIONS, load, stop_servers, uvicorn_server, wait_ready
+from bench._loadgen import (
+    CONNECTIONS,
+    generator_name,
+    load,
+    stop_servers,
+    uvicorn_server,
+    wait_ready,
+)
 from bench.common import console, median, percentile, report
 from surge.config import Settings
 from surge.kit.db import migrate
@@ -120,17 +127,18 @@ async def _in_process(
     database_url: str, redis_url: str, user_ids: list[str], reps: int, calls: int
 ) -> dict[str, Any]:
     from surge.identity import repository
-    from surge.identity.service import Identity
+    from surge.identity.runtime import install_identity
+    from surge.identity.service import identity as identity_service
     from surge.kit.runtime import Runtime
 
     settings = Settings(DATABASE_URL=database_url, REDIS_URL=redis_url, LOG_LEVEL="WARNING")
     runtime = Runtime(settings)
     await runtime.start()
-    identity = Identity(runtime.db, runtime.redis, settings)
+    identity = install_identity(runtime)
     await identity.start(warm=False, refresh_view=False)
     try:
         uid = uuid.UUID(user_ids[0])
-        await identity.has_privilege(uid, "export")  # into memory and Redis
+        await identity_service.has_privilege(runtime, uid, "export")  # into memory and Redis
         l2_key = next(iter(await runtime.redis.raw.keys(f"surge:identity:priv:*{uid}")), None)
         assert l2_key is not None
         redis_client = runtime.redis.raw
@@ -143,7 +151,7 @@ async def _in_process(
         for _ in range(reps):
             started = time.perf_counter()
             for _ in range(calls):
-                await identity.has_privilege(uid, "export")
+                await identity_service.has_privilege(runtime, uid, "export")
             check_us.append((time.perf_counter() - started) / calls * 1e6)
             started = time.perf_counter()
             for _ in range(calls // 10):
@@ -317,7 +325,7 @@ def main(quick: bool = False) -> None:
         extra={
             "workers": WORKERS, "connections": CONNECTIONS, "seconds_per_run": seconds,
             "reps": reps, "users": USERS, "callers": CALLERS, "errors": errors,
-            "load_generator": "wrk" if shutil.which("wrk") else "bench.privileges closed loop",
+            "load_generator": generator_name(),
             "paired_ratios": [round(r, 3) for r in ratios],
             "limiter_off": {
                 "me_privileges_rps": round(nl_rps), "livez_rps": round(nl_base),

@@ -87,7 +87,8 @@ def test_up_serves_and_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
         assert httpx.get(f"{base}/docs").status_code == 200
         pg_pid = int((data_dir / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])
         redis_pid = int((data_dir / "redis" / "redis.pid").read_text().strip())
-        assert psutil.pid_exists(pg_pid) and psutil.pid_exists(redis_pid)
+        assert psutil.pid_exists(pg_pid)
+        assert psutil.pid_exists(redis_pid)
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         try:
@@ -164,15 +165,59 @@ def test_production_refuses_default_secret() -> None:
     with pytest.raises(ValueError, match="SURGE_SECRET_KEY"):
         Settings(ENV=Environment.production, DATABASE_URL="", REDIS_URL="")
     with pytest.raises(ValueError, match="SURGE_SECRET_KEY"):
-        Settings(ENV=Environment.production, SECRET_KEY="short")  # type: ignore[arg-type]
-    ok = Settings(ENV=Environment.production, SECRET_KEY="x" * 40)  # type: ignore[arg-type]
+        Settings(ENV=Environment.production, SECRET_KEY="short")
+    ok = Settings(ENV=Environment.production, SECRET_KEY="x" * 40)
     assert ok.is_production
 
 
 def test_urls_are_normalised_and_split() -> None:
     s = Settings(
         DATABASE_URL="postgres://u:p@h:5432/d",
-        DATABASE_REPLICA_URLS="postgresql://u@r1/d, postgresql://u@r2/d",  # type: ignore[arg-type]
+        DATABASE_REPLICA_URLS="postgresql://u@r1/d, postgresql://u@r2/d",
     )
     assert s.DATABASE_URL == "postgresql+asyncpg://u:p@h:5432/d"
     assert s.DATABASE_REPLICA_URLS == ["postgresql+asyncpg://u@r1/d", "postgresql+asyncpg://u@r2/d"]
+
+
+def test_up_help_shows_the_real_port_default() -> None:
+    """Issue 12: ``surge up --help`` said the port default was 0."""
+    from typer.testing import CliRunner
+
+    from surge.cli import app
+
+    result = CliRunner().invoke(app, ["up", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    port_line = next(line for line in result.output.splitlines() if "--port" in line)
+    assert "8000" in port_line, port_line
+    assert "default: 0" not in port_line, port_line
+
+
+def test_a_command_never_stops_servers_it_did_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: ``surge doctor``/``migrate``/``seed-demo`` run while ``surge up`` runs found
+    that stack's embedded servers, recorded them as started, and stopped them on exit."""
+    from surge.cli import resolve_servers
+    from surge.config import settings
+    from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    pg = EmbeddedPostgres(tmp_path / "postgres", durable=False)
+    redis = EmbeddedRedis(tmp_path / "redis")
+    pg.start()  # what `surge up` started
+    redis.start()
+    try:
+        for name, value in (("DATA_DIR", tmp_path), ("DATABASE_URL", ""), ("REDIS_URL", "")):
+            monkeypatch.setattr(settings, name, value)
+        for name in ("DATABASE_URL", "REDIS_URL"):  # resolve_servers exports both: restore
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+        servers = resolve_servers()  # a second command on the same data folder
+        assert servers.database_url == pg.url
+        assert servers.redis_url == redis.url
+        assert servers.started == []
+        servers.stop()
+        assert pg.pid() is not None, "the other command's PostgreSQL was stopped"
+        assert redis.pid() is not None, "the other command's Redis was stopped"
+    finally:
+        redis.stop()
+        pg.stop()

@@ -1,4 +1,4 @@
-"""ARCHITECTURE §3: imports only point down. interfaces → domain → kit.
+"""docs/architecture.md §3: imports only point down. interfaces → domain → kit.
 
 Parses every module under src/surge and fails on an import that points up a layer, so the
 rule holds as the code grows (a new domain package is picked up automatically).
@@ -99,3 +99,129 @@ def test_only_interfaces_start_simulators(package: str) -> None:
         if _top_level(name) == "sim"
     ]
     assert not offenders, "\n".join(offenders)
+
+
+# ---- the one service pattern (ADR 0014, CONTRIBUTING.md) -----------------------------------
+#: SQLAlchemy names that build or run a query: a route never needs them.
+QUERY_NAMES = {"select", "text", "insert", "update", "delete", "exists", "func", "tuple_"}
+#: Calls on a session that run SQL.
+SESSION_QUERIES = {"execute", "scalar", "scalars", "get", "stream", "merge"}
+
+
+def _route_offences(path: Path) -> list[str]:
+    """A route module may call services only: no repository, no query built or run."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for line, name in _imports(path):
+        parts = name.split(".")
+        if "repository" in parts:
+            found.append(f"{path.name}:{line} imports {name}")
+        if parts[0] == "sqlalchemy" and parts[-1] in QUERY_NAMES:
+            found.append(f"{path.name}:{line} imports the query builder {name}")
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in SESSION_QUERIES
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "session"
+        ):
+            found.append(f"{path.name}:{node.lineno} runs a query (session.{node.func.attr})")
+    return found
+
+
+def _service_offences(path: Path, package: str) -> list[str]:
+    """A service imports no other domain's repository, and follows the one pattern: a
+    stateless ``XService`` class, one module singleton, no ``configure``, no settings kept."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for line, name in _imports(path):
+        parts = name.split(".")
+        if "repository" in parts and _top_level(name) not in {package, None}:
+            found.append(f"{path.name}:{line} imports another domain's repository {name}")
+        if name == "surge.config.settings":
+            found.append(f"{path.name}:{line} reads the global settings (use runtime.settings)")
+    classes = {
+        node.name: node
+        for node in tree.body
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Service")
+    }
+    if not classes:
+        found.append(f"{path.name}: no XService class")
+    singletons = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Name)
+        and node.value.func.id in classes
+    ]
+    if not singletons:
+        found.append(f"{path.name}: no module singleton (`wallet = WalletService(...)`)")
+    for cls in classes.values():
+        for node in ast.walk(cls):
+            if (
+                isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                and node.name == "configure"
+            ):
+                found.append(f"{path.name}:{node.lineno} {cls.name}.configure (stateless)")
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.ctx, ast.Store)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "self"
+                and node.attr in {"settings", "db", "redis", "runtime"}
+            ):
+                found.append(f"{path.name}:{node.lineno} {cls.name} keeps self.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("package", _domains())
+def test_routes_talk_to_services_only(package: str) -> None:
+    offenders = [o for p in _modules(package) if p.name == "routes.py" for o in _route_offences(p)]
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("package", _domains())
+def test_services_follow_the_one_pattern(package: str) -> None:
+    services = [p for p in _modules(package) if p.name == "service.py"]
+    offenders = [o for p in services for o in _service_offences(p, package)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_route_checker_catches_a_repository_and_a_query(tmp_path: Path) -> None:
+    bad = tmp_path / "routes.py"
+    bad.write_text(
+        "from surge.wallet import repository\n"
+        "from sqlalchemy import select\n"
+        "async def handler(session):\n"
+        "    return await session.execute(select(1))\n"
+    )
+    found = _route_offences(bad)
+    assert len(found) == 3, found
+
+
+def test_service_checker_catches_the_old_patterns(tmp_path: Path) -> None:
+    bad = tmp_path / "service.py"
+    bad.write_text(
+        "from surge.identity import repository\n"
+        "from surge.config import settings\n"
+        "class WalletService:\n"
+        "    def __init__(self, settings):\n"
+        "        self.settings = settings\n"
+        "    def configure(self, settings):\n"
+        "        self.settings = settings\n"
+        "wallet = WalletService(settings)\n"
+    )
+    found = _service_offences(bad, "wallet")
+    assert any("another domain's repository" in o for o in found), found
+    assert any("global settings" in o for o in found), found
+    assert any(".configure" in o for o in found), found
+    assert any("keeps self.settings" in o for o in found), found
+    assert _service_offences(bad, "identity") != []  # still a configure and kept settings
+
+
+def test_every_domain_has_a_service() -> None:
+    """Same anatomy: a domain package has a ``service.py`` (its one entry for others)."""
+    missing = [p for p in _domains() if not (SRC / p / "service.py").exists()]
+    assert not missing, missing

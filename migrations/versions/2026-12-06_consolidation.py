@@ -1,4 +1,11 @@
-"""Consolidation: monotonic entry sequence for history ordering, audit module.
+"""Consolidation: history listed by the monotonic entry sequence.
+
+Wallet and earnings history was ordered by ``created_at``, which is the transaction's start
+(``now()``): two concurrent postings on one wallet listed their balance chain out of order.
+``id`` comes from one sequence and each account's legs are written under that account's row
+lock, so within an account (or an owner's earnings) ``id`` order is posting order. These
+indexes serve the keyset pages by ``(account_id | owner_id, id DESC)``; the entries' old
+``created_at`` index had no other reader and goes (one index less on the hot ledger path).
 
 Revision ID: 0005_consolidation
 Revises: 0004_wallet
@@ -18,9 +25,15 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # Reserved in the linear chain; filled by the work it is named after.
-    op.execute("SELECT 1")
+    op.execute("CREATE INDEX ix_wallet_entries_account_seq ON wallet_entries (account_id, id DESC)")
+    op.execute("DROP INDEX ix_wallet_entries_account")
+    op.execute("CREATE INDEX ix_wallet_earnings_owner_seq ON wallet_earnings (owner_id, id DESC)")
 
 
 def downgrade() -> None:
-    pass
+    op.execute("DROP INDEX IF EXISTS ix_wallet_earnings_owner_seq")
+    op.execute(
+        "CREATE INDEX ix_wallet_entries_account ON wallet_entries "
+        "(account_id, created_at DESC, id DESC)"
+    )
+    op.execute("DROP INDEX IF EXISTS ix_wallet_entries_account_seq")

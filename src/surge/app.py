@@ -14,33 +14,29 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from surge import __version__
 from surge.admin.console import install_console
-from surge.admin.routes import router as admin_router
+from surge.admin.surface import install_admin
 from surge.config import Settings
 from surge.config import settings as default_settings
 from surge.identity.contract import install_auth_before_body
-from surge.identity.deps import require_admin_mfa
+from surge.identity.hook import RateLimitHook
 from surge.identity.routes import install_routes as install_identity_routes
-from surge.identity.service import Identity
-from surge.kit.breaker import breaker_router
+from surge.identity.runtime import install_identity
 from surge.kit.health import Health, install_health_routes
-from surge.kit.jobs.admin import admin_router as jobs_admin_router
 from surge.kit.ratelimit import install_ratelimit
 from surge.kit.runtime import Runtime
-from surge.kit.telemetry.health_score import platform_health_router
 from surge.kit.telemetry.logging import configure_logging
 from surge.kit.web.docs import install_docs
 from surge.kit.web.middleware import SurgeMiddleware
 from surge.kit.web.openapi import install_contract
 from surge.kit.web.problem import install_problem_handlers
 from surge.kit.web.routing import promote_routes
-from surge.wallet.routes import admin_router as wallet_admin_router
+from surge.payments.routes import router as payments_router
 from surge.wallet.routes import api_constraints
 from surge.wallet.routes import router as wallet_router
-from surge.wallet.service import wallet as wallet_service
 from surge.worker import discover as discover_jobs
 
 log = structlog.get_logger()
@@ -74,9 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # uvicorn spawned, is safe; the lifespan opens the connections.
     runtime = Runtime(settings)
     discover_jobs(settings)  # enqueue() needs every job's queue and options
-    identity = Identity(runtime.db, runtime.redis, settings)
-    runtime.extensions["identity"] = identity
-    wallet_service.configure(settings)
+    identity = install_identity(runtime)  # per-process identity state, on the runtime
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,18 +110,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_health_routes(app, runtime.health)
     install_identity_routes(app)
     app.include_router(wallet_router)
-    app.include_router(admin_router)
-    app.include_router(wallet_admin_router, dependencies=[Depends(require_admin_mfa)])
-    app.include_router(jobs_admin_router(dependencies=[Depends(require_admin_mfa)]))
-    app.include_router(breaker_router(dependencies=[Depends(require_admin_mfa)]))
-    app.include_router(
-        platform_health_router(
-            runtime.health, runtime.extensions, dependencies=[Depends(require_admin_mfa)]
-        )
-    )
+    # Every /api/admin route, each behind require_admin_mfa once (surge.admin.surface).
+    install_admin(app, runtime)
+    app.include_router(payments_router)  # ---- payments ----
     # ---- console (issue 16): an honest contract, local docs --------------------------------
     install_docs(app)
-    install_console(app, runtime)  # /admin: the operator's console (replaces the old page)
+    install_console(app, runtime)  # /admin: the operator's console
     install_contract(app, constraints=api_constraints(settings))
     install_auth_before_body(app)
     # ---- end console ----------------------------------------------------------------------
@@ -136,12 +124,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added before SurgeMiddleware so it runs inside it: 429s get request ids and metrics.
     install_ratelimit(app, runtime)
     # The caller's plan picks its rate-limit tier (identity's hook; anonymous otherwise).
-    runtime.extensions["ratelimit"].identify = identity.rate_limit_subject
+    runtime.extensions["ratelimit"].identify = RateLimitHook(identity).subject
     app.add_middleware(
         SurgeMiddleware,
         body_limit=settings.REQUEST_BODY_LIMIT,
         timeout=settings.REQUEST_TIMEOUT.total_seconds(),
         slow_request=settings.SLOW_REQUEST.total_seconds(),
         access_log=settings.LOG_ACCESS,
+        server_timing=settings.HTTP_SERVER_TIMING,
     )
     return app

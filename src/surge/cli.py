@@ -62,16 +62,20 @@ def resolve_servers() -> Servers:
         with console.status("Starting embedded PostgreSQL (first run initialises it)..."):
             pg = EmbeddedPostgres(settings.DATA_DIR / "postgres")
             servers.database_url = pg.start()
+        if pg.started_here:  # a server found running (surge up's) is not ours to stop
             servers.started.append(pg)
-        console.print(f"[green]✓[/] PostgreSQL (embedded) on 127.0.0.1:{pg.port}")
+        how = "embedded" if pg.started_here else "embedded, already running"
+        console.print(f"[green]✓[/] PostgreSQL ({how}) on 127.0.0.1:{pg.port}")
     else:
         console.print(f"[green]✓[/] PostgreSQL (external) {_mask_url(servers.database_url)}")
     if not servers.redis_url:
         with console.status("Starting embedded Redis..."):
             redis = EmbeddedRedis(settings.DATA_DIR / "redis")
             servers.redis_url = redis.start()
+        if redis.started_here:
             servers.started.append(redis)
-        console.print(f"[green]✓[/] Redis (embedded) on 127.0.0.1:{redis.port}")
+        how = "embedded" if redis.started_here else "embedded, already running"
+        console.print(f"[green]✓[/] Redis ({how}) on 127.0.0.1:{redis.port}")
     else:
         console.print(f"[green]✓[/] Redis (external) {_mask_url(servers.redis_url)}")
     # Child processes and this one read the same values from here on.
@@ -138,11 +142,20 @@ def _prepare_metrics_dir() -> None:
 
 
 # ---- commands ----------------------------------------------------------------------------
+#: The real defaults come from the settings (SURGE_PORT / SURGE_HOST), so --help says so.
+PortOption = Annotated[
+    int | None, typer.Option(help="HTTP port.", show_default="$SURGE_PORT, else 8000")
+]
+HostOption = Annotated[
+    str | None, typer.Option(help="Bind address.", show_default="$SURGE_HOST, else 127.0.0.1")
+]
+
+
 @app.command()
 def up(
     workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 0,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "",
+    port: PortOption = None,
+    host: HostOption = None,
     job_processes: Annotated[int, typer.Option(help="Job worker processes.")] = 1,
     seed: Annotated[bool, typer.Option(help="Load demo data (idempotent).")] = True,
 ) -> None:
@@ -286,8 +299,8 @@ def _seed_demo() -> None:
 @app.command()
 def serve(
     workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 0,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "",
+    port: PortOption = None,
+    host: HostOption = None,
     servers_: Annotated[
         bool,
         typer.Option("--servers/--no-servers", help="Start embedded servers if no URL is set."),
@@ -299,6 +312,7 @@ def serve(
     servers = resolve_servers() if servers_ else None
     workers = workers or settings.WEB_WORKERS
     _prepare_metrics_dir()
+    _warn_somaxconn(settings.HTTP_BACKLOG)
     import uvicorn
 
     try:
@@ -314,11 +328,25 @@ def serve(
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE.total_seconds()),
-            backlog=4096,
+            backlog=settings.HTTP_BACKLOG,
+            timeout_keep_alive=int(settings.HTTP_KEEPALIVE_TIMEOUT.total_seconds()),
         )
     finally:
         if servers is not None:
             servers.stop()
+
+
+def _warn_somaxconn(backlog: int) -> None:
+    """The kernel silently caps the listen backlog at net.core.somaxconn: say so."""
+    try:
+        cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return
+    if cap < backlog:
+        console.print(
+            f"[yellow]listen backlog {backlog} is capped by net.core.somaxconn = {cap}; "
+            f"raise it (sysctl -w net.core.somaxconn={backlog}) for connection storms"
+        )
 
 
 @app.command()
@@ -416,6 +444,49 @@ def seed_demo() -> None:
         _seed_demo()
     finally:
         servers.stop()
+
+
+@app.command()
+def load(
+    scenario: Annotated[
+        str, typer.Argument(help="A file in bench/load/scenarios/: seed003, seed003_writes, ping.")
+    ] = "seed003",
+    *,
+    users: Annotated[
+        int, typer.Option(help="Signed-in users, one keep-alive connection each.")
+    ] = 10_000,
+    population: Annotated[int, typer.Option(help="Users in the database (bulk SQL).")] = 300_000,
+    think: Annotated[
+        str, typer.Option(help="Mean think time between a user's requests (5s, 500ms).")
+    ] = "5s",
+    duration: Annotated[str, typer.Option(help="Steady phase measured (after the ramp).")] = "60s",
+    ramp: Annotated[str, typer.Option(help="Users start spread over this long.")] = "20s",
+    processes: Annotated[int, typer.Option(help="Generator processes.")] = 2,
+    workers: Annotated[int, typer.Option(help="Surge web processes.")] = 2,
+    seed: Annotated[int, typer.Option(help="Population, plan mix and schedules.")] = 3,
+    capacity: Annotated[
+        bool, typer.Option("--capacity", help="Then search the highest rate meeting the targets.")
+    ] = False,
+    step_duration: Annotated[str, typer.Option(help="Steady phase of each capacity step.")] = "30s",
+) -> None:
+    """Open-loop load on a fresh Surge: seed 003's users, latency from the intended start,
+    JSON as the last line (bench/results/load-SCENARIO.json) and an HTML report beside it."""
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.load.main import Options, run
+
+    run(Options(scenario=scenario, users=users, population=population, think=_seconds(think),
+                duration=_seconds(duration), ramp=_seconds(ramp), processes=processes,
+                workers=workers, seed=seed, capacity=capacity,
+                step_duration=_seconds(step_duration)))  # fmt: skip
+
+
+def _seconds(value: str) -> float:
+    """``5s``, ``500ms``, ``2m`` or a bare number of seconds."""
+    text = value.strip().lower()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
 
 
 @app.command()

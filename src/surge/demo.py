@@ -12,13 +12,12 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from rich.console import Console
-from sqlalchemy import select
 
 from surge.config import Settings
 from surge.config import settings as default_settings
-from surge.identity.service import Identity
+from surge.identity.runtime import install_identity
+from surge.identity.service import identity as identity_service
 from surge.kit.runtime import Runtime
-from surge.models.identity import User
 from surge.wallet.service import wallet as wallet_service
 from surge.worker import discover
 
@@ -56,41 +55,39 @@ async def seed_async(settings: Settings) -> bool:
     discover(settings)
     runtime = Runtime(settings, application_name="surge-demo")
     await runtime.start()
-    identity = Identity(runtime.db, runtime.redis, settings)
-    wallet_service.configure(settings)
+    install_identity(runtime)  # the hasher and plan catalogue the service uses
     try:
         async with runtime.db.session() as session:
             admin_email = email("admin")
-            if await session.scalar(select(User.id).where(User.email == admin_email)):
+            if await identity_service.find_user(session, admin_email) is not None:
                 return False
-            admin = await identity.register(
-                session, email=admin_email, password=DEMO_PASSWORD, role="admin"
+            admin = await identity_service.register(
+                session, runtime, email=admin_email, password=DEMO_PASSWORD, role="admin"
             )
             expires = datetime.now(UTC) + timedelta(days=365)
             for local, role, plan in ACCOUNTS:
                 user = (
                     admin
                     if local == "admin"
-                    else await identity.register(
-                        session, email=email(local), password=DEMO_PASSWORD, role=role
+                    else await identity_service.register(
+                        session, runtime, email=email(local), password=DEMO_PASSWORD, role=role
                     )
                 )
                 if plan != "free":
-                    await identity.change_plan(
-                        session, admin.id, user_id=user.id, plan=plan, expires_at=expires
+                    await identity_service.change_plan(
+                        session, runtime, admin.id, user_id=user.id, plan=plan, expires_at=expires
                     )
             for local, role, share_bps in PARTNERS:
-                partner = await identity.register(
-                    session, email=email(local), password=DEMO_PASSWORD, role=role
+                partner = await identity_service.register(
+                    session, runtime, email=email(local), password=DEMO_PASSWORD, role=role
                 )
-                await wallet_service.set_partner(session, partner.id, share_bps=share_bps)
+                await wallet_service.set_partner(session, runtime, partner.id, share_bps=share_bps)
             for event_id, kind, profit in REVENUE_EVENTS:
                 await wallet_service.record_revenue_event(
-                    session, event_id=event_id, kind=kind, profit=profit
+                    session, runtime, event_id=event_id, kind=kind, profit=profit
                 )
         return True
     finally:
-        await identity.close()
         await runtime.stop()
 
 

@@ -26,7 +26,8 @@ async def test_metrics_show_the_fleet(id_app: FastAPI, api: httpx.AsyncClient) -
     response = await api.get("/api/admin/metrics", headers=bearer(tokens))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["health"]["score"] == 100 and body["health"]["status"] == "healthy"
+    assert body["health"]["score"] == 100
+    assert body["health"]["status"] == "healthy"
     assert body["http"]["requests"] >= 6
     assert body["http"]["p95_ms"] is not None
     assert body["database"]["pool_connections"] >= 1
@@ -67,3 +68,28 @@ async def test_dashboard_page_is_served_locked_down(api: httpx.AsyncClient) -> N
     assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     assert "script-src 'self';" in response.headers["content-security-policy"]  # no inline
     assert 'action="/admin/login"' in response.text  # the console's sign-in form
+
+
+async def test_metrics_list_idle_queues_too(id_app: FastAPI, api: httpx.AsyncClient) -> None:
+    """Issue 12: only queues with work were listed, so an idle queue vanished."""
+    import uuid
+
+    from surge.kit.jobs import JobContext, job
+    from surge.kit.jobs.registry import unregister
+
+    queue = f"idle-{uuid.uuid4().hex[:8]}"
+    name = f"test.{queue}.nothing"
+
+    @job(name, queue=queue)
+    async def nothing(ctx: JobContext) -> None:  # never enqueued: its queue stays idle
+        return None
+
+    try:
+        _, tokens, _ = await make_admin(id_app, api)
+        response = await api.get("/api/admin/metrics", headers=bearer(tokens))
+        assert response.status_code == 200, response.text
+        listed = {entry["queue"]: entry for entry in response.json()["jobs"]}
+        assert queue in listed, sorted(listed)
+        assert (listed[queue]["ready"], listed[queue]["active"]) == (0, 0)
+    finally:
+        unregister(name)

@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from surge.admin.console.timeseries import sampler
-from tests.identity.conftest import PASSWORD, api, id_app, id_settings, identity_of
+from surge.identity.service import identity as identity_service
+from tests.identity.conftest import PASSWORD, api, id_app, id_settings
 
 __all__ = ["api", "id_app", "id_settings"]
 
@@ -27,9 +28,10 @@ def csrf_of(html: str) -> str:
 
 async def new_user(app: FastAPI, role: str, *, mfa: bool = False) -> tuple[str, str | None]:
     email = f"console-{role}-{uuid.uuid4().hex[:8]}@example.com"
-    identity = identity_of(app)
     async with app.state.runtime.db.session() as session:
-        user = await identity.register(session, email=email, password=PASSWORD, role=role)
+        user = await identity_service.register(
+            session, app.state.runtime, email=email, password=PASSWORD, role=role
+        )
         secret = None
         if mfa:
             secret = pyotp.random_base32()
@@ -73,9 +75,11 @@ class TestSignIn:
     async def test_sign_in_page_is_locked_down(self, api: httpx.AsyncClient) -> None:
         page = await api.get("/admin")
         csp = page.headers["content-security-policy"]
-        assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
+        assert "script-src 'self';" in csp
+        assert "frame-ancestors 'none'" in csp
         cookie = page.headers["set-cookie"].lower()
-        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert "httponly" in cookie
+        assert "samesite=strict" in cookie
 
     async def test_admin_without_mfa_enrols_in_the_page(
         self, id_app: FastAPI, api: httpx.AsyncClient
@@ -127,7 +131,8 @@ class TestActions:
         csrf = await signed_in(id_app, api)
         queue = f"q-{uuid.uuid4().hex[:6]}"
         asked = await api.post(f"/admin/jobs/queues/{queue}/pause", data={"csrf": csrf})
-        assert asked.status_code == 200 and "Confirm" in asked.text
+        assert asked.status_code == 200
+        assert "Confirm" in asked.text
         assert await audit_rows(id_app, "jobs.queue.pause", queue) == []  # nothing yet
         done = await api.post(
             f"/admin/jobs/queues/{queue}/pause",
@@ -138,7 +143,8 @@ class TestActions:
         jobs_page = await api.get("/admin/jobs")
         assert f"resume-{queue}" in jobs_page.text
         [row] = await audit_rows(id_app, "jobs.queue.pause", queue)
-        assert row["before"] == {"paused": False} and row["after"] == {"paused": True}
+        assert row["before"] == {"paused": False}
+        assert row["after"] == {"paused": True}
         assert row["request_id"] == f"req-{queue}"
         assert row["actor_id"] is not None
 
@@ -177,7 +183,8 @@ class TestActions:
             )
             await session.commit()
         [row] = await audit_rows(id_app, "jobs.bulk.retry", f"search={marker}")
-        assert row["before"]["matching"] == 3 and row["after"] == {"changed": 3}
+        assert row["before"]["matching"] == 3
+        assert row["after"] == {"changed": 3}
 
 
 class TestRefusals:
@@ -229,4 +236,5 @@ class TestOverview:
         assert charts.status_code == 200
         assert "<polyline" in charts.text
         alerts = await api.get("/admin/alerts")
-        assert "HighErrorRatio" in alerts.text and "LowCacheHitRatio" in alerts.text
+        assert "HighErrorRatio" in alerts.text
+        assert "LowCacheHitRatio" in alerts.text

@@ -106,8 +106,9 @@ async def prepare(runtime: Runtime) -> dict[str, str]:
         )
         assert partner_id is not None
         await fund(session, partner_id, 500_000, currency=runtime.settings.WALLET_CURRENCY)
-        wallet_service.configure(runtime.settings)
-        withdrawal = await wallet_service.request_withdrawal(session, partner_id, amount=25_000)
+        withdrawal = await wallet_service.request_withdrawal(
+            session, runtime, partner_id, amount=25_000
+        )
         await session.commit()
     return {
         "marker": marker,
@@ -242,7 +243,8 @@ async def test_console_in_a_browser(
                 for view in ("jobs", "withdrawals", "breakers", "caches", "users", "audit",
                              "alerts"):  # fmt: skip
                     response = await auditor.goto(f"{base}/admin/{view}")
-                    assert response is not None and response.status == 200, view
+                    assert response is not None, view
+                    assert response.status == 200, view
                 await auditor.goto(f"{base}/admin/jobs?queue=console-demo")
                 await auditor.click("#pause-console-demo")
                 await auditor.wait_for_selector("#confirm")
@@ -283,5 +285,6 @@ async def test_console_in_a_browser(
     console_rows = [row for row in rows if row.action.startswith(("jobs.", "wallet."))]
     assert all(row.request_id for row in console_rows)  # each action names its request
     rejected = next(row for row in rows if row.action == "wallet.withdrawal.reject")
-    assert rejected.before["status"] == "pending" and rejected.after["status"] == "rejected"
+    assert rejected.before["status"] == "pending"
+    assert rejected.after["status"] == "rejected"
     assert auditor_rows == 0

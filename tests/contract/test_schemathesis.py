@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from surge.identity.service import Identity
+from surge.identity.runtime import install_identity
+from surge.identity.service import identity as identity_service
 from surge.kit.embedded import free_port
 from surge.kit.runtime import Runtime
 from tests.fixtures.servers import serve_env, surge_process
@@ -75,14 +76,15 @@ def _run(base: str, tmp_path: Path, name: str, headers: dict[str, str]) -> None:
 async def test_schemathesis_finds_no_contract_failure(
     server_urls: tuple[str, str], runtime: Runtime, tmp_path: Path
 ) -> None:
-    identity = Identity(runtime.db, runtime.redis, runtime.settings)
+    identity = install_identity(runtime)
     suffix = os.urandom(4).hex()
     partner_email = f"st-partner-{suffix}@example.com"
     admin_email = f"st-admin-{suffix}@example.com"
     async with runtime.db.session() as session:
-        await identity.register(session, email=partner_email, password=PASSWORD, role="partner")
-        await identity.register(session, email=admin_email, password=PASSWORD, role="admin")
-        await session.commit()
+        for address, role in ((partner_email, "partner"), (admin_email, "admin")):
+            await identity_service.register(
+                session, runtime, email=address, password=PASSWORD, role=role
+            )
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"

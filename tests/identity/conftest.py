@@ -13,7 +13,8 @@ from fastapi import FastAPI
 
 from surge.config import Settings
 from surge.identity import repository as id_repository
-from surge.identity.service import Identity
+from surge.identity.runtime import IdentityState, identity_state
+from surge.identity.service import identity as identity_service
 from surge.kit.security.confusables import normalize_email
 from tests.conftest import app_client, make_settings
 
@@ -47,9 +48,9 @@ async def api(id_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def identity_of(app: FastAPI) -> Identity:
-    identity: Identity = app.state.runtime.extensions["identity"]
-    return identity
+def identity_of(app: FastAPI) -> IdentityState:
+    """The app process's identity state (codec, hasher, stores, login guard...)."""
+    return identity_state(app.state.runtime)
 
 
 def unique_email(prefix: str = "user") -> str:
@@ -94,7 +95,9 @@ async def make_admin(app: FastAPI, api: httpx.AsyncClient) -> tuple[str, dict[st
     email = unique_email("admin")
     identity = identity_of(app)
     async with app.state.runtime.db.session() as session:
-        await identity.register(session, email=email, password=PASSWORD, role="admin")
+        await identity_service.register(
+            session, app.state.runtime, email=email, password=PASSWORD, role="admin"
+        )
     tokens = await login(api, email)
     setup = await api.post("/api/v1/auth/mfa/setup", headers=bearer(tokens))
     assert setup.status_code == 200, setup.text

@@ -10,6 +10,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from surge.identity.service import identity as identity_service
 from tests.identity.conftest import (
     PASSWORD,
     bearer,
@@ -407,10 +408,11 @@ class TestMfa:
     async def test_admin_routes_refuse_a_session_without_mfa(
         self, api: httpx.AsyncClient, id_app: FastAPI
     ) -> None:
-        identity = identity_of(id_app)
         email = unique_email("admin")
         async with id_app.state.runtime.db.session() as session:
-            await identity.register(session, email=email, password=PASSWORD, role="admin")
+            await identity_service.register(
+                session, id_app.state.runtime, email=email, password=PASSWORD, role="admin"
+            )
         tokens = await login(api, email)
         _, user_id = await register(api)
         for method, path, body in (
@@ -459,13 +461,13 @@ class TestRevocationAcrossProcesses:
         a logout made here through pub/sub, before any request could race it in practice."""
         import time
 
-        from surge.identity.service import Identity
+        from surge.identity.runtime import install_identity
         from surge.kit.runtime import Runtime
         from surge.kit.security import InvalidToken
 
         other_runtime = Runtime(id_settings)  # type: ignore[arg-type]
         await other_runtime.start()
-        other = Identity(other_runtime.db, other_runtime.redis, id_settings)  # type: ignore[arg-type]
+        other = install_identity(other_runtime)
         await other.start(warm=False, refresh_view=False)
         try:
             started = time.monotonic()
@@ -563,10 +565,11 @@ class TestEveryAdminRoute:
         wallet and platform-health routers other modules mount with ``require_admin_mfa``)."""
         import re
 
-        identity = identity_of(id_app)
         email = unique_email("admin")
         async with id_app.state.runtime.db.session() as session:
-            await identity.register(session, email=email, password=PASSWORD, role="admin")
+            await identity_service.register(
+                session, id_app.state.runtime, email=email, password=PASSWORD, role="admin"
+            )
         no_mfa = await login(api, email)
         user_email, _ = await register(api)
         plain_user = await login(api, user_email)

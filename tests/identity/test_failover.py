@@ -13,6 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from surge.identity.privileges import PrivilegesUnavailable
 from surge.kit.db import migrate
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import app_client
@@ -130,7 +131,7 @@ class TestPrivilegeFailover:
         assert body["plan"] == "pro"
         assert time.monotonic() - started < 5  # no per-call Redis timeouts piling up
 
-    async def test_database_down_serves_stale_then_both_down_free_tier(
+    async def test_database_down_serves_stale_then_both_down_503_never_free(
         self, own: tuple[FastAPI, httpx.AsyncClient, EmbeddedPostgres, EmbeddedRedis]
     ) -> None:
         app, api, pg, redis = own
@@ -156,20 +157,17 @@ class TestPrivilegeFailover:
         )
         stale = await store.get(uid)
         assert (stale.plan, stale.source) == ("ultra", "stale")
-        assert (await store.get(stranger)).source == "fallback"
-        # Both down: what memory has (stale), else the free tier.
+        with pytest.raises(PrivilegesUnavailable):  # nothing cached: never the free tier
+            await store.get(stranger)
+        # Both down: what memory has (stale), else a 503 (issue 19: never downgraded).
         await asyncio.to_thread(redis.stop)
         both = await store.get(uid)
         assert both.plan == "ultra"
         assert both.source in {"memory", "stale"}  # Redis cannot contradict it: still fresh
-        nothing = await store.get(stranger)
-        assert (nothing.plan, nothing.source, nothing.features) == (
-            "free",
-            "fallback",
-            frozenset({"basic"}),
-        )
+        with pytest.raises(PrivilegesUnavailable) as raised:
+            await store.get(stranger)
+        assert raised.value.headers["Retry-After"] == "5"
         assert await store.has_privilege(uid, "sso")
-        assert not await store.has_privilege(stranger, "export")
         # Over HTTP with both down the session cannot be checked: 503, never a false 200.
         response = await api.get("/api/v1/me/privileges", headers=bearer(tokens))
         assert response.status_code == 503

@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from surge.identity.service import refresh_active_subscriptions
+from surge.identity.service import identity as identity_service
 from tests.fixtures.servers import free_port, serve_env, surge_process
 from tests.identity.conftest import (
     FAST_ARGON2,
@@ -82,12 +82,12 @@ class TestPlanChange:
         _, user_id = await register(api)
         soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
         assert (await _set_plan(api, admin, user_id, "ultra", expires_at=soon)).status_code == 204
-        identity = identity_of(id_app)
-        assert await identity.has_privilege(uuid.UUID(user_id), "sso")
+        runtime = id_app.state.runtime
+        assert await identity_service.has_privilege(runtime, uuid.UUID(user_id), "sso")
         await asyncio.sleep(1.1)
         # Still cached in memory, but expiry is checked on every read.
-        assert not await identity.has_privilege(uuid.UUID(user_id), "sso")
-        assert (await identity.privileges_of(uuid.UUID(user_id))).plan == "free"
+        assert not await identity_service.has_privilege(runtime, uuid.UUID(user_id), "sso")
+        assert (await identity_service.privileges_of(runtime, uuid.UUID(user_id))).plan == "free"
 
 
 class TestTiers:
@@ -107,7 +107,7 @@ class TestTiers:
         self, api: httpx.AsyncClient, id_app: FastAPI, id_settings: object
     ) -> None:
         """Two Identity instances (two processes' worth of memory) on the same Redis."""
-        from surge.identity.service import Identity
+        from surge.identity.runtime import install_identity
         from surge.kit.runtime import Runtime
 
         _, admin, _ = await make_admin(id_app, api)
@@ -115,7 +115,7 @@ class TestTiers:
         uid = uuid.UUID(user_id)
         other_runtime = Runtime(id_settings)  # type: ignore[arg-type]
         await other_runtime.start()
-        other = Identity(other_runtime.db, other_runtime.redis, id_settings)  # type: ignore[arg-type]
+        other = install_identity(other_runtime)
         await other.start(warm=False, refresh_view=False)
         try:
             started = time.monotonic()
@@ -142,7 +142,8 @@ class TestMaterializedView:
         _, user_id = await register(api)
         runtime = id_app.state.runtime
         assert (await _set_plan(api, admin, user_id, "plus")).status_code == 204
-        assert await refresh_active_subscriptions(runtime.db)
+        async with runtime.db.session() as session:
+            assert await identity_service.refresh_view(session)
         async with runtime.db.read_session() as session:
             plan = await session.scalar(
                 text("SELECT plan FROM active_subscriptions WHERE user_id = :u"), {"u": user_id}
@@ -151,10 +152,11 @@ class TestMaterializedView:
         # A change after the refresh is read through the overlay, not the stale view row.
         assert (await _set_plan(api, admin, user_id, "ultra")).status_code == 204
         identity_of(id_app).privileges.forget_all_local()
-        privileges = await identity_of(id_app).privileges_of(uuid.UUID(user_id))
+        privileges = await identity_service.privileges_of(runtime, uuid.UUID(user_id))
         assert privileges.plan == "ultra"
         # A refresh that is not due is skipped (one refresh per interval cluster-wide).
-        assert not await refresh_active_subscriptions(runtime.db, min_age=60)
+        async with runtime.db.session() as session:
+            assert not await identity_service.refresh_view(session, min_age=60)
 
     async def test_view_has_the_indexes_seed_003_asks_for(self, id_app: FastAPI) -> None:
         async with id_app.state.runtime.db.read_session() as session:

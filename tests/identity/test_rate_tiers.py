@@ -10,6 +10,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from surge.identity.hook import RateLimitHook
+from surge.identity.service import identity as identity_service
 from surge.kit.ratelimit import Subject
 from tests.conftest import app_client
 from tests.identity.conftest import (
@@ -49,7 +51,9 @@ async def test_plan_selects_the_rate_limit_tier(
     _, admin, _ = await make_admin(app, api)
     admin_id = uuid.UUID(identity.codec.verify(admin["access_token"])["sub"])
     async with app.state.runtime.db.session() as session:
-        await identity.change_plan(session, None, user_id=admin_id, plan="ultra", expires_at=None)
+        await identity_service.change_plan(
+            session, app.state.runtime, None, user_id=admin_id, plan="ultra", expires_at=None
+        )
     email, user_id = await register(api)
     tokens = await login(api, email)
     statuses = [(await api.get("/api/v1/me", headers=bearer(tokens))).status_code for _ in range(4)]
@@ -66,7 +70,7 @@ async def test_forged_token_is_anonymous_for_the_limiter(
     limited: tuple[FastAPI, httpx.AsyncClient],
 ) -> None:
     app, api = limited
-    subject = identity_of(app).rate_limit_subject(
+    subject = RateLimitHook(identity_of(app)).subject(
         {"type": "http", "headers": [(b"authorization", b"Bearer not.a.token")]}
     )
     assert subject is None
@@ -76,7 +80,7 @@ async def test_forged_token_is_anonymous_for_the_limiter(
         "type": "http",
         "headers": [(b"authorization", f"Bearer {tokens['access_token']}".encode())],
     }
-    found = identity_of(app).rate_limit_subject(scope)
+    found = RateLimitHook(identity_of(app)).subject(scope)
     assert found is not None
     resolved = found if isinstance(found, Subject) else await found  # memory: no coroutine
     assert resolved is not None

@@ -34,14 +34,14 @@ CHECK = 0.3
 
 
 @pytest.fixture
-async def jobs_db(runtime: Runtime) -> AsyncIterator[Runtime]:
+async def jobs_db(runtime: Runtime) -> Runtime:
     assert jobs_handlers
     async with runtime.db.session() as session:
         await session.execute(text(EFFECTS_DDL))
         await session.execute(text("DELETE FROM jobs WHERE name LIKE 'test.%'"))
         await session.execute(text("DELETE FROM job_test_effects"))
         await session.execute(text("DELETE FROM job_dispatches WHERE queue LIKE 't\\_%'"))
-    yield runtime
+    return runtime
 
 
 def worker_env(runtime: Runtime, **extra: str) -> dict[str, str]:
@@ -152,7 +152,7 @@ async def effects(runtime: Runtime, job_id: int | None = None) -> list[tuple[int
             ),
             {"id": job_id},
         )
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+        return [tuple(r) for r in rows]
 
 
 async def add(runtime: Runtime, name: str, payload: dict[str, object]) -> int:
@@ -329,7 +329,7 @@ class TestDatabaseOutage:
     async def test_workers_pause_while_postgresql_is_down_and_resume(
         self, server_urls: tuple[str, str], tmp_path: Path
     ) -> None:
-        """ARCHITECTURE §4: PostgreSQL down → workers pause (no crash, no busy loop) and
+        """docs/architecture.md §4: PostgreSQL down → workers pause (no crash, no busy loop) and
         resume by themselves; nothing enqueued before or after is lost."""
         from surge.kit.db import migrate
         from tests.conftest import make_settings

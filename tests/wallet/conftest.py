@@ -16,13 +16,13 @@ import pytest
 from fastapi import FastAPI
 
 from surge.config import Settings
+from surge.identity.service import identity as identity_service
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
 from tests.conftest import app_client
 from tests.identity.conftest import (
     PASSWORD,
     bearer,
-    identity_of,
     identity_settings,
     login,
     make_admin,
@@ -62,7 +62,9 @@ def runtime_of(app: FastAPI) -> Runtime:
 async def make_partner(app: FastAPI, api: httpx.AsyncClient, role: str = "partner") -> Caller:
     email = unique_email(role)
     async with runtime_of(app).db.session() as session:
-        user = await identity_of(app).register(session, email=email, password=PASSWORD, role=role)
+        user = await identity_service.register(
+            session, runtime_of(app), email=email, password=PASSWORD, role=role
+        )
     tokens = await login(api, email)
     return Caller(id=user.id, headers=bearer(tokens))
 

@@ -6,17 +6,18 @@ from uuid import UUID, uuid4
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from surge.kit.runtime import Runtime
 from surge.wallet.ledger import SystemAccount, ledger
 from surge.wallet.service import wallet as wallet_service
 
 
 async def create_partner(
-    session: AsyncSession, *, share_bps: int = 4_000, commission_bps: int | None = None,
+    session: AsyncSession, runtime: Runtime, *, share_bps: int = 4_000, commission_bps: int | None = None,
     active: bool = True, owner_id: UUID | None = None,
 ) -> UUID:  # fmt: skip
     owner = owner_id or uuid4()
     await wallet_service.set_partner(
-        session, owner, share_bps=share_bps, commission_bps=commission_bps, active=active
+        session, runtime, owner, share_bps=share_bps, commission_bps=commission_bps, active=active
     )
     return owner
 

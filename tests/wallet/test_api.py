@@ -157,9 +157,11 @@ class TestWithdrawalDecisions:
         rejected = await api.post(
             f"/api/admin/withdrawals/{ids[0]}/reject", json={"reason": "KYC"}, headers=admin.headers
         )
-        assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+        assert rejected.status_code == 200
+        assert rejected.json()["status"] == "rejected"
         approved = await api.post(f"/api/admin/withdrawals/{ids[1]}/approve", headers=admin.headers)
-        assert approved.status_code == 200 and approved.json()["status"] == "approved"
+        assert approved.status_code == 200
+        assert approved.json()["status"] == "approved"
         missing = str(uuid4())
         batch = await api.post(
             "/api/admin/withdrawals/batch-approve",
@@ -168,7 +170,8 @@ class TestWithdrawalDecisions:
         )
         assert batch.status_code == 200, batch.text
         results = {item["id"]: item for item in batch.json()["results"]}
-        assert results[ids[2]]["ok"] and results[ids[3]]["ok"]
+        assert results[ids[2]]["ok"]
+        assert results[ids[3]]["ok"]
         assert (results[ids[0]]["ok"], results[ids[0]]["code"]) == (False, 409)  # was rejected
         assert (results[missing]["ok"], results[missing]["code"]) == (False, 404)
         assert (batch.json()["approved"], batch.json()["failed"]) == (2, 2)
@@ -198,7 +201,7 @@ class TestWithdrawalDecisions:
                     {"ids": ids},
                 )
             ).scalar_one()
-        assert dict((a, n) for a, n in audited) == {
+        assert dict(audited) == {
             "wallet.withdrawal.reject": 1,
             "wallet.withdrawal.approve": 3,
         }
@@ -251,6 +254,57 @@ class TestWithdrawalDecisions:
         await assert_invariants(wallet_app)
 
 
+class TestHistoryOrder:
+    async def test_concurrent_postings_list_in_posting_order(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        """Issue 12: a transaction that *started* first but posted last has the older
+        ``created_at`` (now() is the transaction's start); listed by ``created_at`` the
+        balance chain read out of order. Listed by the entry sequence it chains."""
+        partner = await make_partner(wallet_app, api)
+        db = runtime_of(wallet_app).db
+        async with db.session() as early:
+            await early.execute(text("SELECT 1"))  # its transaction (and now()) starts here
+            async with db.session() as late:
+                await fund(late, partner.id, 62_500)  # starts later, commits first
+            await fund(early, partner.id, 4_675)  # started earlier, posts second
+        history = (await api.get("/api/v1/wallet/transactions", headers=partner.headers)).json()
+        items = history["items"]
+        assert [i["amount"] for i in items] == [4_675, 62_500]
+        assert items[0]["created_at"] < items[1]["created_at"]  # the trap, really set
+        assert items[1]["balance_before"] == 0
+        assert items[0]["balance_before"] == items[1]["balance_after"]
+
+
+class TestBatchAudit:
+    async def test_batch_approvals_are_audited_like_single_ones(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        partner = await funded_partner(wallet_app, api)
+        single, batched = [(await withdraw(api, partner, a)).json()["id"] for a in (1_000, 2_000)]
+        response = await api.post(f"/api/admin/withdrawals/{single}/approve", headers=admin.headers)
+        assert response.status_code == 200
+        response = await api.post(
+            "/api/admin/withdrawals/batch-approve", json={"ids": [batched]}, headers=admin.headers
+        )
+        assert response.status_code == 200
+        rows = {
+            row["subject_id"]: row
+            for row in (
+                await api.get(
+                    "/api/admin/audit-log",
+                    params={"subject_type": "withdrawal"},
+                    headers=admin.headers,
+                )
+            ).json()["items"]
+        }
+        assert rows[single]["after"]["amount"] == 1_000
+        assert rows[batched]["after"]["amount"] == 2_000
+        assert rows[batched]["after"]["status"] == rows[single]["after"]["status"] == "approved"
+        assert rows[batched]["action"] == rows[single]["action"] == "wallet.withdrawal.approve"
+        assert rows[batched]["after"]["batch"] is True
+
+
 class TestEarnings:
     async def test_revenue_event_credits_every_active_partner_once(
         self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
@@ -276,7 +330,8 @@ class TestEarnings:
         )
         assert joined.status_code == 200, joined.text
         replay = await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
-        assert replay.status_code == 200 and replay.json()["created"] is False
+        assert replay.status_code == 200
+        assert replay.json()["created"] is False
         changed = await api.post(
             "/api/v1/revenue-events", json={**event, "profit": 1}, headers=admin.headers
         )
@@ -328,7 +383,7 @@ class TestStats:
         runtime = runtime_of(wallet_app)
         partner = await make_partner(wallet_app, api)
         async with runtime.db.session() as session:
-            await wallet_service.set_partner(session, partner.id, share_bps=5_000)
+            await wallet_service.set_partner(session, runtime, partner.id, share_bps=5_000)
             for minutes_ago, amount in ((5, 300), (0, 200)):
                 await session.execute(
                     text(
@@ -346,11 +401,11 @@ class TestStats:
                     },
                 )
         async with runtime.db.read_session() as session:
-            before = await wallet_service.stats(session, partner.id)
+            before = await wallet_service.stats(session, runtime, partner.id)
         async with runtime.db.session() as session:
             assert await wallet_service.refresh_stats(session)
         async with runtime.db.read_session() as session:
-            after = await wallet_service.stats(session, partner.id)
+            after = await wallet_service.stats(session, runtime, partner.id)
         assert before["refreshed_at"] != after["refreshed_at"]
         for figures in (before, after):
             assert (figures["earnings_count"], figures["earnings_total"]) == (2, 500)
@@ -407,29 +462,36 @@ class TestPagination:
         def forge(text: str) -> str:
             return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
-        key_of = {"withdrawals": str(uuid4()), "transactions": "5", "earnings": "5"}
-        for path, who in (
-            ("/api/v1/withdrawals", partner),
-            ("/api/admin/withdrawals", admin),
-            ("/api/v1/wallet/transactions", partner),
-            ("/api/v1/earnings", partner),
+        # Withdrawals page by (created_at, id); history by the ledger's entry sequence alone.
+        timed = str(uuid4())
+        by_time = [
+            "%%%",
+            "bm90IGEgY3Vyc29y",
+            forge("2026-01-01T00:00:00+00:00|not-a-key"),
+            forge(f"9999-12-31T23:59:59-14:00|{timed}"),  # past datetime's range
+            forge(f"0001-01-01T00:00:00+14:00|{timed}"),
+            forge(f"2026-01-01T00:00:00|{timed}"),  # naive
+        ]
+        by_sequence = [
+            "%%%",
+            "bm90IGEgY3Vyc29y",
+            forge("not-a-key"),
+            forge("9" * 30),  # past BIGINT
+            forge("\u00b2"),  # a digit to isdigit(), not int()
+            forge("-5"),
+            forge("2026-01-01T00:00:00+00:00|5"),  # the old (created_at, id) shape
+        ]
+        fine_time = forge(f"2026-01-01T00:00:00+00:00|{timed}")
+        for path, who, forged, fine in (
+            ("/api/v1/withdrawals", partner, by_time, fine_time),
+            ("/api/admin/withdrawals", admin, by_time, fine_time),
+            ("/api/v1/wallet/transactions", partner, by_sequence, forge("5")),
+            ("/api/v1/earnings", partner, by_sequence, forge("5")),
         ):
-            valid_key = key_of[path.rsplit("/", 1)[1]]
-            forged = [
-                "%%%",
-                "bm90IGEgY3Vyc29y",
-                forge("2026-01-01T00:00:00+00:00|not-a-key"),
-                forge("2026-01-01T00:00:00+00:00|" + "9" * 30),  # past BIGINT
-                forge("2026-01-01T00:00:00+00:00|\u00b2"),  # a digit to isdigit(), not int()
-                forge(f"9999-12-31T23:59:59-14:00|{valid_key}"),  # past datetime's range
-                forge(f"0001-01-01T00:00:00+14:00|{valid_key}"),
-                forge(f"2026-01-01T00:00:00|{valid_key}"),  # naive
-            ]
             for cursor in forged:
                 response = await api.get(path, params={"cursor": cursor}, headers=who.headers)
                 assert response.status_code == 400, (path, cursor, response.text)
                 assert response.headers["content-type"] == "application/problem+json"
-            fine = forge(f"2026-01-01T00:00:00+00:00|{valid_key}")
             response = await api.get(path, params={"cursor": fine}, headers=who.headers)
             assert response.status_code == 200, (path, response.text)
 
@@ -544,7 +606,8 @@ class TestHostileAdminInput:
                     break
                 await asyncio.sleep(0.05)
         (earning,) = items["items"]
-        assert "share_bps" not in earning and "profit" not in earning
+        assert "share_bps" not in earning
+        assert "profit" not in earning
         assert earning["shown_profit"] == 987_654 * 3_333 // 10_000
 
 

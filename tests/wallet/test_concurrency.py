@@ -1,6 +1,6 @@
 """1 000 concurrent mixed operations on ONE wallet (credits, withdrawal requests, approvals,
 rejections, retried idempotent requests) on real PostgreSQL; afterwards the invariants of
-ARCHITECTURE §6 hold and the wallet shows exactly what the successful operations add up to."""
+docs/architecture.md §6 hold and the wallet shows exactly what the successful operations add up to."""
 
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ async def busy_runtime(server_urls: tuple[str, str]) -> AsyncIterator[Runtime]:
     settings: Settings = make_settings(*server_urls, DB_POOL_TIMEOUT=120)
     runtime = Runtime(settings)
     await runtime.start()
-    wallet_service.configure(settings)
     try:
         yield runtime
     finally:
@@ -46,7 +45,7 @@ async def test_thousand_mixed_operations_on_one_wallet_keep_the_invariants(
     db = busy_runtime.db
     rng = random.Random(8)
     async with db.session() as session:
-        owner = await create_partner(session)
+        owner = await create_partner(session, busy_runtime)
         revenue = await ledger.system_account(session, SystemAccount.revenue, currency="USD")
         wallet_id = await ledger.open_wallet(session, owner, currency="USD")
         admin = uuid4()
@@ -60,7 +59,11 @@ async def test_thousand_mixed_operations_on_one_wallet_keep_the_invariants(
     for _ in range(60):
         async with db.session() as session:
             seeded.append(
-                (await wallet_service.request_withdrawal(session, owner, amount=1_000)).id
+                (
+                    await wallet_service.request_withdrawal(
+                        session, busy_runtime, owner, amount=1_000
+                    )
+                ).id
             )
 
     credited: dict[str, int] = {"seed": 200_000}
@@ -108,7 +111,9 @@ async def test_thousand_mixed_operations_on_one_wallet_keep_the_invariants(
                     )  # fmt: skip
                     if stored is not None:
                         return "replayed"
-                made = await wallet_service.request_withdrawal(session, owner, amount=amount)
+                made = await wallet_service.request_withdrawal(
+                    session, busy_runtime, owner, amount=amount
+                )
                 if key is not None:
                     reply = Response(orjson.dumps({"id": str(made.id)}), status_code=201)
                     await idempotency_keys.store(
@@ -187,7 +192,8 @@ async def test_thousand_mixed_operations_on_one_wallet_keep_the_invariants(
     # 50 keys, each used twice. A key has at most one effect: one reservation, the other
     # request replayed (or refused, when the first attempt was refused for lack of funds
     # and so freed the key: the retry then ran for real). Never two reservations.
-    assert len(keyed) == 50 and all(len(seen) == 2 for seen in keyed.values())
+    assert len(keyed) == 50
+    assert all(len(seen) == 2 for seen in keyed.values())
     with_effect = [seen for seen in keyed.values() if "created" in seen]
     assert all(seen.count("created") == 1 for seen in with_effect)
     assert all(set(seen) <= {"created", "replayed", "409"} for seen in keyed.values())
@@ -199,4 +205,4 @@ async def test_thousand_mixed_operations_on_one_wallet_keep_the_invariants(
     # Every decision either applied, repeated harmlessly, or was refused as a conflict.
     decided = sum(v for k, v in outcomes.items() if k.startswith("decide."))
     assert decided == 200
-    assert set(k for k in outcomes if k.startswith("decide.")) <= {"decide.ok", "decide.409"}
+    assert {k for k in outcomes if k.startswith("decide.")} <= {"decide.ok", "decide.409"}

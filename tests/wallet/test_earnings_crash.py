@@ -69,11 +69,10 @@ async def test_sigkill_mid_batch_credits_every_partner_exactly_once(
     runtime: Runtime, tmp_path: Path
 ) -> None:
     assert surge.wallet.jobs  # registers the wallet jobs in this process (enqueue needs them)
-    wallet_service.configure(runtime.settings)
     event_id = f"crash-{uuid4()}"
     async with runtime.db.session() as session:
         for i in range(PARTNERS):
-            await create_partner(session, share_bps=1_000 + i)
+            await create_partner(session, runtime, share_bps=1_000 + i)
     # Every INSERT into wallet_earnings waits behind this lock: the worker's batch performs
     # its ledger transfers, then blocks on writing the earning rows — mid-batch.
     blocker = await runtime.db.primary.connect()
@@ -82,7 +81,7 @@ async def test_sigkill_mid_batch_credits_every_partner_exactly_once(
     try:
         async with runtime.db.session() as session:
             await wallet_service.record_revenue_event(
-                session, event_id=event_id, kind="game", profit=1_000_000
+                session, runtime, event_id=event_id, kind="game", profit=1_000_000
             )
             expected = {
                 owner: earning_for(1_000_000, share, commission)[1]

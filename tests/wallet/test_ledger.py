@@ -1,5 +1,5 @@
 """The ledger core on real PostgreSQL: transfers, two-phase reservations, the database's own
-guards, lock ordering, partitions — and the invariants of ARCHITECTURE §6 after each."""
+guards, lock ordering, partitions — and the invariants of docs/architecture.md §6 after each."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ async def assert_invariants(runtime: Runtime) -> None:
 
 async def two_wallets(runtime: Runtime, amount: int = 10_000) -> tuple[int, int]:
     async with runtime.db.session() as session:
-        a, b = await create_partner(session), await create_partner(session)
+        a, b = await create_partner(session, runtime), await create_partner(session, runtime)
         await fund(session, a, amount)
         await fund(session, b, amount)
         return (
@@ -150,7 +150,8 @@ class TestStandalone:
                 runtime.db.primary, key=key, debit=a, credit=b, amount=400,
                 currency="USD", kind="t",
             )  # fmt: skip
-        assert not posted.created and posted.debit_balance == 600
+        assert not posted.created
+        assert posted.debit_balance == 600
         with pytest.raises(InsufficientFunds):
             await ledger.transfer_now(
                 runtime.db.primary, key=f"now:{uuid4()}", debit=a, credit=b, amount=601,
@@ -296,7 +297,7 @@ class TestSystemAccounts:
         async with runtime.db.session() as session:
             revenue = await ledger.system_account(session, SystemAccount.revenue, currency="EUR")
             holds = await ledger.system_account(session, SystemAccount.holds, currency="EUR")
-            owner = await create_partner(session)
+            owner = await create_partner(session, runtime)
             wallet = await ledger.open_wallet(session, owner, currency="EUR")
             await ledger.transfer(
                 session, key=f"e:{uuid4()}", debit=revenue, credit=wallet, amount=10,

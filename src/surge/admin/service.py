@@ -2,7 +2,11 @@
 
 Metrics are read from the Prometheus registry (aggregated over every API process in
 multiprocess mode), so the console shows the fleet of this host, not one process. Actions
-that change state (clearing caches) are audited through identity's service.
+that change state (clearing caches) are audited (``surge.audit``).
+
+    from surge.admin.service import admin as admin_service
+
+No errors of its own.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from surge.identity.service import Identity, audit
+from surge.audit.service import audit as audit_service
+from surge.identity.service import identity as identity_service
 from surge.kit.breaker import breakers
-from surge.kit.jobs import queue_stats
+from surge.kit.jobs import queue_stats, registered
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry.alerts import AlertEvaluator, Snapshot, histogram_quantile, take_snapshot
 from surge.kit.telemetry.health_score import platform_health
@@ -74,9 +79,9 @@ def _memory(snapshot: Snapshot) -> dict[str, Any]:
 
 
 class AdminService:
-    async def metrics(
-        self, session: AsyncSession, runtime: Runtime, identity: Identity
-    ) -> dict[str, Any]:
+    """Stateless; see the module docstring."""
+
+    async def metrics(self, session: AsyncSession, runtime: Runtime) -> dict[str, Any]:
         """One JSON view of what an operator checks first."""
         started = time.perf_counter()
         snapshot = take_snapshot()
@@ -85,8 +90,9 @@ class AdminService:
             health=runtime.health,
             alerts=alerts if isinstance(alerts, AlertEvaluator) else None,
         )
-        queues = await queue_stats(session)
-        active = await identity.active_users(session, within=ACTIVE_WINDOW)
+        # Every registered queue, idle ones too (zeros), not only the queues with work.
+        queues = await queue_stats(session, known={spec.queue for spec in registered().values()})
+        active = await identity_service.active_users(session, within=ACTIVE_WINDOW)
         return {
             "generated_at": datetime.now(UTC).isoformat(),
             "health": health,
@@ -94,7 +100,7 @@ class AdminService:
             "database": _database(snapshot),
             "redis": {"up": runtime.redis.is_up},
             "memory": _memory(snapshot),
-            "caches": [runtime.cache.stats(), identity.privileges.cache.stats()],
+            "caches": [runtime.cache.stats(), identity_service.privilege_cache_stats(runtime)],
             "jobs": [queue.__dict__ for queue in queues],
             "breakers": breakers.status(),
             "active_users_15m": active,
@@ -104,20 +110,18 @@ class AdminService:
     async def clear_caches(
         self,
         session: AsyncSession,
-        actor_id: Any,
         runtime: Runtime,
-        identity: Identity,
+        actor_id: Any,
         *,
         request_id: str | None = None,
     ) -> list[str]:
         """Seed 002 "cache clear": every cache namespace, in every process, audited."""
         await runtime.cache.clear()
-        await identity.clear_privilege_cache()
         cleared = [
             str(runtime.cache.stats()["name"]),
-            str(identity.privileges.cache.stats()["name"]),
+            await identity_service.clear_privilege_cache(runtime),
         ]
-        await audit(
+        await audit_service.record(
             session,
             actor_id,
             action="admin.cache.cleared",

@@ -21,8 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from surge.identity.deps import current_user, get_identity, require_admin_mfa
-from surge.identity.service import PRINCIPAL_STATE
+from surge.identity.deps import current_user, require_admin_mfa
+from surge.identity.principal import PRINCIPAL_STATE
 from surge.kit.errors import Forbidden
 from surge.kit.web.problem import VALIDATION_GUARD
 
@@ -57,7 +57,7 @@ async def check_caller_first(request: Request) -> None:
     admin = request.url.path.startswith(ADMIN_PREFIX) or require_admin_mfa in calls
     if not admin and current_user not in calls:
         return  # a public route: the 422 is the answer
-    principal = await current_user(request, await get_identity(request))
+    principal = await current_user(request)
     request.scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
     if admin:
         await require_admin_mfa(principal)

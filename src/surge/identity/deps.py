@@ -17,19 +17,27 @@ import structlog
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from surge.identity.service import PRINCIPAL_STATE, Identity, Principal
+from surge.identity.principal import PRINCIPAL_STATE, Principal
+from surge.identity.runtime import IdentityState, identity_state
 from surge.kit.errors import Forbidden
 from surge.kit.security import InvalidToken
 
 log = structlog.get_logger()
 
+__all__ = [
+    "AdminMfa",
+    "CurrentUser",
+    "Principal",
+    "bearer_token",
+    "bind_principal",
+    "current_user",
+    "require_admin_mfa",
+    "require_role",
+]
 
-async def get_identity(request: Request) -> Identity:
-    identity: Identity = request.app.state.runtime.extensions["identity"]
-    return identity
 
-
-IdentityDep = Annotated[Identity, Depends(get_identity)]
+def _state(request: Request) -> IdentityState:
+    return identity_state(request.app.state.runtime)
 
 
 def bearer_token(request: Request) -> str:
@@ -53,7 +61,6 @@ bearer_scheme = HTTPBearer(
 
 async def current_user(
     request: Request,
-    identity: IdentityDep,
     _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)] = None,
 ) -> Principal:
     """The authenticated caller; also stored on ``request.state.principal`` for middleware
@@ -63,7 +70,7 @@ async def current_user(
     if live is not None:  # this request's token, authenticated by the rate-limit hook
         principal = live
     else:
-        principal = await identity.authenticate(bearer_token(request))
+        principal = await _state(request).authenticate(bearer_token(request))
     bind_principal(state, principal)
     return principal
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from surge.identity.service import refresh_view
+from surge.identity.service import identity as identity_service
 from surge.kit.jobs import JobContext, job
 
 
@@ -18,5 +18,5 @@ from surge.kit.jobs import JobContext, job
 async def refresh_active_subscriptions_job(ctx: JobContext) -> None:
     """``REFRESH MATERIALIZED VIEW CONCURRENTLY active_subscriptions`` in the job's unit of
     work; skipped when another process refreshed it less than 50 s ago."""
-    refreshed = await refresh_view(ctx.session, min_age=50)
+    refreshed = await identity_service.refresh_view(ctx.session, min_age=50)
     ctx.log.info("identity.view_refresh_job", refreshed=refreshed)

@@ -77,8 +77,8 @@ class Privileges:
     features: frozenset[str]
     rate_tier: str
     expires_at: datetime | None
-    #: memory | redis | database | stale (DB down, old memory entry) | fallback (nothing
-    #: reachable: the free tier, seed 003's last resort).
+    #: memory | redis | database | stale (DB down or busy, old memory entry). With nothing
+    #: cached and no answer from the database there is no Privileges: a 503 (issue 19).
     source: str
     found: bool = True
 

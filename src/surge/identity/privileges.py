@@ -4,11 +4,16 @@ The tiers, single-flight, stale-if-error and cross-process invalidation are ``ki
 identity owns a dedicated ``Cache`` instance (namespace ``surge:identity:priv``) so that the
 50 000 memory slots seed 003 sizes are privileges only, never evicted by other caches.
 
-Failover, as seed 003 prescribes:
+Failover:
 - Redis down → memory, then the database (the gateway knows Redis is down: no timeouts);
-- PostgreSQL down → the cached entry even past its TTL (``source="stale"``, up to
+- PostgreSQL down, slow, or its pool exhausted (no connection within ``DB_POOL_TIMEOUT``)
+  → the cached entry even past its TTL (``source="stale"``, up to
   ``IDENTITY_PRIVILEGE_STALE``);
-- both down, nothing cached → the free tier (``source="fallback"``).
+- nothing cached and no answer from PostgreSQL → ``PrivilegesUnavailable`` (503 with
+  ``Retry-After``). Seed 003 said "the free tier" here; under load that silently answered
+  paying users as free with a 200 (issue 19: over 400 in one cold start, all from pool
+  waits, not outages). A paying user is never downgraded by a failure: they get their
+  last known plan or a 503 their client retries (ADR 0015).
 
 Invalidation: a plan change deletes the user's entry after its transaction commits — this
 process's memory, Redis, and every other process's memory through kit.cache's pub/sub.
@@ -30,19 +35,26 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from surge.identity import repository
 from surge.identity.plans import FREE, Catalog, Grant, Privileges, privileges_for
 from surge.kit.cache import Cache
-from surge.kit.db import Database, is_unavailable
+from surge.kit.db import Database, is_pool_exhausted, is_unavailable
+from surge.kit.errors import DependencyUnavailable
 from surge.kit.telemetry.metrics import BatchedCounter
 
 log = structlog.get_logger()
 
 PRIVILEGE_LOOKUPS = Counter(
     "surge_privilege_lookups_total",
-    "Privilege lookups by the tier that answered (memory, redis, database, stale, fallback).",
+    "Privilege lookups by the tier that answered (memory, redis, database, stale), or "
+    "unavailable (nothing cached, no database answer: a 503).",
     ["source"],
 )
 _SOURCES = {"l1": "memory", "l2": "redis", "loader": "database"}
 _BATCHED = BatchedCounter(PRIVILEGE_LOOKUPS)  # one lookup per authenticated request
-_COUNTERS = {s: _BATCHED.labels(s) for s in ("memory", "redis", "database", "stale", "fallback")}
+_COUNTERS = {s: _BATCHED.labels(s) for s in ("memory", "redis", "database", "stale", "unavailable")}
+
+
+class PrivilegesUnavailable(DependencyUnavailable):
+    """Nothing cached for the user and PostgreSQL did not answer (down, or its pool busy):
+    503 with ``Retry-After`` — never the free tier in their place."""
 
 
 class PrivilegeStore:
@@ -90,8 +102,16 @@ class PrivilegeStore:
         except Exception as error:
             if not is_unavailable(error):
                 raise
-            log.warning("identity.privileges.fallback", user_id=key)
-            return self._privileges(user_id, Grant(plan=FREE), "fallback")
+            busy = is_pool_exhausted(error)
+            log.warning(
+                "identity.privileges.unavailable",
+                user_id=key,
+                reason="pool_exhausted" if busy else "database_unavailable",
+            )
+            _COUNTERS["unavailable"].inc()
+            raise PrivilegesUnavailable(
+                "Your plan cannot be read right now; retry shortly", retry_after=1 if busy else 5
+            ) from error
         source = "stale" if result.stale else _SOURCES.get(result.source, result.source)
         built = self._built.get(user_id)
         if (
@@ -127,7 +147,7 @@ class PrivilegeStore:
         except Exception as error:
             if not is_unavailable(error):
                 raise  # a bug, not an outage
-            # PostgreSQL down: each get() below serves what is cached, else the free tier.
+            # PostgreSQL down or busy: each get() below serves what is cached, else raises.
         return {user_id: await self.get(user_id) for user_id in unique}
 
     async def _load_many(self, keys: Sequence[str]) -> dict[str, Any]:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.identity.plans import Grant
-from surge.models.audit import AuditEntry
+from surge.kit.web.cursor import moment
+from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User
 
 #: Rows changed this long before the view's last refresh are still read from the table:
 #: longer than any transaction may run (statement_timeout 30 s), so a plan change that
 #: committed while the refresh was running is never missed.
 VIEW_OVERLAY_MARGIN = "5 minutes"
+SESSIONS_OLDEST_FIRST = Keyset((AuthSession.created_at, AuthSession.id), (moment, uuid.UUID))
 
 
 async def user_by_email(session: AsyncSession, email: str) -> User | None:
@@ -58,29 +59,17 @@ async def live_sessions(
 
 
 async def session_page(
-    session: AsyncSession,
-    user_id: uuid.UUID,
-    *,
-    now: datetime,
-    after: tuple[datetime, uuid.UUID] | None,
-    limit: int,
-) -> Sequence[AuthSession]:
-    statement = (
-        select(AuthSession)
-        .where(
-            AuthSession.user_id == user_id,
-            AuthSession.revoked_at.is_(None),
-            AuthSession.expires_at > now,
-        )
-        .order_by(AuthSession.created_at, AuthSession.id)
-        .limit(limit)
+    session: AsyncSession, user_id: uuid.UUID, *, now: datetime, limit: int, cursor: str | None
+) -> Slice[AuthSession]:
+    """The user's live sessions, oldest first, one page."""
+    statement = select(AuthSession).where(
+        AuthSession.user_id == user_id,
+        AuthSession.revoked_at.is_(None),
+        AuthSession.expires_at > now,
     )
-    if after is not None:
-        statement = statement.where(
-            (AuthSession.created_at, AuthSession.id) > (after[0], after[1])  # type: ignore[operator]
-        )
-    result = await session.execute(statement)
-    return result.scalars().all()
+    return await keyset_page(
+        session, statement, SESSIONS_OLDEST_FIRST, limit=limit, cursor=cursor, scalars=True
+    )
 
 
 async def refresh_token_for_update(
@@ -244,45 +233,34 @@ async def most_active_users(session: AsyncSession, limit: int) -> list[uuid.UUID
     return list(result.scalars().all())
 
 
-async def add_audit(
-    session: AsyncSession,
-    actor_id: uuid.UUID | None,
-    *,
-    action: str,
-    subject_type: str,
-    subject_id: str,
-    before: dict[str, Any] | None,
-    after: dict[str, Any] | None,
-    request_id: str | None = None,
-) -> None:
-    session.add(
-        AuditEntry(
-            actor_id=actor_id,
-            action=action,
-            subject_type=subject_type,
-            subject_id=subject_id,
-            before=before,
-            after=after,
-            request_id=request_id,
+async def try_view_refresh_lock(session: AsyncSession, key: int) -> bool:
+    """A transaction-scoped advisory lock: one view refresh at a time across processes."""
+    return bool(await session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}))
+
+
+async def view_refreshed_within(session: AsyncSession, name: str, seconds: float) -> bool:
+    fresh = await session.scalar(
+        text(
+            "SELECT refreshed_at > now() - make_interval(secs => :age) "
+            "FROM view_refreshes WHERE name = :name"
+        ),
+        {"age": seconds, "name": name},
+    )
+    return bool(fresh)
+
+
+async def refresh_active_subscriptions(session: AsyncSession) -> None:
+    """``REFRESH MATERIALIZED VIEW CONCURRENTLY`` (readers are not blocked) and record when:
+    now() is the transaction start, before the refresh's snapshot: conservative."""
+    await session.execute(text("REFRESH MATERIALIZED VIEW CONCURRENTLY active_subscriptions"))
+    await session.execute(
+        text(
+            "INSERT INTO view_refreshes (name, refreshed_at) "
+            "VALUES ('active_subscriptions', now()) "
+            "ON CONFLICT (name) DO UPDATE SET refreshed_at = excluded.refreshed_at"
         )
     )
-    await session.flush()
 
 
-async def audit_page(
-    session: AsyncSession,
-    *,
-    subject_type: str | None,
-    subject_id: str | None,
-    before_id: int | None,
-    limit: int,
-) -> Sequence[AuditEntry]:
-    statement = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
-    if subject_type is not None:
-        statement = statement.where(AuditEntry.subject_type == subject_type)
-    if subject_id is not None:
-        statement = statement.where(AuditEntry.subject_id == subject_id)
-    if before_id is not None:
-        statement = statement.where(AuditEntry.id < before_id)
-    result = await session.execute(statement)
-    return result.scalars().all()
+async def user_session(session: AsyncSession, session_id: uuid.UUID) -> AuthSession | None:
+    return await session.get(AuthSession, session_id)

@@ -1,31 +1,29 @@
 """Identity's HTTP surface: ``/api/v1/auth/*``, ``/api/v1/me*``, ``/api/v1/privileges/batch``
-and the admin routes ``/api/admin/users/{id}/plan`` and ``/api/admin/audit-log``."""
+and the admin route ``/api/admin/users/{id}/plan`` (mounted by ``surge.admin.surface``)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Annotated
 
 import orjson
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status
 
-from surge.identity import repository
 from surge.identity.deps import (
     AdminMfa,
     CurrentUser,
-    IdentityDep,
     bind_principal,
     current_user,
-    get_identity,
     require_admin_mfa,
 )
+from surge.identity.errors import EmailTaken
+from surge.identity.mfa import mfa as mfa_service
 from surge.identity.plans import Privileges
+from surge.identity.principal import PRINCIPAL_STATE, PRIVILEGES_STATE, Principal, TokenPair
+from surge.identity.runtime import identity_state
 from surge.identity.schemas import (
     AccessTokenRead,
-    AuditPage,
-    AuditRead,
     BatchRead,
     BatchRequest,
     LoginRequest,
@@ -36,27 +34,19 @@ from surge.identity.schemas import (
     PrivilegesRead,
     RefreshRequest,
     RegistrationAccepted,
-    SessionPage,
     SessionRead,
     TokenRead,
     UserCreate,
     UserRead,
 )
-from surge.identity.service import (
-    PRINCIPAL_STATE,
-    PRIVILEGES_STATE,
-    EmailTaken,
-    Identity,
-    Principal,
-    TokenPair,
-)
-from surge.kit.web.cursor import bigint, decode_cursor, encode_cursor, moment
-from surge.kit.web.deps import ReadSessionDep, SessionDep
+from surge.identity.service import identity as identity_service
+from surge.kit.runtime import Runtime
+from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
+from surge.kit.web.pagination import Page
 from surge.kit.web.responses import JSONBytes
 
-log = structlog.get_logger()
-
 Limit = Annotated[int, Query(ge=1, le=100)]
+Cursor = Annotated[str | None, Query(max_length=200)]
 
 
 def _tokens(pair: TokenPair) -> TokenRead:
@@ -68,11 +58,13 @@ def _tokens(pair: TokenPair) -> TokenRead:
     )
 
 
-def _client_ip(request: Request, identity: Identity) -> str:
+def _client_ip(request: Request, runtime: Runtime) -> str:
     """The client address behind trusted proxies (``TRUSTED_PROXIES``): the per-IP login
     budget must count the caller, not the load balancer."""
-    return identity.client_ip(request.scope)
+    return identity_service.client_ip(runtime, request.scope)
 
+
+log = structlog.get_logger()
 
 router = APIRouter(prefix="/api/v1", tags=["identity"])
 
@@ -87,9 +79,8 @@ async def my_privileges(request: Request) -> Response:
     principal: Principal | None = state.get(PRINCIPAL_STATE)
     p: Privileges | None = state.get(PRIVILEGES_STATE)
     if principal is None or p is None or p.user_id != principal.user_id:
-        identity = await get_identity(request)
-        principal = await current_user(request, identity)
-        p = await identity.privileges_of(principal.user_id)
+        principal = await current_user(request)
+        p = await identity_service.privileges_of(request.app.state.runtime, principal.user_id)
     else:
         bind_principal(state, principal)  # as current_user leaves it
     return JSONBytes(p.json)
@@ -97,42 +88,51 @@ async def my_privileges(request: Request) -> Response:
 
 @router.post("/auth/register", status_code=status.HTTP_202_ACCEPTED)
 async def register(
-    body: UserCreate, session: SessionDep, identity: IdentityDep
+    body: UserCreate, session: SessionDep, runtime: RuntimeDep
 ) -> RegistrationAccepted:
     """The same 202 whatever the address: a taken (or look-alike) address is not revealed.
     Its owner gets a "you already have an account" message instead (a log line until the
     notifications outbox lands)."""
     try:
-        await identity.register(session, email=body.email, password=body.password)
+        await identity_service.register(session, runtime, email=body.email, password=body.password)
     except EmailTaken as taken:
         # As slow as a real registration (one password hash): no timing oracle either.
-        await identity.hasher.hash(body.password)
+        await identity_state(runtime).hasher.hash(body.password)
         log.info("identity.register.existing_account", reason=taken.message)
     return RegistrationAccepted()
 
 
 @router.post("/auth/login")
-async def login(body: LoginRequest, request: Request, identity: IdentityDep) -> TokenRead:
-    pair = await identity.login(
+async def login(
+    body: LoginRequest, request: Request, session: SessionDep, runtime: RuntimeDep
+) -> TokenRead:
+    pair = await identity_service.login(
+        session,
+        runtime,
         email=body.email,
         password=body.password,
         otp=body.otp,
-        ip=_client_ip(request, identity),
+        ip=_client_ip(request, runtime),
         user_agent=request.headers.get("user-agent"),
     )
     return _tokens(pair)
 
 
 @router.post("/auth/refresh")
-async def refresh(body: RefreshRequest, identity: IdentityDep) -> TokenRead:
-    return _tokens(await identity.refresh(body.refresh_token))
+async def refresh(body: RefreshRequest, session: SessionDep, runtime: RuntimeDep) -> TokenRead:
+    return _tokens(await identity_service.refresh(session, runtime, body.refresh_token))
 
 
 @router.post("/auth/logout", status_code=status.HTTP_204_NO_CONTENT)
 async def logout(
-    principal: CurrentUser, identity: IdentityDep, body: LogoutRequest | None = None
+    principal: CurrentUser,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    body: LogoutRequest | None = None,
 ) -> Response:
-    await identity.logout(principal, everywhere=bool(body and body.everywhere))
+    await identity_service.logout(
+        session, runtime, principal, everywhere=bool(body and body.everywhere)
+    )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -141,37 +141,33 @@ async def list_sessions(
     principal: CurrentUser,
     session: ReadSessionDep,
     limit: Limit = 50,
-    cursor: str | None = None,
-) -> SessionPage:
-    after = decode_cursor(cursor, moment, uuid.UUID) if cursor else None
-    rows = await repository.session_page(
-        session, principal.user_id, now=datetime.now(UTC), after=after, limit=limit + 1
+    cursor: Cursor = None,
+) -> Page[SessionRead]:
+    rows, next_cursor = await identity_service.sessions_page(
+        session, principal, limit=limit, cursor=cursor
     )
     items = [
         SessionRead.model_validate(row).model_copy(
             update={"current": row.id == principal.session_id}
         )
-        for row in rows[:limit]
+        for row in rows
     ]
-    next_cursor = (
-        encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
-    )
-    return SessionPage(items=items, next_cursor=next_cursor)
+    return Page[SessionRead](items=items, next_cursor=next_cursor)
 
 
 @router.delete("/auth/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def revoke_session(
-    session_id: uuid.UUID, principal: CurrentUser, identity: IdentityDep
+    session_id: uuid.UUID, principal: CurrentUser, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
-    await identity.revoke_session(principal, session_id)
+    await identity_service.revoke_session(session, runtime, principal, session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/auth/mfa/setup")
 async def mfa_setup(
-    principal: CurrentUser, session: SessionDep, identity: IdentityDep
+    principal: CurrentUser, session: SessionDep, runtime: RuntimeDep
 ) -> MfaSetupRead:
-    enrollment = await identity.mfa_setup(session, principal)
+    enrollment = await mfa_service.setup(session, runtime, principal)
     return MfaSetupRead(
         secret=enrollment.secret,
         provisioning_uri=enrollment.provisioning_uri,
@@ -181,25 +177,25 @@ async def mfa_setup(
 
 @router.post("/auth/mfa/verify")
 async def mfa_verify(
-    body: MfaVerifyRequest, principal: CurrentUser, identity: IdentityDep
+    body: MfaVerifyRequest, principal: CurrentUser, session: SessionDep, runtime: RuntimeDep
 ) -> AccessTokenRead:
-    token = await identity.mfa_verify(principal, body.code)
-    return AccessTokenRead(access_token=token, expires_in=int(identity.codec.ttl))
+    token = await mfa_service.verify(session, runtime, principal, body.code)
+    return AccessTokenRead(access_token=token, expires_in=identity_service.access_ttl(runtime))
 
 
 @router.get("/me")
-async def me(principal: CurrentUser, session: ReadSessionDep, identity: IdentityDep) -> UserRead:
-    return UserRead.model_validate(await identity.get_user(session, principal.user_id))
+async def me(principal: CurrentUser, session: ReadSessionDep) -> UserRead:
+    return UserRead.model_validate(await identity_service.get_user(session, principal.user_id))
 
 
 @router.post(
     "/privileges/batch", dependencies=[Depends(require_admin_mfa)], response_model=BatchRead
 )
-async def privileges_batch(body: BatchRequest, identity: IdentityDep) -> Response:
+async def privileges_batch(body: BatchRequest, runtime: RuntimeDep) -> Response:
     """Up to 100 users in one call (seed 003): answered from memory when warm, else one
     Redis MGET and one SQL query for all the misses. JSON bytes written directly: building
     100 response models cost more than the checks themselves (bench/privileges.py)."""
-    found = await identity.privileges.get_many(body.user_ids)
+    found = await identity_service.privileges_many(runtime, body.user_ids)
     feature = body.feature
     results = []
     for user_id in body.user_ids:
@@ -220,7 +216,8 @@ admin_router = APIRouter(prefix="/api/admin", tags=["admin"])
 
 
 def install_routes(app: FastAPI) -> None:
-    """Add identity's routes to ``app``. ``GET /api/v1/me/privileges`` goes directly on the
+    """Add identity's public routes to ``app`` (its admin router is mounted by
+    ``surge.admin.surface``). ``GET /api/v1/me/privileges`` goes directly on the
     app's router, before everything else identity adds: it is the hottest route of the API,
     FastAPI keeps included routers nested (a few µs per request) and matches routes in order
     (cost grows with the position) — bench/privileges.py."""
@@ -233,7 +230,6 @@ def install_routes(app: FastAPI) -> None:
         summary="The caller's plan, features and rate tier",
     )
     app.include_router(router)
-    app.include_router(admin_router)
 
 
 @admin_router.put("/users/{user_id}/plan", status_code=status.HTTP_204_NO_CONTENT)
@@ -243,11 +239,12 @@ async def change_plan(
     *,
     principal: AdminMfa,
     session: SessionDep,
-    identity: IdentityDep,
+    runtime: RuntimeDep,
     request: Request,
 ) -> Response:
-    await identity.change_plan(
+    await identity_service.change_plan(
         session,
+        runtime,
         principal.user_id,
         user_id=user_id,
         plan=body.plan,
@@ -255,24 +252,3 @@ async def change_plan(
         request_id=getattr(request.state, "request_id", None),
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-@admin_router.get("/audit-log", dependencies=[Depends(require_admin_mfa)])
-async def audit_log(
-    session: ReadSessionDep,
-    limit: Limit = 50,
-    cursor: str | None = None,
-    subject_type: str | None = None,
-    subject_id: str | None = None,
-) -> AuditPage:
-    before_id = decode_cursor(cursor, bigint)[0] if cursor else None
-    rows = await repository.audit_page(
-        session,
-        subject_type=subject_type,
-        subject_id=subject_id,
-        before_id=before_id,
-        limit=limit + 1,
-    )
-    items = [AuditRead.model_validate(row) for row in rows[:limit]]
-    next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
-    return AuditPage(items=items, next_cursor=next_cursor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -92,11 +92,6 @@ class SessionRead(BaseModel):
     current: bool = False
 
 
-class SessionPage(BaseModel):
-    items: list[SessionRead]
-    next_cursor: str | None
-
-
 class MfaSetupRead(BaseModel):
     secret: str
     provisioning_uri: str
@@ -113,7 +108,7 @@ class PrivilegesRead(BaseModel):
     features: list[str]
     rate_tier: str
     expires_at: datetime | None
-    source: str = Field(description="memory | redis | database | stale | fallback")
+    source: str = Field(description="memory | redis | database | stale")
 
 
 class BatchRequest(BaseModel):
@@ -136,22 +131,3 @@ class BatchRead(BaseModel):
 class PlanChange(BaseModel):
     plan: str = Field(max_length=50)
     expires_at: datetime | None = None
-
-
-class AuditRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    at: datetime
-    actor_id: uuid.UUID | None
-    action: str
-    subject_type: str
-    subject_id: str
-    before: dict[str, Any] | None
-    after: dict[str, Any] | None
-    request_id: str | None
-
-
-class AuditPage(BaseModel):
-    items: list[AuditRead]
-    next_cursor: str | None

@@ -270,7 +270,7 @@ class LoginGuard:
     password is checked (``reserve``: INCR, refused past the budget) and kept if the attempt
     fails, given back otherwise (``succeeded`` / ``release``): guesses sent concurrently
     cannot all pass a read-only check while the slow password hash runs. With Redis down
-    the counters are per process (ARCHITECTURE §4: "rate limits fall back to per-process
+    the counters are per process (docs/architecture.md §4: "rate limits fall back to per-process
     limits").
     """
 

@@ -109,6 +109,9 @@ class EmbeddedPostgres:
     database: str = "surge"
     durable: bool = True
     max_connections: int = 300
+    #: True once ``start()`` launched the server; False when it found one running (another
+    #: command's, e.g. ``surge up``'s): only a server started here may be stopped here.
+    started_here: bool = field(default=False, init=False)
     _user: pwd.struct_passwd | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +191,7 @@ class EmbeddedPostgres:
             if not self.port or port_open(self.port):
                 self.port = free_port()
             self._start_server()
+            self.started_here = True
         elif not self.port:
             raise EmbeddedServerError(
                 f"PostgreSQL already runs in {self.pgdata} on an unknown port"
@@ -260,6 +264,8 @@ class EmbeddedRedis:
 
     data_dir: Path
     port: int = 0
+    #: As ``EmbeddedPostgres.started_here``: False when ``start()`` reused a running server.
+    started_here: bool = field(default=False, init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -312,6 +318,7 @@ class EmbeddedRedis:
         while self.pid() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         state_file.write_text(json.dumps({"port": self.port}))
+        self.started_here = True
         log.info("embedded.redis.started", port=self.port)
         return self.url
 

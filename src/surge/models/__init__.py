@@ -4,15 +4,36 @@ from surge.models.audit import AuditEntry
 from surge.models.base import Base, TimestampMixin
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
+from surge.models.payments import PaymentEvent, Topup
+from surge.models.wallet import (
+    Earning,
+    Entry,
+    IdempotencyKeyRow,
+    LedgerAccount,
+    Partner,
+    RevenueEvent,
+    Transfer,
+    Withdrawal,
+)
 
 __all__ = [
     "AuditEntry",
     "AuthSession",
     "Base",
+    "Earning",
+    "Entry",
+    "IdempotencyKeyRow",
+    "LedgerAccount",
+    "Partner",
+    "PaymentEvent",
     "RefreshToken",
+    "RevenueEvent",
     "Subscription",
     "TimestampMixin",
+    "Topup",
+    "Transfer",
     "User",
     "ViewRefresh",
+    "Withdrawal",
     "jobs_table",
 ]

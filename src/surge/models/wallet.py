@@ -12,7 +12,19 @@ from __future__ import annotations
 from datetime import datetime
 from uuid import UUID
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Integer, LargeBinary, Text, func
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    Text,
+    func,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from surge.models.base import Base
@@ -24,6 +36,10 @@ class LedgerAccount(Base):
     of posted transfers; ``pending_out``/``pending_in`` are reservations not yet posted."""
 
     __tablename__ = "wallet_accounts"
+    __table_args__ = (
+        Index("uq_wallet_accounts_owner", "owner_id", "currency", unique=True),
+        Index("uq_wallet_accounts_system", "code", "currency", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
     owner_id: Mapped[UUID | None]
@@ -42,15 +58,16 @@ class Transfer(Base):
     reservation), post / void (the second phase of ``pending_id``)."""
 
     __tablename__ = "wallet_transfers"
+    __table_args__ = (Index("uq_wallet_transfers_pending_id", "pending_id", unique=True),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(Text, unique=True)
-    debit_account_id: Mapped[int] = mapped_column(BigInteger)
-    credit_account_id: Mapped[int] = mapped_column(BigInteger)
+    debit_account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("wallet_accounts.id"))
+    credit_account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("wallet_accounts.id"))
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(Text)
     phase: Mapped[str] = mapped_column(Text)
-    pending_id: Mapped[int | None] = mapped_column(BigInteger)
+    pending_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("wallet_transfers.id"))
     kind: Mapped[str] = mapped_column(Text)
     reference: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -61,6 +78,8 @@ class Entry(Base):
     Partitioned by month on ``created_at``."""
 
     __tablename__ = "wallet_entries"
+    #: History is listed in posting order, by the entry sequence (migration 0005).
+    __table_args__ = (Index("ix_wallet_entries_account_seq", "account_id", text("id DESC")),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(
@@ -80,6 +99,9 @@ class Partner(Base):
     """A partner's commercial terms (seed 001), in basis points: 4000 = 40 %."""
 
     __tablename__ = "wallet_partners"
+    __table_args__ = (
+        Index("ix_wallet_partners_active", "owner_id", postgresql_where=text("active")),
+    )
 
     owner_id: Mapped[UUID] = mapped_column(primary_key=True)
     share_bps: Mapped[int] = mapped_column(Integer)
@@ -106,6 +128,10 @@ class Earning(Base):
     """What one partner earned from one event (partitioned by month)."""
 
     __tablename__ = "wallet_earnings"
+    __table_args__ = (
+        Index("ix_wallet_earnings_owner", "owner_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_wallet_earnings_owner_seq", "owner_id", text("id DESC")),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(
@@ -127,14 +153,22 @@ class Withdrawal(Base):
     approved (posted, and moved on to payouts) or rejected (voided)."""
 
     __tablename__ = "wallet_withdrawals"
+    __table_args__ = (
+        Index("ix_wallet_withdrawals_owner", "owner_id", text("created_at DESC"), text("id DESC")),
+        Index(
+            "ix_wallet_withdrawals_pending",
+            "created_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
 
     id: Mapped[UUID] = mapped_column(primary_key=True, server_default=func.gen_random_uuid())
     owner_id: Mapped[UUID]
-    account_id: Mapped[int] = mapped_column(BigInteger)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("wallet_accounts.id"))
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text, server_default="pending")
-    transfer_id: Mapped[int] = mapped_column(BigInteger)
+    transfer_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("wallet_transfers.id"))
     resolution_transfer_id: Mapped[int | None] = mapped_column(BigInteger)
     decided_by: Mapped[UUID | None]
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -147,6 +181,7 @@ class IdempotencyKeyRow(Base):
     here so Alembic's metadata knows the table)."""
 
     __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
 
     scope: Mapped[str] = mapped_column(Text, primary_key=True)
     key: Mapped[str] = mapped_column(Text, primary_key=True)

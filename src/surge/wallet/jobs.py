@@ -11,33 +11,27 @@ from __future__ import annotations
 from datetime import timedelta
 from uuid import UUID
 
-from sqlalchemy import select
-
 from surge.config import settings
 from surge.kit.jobs import JobContext, job
 from surge.kit.web.idempotency import idempotency_keys
-from surge.models.wallet import Withdrawal
-from surge.wallet.service import EARNINGS_JOB, NOTIFY_JOB, changed_owners, stats_key
+from surge.wallet.service import EARNINGS_JOB, NOTIFY_JOB
 from surge.wallet.service import wallet as wallet_service
 
+# The cron schedule is fixed when the job registers, so it reads the process's settings.
 _REFRESH_MINUTES = max(1, int(settings.WALLET_STATS_REFRESH.total_seconds() // 60))
-
-
-def _invalidate_stats(ctx: JobContext) -> None:
-    owners = changed_owners(ctx.session)
-    if owners:
-        ctx.runtime.cache.invalidate_on_commit(ctx.session, keys=[stats_key(o) for o in owners])
 
 
 @job(EARNINGS_JOB, queue="wallet", max_attempts=10, backoff=timedelta(seconds=2))
 async def credit_earnings(ctx: JobContext) -> None:
     """Credit one batch of partners for one revenue event and enqueue the next batch."""
-    wallet_service.configure(ctx.runtime.settings)
     after = ctx.payload.get("after")
     await wallet_service.credit_earnings_batch(
-        ctx.session, event_id=str(ctx.payload["event_id"]), after=UUID(after) if after else None
+        ctx.session,
+        ctx.runtime,
+        event_id=str(ctx.payload["event_id"]),
+        after=UUID(after) if after else None,
     )
-    _invalidate_stats(ctx)
+    wallet_service.invalidate_after_commit(ctx.session, ctx.runtime)
 
 
 @job(NOTIFY_JOB, queue="wallet", max_attempts=5)
@@ -47,8 +41,8 @@ async def notify_withdrawal(ctx: JobContext) -> None:
     Delivery belongs to the notifications module, which does not exist yet: until it does,
     this job composes the message and logs it (``wallet.withdrawal.notify``), so the
     decision → notification hand-off (enqueued in the decision's transaction) is in place."""
-    withdrawal = await ctx.session.scalar(
-        select(Withdrawal).where(Withdrawal.id == UUID(str(ctx.payload["withdrawal_id"])))
+    withdrawal = await wallet_service.withdrawal_by_id(
+        ctx.session, UUID(str(ctx.payload["withdrawal_id"]))
     )
     if withdrawal is None:
         return
@@ -72,8 +66,7 @@ async def refresh_stats(ctx: JobContext) -> None:
 async def ensure_partitions(ctx: JobContext) -> None:
     """Keep WALLET_PARTITION_MONTHS_AHEAD monthly partitions created ahead (hourly: cheap,
     idempotent, and a missed run is made up long before a month boundary)."""
-    wallet_service.configure(ctx.runtime.settings)
-    created = await wallet_service.ensure_partitions(ctx.session)
+    created = await wallet_service.ensure_partitions(ctx.session, ctx.runtime)
     if created:
         ctx.log.info("wallet.partitions.created", count=created)
 

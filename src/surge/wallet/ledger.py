@@ -415,7 +415,7 @@ class Ledger:
             raise domain from error
         return Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3]))
 
-    # ---- invariants (ARCHITECTURE §6) -----------------------------------------------------
+    # ---- invariants (docs/architecture.md §6) -----------------------------------------------------
     async def check_invariants(self, session: AsyncSession) -> list[str]:
         """Every violation of the money rules, as readable lines; empty when all hold.
 

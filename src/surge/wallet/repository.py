@@ -1,44 +1,24 @@
-"""The wallet's read queries: owner-scoped, cursor-paginated, replica-safe.
+"""The wallet's queries. Reads are owner-scoped, cursor-paginated and replica-safe.
 
 Every function takes the owner id and filters by it; the ones reading RLS-protected tables
 also set ``surge.owner_id`` for the transaction, so PostgreSQL itself hides other owners'
 rows (defence in depth: a forgotten filter returns nothing instead of someone else's money).
-Cursors are ``kit.web.cursor``'s: the last row's ``(created_at, id)``, newest first.
+Listings page with ``kit.web.pagination``. Money itself moves only through ``ledger``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Row, text
+from sqlalchemy import Row, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from surge.kit.web.cursor import bigint, decode_cursor, encode_cursor, moment
-
-
-def after_cursor(
-    cursor: str | None, params: dict[str, Any], key: Callable[[str], object], *, older: bool
-) -> str:
-    """The keyset condition for rows past ``cursor`` (older ones when the listing is newest
-    first), its parameters added to ``params``; "" on the first page."""
-    if not cursor:
-        return ""
-    at, after = decode_cursor(cursor, moment, key)
-    params.update(c_at=at, c_id=after)
-    return f"AND (created_at, id) {'<' if older else '>'} (:c_at, :c_id)"
-
-
-def page(
-    rows: Sequence[Row[Any]], limit: int, key: str = "id"
-) -> tuple[list[Row[Any]], str | None]:
-    """The first ``limit`` rows and the cursor of the next page (we fetch limit + 1)."""
-    items = list(rows[:limit])
-    if len(rows) <= limit or not items:
-        return items, None
-    last = items[-1]
-    return items, encode_cursor(last.created_at, getattr(last, key))
+from surge.kit.web.cursor import bigint, moment
+from surge.kit.web.pagination import Keyset, Slice, keyset_page
+from surge.models.wallet import Earning, Entry, Partner, RevenueEvent, Withdrawal
 
 
 async def scope_to_owner(session: AsyncSession, owner_id: UUID) -> None:
@@ -48,79 +28,61 @@ async def scope_to_owner(session: AsyncSession, owner_id: UUID) -> None:
     )
 
 
+#: History in posting order: ``id`` comes from one sequence and each account's legs are
+#: written under that account's row lock, so within an account it is the order of the
+#: balance chain. ``created_at`` is the transaction's start: two concurrent postings
+#: would list their balances out of order (migration 0005 indexes the sequence).
+ENTRIES_NEWEST_FIRST = Keyset((Entry.id,), (bigint,), descending=True)
+EARNINGS_NEWEST_FIRST = Keyset((Earning.id,), (bigint,), descending=True)
+WITHDRAWALS_NEWEST_FIRST = Keyset(
+    (Withdrawal.created_at, Withdrawal.id), (moment, UUID), descending=True
+)
+WITHDRAWALS_OLDEST_FIRST = Keyset((Withdrawal.created_at, Withdrawal.id), (moment, UUID))
+_WITHDRAWAL_COLUMNS = (
+    Withdrawal.id, Withdrawal.amount, Withdrawal.currency, Withdrawal.status,
+    Withdrawal.reason, Withdrawal.decided_at, Withdrawal.created_at,
+)  # fmt: skip
+
+
 async def entries(
     session: AsyncSession, account_id: int, *, limit: int, cursor: str | None
-) -> tuple[list[Row[Any]], str | None]:
-    params: dict[str, Any] = {"a": account_id, "n": limit + 1}
-    after = after_cursor(cursor, params, bigint, older=True)
-    rows = (
-        await session.execute(
-            text(
-                "SELECT id, transfer_id, kind, amount, balance_before, balance_after, reference, "
-                f"created_at FROM wallet_entries WHERE account_id = :a {after} "
-                "ORDER BY created_at DESC, id DESC LIMIT :n"
-            ),
-            params,
-        )
-    ).all()
-    return page(rows, limit)
+) -> Slice[Row[Any]]:
+    statement = select(
+        Entry.id, Entry.transfer_id, Entry.kind, Entry.amount, Entry.balance_before,
+        Entry.balance_after, Entry.reference, Entry.created_at,
+    ).where(Entry.account_id == account_id)  # fmt: skip
+    return await keyset_page(session, statement, ENTRIES_NEWEST_FIRST, limit=limit, cursor=cursor)
 
 
 async def earnings(
     session: AsyncSession, owner_id: UUID, *, limit: int, cursor: str | None
-) -> tuple[list[Row[Any]], str | None]:
+) -> Slice[Row[Any]]:
     await scope_to_owner(session, owner_id)
-    params: dict[str, Any] = {"o": owner_id, "n": limit + 1}
-    after = after_cursor(cursor, params, bigint, older=True)
-    rows = (
-        await session.execute(
-            text(
-                "SELECT id, event_id, event_kind, shown_profit, amount, currency, "
-                f"commission_bps, created_at FROM wallet_earnings WHERE owner_id = :o {after} "
-                "ORDER BY created_at DESC, id DESC LIMIT :n"
-            ),
-            params,
-        )
-    ).all()
-    return page(rows, limit)
+    statement = select(
+        Earning.id, Earning.event_id, Earning.event_kind, Earning.shown_profit, Earning.amount,
+        Earning.currency, Earning.commission_bps, Earning.created_at,
+    ).where(Earning.owner_id == owner_id)  # fmt: skip
+    return await keyset_page(session, statement, EARNINGS_NEWEST_FIRST, limit=limit, cursor=cursor)
 
 
 async def withdrawals(
     session: AsyncSession, owner_id: UUID, *, limit: int, cursor: str | None
-) -> tuple[list[Row[Any]], str | None]:
+) -> Slice[Row[Any]]:
     await scope_to_owner(session, owner_id)
-    params: dict[str, Any] = {"o": owner_id, "n": limit + 1}
-    after = after_cursor(cursor, params, UUID, older=True)
-    rows = (
-        await session.execute(
-            text(
-                "SELECT id, amount, currency, status, reason, decided_at, created_at "
-                f"FROM wallet_withdrawals WHERE owner_id = :o {after} "
-                "ORDER BY created_at DESC, id DESC LIMIT :n"
-            ),
-            params,
-        )
-    ).all()
-    return page(rows, limit)
+    statement = select(*_WITHDRAWAL_COLUMNS).where(Withdrawal.owner_id == owner_id)
+    return await keyset_page(
+        session, statement, WITHDRAWALS_NEWEST_FIRST, limit=limit, cursor=cursor
+    )
 
 
 async def withdrawals_by_status(
     session: AsyncSession, status: str, *, limit: int, cursor: str | None
-) -> tuple[list[Row[Any]], str | None]:
+) -> Slice[Row[Any]]:
     """Every owner's withdrawals in one status, oldest first (the admin's approval queue)."""
-    params: dict[str, Any] = {"s": status, "n": limit + 1}
-    after = after_cursor(cursor, params, UUID, older=False)
-    rows = (
-        await session.execute(
-            text(
-                "SELECT id, owner_id, amount, currency, status, reason, decided_at, created_at "
-                f"FROM wallet_withdrawals WHERE status = :s {after} "
-                "ORDER BY created_at, id LIMIT :n"
-            ),
-            params,
-        )
-    ).all()
-    return page(rows, limit)
+    statement = select(*_WITHDRAWAL_COLUMNS, Withdrawal.owner_id).where(Withdrawal.status == status)
+    return await keyset_page(
+        session, statement, WITHDRAWALS_OLDEST_FIRST, limit=limit, cursor=cursor
+    )
 
 
 async def stats(session: AsyncSession, owner_id: UUID, currency: str) -> dict[str, Any]:
@@ -151,3 +113,122 @@ async def stats(session: AsyncSession, owner_id: UUID, currency: str) -> dict[st
         )
     ).one()
     return dict(row._mapping)
+
+
+# ---- writes and locks (the service's use cases) ----------------------------------------------
+async def upsert_partner(
+    session: AsyncSession, owner_id: UUID, *, share_bps: int, commission_bps: int, active: bool
+) -> Partner:
+    await session.execute(
+        text(
+            "INSERT INTO wallet_partners (owner_id, share_bps, commission_bps, active) "
+            "VALUES (:o, :s, :c, :a) ON CONFLICT (owner_id) DO UPDATE SET "
+            "share_bps = EXCLUDED.share_bps, commission_bps = EXCLUDED.commission_bps, "
+            "active = EXCLUDED.active"
+        ),
+        {"o": owner_id, "s": share_bps, "c": commission_bps, "a": active},
+    )
+    partner = await session.get(Partner, owner_id, populate_existing=True)
+    assert partner is not None
+    return partner
+
+
+async def insert_revenue_event(
+    session: AsyncSession,
+    *,
+    event_id: str,
+    kind: str,
+    profit: int,
+    currency: str,
+    occurred_at: datetime,
+) -> tuple[RevenueEvent, bool]:
+    """(the event, whether this call inserted it): its id is the idempotency key."""
+    inserted = (
+        await session.execute(
+            text(
+                "INSERT INTO wallet_revenue_events (id, kind, profit, currency, occurred_at) "
+                "VALUES (:id, :kind, :profit, :cur, :at) ON CONFLICT (id) DO NOTHING "
+                "RETURNING id"
+            ),
+            {"id": event_id, "kind": kind, "profit": profit, "cur": currency, "at": occurred_at},
+        )
+    ).scalar_one_or_none()
+    event = await session.get(RevenueEvent, event_id, populate_existing=True)
+    assert event is not None
+    return event, inserted is not None
+
+
+async def revenue_event(session: AsyncSession, event_id: str) -> RevenueEvent | None:
+    return await session.get(RevenueEvent, event_id)
+
+
+async def partners_to_credit(
+    session: AsyncSession, event: RevenueEvent, *, after: UUID | None, limit: int
+) -> Sequence[Row[UUID, int, int]]:
+    """The next ``limit`` active partners (by owner id, after ``after``) whose terms existed
+    when the event was recorded: one who joins while the batches run (or later, on a
+    replay) earns nothing from it."""
+    return (
+        await session.execute(
+            select(Partner.owner_id, Partner.share_bps, Partner.commission_bps)
+            .where(
+                Partner.active,
+                Partner.created_at <= event.created_at,
+                *([Partner.owner_id > after] if after else []),
+            )
+            .order_by(Partner.owner_id)
+            .limit(limit)
+        )
+    ).all()
+
+
+async def withdrawal_for_update(session: AsyncSession, withdrawal_id: UUID) -> Withdrawal | None:
+    return (
+        await session.execute(
+            select(Withdrawal).where(Withdrawal.id == withdrawal_id).with_for_update()
+        )
+    ).scalar_one_or_none()
+
+
+async def lock_withdrawals(session: AsyncSession, ids: Iterable[UUID]) -> Sequence[Row[int, str]]:
+    """Lock the withdrawals' rows in id order (ADR 0010's global order); their accounts and
+    currencies."""
+    return (
+        await session.execute(
+            select(Withdrawal.account_id, Withdrawal.currency)
+            .where(Withdrawal.id.in_(list(ids)))
+            .order_by(Withdrawal.id)
+            .with_for_update()
+        )
+    ).all()
+
+
+async def owner_withdrawal(
+    session: AsyncSession, owner_id: UUID, withdrawal_id: UUID
+) -> Withdrawal | None:
+    return (
+        await session.execute(
+            select(Withdrawal).where(
+                Withdrawal.id == withdrawal_id, Withdrawal.owner_id == owner_id
+            )
+        )
+    ).scalar_one_or_none()
+
+
+async def withdrawal(session: AsyncSession, withdrawal_id: UUID) -> Withdrawal | None:
+    return await session.get(Withdrawal, withdrawal_id)
+
+
+async def refresh_stats_view(session: AsyncSession, lock_key: int) -> bool:
+    """``REFRESH MATERIALIZED VIEW CONCURRENTLY wallet_stats``, one process at a time
+    (transaction-scoped advisory lock); readers are never blocked."""
+    got = await session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": lock_key})
+    if not got:
+        return False
+    await session.execute(text("REFRESH MATERIALIZED VIEW CONCURRENTLY wallet_stats"))
+    return True
+
+
+async def ensure_partitions(session: AsyncSession, months_ahead: int) -> int:
+    created = await session.scalar(text("SELECT wallet_ensure_partitions(:n)"), {"n": months_ahead})
+    return int(created or 0)

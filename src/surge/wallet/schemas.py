@@ -31,11 +31,6 @@ class EntryRead(_Read):
     created_at: datetime
 
 
-class EntryPage(BaseModel):
-    items: list[EntryRead]
-    next_cursor: str | None
-
-
 class StatsRead(BaseModel):
     currency: str
     balance: int
@@ -65,18 +60,8 @@ class WithdrawalRead(_Read):
     created_at: datetime
 
 
-class WithdrawalPage(BaseModel):
-    items: list[WithdrawalRead]
-    next_cursor: str | None
-
-
 class AdminWithdrawalRead(WithdrawalRead):
     owner_id: UUID
-
-
-class AdminWithdrawalPage(BaseModel):
-    items: list[AdminWithdrawalRead]
-    next_cursor: str | None
 
 
 class EarningRead(_Read):
@@ -92,11 +77,6 @@ class EarningRead(_Read):
     currency: str
     commission_bps: int
     created_at: datetime
-
-
-class EarningPage(BaseModel):
-    items: list[EarningRead]
-    next_cursor: str | None
 
 
 class RevenueEventCreate(BaseModel):

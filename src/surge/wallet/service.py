@@ -5,7 +5,14 @@ approval, and the partner's reads — every money movement through ``surge.walle
     ├── WithdrawalNotFound (NotFound)          404, also for another partner's withdrawal
     ├── WithdrawalAlreadyDecided (Conflict)    409: approved/rejected the other way already
     ├── WithdrawalOutOfBounds (Unprocessable)  422: below the minimum or above the maximum
-    └── RevenueEventConflict (Conflict)        409: event id reused with other figures
+    ├── RevenueEventConflict (Conflict)        409: event id reused with other figures
+    ├── RevenueEventOutOfBounds (Unprocessable) 422: profit beyond WALLET_REVENUE_EVENT_MAX
+    └── NotAPartner (Unprocessable)            422: terms for a user without a partner role
+
+    from surge.wallet.service import wallet as wallet_service
+
+Stateless: methods take the session first, then the ``Runtime`` when they read settings
+or the cache. Decisions are audited here (``surge.audit``), single or batched alike.
 
 Ownership is checked here, in the service (every partner-facing method takes the acting
 owner's id and filters by it), not in the routes: a new endpoint cannot forget it.
@@ -18,20 +25,22 @@ the platform. An earning below one minor unit is skipped (no transfer, no row).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
 import structlog
-from sqlalchemy import select, text
+from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from surge import config
-from surge.config import Settings
+from surge.audit.service import audit as audit_service
+from surge.identity.service import identity as identity_service
 from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
 from surge.kit.jobs import enqueue
+from surge.kit.runtime import Runtime
+from surge.kit.web.pagination import Slice
 from surge.models.wallet import Earning, Partner, RevenueEvent, Withdrawal
 from surge.wallet import repository
 from surge.wallet.ledger import (
@@ -75,6 +84,10 @@ class RevenueEventOutOfBounds(WalletError, UnprocessableEntity):
     """The profit is beyond ``WALLET_REVENUE_EVENT_MAX``."""
 
 
+class NotAPartner(WalletError, UnprocessableEntity):
+    """Only partners and resellers have commercial terms."""
+
+
 def earning_for(profit: int, share_bps: int, commission_bps: int) -> tuple[int, int]:
     """(shown profit, earning) in minor units, rounded toward zero once (module docstring)."""
     if profit <= 0:
@@ -107,27 +120,28 @@ def stats_key(owner_id: UUID) -> str:
 
 
 class WalletService:
-    """The wallet domain's use cases. Stateless apart from the settings it reads
-    (``configure()`` swaps them, e.g. for a test's settings)."""
+    """The wallet domain's use cases (see the module docstring)."""
 
     def __init__(self, ledger_: Ledger) -> None:
         self.ledger = ledger_
-        self.settings: Settings = config.settings
 
-    def configure(self, settings: Settings) -> None:
-        self.settings = settings
-
-    @property
-    def currency(self) -> str:
-        return self.settings.WALLET_CURRENCY
+    def currency(self, runtime: Runtime) -> str:
+        return runtime.settings.WALLET_CURRENCY
 
     def _changed(self, session: AsyncSession, owner_id: UUID) -> None:
         changed_owners(session).add(owner_id)
+
+    def invalidate_after_commit(self, session: AsyncSession, runtime: Runtime) -> None:
+        """Forget the cached stats of every owner this unit of work changed, once it commits."""
+        owners = changed_owners(session)
+        if owners:
+            runtime.cache.invalidate_on_commit(session, keys=[stats_key(o) for o in owners])
 
     # ---- partners ------------------------------------------------------------------------
     async def set_partner(
         self,
         session: AsyncSession,
+        runtime: Runtime,
         owner_id: UUID,
         *,
         share_bps: int,
@@ -136,26 +150,48 @@ class WalletService:
     ) -> Partner:
         """Create or update a partner's terms and open its wallet."""
         commission = (
-            self.settings.WALLET_COMMISSION_BPS if commission_bps is None else commission_bps
+            runtime.settings.WALLET_COMMISSION_BPS if commission_bps is None else commission_bps
         )
-        await session.execute(
-            text(
-                "INSERT INTO wallet_partners (owner_id, share_bps, commission_bps, active) "
-                "VALUES (:o, :s, :c, :a) ON CONFLICT (owner_id) DO UPDATE SET "
-                "share_bps = EXCLUDED.share_bps, commission_bps = EXCLUDED.commission_bps, "
-                "active = EXCLUDED.active"
-            ),
-            {"o": owner_id, "s": share_bps, "c": commission, "a": active},
+        partner = await repository.upsert_partner(
+            session, owner_id, share_bps=share_bps, commission_bps=commission, active=active
         )
-        await self.ledger.open_wallet(session, owner_id, currency=self.currency)
-        partner = await session.get(Partner, owner_id, populate_existing=True)
-        assert partner is not None
+        await self.ledger.open_wallet(session, owner_id, currency=self.currency(runtime))
+        return partner
+
+    async def set_partner_terms(
+        self,
+        session: AsyncSession,
+        runtime: Runtime,
+        admin_id: UUID,
+        owner_id: UUID,
+        *,
+        share_bps: int,
+        commission_bps: int | None,
+        active: bool,
+        request_id: str | None = None,
+    ) -> Partner:
+        """An admin sets a partner's terms (and opens its wallet); audited. The user must
+        exist (404) and hold the partner or reseller role (422)."""
+        user = await identity_service.get_user(session, owner_id)
+        if user.role not in {"partner", "reseller"}:
+            raise NotAPartner("Only partners and resellers have commercial terms.")
+        partner = await self.set_partner(
+            session, runtime, owner_id, share_bps=share_bps, commission_bps=commission_bps,
+            active=active,
+        )  # fmt: skip
+        await audit_service.record(
+            session, admin_id, action="wallet.partner.terms", subject_type="user",
+            subject_id=str(owner_id),
+            after={"share_bps": share_bps, "commission_bps": commission_bps, "active": active},
+            request_id=request_id,
+        )  # fmt: skip
         return partner
 
     # ---- earnings ------------------------------------------------------------------------
     async def record_revenue_event(
         self,
         session: AsyncSession,
+        runtime: Runtime,
         *,
         event_id: str,
         kind: str,
@@ -164,30 +200,16 @@ class WalletService:
     ) -> tuple[RevenueEvent, bool]:
         """Record an event once (its id is the idempotency key) and, in the same
         transaction, enqueue the first earnings batch. Returns (event, created)."""
-        bound = self.settings.WALLET_REVENUE_EVENT_MAX
+        bound = runtime.settings.WALLET_REVENUE_EVENT_MAX
         if abs(profit) > bound:
             raise RevenueEventOutOfBounds(
                 f"A revenue event's profit must be between -{bound} and {bound} minor units."
             )
-        inserted = (
-            await session.execute(
-                text(
-                    "INSERT INTO wallet_revenue_events (id, kind, profit, currency, occurred_at) "
-                    "VALUES (:id, :kind, :profit, :cur, :at) ON CONFLICT (id) DO NOTHING "
-                    "RETURNING id"
-                ),
-                {
-                    "id": event_id,
-                    "kind": kind,
-                    "profit": profit,
-                    "cur": self.currency,
-                    "at": occurred_at or datetime.now(UTC),
-                },
-            )
-        ).scalar_one_or_none()
-        event = await session.get(RevenueEvent, event_id, populate_existing=True)
-        assert event is not None
-        if inserted is None:
+        event, created = await repository.insert_revenue_event(
+            session, event_id=event_id, kind=kind, profit=profit,
+            currency=self.currency(runtime), occurred_at=occurred_at or datetime.now(UTC),
+        )  # fmt: skip
+        if not created:
             if (event.kind, event.profit) != (kind, profit):
                 raise RevenueEventConflict(
                     f"revenue event {event_id} was already recorded with other figures"
@@ -201,34 +223,22 @@ class WalletService:
         return event, True
 
     async def credit_earnings_batch(
-        self, session: AsyncSession, *, event_id: str, after: UUID | None
+        self, session: AsyncSession, runtime: Runtime, *, event_id: str, after: UUID | None
     ) -> UUID | None:
         """Credit the next ``WALLET_EARNINGS_BATCH`` partners active since before the event
-        (by owner id, after ``after``) for ``event_id``, in the caller's transaction, and enqueue the next batch.
+        (by owner id, after ``after``) for ``event_id``, in the caller's transaction, and
+        enqueue the next batch.
 
         Exactly once per (event, partner): each credit is a ledger transfer keyed
         ``earning:{event}:{owner}``, and the earning row is written only when that transfer
         was new. A batch killed half-way rolls back whole; its retry replays nothing twice.
         Returns the last owner of this batch, or None when the event is fully credited.
         """
-        event = await session.get(RevenueEvent, event_id)
+        event = await repository.revenue_event(session, event_id)
         if event is None:
             raise NotFound(f"no revenue event {event_id}")
-        size = self.settings.WALLET_EARNINGS_BATCH
-        rows = (
-            await session.execute(
-                select(Partner.owner_id, Partner.share_bps, Partner.commission_bps)
-                .where(
-                    Partner.active,
-                    # Only partners whose terms existed when the event was recorded: one who
-                    # joins while the batches run (or later, on a replay) earns nothing from it.
-                    Partner.created_at <= event.created_at,
-                    *([Partner.owner_id > after] if after else []),
-                )
-                .order_by(Partner.owner_id)
-                .limit(size)
-            )
-        ).all()
+        size = runtime.settings.WALLET_EARNINGS_BATCH
+        rows = await repository.partners_to_credit(session, event, after=after, limit=size)
         if not rows:
             return None
         revenue = await self.ledger.system_account(
@@ -291,21 +301,21 @@ class WalletService:
 
     # ---- withdrawals ---------------------------------------------------------------------
     async def request_withdrawal(
-        self, session: AsyncSession, owner_id: UUID, *, amount: int
+        self, session: AsyncSession, runtime: Runtime, owner_id: UUID, *, amount: int
     ) -> Withdrawal:
         """Reserve ``amount`` from the owner's wallet (a pending transfer to holds) and
         record the request. Insufficient available funds → 409, refused by the database."""
-        low, high = self.settings.WALLET_WITHDRAWAL_MIN, self.settings.WALLET_WITHDRAWAL_MAX
+        settings = runtime.settings
+        low, high = settings.WALLET_WITHDRAWAL_MIN, settings.WALLET_WITHDRAWAL_MAX
         if not low <= amount <= high:
             raise WithdrawalOutOfBounds(
                 f"A withdrawal must be between {low} and {high} minor units."
             )
+        currency = self.currency(runtime)
         wallet = await self.ledger.wallet_of(
-            session, owner_id, currency=self.currency
-        ) or await self.ledger.open_wallet(session, owner_id, currency=self.currency)
-        holds = await self.ledger.system_account(
-            session, SystemAccount.holds, currency=self.currency
-        )
+            session, owner_id, currency=currency
+        ) or await self.ledger.open_wallet(session, owner_id, currency=currency)
+        holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
         withdrawal_id = uuid4()
         posted = await self.ledger.transfer(
             session,
@@ -313,19 +323,20 @@ class WalletService:
             debit=wallet,
             credit=holds,
             amount=amount,
-            currency=self.currency,
+            currency=currency,
             kind="withdrawal",
             reference=str(withdrawal_id),
             pending=True,
         )
         withdrawal = Withdrawal(
             id=withdrawal_id, owner_id=owner_id, account_id=wallet, amount=amount,
-            currency=self.currency, status="pending", transfer_id=posted.transfer_id,
+            currency=currency, status="pending", transfer_id=posted.transfer_id,
         )  # fmt: skip
         session.add(withdrawal)
         await session.flush()
         await session.refresh(withdrawal)
         self._changed(session, owner_id)
+        self.invalidate_after_commit(session, runtime)
         log.info("wallet.withdrawal.requested", withdrawal_id=str(withdrawal_id), amount=amount)
         return withdrawal
 
@@ -337,16 +348,14 @@ class WalletService:
         *,
         approve: bool,
         reason: str | None = None,
+        request_id: str | None = None,
+        batch: bool = False,
     ) -> tuple[Withdrawal, bool]:
         """Approve (post the reservation, then move it from holds to payouts) or reject
-        (void it). Idempotent: deciding the same way twice returns the withdrawal as is
-        (and False: nothing changed, nothing to audit); the other way is 409. Enqueues the
-        partner's e-mail notification."""
-        withdrawal = (
-            await session.execute(
-                select(Withdrawal).where(Withdrawal.id == withdrawal_id).with_for_update()
-            )
-        ).scalar_one_or_none()
+        (void it), audited with the amount. Idempotent: deciding the same way twice returns
+        the withdrawal as is (and False: nothing changed, nothing audited); the other way is
+        409. Enqueues the partner's notification."""
+        withdrawal = await repository.withdrawal_for_update(session, withdrawal_id)
         if withdrawal is None:
             raise WithdrawalNotFound(f"no withdrawal {withdrawal_id}")
         target = "approved" if approve else "rejected"
@@ -384,28 +393,37 @@ class WalletService:
             dedup_key=f"withdrawal-notify:{withdrawal_id}",
         )  # fmt: skip
         self._changed(session, withdrawal.owner_id)
+        after: dict[str, Any] = {"status": target, "amount": withdrawal.amount, "reason": reason}
+        if batch:
+            after["batch"] = True
+        await audit_service.record(
+            session, admin_id,
+            action="wallet.withdrawal.approve" if approve else "wallet.withdrawal.reject",
+            subject_type="withdrawal", subject_id=str(withdrawal_id),
+            before={"status": "pending", "amount": withdrawal.amount}, after=after,
+            request_id=request_id,
+        )  # fmt: skip
         log.info("wallet.withdrawal.decided", withdrawal_id=str(withdrawal_id), status=target)
         return withdrawal, True
 
     async def batch_approve(
-        self, session: AsyncSession, admin_id: UUID, ids: Sequence[UUID]
+        self,
+        session: AsyncSession,
+        admin_id: UUID,
+        ids: Sequence[UUID],
+        *,
+        request_id: str | None = None,
     ) -> list[BatchItem]:
         """Approve each withdrawal in its own savepoint: one failing item is reported and
-        rolled back alone, the others commit with the request.
+        rolled back alone (with its audit row), the others commit with the request; each
+        approval is audited exactly like a single one.
 
         Every lock the batch needs is taken first, in the global order (withdrawal rows by
         id, then accounts by id; ADR 0010): deciding items one by one would take them
         interleaved (W1, accounts, W2, accounts...) and deadlock against another batch in
         another order, a single approval, or a partner's withdrawal request."""
         unique = list(dict.fromkeys(ids))  # duplicates decided once, order kept
-        rows = (
-            await session.execute(
-                select(Withdrawal.account_id, Withdrawal.currency)
-                .where(Withdrawal.id.in_(unique))
-                .order_by(Withdrawal.id)
-                .with_for_update()
-            )
-        ).all()
+        rows = await repository.lock_withdrawals(session, unique)
         accounts = {row.account_id for row in rows}
         for currency in {row.currency for row in rows}:
             for system in (SystemAccount.holds, SystemAccount.payouts):
@@ -416,8 +434,9 @@ class WalletService:
             try:
                 async with session.begin_nested():
                     withdrawal, changed = await self.decide(
-                        session, admin_id, withdrawal_id, approve=True
-                    )
+                        session, admin_id, withdrawal_id, approve=True, request_id=request_id,
+                        batch=True,
+                    )  # fmt: skip
                 results.append(
                     BatchItem(withdrawal_id, True, status=withdrawal.status, changed=changed)
                 )
@@ -431,49 +450,100 @@ class WalletService:
         self, session: AsyncSession, owner_id: UUID, withdrawal_id: UUID
     ) -> Withdrawal:
         """The owner's withdrawal; another owner's is "not found", never "forbidden"."""
-        found = (
-            await session.execute(
-                select(Withdrawal).where(
-                    Withdrawal.id == withdrawal_id, Withdrawal.owner_id == owner_id
-                )
-            )
-        ).scalar_one_or_none()
+        found = await repository.owner_withdrawal(session, owner_id, withdrawal_id)
         if found is None:
             raise WithdrawalNotFound(f"no withdrawal {withdrawal_id}")
         return found
 
+    async def withdrawal_by_id(
+        self, session: AsyncSession, withdrawal_id: UUID
+    ) -> Withdrawal | None:
+        """Any owner's withdrawal (jobs; never a partner-facing read)."""
+        return await repository.withdrawal(session, withdrawal_id)
+
     # ---- reads ---------------------------------------------------------------------------
-    async def balance(self, session: AsyncSession, owner_id: UUID) -> Balance | None:
+    async def balance(
+        self, session: AsyncSession, runtime: Runtime, owner_id: UUID
+    ) -> Balance | None:
         """The owner's real-time balance (primary), or None before its first wallet."""
-        wallet = await self.ledger.wallet_of(session, owner_id, currency=self.currency)
+        wallet = await self.ledger.wallet_of(session, owner_id, currency=self.currency(runtime))
         return None if wallet is None else await self.ledger.balance(session, wallet)
 
-    async def stats(self, session: AsyncSession, owner_id: UUID) -> dict[str, Any]:
+    async def transactions(
+        self,
+        session: AsyncSession,
+        runtime: Runtime,
+        owner_id: UUID,
+        *,
+        limit: int,
+        cursor: str | None,
+    ) -> Slice[Row[Any]]:
+        """The owner's wallet history, newest posting first, with balances before/after."""
+        account = await self.ledger.wallet_of(session, owner_id, currency=self.currency(runtime))
+        if account is None:
+            if cursor:  # a forged cursor is a 400, wallet or not
+                repository.ENTRIES_NEWEST_FIRST.after(cursor)
+            return Slice([], None)
+        return await repository.entries(session, account, limit=limit, cursor=cursor)
+
+    async def earnings(
+        self, session: AsyncSession, owner_id: UUID, *, limit: int, cursor: str | None
+    ) -> Slice[Row[Any]]:
+        """The owner's earnings, newest first."""
+        return await repository.earnings(session, owner_id, limit=limit, cursor=cursor)
+
+    async def withdrawals(
+        self, session: AsyncSession, owner_id: UUID, *, limit: int, cursor: str | None
+    ) -> Slice[Row[Any]]:
+        """The owner's withdrawals, newest first."""
+        return await repository.withdrawals(session, owner_id, limit=limit, cursor=cursor)
+
+    async def withdrawals_by_status(
+        self, session: AsyncSession, status: str, *, limit: int, cursor: str | None
+    ) -> Slice[Row[Any]]:
+        """Every owner's withdrawals in one status, oldest first (the approval queue)."""
+        return await repository.withdrawals_by_status(session, status, limit=limit, cursor=cursor)
+
+    async def stats(
+        self, session: AsyncSession, runtime: Runtime, owner_id: UUID
+    ) -> dict[str, Any]:
         """The owner's dashboard figures (materialized view + what happened since) and its
         real-time balance."""
-        figures = await repository.stats(session, owner_id, self.currency)
-        current = await self.balance(session, owner_id)
+        currency = self.currency(runtime)
+        figures = await repository.stats(session, owner_id, currency)
+        current = await self.balance(session, runtime, owner_id)
         figures["balance"] = current.balance if current else 0
         figures["available"] = current.available if current else 0
-        figures["currency"] = self.currency
+        figures["currency"] = currency
         return figures
+
+    async def cached_stats(
+        self, runtime: Runtime, owner_id: UUID, shape: Callable[[dict[str, Any]], Any]
+    ) -> Any:
+        """``stats`` through the process's cache for ``WALLET_STATS_TTL``, forgotten as soon
+        as one of the owner's earnings or withdrawals commits. ``shape`` turns the figures
+        into what is cached (JSON-ready)."""
+
+        async def load() -> Any:
+            # Its own read session: the cache may run this after the request (background
+            # refresh of a stale entry), when a request-scoped session would be closed.
+            async with runtime.db.read_session() as session:
+                return shape(await self.stats(session, runtime, owner_id))
+
+        return await runtime.cache.get_or_load(
+            stats_key(owner_id), load, ttl=runtime.settings.WALLET_STATS_TTL.total_seconds()
+        )
 
     async def refresh_stats(self, session: AsyncSession) -> bool:
         """``REFRESH MATERIALIZED VIEW CONCURRENTLY wallet_stats``, one process at a time
         (transaction-scoped advisory lock); readers are never blocked."""
-        got = await session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": STATS_LOCK})
-        if not got:
-            return False
-        await session.execute(text("REFRESH MATERIALIZED VIEW CONCURRENTLY wallet_stats"))
-        return True
+        return await repository.refresh_stats_view(session, STATS_LOCK)
 
-    async def ensure_partitions(self, session: AsyncSession) -> int:
+    async def ensure_partitions(self, session: AsyncSession, runtime: Runtime) -> int:
         """Create this month's and the next months' history partitions (idempotent)."""
-        created = await session.scalar(
-            text("SELECT wallet_ensure_partitions(:n)"),
-            {"n": self.settings.WALLET_PARTITION_MONTHS_AHEAD},
+        return await repository.ensure_partitions(
+            session, runtime.settings.WALLET_PARTITION_MONTHS_AHEAD
         )
-        return int(created or 0)
 
 
 wallet = WalletService(ledger)

@@ -20,7 +20,7 @@ import segno
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 
-from surge.admin.console import repository, views
+from surge.admin.console import views
 from surge.admin.console.service import console as console_service
 from surge.admin.console.session import (
     ADMIN_ROLES,
@@ -44,8 +44,10 @@ from surge.admin.console.session import (
 )
 from surge.admin.console.timeseries import read_alerts, read_series
 from surge.admin.console.views import e, form, money, page, table, when
-from surge.identity.deps import IdentityDep
-from surge.identity.service import Identity, MfaRequired
+from surge.identity.errors import MfaRequired
+from surge.identity.mfa import mfa as mfa_service
+from surge.identity.runtime import identity_state
+from surge.identity.service import identity as identity_service
 from surge.kit.breaker import breakers
 from surge.kit.errors import SurgeError
 from surge.kit.jobs.queue import JobFilter, get_job, list_jobs, paused_queues, queue_stats
@@ -83,11 +85,11 @@ def _rid(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-async def current_caller(request: Request, runtime: RuntimeDep, identity: IdentityDep) -> Caller:
+async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
     session = await load(runtime, request)
     if session is None or session.stage != "ready":
         raise ConsoleSignInRequired("Sign in to the console")
-    principal = await principal_of(runtime, identity, session)
+    principal = await principal_of(runtime, session)
     if principal is None or principal.role not in ADMIN_ROLES or not principal.mfa:
         await drop(runtime, session)
         raise ConsoleSignInRequired("Your console session ended; sign in again")
@@ -115,10 +117,10 @@ async def console_error(request: Request, error: Exception) -> Response:
 
 # ---- sign-in and MFA enrolment ---------------------------------------------------------------
 @router.get("")
-async def home(request: Request, runtime: RuntimeDep, identity: IdentityDep) -> Response:
+async def home(request: Request, runtime: RuntimeDep) -> Response:
     session = await load(runtime, request)
     if session is not None:
-        if session.stage == "ready" and await principal_of(runtime, identity, session):
+        if session.stage == "ready" and await principal_of(runtime, session):
             return redirect("/admin/overview")
         if session.stage == "enrol":
             return html(views.enrol(session.csrf, session.email))
@@ -129,7 +131,7 @@ async def home(request: Request, runtime: RuntimeDep, identity: IdentityDep) -> 
 
 
 @router.post("/login")
-async def login(request: Request, runtime: RuntimeDep, identity: IdentityDep) -> Response:
+async def login(request: Request, runtime: RuntimeDep, db: SessionDep) -> Response:
     if not same_origin(request):
         raise CrossSiteRefused("Cross-site form posts are refused")
     fields = await read_form(request)
@@ -143,21 +145,23 @@ async def login(request: Request, runtime: RuntimeDep, identity: IdentityDep) ->
         return response
 
     try:
-        pair = await identity.login(
+        pair = await identity_service.login(
+            db,
+            runtime,
             email=email,
             password=password,
             otp=otp or None,
-            ip=identity.client_ip(request.scope),
+            ip=identity_service.client_ip(runtime, request.scope),
             user_agent=request.headers.get("user-agent"),
         )
     except MfaRequired:
         return again("Enter the one-time code of your authenticator app.", need_otp=True)
     except SurgeError as error:
         return again(error.message, status=error.status_code)
-    principal = identity.principal_of(pair.access_token)
+    principal = identity_state(runtime).principal_of(pair.access_token)
     if principal.role not in ADMIN_ROLES:
         with contextlib.suppress(SurgeError):
-            await identity.logout(principal)
+            await identity_service.logout(db, runtime, principal)
         return again("This account is not an administrator.", status=403)
     stage = "ready" if principal.mfa else "enrol"
     session = new_session(pair.access_token, pair.refresh_token, email, stage)
@@ -168,7 +172,7 @@ async def login(request: Request, runtime: RuntimeDep, identity: IdentityDep) ->
     return response
 
 
-async def _enrolling(request: Request, runtime: Runtime, identity: Identity) -> Any:
+async def _enrolling(request: Request, runtime: Runtime) -> Any:
     session = await load(runtime, request)
     if session is None or session.stage != "enrol":
         raise ConsoleSignInRequired("Sign in first")
@@ -176,7 +180,7 @@ async def _enrolling(request: Request, runtime: Runtime, identity: Identity) -> 
         raise CrossSiteRefused("Cross-site form posts are refused")
     fields = await read_form(request)
     check_csrf(session.csrf, fields)
-    principal = await principal_of(runtime, identity, session)
+    principal = await principal_of(runtime, session)
     if principal is None:
         raise ConsoleSignInRequired("Sign in again")
     return session, principal, fields
@@ -189,11 +193,9 @@ def _qr(uri: str) -> str:
 
 
 @router.post("/mfa/setup")
-async def mfa_setup(
-    request: Request, runtime: RuntimeDep, identity: IdentityDep, db: SessionDep
-) -> Response:
-    session, principal, _ = await _enrolling(request, runtime, identity)
-    enrollment = await identity.mfa_setup(db, principal)
+async def mfa_setup(request: Request, runtime: RuntimeDep, db: SessionDep) -> Response:
+    session, principal, _ = await _enrolling(request, runtime)
+    enrollment = await mfa_service.setup(db, runtime, principal)
     return html(
         views.enrol(
             session.csrf,
@@ -206,10 +208,10 @@ async def mfa_setup(
 
 
 @router.post("/mfa/verify")
-async def mfa_verify(request: Request, runtime: RuntimeDep, identity: IdentityDep) -> Response:
-    session, principal, fields = await _enrolling(request, runtime, identity)
+async def mfa_verify(request: Request, runtime: RuntimeDep, db: SessionDep) -> Response:
+    session, principal, fields = await _enrolling(request, runtime)
     try:
-        session.access = await identity.mfa_verify(principal, first(fields, "code"))
+        session.access = await mfa_service.verify(db, runtime, principal, first(fields, "code"))
     except SurgeError as error:
         return html(
             views.page(
@@ -226,16 +228,16 @@ async def mfa_verify(request: Request, runtime: RuntimeDep, identity: IdentityDe
 
 
 @router.post("/logout")
-async def logout(request: Request, runtime: RuntimeDep, identity: IdentityDep) -> Response:
+async def logout(request: Request, runtime: RuntimeDep, db: SessionDep) -> Response:
     session = await load(runtime, request)
     if session is not None:
         if not same_origin(request):
             raise CrossSiteRefused("Cross-site form posts are refused")
         check_csrf(session.csrf, await read_form(request))
-        principal = await principal_of(runtime, identity, session)
+        principal = await principal_of(runtime, session)
         if principal is not None:
             with contextlib.suppress(SurgeError):
-                await identity.logout(principal)
+                await identity_service.logout(db, runtime, principal)
         await drop(runtime, session)
     response = redirect("/admin")
     response.delete_cookie(COOKIE, path="/admin")
@@ -471,17 +473,19 @@ def _describe(flt: JobFilter) -> str:
 # ---- withdrawals -----------------------------------------------------------------------------
 @router.get("/withdrawals")
 async def withdrawals(
+    *,
     caller: CallerDep,
     db: SessionDep,
+    runtime: RuntimeDep,
     status: Annotated[str, Query(pattern="^(pending|approved|rejected)$")] = "pending",
     flash: str = "",
 ) -> Response:
     csrf = caller.session.csrf
-    items = await repository.withdrawals(db, status, limit=100)
+    items = await console_service.withdrawals(db, status, limit=100)
     balances: dict[uuid.UUID, Any] = {}
     for item in items:
         if item["owner_id"] not in balances:
-            balances[item["owner_id"]] = await wallet_service.balance(db, item["owner_id"])
+            balances[item["owner_id"]] = await wallet_service.balance(db, runtime, item["owner_id"])
     rows = []
     for w in items:
         b = balances.get(w["owner_id"])
@@ -536,7 +540,7 @@ async def decide(
     if verb not in {"approve", "reject"}:
         raise ConsoleError("Unknown action", status_code=404)
     reason = first(fields, "reason")[:500] or None
-    found = await repository.withdrawal(db, withdrawal_id)
+    found = await console_service.withdrawal(db, withdrawal_id)
     if found is None:
         raise ConsoleError("No such withdrawal", status_code=404)
     if first(fields, "confirm") != "yes":
@@ -617,12 +621,10 @@ async def breakers_reset(request: Request, caller: CallerDep, db: SessionDep) ->
 
 
 @router.get("/caches")
-async def caches_view(
-    caller: CallerDep, runtime: RuntimeDep, identity: IdentityDep, flash: str = ""
-) -> Response:
+async def caches_view(caller: CallerDep, runtime: RuntimeDep, flash: str = "") -> Response:
     csrf = caller.session.csrf
     rows = []
-    for cache in (runtime.cache, identity.privileges.cache):
+    for cache in (runtime.cache, identity_state(runtime).privileges.cache):
         s = cache.stats()
         ratio = s.get("hit_ratio")
         rows.append(
@@ -637,7 +639,7 @@ async def caches_view(
 
 @router.post("/caches/clear")
 async def caches_clear(
-    request: Request, caller: CallerDep, db: SessionDep, runtime: RuntimeDep, identity: IdentityDep
+    request: Request, caller: CallerDep, db: SessionDep, runtime: RuntimeDep
 ) -> Response:
     fields = await posted(request, caller)
     name = first(fields, "name") or None
@@ -647,7 +649,7 @@ async def caches_clear(
                                   action="/admin/caches/clear", fields={"name": name or ""},
                                   active="caches"))  # fmt: skip
     cleared = await console_service.clear_caches(
-        db, runtime, identity, caller, name=name, request_id=_rid(request)
+        db, runtime, caller, name=name, request_id=_rid(request)
     )
     return redirect(f"/admin/caches?flash=Cleared:+{'+'.join(cleared)}")
 
@@ -661,7 +663,7 @@ async def users_view(
     flash: str = "",
 ) -> Response:
     csrf = caller.session.csrf
-    found = await repository.users(db, search=q or None, limit=100)
+    found = await console_service.users(db, search=q or None, limit=100)
     rows = [
         (e(u["email"]), e(u["role"]), e(u["plan"]), "yes" if u["mfa_enabled"] else "no",
          e(u["sessions"]), when(u["created_at"]),
@@ -680,10 +682,10 @@ async def users_view(
 
 @router.post("/users/{user_id}/revoke")
 async def users_revoke(
-    user_id: uuid.UUID, request: Request, caller: CallerDep, db: SessionDep, identity: IdentityDep
+    user_id: uuid.UUID, request: Request, caller: CallerDep, db: SessionDep, runtime: RuntimeDep
 ) -> Response:
     fields = await posted(request, caller)
-    found = await repository.user(db, user_id)
+    found = await console_service.user(db, user_id)
     if found is None:
         raise ConsoleError("No such user", status_code=404)
     if first(fields, "confirm") != "yes":
@@ -692,7 +694,7 @@ async def users_revoke(
                                   action=str(request.url.path), fields={}, active="users",
                                   count=int(found["sessions"])))  # fmt: skip
     n = await console_service.revoke_sessions(
-        db, identity, caller, user_id=user_id, request_id=_rid(request)
+        db, runtime, caller, user_id=user_id, request_id=_rid(request)
     )
     return redirect(f"/admin/users?flash=Revoked+{n}+session(s)")
 
@@ -715,7 +717,7 @@ async def audit_view(
     since: Annotated[str, Query(max_length=40)] = "",
     until: Annotated[str, Query(max_length=40)] = "",
 ) -> Response:
-    found = await repository.audit(
+    found = await console_service.audit_log(
         db, actor=actor or None, action=action or None, subject=subject or None,
         since=_moment(since), until=_moment(until), limit=200,
     )  # fmt: skip

@@ -19,7 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.admin.console import repository
 from surge.admin.console.session import Caller, ConsoleForbidden
-from surge.identity.service import Identity, Principal, audit
+from surge.audit.service import audit as audit_service
+from surge.identity.principal import Principal
+from surge.identity.runtime import identity_state
+from surge.identity.service import identity as identity_service
 from surge.kit.breaker import breakers
 from surge.kit.errors import NotFound, SurgeError, UnprocessableEntity
 from surge.kit.jobs.queue import (
@@ -55,6 +58,27 @@ def _require_admin(caller: Caller) -> Principal:
 
 
 class ConsoleService:
+    # ---- reads (the views) ----------------------------------------------------------------
+    async def withdrawals(
+        self, session: AsyncSession, status: str, *, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await repository.withdrawals(session, status, limit=limit)
+
+    async def withdrawal(self, session: AsyncSession, withdrawal_id: UUID) -> dict[str, Any] | None:
+        return await repository.withdrawal(session, withdrawal_id)
+
+    async def users(
+        self, session: AsyncSession, *, search: str | None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await repository.users(session, search=search, limit=limit)
+
+    async def user(self, session: AsyncSession, user_id: UUID) -> dict[str, Any] | None:
+        return await repository.user(session, user_id)
+
+    async def audit_log(self, session: AsyncSession, **filters: Any) -> list[dict[str, Any]]:
+        """The audit log, filtered (see ``repository.audit``)."""
+        return await repository.audit(session, **filters)
+
     # ---- jobs ---------------------------------------------------------------------------
     async def set_queue_paused(
         self,
@@ -71,7 +95,7 @@ class ConsoleService:
             changed = await pause_queue(session, queue, by=caller.session.email)
         else:
             changed = await resume_queue(session, queue)
-        await audit(
+        await audit_service.record(
             session, admin.user_id, action="jobs.queue.pause" if paused else "jobs.queue.resume",
             subject_type="queue", subject_id=queue,
             before={"paused": before}, after={"paused": paused}, request_id=request_id,
@@ -98,7 +122,7 @@ class ConsoleService:
         admin = _require_admin(caller)
         counted = await self.job_count(session, action=action, flt=flt)
         changed = await bulk_apply(session, action, flt, limit=BULK_LIMIT)
-        await audit(
+        await audit_service.record(
             session, admin.user_id, action=f"jobs.bulk.{action}", subject_type="jobs",
             subject_id=_describe(flt),
             before={"matching": counted, "confirmed": expected, "filter": flt.__dict__},
@@ -124,19 +148,12 @@ class ConsoleService:
         before = await repository.withdrawal(session, withdrawal_id)
         if before is None:
             raise NotFound(f"no withdrawal {withdrawal_id}")
+        # The wallet audits the decision itself (before, after, request id).
         withdrawal, changed = await wallet_service.decide(
-            session, admin.user_id, withdrawal_id, approve=approve, reason=reason
-        )
+            session, admin.user_id, withdrawal_id, approve=approve, reason=reason,
+            request_id=request_id,
+        )  # fmt: skip
         if changed:
-            await audit(
-                session, admin.user_id,
-                action="wallet.withdrawal.approve" if approve else "wallet.withdrawal.reject",
-                subject_type="withdrawal", subject_id=str(withdrawal_id),
-                before={"status": before["status"], "amount": before["amount"]},
-                after={"status": withdrawal.status, "amount": withdrawal.amount,
-                       "reason": reason, "via": "console"},
-                request_id=request_id,
-            )  # fmt: skip
             self._invalidate(session, runtime)
         return {"status": withdrawal.status, "changed": changed}
 
@@ -150,17 +167,11 @@ class ConsoleService:
         request_id: str | None,
     ) -> list[ItemResult]:
         admin = _require_admin(caller)
-        results = await wallet_service.batch_approve(session, admin.user_id, ids)
+        results = await wallet_service.batch_approve(
+            session, admin.user_id, ids, request_id=request_id
+        )  # each approval audited by the wallet
         out = []
         for item in results:
-            if item.changed:
-                await audit(
-                    session, admin.user_id, action="wallet.withdrawal.approve",
-                    subject_type="withdrawal", subject_id=str(item.id),
-                    before={"status": "pending"},
-                    after={"status": item.status, "batch": True, "via": "console"},
-                    request_id=request_id,
-                )  # fmt: skip
             detail = (item.status or "") if item.ok else f"{item.code}: {item.error}"
             out.append(ItemResult(str(item.id), item.ok, detail))
         self._invalidate(session, runtime)
@@ -182,7 +193,7 @@ class ConsoleService:
             names = breakers.reset(name or None)
         except KeyError:
             raise NotFound(f"no circuit breaker named {name!r}") from None
-        await audit(
+        await audit_service.record(
             session, admin.user_id, action="admin.breaker.reset", subject_type="breaker",
             subject_id=name or "*", before={n: before.get(n) for n in names},
             after={b["name"]: b["state"] for b in breakers.status() if b["name"] in names},
@@ -194,25 +205,29 @@ class ConsoleService:
         self,
         session: AsyncSession,
         runtime: Runtime,
-        identity: Identity,
         caller: Caller,
         *,
         name: str | None,
         request_id: str | None,
     ) -> list[str]:
         admin = _require_admin(caller)
+        privileges = identity_state(runtime).privileges.cache
+
+        async def clear_privileges() -> None:
+            await identity_service.clear_privilege_cache(runtime)
+
         caches = {
-            str(runtime.cache.stats()["name"]): runtime.cache.clear,
-            str(identity.privileges.cache.stats()["name"]): identity.clear_privilege_cache,
+            str(runtime.cache.stats()["name"]): (runtime.cache, runtime.cache.clear),
+            str(privileges.stats()["name"]): (privileges, clear_privileges),
         }
         chosen = [name] if name else sorted(caches)
         unknown = [c for c in chosen if c not in caches]
         if unknown:
             raise NotFound(f"no cache named {unknown[0]!r}")
-        before = {c: _entries(runtime, identity, c) for c in chosen}
+        before = {c: caches[c][0].stats().get("l1_entries") for c in chosen}
         for cache in chosen:
-            await caches[cache]()
-        await audit(
+            await caches[cache][1]()
+        await audit_service.record(
             session, admin.user_id, action="admin.cache.cleared", subject_type="cache",
             subject_id=name or "*", before={"l1_entries": before},
             after={"caches": chosen, "via": "console"}, request_id=request_id,
@@ -223,7 +238,7 @@ class ConsoleService:
     async def revoke_sessions(
         self,
         session: AsyncSession,
-        identity: Identity,
+        runtime: Runtime,
         caller: Caller,
         *,
         user_id: UUID,
@@ -234,12 +249,12 @@ class ConsoleService:
         if found is None:
             raise NotFound(f"no user {user_id}")
         # identity's "log out everywhere", for that user: sessions revoked, access tokens
-        # issued before now refused in every process.
+        # issued before now refused in every process (announced after the commit).
         target = Principal(
             user_id=user_id, session_id=uuid4(), role=found["role"], mfa=False, issued_at=0.0
         )
-        await identity.logout(target, everywhere=True)
-        await audit(
+        await identity_service.logout(session, runtime, target, everywhere=True)
+        await audit_service.record(
             session, admin.user_id, action="identity.sessions.revoked", subject_type="user",
             subject_id=str(user_id), before={"sessions": found["sessions"]},
             after={"sessions": 0}, request_id=request_id,
@@ -250,14 +265,6 @@ class ConsoleService:
 def _describe(flt: JobFilter) -> str:
     parts = [f"{k}={v}" for k, v in flt.__dict__.items() if v]
     return ",".join(parts) or "*"
-
-
-def _entries(runtime: Runtime, identity: Identity, name: str) -> Any:
-    for cache in (runtime.cache, identity.privileges.cache):
-        stats = cache.stats()
-        if str(stats["name"]) == name:
-            return stats.get("l1_entries", stats.get("entries"))
-    return None
 
 
 def safe_message(error: SurgeError) -> str:

@@ -26,7 +26,9 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from surge.identity.service import Identity, Principal
+from surge.identity.principal import Principal
+from surge.identity.runtime import identity_state
+from surge.identity.service import identity as identity_service
 from surge.kit.errors import Forbidden, NotAuthenticated, SurgeError
 from surge.kit.runtime import Runtime
 from surge.kit.security import InvalidToken
@@ -129,22 +131,23 @@ def set_cookie(response: Response, name: str, value: str, runtime: Runtime) -> N
     )
 
 
-async def principal_of(
-    runtime: Runtime, identity: Identity, session: ConsoleSession
-) -> Principal | None:
-    """The session's principal, refreshing its access token once if it expired."""
+async def principal_of(runtime: Runtime, session: ConsoleSession) -> Principal | None:
+    """The session's principal, refreshing its access token once if it expired (the
+    rotation is its own unit of work: the console's cookie outlives one access token)."""
+    state = identity_state(runtime)
     try:
-        return await identity.authenticate(session.access)
+        return await state.authenticate(session.access)
     except InvalidToken:
         pass
     try:
-        pair = await identity.refresh(session.refresh)
+        async with runtime.db.session() as db:
+            pair = await identity_service.refresh(db, runtime, session.refresh)
     except SurgeError:
         return None
     session.access, session.refresh = pair.access_token, pair.refresh_token
     await save(runtime, session)
     try:
-        return await identity.authenticate(session.access)
+        return await state.authenticate(session.access)
     except InvalidToken:
         return None
 

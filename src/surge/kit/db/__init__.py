@@ -31,13 +31,14 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from surge.kit.db.pool import IdleTimeoutPool, prewarm
+from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
 from surge.kit.telemetry import metrics
 
 log = structlog.get_logger()
 
 OnCommit = Callable[[], Awaitable[None]]
 _ON_COMMIT = "surge_on_commit"
+_KEEP_ON_ERROR = "surge_keep_on_error"
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,13 @@ def sqlstate(error: BaseException) -> str | None:
     return None
 
 
+def is_pool_exhausted(error: BaseException) -> bool:
+    """True when ``error`` is a wait for a pooled connection that timed out: the process is
+    busy (every connection in use), PostgreSQL is not down. Answer 503 + ``Retry-After``
+    like an outage, but never report or alert it as "database down" (issue 19)."""
+    return isinstance(error, exc.TimeoutError)
+
+
 def is_unavailable(error: BaseException) -> bool:
     """True when ``error`` means PostgreSQL cannot be reached (→ 503), not a bad query."""
     if isinstance(error, exc.TimeoutError):  # pool exhausted
@@ -134,6 +142,13 @@ def is_unavailable(error: BaseException) -> bool:
 def on_commit(session: AsyncSession, callback: OnCommit) -> None:
     """Run ``callback`` after ``session``'s unit of work commits (dropped on rollback)."""
     session.info.setdefault(_ON_COMMIT, []).append(callback)
+
+
+def keep_on_error(session: AsyncSession) -> None:
+    """Commit ``session``'s unit of work even though the code about to raise fails it: for a
+    write that *is* the answer to the failure (a security revocation behind a 401). The
+    error still reaches the caller; ``on_commit`` callbacks run after that commit."""
+    session.info[_KEEP_ON_ERROR] = True
 
 
 class Database:
@@ -242,7 +257,11 @@ class Database:
                 yield session
                 await session.commit()
             except BaseException:
-                await session.rollback()
+                if session.info.pop(_KEEP_ON_ERROR, False):
+                    await session.commit()
+                    await run_on_commit(session)
+                else:
+                    await session.rollback()
                 raise
             await run_on_commit(session)
 
@@ -275,8 +294,21 @@ class Database:
         return await self.primary.connect()
 
     async def ping(self, engine: AsyncEngine | None = None) -> None:
-        """``SELECT 1`` on ``engine`` (default: the primary). Raises when it cannot."""
-        async with (engine or self.primary).connect() as connection:
+        """``SELECT 1`` on ``engine`` (default: the primary). Raises when it cannot.
+
+        When every pooled connection is in use, the ping opens its own connection outside
+        the pool instead of queueing behind the requests: a busy pool is not a database
+        that is down, and health (hence the health score and readiness) must not say so."""
+        engine = engine or self.primary
+        pool = engine.pool
+        if isinstance(pool, IdleTimeoutPool) and pool.exhausted():
+            connection = await asyncpg_connect(engine)
+            try:
+                await connection.execute("SELECT 1")
+            finally:
+                await connection.close()
+            return
+        async with engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
 

@@ -49,6 +49,10 @@ class IdleTimeoutPool(AsyncAdaptedQueuePool):
     def waiting(self) -> int:
         return self._waiting
 
+    def exhausted(self) -> bool:
+        """No idle connection and none may be opened: the next checkout waits."""
+        return self._pool.qsize() == 0 and self._overflow >= self._max_overflow
+
     def opened(self) -> int:
         """Connections open right now (checked in + checked out)."""
         return self._pool.maxsize + self._overflow
@@ -95,6 +99,17 @@ class IdleTimeoutPool(AsyncAdaptedQueuePool):
 
 def _stamp_idle(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
     record.info[_IDLE_SINCE] = time.monotonic()
+
+
+async def asyncpg_connect(engine: AsyncEngine) -> Any:
+    """A raw asyncpg connection to ``engine``'s database, outside its pool (caller closes)."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    url = engine.url
+    return await asyncpg.connect(
+        host=url.host, port=url.port, user=url.username, password=url.password,
+        database=url.database, timeout=5,
+    )  # fmt: skip
 
 
 async def prewarm(engine: AsyncEngine, count: int) -> None:

@@ -1,7 +1,7 @@
 """Producer side: enqueue in the caller's transaction, bulk, batches, status, retry, cancel.
 
 Every function takes the caller's ``AsyncSession`` first and runs on its connection, inside
-its transaction: the job exists exactly when the caller's writes commit (ARCHITECTURE §2).
+its transaction: the job exists exactly when the caller's writes commit (docs/architecture.md §2).
 Nothing here commits.
 """
 
@@ -359,8 +359,10 @@ class QueueStats:
     oldest_age_seconds: float
 
 
-async def queue_stats(session: AsyncSession) -> list[QueueStats]:
-    """Per-queue depth and lag, read from the two partial indexes (queued, active) only."""
+async def queue_stats(session: AsyncSession, known: Iterable[str] = ()) -> list[QueueStats]:
+    """Per-queue depth and lag, read from the two partial indexes (queued, active) only.
+    Every queue in ``known`` is listed too, with zeros when idle: an idle queue is a
+    queue, not a missing one."""
     rows = await session.execute(
         text(
             """
@@ -376,7 +378,10 @@ async def queue_stats(session: AsyncSession) -> list[QueueStats]:
             """
         )
     )
-    return [QueueStats(**dict(row._mapping)) for row in rows]
+    found = {row.queue: QueueStats(**dict(row._mapping)) for row in rows}
+    for queue in known:
+        found.setdefault(queue, QueueStats(queue, 0, 0, 0, 0.0))
+    return [found[queue] for queue in sorted(found)]
 
 
 async def finished_counts(session: AsyncSession, *, since: timedelta) -> dict[str, dict[str, int]]:
@@ -430,7 +435,10 @@ async def resume_queue(session: AsyncSession, queue: str) -> bool:
 
 async def paused_queues(session: AsyncSession) -> dict[str, datetime]:
     rows = await session.execute(text("SELECT queue, paused_at FROM job_queue_pauses"))
-    return {queue: at for queue, at in rows}
+    out: dict[str, datetime] = {}
+    for queue, at in rows:
+        out[queue] = at
+    return out
 
 
 @dataclass(frozen=True)

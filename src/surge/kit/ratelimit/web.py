@@ -44,8 +44,10 @@ log = structlog.get_logger()
 STATE_DECISION = "ratelimit"
 STATE_COVERED = "ratelimit_covered"
 STATE_LIMITER = "ratelimiter"
-#: Distinct (caller, route) plans a middleware remembers before starting over.
-MEMO_MAX = 10_000
+#: Distinct (caller, route) plans a middleware remembers before starting over. Above the
+#: active population times its routes (seed 003: 10 000 users × 2-3 routes, each seen by
+#: every web process): at 10 000 it was cleared every few seconds under ``surge load``.
+MEMO_MAX = 65_536
 _Plan = tuple[list[Check], frozenset[int]]
 
 

@@ -104,7 +104,7 @@ class TokenCodec:
         audience: str,
         ttl: float,
         leeway: float = 5.0,
-        memo_size: int = 10_000,
+        memo_size: int = 65_536,
     ) -> None:
         self.ring = ring
         self.issuer = issuer

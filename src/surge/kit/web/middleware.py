@@ -10,7 +10,12 @@ task and a copy per request (the ``ping`` benchmark measures what this one costs
 3. timeout: the request is cancelled after ``timeout`` seconds and answered 504;
 4. RED metrics by route *template* (``/api/v1/orders/{id}``, never the raw path);
 5. any exception that escaped the handlers is logged with its traceback and answered with a
-   bare 500 problem (no detail to the client).
+   bare 500 problem (no detail to the client);
+6. ``Server-Timing`` (when ``server_timing``): ``app;dur=`` is the time from this layer's
+   start to the response's first byte, and ``queue;dur=`` the time from the client's
+   ``X-Request-Start: t=<epoch µs>`` (when sent; clamped at 0) to this layer's start — the
+   accept queue, the event loop's backlog and parsing. ``surge load`` joins both with the
+   latency it measured from each request's due time (ADR 0015).
 """
 
 from __future__ import annotations
@@ -68,12 +73,14 @@ class SurgeMiddleware:
         timeout: float = 30.0,
         slow_request: float = 1.0,
         access_log: bool = False,
+        server_timing: bool = True,
     ) -> None:
         self.app = app
         self.body_limit = body_limit
         self.timeout = timeout
         self.slow_request = slow_request
         self.access_log = access_log
+        self.server_timing = server_timing
         # Request deadlines, swept by one task, instead of one asyncio.timeout per request:
         # asyncio.timeout costs ~6 µs per request under uvloop, a dict insert ~0.1 µs.
         self._deadlines: dict[asyncio.Task[Any], float] = {}
@@ -107,12 +114,22 @@ class SurgeMiddleware:
         scope[RESPONSE_HEADERS] = extra
         status = 500
         response_started = False
+        timing = self.server_timing
+        queue_ms = _queue_ms(headers) if timing else None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
+                if timing:
+                    app_ms = (time.perf_counter() - started) * 1000
+                    value = (
+                        f"app;dur={app_ms:.2f}"
+                        if queue_ms is None
+                        else (f"queue;dur={queue_ms:.2f}, app;dur={app_ms:.2f}")
+                    )
+                    extra.append((b"server-timing", value.encode()))
                 message["headers"] = [*message.get("headers", ()), id_header, *extra]
             await send(message)
 
@@ -187,6 +204,23 @@ def route_template(scope: Scope) -> str:
     if path:
         return str(path)
     return str(getattr(scope.get("route"), "path", None) or UNMATCHED)
+
+
+def _queue_ms(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """Milliseconds since the client's ``X-Request-Start: t=<epoch µs>`` (``t=`` optional;
+    seconds, milliseconds and microseconds since the epoch are all accepted, as proxies
+    differ), or None when absent or unparseable."""
+    for name, value in headers:
+        if name == b"x-request-start":
+            raw = value[2:] if value[:2] == b"t=" else value
+            try:
+                stamp = float(raw)
+            except ValueError:
+                return None
+            while stamp > 1e11:  # µs or ms since the epoch → seconds
+                stamp /= 1000
+            return max(0.0, (time.time() - stamp) * 1000)
+    return None
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -7,7 +7,7 @@
 - (the bearer scheme and each operation's ``security`` come from the ``HTTPBearer``
   dependency the authentication declares);
 - ``constraints`` overwrite a schema property's documented bounds with the ones the server
-  enforces at run time (from settings), e.g. ``{"WithdrawalCreate": {"amount": {...}}}``.
+  enforces at run time (from settings), e.g. ``{"OrderCreate": {"amount": {"minimum": 100}}}``.
 
 Install it after ``install_problem_handlers`` (which adds the ``Problem`` schema).
 """

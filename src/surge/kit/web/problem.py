@@ -27,6 +27,7 @@ from surge.kit.db import (
     CONCURRENCY_SQLSTATES,
     OUT_OF_RANGE_SQLSTATES,
     UNSTORABLE_TEXT_SQLSTATES,
+    is_pool_exhausted,
     is_unavailable,
     sqlstate,
 )
@@ -162,6 +163,15 @@ async def _database_error(request: Request, error: Exception) -> Response:
         )
         return problem_response(
             422, title="Unprocessable Content", detail=detail, type_="validation", request=request
+        )
+    if is_pool_exhausted(error):  # busy, not down: never logged or reported as an outage
+        log.warning("db.pool_exhausted", path=request.url.path)
+        return problem_response(
+            503,
+            detail="The server is busy; nothing was written. Retry shortly.",
+            type_="busy",
+            request=request,
+            headers={"Retry-After": "1"},
         )
     if is_unavailable(error):
         log.warning("db.unavailable", error=str(error)[:300])

@@ -1,0 +1,429 @@
+"""``surge load SCENARIO``: servers, population, Surge, open-loop users, figures, report.
+
+One command reproduces a run: an embedded PostgreSQL and Redis in a temporary folder, the
+migrations, the scenario's population, Surge started the way production starts it
+(``surge serve``: uvicorn, uvloop, httptools, N processes, the keep-alive and backlog
+settings), then ``users`` open-loop users over a ramp and a steady phase, ``/metrics``
+scraped every second (cache tiers, pool use and waits). The last stdout line is the bench
+protocol's JSON (``bench/results/load-SCENARIO.json``); an HTML report with inline SVG plots
+goes beside it (``bench/results/load-SCENARIO.html``), readable offline.
+
+``--capacity``: the highest arrival rate that still meets the targets (p95, p99, errors,
+served = offered), by doubling from the requested rate until a step fails, then bisection;
+each step is a short steady run against the same (warm) server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from bench.common import RESULTS, console, report
+from bench.load import html
+from bench.load.engine import load_scenario
+from bench.load.runner import open_run, summarize, timeline
+from bench.load.scenario import User
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Limits nobody reaches in a load run: the limiter still decides every request (its Redis
+#: round trip is part of what is measured), but a user thinking 2 s would otherwise spend
+#: seed 004's 300 per 15 min, and the service caller sends hundreds a second.
+HIGH_LIMITS = [
+    {"name": "load-subject", "limit": 10**8, "period": "PT1H", "per": "subject"},
+    {"name": "load-ip", "limit": 10**8, "period": "PT1H", "per": "ip"},
+]
+#: Seed 003's reported figures: the targets (and the bench's baseline).
+SEED003 = {"p95_ms": 120.0, "p99_ms": 250.0, "error_rate": 0.0005, "cache_hit_ratio": 0.96}
+
+
+@dataclass
+class Options:
+    scenario: str = "seed003"
+    users: int = 10_000
+    population: int = 300_000
+    think: float = 5.0
+    duration: float = 60.0
+    ramp: float = 20.0
+    processes: int = 2
+    workers: int = 2
+    seed: int = 3
+    capacity: bool = False
+    step_duration: float = 30.0
+    targets: dict[str, float] = field(default_factory=lambda: dict(SEED003))
+    server_env: dict[str, str] = field(default_factory=dict)
+
+
+# ---- /metrics scraping ----------------------------------------------------------------------
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → ``{"name{labels}": value}`` for the series the report plots."""
+    wanted = ("surge_privilege_lookups_total", "cache_hits_total", "cache_misses_total",
+              "db_pool_checked_out", "db_pool_waiting", "db_pool_connections",
+              "cache_stale_served_total", "http_requests_in_flight")  # fmt: skip
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#" or not line.startswith(wanted):
+            continue
+        key, _, value = line.rpartition(" ")
+        try:
+            out[key] = out.get(key, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+class Scraper:
+    """``/metrics`` every ``interval`` seconds in a thread, stamped with the run's clock."""
+
+    def __init__(self, base: str, interval: float = 1.0) -> None:
+        self.base = base
+        self.interval = interval
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.zero = time.time()
+
+    def start(self, zero: float) -> None:
+        self.zero = zero
+        self._thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                try:
+                    text = client.get(f"{self.base}/metrics").text
+                    self.samples.append((time.time() - self.zero, parse_metrics(text)))
+                except httpx.HTTPError:
+                    pass
+                self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _sum(sample: dict[str, float], prefix: str, label: str = "") -> float:
+    return sum(v for k, v in sample.items() if k.startswith(prefix) and label in k)
+
+
+def cache_figures(
+    samples: list[tuple[float, dict[str, float]]], lo: float, hi: float
+) -> dict[str, Any]:
+    """Privilege lookups by tier between the samples nearest ``lo`` and ``hi`` seconds."""
+    inside = [s for s in samples if lo <= s[0] <= hi + 2] or samples
+    if len(inside) < 2:
+        return {}
+    first, last = inside[0][1], inside[-1][1]
+    name = "surge_privilege_lookups_total"
+    tiers = {t: _sum(last, name, f'source="{t}"') - _sum(first, name, f'source="{t}"')
+             for t in ("memory", "redis", "database", "stale", "unavailable")}  # fmt: skip
+    total = sum(tiers.values())
+    hits = tiers["memory"] + tiers["redis"] + tiers["stale"]
+    pool_out = [_sum(s, "db_pool_checked_out") for _, s in inside]
+    pool_wait = [_sum(s, "db_pool_waiting") for _, s in inside]
+    return {
+        "privilege_lookups": {k: int(v) for k, v in tiers.items()},
+        "cache_hit_ratio": round(hits / total, 4) if total else None,
+        "pool_checked_out_max": max(pool_out, default=0),
+        "pool_waiting_max": max(pool_wait, default=0),
+    }
+
+
+def series(samples: list[tuple[float, dict[str, float]]]) -> dict[str, list[tuple[float, float]]]:
+    """Per-second rates of the cache tiers and gauges of the pool, for the plots."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    name = "surge_privilege_lookups_total"
+    for (t0, a), (t1, b) in itertools.pairwise(samples):
+        dt = max(1e-3, t1 - t0)
+        for tier in ("memory", "redis", "database", "stale", "unavailable"):
+            rate = (_sum(b, name, f'source="{tier}"') - _sum(a, name, f'source="{tier}"')) / dt
+            out.setdefault(f"lookups/s: {tier}", []).append((t1, max(0.0, rate)))
+        out.setdefault("pool: checked out", []).append((t1, _sum(b, "db_pool_checked_out")))
+        out.setdefault("pool: waiting", []).append((t1, _sum(b, "db_pool_waiting")))
+        out.setdefault("requests in flight", []).append((t1, _sum(b, "http_requests_in_flight")))
+    return out
+
+
+# ---- servers --------------------------------------------------------------------------------
+
+
+class Stack:
+    """Embedded PostgreSQL + Redis + Surge (``surge serve``) in a temporary folder."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.folder = Path(tempfile.mkdtemp(prefix="surge-load-"))
+        self.server: subprocess.Popen[bytes] | None = None
+        self.base = ""
+        self.database_url = ""
+        self.redis_url = ""
+        self._servers: list[Any] = []
+
+    def start_data(self) -> None:
+        from surge.kit.db import migrate
+        from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
+
+        pg = EmbeddedPostgres(self.folder / "pg")
+        redis = EmbeddedRedis(self.folder / "redis")
+        self.database_url = pg.start()
+        self._servers.append(pg)
+        self.redis_url = redis.start()
+        self._servers.append(redis)
+        migrate.upgrade(self.database_url)
+
+    def start_surge(self) -> None:
+        from surge.kit.embedded import free_port
+
+        port = free_port()
+        metrics_dir = self.folder / "metrics"
+        metrics_dir.mkdir()
+        env = {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "SURGE_LOG_LEVEL": "WARNING",
+            "SURGE_RATELIMIT_POLICIES": json.dumps(HIGH_LIMITS),
+            "PYTHONPATH": str(ROOT),
+            **self.options.server_env,
+        }
+        cmd = [sys.executable, "-m", "surge.cli", "serve", "--no-servers", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", str(self.options.workers)]  # fmt: skip
+        self.server = subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, start_new_session=True
+        )
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"surge serve exited with {self.server.returncode}")
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("surge serve did not become ready")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.server is not None and self.server.poll() is None:
+            os.killpg(self.server.pid, signal.SIGTERM)
+            try:
+                self.server.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.server.pid, signal.SIGKILL)
+                self.server.wait()
+        for server in reversed(self._servers):
+            try:
+                server.stop()
+            except Exception as error:
+                console.print(f"[red]could not stop {type(server).__name__}: {error}")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ---- runs -----------------------------------------------------------------------------------
+
+
+def one_run(
+    stack: Stack,
+    options: Options,
+    users: list[User],
+    population: list[User],
+    service_token: str | None,
+    *,
+    think: float,
+    ramp: float,
+    duration: float,
+    label: str,
+) -> dict[str, Any]:
+    scenario = load_scenario(options.scenario)
+    step_names = [s.name for s in scenario.STEPS]
+    scraper = Scraper(stack.base)
+    total = ramp + duration
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+        TimeRemainingColumn(), console=console,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(
+            f"{label}: {len(users):,} users, think {think:.2f} s "
+            f"(≈ {len(users) / think:,.0f}/s), ramp {ramp:.0f} s",
+            total=total,
+        )
+        scraper.start(time.time() + 2.0)
+        records = open_run(
+            "127.0.0.1", int(stack.base.rsplit(":", 1)[1]), options.scenario, users,
+            think=think, ramp=ramp, duration=duration, processes=options.processes,
+            service_token=service_token, seed=options.seed, population=population,
+            on_tick=lambda t: progress.update(task, completed=min(total, t)),
+        )  # fmt: skip
+        progress.update(task, completed=total)
+    scraper.stop()
+    summary = summarize(records, step_names, steady_from=ramp, steady_to=total)
+    summary["cache"] = cache_figures(scraper.samples, ramp, total)
+    summary["errors_by_kind"] = dict(sorted(records.errors.items(), key=lambda kv: -kv[1])[:20])
+    summary["connects"] = records.connects
+    summary["think_s"] = think
+    summary["users"] = len(users)
+    return {"summary": summary, "timeline": timeline(records, int(total) + 1),
+            "series": series(scraper.samples), "records": records}  # fmt: skip
+
+
+def meets(summary: dict[str, Any], targets: dict[str, float]) -> tuple[bool, list[str]]:
+    misses = []
+    latency = summary["latency"]
+    if latency["p95_ms"] > targets["p95_ms"]:
+        misses.append(f"p95 {latency['p95_ms']} > {targets['p95_ms']} ms")
+    if latency["p99_ms"] > targets["p99_ms"]:
+        misses.append(f"p99 {latency['p99_ms']} > {targets['p99_ms']} ms")
+    if summary["error_rate"] > targets["error_rate"]:
+        misses.append(f"errors {summary['error_rate']:.4%} > {targets['error_rate']:.2%}")
+    if summary["served_rps"] < 0.98 * summary["offered_rps"]:
+        misses.append(f"served {summary['served_rps']}/s < offered {summary['offered_rps']}/s")
+    ratio = summary.get("cache", {}).get("cache_hit_ratio")
+    if ratio is not None and ratio < targets["cache_hit_ratio"]:
+        misses.append(f"cache hits {ratio:.2%} < {targets['cache_hit_ratio']:.0%}")
+    return not misses, misses
+
+
+def capacity_search(
+    stack: Stack, options: Options, users: list[User], population: list[User], *,
+    service_token: str | None, start_rate: float, steps: int = 6,
+) -> dict[str, Any]:  # fmt: skip
+    """Highest rate (users / think) meeting the targets: double until a failure, bisect."""
+    tried: list[dict[str, Any]] = []
+    good, bad = 0.0, float("inf")
+    rate = start_rate
+    for _ in range(steps):
+        result = one_run(stack, options, users, population, service_token,
+                         think=len(users) / rate, ramp=5.0, duration=options.step_duration,
+                         label=f"capacity step {len(tried) + 1}: {rate:,.0f}/s")  # fmt: skip
+        ok, misses = meets(result["summary"], options.targets)
+        s = result["summary"]
+        tried.append({"rate": round(rate), "ok": ok, "misses": misses,
+                      "served_rps": s["served_rps"], "p95_ms": s["latency"]["p95_ms"],
+                      "p99_ms": s["latency"]["p99_ms"], "error_rate": s["error_rate"]})  # fmt: skip
+        console.print(f"  {rate:,.0f}/s → {'[green]meets' if ok else '[red]misses'}[/] "
+                      f"{'; '.join(misses)}")  # fmt: skip
+        if ok:
+            good = max(good, rate)
+        else:
+            bad = min(bad, rate)
+        if bad == float("inf"):
+            rate *= 2
+        elif bad - good <= 0.1 * bad:
+            break
+        else:
+            rate = (good + bad) / 2 if good else bad / 2
+    return {"capacity_rps": round(good), "first_failing_rps": None if bad == float("inf") else round(bad),
+            "steps": tried}  # fmt: skip
+
+
+def run(options: Options) -> dict[str, Any]:
+    from surge.config import Settings
+
+    scenario = load_scenario(options.scenario)
+    stack = Stack(options)
+    capacity: dict[str, Any] | None = None
+    try:
+        with console.status("Starting PostgreSQL and Redis, migrating..."):
+            stack.start_data()
+        settings = Settings(DATABASE_URL=stack.database_url, REDIS_URL=stack.redis_url)
+        with Progress(TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed:,}/{task.total:,}"), console=console) as bar:  # fmt: skip
+            tasks: dict[str, Any] = {}
+
+            def progress(what: str, done: int, total: int) -> None:
+                if what not in tasks:
+                    tasks[what] = bar.add_task(f"population: {what}", total=total)
+                bar.update(tasks[what], completed=done)
+
+            started = time.perf_counter()
+            users, population, service_token = asyncio.run(
+                scenario.prepare(stack.database_url, settings, population=options.population,
+                                 signed_in=options.users, seed=options.seed, progress=progress)
+            )  # fmt: skip
+        console.print(f"[green]✓[/] population ready in {time.perf_counter() - started:.1f} s")
+        with console.status(f"Starting Surge ({options.workers} processes)..."):
+            stack.start_surge()
+        main = one_run(stack, options, users, population, service_token, think=options.think,
+                       ramp=options.ramp, duration=options.duration, label="run")  # fmt: skip
+        if options.capacity:
+            capacity = capacity_search(stack, options, users, population, service_token=service_token,
+                                       start_rate=len(users) / options.think)  # fmt: skip
+    finally:
+        stack.stop()
+    return finish(options, main, capacity)
+
+
+def finish(
+    options: Options, main: dict[str, Any], capacity: dict[str, Any] | None
+) -> dict[str, Any]:
+    summary = main["summary"]
+    ok, misses = meets(summary, options.targets)
+    name = f"load-{options.scenario}"
+    RESULTS.mkdir(exist_ok=True)
+    html_path = RESULTS / f"{name}.html"
+    html_path.write_text(html.render(name, options=options.__dict__, summary=summary,
+                                     timeline=main["timeline"], series=main["series"],
+                                     capacity=capacity, misses=misses))  # fmt: skip
+    # The latency plot alone, for the README (an SVG file renders on any Git host, offline).
+    (RESULTS / f"{name}.svg").write_text(
+        html.latency_chart(main["timeline"], options.ramp, options.ramp + options.duration)
+    )
+    latency = summary["latency"]
+    hit = summary.get("cache", {}).get("cache_hit_ratio")
+    rows = [
+        ("offered / served req/s", f"{summary['offered_rps']:,} / {summary['served_rps']:,}", "= offered"),
+        ("p50 / p95 / p99 / p99.9 ms", f"{latency['p50_ms']} / {latency['p95_ms']} / {latency['p99_ms']} / "
+         f"{latency['p99.9_ms']}", f"p95 ≤ {options.targets['p95_ms']:g}, p99 ≤ {options.targets['p99_ms']:g}"),
+        ("errors", f"{summary['error_rate']:.4%} ({summary['errors']})", f"≤ {options.targets['error_rate']:.2%}"),
+        ("cache hits (privileges)", f"{hit:.2%}" if hit is not None else "n/a",
+         f"≥ {options.targets['cache_hit_ratio']:.0%}"),
+        ("server queue p95 ms", str(summary["where"]["server_queue"]["p95_ms"]), ""),
+        ("server app p95 ms", str(summary["where"]["server_app"]["p95_ms"]), ""),
+        ("client wait before send p95 ms", str(summary["where"]["client_wait_before_send"]["p95_ms"]), ""),
+    ]  # fmt: skip
+    if capacity is not None:
+        rows.append(("capacity (meets all targets)", f"{capacity['capacity_rps']:,}/s", ""))
+    ours = {
+        "offered_rps": summary["offered_rps"], "served_rps": summary["served_rps"],
+        **dict(latency.items()), "error_rate": summary["error_rate"],
+        "cache_hit_ratio": hit,
+    }  # fmt: skip
+    if capacity is not None:
+        ours["capacity_rps"] = capacity["capacity_rps"]
+    return report(
+        name,
+        ours=ours,
+        baseline={**options.targets, "what": "seed 003's reported figures (the targets)"},
+        ratio=options.targets["p95_ms"] / max(latency["p95_ms"], 0.001),
+        target="p95, p99, errors, cache hits within seed 003's figures; served = offered",
+        ok=ok,
+        rows=rows,
+        extra={
+            "options": {k: v for k, v in options.__dict__.items() if k != "server_env"},
+            "summary": summary,
+            "capacity": capacity,
+            "misses": misses,
+            "report": str(html_path.relative_to(ROOT)),
+            "note": "generator, server, PostgreSQL and Redis share the machine's cores",
+        },
+        title=f"surge load {options.scenario}",
+    )

@@ -1,0 +1,215 @@
+"""Identity's per-process state, kept on the ``Runtime`` behind typed accessors.
+
+The identity *service* is stateless (``surge.identity.service.identity``); what one process
+must keep between requests lives here: the token codec and its verification memo, the
+password hasher, the privilege store (its L1 cache and invalidation listener), the
+revocation list (its pub/sub listener), the login guard and the client-IP resolver.
+
+    state = identity_state(runtime)          # the whole bundle
+    store = privilege_store(runtime)         # or one piece, typed
+
+``install_identity(runtime)`` builds it once per process (``create_app``, the demo seeding,
+tests); ``Runtime.stop()`` closes it like every extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import OrderedDict
+
+import structlog
+
+from surge.config import Settings
+from surge.identity.plans import Catalog
+from surge.identity.principal import Principal
+from surge.identity.privileges import PrivilegeStore
+from surge.identity.security import LoginGuard, RevocationList
+from surge.kit.cache import Cache
+from surge.kit.runtime import Runtime
+from surge.kit.security import BackupCodes, InvalidToken, KeyRing, PasswordHasher, TokenCodec, Totp
+from surge.kit.web.client_ip import ClientIpResolver
+
+log = structlog.get_logger()
+
+EXTENSION = "identity"
+
+
+def key_ring(settings: Settings) -> KeyRing:
+    spec = settings.AUTH_SIGNING_KEYS.get_secret_value()
+    if spec:
+        return KeyRing.parse(spec)
+    return KeyRing.derived(settings.SECRET_KEY.get_secret_value())
+
+
+class IdentityState:
+    """What one process keeps for identity (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings
+        self.runtime = runtime
+        self.settings = settings
+        self.codec = TokenCodec(
+            key_ring(settings),
+            issuer=settings.AUTH_JWT_ISSUER,
+            audience=settings.AUTH_JWT_AUDIENCE,
+            ttl=settings.AUTH_ACCESS_TTL.total_seconds(),
+        )
+        self.hasher = PasswordHasher(
+            time_cost=settings.AUTH_ARGON2_TIME_COST,
+            memory_cost=settings.AUTH_ARGON2_MEMORY_KIB,
+            parallelism=settings.AUTH_ARGON2_PARALLELISM,
+        )
+        self.totp = Totp(issuer=settings.AUTH_MFA_ISSUER)
+        self.backup_codes = BackupCodes(
+            settings.SECRET_KEY.get_secret_value().encode() + b".mfa-backup"
+        )
+        self.catalog = Catalog.from_settings(settings)
+        self.privileges = PrivilegeStore(
+            runtime.db,
+            Cache(
+                runtime.redis,
+                name="privileges",
+                namespace="surge:identity:priv",
+                l1_max_entries=settings.IDENTITY_PRIVILEGE_L1_SIZE,
+                l1_ttl=settings.IDENTITY_PRIVILEGE_L1_TTL.total_seconds(),
+                ttl=settings.IDENTITY_PRIVILEGE_TTL.total_seconds(),
+                max_stale=settings.IDENTITY_PRIVILEGE_STALE.total_seconds(),
+                resync_interval=settings.CACHE_RESYNC_INTERVAL.total_seconds(),
+                lease=settings.CACHE_LEASE.total_seconds(),
+            ),
+            self.catalog,
+        )
+        self.revocations = RevocationList(
+            runtime.db, runtime.redis, access_ttl=settings.AUTH_ACCESS_TTL.total_seconds()
+        )
+        self.login_guard = LoginGuard(
+            runtime.redis,
+            window=settings.AUTH_LOGIN_WINDOW.total_seconds(),
+            max_per_account=settings.AUTH_LOGIN_MAX_FAILURES_ACCOUNT,
+            max_per_ip=settings.AUTH_LOGIN_MAX_FAILURES_IP,
+        )
+        self.client_ip = ClientIpResolver(settings.TRUSTED_PROXIES)
+        self._principals: OrderedDict[str, Principal] = OrderedDict()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self, *, warm: bool = True, refresh_view: bool = True) -> None:
+        """Subscribe to invalidations, warm the privilege cache, start the view refresher."""
+        await self.revocations.start()
+        await self.privileges.start()
+        if warm and self.settings.IDENTITY_WARM_USERS > 0:
+            try:
+                warmed = await self.privileges.warm(self.settings.IDENTITY_WARM_USERS)
+                log.info("identity.privileges.warmed", users=warmed)
+            except Exception as error:  # a cold cache is slower, not broken
+                log.warning("identity.privileges.warm_failed", error=str(error)[:200])
+        if refresh_view:
+            self._tasks.append(
+                asyncio.create_task(self._refresh_forever(), name="identity-view-refresh")
+            )
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.privileges.close()
+        await self.revocations.close()
+
+    async def _refresh_forever(self) -> None:
+        # The worker fleet runs this as the periodic job ``identity.active_subscriptions.refresh``
+        # (surge.identity.jobs). Web processes keep this loop too, so a deployment without
+        # workers (``surge serve`` alone) still refreshes; the advisory lock and the
+        # "refreshed recently" check keep the cluster at one refresh per interval.
+        from surge.identity.service import identity as identity_service
+
+        interval = self.settings.IDENTITY_REFRESH_INTERVAL.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with self.runtime.db.session() as session:
+                    await identity_service.refresh_view(session, min_age=interval * 0.9)
+            except Exception as error:
+                log.warning("identity.view_refresh_failed", error=str(error)[:200])
+
+    # ---- tokens -------------------------------------------------------------------------
+    def access_token(self, user_id: uuid.UUID, session_id: uuid.UUID, role: str, mfa: bool) -> str:
+        return self.codec.issue(
+            str(user_id),
+            {
+                "sid": str(session_id),
+                "role": role,
+                "mfa": mfa,
+                "amr": ["pwd", "otp"] if mfa else ["pwd"],
+            },
+        )
+
+    def principal_of(self, token: str) -> Principal:
+        """The caller a *signed, unexpired* token names (revocation not checked). Memoised
+        per token, like the signature check: a client repeats one token for 15 minutes."""
+        claims = self.codec.verify(token)  # memoised too, and re-checks expiry every time
+        principal = self._principals.get(token)
+        if principal is not None:
+            return principal
+        try:
+            principal = Principal(
+                user_id=uuid.UUID(claims["sub"]),
+                session_id=uuid.UUID(str(claims["sid"])),
+                role=str(claims.get("role", "user")),
+                mfa=claims.get("mfa") is True,
+                issued_at=float(claims["iat"]),
+            )
+        except (KeyError, ValueError, TypeError) as error:
+            raise InvalidToken() from error
+        self._principals[token] = principal
+        if len(self._principals) > self.codec.memo_size:
+            self._principals.popitem(last=False)
+        return principal
+
+    async def check_live(self, principal: Principal) -> Principal:
+        """``principal`` (from a verified token) if its session has not been revoked."""
+        if await self.revocations.is_revoked(
+            principal.session_id, principal.user_id, principal.issued_at
+        ):
+            raise InvalidToken("This session has been signed out")
+        return principal
+
+    async def authenticate(self, token: str) -> Principal:
+        """Verify an access token and that its session is still live."""
+        return await self.check_live(self.principal_of(token))
+
+
+def install_identity(runtime: Runtime) -> IdentityState:
+    """Build this process's identity state once and keep it on ``runtime``."""
+    existing = runtime.extensions.get(EXTENSION)
+    if isinstance(existing, IdentityState):
+        return existing
+    state = IdentityState(runtime)
+    runtime.extensions[EXTENSION] = state
+    return state
+
+
+def identity_state(runtime: Runtime) -> IdentityState:
+    """This process's identity state (``install_identity`` must have run)."""
+    state = runtime.extensions[EXTENSION]
+    assert isinstance(state, IdentityState)
+    return state
+
+
+def privilege_store(runtime: Runtime) -> PrivilegeStore:
+    return identity_state(runtime).privileges
+
+
+def revocation_list(runtime: Runtime) -> RevocationList:
+    return identity_state(runtime).revocations
+
+
+def login_guard(runtime: Runtime) -> LoginGuard:
+    return identity_state(runtime).login_guard
+
+
+def token_codec(runtime: Runtime) -> TokenCodec:
+    return identity_state(runtime).codec
