@@ -1,4 +1,5 @@
-"""Console: look-alike e-mail skeletons, the read-only admin role, paused job queues.
+"""Console: look-alike e-mail skeletons, the read-only admin role, paused job queues,
+service API keys.
 
 Revision ID: 0009_console
 Revises: 0008_notifications
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 from surge.kit.security.confusables import skeleton
 
@@ -19,6 +21,8 @@ down_revision: str | None = "0008_notifications"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+UUID = postgresql.UUID(as_uuid=True)
+TS = sa.DateTime(timezone=True)
 ROLES_BEFORE = "role IN ('user', 'partner', 'reseller', 'admin')"
 ROLES_AFTER = "role IN ('user', 'partner', 'reseller', 'admin', 'admin_readonly')"
 
@@ -52,9 +56,27 @@ def upgrade() -> None:
         sa.Column("paused_by", sa.Text()),
         sa.PrimaryKeyConstraint("queue", name=op.f("pk_job_queue_pauses")),
     )
+    # Scoped API keys for server-to-server calls (surge.credential); only hashes are stored.
+    op.create_table(
+        "service_keys",
+        sa.Column("id", UUID, nullable=False, server_default=sa.text("gen_random_uuid()")),
+        sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("prefix", sa.Text(), nullable=False),
+        sa.Column("secret_hash", sa.Text(), nullable=False),
+        sa.Column("scopes", postgresql.ARRAY(sa.Text()), nullable=False),
+        sa.Column("created_by", UUID),
+        sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
+        sa.Column("last_used_at", TS),
+        sa.Column("expires_at", TS),
+        sa.Column("revoked_at", TS),
+        sa.Column("rotated_from", UUID),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_service_keys")),
+        sa.UniqueConstraint("prefix", name=op.f("uq_service_keys_prefix")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("service_keys")
     op.drop_table("job_queue_pauses")
     op.execute("UPDATE users SET role = 'user' WHERE role = 'admin_readonly'")
     op.drop_constraint(op.f("ck_users_role"), "users", type_="check")

@@ -397,6 +397,8 @@ class Settings(BaseSettings):
     """How often each API process records its metrics into the console's time series."""
     CONSOLE_SERIES_RETENTION: timedelta = timedelta(hours=1)
     """How much history the console's charts keep (in Redis, trimmed by time)."""
+    CREDENTIAL_ROTATION_GRACE: timedelta = timedelta(hours=1)
+    """After a service key is rotated, the old key keeps working this long (redeploy time)."""
     # ---- end console --------------------------------------------------------------------
 
     # ---- payments -----------------------------------------------------------------------

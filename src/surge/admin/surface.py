@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from surge.admin.routes import admin_router as admin_domain_router
 from surge.audit.routes import admin_router as audit_admin_router
+from surge.credential.routes import admin_router as credential_admin_router
 from surge.identity.deps import require_admin_mfa
 from surge.identity.routes import admin_router as identity_admin_router
 from surge.kit.breaker import breaker_router
@@ -42,6 +43,7 @@ def domain_admin_routers() -> list[APIRouter]:
         wallet_admin_router,
         # ---- new domains: one line each, below ----
         payments_admin_router,
+        credential_admin_router,  # ---- console: service API keys ----
     ]
 
 

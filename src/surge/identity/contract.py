@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from surge.identity.deps import current_user, require_admin_mfa
+from surge.identity.deps import bearer_scheme, bearer_token, current_user, require_admin_mfa
 from surge.identity.principal import PRINCIPAL_STATE
 from surge.kit.errors import Forbidden
 from surge.kit.web.problem import VALIDATION_GUARD
@@ -56,6 +56,8 @@ async def check_caller_first(request: Request) -> None:
     calls = _calls(route) if isinstance(route, APIRoute) else []
     admin = request.url.path.startswith(ADMIN_PREFIX) or require_admin_mfa in calls
     if not admin and current_user not in calls:
+        if bearer_scheme in calls:  # its own credential check (a service key): a token first
+            bearer_token(request)
         return  # a public route: the 422 is the answer
     principal = await current_user(request)
     request.scope.setdefault("state", {})[PRINCIPAL_STATE] = principal

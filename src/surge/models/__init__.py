@@ -2,6 +2,7 @@
 
 from surge.models.audit import AuditEntry
 from surge.models.base import Base, TimestampMixin
+from surge.models.credential import ServiceKey
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
 from surge.models.payments import PaymentEvent, Topup
@@ -28,6 +29,7 @@ __all__ = [
     "PaymentEvent",
     "RefreshToken",
     "RevenueEvent",
+    "ServiceKey",
     "Subscription",
     "TimestampMixin",
     "Topup",

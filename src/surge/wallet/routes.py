@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from surge.config import Settings
+from surge.credential.deps import Actor, service_or_admin
 from surge.identity.deps import AdminMfa, require_role
 from surge.identity.principal import Principal
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
@@ -182,7 +183,10 @@ async def list_earnings(
     )
 
 
-# ---- revenue events (the platform's backend: an admin with MFA) -----------------------------
+# ---- revenue events (the platform's backend: a scoped service key, or an admin with MFA) ----
+RevenueCaller = Annotated[Actor, Depends(service_or_admin("revenue-events:write"))]
+
+
 @router.post(
     "/revenue-events",
     status_code=201,
@@ -190,10 +194,12 @@ async def list_earnings(
     responses={200: {"model": RevenueEventRead, "description": "Already recorded: a replay"}},
 )
 async def record_revenue_event(
-    body: RevenueEventCreate, principal: AdminMfa, session: SessionDep, runtime: RuntimeDep
+    body: RevenueEventCreate, actor: RevenueCaller, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
     """Record a game or sale once (201; its id again: 200 and nothing more happens). Every
-    active partner is credited by jobs enqueued in this same transaction."""
+    active partner is credited by jobs enqueued in this same transaction. Called by the
+    platform's backend with a service key granted ``revenue-events:write`` (or by an MFA
+    administrator)."""
     event, created = await wallet_service.record_revenue_event(
         session,
         runtime,
