@@ -34,6 +34,8 @@ from surge.kit.web.middleware import SurgeMiddleware
 from surge.kit.web.openapi import install_contract
 from surge.kit.web.problem import install_problem_handlers
 from surge.kit.web.routing import promote_routes
+from surge.operations.routes import page_router as operations_page_router
+from surge.operations.routes import router as operations_router
 from surge.payments.routes import router as payments_router
 from surge.wallet.routes import api_constraints
 from surge.wallet.routes import router as wallet_router
@@ -113,6 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every /api/admin route, each behind require_admin_mfa once (surge.admin.surface).
     install_admin(app, runtime)
     app.include_router(payments_router)  # ---- payments ----
+    app.include_router(operations_router)  # ---- operations (admin: surge.admin.surface) ----
+    app.include_router(operations_page_router)  # /panel
     # ---- console (issue 16): an honest contract, local docs --------------------------------
     install_docs(app)
     install_console(app, runtime)  # /admin: the operator's console

@@ -60,7 +60,9 @@ def line_chart(
         f'<text x="2" y="14" font-size="10" fill="#64748b">{escape(_fmt(top, unit))}</text>',
         f'<text x="2" y="{HEIGHT - 20}" font-size="10" fill="#64748b">0</text>',
         f'<text x="{PAD}" y="{HEIGHT - 4}" font-size="10" fill="#64748b">'
-        f"−{span / 60:.0f} min</text>" if span >= 120 else f"−{span:.0f} s</text>",
+        f"−{span / 60:.0f} min</text>"
+        if span >= 120
+        else f"−{span:.0f} s</text>",
         f'<text x="{WIDTH - 30}" y="{HEIGHT - 4}" font-size="10" fill="#64748b">now</text>',
     ]
     if threshold is not None:
