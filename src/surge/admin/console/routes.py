@@ -53,6 +53,7 @@ from surge.kit.errors import SurgeError
 from surge.kit.jobs.queue import JobFilter, get_job, list_jobs, paused_queues, queue_stats
 from surge.kit.runtime import Runtime
 from surge.kit.web.deps import RuntimeDep, SessionDep
+from surge.kit.web.middleware import UNTIMED
 from surge.wallet.service import wallet as wallet_service
 
 CSP = (
@@ -292,6 +293,7 @@ async def events(caller: CallerDep, runtime: RuntimeDep, request: Request) -> Re
     """Server-sent events: one ``tick`` per new point. The stream ends after 20 s (under the
     request timeout) and the browser's EventSource reconnects by itself."""
     interval = runtime.settings.CONSOLE_SAMPLE_INTERVAL.total_seconds()
+    request.scope[UNTIMED] = True  # its 20 s are not a response time
 
     async def stream() -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"

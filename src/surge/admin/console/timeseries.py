@@ -121,7 +121,7 @@ class Sampler:
         self.alerts = AlertEvaluator(
             default_rules(thresholds=AlertThresholds.from_settings(settings)),
             self._record_alert,
-            cooldown=0.0,
+            cooldown=settings.ALERT_COOLDOWN.total_seconds(),
         )
 
     async def _record_alert(self, event: AlertEvent) -> None:
