@@ -35,6 +35,10 @@ _TEMPROOT.mkdir(exist_ok=True)
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(_TEMPROOT))
 
 
+# Re-exported for tests written before the fixtures package: import from tests.fixtures.
+__all__ = ["app_client", "make_settings"]
+
+
 @pytest.fixture(scope="session")
 def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     started: list[object] = []

@@ -7,7 +7,30 @@ import pytest
 from fastapi import FastAPI
 
 from surge.config import Settings
-from tests.fixtures.factories import identity_settings
+from tests.fixtures.factories import (
+    FAST_ARGON2,
+    PASSWORD,
+    bearer,
+    identity_of,
+    identity_settings,
+    login,
+    make_admin,
+    register,
+    unique_email,
+)
+
+# Re-exported for tests written before the fixtures package: import from tests.fixtures.
+__all__ = [
+    "FAST_ARGON2",
+    "PASSWORD",
+    "bearer",
+    "identity_of",
+    "identity_settings",
+    "login",
+    "make_admin",
+    "register",
+    "unique_email",
+]
 
 
 @pytest.fixture(scope="session")
