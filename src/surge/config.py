@@ -299,8 +299,9 @@ class Settings(BaseSettings):
     """After a message, a rule stays silent this long (then one reminder if still firing)."""
     ALERT_WEBHOOK_RETRIES: int = 3
     """Extra delivery attempts per alert message."""
-    ALERT_RESPONSE_P95: timedelta = timedelta(seconds=1)
-    """Seed 002: alert when p95 response time is above this."""
+    ALERT_RESPONSE_P95: timedelta = timedelta(milliseconds=200)
+    """Seed 003: alert when p95 response time is above this (its target is 120 ms; seed 002's
+    1 s would page long after users noticed)."""
     ALERT_ERRORS_PER_MINUTE: float = 10
     """Seed 002: alert when 5xx responses per minute are above this."""
     ALERT_MEMORY_RATIO: float = 0.9
@@ -400,6 +401,22 @@ class Settings(BaseSettings):
     """How often the `wallet_stats` materialized view is refreshed concurrently."""
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
+
+    # ---- console ------------------------------------------------------------------------
+    # (issue 16: operator's console, alerts from one source, service API keys)
+    ALERT_ERROR_RATIO: float = 0.01
+    """Seed 003: alert when more than this share of responses are 5xx (over 5 min)."""
+    ALERT_CACHE_HIT_RATIO: float = 0.9
+    """Seed 003: alert when a cache's hit ratio (L1 or L2 hits / lookups) falls below this."""
+    CONSOLE_SESSION_TTL: timedelta = timedelta(hours=8)
+    """How long a console sign-in (its HttpOnly cookie) lasts without a new sign-in."""
+    CONSOLE_SAMPLE_INTERVAL: timedelta = timedelta(seconds=5)
+    """How often each API process records its metrics into the console's time series."""
+    CONSOLE_SERIES_RETENTION: timedelta = timedelta(hours=1)
+    """How much history the console's charts keep (in Redis, trimmed by time)."""
+    CREDENTIAL_ROTATION_GRACE: timedelta = timedelta(hours=1)
+    """After a service key is rotated, the old key keeps working this long (redeploy time)."""
+    # ---- end console --------------------------------------------------------------------
 
     # ---- operations ----------------------------------------------------------------------
     OPERATIONS_PROVIDER_URL: str = ""

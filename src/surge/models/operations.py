@@ -22,6 +22,7 @@ class ProviderAccount(Base):
     ``leased_until`` is in the future (one job at a time, fleet-wide)."""
 
     __tablename__ = "operations_provider_accounts"
+    # No pick index: a provider has a few accounts, scanned (migration 0006).
 
     id: Mapped[UUID] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(Text, unique=True)
