@@ -109,11 +109,11 @@ async def hit_throughput(url: str, reps: int, n: int) -> dict[str, list[float]]:
     async def load_row(i: int) -> dict[str, Any]:
         return {**PAYLOAD, "user_id": i}
 
-    @cashews(ttl="5m", key="item:{i}")  # type: ignore[misc,untyped-decorator]
+    @cashews(ttl="5m", key="item:{i}")
     async def cashews_row(i: int) -> dict[str, Any]:
         return await load_row(i)
 
-    @aio_cached(ttl=300, cache=AioCache.MEMORY, key_builder=lambda f, i: f"item:{i}")  # type: ignore[misc,untyped-decorator]
+    @aio_cached(ttl=300, cache=AioCache.MEMORY, key_builder=lambda f, i: f"item:{i}")  # type: ignore[untyped-decorator]
     async def aiocache_row(i: int) -> dict[str, Any]:
         return await load_row(i)
 
@@ -160,7 +160,7 @@ async def stampede(url: str, reps: int) -> dict[str, int]:
     cashews.setup(url)
     try:
         for rep in range(reps):
-            calls = {name: 0 for name in worst}
+            calls = dict.fromkeys(worst, 0)
 
             def counting(name: str, calls: dict[str, int] = calls) -> Callable[[], Awaitable[str]]:
                 async def load() -> str:
@@ -174,15 +174,15 @@ async def stampede(url: str, reps: int) -> dict[str, int]:
             loader = counting("surge")
             await asyncio.gather(*[caches[i % 2].get_or_load(key, loader) for i in range(1000)])
 
-            @cashews(ttl="5m", key="cst:{k}")  # type: ignore[misc,untyped-decorator]
+            @cashews(ttl="5m", key="cst:{k}")
             async def c_plain(k: str) -> str:
                 return await counting("cashews")()
 
-            @cashews(ttl="5m", key="cstl:{k}", lock=True)  # type: ignore[misc,untyped-decorator]
+            @cashews(ttl="5m", key="cstl:{k}", lock=True)
             async def c_lock(k: str) -> str:
                 return await counting("cashews_lock")()
 
-            @aio_cached(ttl=300, cache=AioCache.MEMORY, key_builder=lambda f, k: f"ast:{k}")  # type: ignore[misc,untyped-decorator]
+            @aio_cached(ttl=300, cache=AioCache.MEMORY, key_builder=lambda f, k: f"ast:{k}")  # type: ignore[untyped-decorator]
             async def a_plain(k: str) -> str:
                 return await counting("aiocache")()
 

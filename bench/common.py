@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,7 +82,8 @@ def report(
     result["machine"] = machine()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
     return result
 
 

@@ -135,7 +135,7 @@ async def round_trips(url: str, op: Op, samples: int = 50) -> float:
     marker = redis_async.Redis.from_url(url)
     await marker.ping()
     commands = 0
-    async with watcher.monitor() as monitor:  # type: ignore[no-untyped-call]
+    async with watcher.monitor() as monitor:
         for i in range(samples):
             await op(i)
         await marker.echo("bench-end-of-sample")
@@ -176,7 +176,7 @@ async def _bench(url: str, reps: int, seconds: float) -> None:
 
     limits_uri = "async+" + url
     storages = {
-        impl: RedisStorage(limits_uri, implementation=impl, max_connections=CONCURRENCY)  # type: ignore[arg-type]
+        impl: RedisStorage(limits_uri, implementation=impl, max_connections=CONCURRENCY)
         for impl in ("redispy", "coredis")
     }
     peers: dict[str, dict[str, Op]] = {

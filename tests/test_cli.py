@@ -87,7 +87,8 @@ def test_up_serves_and_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
         assert httpx.get(f"{base}/docs").status_code == 200
         pg_pid = int((data_dir / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])
         redis_pid = int((data_dir / "redis" / "redis.pid").read_text().strip())
-        assert psutil.pid_exists(pg_pid) and psutil.pid_exists(redis_pid)
+        assert psutil.pid_exists(pg_pid)
+        assert psutil.pid_exists(redis_pid)
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         try:
@@ -164,15 +165,15 @@ def test_production_refuses_default_secret() -> None:
     with pytest.raises(ValueError, match="SURGE_SECRET_KEY"):
         Settings(ENV=Environment.production, DATABASE_URL="", REDIS_URL="")
     with pytest.raises(ValueError, match="SURGE_SECRET_KEY"):
-        Settings(ENV=Environment.production, SECRET_KEY="short")  # type: ignore[arg-type]
-    ok = Settings(ENV=Environment.production, SECRET_KEY="x" * 40)  # type: ignore[arg-type]
+        Settings(ENV=Environment.production, SECRET_KEY="short")
+    ok = Settings(ENV=Environment.production, SECRET_KEY="x" * 40)
     assert ok.is_production
 
 
 def test_urls_are_normalised_and_split() -> None:
     s = Settings(
         DATABASE_URL="postgres://u:p@h:5432/d",
-        DATABASE_REPLICA_URLS="postgresql://u@r1/d, postgresql://u@r2/d",  # type: ignore[arg-type]
+        DATABASE_REPLICA_URLS="postgresql://u@r1/d, postgresql://u@r2/d",
     )
     assert s.DATABASE_URL == "postgresql+asyncpg://u:p@h:5432/d"
     assert s.DATABASE_REPLICA_URLS == ["postgresql+asyncpg://u@r1/d", "postgresql+asyncpg://u@r2/d"]
@@ -187,7 +188,8 @@ def test_up_help_shows_the_real_port_default() -> None:
     result = CliRunner().invoke(app, ["up", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     port_line = next(line for line in result.output.splitlines() if "--port" in line)
-    assert "8000" in port_line and "default: 0" not in port_line, port_line
+    assert "8000" in port_line, port_line
+    assert "default: 0" not in port_line, port_line
 
 
 def test_a_command_never_stops_servers_it_did_not_start(
@@ -210,7 +212,8 @@ def test_a_command_never_stops_servers_it_did_not_start(
             monkeypatch.setenv(name, "")
             monkeypatch.delenv(name)
         servers = resolve_servers()  # a second command on the same data folder
-        assert servers.database_url == pg.url and servers.redis_url == redis.url
+        assert servers.database_url == pg.url
+        assert servers.redis_url == redis.url
         assert servers.started == []
         servers.stop()
         assert pg.pid() is not None, "the other command's PostgreSQL was stopped"

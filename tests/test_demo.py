@@ -14,7 +14,8 @@ async def test_demo_seed_is_idempotent_and_goes_through_the_services(
 ) -> None:
     first = await seed_async(settings)
     again = await seed_async(settings)
-    assert first is True and again is False
+    assert first is True
+    assert again is False
     async with runtime.db.session() as session:
         emails = [email(local) for local, *_ in ACCOUNTS + PARTNERS]
         users = (

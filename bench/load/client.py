@@ -109,7 +109,8 @@ class Connection:
         if not self.usable:
             await self.connect()
         protocol = self._protocol
-        assert protocol is not None and protocol.transport is not None
+        assert protocol is not None
+        assert protocol.transport is not None
         waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         protocol.waiter = waiter
         protocol.buffer.clear()

@@ -404,7 +404,7 @@ def finish(
         rows.append(("capacity (meets all targets)", f"{capacity['capacity_rps']:,}/s", ""))
     ours = {
         "offered_rps": summary["offered_rps"], "served_rps": summary["served_rps"],
-        **{k: v for k, v in latency.items()}, "error_rate": summary["error_rate"],
+        **latency, "error_rate": summary["error_rate"],
         "cache_hit_ratio": hit,
     }  # fmt: skip
     if capacity is not None:

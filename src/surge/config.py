@@ -384,7 +384,40 @@ class Settings(BaseSettings):
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
 
-    @field_validator("DATABASE_REPLICA_URLS", "TRUSTED_PROXIES", mode="before")
+    # ---- payments -----------------------------------------------------------------------
+    PAYMENTS_PROVIDER_URL: str = ""
+    """Base URL of the payment provider's API (Stripe-shaped; ``surge up`` points it at
+    ``surge.sim.payments``). Empty: top-ups answer 503."""
+    PAYMENTS_API_KEY: SecretStr = SecretStr("sk_test_surge")
+    """Bearer key for the provider's API."""
+    PAYMENTS_WEBHOOK_SECRETS: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=lambda: [SecretStr("whsec_surge_dev")]
+    )
+    """Comma-separated webhook signing secrets. A signature made with any of them is
+    accepted: during a rotation list the new and the old one, then drop the old."""
+    PAYMENTS_WEBHOOK_TOLERANCE: timedelta = timedelta(seconds=300)
+    """A signed timestamp further than this from now is refused (Stripe's default, 300 s)."""
+    PAYMENTS_CURRENCY: str = "USD"
+    """The only currency top-ups accept (the wallets' currency)."""
+    PAYMENTS_TOPUP_MIN: int = 500
+    """Smallest top-up in minor units (500 = 5.00; below it card fees eat the payment)."""
+    PAYMENTS_TOPUP_MAX: int = 1_000_000
+    """Largest top-up in minor units (1 000 000 = 10 000.00)."""
+    PAYMENTS_TIMEOUT: timedelta = timedelta(seconds=10)
+    """Read timeout of one call to the provider."""
+    PAYMENTS_RECONCILE_AFTER: timedelta = timedelta(minutes=2)
+    """A top-up still open this long after its last change is asked about at the provider
+    by the reconciliation job (a lost webhook costs minutes, not money)."""
+    PAYMENTS_RECONCILE_BATCH: int = 100
+    """Open top-ups asked about per reconciliation run."""
+    PAYMENTS_EVENT_MAX_ATTEMPTS: int = 5
+    """Failed processings of one event before it is dead-lettered (admin view, retry)."""
+    PAYMENTS_EVENT_RETRY: timedelta = timedelta(seconds=5)
+    """Delay before processing a failed event again (doubled per attempt)."""
+
+    @field_validator(
+        "DATABASE_REPLICA_URLS", "TRUSTED_PROXIES", "PAYMENTS_WEBHOOK_SECRETS", mode="before"
+    )
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -26,7 +26,8 @@ async def test_metrics_show_the_fleet(id_app: FastAPI, api: httpx.AsyncClient) -
     response = await api.get("/api/admin/metrics", headers=bearer(tokens))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["health"]["score"] == 100 and body["health"]["status"] == "healthy"
+    assert body["health"]["score"] == 100
+    assert body["health"]["status"] == "healthy"
     assert body["http"]["requests"] >= 6
     assert body["http"]["p95_ms"] is not None
     assert body["database"]["pool_connections"] >= 1

@@ -91,7 +91,8 @@ async def test_admin_signs_in_with_mfa_and_clears_caches(
                 await page.wait_for_selector("#score:has-text('/ 100')", timeout=15_000)
                 assert not await page.is_visible("#login"), "the sign-in form must go away"
                 score = await page.text_content("#score")
-                assert score is not None and score.strip() == "100 / 100"
+                assert score is not None
+                assert score.strip() == "100 / 100"
                 assert "requests" in (await page.text_content("#http") or "")
                 await page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
 

@@ -25,7 +25,7 @@ async def test_migration_matches_the_models(runtime: Runtime) -> None:
         against_nothing = await conn.run_sync(diff, MetaData())
     dropped = {
         c[1].name for c in against_nothing if isinstance(c, tuple) and c[0] == "remove_table"
-    }  # type: ignore[attr-defined]
+    }
     assert dropped >= OURS
 
     def about_ours(change: object) -> bool:

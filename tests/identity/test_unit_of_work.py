@@ -29,10 +29,14 @@ async def test_a_logout_that_rolls_back_is_never_announced(
     runtime = id_app.state.runtime
     state = identity_state(runtime)
     principal = await _principal(id_app, api)
-    with pytest.raises(Boom):
+
+    async def failing_request() -> None:
         async with runtime.db.session() as session:
             await identity_service.logout(session, runtime, principal)
             raise Boom  # the request fails after the service returned
+
+    with pytest.raises(Boom):
+        await failing_request()
     assert not await state.revocations.is_revoked(
         principal.session_id,
         principal.user_id,
@@ -80,12 +84,20 @@ async def test_login_runs_in_the_request_transaction(
     """A login whose unit of work rolls back leaves no session behind."""
     runtime = id_app.state.runtime
     email, _ = await register(api)
-    with pytest.raises(Boom):
+    pairs = []
+
+    async def failing_request() -> None:
         async with runtime.db.session() as session:
-            pair = await identity_service.login(
-                session, runtime, email=email, password="correct horse battery staple"
+            pairs.append(
+                await identity_service.login(
+                    session, runtime, email=email, password="correct horse battery staple"
+                )
             )
             raise Boom
+
+    with pytest.raises(Boom):
+        await failing_request()
+    pair = pairs[0]
     async with runtime.db.session() as session:
         found, _ = await identity_service.sessions_page(
             session,

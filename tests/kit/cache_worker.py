@@ -76,7 +76,8 @@ async def main(url: str, namespace: str) -> None:
     counter = redis_async.Redis.from_url(url)
     await cache.start()
     loop = asyncio.get_running_loop()
-    print(json.dumps({"ready": True}), flush=True)
+    sys.stdout.write(json.dumps({"ready": True}) + "\n")
+    sys.stdout.flush()
     try:
         while True:
             line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -86,7 +87,8 @@ async def main(url: str, namespace: str) -> None:
                 reply = await handle(cache, counter, json.loads(line))
             except Exception as exc:
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
-            print(json.dumps(reply), flush=True)
+            sys.stdout.write(json.dumps(reply) + "\n")
+            sys.stdout.flush()
     finally:
         await cache.close()
         await counter.aclose()

@@ -5,6 +5,7 @@ subprocesses (``SURGE_JOBS_MODULES=tests.kit.jobs_handlers``). Each writes what 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from datetime import timedelta
@@ -89,3 +90,15 @@ async def commits(ctx: JobContext) -> None:
     """Breaks the rule: commits its own session (which would bypass the fencing)."""
     await record(ctx, "self-committed")
     await ctx.session.commit()
+
+
+@job("test.savepoint", queue="t_savepoint", max_attempts=1)
+async def savepoint(ctx: JobContext) -> None:
+    """One item fails inside a savepoint; the others commit with the job."""
+    await record(ctx, "before")
+    with contextlib.suppress(RuntimeError):
+        async with ctx.session.begin_nested():
+            await record(ctx, "rolled-back")
+            raise RuntimeError("this item failed")
+    async with ctx.session.begin_nested():
+        await record(ctx, "after")

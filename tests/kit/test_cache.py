@@ -334,10 +334,14 @@ class TestInvalidation:
         assert await cache.get("row", "MISS") == "MISS"
 
         await cache.set("row", "old")
-        with pytest.raises(RuntimeError):
+
+        async def rolled_back() -> None:
             async with runtime.db.session() as session:
                 cache.invalidate_on_commit(session, keys=["row"])
                 raise RuntimeError("rolled back")
+
+        with pytest.raises(RuntimeError):
+            await rolled_back()
         assert await cache.get("row") == "old"
 
 

@@ -144,7 +144,8 @@ async def test_gateway_signals_down_without_io(own_redis: EmbeddedRedis) -> None
             if gateway.is_up:
                 break
             await asyncio.sleep(0.05)
-        assert gateway.is_up and changes == [True]
+        assert gateway.is_up
+        assert changes == [True]
         assert await gateway.call(lambda r: r.set("k", "v"))
     finally:
         await gateway.close()

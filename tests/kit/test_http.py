@@ -176,7 +176,8 @@ class TestCredentials:
                 target.blocked.add("127.0.0.12")
                 with pytest.raises(ProxyBlocked) as info:
                     await client.get(target.url)
-            assert proxies[0].handled and proxies[0].refused_auth == 0  # auth was used
+            assert proxies[0].handled
+            assert proxies[0].refused_auth == 0
             events = {entry["event"] for entry in logs}
             assert {"http.proxy.blocked", "http.proxy.inactive"} <= events
             dumped = repr(logs) + repr(pool.status()) + str(info.value) + repr(pool.proxies)

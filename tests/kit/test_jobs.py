@@ -40,14 +40,14 @@ FAST = {
 
 
 @pytest.fixture
-async def jobs_db(runtime: Runtime) -> AsyncIterator[Runtime]:
+async def jobs_db(runtime: Runtime) -> Runtime:
     assert jobs_handlers  # registers the test jobs
     async with runtime.db.session() as session:
         await session.execute(text(EFFECTS_DDL))
         await session.execute(text("DELETE FROM jobs WHERE name LIKE 'test.%'"))
         await session.execute(text("DELETE FROM job_test_effects"))
         await session.execute(text("DELETE FROM job_dispatches WHERE queue LIKE 't\\_%'"))
-    yield runtime
+    return runtime
 
 
 @contextlib.asynccontextmanager
@@ -87,13 +87,19 @@ class TestTransactionalEnqueue:
         class Boom(Exception):
             pass
 
-        job_id: int | None = None
-        with pytest.raises(Boom):
+        enqueued: list[int] = []
+
+        async def failing_unit_of_work() -> None:
             async with jobs_db.db.session() as session:
                 job_id = await enqueue(session, "test.record", {"note": "never"})
                 assert job_id is not None
+                enqueued.append(job_id)
                 raise Boom
-        assert job_id is not None
+
+        with pytest.raises(Boom):
+            await failing_unit_of_work()
+        assert len(enqueued) == 1
+        job_id = enqueued[0]
         async with jobs_db.db.session() as session:
             assert await get_job(session, job_id) is None
             count = await session.scalar(text("SELECT count(*) FROM jobs WHERE name LIKE 'test.%'"))
@@ -127,15 +133,19 @@ class TestEnqueueNow:
                     {"id": job_id},
                 )
             ).one()
-        assert info is not None and info.state == "queued"
-        assert row.queue == "t_record" and row.payload == {"note": "now"}
+        assert info is not None
+        assert info.state == "queued"
+        assert row.queue == "t_record"
+        assert row.payload == {"note": "now"}
         spec = get_spec("test.record")
-        assert spec is not None and row.max_attempts == spec.max_attempts
+        assert spec is not None
+        assert row.max_attempts == spec.max_attempts
 
     async def test_dedup_key_and_unknown_names(self, jobs_db: Runtime) -> None:
         first = await enqueue_now(jobs_db.db.primary, "test.record", dedup_key="now-1")
         again = await enqueue_now(jobs_db.db.primary, "test.record", dedup_key="now-1")
-        assert first is not None and again is None
+        assert first is not None
+        assert again is None
         with pytest.raises(UnknownJob):
             await enqueue_now(jobs_db.db.primary, "test.nope")
 
@@ -231,6 +241,18 @@ class TestFencing:
         assert info is not None
         assert "must not commit ctx.session" in (info.last_error or "")
         assert effects == 0
+
+    async def test_a_handler_may_use_savepoints(self, jobs_db: Runtime) -> None:
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.savepoint")
+        assert job_id is not None
+        async with running_worker(jobs_db, ["t_savepoint"]):
+            await wait_for(lambda: _is(jobs_db, job_id, "succeeded"))
+        async with jobs_db.db.session() as session:
+            notes = (await session.execute(
+                text("SELECT note FROM job_test_effects WHERE job_id = :j ORDER BY note"),
+                {"j": job_id})).scalars().all()  # fmt: skip
+        assert notes == ["after", "before"]
 
 
 class TestDedupAndLock:

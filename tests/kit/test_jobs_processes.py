@@ -34,14 +34,14 @@ CHECK = 0.3
 
 
 @pytest.fixture
-async def jobs_db(runtime: Runtime) -> AsyncIterator[Runtime]:
+async def jobs_db(runtime: Runtime) -> Runtime:
     assert jobs_handlers
     async with runtime.db.session() as session:
         await session.execute(text(EFFECTS_DDL))
         await session.execute(text("DELETE FROM jobs WHERE name LIKE 'test.%'"))
         await session.execute(text("DELETE FROM job_test_effects"))
         await session.execute(text("DELETE FROM job_dispatches WHERE queue LIKE 't\\_%'"))
-    yield runtime
+    return runtime
 
 
 def worker_env(runtime: Runtime, **extra: str) -> dict[str, str]:
@@ -152,7 +152,7 @@ async def effects(runtime: Runtime, job_id: int | None = None) -> list[tuple[int
             ),
             {"id": job_id},
         )
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+        return [tuple(r) for r in rows]
 
 
 async def add(runtime: Runtime, name: str, payload: dict[str, object]) -> int:

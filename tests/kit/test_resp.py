@@ -312,7 +312,8 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     try:
         deadline = time.monotonic() + 10
         while not port_open(port):
-            assert server.poll() is None and time.monotonic() < deadline, "TLS Redis did not start"
+            assert server.poll() is None, "TLS Redis exited"
+            assert time.monotonic() < deadline, "TLS Redis did not start"
             time.sleep(0.05)
         yield port, ca
     finally:

@@ -84,7 +84,8 @@ async def test_405_is_problem(web: httpx.AsyncClient) -> None:
 async def test_422_lists_the_errors(web: httpx.AsyncClient) -> None:
     body = assert_problem(await web.post("/t/items", json={"name": "x", "quantity": "many"}), 422)
     errors = body["errors"]
-    assert isinstance(errors, list) and errors[0]["loc"] == ["body", "quantity"]
+    assert isinstance(errors, list)
+    assert errors[0]["loc"] == ["body", "quantity"]
 
 
 async def test_malformed_json_is_422(web: httpx.AsyncClient) -> None:
@@ -118,7 +119,8 @@ async def test_openapi_documents_problem_responses(web: httpx.AsyncClient) -> No
 async def test_500_hides_internals(web: httpx.AsyncClient) -> None:
     response = await web.get("/t/boom")
     body = assert_problem(response, 500)
-    assert "secret" not in response.text and "Traceback" not in response.text
+    assert "secret" not in response.text
+    assert "Traceback" not in response.text
     assert body["title"] == "Internal Server Error"
     assert response.headers["x-request-id"]
 

@@ -157,9 +157,11 @@ class TestWithdrawalDecisions:
         rejected = await api.post(
             f"/api/admin/withdrawals/{ids[0]}/reject", json={"reason": "KYC"}, headers=admin.headers
         )
-        assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+        assert rejected.status_code == 200
+        assert rejected.json()["status"] == "rejected"
         approved = await api.post(f"/api/admin/withdrawals/{ids[1]}/approve", headers=admin.headers)
-        assert approved.status_code == 200 and approved.json()["status"] == "approved"
+        assert approved.status_code == 200
+        assert approved.json()["status"] == "approved"
         missing = str(uuid4())
         batch = await api.post(
             "/api/admin/withdrawals/batch-approve",
@@ -168,7 +170,8 @@ class TestWithdrawalDecisions:
         )
         assert batch.status_code == 200, batch.text
         results = {item["id"]: item for item in batch.json()["results"]}
-        assert results[ids[2]]["ok"] and results[ids[3]]["ok"]
+        assert results[ids[2]]["ok"]
+        assert results[ids[3]]["ok"]
         assert (results[ids[0]]["ok"], results[ids[0]]["code"]) == (False, 409)  # was rejected
         assert (results[missing]["ok"], results[missing]["code"]) == (False, 404)
         assert (batch.json()["approved"], batch.json()["failed"]) == (2, 2)
@@ -198,7 +201,7 @@ class TestWithdrawalDecisions:
                     {"ids": ids},
                 )
             ).scalar_one()
-        assert dict((a, n) for a, n in audited) == {
+        assert dict(audited) == {
             "wallet.withdrawal.reject": 1,
             "wallet.withdrawal.approve": 3,
         }
@@ -327,7 +330,8 @@ class TestEarnings:
         )
         assert joined.status_code == 200, joined.text
         replay = await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
-        assert replay.status_code == 200 and replay.json()["created"] is False
+        assert replay.status_code == 200
+        assert replay.json()["created"] is False
         changed = await api.post(
             "/api/v1/revenue-events", json={**event, "profit": 1}, headers=admin.headers
         )
@@ -602,7 +606,8 @@ class TestHostileAdminInput:
                     break
                 await asyncio.sleep(0.05)
         (earning,) = items["items"]
-        assert "share_bps" not in earning and "profit" not in earning
+        assert "share_bps" not in earning
+        assert "profit" not in earning
         assert earning["shown_profit"] == 987_654 * 3_333 // 10_000
 
 

@@ -192,7 +192,8 @@ async def test_thousand_mixed_operations_on_one_wallet_keep_the_invariants(
     # 50 keys, each used twice. A key has at most one effect: one reservation, the other
     # request replayed (or refused, when the first attempt was refused for lack of funds
     # and so freed the key: the retry then ran for real). Never two reservations.
-    assert len(keyed) == 50 and all(len(seen) == 2 for seen in keyed.values())
+    assert len(keyed) == 50
+    assert all(len(seen) == 2 for seen in keyed.values())
     with_effect = [seen for seen in keyed.values() if "created" in seen]
     assert all(seen.count("created") == 1 for seen in with_effect)
     assert all(set(seen) <= {"created", "replayed", "409"} for seen in keyed.values())
@@ -204,4 +205,4 @@ async def test_thousand_mixed_operations_on_one_wallet_keep_the_invariants(
     # Every decision either applied, repeated harmlessly, or was refused as a conflict.
     decided = sum(v for k, v in outcomes.items() if k.startswith("decide."))
     assert decided == 200
-    assert set(k for k in outcomes if k.startswith("decide.")) <= {"decide.ok", "decide.409"}
+    assert {k for k in outcomes if k.startswith("decide.")} <= {"decide.ok", "decide.409"}

@@ -150,7 +150,8 @@ class TestStandalone:
                 runtime.db.primary, key=key, debit=a, credit=b, amount=400,
                 currency="USD", kind="t",
             )  # fmt: skip
-        assert not posted.created and posted.debit_balance == 600
+        assert not posted.created
+        assert posted.debit_balance == 600
         with pytest.raises(InsufficientFunds):
             await ledger.transfer_now(
                 runtime.db.primary, key=f"now:{uuid4()}", debit=a, credit=b, amount=601,

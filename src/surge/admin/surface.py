@@ -27,6 +27,7 @@ from surge.kit.breaker import breaker_router
 from surge.kit.jobs.admin import admin_router as jobs_admin_router
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry.health_score import platform_health_router
+from surge.payments.routes import admin_router as payments_admin_router
 from surge.wallet.routes import admin_router as wallet_admin_router
 
 ADMIN_PREFIX = "/api/admin"
@@ -40,6 +41,7 @@ def domain_admin_routers() -> list[APIRouter]:
         identity_admin_router,
         wallet_admin_router,
         # ---- new domains: one line each, below ----
+        payments_admin_router,
     ]
 
 

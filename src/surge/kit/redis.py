@@ -215,7 +215,7 @@ class RedisGateway:
         if self._probe is not None:
             self._probe.cancel()
         await self._lane.close()
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)  # the pool is ours: close it too
 
     def info(self) -> dict[str, Any]:
         return {"up": self._up, "reconnect_attempts": self._attempts}

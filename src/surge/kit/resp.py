@@ -206,7 +206,7 @@ class RespLane:
         params = parse_url(url)
         self._host = str(params.get("host", "localhost"))
         self._port = int(params.get("port", 6379))
-        self._path: str | None = params.get("path")  # type: ignore[assignment]
+        self._path: str | None = params.get("path")
         self._db = int(params.get("db", 0) or 0)
         self._username: str | None = params.get("username")
         self._password: str | None = params.get("password")

@@ -4,6 +4,7 @@ from surge.models.audit import AuditEntry
 from surge.models.base import Base, TimestampMixin
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
+from surge.models.payments import PaymentEvent, Topup
 from surge.models.wallet import (
     Earning,
     Entry,
@@ -24,10 +25,12 @@ __all__ = [
     "IdempotencyKeyRow",
     "LedgerAccount",
     "Partner",
+    "PaymentEvent",
     "RefreshToken",
     "RevenueEvent",
     "Subscription",
     "TimestampMixin",
+    "Topup",
     "Transfer",
     "User",
     "ViewRefresh",

@@ -34,3 +34,12 @@ class Simulator:
 
 #: Every simulator ``surge up`` starts, in order. Each domain adds its own entry.
 SIMULATORS: list[Simulator] = []
+
+# ---- payments ----
+SIMULATORS.append(
+    Simulator(
+        name="payments",
+        module="surge.sim.payments",
+        env=lambda host, port: {"SURGE_PAYMENTS_PROVIDER_URL": f"http://{host}:{port}"},
+    )
+)

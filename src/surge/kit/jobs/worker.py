@@ -67,6 +67,10 @@ class JobSession(Session):
 
 @event.listens_for(JobSession, "before_commit")
 def _refuse_handler_commit(session: Session) -> None:
+    # SQLAlchemy fires before_commit for a savepoint's release too: a handler may use
+    # ``begin_nested()`` (one failing item must not abort the whole unit of work).
+    if session.in_nested_transaction():
+        return
     if not session.info.get(_RUNNER_COMMIT):
         raise RuntimeError(
             "a job handler must not commit ctx.session: the runner commits it together with "

@@ -4,6 +4,9 @@ transaction (Stripe's semantics, Brandur's design reduced to one atomic phase).
     SurgeError
     ├── BadRequest
     │   └── InvalidIdempotencyKey      400: empty or longer than 255 characters
+    ├── Conflict
+    │   └── IdempotencyKeyInFlight     409 + Retry-After: the first request is still running
+    │                                  (only with ``in_flight="conflict"``)
     └── UnprocessableEntity
         └── IdempotencyKeyMismatch     422: the key was used for a different request
 
@@ -14,8 +17,11 @@ commit. So the effect and the remembered response commit together or not at all:
 - same key, same request (method, path, canonical JSON body) → the first response, replayed
   byte for byte with ``Idempotent-Replayed: true``;
 - same key, different request → 422;
-- two identical requests at the same moment → the second one's INSERT waits on the first's
-  unique-index entry, then replays its response (no 409 window);
+- two identical requests at the same moment → by default (``in_flight="wait"``) the second
+  one's INSERT waits on the first's unique-index entry, then replays its response (no 409
+  window); with ``in_flight="conflict"`` (the IETF Idempotency-Key draft's rule, for
+  handlers that call out and may hold the key for seconds) the second gets 409 at once with
+  ``Retry-After`` instead of holding a database connection while it waits;
 - the first attempt fails or crashes → its transaction rolls back, the key is free again,
   and a retry runs for real (errors are not remembered: nothing happened).
 
@@ -30,6 +36,7 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
 import orjson
 from fastapi import Request
@@ -37,9 +44,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
-from surge.kit.errors import BadRequest, UnprocessableEntity
+from surge.kit.errors import BadRequest, Conflict, UnprocessableEntity
 
 HEADER = "Idempotency-Key"
+#: pg_try_advisory_xact_lock(namespace, hashtext(scope|key)) marks a key's request in flight.
+IN_FLIGHT_LOCK_NAMESPACE = 7_421_014
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
 
@@ -50,6 +59,16 @@ class InvalidIdempotencyKey(BadRequest):
 
 class IdempotencyKeyMismatch(UnprocessableEntity):
     """The key was already used with a different request."""
+
+
+class IdempotencyKeyInFlight(Conflict):
+    """A request with this key is still being processed; retry after it finished."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"A request with this {HEADER} is still in progress; retry shortly.",
+            headers={"Retry-After": "1"},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +109,30 @@ class IdempotencyKeys:
         self.ttl = ttl
 
     async def claim(
-        self, session: AsyncSession, *, scope: str, key: str, fingerprint: str
+        self,
+        session: AsyncSession,
+        *,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        in_flight: Literal["wait", "conflict"] = "wait",
     ) -> StoredResponse | None:
         """None when this request owns the key now (run it, then ``store()``); the stored
-        response when an identical request already committed; raises on a mismatch."""
+        response when an identical request already committed; raises on a mismatch, and
+        with ``in_flight="conflict"`` raises ``IdempotencyKeyInFlight`` while another
+        transaction holds the key."""
         if not key or len(key) > MAX_KEY_LENGTH:
             raise InvalidIdempotencyKey(f"{HEADER} must be 1 to {MAX_KEY_LENGTH} characters.")
+        if in_flight == "conflict":
+            # Held until this transaction ends, so "in flight" is exactly "the first request's
+            # transaction is open"; PostgreSQL makes its rows visible before releasing it, so
+            # whoever gets the lock next sees the stored response.
+            owned = await session.scalar(
+                text("SELECT pg_try_advisory_xact_lock(:ns, hashtext(:scope || '|' || :key))"),
+                {"ns": IN_FLIGHT_LOCK_NAMESPACE, "scope": scope, "key": key},
+            )
+            if not owned:
+                raise IdempotencyKeyInFlight()
         claimed = (
             await session.execute(
                 text(
@@ -164,10 +201,12 @@ class IdempotencyKeys:
         scope: str,
         handler: Callable[[], Awaitable[Response]],
         required: bool = False,
+        in_flight: Literal["wait", "conflict"] = "wait",
     ) -> Response:
         """Run ``handler`` at most once per ``Idempotency-Key`` within ``scope``.
 
-        Without the header the handler simply runs (unless ``required``)."""
+        Without the header the handler simply runs (unless ``required``). ``in_flight``:
+        what a concurrent duplicate does (see the module docstring)."""
         key = request.headers.get(HEADER)
         if key is None:
             if required:
@@ -179,6 +218,7 @@ class IdempotencyKeys:
             scope=scope,
             key=key,
             fingerprint=fingerprint(request.method, request.url.path, body),
+            in_flight=in_flight,
         )
         if stored is not None:
             return stored.response()

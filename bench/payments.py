@@ -1,0 +1,251 @@
+"""`surge bench payments`: provider webhooks processed per second end to end — signature
+verified, event stored in the inbox, processing job run, ledger posting committed — against
+the same verification and posting done inline in the request handler, in the same run.
+
+Setup: an embedded PostgreSQL (durable: fsync on) and Redis; one server process
+(``bench._payments_inline``: Surge's app plus the inline baseline route) and one
+``surge.worker`` process on the ``payments`` queue (concurrency 8). The driver signs
+``EVENTS`` ``payment_intent.succeeded`` events (Stripe-Signature, HMAC-SHA256) for 200
+owners and POSTs them from ``CLIENTS`` concurrent keep-alive connections:
+
+- **surge** (the inbox path): the clock stops when the last of the events' postings is
+  committed (polled in the ledger every 20 ms), so it includes the job; the rate at which
+  the endpoint *acknowledged* them is reported too;
+- **inline** (the baseline): the clock stops when the last response came back (each
+  response means verified and posted).
+
+The two alternate for several repetitions (fresh event and payment ids each time); medians
+are reported. Both share the hot ``payments`` system account (every credit debits it), as
+production does. Target: surge ≥ 0.5 × inline — the inbox does about three times the writes
+(event row, job row, top-up row, then the posting) and buys ordering, retries, dead letters
+and a fast acknowledgement for them; the ratio says what that costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.progress import Progress
+from sqlalchemy import text
+
+from bench._loadgen import ROOT, stop_servers, uvicorn_server, wait_ready
+from bench.common import console, median, report
+from surge.kit.db import Database, PoolConfig, migrate
+from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from surge.kit.security import webhooks
+
+SECRET = "whsec_bench"
+CLIENTS = 32
+OWNERS = [uuid.uuid4() for _ in range(200)]
+TARGET = 0.5
+
+
+def _events(count: int) -> list[tuple[str, bytes]]:
+    """``count`` signed-ready bodies: (payment id, raw JSON)."""
+    out = []
+    for i in range(count):
+        payment_id = f"pi_bench_{uuid.uuid4().hex}"
+        owner = OWNERS[i % len(OWNERS)]
+        event = {
+            "id": f"evt_{uuid.uuid4().hex}",
+            "object": "event",
+            "type": "payment_intent.succeeded",
+            "created": int(time.time()),
+            "data": {
+                "object": {
+                    "id": payment_id,
+                    "object": "payment_intent",
+                    "amount": 1_000 + i,
+                    "amount_received": 1_000 + i,
+                    "currency": "usd",
+                    "status": "succeeded",
+                    "metadata": {"topup_id": str(uuid.uuid4()), "owner_id": str(owner)},
+                }
+            },
+        }
+        out.append((payment_id, json.dumps(event, separators=(",", ":")).encode()))
+    return out
+
+
+async def _send(url: str, bodies: list[bytes]) -> float:
+    """POST every body from CLIENTS connections; returns the seconds until the last answer."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    errors = 0
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+
+    async def sender(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while not queue.empty():
+            body = queue.get_nowait()
+            signature = webhooks.header([SECRET], body, int(time.time()))
+            response = await client.post(
+                url,
+                content=body,
+                headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
+            )
+            errors += response.status_code != 200
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        await asyncio.gather(*(sender(client) for _ in range(CLIENTS)))
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{errors} webhooks were not accepted")
+    return elapsed
+
+
+async def _posted(db: Database, keys: list[str]) -> int:
+    async with db.session() as session:
+        count = await session.scalar(
+            text("SELECT count(*) FROM wallet_transfers WHERE idempotency_key = ANY(:k)"),
+            {"k": keys},
+        )
+    return int(count or 0)
+
+
+async def _surge_run(base: str, db: Database, count: int) -> tuple[float, float]:
+    """(end-to-end events/s, acknowledged events/s) through the inbox path."""
+    events = _events(count)
+    keys = [f"payment:{pi}" for pi, _ in events]
+    started = time.perf_counter()
+    acked = await _send(f"{base}/api/v1/webhooks/payments", [body for _, body in events])
+    while await _posted(db, keys) < count:
+        if time.perf_counter() - started > 300:
+            raise TimeoutError("the inbox did not drain in 300 s")
+        await asyncio.sleep(0.02)
+    return count / (time.perf_counter() - started), count / acked
+
+
+async def _inline_run(base: str, db: Database, count: int) -> float:
+    events = _events(count)
+    elapsed = await _send(f"{base}/bench/webhooks/inline", [body for _, body in events])
+    assert await _posted(db, [f"payment:{pi}" for pi, _ in events]) == count
+    return count / elapsed
+
+
+def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "surge.worker", "--queues", "payments", "--concurrency", "8"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def _bench(quick: bool) -> dict[str, Any]:
+    count, reps = (300, 2) if quick else (2_000, 5)
+    folder = Path(tempfile.mkdtemp(prefix="surge-bench-payments-"))
+    pg = EmbeddedPostgres(folder / "pg", durable=True)
+    redis = EmbeddedRedis(folder / "redis")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with console.status("Starting PostgreSQL, Redis, the API and a worker..."):
+            pg.start()
+            redis.start()
+            await asyncio.to_thread(migrate.upgrade, pg.url)
+            metrics_dir = folder / "metrics"
+            metrics_dir.mkdir()
+            env = {
+                **os.environ,
+                "DATABASE_URL": pg.url,
+                "REDIS_URL": redis.url,
+                "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+                "PYTHONPATH": str(ROOT),
+                "SURGE_LOG_LEVEL": "WARNING",
+                "SURGE_LOG_JSON": "true",
+                "SURGE_PAYMENTS_WEBHOOK_SECRETS": SECRET,
+                "SURGE_RATELIMIT_ENABLED": "false",
+                "SURGE_DB_SLOW_QUERY": "PT60S",
+                "SURGE_JOBS_POLL_INTERVAL": "PT0.02S",
+            }
+            port = free_port()
+            procs.append(
+                uvicorn_server(
+                    "bench._payments_inline:create_app", port, env, workers=1, factory=True
+                )
+            )
+            procs.append(_worker(env))
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(f"{base}/livez", procs[0])
+        db = Database(pg.url, config=PoolConfig(max_size=4, min_size=1, slow_query=60))
+        await db.start()
+        try:
+            await _surge_run(base, db, 100)  # warm-up: imports, plans, pools (not measured)
+            await _inline_run(base, db, 100)
+            ours: list[float] = []
+            acked: list[float] = []
+            inline: list[float] = []
+            with Progress(console=console) as progress:
+                task = progress.add_task(
+                    f"{reps} × (surge, inline), {count} webhooks each", total=reps * 2
+                )
+                for rep in range(reps):
+                    order = ["surge", "inline"] if rep % 2 == 0 else ["inline", "surge"]
+                    for name in order:
+                        if name == "surge":
+                            end_to_end, ack = await _surge_run(base, db, count)
+                            ours.append(end_to_end)
+                            acked.append(ack)
+                        else:
+                            inline.append(await _inline_run(base, db, count))
+                        progress.advance(task)
+        finally:
+            await db.close()
+    finally:
+        stop_servers(procs)
+        redis.stop()
+        pg.stop()
+    return {"ours": ours, "acked": acked, "inline": inline, "count": count, "reps": reps}
+
+
+def main(quick: bool = False) -> None:
+    data = asyncio.run(_bench(quick))
+    ours, acked, inline = median(data["ours"]), median(data["acked"]), median(data["inline"])
+    ratio = ours / inline if inline else 0.0
+    report(
+        "payments",
+        ours={"webhooks_per_s_end_to_end": round(ours, 1), "acknowledged_per_s": round(acked, 1)},
+        baseline={"webhooks_per_s_inline": round(inline, 1)},
+        ratio=ratio,
+        target=f"end-to-end ≥ {TARGET} × inline",
+        ok=ratio >= TARGET,
+        rows=[
+            ("webhooks/s end to end (verify → inbox → job → posting)", f"{ours:,.0f}", "—"),
+            ("webhooks/s acknowledged by the endpoint", f"{acked:,.0f}", "—"),
+            ("webhooks/s verified and posted inline", "—", f"{inline:,.0f}"),
+            ("ratio (end to end / inline)", f"{ratio:.2f}", f"≥ {TARGET}"),
+        ],
+        extra={
+            "runs": {
+                "surge": data["ours"],
+                "acknowledged": data["acked"],
+                "inline": data["inline"],
+            },
+            "webhooks_per_run": data["count"],
+            "repetitions": data["reps"],
+            "clients": CLIENTS,
+            "owners": len(OWNERS),
+            "server": "1 uvicorn process",
+            "worker": "1 process × 8",
+            "postgres": "embedded, durable (fsync on)",
+        },
+        title="surge bench payments — inbox path vs inline posting, same server",
+    )
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)

@@ -1,0 +1,216 @@
+"""Every query of the payments domain: top-ups and the provider-event inbox.
+
+Listings are keyset-paginated with ``kit.web.cursor`` (newest first). Writers that race
+(the request that created an intent, the job that read its webhook, the reconciliation poll)
+all go through ``lock_topup``: ``INSERT ... ON CONFLICT DO NOTHING`` then ``SELECT ... FOR
+UPDATE``, so whoever comes second waits for the first to commit and then sees its row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from surge.kit.web.cursor import decode_cursor, encode_cursor, moment
+from surge.models.payments import PaymentEvent, Topup
+
+OPEN_STATUSES = ("pending", "requires_action", "processing")
+
+
+# ---- top-ups ------------------------------------------------------------------------------
+async def lock_topup(
+    session: AsyncSession,
+    *,
+    topup_id: UUID,
+    owner_id: UUID,
+    amount: int,
+    currency: str,
+    provider_payment_id: str,
+) -> Topup:
+    """The top-up row, created if missing, locked for the rest of the transaction."""
+    await session.execute(
+        insert(Topup)
+        .values(
+            id=topup_id,
+            owner_id=owner_id,
+            amount=amount,
+            currency=currency,
+            status="pending",
+            provider_payment_id=provider_payment_id,
+        )
+        .on_conflict_do_nothing()
+    )
+    topup = await session.scalar(
+        select(Topup)
+        .where(Topup.id == topup_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if topup is None:  # the provider payment id belongs to another top-up id: never ours
+        raise LookupError(provider_payment_id)
+    return topup
+
+
+async def topup_by_payment(session: AsyncSession, payment_id: str) -> Topup | None:
+    """The top-up of a provider payment, locked (``None`` when Surge has no row yet)."""
+    return await session.scalar(
+        select(Topup)
+        .where(Topup.provider_payment_id == payment_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+
+
+async def topup_for_update(session: AsyncSession, topup_id: UUID) -> Topup | None:
+    return await session.scalar(
+        select(Topup)
+        .where(Topup.id == topup_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+
+
+async def owned_topup(session: AsyncSession, owner_id: UUID, topup_id: UUID) -> Topup | None:
+    return await session.scalar(
+        select(Topup).where(Topup.id == topup_id, Topup.owner_id == owner_id)
+    )
+
+
+async def topups(
+    session: AsyncSession, owner_id: UUID, *, limit: int, cursor: str | None
+) -> tuple[list[Topup], str | None]:
+    query = select(Topup).where(Topup.owner_id == owner_id)
+    if cursor:
+        at, after = decode_cursor(cursor, moment, UUID)
+        query = query.where(func.row(Topup.created_at, Topup.id) < func.row(at, after))
+    rows = list(
+        (
+            await session.scalars(
+                query.order_by(Topup.created_at.desc(), Topup.id.desc()).limit(limit + 1)
+            )
+        ).all()
+    )
+    items = rows[:limit]
+    next_cursor = (
+        encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > limit and items else None
+    )
+    return items, next_cursor
+
+
+async def stale_open_topups(
+    session: AsyncSession, *, older_than: timedelta, limit: int
+) -> Sequence[tuple[UUID, str]]:
+    """``(id, provider payment id)`` of top-ups still open ``older_than`` after their last
+    change, oldest first (the partial index ``ix_payment_topups_open`` serves it)."""
+    rows = await session.execute(
+        select(Topup.id, Topup.provider_payment_id)
+        .where(
+            Topup.status.in_(OPEN_STATUSES),
+            Topup.provider_payment_id.is_not(None),
+            Topup.updated_at < func.now() - older_than,
+        )
+        .order_by(Topup.updated_at)
+        .limit(limit)
+    )
+    return [(row[0], str(row[1])) for row in rows.all()]
+
+
+async def totals(session: AsyncSession) -> dict[str, Any]:
+    """Counts and sums by status (tests and the admin view)."""
+    rows = await session.execute(
+        select(
+            Topup.status, func.count(), func.coalesce(func.sum(Topup.amount_credited), 0)
+        ).group_by(Topup.status)
+    )
+    return {row[0]: {"count": int(row[1]), "credited": int(row[2])} for row in rows.all()}
+
+
+# ---- the event inbox ----------------------------------------------------------------------
+async def insert_event(
+    session: AsyncSession,
+    *,
+    event_id: str,
+    type_: str,
+    payment_id: str,
+    created: int,
+    payload: dict[str, Any],
+) -> bool:
+    """Store a provider event; False when its id was already received (a replay)."""
+    stored = await session.scalar(
+        insert(PaymentEvent)
+        .values(id=event_id, type=type_, payment_id=payment_id, created=created, payload=payload)
+        .on_conflict_do_nothing(index_elements=[PaymentEvent.id])
+        .returning(PaymentEvent.id)
+    )
+    return stored is not None
+
+
+async def pending_events(session: AsyncSession, payment_id: str) -> list[PaymentEvent]:
+    """The payment's unprocessed events in the provider's order, locked."""
+    return list(
+        (
+            await session.scalars(
+                select(PaymentEvent)
+                .where(PaymentEvent.payment_id == payment_id, PaymentEvent.state == "pending")
+                .order_by(PaymentEvent.created, PaymentEvent.received_at, PaymentEvent.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).all()
+    )
+
+
+async def event_for_update(session: AsyncSession, event_id: str) -> PaymentEvent | None:
+    return await session.scalar(
+        select(PaymentEvent).where(PaymentEvent.id == event_id).with_for_update()
+    )
+
+
+async def events(
+    session: AsyncSession, *, state: str | None, limit: int, cursor: str | None
+) -> tuple[list[PaymentEvent], str | None]:
+    query = select(PaymentEvent)
+    if state is not None:
+        query = query.where(PaymentEvent.state == state)
+    if cursor:
+        at, after = decode_cursor(cursor, moment, str)
+        query = query.where(
+            func.row(PaymentEvent.received_at, PaymentEvent.id) < func.row(at, after)
+        )
+    rows = list(
+        (
+            await session.scalars(
+                query.order_by(PaymentEvent.received_at.desc(), PaymentEvent.id.desc()).limit(
+                    limit + 1
+                )
+            )
+        ).all()
+    )
+    items = rows[:limit]
+    next_cursor = (
+        encode_cursor(items[-1].received_at, items[-1].id) if len(rows) > limit and items else None
+    )
+    return items, next_cursor
+
+
+async def stale_pending_payments(session: AsyncSession, *, older_than: timedelta) -> list[str]:
+    """Payments with an event still pending ``older_than`` after it arrived (a safety net:
+    their processing job should have run long ago)."""
+    rows = await session.execute(
+        text(
+            "SELECT DISTINCT payment_id FROM payment_events WHERE state = 'pending' "
+            "AND received_at < now() - make_interval(secs => :s) LIMIT 500"
+        ),
+        {"s": older_than.total_seconds()},
+    )
+    return [str(row[0]) for row in rows.all()]
+
+
+async def touch(session: AsyncSession, topup: Topup, now: datetime) -> None:
+    await session.execute(update(Topup).where(Topup.id == topup.id).values(updated_at=now))

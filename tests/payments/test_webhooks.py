@@ -1,0 +1,184 @@
+"""The webhook endpoint: signature over the raw body, tolerance, rotation, replay refusal,
+the inbox and its dead-letter view — never a posting from a refused request."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from structlog.testing import capture_logs
+
+from surge.kit.security import webhooks
+from tests.fixtures.payments import OLD_SECRET, SIM_SECRET
+from tests.identity.conftest import bearer, make_admin
+from tests.payments.conftest import Live
+
+
+def intent_event(owner_id: uuid.UUID, amount: int = 1_200, **changes: Any) -> dict[str, Any]:
+    """A ``payment_intent.succeeded`` event as the provider would send it."""
+    payment_id = f"pi_forged_{uuid.uuid4().hex[:10]}"
+    obj = {
+        "id": payment_id, "object": "payment_intent", "amount": amount,
+        "amount_received": amount, "currency": "usd", "status": "succeeded",
+        "metadata": {"topup_id": str(uuid.uuid4()), "owner_id": str(owner_id)},
+    }  # fmt: skip
+    return {
+        "id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": "payment_intent.succeeded",
+        "created": int(time.time()), "data": {"object": obj}, **changes,
+    }  # fmt: skip
+
+
+async def post(
+    live: Live, event: dict[str, Any], *, secrets: list[str], at: int | None = None,
+    body: bytes | None = None,
+) -> Any:  # fmt: skip
+    raw = json.dumps(event).encode() if body is None else body
+    signature = webhooks.header(secrets, raw, at if at is not None else int(time.time()))
+    return await live.api.post(
+        "/api/v1/webhooks/payments", content=raw,
+        headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
+    )  # fmt: skip
+
+
+async def ledger_count(live: Live, payment_id: str) -> int:
+    async with live.runtime.db.session() as session:
+        count = await session.scalar(
+            text("SELECT count(*) FROM wallet_transfers WHERE idempotency_key LIKE :k"),
+            {"k": f"payment:{payment_id}%"},
+        )
+    return int(count or 0)
+
+
+async def inbox_count(live: Live, event_id: str) -> int:
+    async with live.runtime.db.session() as session:
+        count = await session.scalar(
+            text("SELECT count(*) FROM payment_events WHERE id = :i"), {"i": event_id}
+        )
+    return int(count or 0)
+
+
+class TestRefused:
+    @pytest.mark.parametrize(
+        ("secrets", "age", "reason"),
+        [
+            (["whsec_attacker"], 0, "mismatch"),
+            ([SIM_SECRET], 600, "too_old"),  # a 10-minute-old timestamp, validly signed
+            ([SIM_SECRET], -600, "too_new"),
+        ],
+    )
+    async def test_refused_logged_and_never_posted(
+        self, live: Live, secrets: list[str], age: int, reason: str
+    ) -> None:
+        caller = await live.reseller()
+        event = intent_event(caller.id)
+        with capture_logs() as logs:
+            response = await post(live, event, secrets=secrets, at=int(time.time()) - age)
+        assert response.status_code == 400, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["reason"] == reason
+        assert any(e["event"] == "payments.webhook.refused" and e["reason"] == reason for e in logs)
+        await live.settled()
+        assert await inbox_count(live, event["id"]) == 0
+        assert await ledger_count(live, event["data"]["object"]["id"]) == 0
+
+    async def test_unsigned_and_malformed_headers(self, live: Live) -> None:
+        raw = json.dumps(intent_event(uuid.uuid4())).encode()
+        for headers in ({}, {"Stripe-Signature": "t=abc,v1=00"}, {"Stripe-Signature": "v1=00"}):
+            response = await live.api.post(
+                "/api/v1/webhooks/payments", content=raw, headers=headers
+            )
+            assert response.status_code == 400, (headers, response.text)
+
+    async def test_reserialised_body_does_not_verify(self, live: Live) -> None:
+        """The signature covers the bytes sent; the same JSON spelled otherwise fails."""
+        event = intent_event(uuid.uuid4())
+        signed = json.dumps(event).encode()
+        signature = webhooks.header([SIM_SECRET], signed, int(time.time()))
+        response = await live.api.post(
+            "/api/v1/webhooks/payments",
+            content=json.dumps(event, indent=1).encode(),
+            headers={"Stripe-Signature": signature},
+        )
+        assert response.status_code == 400
+
+    async def test_replayed_event_id_is_refused(self, live: Live) -> None:
+        caller = await live.reseller()
+        event = intent_event(caller.id)
+        first = await post(live, event, secrets=[SIM_SECRET])
+        assert first.json() == {"received": True, "event_id": event["id"], "duplicate": False}
+        with capture_logs() as logs:
+            # The same event id again, freshly and validly signed, even with another body.
+            event["data"]["object"]["amount_received"] = 999_999
+            again = await post(live, event, secrets=[SIM_SECRET])
+        assert again.json()["duplicate"] is True
+        assert any(e["event"] == "payments.webhook.replay_refused" for e in logs)
+        await live.settled()
+        assert await inbox_count(live, event["id"]) == 1
+        assert await ledger_count(live, event["data"]["object"]["id"]) == 1
+        wallet = await live.api.get("/api/v1/wallet", headers=caller.headers)
+        assert wallet.json()["balance"] == 1_200
+
+
+class TestRotation:
+    async def test_old_secret_accepted_during_overlap(self, live: Live) -> None:
+        caller = await live.reseller()
+        await live.sim.control(secrets=[OLD_SECRET])  # the provider still signs with it
+        body = (await live.topup(caller, amount=1_000, card="pm_card_slow")).json()
+        await live.settled()
+        got = await live.api.get(f"/api/v1/topups/{body['id']}", headers=caller.headers)
+        assert got.json()["status"] == "succeeded"
+
+    async def test_both_signatures_during_rotation(self, live: Live) -> None:
+        caller = await live.reseller()
+        event = intent_event(caller.id)
+        response = await post(live, event, secrets=["whsec_brand_new", SIM_SECRET])
+        assert response.status_code == 200
+        assert (
+            await post(live, intent_event(caller.id), secrets=["whsec_brand_new"])
+        ).status_code == 400
+
+
+class TestDeadLetters:
+    async def test_unknown_payment_is_dead_and_visible_to_admins(self, live: Live) -> None:
+        event = intent_event(uuid.uuid4())
+        del event["data"]["object"]["metadata"]  # not a payment Surge asked for
+        assert (await post(live, event, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        _, tokens, _ = await make_admin(live.app, live.api)
+        dead = await live.api.get(
+            "/api/admin/payments/events?state=dead&limit=100", headers=bearer(tokens)
+        )
+        assert dead.status_code == 200, dead.text
+        found = [e for e in dead.json()["items"] if e["id"] == event["id"]]
+        assert found
+        assert "not a Surge top-up" in found[0]["last_error"]
+        retried = await live.api.post(
+            f"/api/admin/payments/events/{event['id']}/retry", headers=bearer(tokens)
+        )
+        assert retried.status_code == 200
+        assert retried.json()["state"] == "pending"
+        await live.settled()  # processed again: still not Surge's, so dead again
+        dead = await live.api.get(
+            "/api/admin/payments/events?state=dead&limit=100", headers=bearer(tokens)
+        )
+        assert [e["attempts"] for e in dead.json()["items"] if e["id"] == event["id"]] == [1]
+        processed = intent_event(uuid.uuid4())
+        assert (await post(live, processed, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        again = await live.api.post(
+            f"/api/admin/payments/events/{processed['id']}/retry", headers=bearer(tokens)
+        )
+        assert again.status_code == 409
+        missing = await live.api.post(
+            "/api/admin/payments/events/evt_nope/retry", headers=bearer(tokens)
+        )
+        assert missing.status_code == 404
+
+    async def test_admin_view_needs_mfa_admin(self, live: Live) -> None:
+        caller = await live.reseller()
+        response = await live.api.get("/api/admin/payments/events", headers=caller.headers)
+        assert response.status_code == 403
