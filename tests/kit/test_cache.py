@@ -562,3 +562,21 @@ async def _heard_everything(cache: Cache) -> bool:
 
 async def _l2_lacks(cache: Cache, key: str) -> bool:
     return bool(await cache.get(key, "MISS") == "MISS")
+
+
+async def test_a_slot_waiter_cancelled_and_dropped_by_give_stays_a_cancellation() -> None:
+    # Seen under surge load: a request timed out while waiting for an L2 slot, a give()
+    # dropped its cancelled waiter before it ran, and the waiter's cleanup raised
+    # ValueError (a 500) instead of letting the cancellation through.
+    from surge.kit.cache._l1 import Slots
+
+    slots = Slots(1)
+    assert slots.try_take()
+    waiting = asyncio.get_running_loop().create_task(slots.take())
+    await asyncio.sleep(0)  # it is waiting on its future now
+    waiting.cancel()
+    slots.give()  # drops the cancelled waiter, frees the slot
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert slots.used == 0
+    assert slots.try_take()
