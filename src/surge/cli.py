@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -28,6 +28,12 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
+    from surge.kit.supervise import ChildProcess, Supervisor
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -165,6 +171,8 @@ def up(
     workers = workers or settings.WEB_WORKERS
     port = port or settings.PORT
     host = host or settings.HOST
+    # Before anything imports prometheus_client: this process counts its restarts there too.
+    _prepare_metrics_dir()
     servers = resolve_servers()
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
@@ -181,16 +189,17 @@ def up(
         run_migrations(servers.database_url)
         if seed:
             _seed_demo()
-        _prepare_metrics_dir()
         python = sys.executable
         children += _start_simulators(host or "127.0.0.1")
         serve_cmd = [python, "-m", "surge.cli", "serve", "--workers", str(workers),
                      "--port", str(port), "--host", host, "--no-servers"]  # fmt: skip
-        children.append(("api", subprocess.Popen(serve_cmd, start_new_session=True)))
+        commands = [("api", serve_cmd)]
         if _has_jobs() and job_processes > 0:
-            worker_cmd = [python, "-m", "surge.cli", "worker", "--processes", str(job_processes),
-                          "--no-servers"]  # fmt: skip
-            children.append(("worker", subprocess.Popen(worker_cmd, start_new_session=True)))
+            commands.append(("worker", [python, "-m", "surge.cli", "worker", "--processes",
+                                        str(job_processes), "--no-servers"]))  # fmt: skip
+        supervisor, supervised = _supervise(servers, commands)
+        simulators = list(children)
+        children += _running(supervised)
         _wait_for_http(host, port, timeout=60, children=children)
         base = f"http://{host}:{port}"
         console.print(
@@ -204,11 +213,10 @@ def up(
                 title="[bold green]Surge is up",
             )
         )  # fmt: skip
+        # ---- supervision (chaos, ADR 0021): servers and children restarted, not fatal ----
         while not stopping:
-            for name, child in children:
-                if child.poll() is not None:
-                    console.print(f"[red]{name} exited with {child.returncode}; stopping")
-                    stopping = True
+            supervisor.tick()
+            children[:] = [*simulators, *_running(supervised)]
             time.sleep(0.2)
     finally:
         signal.signal(signal.SIGINT, previous_int)
@@ -219,6 +227,55 @@ def up(
         _stop_children(children, grace=grace + 5)
         servers.stop()
         console.print("[green]✓[/] Stopped; nothing left running.")
+
+
+# ---- supervision of `surge up` (chaos, ADR 0021) ---------------------------------------------
+def _supervise(
+    servers: Servers, commands: list[tuple[str, list[str]]]
+) -> tuple[Supervisor, list[ChildProcess]]:
+    """Start the API (and the worker fleet) under a ``Supervisor`` that also watches the
+    embedded servers this command started: whatever dies is restarted with backoff, logged
+    and counted (``surge_supervised_restarts_total`` on ``/metrics``)."""
+    from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
+    from surge.kit.supervise import ChildProcess, Component, Supervisor
+
+    def report(event: str, component: Component) -> None:
+        if event == "down":
+            console.print(f"[red]✗ {component.name} is down; restarting")
+        elif event == "failed":
+            console.print(
+                f"[yellow]{component.name} did not start; retry in {component.backoff:.1f}s"
+            )
+        else:
+            console.print(
+                f"[green]✓[/] {component.name} restarted (restart #{component.restarts}, "
+                f"down {component.outages[-1]:.1f}s)"
+            )
+
+    supervisor = Supervisor(on_event=report)
+    for server in servers.started:
+        if isinstance(server, EmbeddedPostgres):
+            supervisor.add(Component("postgres", server.running, _starter(server)))
+        elif isinstance(server, EmbeddedRedis):
+            supervisor.add(Component("redis", server.running, _starter(server)))
+    processes = []
+    for name, command in commands:
+        child = ChildProcess(name, command)
+        child.start()
+        supervisor.add(child.component())
+        processes.append(child)
+    return supervisor, processes
+
+
+def _starter(server: EmbeddedPostgres | EmbeddedRedis) -> Callable[[], None]:
+    def start() -> None:
+        server.start()
+
+    return start
+
+
+def _running(processes: list[ChildProcess]) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    return [(c.name, c.process) for c in processes if c.process is not None]
 
 
 def _start_simulators(host: str) -> list[tuple[str, subprocess.Popen[bytes]]]:

@@ -12,12 +12,32 @@ import os
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEV_SECRET = "dev-only-secret-change-me-dev-only-secret-change-me"
+
+_Item = TypeVar("_Item")
+
+
+def split_csv(value: Any) -> Any:
+    """``"a, b,,c"`` → ``["a", "b", "c"]``; a list (from code or JSON) passes as it is."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+#: A list setting written comma-separated in the environment (``SURGE_JOBS_QUEUES=a,b``).
+CsvList = Annotated[list[_Item], NoDecode, BeforeValidator(split_csv)]
 
 
 class Environment(StrEnum):
@@ -49,7 +69,7 @@ class Settings(BaseSettings):
         default="", validation_alias=AliasChoices("SURGE_DATABASE_URL", "DATABASE_URL")
     )
     """postgresql+asyncpg://user:pass@host:port/db; empty = embedded PostgreSQL."""
-    DATABASE_REPLICA_URLS: Annotated[list[str], NoDecode] = Field(
+    DATABASE_REPLICA_URLS: CsvList[str] = Field(
         default_factory=list,
         validation_alias=AliasChoices("SURGE_DATABASE_REPLICA_URLS", "DATABASE_REPLICA_URLS"),
     )
@@ -99,7 +119,7 @@ class Settings(BaseSettings):
     """A request running longer is cancelled and answered 504."""
     SHUTDOWN_GRACE: timedelta = timedelta(seconds=10)
     """In-flight requests get this long to finish on SIGTERM / Ctrl-C."""
-    TRUSTED_PROXIES: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1"])
+    TRUSTED_PROXIES: CsvList[str] = Field(default_factory=lambda: ["127.0.0.1"])
     """Peers whose X-Forwarded-For is believed (comma-separated IPs or CIDRs)."""
     LOG_LEVEL: str = "INFO"
     LOG_JSON: bool | None = None
@@ -169,7 +189,7 @@ class Settings(BaseSettings):
     )
     """Rate-limit policies (JSON list of ``surge.kit.ratelimit.RatePolicy``), validated at
     start-up. The defaults reproduce seeds 003 and 004."""
-    RATELIMIT_EXEMPT_PATHS: Annotated[list[str], NoDecode] = Field(
+    RATELIMIT_EXEMPT_PATHS: CsvList[str] = Field(
         default_factory=lambda: ["/livez", "/readyz", "/metrics", "/api/health"]
     )
     """Paths (or fnmatch patterns) never limited: health probes must always get through."""
@@ -177,13 +197,6 @@ class Settings(BaseSettings):
     """While Redis is down each process allows limit / this many (None = WEB_WORKERS)."""
     RATELIMIT_KEY_PREFIX: str = "rl:"
     """Prefix of every rate-limit key in Redis."""
-
-    @field_validator("RATELIMIT_EXEMPT_PATHS", mode="before")
-    @classmethod
-    def _ratelimit_split_csv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     # --- jobs (kit.jobs) -----------------------------------------------------------------
     JOBS_LEASE: timedelta = timedelta(seconds=120)
@@ -205,12 +218,14 @@ class Settings(BaseSettings):
     JOBS_PROCESSES: int = 2
     """Worker processes of `surge worker` (seed 000 runs 8; this 2-core default keeps
     8 × DB_POOL_MAX connections from crowding PostgreSQL)."""
-    JOBS_QUEUES: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    JOBS_QUEUES: CsvList[str] = Field(default_factory=list)
     """Queues the workers take jobs from (comma-separated); empty = every registered queue."""
-    JOBS_RATE_LIMITS: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    JOBS_RATE_LIMITS: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"operations": "50/min"}
+    )
     """Global start-rate limits per queue, across all processes: `operations=50/min,email=10/s`
-    (or JSON). Seed 000: 50 jobs/min."""
-    JOBS_MODULES: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    (or JSON; empty: none). Seed 000: 50 operations/min per provider (the default)."""
+    JOBS_MODULES: CsvList[str] = Field(default_factory=list)
     """Extra modules to import for their @job registrations (besides surge.<domain>.jobs)."""
     JOBS_POLL_INTERVAL: timedelta = timedelta(seconds=1)
     """Idle workers are woken by LISTEN/NOTIFY; this poll catches delayed jobs coming due."""
@@ -218,13 +233,6 @@ class Settings(BaseSettings):
     """On SIGTERM running jobs get this long to finish; the rest are put back in the queue."""
     JOBS_RETENTION: timedelta = timedelta(days=7)
     """Succeeded and cancelled jobs are deleted after this; failed jobs are kept."""
-
-    @field_validator("JOBS_QUEUES", "JOBS_MODULES", mode="before")
-    @classmethod
-    def _jobs_split_csv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     @field_validator("JOBS_RATE_LIMITS", mode="before")
     @classmethod
@@ -391,13 +399,45 @@ class Settings(BaseSettings):
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
 
+    # ---- operations ----------------------------------------------------------------------
+    OPERATIONS_PROVIDER_URL: str = ""
+    """Base URL of the upstream provider's website (``surge up`` points it at the simulator)."""
+    OPERATIONS_PROXY_URLS: CsvList[str] = Field(default_factory=list)
+    """Egress proxies ``surge seed-demo`` registers (comma-separated); the fleet then reads
+    the ``operations_proxies`` table, managed at ``/api/admin/proxies``."""
+    OPERATIONS_SESSION_TTL: timedelta = timedelta(minutes=120)
+    """Seed 000 4.2: a provider session (cookies, per account and proxy) kept in Redis."""
+    OPERATIONS_ACCOUNT_LEASE: timedelta = timedelta(seconds=120)
+    """How long a job holds a provider account (renewed never: a job ends sooner; a crashed
+    worker's account is free again after this, the same span as JOBS_LEASE)."""
+    OPERATIONS_PROXY_BACKOFF: timedelta = timedelta(seconds=300)
+    """First re-check delay of a blocked proxy; doubled per block with full jitter
+    (scrapy-rotating-proxies: base 300 s)..."""
+    OPERATIONS_PROXY_BACKOFF_MAX: timedelta = timedelta(seconds=3600)
+    """... up to this cap (scrapy-rotating-proxies: 3 600 s)."""
+    OPERATIONS_PROXY_TRIES: int = 3
+    """Proxies one attempt tries before it gives up and the job is retried later."""
+    OPERATIONS_TIMEOUT: timedelta = timedelta(seconds=15)
+    """Connect/read timeout of one provider call."""
+    OPERATIONS_MAX_ATTEMPTS: int = 6
+    """Attempts of an operation job; after the last, the operation fails (reservation
+    released) or, when the provider may have done the work, goes to ``needs_review``."""
+    OPERATIONS_RETRY_BACKOFF: timedelta = timedelta(seconds=1)
+    """First delay before an operation's next attempt; doubled per attempt (with jitter)..."""
+    OPERATIONS_RETRY_BACKOFF_MAX: timedelta = timedelta(seconds=30)
+    """... up to this."""
+    OPERATIONS_SIGNAL_PRICE: int = 100
+    """Price of a signal refresh, in minor units (1.00)."""
+    OPERATIONS_PANEL_POLL: timedelta = timedelta(seconds=1)
+    """How often the reseller panel polls an operation's status."""
+
     # ---- payments -----------------------------------------------------------------------
     PAYMENTS_PROVIDER_URL: str = ""
     """Base URL of the payment provider's API (Stripe-shaped; ``surge up`` points it at
     ``surge.sim.payments``). Empty: top-ups answer 503."""
     PAYMENTS_API_KEY: SecretStr = SecretStr("sk_test_surge")
     """Bearer key for the provider's API."""
-    PAYMENTS_WEBHOOK_SECRETS: Annotated[list[SecretStr], NoDecode] = Field(
+    PAYMENTS_WEBHOOK_SECRETS: CsvList[SecretStr] = Field(
         default_factory=lambda: [SecretStr("whsec_surge_dev")]
     )
     """Comma-separated webhook signing secrets. A signature made with any of them is
@@ -417,19 +457,14 @@ class Settings(BaseSettings):
     by the reconciliation job (a lost webhook costs minutes, not money)."""
     PAYMENTS_RECONCILE_BATCH: int = 100
     """Open top-ups asked about per reconciliation run."""
+    PAYMENTS_SCAN_WINDOW: timedelta = timedelta(minutes=30)
+    """The provider scan (every 5 minutes) lists the intents created between this long ago
+    and PAYMENTS_RECONCILE_AFTER ago, and settles any Surge has no row for (its request died
+    before commit and every webhook was lost) or still shows open."""
     PAYMENTS_EVENT_MAX_ATTEMPTS: int = 5
     """Failed processings of one event before it is dead-lettered (admin view, retry)."""
     PAYMENTS_EVENT_RETRY: timedelta = timedelta(seconds=5)
     """Delay before processing a failed event again (doubled per attempt)."""
-
-    @field_validator(
-        "DATABASE_REPLICA_URLS", "TRUSTED_PROXIES", "PAYMENTS_WEBHOOK_SECRETS", mode="before"
-    )
-    @classmethod
-    def _split_csv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     @field_validator("DATABASE_URL")
     @classmethod

@@ -59,8 +59,18 @@ class RateLimitHook:
                 return None  # a signed-out token buys no user tier: anonymous, per IP
             privileges = await self._privileges.get(principal.user_id)
         except DependencyUnavailable:
-            return None  # cannot tell: anonymous here; the route's own check answers 503
+            # Cannot tell (Redis and PostgreSQL both down, or no pool connection for the
+            # plan): the route's own check answers 503. Not anonymous: every signed-in caller
+            # behind one address would then share the anonymous per-IP budget, and an outage
+            # would turn into 429s for everyone (issue 20). The signature is verified, so the
+            # budget is this token's user's own, under the tier no plan policy names: only
+            # the per-subject limits apply.
+            return Subject(principal.key, UNVERIFIED_TIER)
         return admit(scope, principal, privileges)
+
+
+#: The rate-limit tier of a signed-in caller whose session cannot be checked right now.
+UNVERIFIED_TIER = "unverified"
 
 
 def admit(scope: Any, principal: Principal, privileges: Privileges) -> Subject:

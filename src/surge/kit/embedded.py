@@ -169,6 +169,10 @@ class EmbeddedPostgres:
             return None
         return pid
 
+    def running(self) -> bool:
+        """Is the postmaster alive (what a supervisor polls; cheap: a file and a signal 0)?"""
+        return self.pid() is not None
+
     def start(self) -> str:
         """Initialise (first time), start (unless already running) and return the URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -287,13 +291,23 @@ class EmbeddedRedis:
             return None
         return pid
 
+    def running(self) -> bool:
+        """Is redis-server alive? A server we started and that died is reaped here (as our
+        child it would otherwise linger as a zombie that signal 0 still finds)."""
+        if self._process is not None:
+            if self._process.poll() is None:
+                return True
+            self._process = None
+            return False
+        return self.pid() is not None
+
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         state_file = self.data_dir / "surge.json"
         if not self.port:
             with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
                 self.port = int(json.loads(state_file.read_text())["port"])
-        if self.pid() is not None and self.port and port_open(self.port):
+        if self.running() and self.port and port_open(self.port):
             return self.url
         if not self.port or port_open(self.port):
             self.port = free_port()

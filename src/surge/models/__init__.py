@@ -4,6 +4,14 @@ from surge.models.audit import AuditEntry
 from surge.models.base import Base, TimestampMixin
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
+from surge.models.operations import (
+    Attempt,
+    EgressProxy,
+    Operation,
+    Price,
+    ProviderAccount,
+    Reseller,
+)
 from surge.models.payments import PaymentEvent, Topup
 from surge.models.wallet import (
     Earning,
@@ -17,16 +25,22 @@ from surge.models.wallet import (
 )
 
 __all__ = [
+    "Attempt",
     "AuditEntry",
     "AuthSession",
     "Base",
     "Earning",
+    "EgressProxy",
     "Entry",
     "IdempotencyKeyRow",
     "LedgerAccount",
+    "Operation",
     "Partner",
     "PaymentEvent",
+    "Price",
+    "ProviderAccount",
     "RefreshToken",
+    "Reseller",
     "RevenueEvent",
     "Subscription",
     "TimestampMixin",

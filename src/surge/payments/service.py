@@ -154,6 +154,15 @@ class TopupService:
                 f"{settings.PAYMENTS_TOPUP_MAX} minor units."
             )
         topup_id = topup_id_for(owner_id, idempotency_key)
+        existing = await repository.owned_topup(session, owner_id, topup_id)
+        if existing is not None:
+            # The key made a top-up before (its HTTP record may have expired): that top-up
+            # is the answer; charging again under the same key would be a second payment.
+            if (existing.amount, existing.currency) != (amount, currency):
+                raise TopupKeyMismatch(
+                    "This Idempotency-Key was already used for a top-up with other fields."
+                )
+            return existing
         answer = await provider_client(runtime).create_intent(
             amount=amount,
             currency=currency,
@@ -172,14 +181,19 @@ class TopupService:
             raise ProviderRejected(
                 "The payment provider refused the request.", extra={"code": error.get("code")}
             )
-        topup = await repository.lock_topup(
-            session,
-            topup_id=topup_id,
-            owner_id=owner_id,
-            amount=amount,
-            currency=currency,
-            provider_payment_id=str(intent["id"]),
-        )
+        try:
+            topup = await repository.lock_topup(
+                session,
+                topup_id=topup_id,
+                owner_id=owner_id,
+                amount=amount,
+                currency=currency,
+                provider_payment_id=str(intent["id"]),
+            )
+        except LookupError:
+            raise TopupKeyMismatch(
+                "This Idempotency-Key already belongs to another payment."
+            ) from None
         await self._apply_intent(session, topup, intent)
         return topup
 
@@ -321,6 +335,7 @@ class TopupService:
         if topup.status not in repository.OPEN_STATUSES:
             return topup.status
         answer = await provider_client(runtime).retrieve_intent(topup.provider_payment_id)
+        topup.checked_at = _now()
         intent = _intent_of(answer)
         if intent is None:
             log.warning("payments.reconcile.unknown", topup_id=str(topup_id), status=answer.status)
@@ -328,6 +343,55 @@ class TopupService:
         await self._apply_intent(session, topup, intent)
         log.info("payments.reconcile.applied", topup_id=str(topup_id), status=topup.status)
         return topup.status
+
+    async def scan_provider(
+        self, session: AsyncSession, runtime: Runtime, *, pages: int = 20
+    ) -> int:
+        """List the provider's recent intents and settle every Surge intent that has no row
+        or an open one; returns how many were applied. Closes the last gap: a request that
+        died after the provider answered, a client that never retried, and no webhook."""
+        settings = runtime.settings
+        now = _now().timestamp()
+        client = provider_client(runtime)
+        applied = 0
+        after: str | None = None
+        for _ in range(pages):
+            answer = await client.list_intents(
+                created_gte=int(now - settings.PAYMENTS_SCAN_WINDOW.total_seconds()),
+                created_lte=int(now - settings.PAYMENTS_RECONCILE_AFTER.total_seconds()),
+                starting_after=after,
+            )
+            intents = [i for i in answer.body.get("data") or [] if isinstance(i, dict)]
+            if answer.status != 200 or not intents:
+                break
+            known = await repository.statuses(session, [str(i["id"]) for i in intents])
+            for intent in intents:
+                status = known.get(str(intent["id"]))
+                metadata = intent.get("metadata") or {}
+                if "topup_id" not in metadata or (
+                    status is not None and status not in repository.OPEN_STATUSES
+                ):
+                    continue
+                try:
+                    async with session.begin_nested():
+                        topup = await self._topup_of(session, intent, amount=int(intent["amount"]))
+                        before = (topup.status, topup.amount_credited)
+                        await self._apply_intent(session, topup, intent)
+                except (_Permanent, SurgeError) as error:
+                    log.error("payments.scan.failed", payment_id=intent["id"], error=str(error))
+                    continue
+                if (topup.status, topup.amount_credited) != before or status is None:
+                    applied += 1
+                    log.warning(
+                        "payments.scan.applied",
+                        payment_id=intent["id"],
+                        status=topup.status,
+                        had_row=status is not None,
+                    )
+            if not answer.body.get("has_more"):
+                break
+            after = str(intents[-1]["id"])
+        return applied
 
     # ---- admin ------------------------------------------------------------------------------
     async def list_events(
@@ -430,7 +494,7 @@ class TopupService:
         if _RANK[status] <= _RANK[topup.status]:
             return False
         topup.status = status
-        topup.updated_at = _now()
+        topup.updated_at = topup.checked_at = _now()
         return True
 
     async def _credit(
