@@ -302,6 +302,21 @@ def meets(summary: dict[str, Any], targets: dict[str, float]) -> tuple[bool, lis
     return not misses, misses
 
 
+def settle(base: str, timeout: float = 60.0) -> None:
+    """Until the server has (almost) nothing in flight: a step after an overloaded one must
+    not start while the server still works through answers nobody waits for."""
+    deadline = time.monotonic() + timeout
+    with console.status("Waiting for the server to drain..."):
+        while time.monotonic() < deadline:
+            try:
+                sample = parse_metrics(httpx.get(f"{base}/metrics", timeout=5).text)
+            except httpx.HTTPError:
+                sample = {}
+            if sample and _sum(sample, "http_requests_in_flight") <= 2:
+                return
+            time.sleep(1.0)
+
+
 def capacity_search(
     stack: Stack, options: Options, users: list[User], population: list[User], *,
     service_token: str | None, start_rate: float, steps: int = 6,
@@ -311,6 +326,7 @@ def capacity_search(
     good, bad = 0.0, float("inf")
     rate = start_rate
     for _ in range(steps):
+        settle(stack.base)
         result = one_run(stack, options, users, population, service_token,
                          think=len(users) / rate, ramp=5.0, duration=options.step_duration,
                          label=f"capacity step {len(tried) + 1}: {rate:,.0f}/s")  # fmt: skip
