@@ -388,6 +388,25 @@ def run(options: Options) -> dict[str, Any]:
     return finish(options, main, capacity)
 
 
+def dump_requests(name: str, records: Any, step_names: list[str]) -> Path:
+    """Every request of the main run as gzipped CSV (due, sent, done in µs from the start;
+    status; step; the server's queue and app µs; request id), beside the system's temporary
+    files: too big to commit, there to join with the server's logs by request id."""
+    import csv
+    import gzip
+
+    path = Path(tempfile.gettempdir()) / f"surge-{name}-requests.csv.gz"
+    with gzip.open(path, "wt", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["due_us", "sent_us", "done_us", "status", "step", "server_queue_us",
+                         "server_app_us", "request_id"])  # fmt: skip
+        for i in range(len(records.due)):
+            writer.writerow([records.due[i], records.sent[i], records.done[i], records.status[i],
+                             step_names[records.step[i]], records.queue_us[i],
+                             records.app_us[i], records.request_ids[i]])  # fmt: skip
+    return path
+
+
 def finish(
     options: Options, main: dict[str, Any], capacity: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -395,6 +414,8 @@ def finish(
     ok, misses = meets(summary, options.targets)
     name = f"load-{options.scenario}"
     RESULTS.mkdir(exist_ok=True)
+    steps = [s.name for s in load_scenario(options.scenario).STEPS]
+    requests_csv = dump_requests(name, main["records"], steps)
     html_path = RESULTS / f"{name}.html"
     html_path.write_text(html.render(name, options=options.__dict__, summary=summary,
                                      timeline=main["timeline"], series=main["series"],
@@ -439,6 +460,7 @@ def finish(
             "capacity": capacity,
             "misses": misses,
             "report": str(html_path.relative_to(ROOT)),
+            "requests_csv": requests_csv.name + " (in the system's temporary directory)",
             "note": "generator, server, PostgreSQL and Redis share the machine's cores",
         },
         title=f"surge load {options.scenario}",
