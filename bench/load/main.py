@@ -321,14 +321,16 @@ def capacity_search(
     stack: Stack, options: Options, users: list[User], population: list[User], *,
     service_token: str | None, start_rate: float, steps: int = 6,
 ) -> dict[str, Any]:  # fmt: skip
-    """Highest rate (users / think) meeting the targets: double until a failure, bisect."""
+    """Highest rate (users / think) meeting the targets: double until a failure, bisect.
+    Each step's generators open every user's connection again, so each step ramps over
+    ``--ramp`` like the main run (a 5 s ramp was a 2 000 connects/s storm of its own)."""
     tried: list[dict[str, Any]] = []
     good, bad = 0.0, float("inf")
     rate = start_rate
     for _ in range(steps):
         settle(stack.base)
         result = one_run(stack, options, users, population, service_token,
-                         think=len(users) / rate, ramp=5.0, duration=options.step_duration,
+                         think=len(users) / rate, ramp=options.ramp, duration=options.step_duration,
                          label=f"capacity step {len(tried) + 1}: {rate:,.0f}/s")  # fmt: skip
         ok, misses = meets(result["summary"], options.targets)
         s = result["summary"]
