@@ -121,6 +121,30 @@ async def test_read_session_uses_replica_then_falls_back(server_urls: tuple[str,
         await db.close()
 
 
+async def test_read_session_runs_without_begin_and_leaves_the_pool_transactional(
+    server_urls: tuple[str, str],
+) -> None:
+    # One pooled connection, so the write session below reuses the read's connection.
+    db = Database(server_urls[0], config=PoolConfig(min_size=0, max_size=1))
+    # How long ago this statement's transaction began: ~0 when each statement is its own.
+    transaction_age = text(
+        "SELECT extract(epoch FROM clock_timestamp() - xact_start) FROM pg_stat_activity "
+        "WHERE pid = pg_backend_pid()"
+    )
+    try:
+        async with db.read_session() as session:
+            await session.execute(text("SELECT pg_sleep(0.1)"))
+            # Autocommit: no BEGIN/ROLLBACK round trips, no transaction spanning statements.
+            assert await session.scalar(transaction_age) < 0.09
+        async with db.session() as session:
+            await session.execute(text("SELECT pg_sleep(0.1)"))
+            # A unit of work is still one transaction, on the same (reset) connection.
+            assert await session.scalar(transaction_age) >= 0.1
+        assert _pool(db).checkedout() == 0
+    finally:
+        await db.close()
+
+
 async def test_unit_of_work_commits_once_and_runs_on_commit(server_urls: tuple[str, str]) -> None:
     db = Database(server_urls[0], config=PoolConfig(min_size=0))
     fired: list[str] = []
