@@ -190,7 +190,16 @@ class Settings(BaseSettings):
     """Rate-limit policies (JSON list of ``surge.kit.ratelimit.RatePolicy``), validated at
     start-up. The defaults reproduce seeds 003 and 004."""
     RATELIMIT_EXEMPT_PATHS: CsvList[str] = Field(
-        default_factory=lambda: ["/livez", "/readyz", "/metrics", "/api/health"]
+        default_factory=lambda: [
+            "/livez",
+            "/readyz",
+            "/metrics",
+            "/api/health",
+            # Signed provider callbacks come from a few provider addresses: the anonymous
+            # 50 / 15 min would turn a busy hour into days of provider retries. The HMAC,
+            # checked before any database work, is their gate (ADR 0018).
+            "/api/v1/webhooks/payments",
+        ]
     )
     """Paths (or fnmatch patterns) never limited: health probes must always get through."""
     RATELIMIT_LOCAL_PROCESSES: int | None = None
@@ -290,8 +299,9 @@ class Settings(BaseSettings):
     """After a message, a rule stays silent this long (then one reminder if still firing)."""
     ALERT_WEBHOOK_RETRIES: int = 3
     """Extra delivery attempts per alert message."""
-    ALERT_RESPONSE_P95: timedelta = timedelta(seconds=1)
-    """Seed 002: alert when p95 response time is above this."""
+    ALERT_RESPONSE_P95: timedelta = timedelta(milliseconds=200)
+    """Seed 003: alert when p95 response time is above this (its target is 120 ms; seed 002's
+    1 s would page long after users noticed)."""
     ALERT_ERRORS_PER_MINUTE: float = 10
     """Seed 002: alert when 5xx responses per minute are above this."""
     ALERT_MEMORY_RATIO: float = 0.9
@@ -392,6 +402,22 @@ class Settings(BaseSettings):
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
 
+    # ---- console ------------------------------------------------------------------------
+    # (issue 16: operator's console, alerts from one source, service API keys)
+    ALERT_ERROR_RATIO: float = 0.01
+    """Seed 003: alert when more than this share of responses are 5xx (over 5 min)."""
+    ALERT_CACHE_HIT_RATIO: float = 0.9
+    """Seed 003: alert when a cache's hit ratio (L1 or L2 hits / lookups) falls below this."""
+    CONSOLE_SESSION_TTL: timedelta = timedelta(hours=8)
+    """How long a console sign-in (its HttpOnly cookie) lasts without a new sign-in."""
+    CONSOLE_SAMPLE_INTERVAL: timedelta = timedelta(seconds=5)
+    """How often each API process records its metrics into the console's time series."""
+    CONSOLE_SERIES_RETENTION: timedelta = timedelta(hours=1)
+    """How much history the console's charts keep (in Redis, trimmed by time)."""
+    CREDENTIAL_ROTATION_GRACE: timedelta = timedelta(hours=1)
+    """After a service key is rotated, the old key keeps working this long (redeploy time)."""
+    # ---- end console --------------------------------------------------------------------
+
     # ---- operations ----------------------------------------------------------------------
     OPERATIONS_PROVIDER_URL: str = ""
     """Base URL of the upstream provider's website (``surge up`` points it at the simulator)."""
@@ -404,7 +430,7 @@ class Settings(BaseSettings):
     """How long a job holds a provider account (renewed never: a job ends sooner; a crashed
     worker's account is free again after this, the same span as JOBS_LEASE)."""
     OPERATIONS_PROXY_BACKOFF: timedelta = timedelta(seconds=300)
-    """First re-check delay of a blocked proxy; doubled per block with full jitter
+    """First re-check delay of a blocked proxy; doubled per block, equal jitter
     (scrapy-rotating-proxies: base 300 s)..."""
     OPERATIONS_PROXY_BACKOFF_MAX: timedelta = timedelta(seconds=3600)
     """... up to this cap (scrapy-rotating-proxies: 3 600 s)."""
@@ -421,8 +447,6 @@ class Settings(BaseSettings):
     """... up to this."""
     OPERATIONS_SIGNAL_PRICE: int = 100
     """Price of a signal refresh, in minor units (1.00)."""
-    OPERATIONS_PANEL_POLL: timedelta = timedelta(seconds=1)
-    """How often the reseller panel polls an operation's status."""
 
     # ---- payments -----------------------------------------------------------------------
     PAYMENTS_PROVIDER_URL: str = ""
