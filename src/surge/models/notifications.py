@@ -67,7 +67,7 @@ class NotificationEvent(Base):
             "external_id",
             unique=True,
             postgresql_where=text("external_id IS NOT NULL"),
-        ),  # fmt: skip
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
