@@ -50,8 +50,6 @@ def upgrade() -> None:
             lease_token uuid,
             created_at timestamptz NOT NULL DEFAULT now()
         );
-        CREATE INDEX ix_operations_provider_accounts_pick
-            ON operations_provider_accounts (last_used_at NULLS FIRST) WHERE status = 'active';
 
         CREATE TABLE operations_proxies (
             id uuid PRIMARY KEY,

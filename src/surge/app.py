@@ -34,6 +34,7 @@ from surge.kit.web.middleware import SurgeMiddleware
 from surge.kit.web.openapi import install_contract
 from surge.kit.web.problem import install_problem_handlers
 from surge.kit.web.routing import promote_routes
+from surge.notifications.routes import router as notifications_router
 from surge.operations.routes import page_router as operations_page_router
 from surge.operations.routes import router as operations_router
 from surge.payments.routes import router as payments_router
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(payments_router)  # ---- payments ----
     app.include_router(operations_router)  # ---- operations (admin: surge.admin.surface) ----
     app.include_router(operations_page_router)  # /panel
+    app.include_router(notifications_router)  # ---- notifications (admin: surge.admin.surface) ----
     # ---- console (issue 16): an honest contract, local docs --------------------------------
     install_docs(app)
     install_console(app, runtime)  # /admin: the operator's console

@@ -420,6 +420,16 @@ def migrate() -> None:
 ALERT_RULES_FILE = PROJECT_ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 
+def alert_rules_text(settings: object) -> str:
+    """The committed rules file: the kit's rules, then each domain's (one source each)."""
+    from surge.config import Settings
+    from surge.kit.telemetry.prometheus_rules import rules_from_settings
+    from surge.notifications.alerts import alert_rules as notification_rules
+
+    assert isinstance(settings, Settings)
+    return rules_from_settings(settings, extra=notification_rules(settings))
+
+
 @app.command("alert-rules")
 def alert_rules(
     write: Annotated[
@@ -428,9 +438,8 @@ def alert_rules(
 ) -> None:
     """Print (or write) the Prometheus alerting rules generated from the ALERT_* settings."""
     from surge.config import Settings
-    from surge.kit.telemetry.prometheus_rules import rules_from_settings
 
-    text = rules_from_settings(Settings())
+    text = alert_rules_text(Settings())
     if write:
         ALERT_RULES_FILE.write_text(text)
         console.print(f"wrote {ALERT_RULES_FILE.relative_to(PROJECT_ROOT)}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from surge.cli import alert_rules_text
 from surge.config import Settings
 from surge.kit.telemetry.alerts import default_rules
 from surge.kit.telemetry.prometheus_rules import (
@@ -37,7 +38,7 @@ def _promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 class TestOneSource:
     def test_committed_file_is_generated_from_the_default_settings(self) -> None:
         committed = (DEPLOY / "alerts.yml").read_text()
-        assert committed == rules_from_settings(Settings.model_construct()), (
+        assert committed == alert_rules_text(Settings.model_construct()), (
             "deploy/prometheus/alerts.yml is stale: run `surge alert-rules --write`"
         )
 

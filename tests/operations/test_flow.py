@@ -177,3 +177,23 @@ class TestLimiter:
         config = WorkerConfig.from_settings(Settings(), queues=["operations"])
         limit = config.rate_limits["operations"]
         assert (limit.limit, limit.period) == (50, timedelta(minutes=1))
+
+
+class TestCursor:
+    async def test_pages_follow_the_cursor_newest_first(
+        self, ops_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        caller = await make_reseller(ops_app, api)
+        made = [(await submit(api, caller, card=f"40000000{i:02d}")).json()["id"] for i in range(5)]
+        seen: list[str] = []
+        cursor: str | None = None
+        while True:
+            query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
+            page = (await api.get(f"/api/v1/operations{query}", headers=caller.headers)).json()
+            seen += [item["id"] for item in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == list(reversed(made))
+        forged = await api.get("/api/v1/operations?cursor=not-a-cursor", headers=caller.headers)
+        assert forged.status_code == 400

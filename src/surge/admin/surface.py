@@ -29,6 +29,7 @@ from surge.kit.breaker import breaker_router
 from surge.kit.jobs.admin import admin_router as jobs_admin_router
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry.health_score import platform_health_router
+from surge.notifications.routes import admin_router as notifications_admin_router
 from surge.operations.routes import admin_router as operations_admin_router
 from surge.payments.routes import admin_router as payments_admin_router
 from surge.wallet.routes import admin_router as wallet_admin_router
@@ -46,6 +47,7 @@ def domain_admin_routers() -> list[APIRouter]:
         # ---- new domains: one line each, below ----
         payments_admin_router,
         operations_admin_router,
+        notifications_admin_router,
         credential_admin_router,  # ---- console: service API keys ----
     ]
 

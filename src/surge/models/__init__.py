@@ -5,6 +5,7 @@ from surge.models.base import Base, TimestampMixin
 from surge.models.credential import ServiceKey
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
+from surge.models.notifications import NotificationEvent, OutboxMessage, Preference, Suppression
 from surge.models.operations import (
     Attempt,
     EgressProxy,
@@ -35,9 +36,12 @@ __all__ = [
     "Entry",
     "IdempotencyKeyRow",
     "LedgerAccount",
+    "NotificationEvent",
     "Operation",
+    "OutboxMessage",
     "Partner",
     "PaymentEvent",
+    "Preference",
     "Price",
     "ProviderAccount",
     "RefreshToken",
@@ -45,6 +49,7 @@ __all__ = [
     "RevenueEvent",
     "ServiceKey",
     "Subscription",
+    "Suppression",
     "TimestampMixin",
     "Topup",
     "Transfer",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from uuid import UUID
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, Text, func
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, Text, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from surge.models.base import Base
@@ -22,6 +22,7 @@ class ProviderAccount(Base):
     ``leased_until`` is in the future (one job at a time, fleet-wide)."""
 
     __tablename__ = "operations_provider_accounts"
+    # No pick index: a provider has a few accounts, scanned (migration 0006).
 
     id: Mapped[UUID] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(Text, unique=True)
@@ -84,6 +85,12 @@ class Operation(Base):
     before the state-changing call leaves, so every later attempt asks the provider first."""
 
     __tablename__ = "operations"
+    __table_args__ = (
+        Index("ix_operations_owner", "owner_id", text("created_at DESC"), text("id DESC")),
+        Index(
+            "ix_operations_review", "created_at", postgresql_where=text("status = 'needs_review'")
+        ),
+    )
 
     id: Mapped[UUID] = mapped_column(primary_key=True)
     owner_id: Mapped[UUID]
@@ -106,6 +113,7 @@ class Attempt(Base):
     """One step of one attempt: which account and proxy, what happened (the timeline)."""
 
     __tablename__ = "operations_attempts"
+    __table_args__ = (Index("ix_operations_attempts_operation", "operation_id", "id"),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     operation_id: Mapped[UUID] = mapped_column(ForeignKey("operations.id", ondelete="CASCADE"))

@@ -10,6 +10,7 @@ Prometheus' own ``promtool test rules`` on it (``deploy/prometheus/alerts.test.y
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -197,5 +198,7 @@ def render_rules(rules: list[PromRule]) -> str:
     return "".join(out)
 
 
-def rules_from_settings(settings: Settings) -> str:
-    return render_rules(prometheus_rules(AlertThresholds.from_settings(settings)))
+def rules_from_settings(settings: Settings, extra: Sequence[PromRule] = ()) -> str:
+    """The whole rules file: the kit's rules from the ``ALERT_*`` settings, then ``extra``
+    (each domain's own rules, from its own settings — ``surge.cli.alert_rules_text``)."""
+    return render_rules([*prometheus_rules(AlertThresholds.from_settings(settings)), *extra])
