@@ -1,4 +1,4 @@
-"""``surge``: up, serve, worker, migrate, seed-demo, bench, doctor.
+"""``surge``: up, serve, worker, migrate, seed-demo, bench, doctor, alert-rules.
 
 Heavy imports happen inside the commands: ``PROMETHEUS_MULTIPROC_DIR`` must be set before
 prometheus_client is first imported, and ``surge --help`` should answer instantly.
@@ -414,6 +414,37 @@ def migrate() -> None:
         run_migrations(servers.database_url)
     finally:
         servers.stop()
+
+
+# ---- console: alert rules from the settings (issue 16) ---------------------------------
+ALERT_RULES_FILE = PROJECT_ROOT / "deploy" / "prometheus" / "alerts.yml"
+
+
+def alert_rules_text(settings: object) -> str:
+    """The committed rules file: the kit's rules, then each domain's (one source each)."""
+    from surge.config import Settings
+    from surge.kit.telemetry.prometheus_rules import rules_from_settings
+    from surge.notifications.alerts import alert_rules as notification_rules
+
+    assert isinstance(settings, Settings)
+    return rules_from_settings(settings, extra=notification_rules(settings))
+
+
+@app.command("alert-rules")
+def alert_rules(
+    write: Annotated[
+        bool, typer.Option("--write", help="Write deploy/prometheus/alerts.yml instead of stdout")
+    ] = False,
+) -> None:
+    """Print (or write) the Prometheus alerting rules generated from the ALERT_* settings."""
+    from surge.config import Settings
+
+    text = alert_rules_text(Settings())
+    if write:
+        ALERT_RULES_FILE.write_text(text)
+        console.print(f"wrote {ALERT_RULES_FILE.relative_to(PROJECT_ROOT)}")
+    else:
+        sys.stdout.write(text)
 
 
 @app.command()

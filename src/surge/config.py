@@ -190,7 +190,16 @@ class Settings(BaseSettings):
     """Rate-limit policies (JSON list of ``surge.kit.ratelimit.RatePolicy``), validated at
     start-up. The defaults reproduce seeds 003 and 004."""
     RATELIMIT_EXEMPT_PATHS: CsvList[str] = Field(
-        default_factory=lambda: ["/livez", "/readyz", "/metrics", "/api/health"]
+        default_factory=lambda: [
+            "/livez",
+            "/readyz",
+            "/metrics",
+            "/api/health",
+            # Signed provider callbacks come from a few provider addresses: the anonymous
+            # 50 / 15 min would turn a busy hour into days of provider retries. The HMAC,
+            # checked before any database work, is their gate (ADR 0018).
+            "/api/v1/webhooks/payments",
+        ]
     )
     """Paths (or fnmatch patterns) never limited: health probes must always get through."""
     RATELIMIT_LOCAL_PROCESSES: int | None = None
@@ -290,8 +299,9 @@ class Settings(BaseSettings):
     """After a message, a rule stays silent this long (then one reminder if still firing)."""
     ALERT_WEBHOOK_RETRIES: int = 3
     """Extra delivery attempts per alert message."""
-    ALERT_RESPONSE_P95: timedelta = timedelta(seconds=1)
-    """Seed 002: alert when p95 response time is above this."""
+    ALERT_RESPONSE_P95: timedelta = timedelta(milliseconds=200)
+    """Seed 003: alert when p95 response time is above this (its target is 120 ms; seed 002's
+    1 s would page long after users noticed)."""
     ALERT_ERRORS_PER_MINUTE: float = 10
     """Seed 002: alert when 5xx responses per minute are above this."""
     ALERT_MEMORY_RATIO: float = 0.9
@@ -392,6 +402,22 @@ class Settings(BaseSettings):
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
 
+    # ---- console ------------------------------------------------------------------------
+    # (issue 16: operator's console, alerts from one source, service API keys)
+    ALERT_ERROR_RATIO: float = 0.01
+    """Seed 003: alert when more than this share of responses are 5xx (over 5 min)."""
+    ALERT_CACHE_HIT_RATIO: float = 0.9
+    """Seed 003: alert when a cache's hit ratio (L1 or L2 hits / lookups) falls below this."""
+    CONSOLE_SESSION_TTL: timedelta = timedelta(hours=8)
+    """How long a console sign-in (its HttpOnly cookie) lasts without a new sign-in."""
+    CONSOLE_SAMPLE_INTERVAL: timedelta = timedelta(seconds=5)
+    """How often each API process records its metrics into the console's time series."""
+    CONSOLE_SERIES_RETENTION: timedelta = timedelta(hours=1)
+    """How much history the console's charts keep (in Redis, trimmed by time)."""
+    CREDENTIAL_ROTATION_GRACE: timedelta = timedelta(hours=1)
+    """After a service key is rotated, the old key keeps working this long (redeploy time)."""
+    # ---- end console --------------------------------------------------------------------
+
     # ---- operations ----------------------------------------------------------------------
     OPERATIONS_PROVIDER_URL: str = ""
     """Base URL of the upstream provider's website (``surge up`` points it at the simulator)."""
@@ -456,6 +482,85 @@ class Settings(BaseSettings):
     """Failed processings of one event before it is dead-lettered (admin view, retry)."""
     PAYMENTS_EVENT_RETRY: timedelta = timedelta(seconds=5)
     """Delay before processing a failed event again (doubled per attempt)."""
+
+    # ---- notifications ---------------------------------------------------------------
+    NOTIFY_SMTP_HOST: str = "127.0.0.1"
+    """The SMTP relay e-mail is handed to (`surge up` points it at its local aiosmtpd)."""
+    NOTIFY_SMTP_PORT: int = 8025
+    """The relay's port."""
+    NOTIFY_SMTP_USERNAME: str = ""
+    """SMTP AUTH user; empty = no authentication."""
+    NOTIFY_SMTP_PASSWORD: SecretStr = SecretStr("")
+    """SMTP AUTH password."""
+    NOTIFY_SMTP_TLS: str = "none"
+    """`none`, `starttls` (submission, port 587) or `tls` (implicit TLS, port 465)."""
+    NOTIFY_SMTP_TIMEOUT: timedelta = timedelta(seconds=30)
+    """Per-command timeout; a relay slower than this counts as a transient failure."""
+    NOTIFY_SMTP_CONNECTIONS: int = 8
+    """SMTP connections kept open per worker process (one message at a time on each)."""
+    NOTIFY_FROM: str = "Surge <no-reply@surge.localhost>"
+    """The From header; its domain is also the Message-ID's right-hand side."""
+    NOTIFY_RETURN_PATH: str = "bounces@surge.localhost"
+    """The envelope sender (MAIL FROM): where relays send RFC 3464 bounce reports."""
+    NOTIFY_PUBLIC_URL: str = "http://127.0.0.1:8000"
+    """Base URL of the API as recipients reach it (unsubscribe links)."""
+    NOTIFY_LOCALE: str = "en"
+    """Locale of a message when the caller gives none (a template per locale, `en` fallback)."""
+    NOTIFY_RETRY_SCHEDULE: Annotated[list[timedelta], NoDecode] = Field(
+        default_factory=lambda: [timedelta(minutes=m) for m in (5, 10, 20, 30)]
+    )
+    """Delays before the 2nd, 3rd... attempt after a transient failure; the last one repeats
+    (Postfix: retry at least every 30 min). Comma-separated seconds in the environment."""
+    NOTIFY_MAX_AGE: timedelta = timedelta(days=5)
+    """A message still failing transiently this long after it was queued fails for good
+    (Postfix maximal_queue_lifetime)."""
+    NOTIFY_HARD_BOUNCE_LIMIT: int = 1
+    """Hard bounces (5.x.x "no such user") that suppress an address (SES: 1; Postal: 2)."""
+    NOTIFY_SOFT_BOUNCE_LIMIT: int = 18
+    """Soft bounces (4.x.x replies to the address) within NOTIFY_SOFT_BOUNCE_WINDOW that
+    suppress it (Postal: 18)."""
+    NOTIFY_SOFT_BOUNCE_WINDOW: timedelta = timedelta(days=7)
+    """The window in which soft bounces are counted."""
+    NOTIFY_SOFT_SUPPRESSION_TTL: timedelta = timedelta(days=30)
+    """How long repeated soft bounces suppress an address (Postal: 30 days); hard bounces
+    and complaints suppress until an admin lifts them."""
+    NOTIFY_WEBHOOK_SECRET: SecretStr = SecretStr("")
+    """HMAC-SHA256 key of `POST /api/v1/webhooks/email`; empty = derived from SECRET_KEY."""
+    NOTIFY_WEBHOOK_TOLERANCE: timedelta = timedelta(minutes=5)
+    """A signed webhook older (or newer) than this is refused (replay window)."""
+    NOTIFY_BOUNCE_RATE_ALERT: float = 0.05
+    """Alert when bounces / sent over the last day exceed this (SES review threshold: 5 %)."""
+    NOTIFY_COMPLAINT_RATE_ALERT: float = 0.001
+    """Alert when complaints / sent over the last day exceed this (SES: 0.1 %)."""
+    NOTIFY_RATE_WINDOW: timedelta = timedelta(days=1)
+    """The window bounce and complaint rates are computed over."""
+    NOTIFY_RATE_MIN_SENT: int = 100
+    """No rate alert below this many e-mails sent in the window (1 bounce of 3 is noise)."""
+    NOTIFY_SENDING_MARK_FLUSH: bool = False
+    """Wait for PostgreSQL's WAL flush when marking a message "sending" (just before the end
+    of DATA). Off: the mark survives any worker crash, but a *PostgreSQL* crash in the next
+    ~0.6 s (3 × wal_writer_delay) may forget it and resend that message once; it keeps a
+    disk flush out of every SMTP conversation (3-4× the throughput; ADR 0019)."""
+    NOTIFY_SECURITY_CATEGORIES: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["security"]
+    )
+    """Categories no preference can turn off (sign-in from a new device, password reset)."""
+
+    @field_validator("NOTIFY_SECURITY_CATEGORIES", mode="before")
+    @classmethod
+    def _notify_split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("NOTIFY_RETRY_SCHEDULE", mode="before")
+    @classmethod
+    def _notify_schedule(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [timedelta(seconds=float(p)) for p in value.split(",") if p.strip()]
+        return value
+
+    # ---- end notifications -----------------------------------------------------------
 
     @field_validator("DATABASE_URL")
     @classmethod

@@ -20,6 +20,7 @@ from surge.config import settings as default_settings
 from surge.identity.runtime import install_identity
 from surge.identity.service import identity as identity_service
 from surge.kit.runtime import Runtime
+from surge.notifications.service import notifications as notifications_service
 from surge.operations.service import DuplicateAccount, DuplicateProxy
 from surge.operations.service import operations as operations_service
 from surge.wallet.funds import funds as funds_service
@@ -34,6 +35,7 @@ DEMO_DOMAIN = "demo.surge.dev"
 #: (local part, role, plan)
 ACCOUNTS = [
     ("admin", "admin", "ultra"),
+    ("auditor", "admin_readonly", "free"),  # the console's read-only administrator
     ("alice", "user", "plus"),
     ("bob", "user", "pro"),
     ("carol", "user", "free"),
@@ -69,6 +71,17 @@ async def seed_async(settings: Settings) -> bool:
         return created
     finally:
         await runtime.stop()
+
+
+async def _demo_notifications(session: AsyncSession) -> None:
+    """Besides the welcome mails the sign-ups above sent: two the local relay refuses
+    (``surge.sim.smtp``), so the admin sees a hard bounce that suppresses its address and a
+    reputation block that does not (``/api/admin/messages``, ``/api/admin/suppressions``)."""
+    for local in ("bounce-demo", "blocked-demo"):
+        await notifications_service.send(
+            session, to=email(local), template="welcome", context={"email": email(local)},
+            category="account", key=f"demo:{local}",
+        )  # fmt: skip
 
 
 async def seed_operations(session: AsyncSession, runtime: Runtime) -> None:
@@ -126,6 +139,7 @@ async def _seed_users(runtime: Runtime) -> bool:
             await wallet_service.record_revenue_event(
                 session, runtime, event_id=event_id, kind=kind, profit=profit
             )
+        await _demo_notifications(session)
     return True
 
 
@@ -134,9 +148,10 @@ def seed(console: Console, settings: Settings | None = None) -> None:
         created = asyncio.run(seed_async(settings or default_settings))
     if created:
         console.print(
-            f"[green]✓[/] Demo data: admin, alice, bob, carol, partner1, partner2, reseller1 "
-            f"@{DEMO_DOMAIN}, password [bold]{DEMO_PASSWORD}[/] (admin endpoints need MFA: "
-            f"POST /api/v1/auth/mfa/setup then /verify); reseller panel at /panel as reseller1"
+            f"[green]✓[/] Demo data: admin, auditor, alice, bob, carol, partner1, partner2, "
+            f"reseller1 @{DEMO_DOMAIN}, password [bold]{DEMO_PASSWORD}[/] (auditor: read-only "
+            f"admin; sign in at /admin, where the second factor is enrolled in the page); "
+            f"reseller panel at /panel as reseller1"
         )
     else:
         console.print(f"[green]✓[/] Demo data already loaded (password {DEMO_PASSWORD})")

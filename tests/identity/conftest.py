@@ -12,8 +12,10 @@ import pytest
 from fastapi import FastAPI
 
 from surge.config import Settings
+from surge.identity import repository as id_repository
 from surge.identity.runtime import IdentityState, identity_state
 from surge.identity.service import identity as identity_service
+from surge.kit.security.confusables import normalize_email
 from tests.conftest import app_client, make_settings
 
 FAST_ARGON2: dict[str, Any] = {
@@ -59,8 +61,16 @@ async def register(api: httpx.AsyncClient, email: str | None = None) -> tuple[st
     """Register a user through the API; returns (email, user id)."""
     email = email or unique_email()
     response = await api.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD})
-    assert response.status_code == 201, response.text
-    return email, response.json()["id"]
+    assert response.status_code == 202, response.text  # the same answer for every address
+    # The answer names no account (issue 16): the id is read from the app's database, not
+    # from a sign-in (which would spend the user's rate budget and leave a session).
+    transport = api._transport
+    assert isinstance(transport, httpx.ASGITransport)
+    app = transport.app
+    async with app.state.runtime.db.session() as session:  # type: ignore[attr-defined]
+        user = await id_repository.user_by_email(session, normalize_email(email))
+    assert user is not None, email
+    return email, str(user.id)
 
 
 async def login(

@@ -21,6 +21,7 @@ from surge.kit.embedded import EmbeddedRedis
 from surge.kit.redis import RedisGateway
 from surge.kit.runtime import Runtime
 from tests.fixtures.servers import start_redis
+from tests.fixtures.waiting import eventually
 
 
 class Clock:
@@ -81,13 +82,6 @@ async def make_cache(server_urls: tuple[str, str]) -> AsyncIterator[CacheFactory
     for cache, gateway in made:
         await cache.close()
         await gateway.close()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 class TestTiers:
@@ -221,7 +215,7 @@ class TestStale:
         loader = Counter("new", delay=0.05)
         results = await asyncio.gather(*[cache.fetch("k", loader) for _ in range(50)])
         assert {(r.value, r.stale) for r in results} == {("old", True)}
-        await eventually(lambda: _fresh_is(cache, "k", "new"))
+        await eventually(lambda: _fresh_is(cache, "k", "new"), timeout=2.0, interval=0.01)
         assert loader.calls == 1
 
     async def test_stale_if_error_serves_the_stale_value_when_the_loader_raises(
@@ -264,7 +258,7 @@ class TestInvalidation:
         assert await b.get("k") == 1
         await a.delete("k")
         assert "k" not in a.l1
-        await eventually(lambda: _absent(b, "k"))
+        await eventually(lambda: _absent(b, "k"), timeout=2.0, interval=0.01)
         assert await b.get("k", "MISS") == "MISS"
 
     async def test_tags_invalidate_every_entry_carrying_them(
@@ -317,7 +311,7 @@ class TestInvalidation:
             await a.set(f"k{i}", i)
         assert await b.get("k3") == 3
         await a.clear()
-        await eventually(lambda: _absent(b, "k3"))
+        await eventually(lambda: _absent(b, "k3"), timeout=2.0, interval=0.01)
         for cache in (a, b):
             assert await cache.get("k3", "MISS") == "MISS"
         assert int(await redis_client.get(f"{a.namespace}:ver") or 0) == 1
@@ -435,7 +429,7 @@ class TestWarmStatsMetrics:
         a, b = await make_cache(), await make_cache()
         await a.set("w1", "cached")
         # Let b hear a's message first: a read racing it would (rightly) not fill L1.
-        await eventually(lambda: _heard_everything(b))
+        await eventually(lambda: _heard_everything(b), timeout=2.0, interval=0.01)
         asked: list[list[str]] = []
 
         async def batch(keys: Any) -> dict[str, Any]:

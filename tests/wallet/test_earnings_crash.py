@@ -3,11 +3,9 @@ active partner is credited exactly once (real worker processes, real PostgreSQL)
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +19,7 @@ from surge.kit.runtime import Runtime
 from surge.wallet.ledger import ledger
 from surge.wallet.service import earning_for
 from surge.wallet.service import wallet as wallet_service
+from tests.fixtures.waiting import eventually
 from tests.wallet.factories import create_partner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,14 +53,6 @@ def wallet_worker_process(runtime: Runtime, log: Path) -> Iterator[subprocess.Po
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-
-
-async def poll(check: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.chaos
@@ -109,7 +100,7 @@ async def test_sigkill_mid_batch_credits_every_partner_exactly_once(
                     )
                 return bool(waiting)
 
-            await poll(blocked_mid_batch)
+            await eventually(blocked_mid_batch, timeout=30.0)
             worker.kill()  # SIGKILL: no cleanup, the connection just drops
             worker.wait()
     finally:
@@ -143,7 +134,7 @@ async def test_sigkill_mid_batch_credits_every_partner_exactly_once(
             batches = -(-len(expected) // 50)
             return len(states) >= batches and all(s == "succeeded" for s in states)
 
-        await poll(all_jobs_done, timeout=60)
+        await eventually(all_jobs_done, timeout=60)
 
     async with runtime.db.session() as session:
         rows = (

@@ -62,7 +62,9 @@ from surge.kit.db import keep_on_error, on_commit
 from surge.kit.errors import NotFound
 from surge.kit.runtime import Runtime
 from surge.kit.security import hash_token, new_opaque_token
+from surge.kit.security.confusables import normalize_email, skeleton
 from surge.models.identity import AuthSession, RefreshToken, User
+from surge.notifications.service import notifications as notifications_service
 
 log = structlog.get_logger()
 
@@ -121,11 +123,14 @@ class IdentityService:
         password: str,
         role: str = "user",
     ) -> User:
-        email = email.strip().lower()
+        email = normalize_email(email)
+        key = skeleton(email)
         if await repository.user_by_email(session, email) is not None:
             raise EmailTaken("An account with this e-mail already exists")
+        if await repository.user_by_email_skeleton(session, key) is not None:
+            raise EmailTaken("An account with a look-alike e-mail already exists")
         hashed = await identity_state(runtime).hasher.hash(password)
-        user = User(email=email, password_hash=hashed, role=role)
+        user = User(email=email, email_skeleton=key, password_hash=hashed, role=role)
         try:
             async with session.begin_nested():  # a savepoint: the race below leaves no trace
                 session.add(user)
@@ -134,11 +139,15 @@ class IdentityService:
             raise EmailTaken("An account with this e-mail already exists") from error
         await session.refresh(user)
         log.info("identity.user.registered", user_id=str(user.id), role=role)
+        await notifications_service.send(
+            session, to=email, user_id=user.id, template="welcome", context={"email": email},
+            category="account", key=f"welcome:{user.id}",
+        )  # fmt: skip
         return user
 
     async def find_user(self, session: AsyncSession, email: str) -> User | None:
         """The account registered with ``email`` (case-insensitive), if any."""
-        return await repository.user_by_email(session, email.strip().lower())
+        return await repository.user_by_email(session, normalize_email(email))
 
     async def get_user(self, session: AsyncSession, user_id: uuid.UUID) -> User:
         user = await repository.user_by_id(session, user_id)
@@ -161,7 +170,7 @@ class IdentityService:
         """Check the password (and the second factor when enrolled), open a session. The
         login budget counts the attempt a success only once the session is committed."""
         state = identity_state(runtime)
-        email = email.strip().lower()
+        email = normalize_email(email)
         await state.login_guard.reserve(email, ip)  # 429 once the failure budget is spent
         outcome = "error"  # → the attempt is given back (second factor asked for, outage)
         try:
@@ -198,6 +207,13 @@ class IdentityService:
                 evicted = await repository.revoke_sessions(
                     session, [s.id for s in live[:excess]], now=now, reason="evicted"
                 )
+            device = (user_agent or "")[:300] or None
+            if await repository.is_new_device(session, user.id, device):
+                await notifications_service.send(
+                    session, to=user.email, user_id=user.id, template="new_device",
+                    context={"ip": ip, "user_agent": device}, category="security",
+                    key=f"new-device:{user.id}:{now.isoformat()}",
+                )  # fmt: skip
             pair = await self._open_session(
                 session, state, user, mfa=mfa, ip=ip, user_agent=user_agent, now=now
             )

@@ -2,8 +2,10 @@
 
 from surge.models.audit import AuditEntry
 from surge.models.base import Base, TimestampMixin
+from surge.models.credential import ServiceKey
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
+from surge.models.notifications import NotificationEvent, OutboxMessage, Preference, Suppression
 from surge.models.operations import (
     Attempt,
     EgressProxy,
@@ -34,15 +36,20 @@ __all__ = [
     "Entry",
     "IdempotencyKeyRow",
     "LedgerAccount",
+    "NotificationEvent",
     "Operation",
+    "OutboxMessage",
     "Partner",
     "PaymentEvent",
+    "Preference",
     "Price",
     "ProviderAccount",
     "RefreshToken",
     "Reseller",
     "RevenueEvent",
+    "ServiceKey",
     "Subscription",
+    "Suppression",
     "TimestampMixin",
     "Topup",
     "Transfer",

@@ -45,6 +45,7 @@ from uuid import UUID
 
 import orjson
 import structlog
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.errors import BadRequest, Conflict, NotFound, SurgeError, UnprocessableEntity
@@ -57,6 +58,13 @@ from surge.payments.provider import ProviderAnswer, ProviderUnavailable, provide
 from surge.wallet.funds import funds as funds_service
 
 log = structlog.get_logger()
+
+WEBHOOKS = Counter(
+    "surge_payments_webhooks_total",
+    "Provider webhooks by outcome: accepted, duplicate (replayed event id), refused_<reason>.",
+    ["outcome"],
+)
+EVENTS_DEAD = Counter("surge_payments_events_dead_total", "Provider events dead-lettered.")
 
 PROCESS_JOB = "payments.events.process"
 RECONCILE_JOB = "payments.topup.reconcile"
@@ -223,6 +231,7 @@ class TopupService:
                 tolerance=settings.PAYMENTS_WEBHOOK_TOLERANCE.total_seconds(),
             )
         except webhooks.InvalidSignature as error:
+            WEBHOOKS.labels(f"refused_{error.reason}").inc()
             log.warning("payments.webhook.refused", reason=error.reason, bytes=len(body))
             raise
         event = _parse_event(body)
@@ -238,11 +247,13 @@ class TopupService:
         if not stored:
             # A replay (or the provider's retry after our answer was lost): refused, nothing
             # happens twice. 200 all the same: a non-2xx makes the provider retry for days.
+            WEBHOOKS.labels("duplicate").inc()
             log.warning("payments.webhook.replay_refused", event_id=event["id"], type=event["type"])
             return Receipt(event["id"], duplicate=True)
         await enqueue(
             session, PROCESS_JOB, {"payment_id": payment_id}, lock_key=f"payment:{payment_id}"
         )
+        WEBHOOKS.labels("accepted").inc()
         return Receipt(event["id"], duplicate=False)
 
     # ---- jobs -------------------------------------------------------------------------------
@@ -266,6 +277,7 @@ class TopupService:
                 permanent = isinstance(error, _Permanent)
                 if permanent or event.attempts >= settings.PAYMENTS_EVENT_MAX_ATTEMPTS:
                     event.state = "dead"
+                    EVENTS_DEAD.inc()
                     event.processed_at = _now()
                     log.error(
                         "payments.event.dead",

@@ -75,3 +75,15 @@ SIMULATORS.append(
         args=("--count", str(PROXY_COUNT), "--listen-port", str(PROXY_PORT)),
     )
 )
+
+# ---- notifications: the local SMTP relay (keeps what it receives; see surge.sim.smtp) ----
+SIMULATORS.append(
+    Simulator(
+        name="smtp",
+        module="surge.sim.smtp",
+        env=lambda host, port: {
+            "SURGE_NOTIFY_SMTP_HOST": host,
+            "SURGE_NOTIFY_SMTP_PORT": str(port),
+        },
+    )
+)

@@ -529,10 +529,20 @@ def main(argv: list[str] | None = None) -> None:
         help="Signing secret (repeat during a rotation). Default: Surge's first secret.",
     )
     parser.add_argument("--retry-base", type=float, default=0.5, help="First retry delay, s.")
+    parser.add_argument("--retry-cap", type=float, default=60.0, help="Longest retry delay, s.")
+    parser.add_argument(
+        "--retry-max", type=int, default=60, help="Attempts per webhook (Stripe: 3 days' worth)."
+    )
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     secrets = args.webhook_secret or [settings.PAYMENTS_WEBHOOK_SECRETS[0].get_secret_value()]
-    provider = Provider(webhook_url=args.webhook_url, secrets=secrets, retry_base=args.retry_base)
+    provider = Provider(
+        webhook_url=args.webhook_url,
+        secrets=secrets,
+        retry_base=args.retry_base,
+        retry_cap=args.retry_cap,
+        retry_max=args.retry_max,
+    )
     if args.seed is not None:
         provider.rng.seed(args.seed)
     logging.basicConfig(level=logging.WARNING)
