@@ -26,6 +26,8 @@ import httpx
 
 #: Status of a request that got no HTTP answer (refused, reset, timed out).
 NO_ANSWER = 0
+#: Minor units of each card top-up.
+TOPUP = 2_500
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,16 +40,17 @@ class Caller:
 
 @dataclass(slots=True)
 class Sent:
-    kind: str  # read | wallet | withdraw
+    kind: str  # read | wallet | withdraw | topup
     due: float  # seconds since the run started
     done: float = 0.0
     status: int = NO_ANSWER
     retry_after: str | None = None
     user_id: str = ""
-    #: The caller's real plan, and the plan a 200 privilege read showed.
+    #: The caller's real plan, and the plan a 200 privilege read showed (for a top-up: the
+    #: status the 201 reported).
     plan: str = ""
     served: str = ""
-    #: For a withdrawal: the Idempotency-Key sent, and the id a 201 acknowledged.
+    #: For a withdrawal or top-up: the Idempotency-Key sent, and the id a 201 acknowledged.
     key: str = ""
     acked_id: str = ""
     error: str = ""
@@ -64,7 +67,9 @@ class OpenLoad:
     base_url: str
     callers: list[Caller]
     rate: Callable[[float], float]
-    mix: tuple[tuple[str, float], ...] = (("read", 0.7), ("wallet", 0.1), ("withdraw", 0.2))
+    mix: tuple[tuple[str, float], ...] = (
+        ("read", 0.65), ("wallet", 0.1), ("withdraw", 0.17), ("topup", 0.08),
+    )  # fmt: skip
     timeout: float = 10.0
     seed: int = 20
     records: list[Sent] = field(default_factory=list)
@@ -116,19 +121,28 @@ class OpenLoad:
                 response = await self._client.get("/api/v1/me/privileges", headers=headers)
             elif kind == "wallet":
                 response = await self._client.get("/api/v1/wallet", headers=headers)
-            else:
+            elif kind == "withdraw":
                 sent.key = uuid.uuid4().hex
                 response = await self._client.post(
                     "/api/v1/withdrawals",
                     json={"amount": 1_000},
                     headers={**headers, "Idempotency-Key": sent.key},
                 )
+            else:
+                sent.key = uuid.uuid4().hex
+                response = await self._client.post(
+                    "/api/v1/topups",
+                    json={"amount": TOPUP, "currency": "USD", "payment_method": "pm_card_visa"},
+                    headers={**headers, "Idempotency-Key": sent.key},
+                )
             sent.status = response.status_code
             sent.retry_after = response.headers.get("retry-after")
             if sent.status == 200 and kind == "read":
                 sent.served = str(json.loads(response.content).get("plan", ""))
-            elif sent.status == 201 and kind == "withdraw":
-                sent.acked_id = str(json.loads(response.content)["id"])
+            elif sent.status == 201 and kind in ("withdraw", "topup"):
+                body = json.loads(response.content)
+                sent.acked_id = str(body["id"])
+                sent.served = str(body.get("status", ""))
             elif sent.status >= 500 and sent.status != 503:
                 sent.error = response.text[:300]
         except httpx.HTTPError as error:
