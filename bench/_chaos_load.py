@@ -72,6 +72,11 @@ class OpenLoad:
     )  # fmt: skip
     timeout: float = 10.0
     seed: int = 20
+    #: Requests on the wire at once; later ones wait their turn (their latency still counts
+    #: from when they were due). httpx's pool scans its whole queue for every request it
+    #: places: with thousands queued (a 10× spike) the generator, not Surge, became the
+    #: bottleneck; a semaphore queues them in O(1).
+    connections: int = 256
     records: list[Sent] = field(default_factory=list)
     started_at: float = 0.0
     _task: asyncio.Task[None] | None = None
@@ -85,14 +90,19 @@ class OpenLoad:
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=self.timeout,
-            limits=httpx.Limits(max_connections=400, max_keepalive_connections=100),
+            limits=httpx.Limits(
+                max_connections=self.connections, max_keepalive_connections=self.connections
+            ),
         )
+        self._slots = asyncio.Semaphore(self.connections)
         self._task = asyncio.create_task(self._arrivals())
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for task in list(self._inflight):  # the run is over: answers still owed are dropped
+            task.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
         await self._client.aclose()
 
@@ -114,6 +124,10 @@ class OpenLoad:
             task.add_done_callback(self._inflight.discard)
 
     async def _one(self, kind: str, caller: Caller, due: float) -> None:
+        async with self._slots:
+            await self._send(kind, caller, due)
+
+    async def _send(self, kind: str, caller: Caller, due: float) -> None:
         sent = Sent(kind, due, user_id=caller.user_id, plan=caller.plan)
         headers = {"Authorization": f"Bearer {caller.token}"}
         try:

@@ -477,7 +477,7 @@ def _children(proc: ChildProcess, needle: str) -> list[psutil.Process]:
 
 
 async def web_kill(stack: Stack, world: World, load: OpenLoad, scale: float) -> str:
-    workers = _children(stack.api, "multiprocessing")
+    workers = _children(stack.api, "spawn_main")  # uvicorn's workers, not its resource tracker
     victim = workers[0] if workers else None
     _kill(victim.pid if victim else stack.api.pid)
     return f"SIGKILL web process {victim.pid if victim else stack.api.pid}"
