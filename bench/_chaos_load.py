@@ -81,9 +81,16 @@ class OpenLoad:
     started_at: float = 0.0
     _task: asyncio.Task[None] | None = None
     _inflight: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Due time of every request not answered yet (to wait for a window's last answers).
+    _pending: dict[int, float] = field(default_factory=dict)
+    _ids: int = 0
 
     def now(self) -> float:
         return time.monotonic() - self.started_at
+
+    def oldest_pending(self) -> float | None:
+        """When the oldest request still waiting for its answer was due (None: none is)."""
+        return min(self._pending.values(), default=None)
 
     async def start(self) -> None:
         self.started_at = time.monotonic()
@@ -124,8 +131,14 @@ class OpenLoad:
             task.add_done_callback(self._inflight.discard)
 
     async def _one(self, kind: str, caller: Caller, due: float) -> None:
-        async with self._slots:
-            await self._send(kind, caller, due)
+        self._ids += 1
+        ident = self._ids
+        self._pending[ident] = due
+        try:
+            async with self._slots:
+                await self._send(kind, caller, due)
+        finally:
+            del self._pending[ident]
 
     async def _send(self, kind: str, caller: Caller, due: float) -> None:
         sent = Sent(kind, due, user_id=caller.user_id, plan=caller.plan)

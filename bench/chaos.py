@@ -453,6 +453,9 @@ class Fault:
     what: str
     run: Callable[[Stack, World, OpenLoad, float], Awaitable[str]]
     """Injects the fault and returns once it has been lifted (``scale`` shortens waits)."""
+    settle: float = 0.0
+    """Seconds the system may take, by design, after the fault is lifted before "after" is
+    judged: a circuit breaker stays open ``BREAKER_OPEN_DURATION`` (30 s) before it probes."""
 
 
 def _kill(pid: int | None) -> None:
@@ -619,7 +622,12 @@ FAULTS = [
     Fault("latency", "latency +50 ms via the fault proxy", latency),
     Fault("resets", "connection resets via the fault proxy", resets),
     Fault("payments-slow", "payment provider simulator slow (3 s) 20 s", payments_slow),
-    Fault("payments-down", "payment provider simulator failing (503) 20 s", payments_down),
+    Fault(
+        "payments-down",
+        "payment provider simulator failing (503) 20 s",
+        payments_down,
+        settle=30.0,
+    ),
     Fault("spike", "10x arrival spike 30 s", spike),
 ]
 SHORT = ["pg-kill", "redis-freeze"]
@@ -651,13 +659,21 @@ async def run_fault(
     except TimeoutError:
         healed = None
     recovered_at = load.now()
-    await asyncio.sleep(post)
+    await asyncio.sleep(post + fault.settle)
     finish = load.now()
+    # Every request of the window answered (or timed out) before it is judged: after a
+    # spike the backlog's answers come late, and one missing would read as nothing sent.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        oldest = load.oldest_pending()
+        if oldest is None or oldest >= finish:
+            break
+        await asyncio.sleep(0.2)
     window = [r for r in load.records if start - pre <= r.due < finish]
     before = [r for r in window if r.due < start]
     # The fault, until healthy again, and one more second (answers still in flight then).
     during = [r for r in window if start <= r.due < recovered_at + 1.0]
-    after = [r for r in window if r.due >= recovered_at + 1.0]
+    after = [r for r in window if r.due >= recovered_at + 1.0 + fault.settle]
 
     bad = [r for r in window if r.status >= 500 and r.status != 503]
     no_retry = [r for r in window if r.status == 503 and not r.retry_after]
