@@ -5,7 +5,15 @@ from __future__ import annotations
 from sqlalchemy import text
 
 from surge.config import Settings
-from surge.demo import ACCOUNTS, DEMO_PASSWORD, PARTNERS, REVENUE_EVENTS, email, seed_async
+from surge.demo import (
+    ACCOUNTS,
+    DEMO_PASSWORD,
+    PARTNERS,
+    RESELLER_CREDIT,
+    REVENUE_EVENTS,
+    email,
+    seed_async,
+)
 from surge.kit.runtime import Runtime
 
 
@@ -45,3 +53,12 @@ async def test_demo_seed_is_idempotent_and_goes_through_the_services(
             text("SELECT count(*) FROM audit_log WHERE action = 'identity.plan.changed'")
         )
         assert audited >= len([a for a in ACCOUNTS if a[2] != "free"])
+        # ---- operations (issue 13): reseller1 can use the panel at once, credited once
+        credit = await session.scalar(
+            text(
+                "SELECT count(*) FROM wallet_transfers "
+                "WHERE idempotency_key = 'demo:reseller1:credit' AND amount = :a"
+            ),
+            {"a": RESELLER_CREDIT},
+        )
+        assert credit == 1

@@ -4,17 +4,20 @@ the wallet tables because ``surge.models`` did not import them)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import pool
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from surge.kit.db import migrate
 from surge.models import Base
 from surge.models.registry import include_object
 
@@ -28,15 +31,34 @@ def _diff(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
-async def test_autogenerate_on_a_migrated_database_proposes_nothing(
+def test_autogenerate_on_a_migrated_database_proposes_nothing(
     server_urls: tuple[str, str],
 ) -> None:
-    engine = create_async_engine(server_urls[0], poolclass=pool.NullPool)
+    """On a database of its own (other tests add tables of theirs to the shared one),
+    migrated from empty like ``surge migrate`` does it, dropped afterwards."""
+    url = make_url(server_urls[0]).set(database=f"surge_drift_{uuid.uuid4().hex[:8]}")
+    fresh = url.render_as_string(hide_password=False)
+
+    async def compare() -> list[Any]:
+        engine = create_async_engine(fresh, poolclass=pool.NullPool)
+        try:
+            async with engine.connect() as connection:
+                return await connection.run_sync(_diff)
+        finally:
+            await engine.dispose()
+
+    async def drop() -> None:
+        admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        async with admin.connect() as connection:
+            await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}"')
+        await admin.dispose()
+
     try:
-        async with engine.connect() as connection:
-            diff = await connection.run_sync(_diff)
+        assert migrate.ensure_database(fresh)
+        migrate.upgrade(fresh)
+        diff = asyncio.run(compare())
     finally:
-        await engine.dispose()
+        asyncio.run(drop())
     assert diff == [], "autogenerate would propose:\n" + "\n".join(map(str, diff))
 
 

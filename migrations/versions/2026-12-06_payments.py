@@ -37,6 +37,10 @@ CREATE TABLE payment_topups (
     amount_reversed     BIGINT      NOT NULL DEFAULT 0,
     created_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- Last time Surge learnt something about it (a change, or a reconciliation poll): the
+    -- poll takes the least recently checked first, so a payer who never finishes a second
+    -- step cannot starve the others.
+    checked_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT pk_payment_topups PRIMARY KEY (id),
     CONSTRAINT uq_payment_topups_provider_payment_id UNIQUE (provider_payment_id),
     CONSTRAINT ck_payment_topups_amount CHECK (amount > 0),
@@ -46,7 +50,7 @@ CREATE TABLE payment_topups (
 );
 CREATE INDEX ix_payment_topups_owner ON payment_topups (owner_id, created_at DESC, id DESC);
 -- The reconciliation job's scan: only intents still open, oldest first.
-CREATE INDEX ix_payment_topups_open ON payment_topups (updated_at)
+CREATE INDEX ix_payment_topups_open ON payment_topups (checked_at)
     WHERE status IN ('pending', 'requires_action', 'processing');
 
 CREATE TABLE payment_events (

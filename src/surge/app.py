@@ -30,6 +30,9 @@ from surge.kit.telemetry.logging import configure_logging
 from surge.kit.web.middleware import SurgeMiddleware
 from surge.kit.web.problem import install_problem_handlers
 from surge.kit.web.routing import promote_routes
+from surge.notifications.routes import router as notifications_router
+from surge.operations.routes import page_router as operations_page_router
+from surge.operations.routes import router as operations_router
 from surge.payments.routes import router as payments_router
 from surge.wallet.routes import router as wallet_router
 from surge.worker import discover as discover_jobs
@@ -108,6 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every /api/admin route, each behind require_admin_mfa once (surge.admin.surface).
     install_admin(app, runtime)
     app.include_router(payments_router)  # ---- payments ----
+    app.include_router(operations_router)  # ---- operations (admin: surge.admin.surface) ----
+    app.include_router(operations_page_router)  # /panel
+    app.include_router(notifications_router)  # ---- notifications (admin: surge.admin.surface) ----
     # The routes most requests hit go first: Starlette tries routes in order (ADR 0011).
     promote_routes(app, HOT_ROUTES)
     # Added before SurgeMiddleware so it runs inside it: 429s get request ids and metrics.

@@ -12,12 +12,32 @@ import os
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEV_SECRET = "dev-only-secret-change-me-dev-only-secret-change-me"
+
+_Item = TypeVar("_Item")
+
+
+def split_csv(value: Any) -> Any:
+    """``"a, b,,c"`` → ``["a", "b", "c"]``; a list (from code or JSON) passes as it is."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+#: A list setting written comma-separated in the environment (``SURGE_JOBS_QUEUES=a,b``).
+CsvList = Annotated[list[_Item], NoDecode, BeforeValidator(split_csv)]
 
 
 class Environment(StrEnum):
@@ -49,7 +69,7 @@ class Settings(BaseSettings):
         default="", validation_alias=AliasChoices("SURGE_DATABASE_URL", "DATABASE_URL")
     )
     """postgresql+asyncpg://user:pass@host:port/db; empty = embedded PostgreSQL."""
-    DATABASE_REPLICA_URLS: Annotated[list[str], NoDecode] = Field(
+    DATABASE_REPLICA_URLS: CsvList[str] = Field(
         default_factory=list,
         validation_alias=AliasChoices("SURGE_DATABASE_REPLICA_URLS", "DATABASE_REPLICA_URLS"),
     )
@@ -99,7 +119,7 @@ class Settings(BaseSettings):
     """A request running longer is cancelled and answered 504."""
     SHUTDOWN_GRACE: timedelta = timedelta(seconds=10)
     """In-flight requests get this long to finish on SIGTERM / Ctrl-C."""
-    TRUSTED_PROXIES: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1"])
+    TRUSTED_PROXIES: CsvList[str] = Field(default_factory=lambda: ["127.0.0.1"])
     """Peers whose X-Forwarded-For is believed (comma-separated IPs or CIDRs)."""
     LOG_LEVEL: str = "INFO"
     LOG_JSON: bool | None = None
@@ -169,21 +189,23 @@ class Settings(BaseSettings):
     )
     """Rate-limit policies (JSON list of ``surge.kit.ratelimit.RatePolicy``), validated at
     start-up. The defaults reproduce seeds 003 and 004."""
-    RATELIMIT_EXEMPT_PATHS: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["/livez", "/readyz", "/metrics", "/api/health"]
+    RATELIMIT_EXEMPT_PATHS: CsvList[str] = Field(
+        default_factory=lambda: [
+            "/livez",
+            "/readyz",
+            "/metrics",
+            "/api/health",
+            # Signed provider callbacks come from a few provider addresses: the anonymous
+            # 50 / 15 min would turn a busy hour into days of provider retries. The HMAC,
+            # checked before any database work, is their gate (ADR 0018).
+            "/api/v1/webhooks/payments",
+        ]
     )
     """Paths (or fnmatch patterns) never limited: health probes must always get through."""
     RATELIMIT_LOCAL_PROCESSES: int | None = None
     """While Redis is down each process allows limit / this many (None = WEB_WORKERS)."""
     RATELIMIT_KEY_PREFIX: str = "rl:"
     """Prefix of every rate-limit key in Redis."""
-
-    @field_validator("RATELIMIT_EXEMPT_PATHS", mode="before")
-    @classmethod
-    def _ratelimit_split_csv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     # --- jobs (kit.jobs) -----------------------------------------------------------------
     JOBS_LEASE: timedelta = timedelta(seconds=120)
@@ -205,12 +227,14 @@ class Settings(BaseSettings):
     JOBS_PROCESSES: int = 2
     """Worker processes of `surge worker` (seed 000 runs 8; this 2-core default keeps
     8 × DB_POOL_MAX connections from crowding PostgreSQL)."""
-    JOBS_QUEUES: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    JOBS_QUEUES: CsvList[str] = Field(default_factory=list)
     """Queues the workers take jobs from (comma-separated); empty = every registered queue."""
-    JOBS_RATE_LIMITS: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    JOBS_RATE_LIMITS: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"operations": "50/min"}
+    )
     """Global start-rate limits per queue, across all processes: `operations=50/min,email=10/s`
-    (or JSON). Seed 000: 50 jobs/min."""
-    JOBS_MODULES: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    (or JSON; empty: none). Seed 000: 50 operations/min per provider (the default)."""
+    JOBS_MODULES: CsvList[str] = Field(default_factory=list)
     """Extra modules to import for their @job registrations (besides surge.<domain>.jobs)."""
     JOBS_POLL_INTERVAL: timedelta = timedelta(seconds=1)
     """Idle workers are woken by LISTEN/NOTIFY; this poll catches delayed jobs coming due."""
@@ -218,13 +242,6 @@ class Settings(BaseSettings):
     """On SIGTERM running jobs get this long to finish; the rest are put back in the queue."""
     JOBS_RETENTION: timedelta = timedelta(days=7)
     """Succeeded and cancelled jobs are deleted after this; failed jobs are kept."""
-
-    @field_validator("JOBS_QUEUES", "JOBS_MODULES", mode="before")
-    @classmethod
-    def _jobs_split_csv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     @field_validator("JOBS_RATE_LIMITS", mode="before")
     @classmethod
@@ -384,13 +401,43 @@ class Settings(BaseSettings):
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
 
+    # ---- operations ----------------------------------------------------------------------
+    OPERATIONS_PROVIDER_URL: str = ""
+    """Base URL of the upstream provider's website (``surge up`` points it at the simulator)."""
+    OPERATIONS_PROXY_URLS: CsvList[str] = Field(default_factory=list)
+    """Egress proxies ``surge seed-demo`` registers (comma-separated); the fleet then reads
+    the ``operations_proxies`` table, managed at ``/api/admin/proxies``."""
+    OPERATIONS_SESSION_TTL: timedelta = timedelta(minutes=120)
+    """Seed 000 4.2: a provider session (cookies, per account and proxy) kept in Redis."""
+    OPERATIONS_ACCOUNT_LEASE: timedelta = timedelta(seconds=120)
+    """How long a job holds a provider account (renewed never: a job ends sooner; a crashed
+    worker's account is free again after this, the same span as JOBS_LEASE)."""
+    OPERATIONS_PROXY_BACKOFF: timedelta = timedelta(seconds=300)
+    """First re-check delay of a blocked proxy; doubled per block, equal jitter
+    (scrapy-rotating-proxies: base 300 s)..."""
+    OPERATIONS_PROXY_BACKOFF_MAX: timedelta = timedelta(seconds=3600)
+    """... up to this cap (scrapy-rotating-proxies: 3 600 s)."""
+    OPERATIONS_PROXY_TRIES: int = 3
+    """Proxies one attempt tries before it gives up and the job is retried later."""
+    OPERATIONS_TIMEOUT: timedelta = timedelta(seconds=15)
+    """Connect/read timeout of one provider call."""
+    OPERATIONS_MAX_ATTEMPTS: int = 6
+    """Attempts of an operation job; after the last, the operation fails (reservation
+    released) or, when the provider may have done the work, goes to ``needs_review``."""
+    OPERATIONS_RETRY_BACKOFF: timedelta = timedelta(seconds=1)
+    """First delay before an operation's next attempt; doubled per attempt (with jitter)..."""
+    OPERATIONS_RETRY_BACKOFF_MAX: timedelta = timedelta(seconds=30)
+    """... up to this."""
+    OPERATIONS_SIGNAL_PRICE: int = 100
+    """Price of a signal refresh, in minor units (1.00)."""
+
     # ---- payments -----------------------------------------------------------------------
     PAYMENTS_PROVIDER_URL: str = ""
     """Base URL of the payment provider's API (Stripe-shaped; ``surge up`` points it at
     ``surge.sim.payments``). Empty: top-ups answer 503."""
     PAYMENTS_API_KEY: SecretStr = SecretStr("sk_test_surge")
     """Bearer key for the provider's API."""
-    PAYMENTS_WEBHOOK_SECRETS: Annotated[list[SecretStr], NoDecode] = Field(
+    PAYMENTS_WEBHOOK_SECRETS: CsvList[SecretStr] = Field(
         default_factory=lambda: [SecretStr("whsec_surge_dev")]
     )
     """Comma-separated webhook signing secrets. A signature made with any of them is
@@ -410,19 +457,93 @@ class Settings(BaseSettings):
     by the reconciliation job (a lost webhook costs minutes, not money)."""
     PAYMENTS_RECONCILE_BATCH: int = 100
     """Open top-ups asked about per reconciliation run."""
+    PAYMENTS_SCAN_WINDOW: timedelta = timedelta(minutes=30)
+    """The provider scan (every 5 minutes) lists the intents created between this long ago
+    and PAYMENTS_RECONCILE_AFTER ago, and settles any Surge has no row for (its request died
+    before commit and every webhook was lost) or still shows open."""
     PAYMENTS_EVENT_MAX_ATTEMPTS: int = 5
     """Failed processings of one event before it is dead-lettered (admin view, retry)."""
     PAYMENTS_EVENT_RETRY: timedelta = timedelta(seconds=5)
     """Delay before processing a failed event again (doubled per attempt)."""
 
-    @field_validator(
-        "DATABASE_REPLICA_URLS", "TRUSTED_PROXIES", "PAYMENTS_WEBHOOK_SECRETS", mode="before"
+    # ---- notifications ---------------------------------------------------------------
+    NOTIFY_SMTP_HOST: str = "127.0.0.1"
+    """The SMTP relay e-mail is handed to (`surge up` points it at its local aiosmtpd)."""
+    NOTIFY_SMTP_PORT: int = 8025
+    """The relay's port."""
+    NOTIFY_SMTP_USERNAME: str = ""
+    """SMTP AUTH user; empty = no authentication."""
+    NOTIFY_SMTP_PASSWORD: SecretStr = SecretStr("")
+    """SMTP AUTH password."""
+    NOTIFY_SMTP_TLS: str = "none"
+    """`none`, `starttls` (submission, port 587) or `tls` (implicit TLS, port 465)."""
+    NOTIFY_SMTP_TIMEOUT: timedelta = timedelta(seconds=30)
+    """Per-command timeout; a relay slower than this counts as a transient failure."""
+    NOTIFY_SMTP_CONNECTIONS: int = 8
+    """SMTP connections kept open per worker process (one message at a time on each)."""
+    NOTIFY_FROM: str = "Surge <no-reply@surge.localhost>"
+    """The From header; its domain is also the Message-ID's right-hand side."""
+    NOTIFY_RETURN_PATH: str = "bounces@surge.localhost"
+    """The envelope sender (MAIL FROM): where relays send RFC 3464 bounce reports."""
+    NOTIFY_PUBLIC_URL: str = "http://127.0.0.1:8000"
+    """Base URL of the API as recipients reach it (unsubscribe links)."""
+    NOTIFY_LOCALE: str = "en"
+    """Locale of a message when the caller gives none (a template per locale, `en` fallback)."""
+    NOTIFY_RETRY_SCHEDULE: Annotated[list[timedelta], NoDecode] = Field(
+        default_factory=lambda: [timedelta(minutes=m) for m in (5, 10, 20, 30)]
     )
+    """Delays before the 2nd, 3rd... attempt after a transient failure; the last one repeats
+    (Postfix: retry at least every 30 min). Comma-separated seconds in the environment."""
+    NOTIFY_MAX_AGE: timedelta = timedelta(days=5)
+    """A message still failing transiently this long after it was queued fails for good
+    (Postfix maximal_queue_lifetime)."""
+    NOTIFY_HARD_BOUNCE_LIMIT: int = 1
+    """Hard bounces (5.x.x "no such user") that suppress an address (SES: 1; Postal: 2)."""
+    NOTIFY_SOFT_BOUNCE_LIMIT: int = 18
+    """Soft bounces (4.x.x replies to the address) within NOTIFY_SOFT_BOUNCE_WINDOW that
+    suppress it (Postal: 18)."""
+    NOTIFY_SOFT_BOUNCE_WINDOW: timedelta = timedelta(days=7)
+    """The window in which soft bounces are counted."""
+    NOTIFY_SOFT_SUPPRESSION_TTL: timedelta = timedelta(days=30)
+    """How long repeated soft bounces suppress an address (Postal: 30 days); hard bounces
+    and complaints suppress until an admin lifts them."""
+    NOTIFY_WEBHOOK_SECRET: SecretStr = SecretStr("")
+    """HMAC-SHA256 key of `POST /api/v1/webhooks/email`; empty = derived from SECRET_KEY."""
+    NOTIFY_WEBHOOK_TOLERANCE: timedelta = timedelta(minutes=5)
+    """A signed webhook older (or newer) than this is refused (replay window)."""
+    NOTIFY_BOUNCE_RATE_ALERT: float = 0.05
+    """Alert when bounces / sent over the last day exceed this (SES review threshold: 5 %)."""
+    NOTIFY_COMPLAINT_RATE_ALERT: float = 0.001
+    """Alert when complaints / sent over the last day exceed this (SES: 0.1 %)."""
+    NOTIFY_RATE_WINDOW: timedelta = timedelta(days=1)
+    """The window bounce and complaint rates are computed over."""
+    NOTIFY_RATE_MIN_SENT: int = 100
+    """No rate alert below this many e-mails sent in the window (1 bounce of 3 is noise)."""
+    NOTIFY_SENDING_MARK_FLUSH: bool = False
+    """Wait for PostgreSQL's WAL flush when marking a message "sending" (just before the end
+    of DATA). Off: the mark survives any worker crash, but a *PostgreSQL* crash in the next
+    ~0.6 s (3 × wal_writer_delay) may forget it and resend that message once; it keeps a
+    disk flush out of every SMTP conversation (3-4× the throughput; ADR 0019)."""
+    NOTIFY_SECURITY_CATEGORIES: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["security"]
+    )
+    """Categories no preference can turn off (sign-in from a new device, password reset)."""
+
+    @field_validator("NOTIFY_SECURITY_CATEGORIES", mode="before")
     @classmethod
-    def _split_csv(cls, value: Any) -> Any:
+    def _notify_split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("NOTIFY_RETRY_SCHEDULE", mode="before")
+    @classmethod
+    def _notify_schedule(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [timedelta(seconds=float(p)) for p in value.split(",") if p.strip()]
+        return value
+
+    # ---- end notifications -----------------------------------------------------------
 
     @field_validator("DATABASE_URL")
     @classmethod

@@ -5,6 +5,7 @@ killed server fails what is in flight (and only that), and URLs carry AUTH and t
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import subprocess
@@ -199,6 +200,10 @@ class TestConnecting:
         finally:
             await lane.close()
 
+    # The scenario leaks on purpose (a transport left on a loop closed under it); collect it
+    # here so its ResourceWarning is this test's, not whichever test runs at the next GC.
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+    @pytest.mark.filterwarnings("ignore::ResourceWarning")
     def test_a_loop_closed_with_a_command_in_flight_leaves_the_lane_usable(
         self, server: EmbeddedRedis
     ) -> None:
@@ -222,6 +227,7 @@ class TestConnecting:
                 await lane.close()
 
         assert asyncio.run(next_loop()) == [b"0", b"1"]
+        gc.collect()
 
 
 class TestUrls:
@@ -235,14 +241,13 @@ class TestUrls:
             await lane.execute("SET", "where", "db3")
             await lane.close()
             check = redis_async.Redis.from_url(url)
-            assert await check.get("where") == b"db3"
-            assert (
-                await redis_async.Redis.from_url(f"redis://:s3cret@127.0.0.1:{redis.port}/0").get(
-                    "where"
-                )
-                is None
-            )
-            await check.aclose()
+            db0 = redis_async.Redis.from_url(f"redis://:s3cret@127.0.0.1:{redis.port}/0")
+            try:
+                assert await check.get("where") == b"db3"
+                assert await db0.get("where") is None
+            finally:
+                await check.aclose()
+                await db0.aclose()
             wrong = RespLane(f"redis://:nope@127.0.0.1:{redis.port}/0")
             with pytest.raises(RedisConnectionError):  # redis-py's AuthenticationError
                 await wrong.execute("PING")

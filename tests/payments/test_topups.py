@@ -4,6 +4,7 @@ bounds and ownership, refunds and disputes, reconciliation of a lost webhook."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 from sqlalchemy import text
 
 from surge.payments.service import topup as topup_service
+from surge.wallet.funds import funds as funds_service
 from tests.payments.conftest import Caller, Live
 
 T = TypeVar("T")
@@ -118,6 +120,27 @@ class TestIdempotency:
         await live.settled()
         assert await balance(live, caller) == 1_100
 
+    async def test_key_reused_after_its_http_record_expired_charges_nothing(
+        self, live: Live
+    ) -> None:
+        caller = await live.reseller()
+        first = (await live.topup(caller, amount=1_300, key="k-4")).json()
+        async with live.runtime.db.session() as session:  # 24 h later: the record is purged
+            await session.execute(
+                text("DELETE FROM idempotency_keys WHERE scope = :s AND key = 'k-4'"),
+                {"s": f"topup:{caller.id}"},
+            )
+            await session.commit()
+        created = (await live.sim.state())["counters"]["created"]
+        again = await live.topup(caller, amount=1_300, key="k-4")
+        assert again.status_code == 201
+        assert again.json()["id"] == first["id"]
+        other = await live.topup(caller, amount=1_400, key="k-4")
+        assert other.status_code == 422
+        assert (await live.sim.state())["counters"]["created"] == created  # no new charge
+        await live.settled()
+        assert await balance(live, caller) == 1_300
+
     async def test_key_is_required(self, live: Live) -> None:
         caller = await live.reseller()
         response = await live.api.post(
@@ -196,6 +219,34 @@ class TestReversals:
         got = await live.api.get(f"/api/v1/topups/{refunded['id']}", headers=caller.headers)
         assert (got.json()["status"], got.json()["amount_reversed"]) == ("refunded", 3_000)
 
+    async def test_refund_of_money_already_spent_is_dead_lettered(self, live: Live) -> None:
+        """The wallet is guarded: the reversal is refused, nothing goes negative, and the
+        event waits in the dead letters for an admin."""
+        caller = await live.reseller()
+        body = (await live.topup(caller, amount=2_000)).json()
+        async with live.runtime.db.session() as session:  # spent on an operation
+            await funds_service.reserve(
+                session, caller.id, amount=1_500, currency="USD", key=f"op:{uuid.uuid4()}",
+                kind="operation",
+            )  # fmt: skip
+            await session.commit()
+        await live.sim.refund(body["provider_payment_id"])
+        await live.settled()
+        async with live.runtime.db.session() as session:
+            state, error = (
+                await session.execute(
+                    text(
+                        "SELECT state, last_error FROM payment_events "
+                        "WHERE payment_id = :p AND type = 'charge.refunded'"
+                    ),
+                    {"p": body["provider_payment_id"]},
+                )
+            ).one()
+        assert state == "dead"
+        assert "InsufficientFunds" in error
+        wallet = (await live.api.get("/api/v1/wallet", headers=caller.headers)).json()
+        assert (wallet["balance"], wallet["available"]) == (2_000, 500)
+
 
 class TestReconciliation:
     async def test_lost_webhook_is_settled_by_the_poll(self, live: Live) -> None:
@@ -215,3 +266,36 @@ class TestReconciliation:
         got = await live.api.get(f"/api/v1/topups/{body['id']}", headers=caller.headers)
         assert got.json()["status"] == "succeeded"
         assert len(await postings(live, body["provider_payment_id"])) == 1
+
+    async def test_scan_settles_a_payment_whose_request_died_before_commit(
+        self, live: Live
+    ) -> None:
+        """The provider charged, Surge's request died before its commit, the client never
+        retried and every webhook was lost: the provider scan still credits it, once."""
+        caller = await live.reseller()
+        await live.sim.control(drop=1.0)
+        topup_id = uuid.uuid4()
+        created = await live.sim.http.post(
+            "/v1/payment_intents",
+            json={"amount": 4_200, "currency": "usd", "payment_method": "pm_card_visa",
+                  "confirm": True,
+                  "metadata": {"topup_id": str(topup_id), "owner_id": str(caller.id)}},
+            headers={"Authorization": "Bearer sk_test_x"},
+        )  # fmt: skip
+        payment_id = created.json()["id"]
+        await live.settled()
+        assert await balance(live, caller) == 0
+        runtime = live.runtime
+        settings = runtime.settings.model_copy(update={"PAYMENTS_RECONCILE_AFTER": timedelta(0)})
+        object.__setattr__(runtime, "settings", settings)
+        applied = []
+        for _ in range(2):  # the second scan finds nothing left to do
+            async with runtime.db.session() as session:
+                applied.append(await topup_service.scan_provider(session, runtime))
+                await session.commit()
+        assert applied[0] >= 1  # ours (other tests' open payments may be settled too)
+        assert applied[1] == 0
+        assert await balance(live, caller) == 4_200
+        got = await live.api.get(f"/api/v1/topups/{topup_id}", headers=caller.headers)
+        assert got.json()["status"] == "succeeded"
+        assert len(await postings(live, payment_id)) == 1

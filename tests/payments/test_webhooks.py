@@ -9,13 +9,15 @@ import uuid
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from surge.kit.security import webhooks
+from tests.conftest import app_client
 from tests.fixtures.payments import OLD_SECRET, SIM_SECRET
 from tests.identity.conftest import bearer, make_admin
-from tests.payments.conftest import Live
+from tests.payments.conftest import Live, payment_settings
 
 
 def intent_event(owner_id: uuid.UUID, amount: int = 1_200, **changes: Any) -> dict[str, Any]:
@@ -75,9 +77,12 @@ class TestRefused:
     ) -> None:
         caller = await live.reseller()
         event = intent_event(caller.id)
+        sample = ("surge_payments_webhooks_total", {"outcome": f"refused_{reason}"})
+        before = REGISTRY.get_sample_value(*sample) or 0.0
         with capture_logs() as logs:
             response = await post(live, event, secrets=secrets, at=int(time.time()) - age)
         assert response.status_code == 400, response.text
+        assert REGISTRY.get_sample_value(*sample) == before + 1
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["reason"] == reason
         assert any(e["event"] == "payments.webhook.refused" and e["reason"] == reason for e in logs)
@@ -182,3 +187,25 @@ class TestDeadLetters:
         caller = await live.reseller()
         response = await live.api.get("/api/admin/payments/events", headers=caller.headers)
         assert response.status_code == 403
+
+
+class TestRateLimits:
+    async def test_signed_callbacks_are_not_throttled_as_anonymous(
+        self, server_urls: tuple[str, str], sim_url: str
+    ) -> None:
+        from surge.app import create_app
+
+        settings = payment_settings(
+            *server_urls, sim_url, RATELIMIT_ENABLED=True,
+            RATELIMIT_KEY_PREFIX=f"rl-{uuid.uuid4().hex[:8]}:",
+        )  # fmt: skip
+        async for api in app_client(create_app(settings)):
+            for _ in range(60):  # more than the anonymous 50 / 15 min
+                raw = json.dumps(intent_event(uuid.uuid4())).encode()
+                response = await api.post(
+                    "/api/v1/webhooks/payments", content=raw,
+                    headers={"Stripe-Signature": webhooks.header([SIM_SECRET], raw, int(time.time()))},
+                )  # fmt: skip
+                assert response.status_code == 200, response.text
+            anonymous = [(await api.get("/api/v1/topups")).status_code for _ in range(60)]
+            assert 429 in anonymous  # the limiter is on: other anonymous calls are limited

@@ -10,8 +10,9 @@
 
 A new domain declares ``admin_router = APIRouter(prefix="/api/admin", tags=[...])`` in its
 ``routes.py`` — no guard of its own needed — and adds it to ``domain_admin_routers()``
-below (one import, one list entry). ``tests/admin/test_surface.py`` fails if any
-``/api/admin`` route of the app is reachable without the guard.
+below (one import, one list entry). ``tests/admin/test_surface.py`` fails if an
+``/api/admin`` route is mounted anywhere else; ``TestEveryAdminRoute`` (identity's tests)
+if any answers without an admin session with MFA.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from surge.kit.breaker import breaker_router
 from surge.kit.jobs.admin import admin_router as jobs_admin_router
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry.health_score import platform_health_router
+from surge.notifications.routes import admin_router as notifications_admin_router
+from surge.operations.routes import admin_router as operations_admin_router
 from surge.payments.routes import admin_router as payments_admin_router
 from surge.wallet.routes import admin_router as wallet_admin_router
 
@@ -42,6 +45,8 @@ def domain_admin_routers() -> list[APIRouter]:
         wallet_admin_router,
         # ---- new domains: one line each, below ----
         payments_admin_router,
+        operations_admin_router,
+        notifications_admin_router,
     ]
 
 

@@ -9,12 +9,9 @@ from fastapi import APIRouter, Query
 from surge.audit.schemas import AuditRead
 from surge.audit.service import audit as audit_service
 from surge.kit.web.deps import ReadSessionDep
-from surge.kit.web.pagination import Page
+from surge.kit.web.pagination import Cursor, Limit, Page
 
 admin_router = APIRouter(prefix="/api/admin", tags=["admin"])
-
-Limit = Annotated[int, Query(ge=1, le=100)]
-Cursor = Annotated[str | None, Query(max_length=200)]
 
 
 @admin_router.get("/audit-log")

@@ -27,6 +27,20 @@ async def user_by_email(session: AsyncSession, email: str) -> User | None:
     return result.scalar_one_or_none()
 
 
+async def is_new_device(session: AsyncSession, user_id: uuid.UUID, user_agent: str | None) -> bool:
+    """True when the user signed in before, but never with this user agent (the first
+    sign-in after registering is not a "new device")."""
+    row = (
+        await session.execute(
+            select(
+                func.count(),
+                func.count().filter(AuthSession.user_agent.is_not_distinct_from(user_agent)),
+            ).where(AuthSession.user_id == user_id)
+        )
+    ).one()
+    return bool(row[0]) and not row[1]
+
+
 async def user_by_id(
     session: AsyncSession, user_id: uuid.UUID, *, for_update: bool = False
 ) -> User | None:

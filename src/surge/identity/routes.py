@@ -4,10 +4,9 @@ and the admin route ``/api/admin/users/{id}/plan`` (mounted by ``surge.admin.sur
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
 
 from surge.identity.deps import (
     AdminMfa,
@@ -38,11 +37,8 @@ from surge.identity.schemas import (
 from surge.identity.service import identity as identity_service
 from surge.kit.runtime import Runtime
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
-from surge.kit.web.pagination import Page
+from surge.kit.web.pagination import Cursor, Limit, Page
 from surge.kit.web.responses import JSONBytes
-
-Limit = Annotated[int, Query(ge=1, le=100)]
-Cursor = Annotated[str | None, Query(max_length=200)]
 
 
 def _tokens(pair: TokenPair) -> TokenRead:

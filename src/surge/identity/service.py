@@ -63,6 +63,7 @@ from surge.kit.errors import NotFound
 from surge.kit.runtime import Runtime
 from surge.kit.security import hash_token, new_opaque_token
 from surge.models.identity import AuthSession, RefreshToken, User
+from surge.notifications.service import notifications as notifications_service
 
 log = structlog.get_logger()
 
@@ -134,6 +135,10 @@ class IdentityService:
             raise EmailTaken("An account with this e-mail already exists") from error
         await session.refresh(user)
         log.info("identity.user.registered", user_id=str(user.id), role=role)
+        await notifications_service.send(
+            session, to=email, user_id=user.id, template="welcome", context={"email": email},
+            category="account", key=f"welcome:{user.id}",
+        )  # fmt: skip
         return user
 
     async def find_user(self, session: AsyncSession, email: str) -> User | None:
@@ -198,6 +203,13 @@ class IdentityService:
                 evicted = await repository.revoke_sessions(
                     session, [s.id for s in live[:excess]], now=now, reason="evicted"
                 )
+            device = (user_agent or "")[:300] or None
+            if await repository.is_new_device(session, user.id, device):
+                await notifications_service.send(
+                    session, to=user.email, user_id=user.id, template="new_device",
+                    context={"ip": ip, "user_agent": device}, category="security",
+                    key=f"new-device:{user.id}:{now.isoformat()}",
+                )  # fmt: skip
             pair = await self._open_session(
                 session, state, user, mfa=mfa, ip=ip, user_agent=user_agent, now=now
             )

@@ -4,6 +4,15 @@ from surge.models.audit import AuditEntry
 from surge.models.base import Base, TimestampMixin
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
+from surge.models.notifications import NotificationEvent, OutboxMessage, Preference, Suppression
+from surge.models.operations import (
+    Attempt,
+    EgressProxy,
+    Operation,
+    Price,
+    ProviderAccount,
+    Reseller,
+)
 from surge.models.payments import PaymentEvent, Topup
 from surge.models.wallet import (
     Earning,
@@ -17,18 +26,28 @@ from surge.models.wallet import (
 )
 
 __all__ = [
+    "Attempt",
     "AuditEntry",
     "AuthSession",
     "Base",
     "Earning",
+    "EgressProxy",
     "Entry",
     "IdempotencyKeyRow",
     "LedgerAccount",
+    "NotificationEvent",
+    "Operation",
+    "OutboxMessage",
     "Partner",
     "PaymentEvent",
+    "Preference",
+    "Price",
+    "ProviderAccount",
     "RefreshToken",
+    "Reseller",
     "RevenueEvent",
     "Subscription",
+    "Suppression",
     "TimestampMixin",
     "Topup",
     "Transfer",

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import BigInteger, DateTime, Integer, Text, func
+from sqlalchemy import BigInteger, DateTime, Index, Integer, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -22,6 +22,14 @@ class Topup(Base):
     """A top-up the owner asked for: one payment intent at the provider."""
 
     __tablename__ = "payment_topups"
+    __table_args__ = (
+        Index("ix_payment_topups_owner", "owner_id", text("created_at DESC"), text("id DESC")),
+        Index(
+            "ix_payment_topups_open",
+            "checked_at",
+            postgresql_where=text("status IN ('pending', 'requires_action', 'processing')"),
+        ),
+    )
 
     id: Mapped[UUID] = mapped_column(primary_key=True)
     owner_id: Mapped[UUID]
@@ -35,12 +43,23 @@ class Topup(Base):
     amount_reversed: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class PaymentEvent(Base):
     """One signed event from the provider, stored before it is acted on (the inbox)."""
 
     __tablename__ = "payment_events"
+    __table_args__ = (
+        Index(
+            "ix_payment_events_pending",
+            "payment_id",
+            "created",
+            "received_at",
+            postgresql_where=text("state = 'pending'"),
+        ),
+        Index("ix_payment_events_state", "state", text("received_at DESC"), "id"),
+    )
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     type: Mapped[str] = mapped_column(Text)

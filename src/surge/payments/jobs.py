@@ -49,3 +49,12 @@ async def reconcile(ctx: JobContext) -> None:
     queued = await topup_service.enqueue_reconciliation(ctx.session, ctx.runtime)
     if queued:
         ctx.log.info("payments.reconcile.queued", jobs=queued)
+
+
+@job("payments.provider.scan", queue="payments", cron="*/5 * * * *")
+async def scan_provider(ctx: JobContext) -> None:
+    """Every 5 minutes: settle recent provider intents Surge has no row for, or an open one."""
+    applied = await topup_service.scan_provider(ctx.session, ctx.runtime)
+    if applied:
+        ctx.log.warning("payments.scan.settled", payments=applied)
+    _invalidate_stats(ctx)

@@ -131,6 +131,20 @@ class ProviderClient:
     async def retrieve_intent(self, intent_id: str) -> ProviderAnswer:
         return await self._call("GET", f"/v1/payment_intents/{intent_id}")
 
+    async def list_intents(
+        self,
+        *,
+        created_gte: int,
+        created_lte: int,
+        starting_after: str | None = None,
+        limit: int = 100,
+    ) -> ProviderAnswer:
+        """One page of intents created in ``[created_gte, created_lte]``, newest first."""
+        params = f"?created[gte]={created_gte}&created[lte]={created_lte}&limit={limit}"
+        if starting_after:
+            params += f"&starting_after={starting_after}"
+        return await self._call("GET", f"/v1/payment_intents{params}")
+
     async def refund(self, intent_id: str, *, amount: int, idempotency_key: str) -> ProviderAnswer:
         return await self._call(
             "POST",

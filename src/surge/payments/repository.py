@@ -9,11 +9,11 @@ UPDATE``, so whoever comes second waits for the first to commit and then sees it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -52,7 +52,9 @@ async def lock_topup(
         .with_for_update()
         .execution_options(populate_existing=True)
     )
-    if topup is None:  # the provider payment id belongs to another top-up id: never ours
+    if topup is None or topup.provider_payment_id != provider_payment_id:
+        # The id is taken by another payment (a key reused after the provider forgot it), or
+        # the payment id by another top-up: never apply one payment to another's row.
         raise LookupError(provider_payment_id)
     return topup
 
@@ -106,19 +108,31 @@ async def topups(
 async def stale_open_topups(
     session: AsyncSession, *, older_than: timedelta, limit: int
 ) -> Sequence[tuple[UUID, str]]:
-    """``(id, provider payment id)`` of top-ups still open ``older_than`` after their last
-    change, oldest first (the partial index ``ix_payment_topups_open`` serves it)."""
+    """``(id, provider payment id)`` of top-ups still open ``older_than`` after they were
+    last checked, least recently checked first (partial index ``ix_payment_topups_open``)."""
     rows = await session.execute(
         select(Topup.id, Topup.provider_payment_id)
         .where(
             Topup.status.in_(OPEN_STATUSES),
             Topup.provider_payment_id.is_not(None),
-            Topup.updated_at < func.now() - older_than,
+            Topup.checked_at < func.now() - older_than,
         )
-        .order_by(Topup.updated_at)
+        .order_by(Topup.checked_at)
         .limit(limit)
     )
     return [(row[0], str(row[1])) for row in rows.all()]
+
+
+async def statuses(session: AsyncSession, payment_ids: Sequence[str]) -> dict[str, str]:
+    """Status of the top-ups of these provider payments (absent: Surge has no row)."""
+    if not payment_ids:
+        return {}
+    rows = await session.execute(
+        select(Topup.provider_payment_id, Topup.status).where(
+            Topup.provider_payment_id.in_(list(payment_ids))
+        )
+    )
+    return {str(row[0]): str(row[1]) for row in rows.all()}
 
 
 async def totals(session: AsyncSession) -> dict[str, Any]:
@@ -210,7 +224,3 @@ async def stale_pending_payments(session: AsyncSession, *, older_than: timedelta
         {"s": older_than.total_seconds()},
     )
     return [str(row[0]) for row in rows.all()]
-
-
-async def touch(session: AsyncSession, topup: Topup, now: datetime) -> None:
-    await session.execute(update(Topup).where(Topup.id == topup.id).values(updated_at=now))

@@ -45,6 +45,7 @@ from uuid import UUID
 
 import orjson
 import structlog
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.errors import BadRequest, Conflict, NotFound, SurgeError, UnprocessableEntity
@@ -57,6 +58,13 @@ from surge.payments.provider import ProviderAnswer, ProviderUnavailable, provide
 from surge.wallet.funds import funds as funds_service
 
 log = structlog.get_logger()
+
+WEBHOOKS = Counter(
+    "surge_payments_webhooks_total",
+    "Provider webhooks by outcome: accepted, duplicate (replayed event id), refused_<reason>.",
+    ["outcome"],
+)
+EVENTS_DEAD = Counter("surge_payments_events_dead_total", "Provider events dead-lettered.")
 
 PROCESS_JOB = "payments.events.process"
 RECONCILE_JOB = "payments.topup.reconcile"
@@ -154,6 +162,15 @@ class TopupService:
                 f"{settings.PAYMENTS_TOPUP_MAX} minor units."
             )
         topup_id = topup_id_for(owner_id, idempotency_key)
+        existing = await repository.owned_topup(session, owner_id, topup_id)
+        if existing is not None:
+            # The key made a top-up before (its HTTP record may have expired): that top-up
+            # is the answer; charging again under the same key would be a second payment.
+            if (existing.amount, existing.currency) != (amount, currency):
+                raise TopupKeyMismatch(
+                    "This Idempotency-Key was already used for a top-up with other fields."
+                )
+            return existing
         answer = await provider_client(runtime).create_intent(
             amount=amount,
             currency=currency,
@@ -172,14 +189,19 @@ class TopupService:
             raise ProviderRejected(
                 "The payment provider refused the request.", extra={"code": error.get("code")}
             )
-        topup = await repository.lock_topup(
-            session,
-            topup_id=topup_id,
-            owner_id=owner_id,
-            amount=amount,
-            currency=currency,
-            provider_payment_id=str(intent["id"]),
-        )
+        try:
+            topup = await repository.lock_topup(
+                session,
+                topup_id=topup_id,
+                owner_id=owner_id,
+                amount=amount,
+                currency=currency,
+                provider_payment_id=str(intent["id"]),
+            )
+        except LookupError:
+            raise TopupKeyMismatch(
+                "This Idempotency-Key already belongs to another payment."
+            ) from None
         await self._apply_intent(session, topup, intent)
         return topup
 
@@ -209,6 +231,7 @@ class TopupService:
                 tolerance=settings.PAYMENTS_WEBHOOK_TOLERANCE.total_seconds(),
             )
         except webhooks.InvalidSignature as error:
+            WEBHOOKS.labels(f"refused_{error.reason}").inc()
             log.warning("payments.webhook.refused", reason=error.reason, bytes=len(body))
             raise
         event = _parse_event(body)
@@ -224,11 +247,13 @@ class TopupService:
         if not stored:
             # A replay (or the provider's retry after our answer was lost): refused, nothing
             # happens twice. 200 all the same: a non-2xx makes the provider retry for days.
+            WEBHOOKS.labels("duplicate").inc()
             log.warning("payments.webhook.replay_refused", event_id=event["id"], type=event["type"])
             return Receipt(event["id"], duplicate=True)
         await enqueue(
             session, PROCESS_JOB, {"payment_id": payment_id}, lock_key=f"payment:{payment_id}"
         )
+        WEBHOOKS.labels("accepted").inc()
         return Receipt(event["id"], duplicate=False)
 
     # ---- jobs -------------------------------------------------------------------------------
@@ -252,6 +277,7 @@ class TopupService:
                 permanent = isinstance(error, _Permanent)
                 if permanent or event.attempts >= settings.PAYMENTS_EVENT_MAX_ATTEMPTS:
                     event.state = "dead"
+                    EVENTS_DEAD.inc()
                     event.processed_at = _now()
                     log.error(
                         "payments.event.dead",
@@ -321,6 +347,7 @@ class TopupService:
         if topup.status not in repository.OPEN_STATUSES:
             return topup.status
         answer = await provider_client(runtime).retrieve_intent(topup.provider_payment_id)
+        topup.checked_at = _now()
         intent = _intent_of(answer)
         if intent is None:
             log.warning("payments.reconcile.unknown", topup_id=str(topup_id), status=answer.status)
@@ -328,6 +355,55 @@ class TopupService:
         await self._apply_intent(session, topup, intent)
         log.info("payments.reconcile.applied", topup_id=str(topup_id), status=topup.status)
         return topup.status
+
+    async def scan_provider(
+        self, session: AsyncSession, runtime: Runtime, *, pages: int = 20
+    ) -> int:
+        """List the provider's recent intents and settle every Surge intent that has no row
+        or an open one; returns how many were applied. Closes the last gap: a request that
+        died after the provider answered, a client that never retried, and no webhook."""
+        settings = runtime.settings
+        now = _now().timestamp()
+        client = provider_client(runtime)
+        applied = 0
+        after: str | None = None
+        for _ in range(pages):
+            answer = await client.list_intents(
+                created_gte=int(now - settings.PAYMENTS_SCAN_WINDOW.total_seconds()),
+                created_lte=int(now - settings.PAYMENTS_RECONCILE_AFTER.total_seconds()),
+                starting_after=after,
+            )
+            intents = [i for i in answer.body.get("data") or [] if isinstance(i, dict)]
+            if answer.status != 200 or not intents:
+                break
+            known = await repository.statuses(session, [str(i["id"]) for i in intents])
+            for intent in intents:
+                status = known.get(str(intent["id"]))
+                metadata = intent.get("metadata") or {}
+                if "topup_id" not in metadata or (
+                    status is not None and status not in repository.OPEN_STATUSES
+                ):
+                    continue
+                try:
+                    async with session.begin_nested():
+                        topup = await self._topup_of(session, intent, amount=int(intent["amount"]))
+                        before = (topup.status, topup.amount_credited)
+                        await self._apply_intent(session, topup, intent)
+                except (_Permanent, SurgeError) as error:
+                    log.error("payments.scan.failed", payment_id=intent["id"], error=str(error))
+                    continue
+                if (topup.status, topup.amount_credited) != before or status is None:
+                    applied += 1
+                    log.warning(
+                        "payments.scan.applied",
+                        payment_id=intent["id"],
+                        status=topup.status,
+                        had_row=status is not None,
+                    )
+            if not answer.body.get("has_more"):
+                break
+            after = str(intents[-1]["id"])
+        return applied
 
     # ---- admin ------------------------------------------------------------------------------
     async def list_events(
@@ -430,7 +506,7 @@ class TopupService:
         if _RANK[status] <= _RANK[topup.status]:
             return False
         topup.status = status
-        topup.updated_at = _now()
+        topup.updated_at = topup.checked_at = _now()
         return True
 
     async def _credit(

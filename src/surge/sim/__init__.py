@@ -43,3 +43,47 @@ SIMULATORS.append(
         env=lambda host, port: {"SURGE_PAYMENTS_PROVIDER_URL": f"http://{host}:{port}"},
     )
 )
+
+# ---- operations (issue 13): the upstream provider's website and its egress proxies -------
+#: Provider accounts the simulator knows at start; ``surge.demo`` registers the same ones.
+PROVIDER_DEMO_ACCOUNTS = "agent1:agent1-secret,agent2:agent2-secret,agent3:agent3-secret"
+#: Egress proxies ``surge up`` starts (each with its own source address). They listen on
+#: fixed addresses (127.0.1.1:3128, 127.0.1.2:3128, ...: squid's port), so the proxies the
+#: demo registers in the database stay valid from one ``make run`` to the next.
+PROXY_COUNT = 4
+PROXY_PORT = 3128
+PROXY_URLS = tuple(f"http://127.0.1.{i + 1}:{PROXY_PORT}" for i in range(PROXY_COUNT))
+
+
+def _proxy_env(host: str, port: int) -> dict[str, str]:
+    return {"SURGE_OPERATIONS_PROXY_URLS": ",".join(PROXY_URLS)}
+
+
+SIMULATORS.append(
+    Simulator(
+        name="provider",
+        module="surge.sim.provider",
+        env=lambda host, port: {"SURGE_OPERATIONS_PROVIDER_URL": f"http://{host}:{port}"},
+        args=("--accounts", PROVIDER_DEMO_ACCOUNTS),
+    )
+)
+SIMULATORS.append(
+    Simulator(
+        name="proxies",
+        module="surge.sim.proxies",
+        env=_proxy_env,
+        args=("--count", str(PROXY_COUNT), "--listen-port", str(PROXY_PORT)),
+    )
+)
+
+# ---- notifications: the local SMTP relay (keeps what it receives; see surge.sim.smtp) ----
+SIMULATORS.append(
+    Simulator(
+        name="smtp",
+        module="surge.sim.smtp",
+        env=lambda host, port: {
+            "SURGE_NOTIFY_SMTP_HOST": host,
+            "SURGE_NOTIFY_SMTP_PORT": str(port),
+        },
+    )
+)

@@ -17,7 +17,8 @@ What it does (the subset of Stripe's PaymentIntents Surge uses, same shapes and 
   ``pm_card_slow`` / ``4000000000000077``        ``processing``, succeeds after ``slow_after`` s
   ============================================  ============================================
 
-- ``GET /v1/payment_intents/{id}``; ``POST /v1/refunds`` (``payment_intent``, ``amount``);
+- ``GET /v1/payment_intents/{id}``; ``GET /v1/payment_intents`` (newest first,
+  ``created[gte]``/``created[lte]``, ``limit``, ``starting_after``); ``POST /v1/refunds`` (``payment_intent``, ``amount``);
   ``POST /_sim/payment_intents/{id}/dispute`` (the cardholder disputes: funds withdrawn).
 - Every state change emits an event (``payment_intent.succeeded``, ``.payment_failed``,
   ``.processing``, ``.requires_action``, ``charge.refunded``,
@@ -329,6 +330,30 @@ def build_app(provider: Provider) -> Starlette:
             provider.idempotency[key] = (digest, status, body)
         return JSONResponse(body, status_code=status)
 
+    async def list_intents(request: Request) -> Response:
+        """Newest first, as Stripe: ``created[gte]``, ``created[lte]``, ``limit`` (≤ 100),
+        ``starting_after`` (an id: the page after it)."""
+        if (refused := await api_gate(request)) is not None:
+            return refused
+        query = request.query_params
+        gte = int(query.get("created[gte]", "0"))
+        lte = int(query.get("created[lte]", str(2**62)))
+        limit = max(1, min(100, int(query.get("limit", "10"))))
+        items = [i for i in reversed(provider.intents.values()) if gte <= i["created"] <= lte]
+        after = query.get("starting_after")
+        if after:
+            ids = [i["id"] for i in items]
+            items = items[ids.index(after) + 1 :] if after in ids else []
+        page = items[:limit]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": page,
+                "has_more": len(items) > limit,
+                "url": "/v1/payment_intents",
+            }
+        )
+
     async def get_intent(request: Request) -> Response:
         if (refused := await api_gate(request)) is not None:
             return refused
@@ -453,6 +478,7 @@ def build_app(provider: Provider) -> Starlette:
     return Starlette(
         routes=[
             Route("/v1/payment_intents", create_intent, methods=["POST"]),
+            Route("/v1/payment_intents", list_intents, methods=["GET"]),
             Route("/v1/payment_intents/{id}", get_intent, methods=["GET"]),
             Route("/v1/refunds", create_refund, methods=["POST"]),
             Route("/_sim/payment_intents/{id}/dispute", dispute, methods=["POST"]),
@@ -503,10 +529,20 @@ def main(argv: list[str] | None = None) -> None:
         help="Signing secret (repeat during a rotation). Default: Surge's first secret.",
     )
     parser.add_argument("--retry-base", type=float, default=0.5, help="First retry delay, s.")
+    parser.add_argument("--retry-cap", type=float, default=60.0, help="Longest retry delay, s.")
+    parser.add_argument(
+        "--retry-max", type=int, default=60, help="Attempts per webhook (Stripe: 3 days' worth)."
+    )
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     secrets = args.webhook_secret or [settings.PAYMENTS_WEBHOOK_SECRETS[0].get_secret_value()]
-    provider = Provider(webhook_url=args.webhook_url, secrets=secrets, retry_base=args.retry_base)
+    provider = Provider(
+        webhook_url=args.webhook_url,
+        secrets=secrets,
+        retry_base=args.retry_base,
+        retry_cap=args.retry_cap,
+        retry_max=args.retry_max,
+    )
     if args.seed is not None:
         provider.rng.seed(args.seed)
     logging.basicConfig(level=logging.WARNING)

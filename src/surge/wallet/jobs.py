@@ -12,8 +12,11 @@ from datetime import timedelta
 from uuid import UUID
 
 from surge.config import settings
+from surge.identity.service import identity as identity_service
+from surge.kit.errors import NotFound
 from surge.kit.jobs import JobContext, job
 from surge.kit.web.idempotency import idempotency_keys
+from surge.notifications.service import notifications as notifications_service
 from surge.wallet.service import EARNINGS_JOB, NOTIFY_JOB
 from surge.wallet.service import wallet as wallet_service
 
@@ -36,23 +39,31 @@ async def credit_earnings(ctx: JobContext) -> None:
 
 @job(NOTIFY_JOB, queue="wallet", max_attempts=5)
 async def notify_withdrawal(ctx: JobContext) -> None:
-    """Tell the partner its withdrawal was decided.
-
-    Delivery belongs to the notifications module, which does not exist yet: until it does,
-    this job composes the message and logs it (``wallet.withdrawal.notify``), so the
-    decision → notification hand-off (enqueued in the decision's transaction) is in place."""
+    """Tell the partner its withdrawal was decided: one outbox e-mail per withdrawal, written
+    in this job's transaction (enqueued in the decision's), sent by the notifications job."""
     withdrawal = await wallet_service.withdrawal_by_id(
         ctx.session, UUID(str(ctx.payload["withdrawal_id"]))
     )
     if withdrawal is None:
         return
-    ctx.log.info(
-        "wallet.withdrawal.notify",
-        owner_id=str(withdrawal.owner_id),
-        withdrawal_id=str(withdrawal.id),
-        status=withdrawal.status,
-        amount=withdrawal.amount,
-        currency=withdrawal.currency,
+    try:
+        partner = await identity_service.get_user(ctx.session, withdrawal.owner_id)
+    except NotFound:  # the partner's account is gone: nobody to tell
+        return
+    await notifications_service.send(
+        ctx.session,
+        to=partner.email,
+        user_id=withdrawal.owner_id,
+        template="withdrawal_decided",
+        context={
+            "withdrawal_id": str(withdrawal.id),
+            "status": withdrawal.status,
+            "amount": withdrawal.amount,
+            "currency": withdrawal.currency,
+            "reason": withdrawal.reason,
+        },
+        category="wallet",
+        key=f"withdrawal-decided:{withdrawal.id}",
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
@@ -21,7 +21,7 @@ from surge.identity.deps import AdminMfa, require_role
 from surge.identity.principal import Principal
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
 from surge.kit.web.idempotency import idempotency_keys
-from surge.kit.web.pagination import Page
+from surge.kit.web.pagination import Cursor, Limit, Page
 from surge.models.wallet import Withdrawal
 from surge.wallet.schemas import (
     AdminWithdrawalRead,
@@ -46,8 +46,6 @@ router = APIRouter(prefix="/api/v1", tags=["wallet"])
 admin_router = APIRouter(prefix="/api/admin", tags=["wallet admin"])
 
 Owner = Annotated[Principal, Depends(require_role("partner", "reseller"))]
-Limit = Annotated[int, Query(ge=1, le=100)]
-Cursor = Annotated[str | None, Query(max_length=200)]
 
 
 def _request_id(request: Request) -> str | None:

@@ -21,6 +21,7 @@ from surge.kit.breaker.core import (
     breakers,
     flush_all_metrics,
 )
+from surge.kit.pubsub import ChannelListener
 
 if TYPE_CHECKING:
     from surge.config import Settings
@@ -50,7 +51,10 @@ class BreakerFleet:
         self.prefix = prefix
         #: Unique per process (pid alone repeats across containers).
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._task: asyncio.Task[None] | None = None
+        self._listener = ChannelListener(
+            gateway, self.CHANNEL, self._on_message,
+            on_subscribed=self._on_subscribed, on_idle=self._flush_metrics, name="breaker-fleet",
+        )  # fmt: skip
         self._pending: set[asyncio.Task[None]] = set()
         self._closed = False
         self._hooked: set[str] = set()
@@ -58,7 +62,7 @@ class BreakerFleet:
     async def start(self) -> None:
         self.registry.on_create(self._hook)
         self.gateway.on_change(self._on_redis_change)
-        self._task = asyncio.get_running_loop().create_task(self._listen(), name="breaker-fleet")
+        self._listener.start()
         await self.sync()
 
     def _hook(self, breaker: Breaker) -> None:
@@ -171,49 +175,22 @@ class BreakerFleet:
             if raw:
                 self._apply(json.loads(raw))
 
-    async def _listen(self) -> None:
-        """Subscribe to fleet events; resubscribe with backoff while Redis is away."""
-        delay = 0.1
-        while not self._closed:
-            pubsub = None
-            try:
-                pubsub = self.gateway.client().pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(self.CHANNEL)
-                delay = 0.1
-                await self.sync()  # anything published while we were not subscribed
-                while not self._closed:
-                    # At most a second between flushes of the batched call counts.
-                    flush_all_metrics(self.registry)
-                    item = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if item is None or item.get("type") != "message":
-                        continue
-                    try:
-                        self._apply(json.loads(item["data"]))
-                    except (ValueError, TypeError, KeyError):
-                        log.warning("breaker.fleet_bad_message")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("breaker.fleet_listen_failed", error=type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 3.0)
-            finally:
-                if pubsub is not None:
-                    # Bounded: redis-py can wait forever closing a pubsub cancelled mid-read.
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(1):
-                            await pubsub.aclose()  # type: ignore[no-untyped-call]
+    def _on_message(self, data: bytes) -> None:
+        try:
+            self._apply(json.loads(data))
+        except (ValueError, TypeError, KeyError):
+            log.warning("breaker.fleet_bad_message")
+
+    async def _on_subscribed(self, resumed: bool) -> None:
+        await self.sync()  # anything published while we were not subscribed
+
+    def _flush_metrics(self) -> None:
+        # At most a second between flushes of the batched call counts.
+        flush_all_metrics(self.registry)
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            # redis-py's reads can swallow a cancellation that races their own timeout (the
-            # task stays "cancelling" forever): cancel again until it is really gone.
-            for _ in range(40):
-                self._task.cancel()
-                done, _ = await asyncio.wait({self._task}, timeout=0.05)
-                if done:
-                    break
+        await self._listener.close()
         for task in list(self._pending):
             task.cancel()
         for name in list(self._hooked):

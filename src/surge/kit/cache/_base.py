@@ -24,6 +24,7 @@ from redis.exceptions import ReadOnlyError, RedisError
 
 from surge.kit.cache import metrics as m
 from surge.kit.cache._l1 import LRU, Slots
+from surge.kit.pubsub import ChannelListener
 from surge.kit.redis import CONNECTION_ERRORS, RedisGateway, RedisUnavailable
 
 log = structlog.get_logger()
@@ -134,9 +135,9 @@ class _CacheBase:
         self._pending_clear = False
         self._last_seq = 0
         self._seen_remote = 0
-        self._listening = False
+        #: The invalidation channel's listener (``surge.kit.pubsub``), made at ``start()``.
+        self._listener: ChannelListener | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._redis_back = asyncio.Event()
         self._started = False
         self._closed = False
         self._scripts: dict[str, Any] = {}
@@ -159,6 +160,11 @@ class _CacheBase:
         }
 
     # ==== L2 ================================================================================
+    @property
+    def _listening(self) -> bool:
+        """Subscribed to the invalidation channel, baseline taken."""
+        return self._listener is not None and self._listener.listening
+
     def _on_redis_change(self, up: bool) -> None:
         """The gateway saw Redis go down or come back (``_Coherence`` implements it)."""
         raise NotImplementedError

@@ -15,7 +15,6 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import structlog
-from redis.asyncio.client import PubSub
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.cache import metrics as m
@@ -28,7 +27,7 @@ from surge.kit.cache._base import (
 )
 from surge.kit.cache._scripts import _INVALIDATE
 from surge.kit.db import on_commit
-from surge.kit.redis import CONNECTION_ERRORS, RedisUnavailable
+from surge.kit.redis import RedisUnavailable
 
 log = structlog.get_logger()
 
@@ -244,50 +243,16 @@ class _Coherence(_CacheBase):
         self._epoch += 1
         m.RESYNCS.labels(self.name, reason).inc()
 
-    async def _listen_forever(self) -> None:
-        first = True
-        backoff = 0.1
-        while not self._closed:
-            await self._redis_back.wait()
-            pubsub: PubSub | None = None
-            try:
-                pubsub = self.gateway.raw.pubsub()
-                await pubsub.subscribe(self._channel)
-                # Wait for the confirmation so every message after the baseline reaches us.
-                while (await pubsub.get_message(timeout=1.0)) is None:
-                    pass
-                seq_raw, ver_raw = await self.gateway.raw.mget([self._seq_key, self._ver_key])
-                self._last_seq = self._seen_remote = int(seq_raw or 0)
-                self._set_version(int(ver_raw or 0))
-                if not first:
-                    # Messages sent while we were not listening are lost: start clean.
-                    self._flush_l1("reconnect")
-                    self._tags.clear()
-                    log.info("cache.listener_reconnected", cache=self.name)
-                first = False
-                backoff = 0.1
-                self._listening = True
-                while not self._closed:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._on_message(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except CONNECTION_ERRORS as exc:
-                self._listening = False
-                log.debug("cache.listener_lost", cache=self.name, error=str(exc))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 3.0)
-            except Exception:
-                self._listening = False
-                log.exception("cache.listener_failed", cache=self.name)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 3.0)
-            finally:
-                self._listening = False
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):  # the connection is already broken
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def _on_subscribed(self, resumed: bool) -> None:
+        """The listener's SUBSCRIBE is confirmed: every message after this baseline reaches us.
+        ``resumed``: messages sent while we were not listening are lost: start clean."""
+        seq_raw, ver_raw = await self.gateway.raw.mget([self._seq_key, self._ver_key])
+        self._last_seq = self._seen_remote = int(seq_raw or 0)
+        self._set_version(int(ver_raw or 0))
+        if resumed:
+            self._flush_l1("reconnect")
+            self._tags.clear()
+            log.info("cache.listener_reconnected", cache=self.name)
 
     def _on_message(self, data: bytes) -> None:
         try:
@@ -347,7 +312,6 @@ class _Coherence(_CacheBase):
     # ==== Redis up/down ======================================================================
     def _on_redis_change(self, up: bool) -> None:
         if up:
-            self._redis_back.set()
             if self._degraded:
                 self._degraded = False
                 m.DEGRADED.labels(self.name).set(0)
@@ -357,5 +321,4 @@ class _Coherence(_CacheBase):
                     self._refreshing.add(task)
                     task.add_done_callback(self._refreshing.discard)
         else:
-            self._redis_back.clear()
             self._note_degraded()

@@ -39,6 +39,7 @@ from surge.kit.cache._base import (
 )
 from surge.kit.cache._l1 import Entry
 from surge.kit.cache._read import _ReadPath
+from surge.kit.pubsub import ChannelListener
 from surge.kit.redis import RedisUnavailable
 
 __all__ = [
@@ -69,8 +70,6 @@ class Cache(_ReadPath):
             return
         self._started = True
         self._closed = False
-        if self.gateway.is_up:
-            self._redis_back.set()
         try:
             async with self._redis() as r:
                 raw = await r.get(self._ver_key)
@@ -78,9 +77,12 @@ class Cache(_ReadPath):
         except RedisUnavailable:
             self._note_degraded()
         loop = asyncio.get_running_loop()
-        self._tasks.append(
-            loop.create_task(self._listen_forever(), name=f"cache-{self.name}-pubsub")
-        )
+        if self._listener is None:
+            self._listener = ChannelListener(
+                self.gateway, self._channel, self._on_message,
+                on_subscribed=self._on_subscribed, name=f"cache-{self.name}",
+            )  # fmt: skip
+        self._listener.start()
         self._tasks.append(
             loop.create_task(self._resync_forever(), name=f"cache-{self.name}-resync")
         )
@@ -89,6 +91,8 @@ class Cache(_ReadPath):
         """Stop the background tasks (refreshes in flight are cancelled; nothing is lost)."""
         self._closed = True
         self._started = False
+        if self._listener is not None:
+            await self._listener.close()
         tasks = [*self._tasks, *self._refreshing, *self._reads.values(), *self._flights.values()]
         for task in tasks:
             task.cancel()

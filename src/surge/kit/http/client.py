@@ -30,7 +30,6 @@ A final 5xx answer is returned (the caller decides); a final transport error rai
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -41,6 +40,7 @@ import httpx
 import structlog
 from prometheus_client import Counter, Histogram
 
+from surge.kit.backoff import delay as backoff_delay
 from surge.kit.breaker import BreakerConfig, BreakerOpenError, BreakerRegistry, UpstreamError
 from surge.kit.breaker import breakers as default_breakers
 from surge.kit.http.proxies import NoProxyAvailable, Proxy, ProxyPool
@@ -183,7 +183,7 @@ class OutboundClient:
                 return min(float(retry_after), self.backoff_max)
             except ValueError:
                 pass
-        return random.uniform(0, min(self.backoff_max, self.backoff * 2**attempt))
+        return backoff_delay(attempt + 1, self.backoff, self.backoff_max, jitter="full")
 
     async def request(
         self, method: str, url: str, *, idempotent: bool | None = None, **kwargs: Any

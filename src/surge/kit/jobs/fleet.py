@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from surge.kit.backoff import Backoff
 from surge.kit.telemetry import metrics as telemetry
 
 log = structlog.get_logger()
@@ -36,7 +37,7 @@ class _Child:
     index: int
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    backoff: float = RESTART_MIN
+    waits: Backoff = field(default_factory=lambda: Backoff(RESTART_MIN, RESTART_MAX))
     restart_at: float = 0.0
     restarts: int = field(default=0)
 
@@ -87,14 +88,14 @@ def run_fleet(
                     code = process.returncode
                     telemetry.mark_process_dead(process.pid)
                     if now - child.started_at > STABLE_AFTER:
-                        child.backoff = RESTART_MIN
+                        child.waits.reset()
+                    restart_in = child.waits.next()
                     log.error("jobs.fleet.child_exited", index=child.index, pid=process.pid,
-                              code=code, restart_in=child.backoff)  # fmt: skip
+                              code=code, restart_in=restart_in)  # fmt: skip
                     if on_event:
                         on_event("exited", child.index, process.pid)
                     child.process = None
-                    child.restart_at = now + child.backoff
-                    child.backoff = min(RESTART_MAX, child.backoff * 2)
+                    child.restart_at = now + restart_in
                 if child.process is None and now >= child.restart_at and not stopping:
                     child.restarts += 1
                     spawn(child)

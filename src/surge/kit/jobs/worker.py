@@ -33,9 +33,8 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic_core
@@ -46,19 +45,38 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
+from surge.kit.backoff import delay as retry_delay
 from surge.kit.db import is_unavailable, run_on_commit
 from surge.kit.jobs import metrics
+from surge.kit.jobs._sql import (
+    _ACK,
+    _COMPLETE_ONE,
+    _FAIL_OR_RETRY,
+    _FETCH,
+    _HEARTBEAT,
+    _RELEASE,
+    RATE_LOCK_NAMESPACE,
+    _pairs,
+)
+from surge.kit.jobs.config import RateLimit, WorkerConfig
 from surge.kit.jobs.context import JobContext
 from surge.kit.jobs.errors import LeaseLost
-from surge.kit.jobs.queue import enqueue, queue_stats
-from surge.kit.jobs.registry import JobSpec, get_spec, registered
+from surge.kit.jobs.maintenance import Maintenance
+from surge.kit.jobs.registry import JobSpec, get_spec
 from surge.kit.jobs.schema import NOTIFY_CHANNEL
 from surge.kit.runtime import Runtime
 
 log = structlog.get_logger()
 
-RATE_LOCK_NAMESPACE = 7_421_002  # pg_advisory_xact_lock(namespace, hashtext(queue))
+__all__ = ["JobSession", "RateLimit", "Worker", "WorkerConfig", "serve"]
+
 _RUNNER_COMMIT = "surge_jobs_runner_commit"
+
+
+def _error_text(error: BaseException) -> str:
+    detail = "".join(traceback.format_exception(error))
+    head = f"{type(error).__name__}: {error}"
+    return (head + "\n" + detail[-3000:])[:4000]
 
 
 class JobSession(Session):
@@ -76,79 +94,6 @@ def _refuse_handler_commit(session: Session) -> None:
             "a job handler must not commit ctx.session: the runner commits it together with "
             "the job's fenced completion (flush instead)"
         )
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    """At most ``limit`` job starts per ``period`` in a queue, across every process."""
-
-    limit: int
-    period: timedelta
-
-    @classmethod
-    def parse(cls, value: str) -> RateLimit:
-        """``"50/min"``, ``"10/s"``, ``"1000/hour"``, ``"5/2s"``."""
-        count, _, unit = value.replace(" ", "").partition("/")
-        units = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
-                 "hour": 3600, "d": 86400, "day": 86400}  # fmt: skip
-        number = ""
-        while unit and (unit[0].isdigit() or unit[0] == "."):
-            number, unit = number + unit[0], unit[1:]
-        if unit not in units or not count.isdigit() or int(count) < 1:
-            raise ValueError(f"bad rate limit {value!r} (expected e.g. '50/min')")
-        return cls(int(count), timedelta(seconds=float(number or 1) * units[unit]))
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """How one worker process runs. ``from_settings`` reads the ``JOBS_*`` settings."""
-
-    queues: Sequence[str]
-    concurrency: int = 8
-    lease: timedelta = timedelta(seconds=120)
-    stalled_check: timedelta = timedelta(seconds=30)
-    max_stalled: int = 2
-    max_attempts: int = 3
-    backoff: timedelta = timedelta(seconds=5)
-    backoff_max: timedelta = timedelta(hours=1)
-    poll_interval: timedelta = timedelta(seconds=1)
-    shutdown_grace: timedelta = timedelta(seconds=30)
-    retention: timedelta = timedelta(days=7)
-    rate_limits: dict[str, RateLimit] = field(default_factory=dict)
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Any,
-        *,
-        queues: Sequence[str] | None = None,
-        concurrency: int | None = None,
-    ) -> WorkerConfig:
-        chosen = list(queues or settings.JOBS_QUEUES or [])
-        if not chosen:
-            chosen = sorted({spec.queue for spec in registered().values()} | {"default"})
-        return cls(
-            queues=chosen,
-            concurrency=concurrency or settings.JOBS_CONCURRENCY,
-            lease=settings.JOBS_LEASE,
-            stalled_check=settings.JOBS_STALLED_CHECK,
-            max_stalled=settings.JOBS_MAX_STALLED,
-            max_attempts=settings.JOBS_MAX_ATTEMPTS,
-            backoff=settings.JOBS_BACKOFF,
-            backoff_max=settings.JOBS_BACKOFF_MAX,
-            poll_interval=settings.JOBS_POLL_INTERVAL,
-            shutdown_grace=settings.JOBS_SHUTDOWN_GRACE,
-            retention=settings.JOBS_RETENTION,
-            rate_limits={q: RateLimit.parse(v) for q, v in settings.JOBS_RATE_LIMITS.items()},
-        )
-
-
-def backoff_delay(attempt: int, base: timedelta, cap: timedelta, rng: random.Random) -> float:
-    """Exponential backoff with "equal jitter": the ``n``-th failure waits between half and
-    all of ``min(cap, base × 2^(n-1))`` — spread out (no thundering herd) yet never shorter
-    than half the nominal delay."""
-    nominal = min(cap.total_seconds(), base.total_seconds() * 2.0 ** max(0, attempt - 1))
-    return float(nominal / 2 + rng.uniform(0, nominal / 2))
 
 
 @dataclass
@@ -169,112 +114,6 @@ class _Running:
     task: asyncio.Task[None]
     committing: bool = False
     lease_lost: bool = False
-
-
-_FETCH = text(
-    """
-WITH candidates AS (
-    SELECT id, lock_key FROM jobs
-    WHERE state = 'queued' AND queue = ANY(CAST(:queues AS text[])) AND run_at <= now()
-      AND (lock_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM jobs running WHERE running.lock_key = jobs.lock_key
-              AND running.state = 'active'))
-    ORDER BY priority DESC, run_at, id
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-), chosen AS (
-    SELECT DISTINCT ON (COALESCE(lock_key, id::text)) id FROM candidates
-    ORDER BY COALESCE(lock_key, id::text), id
-), stamp AS (SELECT clock_timestamp() AS ts)
-UPDATE jobs j SET state = 'active', attempts = j.attempts + 1,
-    lease_token = nextval('jobs_lease_token_seq'),
-    lease_expires_at = stamp.ts + make_interval(secs => :lease),
-    worker = :worker, dispatched_at = stamp.ts, started_at = COALESCE(j.started_at, stamp.ts)
-FROM chosen, stamp WHERE j.id = chosen.id
-RETURNING j.id, j.name, j.queue, j.payload::text, j.attempts, j.max_attempts, j.lease_token,
-    j.stalls
-"""
-)
-_ACK = text(
-    """
-    UPDATE jobs j SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS bigint[])) AS t(id, token)
-    WHERE j.id = t.id AND j.lease_token = t.token AND j.state = 'active'
-    RETURNING j.id
-    """
-)
-
-_COMPLETE_ONE = text(
-    "UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL "
-    "WHERE id = :id AND lease_token = :token AND state = 'active' RETURNING id"
-)
-
-_HEARTBEAT = text(
-    """
-    UPDATE jobs j SET lease_expires_at = clock_timestamp() + make_interval(secs => :lease)
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS bigint[])) AS t(id, token)
-    WHERE j.id = t.id AND j.lease_token = t.token AND j.state = 'active'
-    RETURNING j.id
-    """
-)
-
-_RELEASE = text(
-    """
-    UPDATE jobs j SET state = 'queued', attempts = GREATEST(j.attempts - 1, 0),
-        lease_token = NULL, lease_expires_at = NULL, worker = NULL, run_at = now()
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS bigint[])) AS t(id, token)
-    WHERE j.id = t.id AND j.lease_token = t.token AND j.state = 'active'
-    RETURNING j.id
-    """
-)
-
-_FAIL_OR_RETRY = text(
-    """
-    UPDATE jobs SET state = :state, last_error = :error, lease_expires_at = NULL,
-        run_at = CASE WHEN :state = 'queued' THEN now() + make_interval(secs => :delay)
-                 ELSE run_at END,
-        finished_at = CASE WHEN :state = 'failed' THEN now() ELSE NULL END
-    WHERE id = :id AND lease_token = :token AND state = 'active'
-    RETURNING id
-    """
-)
-
-_STALLED = text(
-    """
-    WITH expired AS (
-        SELECT id FROM jobs
-        WHERE state = 'active' AND lease_expires_at < clock_timestamp()
-        ORDER BY lease_expires_at LIMIT 500
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE jobs j SET stalls = j.stalls + 1,
-        state = CASE WHEN j.stalls + 1 > COALESCE(j.max_stalled, :max_stalled)
-                THEN 'failed' ELSE 'queued' END,
-        finished_at = CASE WHEN j.stalls + 1 > COALESCE(j.max_stalled, :max_stalled)
-                      THEN now() ELSE NULL END,
-        last_error = 'stalled: lease expired on worker ' || COALESCE(j.worker, '?')
-            || CASE WHEN j.stalls + 1 > COALESCE(j.max_stalled, :max_stalled)
-               THEN ' (stalled more than ' || COALESCE(j.max_stalled, :max_stalled)
-                    || ' times)' ELSE '' END,
-        lease_token = NULL, lease_expires_at = NULL, run_at = now()
-    FROM expired WHERE j.id = expired.id
-    RETURNING j.id, j.name, j.queue, j.stalls, j.state, j.worker
-    """
-)
-
-
-def _pairs(items: Iterable[tuple[int, int]]) -> dict[str, list[int]]:
-    ids, tokens = [], []
-    for job_id, token in items:
-        ids.append(job_id)
-        tokens.append(token)
-    return {"ids": ids, "tokens": tokens}
-
-
-def _error_text(error: BaseException) -> str:
-    detail = "".join(traceback.format_exception(error))
-    head = f"{type(error).__name__}: {error}"
-    return (head + "\n" + detail[-3000:])[:4000]
 
 
 class Worker:
@@ -305,6 +144,7 @@ class Worker:
         self._limited_first = False
         self._duration_children: dict[str, Any] = {}
         self.stopping = False
+        self._maintenance = Maintenance(self.db, self._auto, config, self._wake, self._rng)
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -314,7 +154,7 @@ class Worker:
         for coro, label in (
             (self._listen_forever(), "listen"),
             (self._heartbeat_forever(), "heartbeat"),
-            (self._maintain_forever(), "maintenance"),
+            (self._maintenance.run_forever(), "maintenance"),
             (self._flush_acks_forever(), "acks"),
         ):
             self._background.append(asyncio.create_task(coro, name=f"jobs-{label}"))
@@ -573,7 +413,7 @@ class Worker:
         base = (spec and spec.backoff) or self.config.backoff
         cap = (spec and spec.backoff_max) or self.config.backoff_max
         final = claim.attempts >= max_attempts
-        delay = 0.0 if final else backoff_delay(claim.attempts, base, cap, self._rng)
+        delay = 0.0 if final else retry_delay(claim.attempts, base, cap, rng=self._rng)
         params = {"id": claim.id, "token": claim.token, "state": "failed" if final else "queued",
                   "delay": delay, "error": _error_text(error)}  # fmt: skip
         for attempt in range(5):
@@ -688,107 +528,10 @@ class Worker:
             await asyncio.sleep(2)
 
     # ---- maintenance ----------------------------------------------------------------------
-    async def _maintain_forever(self) -> None:
-        interval = self.config.stalled_check.total_seconds()
-        ticks = 0
-        while True:
-            await asyncio.sleep(interval * (0.8 + 0.4 * self._rng.random()) if ticks else 0)
-            ticks += 1
-            for step in (self.recover_stalled, self._schedule_periodic, self._sample_gauges):
-                try:
-                    await step()
-                except Exception as error:
-                    log.warning("jobs.maintenance_failed", step=step.__name__,
-                                error=str(error)[:200])  # fmt: skip
-            if ticks % 20 == 1:
-                try:
-                    await self._prune()
-                except Exception as error:
-                    log.warning("jobs.prune_failed", error=str(error)[:200])
-
+    # ---- maintenance (surge.kit.jobs.maintenance) -----------------------------------------
     async def recover_stalled(self) -> int:
         """Re-queue (or fail) every job whose lease expired; returns how many."""
-        async with self._auto.connect() as conn:
-            rows = (await conn.execute(_STALLED, {"max_stalled": self.config.max_stalled})).all()
-        for job_id, name, queue, stalls, state, worker in rows:
-            metrics.STALLED.labels(queue).inc()
-            if state == "failed":
-                metrics.FAILED.labels(queue).inc()
-            log.warning("jobs.stalled", job_id=job_id, job=name, queue=queue, stalls=stalls,
-                        action="failed" if state == "failed" else "requeued",
-                        lost_worker=worker)  # fmt: skip
-        if rows:
-            self._wake.set()
-        return len(rows)
-
-    async def _schedule_periodic(self) -> None:
-        specs = [s for s in registered().values() if s.cron and s.queue in self.config.queues]
-        if not specs:
-            return
-        now = datetime.now(UTC)
-        async with self.db.session() as session:
-            for spec in specs:
-                first = spec.next_run(now - timedelta(minutes=1))
-                await session.execute(
-                    text(
-                        "INSERT INTO job_schedules (name, next_run_at) VALUES (:name, :at) "
-                        "ON CONFLICT (name) DO NOTHING"
-                    ),
-                    {"name": spec.name, "at": first},
-                )
-                slot = (
-                    await session.execute(
-                        text(
-                            "SELECT next_run_at FROM job_schedules WHERE name = :name "
-                            "AND next_run_at <= now() FOR UPDATE SKIP LOCKED"
-                        ),
-                        {"name": spec.name},
-                    )
-                ).scalar_one_or_none()
-                if slot is None:
-                    continue
-                following = spec.next_run(max(slot, now))
-                await session.execute(
-                    text("UPDATE job_schedules SET next_run_at = :at WHERE name = :name"),
-                    {"name": spec.name, "at": following},
-                )
-                job_id = await enqueue(
-                    session, spec.name, {"scheduled_for": slot.isoformat()},
-                    dedup_key=f"cron:{spec.name}:{slot.isoformat()}",
-                )  # fmt: skip
-                log.info("jobs.periodic.enqueued", job=spec.name, slot=slot.isoformat(),
-                         job_id=job_id)  # fmt: skip
-
-    async def _sample_gauges(self) -> None:
-        async with self.db.session() as session:
-            stats = await queue_stats(session)
-        seen = {s.queue for s in stats}
-        for s in stats:
-            metrics.DEPTH.labels(s.queue).set(s.ready)
-            metrics.LAG.labels(s.queue).set(s.oldest_age_seconds)
-        for queue in set(self.config.queues) - seen:
-            metrics.DEPTH.labels(queue).set(0)
-            metrics.LAG.labels(queue).set(0)
-
-    async def _prune(self) -> None:
-        longest = max((r.period for r in self.config.rate_limits.values()), default=timedelta(0))
-        async with self.db.primary.begin() as conn:
-            await conn.execute(
-                text(
-                    "DELETE FROM job_dispatches "
-                    "WHERE dispatched_at < now() - make_interval(secs => :secs)"
-                ),
-                {"secs": max(60.0, 2 * longest.total_seconds())},
-            )
-            # Failed jobs are never pruned: they wait for a retry or a human.
-            await conn.execute(
-                text(
-                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs "
-                    "WHERE state IN ('succeeded', 'cancelled') "
-                    "AND finished_at < now() - make_interval(secs => :secs) LIMIT 10000)"
-                ),
-                {"secs": self.config.retention.total_seconds()},
-            )
+        return await self._maintenance.recover_stalled()
 
 
 # ---- process entry ----------------------------------------------------------------------

@@ -39,17 +39,25 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import structlog
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
 
-from surge.kit.errors import SurgeError
+from surge.kit.ratelimit._local import LOCAL_MAX_KEYS, LocalStore
+from surge.kit.ratelimit._script import _EVALSHA, GCRA_LUA, GCRA_SHA
+from surge.kit.ratelimit.decision import (
+    Check,
+    Decision,
+    KeyState,
+    RateLimitError,
+    Verdict,
+    _Pending,
+    _unmetered,
+)
 from surge.kit.ratelimit.metrics import BATCH_SIZE, DECISIONS, LOCAL_FALLBACK
 from surge.kit.ratelimit.policy import Failure, Identify, RatePolicy, subject_from_state
 from surge.kit.redis import (
@@ -62,310 +70,25 @@ from surge.kit.web.client_ip import ClientIpResolver
 
 log = structlog.get_logger()
 
-#: A *batch* of decisions in one script run, evaluated one after the other in arrival order
-#: (each sees the TATs the previous ones wrote, exactly as if they had come one by one).
-#: ARGV[1] is the whole batch as one MessagePack array (decoded by Redis' bundled cmsgpack,
-#: in C; BullMQ's scripts rely on it too, so every Redis-compatible server has it):
-#:   [1] now in µs, or 0 for Redis' own clock (one clock for every process of the fleet);
-#:   [2] for each decision, its number of limits, then each limit's spec number:
-#:       {2, 1, 2, 2, 1, 2} is two decisions of two limits each, specs 1 and 2;
-#:   [3] the key of every limit, decision after decision;
-#:   [4] the batch's distinct specs, four integers each: interval µs, period µs, cost,
-#:       enforce (1, or 0 for a shadow policy).
-#: One packed argument instead of KEYS and one argument per value: every argument costs the
-#: client a packing step and the script a parse, and a spec that many decisions share is sent
-#: once. Parsing text with Lua patterns cost the server ~2 µs per decision; the unpack is
-#: ~0.1 µs (ADR 0012). A batch mixes many callers' keys anyway, so it
-#: could never be routed by one key's slot (ADR 0006: one Redis, or one shard per limiter;
-#: not Redis Cluster).
-#: Returns one integer per limit: TAT - now (µs, ≥ 0) as that decision found it. Everything
-#: else follows from it and the spec (``Check.allows``, ``Decision.from_script``): new TAT = TAT + interval × cost, the limit
-#: allows when new TAT - now ≤ period, a decision is blocked when an enforced limit does not.
-#: A key several decisions of the batch share (one caller's many requests) is read once and
-#: written once, with the TAT the last of them left: Redis' own work per batch stays
-#: proportional to distinct keys, not to decisions.
-GCRA_LUA = """
-local batch = cmsgpack.unpack(ARGV[1])
-local now = batch[1]
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local numbers, keys, specs = batch[2], batch[3], batch[4]
-local tats = {}      -- key -> its TAT as this batch left it (one GET per key per batch)
-local written = {}   -- keys to SET at the end, in first-write order (one SET per key)
-local dirty = {}
-local out = {}       -- per limit: TAT - now, as its decision found it
-local new_tats = {}  -- per limit: the TAT it would leave, or false when it denies
-local p, i, m = 1, 0, #numbers
-while p <= m do
-  local n = numbers[p]
-  p = p + 1
-  local first = i
-  local blocked = false
-  for _ = 1, n do
-    i = i + 1
-    local s = numbers[p] * 4
-    p = p + 1
-    local key = keys[i]
-    local tat = tats[key]
-    if tat == nil then
-      tat = tonumber(redis.call('GET', key) or 0)
-      tats[key] = tat
-    end
-    if tat < now then tat = now end
-    out[i] = tat - now
-    local new_tat = tat + specs[s - 3] * specs[s - 1]
-    if new_tat - now <= specs[s - 2] then
-      new_tats[i] = new_tat
-    else
-      new_tats[i] = false
-      if specs[s] == 1 then blocked = true end
-    end
-  end
-  if not blocked then
-    for k = first + 1, i do
-      local new_tat = new_tats[k]
-      if new_tat and new_tat > now then
-        local key = keys[k]
-        tats[key] = new_tat
-        if not dirty[key] then
-          dirty[key] = true
-          written[#written + 1] = key
-        end
-      end
-    end
-  end
-end
-for _, key in ipairs(written) do
-  local tat = tats[key]
-  redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
-end
-return out
-"""
-GCRA_SHA = hashlib.sha1(GCRA_LUA.encode()).hexdigest()
-_EVALSHA = (b"EVALSHA", GCRA_SHA.encode(), b"0")
+__all__ = [
+    "GCRA_LUA",
+    "GCRA_SHA",
+    "LOCAL_MAX_KEYS",
+    "MAX_BATCH",
+    "Check",
+    "Decision",
+    "KeyState",
+    "LocalStore",
+    "RateLimitError",
+    "RateLimiter",
+    "Verdict",
+]
+
 
 #: Most decisions one script run carries. Under load a batch is whatever queued while the
 #: previous round trip was in flight; the cap bounds how long one script holds Redis
 #: (a 3-limit decision is ~6 Redis calls inside Lua, a few µs each: 128 of them ≈ 1-2 ms).
 MAX_BATCH = 128
-#: Local fallback keys kept per process at most; expired ones are swept first.
-LOCAL_MAX_KEYS = 100_000
-
-
-class RateLimitError(SurgeError):
-    """A rate-limit configuration error (unknown policy name, bad declaration)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    """One limit to apply: a policy, the partition it is spent on, and the cost."""
-
-    policy: RatePolicy
-    partition: str
-    cost: int = 1
-    key: str = field(init=False, compare=False, repr=False)
-    """``policy:partition``, formatted once (read by dedupe, batching and the fallback)."""
-    wire: bytes = field(init=False, compare=False, repr=False)
-    """``key`` as the script receives it: UTF-8, lone surrogates kept (``surrogatepass``),
-    length-prefixed in the batch, so no partition text can break a batch or share a key."""
-    spec: tuple[int, int, int, int] = field(init=False, compare=False, repr=False)
-    """The script's ``(interval, period, cost, enforce)`` for this check (GCRA_LUA)."""
-    step: int = field(init=False, compare=False, repr=False)
-    """µs of the budget one request spends: ``interval × cost``."""
-
-    def __post_init__(self) -> None:
-        policy = self.policy
-        if self.cost < 0:
-            raise RateLimitError(f"a rate-limit cost cannot be negative ({self.cost})")
-        key = f"{policy.name}:{self.partition}"
-        object.__setattr__(self, "key", key)
-        object.__setattr__(self, "wire", key.encode("utf-8", "surrogatepass"))
-        object.__setattr__(
-            self,
-            "spec",
-            (policy.interval_us, policy.period_us, self.cost, int(not policy.shadow)),
-        )
-        object.__setattr__(self, "step", policy.interval_us * self.cost)
-
-    def allows(self, rel: int) -> bool:
-        """Would this limit pass, its TAT being ``rel`` µs ahead of now (the script's rule)?"""
-        return rel + self.step <= self.policy.period_us
-
-
-#: A decision waiting for its batch: its checks and the future its slice of the reply goes
-#: to (a tuple: built on every limited request).
-_Pending = tuple[Sequence[Check], asyncio.Future[list[int]]]
-
-
-class Verdict(NamedTuple):
-    """One policy's answer for one request (a named tuple: immutable, and built twice as
-    fast as a frozen dataclass on every limited request)."""
-
-    policy: RatePolicy
-    allowed: bool
-    """This policy alone would allow the request (shadow policies included)."""
-    remaining: int
-    """Units left in the policy's budget after this request."""
-    reset_after: float
-    """Seconds until the budget is full again."""
-    retry_after: float
-    """Seconds until a request of this cost would pass (0 when allowed)."""
-    store: str
-    """``redis``, ``local``, ``open`` or ``closed``: who decided."""
-
-
-class Decision:
-    """The limiter's answer for a request: allowed or not, and each policy's verdict.
-
-    A decision the script took keeps the TAT each check found (``rels``) and builds its
-    ``verdicts`` only when someone reads them: the middleware's headers read ``rels``
-    directly, so an allowed request never builds a ``Verdict`` (~4 µs on every limited
-    request; ADR 0012).
-    """
-
-    __slots__ = ("_verdicts", "allowed", "checks", "rels", "shadow_denied", "unavailable")
-
-    def __init__(
-        self,
-        allowed: bool,
-        verdicts: list[Verdict] | None = None,
-        unavailable: bool = False,
-    ) -> None:
-        self.allowed = allowed
-        self.unavailable = unavailable
-        """Denied because a fail-closed policy could not reach Redis (503, not 429)."""
-        self._verdicts = verdicts if verdicts is not None else []
-        self.checks: Sequence[Check] = ()
-        """With ``rels``: the checks the script decided (empty for other decisions)."""
-        self.rels: list[int] | None = None
-        """Per check, its TAT minus now (µs) as the script found it; None if not decided
-        by the script (no Redis, nothing to check)."""
-        self.shadow_denied = False
-        """A shadow policy would have denied (it is logged, never enforced)."""
-
-    @classmethod
-    def from_script(cls, checks: Sequence[Check], rels: list[int]) -> Decision:
-        """The decision GCRA_LUA took for ``checks``, from the TAT each found."""
-        blocked = shadow_denied = False
-        for check, rel in zip(checks, rels, strict=True):
-            if not check.allows(rel):
-                if check.policy.shadow:
-                    shadow_denied = True
-                else:
-                    blocked = True
-        decision = cls(not blocked, None)
-        decision.checks, decision.rels, decision.shadow_denied = checks, rels, shadow_denied
-        return decision
-
-    @property
-    def verdicts(self) -> list[Verdict]:
-        rels = self.rels
-        if rels is not None and not self._verdicts:
-            blocked = not self.allowed
-            self._verdicts = [
-                _verdict(
-                    check, check.allows(rel), rel, rel + check.step,
-                    blocked=blocked, store="redis", interval=check.policy.interval_us,
-                )
-                for check, rel in zip(self.checks, rels, strict=True)
-            ]  # fmt: skip
-        return self._verdicts
-
-    @property
-    def retry_after(self) -> float:
-        return max(
-            (v.retry_after for v in self.verdicts if not v.allowed and not v.policy.shadow),
-            default=0.0,
-        )
-
-    @property
-    def denied_by(self) -> list[str]:
-        return [v.policy.name for v in self.verdicts if not v.allowed and not v.policy.shadow]
-
-    def __repr__(self) -> str:
-        return f"Decision(allowed={self.allowed}, verdicts={self.verdicts!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class KeyState:
-    """What an admin sees for one key: remaining budget and time until it is full."""
-
-    policy: str
-    partition: str
-    remaining: int
-    reset_after: float
-
-
-class LocalStore:
-    """Per-process GCRA used while Redis is unreachable; the same arithmetic as the script,
-    with each policy's limit divided by the number of processes sharing the fleet's budget."""
-
-    def __init__(self, processes: int, clock: Callable[[], float]) -> None:
-        self.processes = max(1, processes)
-        self.clock = clock
-        self._tats: dict[str, int] = {}
-
-    def share(self, policy: RatePolicy) -> tuple[int, int]:
-        """(limit, interval µs) of this process's share of ``policy``."""
-        limit = max(1, policy.limit // self.processes)
-        return limit, max(1, policy.period_us // limit)
-
-    def evaluate(self, checks: Sequence[Check]) -> tuple[bool, list[Verdict]]:
-        now = int(self.clock() * 1_000_000)
-        if len(self._tats) > LOCAL_MAX_KEYS:
-            self._sweep(now)
-        rows: list[tuple[Check, bool, int, int, int]] = []
-        blocked = False
-        for check in checks:
-            _, interval = self.share(check.policy)
-            tat = max(self._tats.get(check.key, now), now)
-            new_tat = tat + interval * check.cost
-            ok = new_tat - now <= check.policy.period_us
-            if not ok and not check.policy.shadow:
-                blocked = True
-            rows.append((check, ok, tat - now, new_tat - now, interval))
-        verdicts = []
-        for check, ok, tat_rel, new_rel, interval in rows:
-            if ok and not blocked:
-                self._tats[check.key] = now + new_rel
-            verdicts.append(
-                _verdict(
-                    check, ok, tat_rel, new_rel, blocked=blocked, store="local", interval=interval
-                )
-            )
-        return not blocked, verdicts
-
-    def _sweep(self, now: int) -> None:
-        self._tats = {key: tat for key, tat in self._tats.items() if tat > now}
-        while len(self._tats) > LOCAL_MAX_KEYS // 2:  # all live: drop the oldest inserted
-            self._tats.pop(next(iter(self._tats)))
-
-    def clear(self) -> None:
-        self._tats.clear()
-
-    def tat(self, key: str) -> int | None:
-        return self._tats.get(key)
-
-    def reset(self, key: str) -> None:
-        self._tats.pop(key, None)
-
-
-def _verdict(
-    check: Check, ok: bool, tat_rel: int, new_rel: int, *, blocked: bool, store: str, interval: int
-) -> Verdict:
-    policy = check.policy
-    rel = new_rel if ok and not blocked else tat_rel
-    period = policy.period_us
-    return Verdict(
-        policy,
-        ok,
-        max(0, (period - rel) // interval),
-        max(0, rel) / 1e6,
-        0.0 if ok else max(0, new_rel - period) / 1e6,
-        store,
-    )
 
 
 class RateLimiter:
@@ -670,17 +393,6 @@ def _tally(
         outcome = "denied"
     key = (policy.name, outcome, store)
     tally[key] = tally.get(key, 0) + 1
-
-
-def _unmetered(check: Check, *, allowed: bool, store: str) -> Verdict:
-    return Verdict(
-        policy=check.policy,
-        allowed=allowed,
-        remaining=check.policy.limit if allowed else 0,
-        reset_after=0.0,
-        retry_after=0.0 if allowed else 1.0,
-        store=store,
-    )
 
 
 def _dedupe(checks: Sequence[Check]) -> Sequence[Check]:

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import math
 import os
-import random
 import socket
 import time
 import uuid
@@ -47,6 +46,8 @@ import structlog
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client import multiprocess as prom_multiprocess
 
+from surge.kit.aio import cancel_until_done
+from surge.kit.backoff import delay as backoff_delay
 from surge.kit.breaker import BreakerConfig, BreakerRegistry, UpstreamError
 from surge.kit.breaker import breakers as default_breakers
 from surge.kit.telemetry import metrics
@@ -315,7 +316,9 @@ class WebhookNotifier:
             except httpx.HTTPError as exc:
                 last = type(exc).__name__
             if attempt < self.retries:
-                await asyncio.sleep(random.uniform(0, self.backoff * 2**attempt))
+                await asyncio.sleep(
+                    backoff_delay(attempt + 1, self.backoff, math.inf, jitter="full")
+                )
         raise AlertDeliveryError(f"alert webhook failed: {last}")
 
     async def __call__(self, event: AlertEvent) -> None:
@@ -467,14 +470,8 @@ class AlertEvaluator:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="alerts")
 
     async def close(self) -> None:
-        if self._task is not None:
-            # redis-py can swallow a cancellation racing its own timeout: cancel until gone.
-            for _ in range(40):
-                self._task.cancel()
-                done, _ = await asyncio.wait({self._task}, timeout=0.05)
-                if done:
-                    break
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_until_done(task)
         if self.gateway is not None and self._leader:
             # Hand over at once instead of after the lease expires.
             with contextlib.suppress(Exception):

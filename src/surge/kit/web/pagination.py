@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
+from fastapi import Query
 from pydantic import BaseModel
 from sqlalchemy import Select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,6 +30,12 @@ from sqlalchemy.sql.elements import ColumnElement
 from surge.kit.web.cursor import decode_cursor, encode_cursor
 
 T = TypeVar("T")
+#: A listing's query parameters (docs/architecture.md §5: default 50, at most 100):
+#: ``limit: Limit = 50, cursor: Cursor = None``.
+Limit = Annotated[int, Query(ge=1, le=100, description="Items per page.")]
+Cursor = Annotated[
+    str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+]
 #: A sort column: a mapped attribute (``Item.created_at``) or any column expression.
 Column = ColumnElement[Any] | QueryableAttribute[Any]
 

@@ -1,0 +1,268 @@
+"""`surge bench notifications`: e-mails per second through the outbox (row written in a
+business transaction → job → SMTP) against a plain aiosmtplib loop, same relay, one run.
+
+One embedded PostgreSQL (durable: fsync on, like production) and one local aiosmtpd relay
+(``python -m surge.sim.smtp``, its own process, nothing stored on disk). Each repetition
+measures both, in alternating order (ours first, then theirs, then theirs first...):
+
+- **surge**: N messages written to the outbox by ``notifications.send`` (100 per business
+  transaction; not timed), then one ``surge worker`` process (concurrency C, C pooled SMTP
+  connections) started; the rate between the 10 % and 90 % marks of messages ``sent``
+  (start-up excluded), polled every 50 ms. Each message is rendered from its Jinja2
+  templates, and its state is committed before the end of DATA and after the reply
+  (ADR 0019), so this is the price of durability and exactly-once.
+- **aiosmtplib**: the same N messages (rendered from the same templates and built by the
+  same function, so only the outbox differs), sent by C concurrent loops in this process,
+  each on one persistent ``aiosmtplib.SMTP`` connection (``sendmail``) — the most a sender
+  can get from this relay.
+
+Target (issue 15): ours ≥ 0.7 × the plain loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import aiosmtplib
+
+from bench.common import console, median, report
+from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCURRENCY = 8
+#: Jobs in flight per worker: more than SMTP connections, so that the database steps of
+#: some messages overlap the SMTP conversations of others (the connections stay 8).
+WORKER_CONCURRENCY = 16
+PER_TRANSACTION = 100
+TARGET = 0.7
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _env(database_url: str, redis_url: str, smtp_port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "SURGE_ENV": "development",
+        "SURGE_LOG_LEVEL": "WARNING",
+        "SURGE_LOG_JSON": "true",
+        "SURGE_JOBS_QUEUES": "email",
+        "SURGE_DB_POOL_MIN": "2",
+        "SURGE_NOTIFY_SMTP_PORT": str(smtp_port),
+        "SURGE_NOTIFY_SMTP_CONNECTIONS": str(CONCURRENCY),
+    }
+
+
+class Surge:
+    name = "surge"
+
+    def __init__(self, database_url: str, redis_url: str, smtp_port: int) -> None:
+        from surge.config import Settings
+        from surge.kit.runtime import Runtime
+
+        self.env = _env(database_url, redis_url, smtp_port)
+        self.settings = Settings(
+            DATABASE_URL=database_url, REDIS_URL=redis_url, LOG_LEVEL="WARNING"
+        )
+        self.runtime = Runtime(self.settings)
+        self.run = ""
+
+    async def start(self) -> None:
+        from surge.worker import discover
+
+        discover(self.settings)
+        await self.runtime.start()
+
+    async def close(self) -> None:
+        await self.runtime.stop()
+
+    async def write(self, n: int) -> None:
+        """The business side: N outbox rows, PER_TRANSACTION per transaction."""
+        from surge.notifications.service import notifications
+
+        self.run = uuid4().hex[:8]
+        for start in range(0, n, PER_TRANSACTION):
+            async with self.runtime.db.session() as session:
+                for i in range(start, min(n, start + PER_TRANSACTION)):
+                    to = f"reader{i}@example.com"
+                    await notifications.send(
+                        session, to=to, template="welcome", context={"email": to},
+                        category="account", key=f"bench:{self.run}:{i}",
+                    )  # fmt: skip
+
+    async def sent(self) -> int:
+        from sqlalchemy import text
+
+        async with self.runtime.db.session() as session:
+            found = await session.scalar(
+                text(
+                    "SELECT count(*) FROM notification_messages WHERE key LIKE :k AND status = 'sent'"
+                ),
+                {"k": f"bench:{self.run}:%"},
+            )
+        return int(found or 0)
+
+    async def measure(self, n: int) -> float:
+        await self.write(n)
+        worker = _spawn(
+            [sys.executable, "-m", "surge.worker", "--queues", "email",
+             "--concurrency", str(WORKER_CONCURRENCY)],
+            self.env,
+        )  # fmt: skip
+        marks: dict[int, float] = {}
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                done = await self.sent()
+                now = time.perf_counter()
+                for fraction in (10, 90):
+                    if fraction not in marks and done >= n * fraction / 100:
+                        marks[fraction] = now
+                if 90 in marks:
+                    break
+                if worker.poll() is not None:
+                    raise RuntimeError("the surge worker exited early")
+                await asyncio.sleep(0.05)
+        finally:
+            _stop(worker)
+        if 90 not in marks:
+            raise RuntimeError("surge: did not reach 90 % in time")
+        return n * 0.8 / (marks[90] - marks[10])
+
+
+class PlainLoop:
+    name = "aiosmtplib"
+
+    def __init__(self, smtp_port: int) -> None:
+        self.port = smtp_port
+
+    async def measure(self, n: int) -> float:
+        from surge.notifications.render import build_message, render
+
+        share = [n // CONCURRENCY + (1 if i < n % CONCURRENCY else 0) for i in range(CONCURRENCY)]
+
+        async def loop(index: int, count: int) -> None:
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, start_tls=False)
+            await client.connect()
+            try:
+                for i in range(count):
+                    to = f"plain{index}-{i}@example.com"
+                    context = {"email": to, "public_url": "http://x", "unsubscribe_url": None}
+                    rendered = render("welcome", "en", context)
+                    content = build_message(
+                        outbox_id=uuid4(), sender="Surge <no-reply@surge.localhost>", to=to,
+                        rendered=rendered, created_at=datetime.now(UTC), category="account",
+                    )  # fmt: skip
+                    await client.sendmail("bounces@surge.localhost", [to], content)
+            finally:
+                await client.quit()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(loop(i, c) for i, c in enumerate(share)))
+        return n / (time.perf_counter() - started)
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    reps = 2 if quick else 5
+    n = 400 if quick else 3000
+    results: dict[str, list[float]] = {"surge": [], "aiosmtplib": []}
+    with tempfile.TemporaryDirectory(prefix="surge-bench-notify-") as folder:
+        pg = EmbeddedPostgres(Path(folder) / "pg", durable=True)
+        redis = EmbeddedRedis(Path(folder) / "redis")
+        database_url = pg.start()
+        redis_url = redis.start()
+        smtp_port = free_port()
+        relay = _spawn(
+            [sys.executable, "-m", "surge.sim.smtp", "--host", "127.0.0.1",
+             "--port", str(smtp_port), "--store", "-"],
+            dict(os.environ),
+        )  # fmt: skip
+        try:
+            wait_for_port("127.0.0.1", smtp_port, timeout=20)
+            from surge.kit.db import migrate
+
+            await asyncio.to_thread(migrate.upgrade, database_url)
+            surge = Surge(database_url, redis_url, smtp_port)
+            plain = PlainLoop(smtp_port)
+            await surge.start()
+            try:
+                for rep in range(reps):
+                    order: list[Surge | PlainLoop] = (
+                        [surge, plain] if rep % 2 == 0 else [plain, surge]
+                    )
+                    for engine in order:
+                        rate = await engine.measure(n)
+                        results[engine.name].append(rate)
+                        console.print(
+                            f"rep {rep + 1}/{reps} {engine.name:10s} {rate:8.0f} messages/s"
+                        )
+            finally:
+                await surge.close()
+        finally:
+            _stop(relay)
+            redis.stop()
+            pg.stop()
+    return {"results": results, "messages": n, "reps": reps}
+
+
+def main(quick: bool = False) -> None:
+    from bench.common import run_async
+
+    data: dict[str, Any] = {}
+
+    async def go() -> None:
+        data.update(await _run(quick))
+
+    run_async(go)
+    res = data["results"]
+    ours = round(median(res["surge"]), 1)
+    base = round(median(res["aiosmtplib"]), 1)
+    ratio = ours / base if base else 0.0
+    report(
+        "notifications",
+        ours={"messages_per_s": ours},
+        baseline={"messages_per_s": base},
+        ratio=ratio,
+        target=f"≥ {TARGET} × a plain aiosmtplib loop",
+        ok=ratio >= TARGET,
+        rows=[("messages/s (median)", f"{ours:,.0f}", f"{base:,.0f}")],
+        extra={
+            "runs": res,
+            "messages": data["messages"],
+            "reps": data["reps"],
+            "concurrency": CONCURRENCY,
+            "note": "1 worker process (16 jobs in flight, 8 SMTP connections) vs 8 plain loops "
+            "on 8 connections in one process; same relay process",
+        },
+        title="surge bench notifications: outbox → job → SMTP vs plain aiosmtplib",
+    )
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)

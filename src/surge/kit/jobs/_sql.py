@@ -1,0 +1,129 @@
+"""The worker's SQL: each statement is one atomic step (fetch, ack, heartbeat, release,
+retry, stall recovery, schedules, pruning), most run in autocommit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import text
+
+RATE_LOCK_NAMESPACE = 7_421_002  # pg_advisory_xact_lock(namespace, hashtext(queue))
+
+_FETCH = text(
+    """
+WITH candidates AS (
+    SELECT id, lock_key FROM jobs
+    WHERE state = 'queued' AND queue = ANY(CAST(:queues AS text[])) AND run_at <= now()
+      AND (lock_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM jobs running WHERE running.lock_key = jobs.lock_key
+              AND running.state = 'active'))
+    ORDER BY priority DESC, run_at, id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+), chosen AS (
+    SELECT DISTINCT ON (COALESCE(lock_key, id::text)) id FROM candidates
+    ORDER BY COALESCE(lock_key, id::text), id
+), stamp AS (SELECT clock_timestamp() AS ts)
+UPDATE jobs j SET state = 'active', attempts = j.attempts + 1,
+    lease_token = nextval('jobs_lease_token_seq'),
+    lease_expires_at = stamp.ts + make_interval(secs => :lease),
+    worker = :worker, dispatched_at = stamp.ts, started_at = COALESCE(j.started_at, stamp.ts)
+FROM chosen, stamp WHERE j.id = chosen.id
+RETURNING j.id, j.name, j.queue, j.payload::text, j.attempts, j.max_attempts, j.lease_token,
+    j.stalls
+"""
+)
+_ACK = text(
+    """
+    UPDATE jobs j SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS bigint[])) AS t(id, token)
+    WHERE j.id = t.id AND j.lease_token = t.token AND j.state = 'active'
+    RETURNING j.id
+    """
+)
+
+_COMPLETE_ONE = text(
+    "UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL "
+    "WHERE id = :id AND lease_token = :token AND state = 'active' RETURNING id"
+)
+
+_HEARTBEAT = text(
+    """
+    UPDATE jobs j SET lease_expires_at = clock_timestamp() + make_interval(secs => :lease)
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS bigint[])) AS t(id, token)
+    WHERE j.id = t.id AND j.lease_token = t.token AND j.state = 'active'
+    RETURNING j.id
+    """
+)
+
+_RELEASE = text(
+    """
+    UPDATE jobs j SET state = 'queued', attempts = GREATEST(j.attempts - 1, 0),
+        lease_token = NULL, lease_expires_at = NULL, worker = NULL, run_at = now()
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS bigint[])) AS t(id, token)
+    WHERE j.id = t.id AND j.lease_token = t.token AND j.state = 'active'
+    RETURNING j.id
+    """
+)
+
+_FAIL_OR_RETRY = text(
+    """
+    UPDATE jobs SET state = :state, last_error = :error, lease_expires_at = NULL,
+        run_at = CASE WHEN :state = 'queued' THEN now() + make_interval(secs => :delay)
+                 ELSE run_at END,
+        finished_at = CASE WHEN :state = 'failed' THEN now() ELSE NULL END
+    WHERE id = :id AND lease_token = :token AND state = 'active'
+    RETURNING id
+    """
+)
+
+_STALLED = text(
+    """
+    WITH expired AS (
+        SELECT id FROM jobs
+        WHERE state = 'active' AND lease_expires_at < clock_timestamp()
+        ORDER BY lease_expires_at LIMIT 500
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE jobs j SET stalls = j.stalls + 1,
+        state = CASE WHEN j.stalls + 1 > COALESCE(j.max_stalled, :max_stalled)
+                THEN 'failed' ELSE 'queued' END,
+        finished_at = CASE WHEN j.stalls + 1 > COALESCE(j.max_stalled, :max_stalled)
+                      THEN now() ELSE NULL END,
+        last_error = 'stalled: lease expired on worker ' || COALESCE(j.worker, '?')
+            || CASE WHEN j.stalls + 1 > COALESCE(j.max_stalled, :max_stalled)
+               THEN ' (stalled more than ' || COALESCE(j.max_stalled, :max_stalled)
+                    || ' times)' ELSE '' END,
+        lease_token = NULL, lease_expires_at = NULL, run_at = now()
+    FROM expired WHERE j.id = expired.id
+    RETURNING j.id, j.name, j.queue, j.stalls, j.state, j.worker
+    """
+)
+
+
+def _pairs(items: Iterable[tuple[int, int]]) -> dict[str, list[int]]:
+    ids, tokens = [], []
+    for job_id, token in items:
+        ids.append(job_id)
+        tokens.append(token)
+    return {"ids": ids, "tokens": tokens}
+
+
+_SCHEDULE_INSERT = text(
+    "INSERT INTO job_schedules (name, next_run_at) VALUES (:name, :at) "
+    "ON CONFLICT (name) DO NOTHING"
+)
+_SCHEDULE_DUE = text(
+    "SELECT next_run_at FROM job_schedules WHERE name = :name "
+    "AND next_run_at <= now() FOR UPDATE SKIP LOCKED"
+)
+_SCHEDULE_ADVANCE = text("UPDATE job_schedules SET next_run_at = :at WHERE name = :name")
+_PRUNE_DISPATCHES = text(
+    "DELETE FROM job_dispatches WHERE dispatched_at < now() - make_interval(secs => :secs)"
+)
+# Failed jobs are never pruned: they wait for a retry or a human.
+_PRUNE_FINISHED = text(
+    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs "
+    "WHERE state IN ('succeeded', 'cancelled') "
+    "AND finished_at < now() - make_interval(secs => :secs) LIMIT 10000)"
+)

@@ -1,0 +1,164 @@
+"""``ChannelListener``: one Redis channel listened to for the life of a process.
+
+The one copy of what the cache's coherence, the breakers' fleet and the token revocation
+list each wrote by hand (ADR 0013):
+
+- **confirmed subscribe**: ``on_subscribed`` runs only once Redis has confirmed the
+  SUBSCRIBE, so every message published after the caller takes its baseline (reads the
+  counter, loads the table...) reaches it;
+- **a gap signalled**: ``on_subscribed(resumed=True)`` after a reconnect means messages
+  published meanwhile were lost: the caller resyncs (flushes, reloads);
+- **reconnect with backoff** (``surge.kit.backoff``) while the gateway reports Redis up, and
+  a wait (no polling, no timeouts) while it reports Redis down; a listener that sees the
+  gateway go down drops its connection (``on_lost``) rather than trust a half-dead one;
+- **clean shutdown**: ``close()`` stops the task (``cancel_until_done``) and the pub/sub
+  connection is closed, not left to the garbage collector.
+
+``on_message`` runs on the listener task for each message's data (bytes) and must not
+block; ``on_idle`` runs at least every ``poll`` seconds (a place for periodic chores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from surge.kit.aio import cancel_until_done
+from surge.kit.backoff import Backoff
+from surge.kit.redis import RedisGateway
+
+log = structlog.get_logger()
+
+
+class ListenerLost(ConnectionError):
+    """The gateway reported Redis down while we were subscribed."""
+
+
+class ChannelListener:
+    """Listen to ``channel`` until ``close()``; see the module docstring."""
+
+    def __init__(
+        self,
+        gateway: RedisGateway,
+        channel: str,
+        on_message: Callable[[bytes], None],
+        *,
+        on_subscribed: Callable[[bool], Awaitable[None]] | None = None,
+        on_lost: Callable[[BaseException], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+        name: str = "listener",
+        poll: float = 1.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.channel = channel
+        self.name = name
+        self.poll = poll
+        self._on_message = on_message
+        self._on_subscribed = on_subscribed
+        self._on_lost = on_lost
+        self._on_idle = on_idle
+        self._backoff = backoff or Backoff(0.1, 3.0)
+        #: True from the end of ``on_subscribed`` until the connection is lost or closed.
+        self.listening = False
+        #: Completed subscribes (the first one, then one per reconnect).
+        self.rounds = 0
+        self._up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        gateway.on_change(self._gateway_changed)
+
+    def _gateway_changed(self, up: bool) -> None:
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
+
+    def start(self) -> None:
+        """Start listening in the background (from a running loop)."""
+        if self._task is None or self._task.done():
+            self._closed = False
+            self._task = asyncio.get_running_loop().create_task(
+                self._listen_forever(), name=f"{self.name}-pubsub"
+            )
+
+    async def close(self) -> None:
+        """Stop listening and close the connection; idempotent."""
+        self._closed = True
+        task, self._task = self._task, None
+        await cancel_until_done(task)
+        self.listening = False
+
+    async def _listen_forever(self) -> None:
+        failures = 0
+        while not self._closed:
+            if self.gateway.is_up:
+                self._up.set()
+            await self._up.wait()
+            pubsub = self.gateway.raw.pubsub()
+            try:
+                await self._subscribe(pubsub)
+                resumed = self.rounds > 0
+                if self._on_subscribed is not None:
+                    await self._on_subscribed(resumed)
+                self.rounds += 1
+                self.listening = True
+                failures = 0
+                self._backoff.reset()
+                if resumed:
+                    log.info("pubsub.resubscribed", listener=self.name)
+                await self._receive(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.listening = False
+                failures += 1
+                if failures == 1 or failures % 50 == 0:
+                    log.warning("pubsub.lost", listener=self.name, failures=failures,
+                                error=f"{type(error).__name__}: {str(error)[:200]}")  # fmt: skip
+                if self._on_lost is not None:
+                    self._on_lost(error)
+                await asyncio.sleep(self._backoff.next())
+            finally:
+                self.listening = False
+                await _close_quietly(pubsub)
+
+    async def _subscribe(self, pubsub: Any) -> None:
+        await pubsub.subscribe(self.channel)
+        while True:  # the confirmation: from here on no message can be missed
+            message = await pubsub.get_message(timeout=self.poll)
+            if message is not None and message.get("type") == "subscribe":
+                return
+            if not self.gateway.is_up:
+                raise ListenerLost("Redis reported down while subscribing")
+
+    async def _receive(self, pubsub: Any) -> None:
+        on_message, on_idle, gateway = self._on_message, self._on_idle, self.gateway
+        while not self._closed:
+            if on_idle is not None:
+                on_idle()
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.poll)
+            if message is not None and message.get("type") == "message":
+                try:
+                    on_message(message["data"])
+                except Exception:
+                    log.exception("pubsub.handler_failed", listener=self.name)
+            if not gateway.is_up:
+                raise ListenerLost("Redis reported down")
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    """Close a pub/sub whose connection may be broken, bounded (redis-py can wait forever on
+    a connection cancelled mid-read) and shielded from a second cancellation."""
+    closing = asyncio.ensure_future(pubsub.aclose())
+    with contextlib.suppress(BaseException):
+        async with asyncio.timeout(1):
+            await asyncio.shield(closing)
+    if not closing.done():
+        closing.cancel()
+    elif not closing.cancelled():
+        closing.exception()

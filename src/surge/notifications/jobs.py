@@ -1,0 +1,54 @@
+"""The outbox's jobs: send one e-mail, and a sweeper for messages whose job was lost.
+
+``notifications.email.send`` is the one place that commits more than once per job, on
+purpose (ADR 0019): the decision to send (a read), the "end of DATA is going on the wire"
+mark, and the outcome with the job's completion are three short transactions, so that no database transaction stays open across
+an SMTP conversation and a worker killed at any point leaves a state the next attempt can
+read: ``queued`` (nothing left the machine: send again) or ``sending`` (the relay may have
+it: never send again, record ``unconfirmed``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from uuid import UUID
+
+from surge.kit.jobs import JobContext, job
+from surge.notifications.service import SEND_JOB, check_rates
+from surge.notifications.service import notifications as notifications_service
+
+
+@job(SEND_JOB, queue="email", max_attempts=10, backoff=timedelta(seconds=5))
+async def send_email(ctx: JobContext) -> None:
+    """Send one outbox message (retries of *transient SMTP failures* are new jobs on the
+    NOTIFY_RETRY_SCHEDULE; this job's own retries cover database errors only)."""
+    runtime = ctx.runtime
+    message_id = UUID(str(ctx.payload["message_id"]))
+    prepared = await notifications_service.prepare(ctx.session, runtime, message_id)
+    if prepared is None:
+        return
+    verdict = await notifications_service.transmit(runtime, prepared)
+    # The outcome commits with the job's completion (one commit, not two). If that commit
+    # is lost (worker killed, lease lost), the row stays "sending" and the next attempt
+    # records "unconfirmed": never a second copy.
+    status = await notifications_service.record(
+        ctx.session, runtime, message_id, verdict,
+        retry_key=f"notify:{message_id}:after:{ctx.id}", subject=prepared.subject,
+    )  # fmt: skip
+    if status == "queued":
+        ctx.log.info("notifications.email.deferred", message_id=str(message_id),
+                     stage=verdict.stage, code=verdict.code)  # fmt: skip
+
+
+@job("notifications.outbox.sweep", queue="email", cron="*/5 * * * *", max_attempts=1)
+async def sweep_outbox(ctx: JobContext) -> None:
+    """Every 5 min: re-enqueue queued messages overdue by 15 min."""
+    count = await notifications_service.sweep(ctx.session, grace=timedelta(minutes=15))
+    if count:
+        ctx.log.warning("notifications.outbox.swept", count=count)
+
+
+@job("notifications.rates.check", queue="email", cron="*/5 * * * *", max_attempts=1)
+async def check_rates_job(ctx: JobContext) -> None:
+    """Every 5 min: bounce and complaint rates of the last day, as gauges and warnings."""
+    await check_rates(ctx.session, ctx.runtime)

@@ -1,0 +1,306 @@
+"""Every query of the notifications domain (the service calls these; nothing else does)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from surge.models.notifications import NotificationEvent, OutboxMessage, Preference, Suppression
+
+
+async def insert_message(session: AsyncSession, values: dict[str, Any]) -> UUID | None:
+    """Insert an outbox row; ``None`` when a row with the same ``key`` exists already."""
+    statement = (
+        insert(OutboxMessage)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(OutboxMessage.id)
+    )
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def message_id_by_key(session: AsyncSession, key: str) -> UUID | None:
+    return await session.scalar(select(OutboxMessage.id).where(OutboxMessage.key == key))
+
+
+async def get_message(
+    session: AsyncSession,
+    message_id: UUID,
+    *,
+    for_update: bool = False,
+    populate_existing: bool = False,
+) -> OutboxMessage | None:
+    statement = select(OutboxMessage).where(OutboxMessage.id == message_id)
+    if for_update:
+        statement = statement.with_for_update().execution_options(populate_existing=True)
+    elif populate_existing:
+        statement = statement.execution_options(populate_existing=True)
+    return await session.scalar(statement)
+
+
+# ---- the send path: one round trip per step (the driver's prepared statements, autocommit) --
+_LOAD_FOR_SENDING = """
+    SELECT m.id, m.status, m.to_address, m.template, m.locale, m.category,
+           m.context::text AS context, m.user_id, m.attempts, m.created_at,
+           s.reason AS suppressed_reason, s.source AS suppressed_source,
+           p.enabled AS preference
+    FROM notification_messages m
+    LEFT JOIN notification_suppressions s
+           ON s.address = m.to_address AND (s.expires_at IS NULL OR s.expires_at > now())
+    LEFT JOIN notification_preferences p ON p.user_id = m.user_id AND p.category = m.category
+    WHERE m.id = $1
+"""
+_MARK_SENDING = (
+    "UPDATE notification_messages SET status = 'sending' WHERE id = $1 AND status = 'queued' "
+    "RETURNING id"
+)
+# The same, committed without waiting for the WAL flush: set_config(..., true) is local to
+# the statement's own (implicit) transaction, whose commit reads synchronous_commit.
+_MARK_SENDING_ASYNC = (
+    "WITH c AS (SELECT set_config('synchronous_commit', 'off', true)) "
+    "UPDATE notification_messages SET status = 'sending' "
+    "WHERE id = $1 AND status = 'queued' AND EXISTS (SELECT FROM c) RETURNING id"
+)
+
+
+async def load_for_sending(engine: AsyncEngine, message_id: UUID) -> dict[str, Any] | None:
+    """The message with its address's active suppression and its user's preference for
+    its category, in one statement outside any transaction (a read: nothing to commit)."""
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        row = await driver.fetchrow(_LOAD_FOR_SENDING, message_id)
+    return dict(row) if row is not None else None
+
+
+async def mark_sending_now(engine: AsyncEngine, message_id: UUID, *, flush: bool) -> bool:
+    """``queued`` → ``sending`` as a transaction of its own, committed when this returns
+    (compare-and-set: False when another attempt got there first). ``flush=False``: the
+    commit does not wait for the WAL flush (see NOTIFY_SENDING_MARK_FLUSH)."""
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        statement = _MARK_SENDING if flush else _MARK_SENDING_ASYNC
+        return await driver.fetchval(statement, message_id) is not None
+
+
+async def record_sent(
+    session: AsyncSession, message_id: UUID, *, code: int | None, detail: str, subject: str | None
+) -> bool:
+    """The common outcome in one statement: the message is ``sent`` and its final event
+    written (False when the message was no longer queued/sending)."""
+    result = await session.execute(
+        text(
+            """
+            WITH m AS (
+                UPDATE notification_messages
+                SET status = 'sent', sent_at = now(), finished_at = now(),
+                    last_code = :code, last_error = :detail,
+                    subject = COALESCE(:subject, subject), attempts = attempts + 1
+                WHERE id = :id AND status IN ('queued', 'sending')
+                RETURNING id, to_address
+            )
+            INSERT INTO notification_events (message_id, address, event, source, code, detail)
+            SELECT id, to_address, 'sent', 'smtp', :code, :detail FROM m
+            RETURNING id
+            """
+        ),
+        {"id": message_id, "code": code, "detail": detail[:1000], "subject": subject},
+    )
+    return result.scalar_one_or_none() is not None
+
+
+async def mark_sending(session: AsyncSession, message_id: UUID) -> bool:
+    """``queued`` → ``sending`` (compare-and-set): False when another attempt got there."""
+    result = await session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.id == message_id, OutboxMessage.status == "queued")
+        .values(status="sending")
+        .returning(OutboxMessage.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+async def active_suppression(
+    session: AsyncSession, address: str, *, now: datetime
+) -> Suppression | None:
+    return await session.scalar(
+        select(Suppression).where(
+            Suppression.address == address,
+            (Suppression.expires_at.is_(None)) | (Suppression.expires_at > now),
+        )
+    )
+
+
+async def suppress(
+    session: AsyncSession,
+    address: str,
+    *,
+    reason: str,
+    source: str,
+    detail: str | None,
+    expires_at: datetime | None,
+) -> None:
+    """Add (or renew) a suppression; an existing one keeps the stronger (longer) term."""
+    statement = insert(Suppression).values(
+        address=address, reason=reason, source=source, detail=detail, expires_at=expires_at
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["address"],
+        set_={
+            "reason": statement.excluded.reason,
+            "source": statement.excluded.source,
+            "detail": statement.excluded.detail,
+            "created_at": func.now(),
+            "expires_at": text(
+                "CASE WHEN notification_suppressions.expires_at IS NULL "
+                "OR EXCLUDED.expires_at IS NULL THEN NULL "
+                "ELSE greatest(notification_suppressions.expires_at, EXCLUDED.expires_at) END"
+            ),
+        },
+    )
+    await session.execute(statement)
+
+
+async def lift_suppression(session: AsyncSession, address: str) -> Suppression | None:
+    row = await session.scalar(
+        delete(Suppression).where(Suppression.address == address).returning(Suppression)
+    )
+    return row
+
+
+async def list_suppressions(
+    session: AsyncSession, *, after: str | None, limit: int, address: str | None = None
+) -> Sequence[Suppression]:
+    statement = select(Suppression).order_by(Suppression.address).limit(limit)
+    if address is not None:
+        statement = statement.where(Suppression.address == address.strip().lower())
+    if after is not None:
+        statement = statement.where(Suppression.address > after)
+    return (await session.scalars(statement)).all()
+
+
+async def requeue_held(session: AsyncSession, address: str) -> list[UUID]:
+    result = await session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.to_address == address, OutboxMessage.status == "held")
+        .values(status="queued", finished_at=None, next_attempt_at=func.now())
+        .returning(OutboxMessage.id)
+    )
+    return list(result.scalars())
+
+
+async def add_event(
+    session: AsyncSession,
+    *,
+    address: str,
+    event: str,
+    source: str,
+    message_id: UUID | None = None,
+    code: int | None = None,
+    detail: str | None = None,
+) -> None:
+    session.add(
+        NotificationEvent(
+            message_id=message_id,
+            address=address,
+            event=event,
+            source=source,
+            code=code,
+            detail=detail[:1000] if detail else detail,
+        )
+    )
+
+
+async def count_events(
+    session: AsyncSession, address: str, event: str, *, since: datetime | None = None
+) -> int:
+    statement = select(func.count()).where(
+        NotificationEvent.address == address, NotificationEvent.event == event
+    )
+    if since is not None:
+        statement = statement.where(NotificationEvent.created_at >= since)
+    return int(await session.scalar(statement) or 0)
+
+
+async def claim_external_event(
+    session: AsyncSession, *, source: str, external_id: str, address: str, event: str
+) -> bool:
+    """Record a provider's event id; False when it was recorded before (a redelivery)."""
+    statement = (
+        insert(NotificationEvent)
+        .values(source=source, external_id=external_id, address=address, event=f"{event}.received")
+        .on_conflict_do_nothing(
+            index_elements=["source", "external_id"],
+            index_where=text("external_id IS NOT NULL"),
+        )
+        .returning(NotificationEvent.id)
+    )
+    return (await session.execute(statement)).scalar_one_or_none() is not None
+
+
+async def preference(session: AsyncSession, user_id: UUID, category: str) -> bool | None:
+    return await session.scalar(
+        select(Preference.enabled).where(
+            Preference.user_id == user_id, Preference.category == category
+        )
+    )
+
+
+async def preferences(session: AsyncSession, user_id: UUID) -> dict[str, bool]:
+    rows = await session.execute(
+        select(Preference.category, Preference.enabled).where(Preference.user_id == user_id)
+    )
+    return {str(category): bool(enabled) for category, enabled in rows.all()}
+
+
+async def set_preference(
+    session: AsyncSession, user_id: UUID, category: str, enabled: bool
+) -> None:
+    statement = insert(Preference).values(user_id=user_id, category=category, enabled=enabled)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["user_id", "category"],
+            set_={"enabled": enabled, "updated_at": func.now()},
+        )
+    )
+
+
+async def recent_messages(
+    session: AsyncSession, *, limit: int, before: datetime | None, status: str | None
+) -> Sequence[OutboxMessage]:
+    statement = select(OutboxMessage).order_by(OutboxMessage.created_at.desc()).limit(limit)
+    if before is not None:
+        statement = statement.where(OutboxMessage.created_at < before)
+    if status is not None:
+        statement = statement.where(OutboxMessage.status == status)
+    return (await session.scalars(statement)).all()
+
+
+async def event_totals(session: AsyncSession, *, since: datetime) -> dict[str, int]:
+    rows = await session.execute(
+        select(NotificationEvent.event, func.count())
+        .where(NotificationEvent.created_at >= since)
+        .group_by(NotificationEvent.event)
+    )
+    return {event: int(count) for event, count in rows.all()}
+
+
+async def overdue(session: AsyncSession, *, before: datetime, limit: int) -> list[UUID]:
+    """Queued messages whose attempt is long overdue (their job was lost or failed)."""
+    result = await session.execute(
+        select(OutboxMessage.id)
+        .where(
+            OutboxMessage.status == "queued",
+            func.coalesce(OutboxMessage.next_attempt_at, OutboxMessage.created_at) < before,
+        )
+        .order_by(OutboxMessage.created_at)
+        .limit(limit)
+    )
+    return list(result.scalars())

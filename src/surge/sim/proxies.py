@@ -1,0 +1,173 @@
+"""Egress proxies: real HTTP forward proxies on loopback, each leaving from its own address.
+
+Proxy ``i`` (0-based) listens on ``127.0.1.(i+1):LISTEN_PORT`` and opens its outgoing connections
+from ``127.0.0.(i+2)`` (Linux routes all of 127.0.0.0/8 to loopback), so the provider
+simulator sees one distinct client IP per proxy, as a real site sees a proxy's address.
+One process runs every listener (one ``Simulator`` entry). Absolute-URI forwarding
+(``GET http://host/path``, one request per connection) and ``CONNECT`` tunnels.
+
+    python -m surge.sim.proxies --host 127.0.0.1 --port 9200 --count 4 --listen-port 3128
+
+(``--host:--port`` is proxy 0 too: where ``surge up`` checks the simulator is up.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+def listen_address(index: int) -> str:
+    return f"127.0.1.{index + 1}"
+
+
+def egress_address(index: int) -> str:
+    return f"127.0.0.{index + 2}"
+
+
+def proxy_urls(port: int, count: int) -> list[str]:
+    return [f"http://{listen_address(i)}:{port}" for i in range(count)]
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            key, value = line.split(":", 1)
+            headers[key.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0") or 0)
+    body = await reader.readexactly(length) if length else b""
+    return method, target, headers, body
+
+
+@dataclass
+class ForwardProxy:
+    listen: str
+    port: int
+    egress: str
+    handled: int = 0
+    _server: asyncio.Server | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.listen}:{self.port}"
+
+    async def start(self) -> ForwardProxy:
+        self._server = await asyncio.start_server(self._serve, self.listen, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            method, target, headers, body = await _read_request(reader)
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,
+        ):
+            writer.close()
+            return
+        self.handled += 1
+        if method == "CONNECT":
+            host, _, port = target.rpartition(":")
+            await self._relay(host, int(port), b"", reader, writer, tunnel=True)
+            return
+        parts = urlsplit(target)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        forwarded = {k: v for k, v in headers.items() if not k.startswith("proxy-")}
+        forwarded["connection"] = "close"
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in forwarded.items()
+        )
+        request = head.encode("latin-1") + b"\r\n" + body
+        await self._relay(
+            parts.hostname or "", parts.port or 80, request, reader, writer, tunnel=False
+        )
+
+    async def _relay(
+        self, host: str, port: int, request: bytes, reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter, *, tunnel: bool,
+    ) -> None:  # fmt: skip
+        try:
+            up_reader, up_writer = await asyncio.open_connection(
+                host, port, local_addr=(self.egress, 0)
+            )
+        except OSError:
+            writer.write(
+                b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            with contextlib.suppress(Exception):
+                await writer.drain()
+            writer.close()
+            return
+        if tunnel:
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await writer.drain()
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            return
+        up_writer.write(request)
+        await up_writer.drain()
+        await _pipe(up_reader, writer)
+        up_writer.close()
+
+
+async def start_proxies(count: int, port: int = 0) -> list[ForwardProxy]:
+    """``count`` proxies; with ``port`` 0 each gets its own free port."""
+    return [
+        await ForwardProxy(listen_address(i), port, egress_address(i)).start() for i in range(count)
+    ]
+
+
+async def _main(args: argparse.Namespace) -> None:
+    proxies = await start_proxies(args.count, args.listen_port)
+    # Proxy 0 also answers on --host:--port, where `surge up` checks the simulator is up.
+    ready = await asyncio.start_server(proxies[0]._serve, args.host, args.port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        ready.close()
+        for proxy in proxies:
+            await proxy.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Loopback egress proxies")
+    parser.add_argument("--host", default="127.0.0.1", help="unused: see the module docstring")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--count", type=int, default=4)
+    parser.add_argument(
+        "--listen-port", type=int, default=0,
+        help="port of every 127.0.1.x listener (0: each its own free port)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    main()
