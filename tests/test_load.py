@@ -148,7 +148,7 @@ async def test_closed_loop_in_two_processes_rotates_tokens(slow_server: SlowServ
 
 
 async def test_server_timing_reports_queue_and_app_time(app: FastAPI) -> None:
-    from tests.conftest import app_client
+    from tests.fixtures.clients import app_client
 
     stamp = int((time.time() - 0.25) * 1e6)  # sent 250 ms ago by the client's clock
     async for client in app_client(app):

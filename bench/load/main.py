@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from bench.common import RESULTS, console, report
+from bench.common import console, report, results_path
 from bench.load import html
 from bench.load.engine import load_scenario
 from bench.load.runner import open_run, summarize, timeline
@@ -415,15 +415,16 @@ def finish(
     summary = main["summary"]
     ok, misses = meets(summary, options.targets)
     name = f"load-{options.scenario}"
-    RESULTS.mkdir(exist_ok=True)
+    json_path = results_path(name)  # bench/results/, or bench/results/quick/ for --quick
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     steps = [s.name for s in load_scenario(options.scenario).STEPS]
     requests_csv = dump_requests(name, main["records"], steps)
-    html_path = RESULTS / f"{name}.html"
+    html_path = json_path.with_suffix(".html")
     html_path.write_text(html.render(name, options=options.__dict__, summary=summary,
                                      timeline=main["timeline"], series=main["series"],
                                      capacity=capacity, misses=misses))  # fmt: skip
     # The latency plot alone, for the README (an SVG file renders on any Git host, offline).
-    (RESULTS / f"{name}.svg").write_text(
+    json_path.with_suffix(".svg").write_text(
         html.latency_chart(main["timeline"], options.ramp, options.ramp + options.duration)
     )
     latency = summary["latency"]

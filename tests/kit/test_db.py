@@ -18,7 +18,8 @@ from surge.kit.db import Database, PoolConfig, engine_options, migrate, on_commi
 from surge.kit.db.pool import IdleTimeoutPool
 from surge.kit.embedded import free_port
 from surge.kit.web.deps import SessionDep
-from tests.conftest import app_client, make_settings
+from tests.fixtures.clients import app_client
+from tests.fixtures.settings import make_settings
 
 
 def _pool(db: Database) -> IdleTimeoutPool:

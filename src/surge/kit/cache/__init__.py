@@ -63,15 +63,15 @@ Design and measurements: ``docs/adr/0005-tiered-cache.md``, ``bench/cache.py``.
 from __future__ import annotations
 
 from surge.config import Settings
-from surge.kit.cache.core import (
+from surge.kit.cache._base import (
     BatchLoader,
-    Cache,
     CacheError,
     CacheResult,
     Loader,
     RecursiveLoad,
     ValueNotCacheable,
 )
+from surge.kit.cache.core import Cache
 from surge.kit.redis import RedisGateway
 
 __all__ = [

@@ -28,13 +28,11 @@ import structlog
 from surge.kit.cache import metrics as m
 from surge.kit.cache._base import (
     BatchLoader,
-    CacheError,
     CacheResult,
     Loader,
     RecursiveLoad,
     Source,
     T,
-    ValueNotCacheable,
     _loading,
     refresh_early,
 )
@@ -43,15 +41,7 @@ from surge.kit.cache._read import _ReadPath
 from surge.kit.pubsub import ChannelListener
 from surge.kit.redis import RedisUnavailable
 
-__all__ = [
-    "BatchLoader",
-    "Cache",
-    "CacheError",
-    "CacheResult",
-    "Loader",
-    "RecursiveLoad",
-    "ValueNotCacheable",
-]
+__all__ = ["Cache"]
 
 log = structlog.get_logger()
 
