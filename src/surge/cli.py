@@ -562,10 +562,14 @@ def bench(
     ],
     quick: Annotated[bool, typer.Option(help="Shorter runs (smoke test, noisier).")] = False,
 ) -> None:
-    """Run a benchmark from bench/ side by side with its baseline; writes bench/results/NAME.json."""
+    """Run a benchmark from bench/ side by side with its baseline; writes bench/results/NAME.json
+    (a --quick run writes bench/results/quick/NAME.json instead)."""
     import importlib
 
     sys.path.insert(0, str(PROJECT_ROOT))
+    from bench import common
+
+    common.QUICK = quick  # quick runs write bench/results/quick/, never the committed figures
     names = _bench_names() if name == "all" else [name]
     for bench_name in names:
         try:

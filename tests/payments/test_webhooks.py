@@ -15,9 +15,9 @@ from structlog.testing import capture_logs
 
 from surge.kit.runtime import Runtime
 from surge.kit.security import webhooks
-from tests.conftest import app_client
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import bearer, make_admin
 from tests.fixtures.payments import OLD_SECRET, SIM_SECRET
-from tests.identity.conftest import bearer, make_admin
 from tests.payments.conftest import Live, payment_settings, wait_for
 
 
