@@ -67,7 +67,7 @@ async def reset(runtime: Runtime) -> None:
             text("DELETE FROM jobs WHERE queue = 'operations' AND state IN ('queued', 'active')")
         )
     async with runtime.redis.guard() as redis:
-        keys = [k async for k in redis.scan_iter("operations:session:*")]
+        keys = [k async for k in redis.scan_iter("operations:*")]
         if keys:
             await redis.delete(*keys)
 

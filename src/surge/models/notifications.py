@@ -25,7 +25,6 @@ class OutboxMessage(Base):
     ``held`` while the address is suppressed (re-queued when the suppression is lifted)."""
 
     __tablename__ = "notification_messages"
-    # Indexes declared as migration 0008 creates them: autogenerate proposes no change.
     __table_args__ = (
         Index("ix_notification_messages_created", text("created_at DESC")),
         Index(
@@ -60,6 +59,8 @@ class NotificationEvent(Base):
 
     __tablename__ = "notification_events"
     __table_args__ = (
+        Index("ix_notification_events_address", "address", "event", "created_at"),
+        Index("ix_notification_events_created", "created_at"),
         Index(
             "uq_notification_events_external",
             "source",
@@ -67,8 +68,6 @@ class NotificationEvent(Base):
             unique=True,
             postgresql_where=text("external_id IS NOT NULL"),
         ),
-        Index("ix_notification_events_address", "address", "event", "created_at"),
-        Index("ix_notification_events_created", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)

@@ -90,6 +90,10 @@ def engine_options(url: str, config: PoolConfig) -> dict[str, Any]:
 #: serialization failure, lock not available): nothing was written, the same request can
 #: simply be sent again.
 CONCURRENCY_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+#: SQLSTATE of a statement cancelled by ``statement_timeout`` (or ``pg_cancel_backend``): the
+#: database is too slow right now (a slow network, a hot row's lock queue), its transaction
+#: rolled back whole; a transient condition (503 + Retry-After), not a bug (issue 20).
+TIMEOUT_SQLSTATES = frozenset({"57014"})
 #: SQLSTATEs of text PostgreSQL cannot store (a NUL character, a character outside the
 #: database encoding): the caller's input, not a bug.
 UNSTORABLE_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
