@@ -145,6 +145,22 @@ class IdentityService:
         )  # fmt: skip
         return user
 
+    async def notify_existing_account(self, session: AsyncSession, email: str) -> bool:
+        """Someone tried to register ``email``, which has an account: tell its owner (at most
+        once a day) instead of telling the caller (issue 16). A look-alike of an existing
+        address reaches nobody: its owner is not the one who asked."""
+        user = await repository.user_by_email(session, normalize_email(email))
+        if user is None:
+            log.info("identity.register.lookalike_refused")
+            return False
+        await notifications_service.send(
+            session, to=user.email, user_id=user.id, template="account_exists",
+            context={"email": user.email}, category="account",
+            key=f"account-exists:{user.id}:{_now().date().isoformat()}",
+        )  # fmt: skip
+        log.info("identity.register.existing_account", user_id=str(user.id))
+        return True
+
     async def find_user(self, session: AsyncSession, email: str) -> User | None:
         """The account registered with ``email`` (case-insensitive), if any."""
         return await repository.user_by_email(session, normalize_email(email))
