@@ -17,8 +17,9 @@ import pytest
 
 from surge.kit.db import migrate
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
-from tests.conftest import app_client, make_settings
+from tests.fixtures.clients import app_client
 from tests.fixtures.servers import start_postgres, start_redis
+from tests.fixtures.settings import make_settings
 
 PASSWORD = "correct horse battery staple"
 

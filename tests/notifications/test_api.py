@@ -24,8 +24,8 @@ from surge.notifications.service import message_id_header
 from surge.notifications.service import notifications as notifications_service
 from surge.sim.smtp import SmtpSimulator
 from surge.wallet.jobs import notify_withdrawal  # noqa: F401  (registers wallet jobs)
-from tests.conftest import app_client
-from tests.identity.conftest import PASSWORD, bearer, login, make_admin, unique_email
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import PASSWORD, bearer, login, make_admin, unique_email
 from tests.notifications.conftest import email_worker, wait_status
 from tests.wallet.conftest import wallet_worker
 from tests.wallet.factories import fund
