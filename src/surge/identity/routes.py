@@ -87,15 +87,13 @@ async def register(
     body: UserCreate, session: SessionDep, runtime: RuntimeDep
 ) -> RegistrationAccepted:
     """The same 202 whatever the address: a taken (or look-alike) address is not revealed.
-    Its owner gets a "you already have an account" e-mail instead (the notifications
-    outbox, at most one an hour)."""
+    The owner of a taken address gets a "you already have an account" e-mail instead."""
     try:
         await identity_service.register(session, runtime, email=body.email, password=body.password)
-    except EmailTaken as taken:
+    except EmailTaken:
         # As slow as a real registration (one password hash): no timing oracle either.
         await identity_state(runtime).hasher.hash(body.password)
-        told = await identity_service.tell_existing_owner(session, email=body.email)
-        log.info("identity.register.existing_account", reason=taken.message, told=told)
+        await identity_service.notify_existing_account(session, body.email)
     return RegistrationAccepted()
 
 

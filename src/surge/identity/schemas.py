@@ -37,7 +37,7 @@ class RegistrationAccepted(BaseModel):
     status: str = "accepted"
     detail: str = (
         "If this address can be registered, the account is ready: sign in with it. "
-        "If it already has an account, its owner has been told."
+        "If it already has an account, its owner has been sent an e-mail."
     )
 
 

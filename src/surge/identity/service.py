@@ -145,21 +145,20 @@ class IdentityService:
         )  # fmt: skip
         return user
 
-    async def tell_existing_owner(self, session: AsyncSession, *, email: str) -> bool:
-        """A sign-up with an address that already has an account: its owner gets a "you
-        already have an account" e-mail instead of the caller getting a 409 (no account
-        enumeration). At most one such e-mail per account and hour (the outbox key), so the
-        form cannot be used to flood someone's inbox. False when no account has exactly this
-        address (a look-alike of another one: nobody is told)."""
+    async def notify_existing_account(self, session: AsyncSession, email: str) -> bool:
+        """Someone tried to register ``email``, which has an account: tell its owner (at most
+        once a day) instead of telling the caller (issue 16). A look-alike of an existing
+        address reaches nobody: its owner is not the one who asked."""
         user = await repository.user_by_email(session, normalize_email(email))
         if user is None:
+            log.info("identity.register.lookalike_refused")
             return False
-        hour = datetime.now(UTC).strftime("%Y%m%d%H")
         await notifications_service.send(
             session, to=user.email, user_id=user.id, template="account_exists",
-            context={"email": user.email}, category="security",
-            key=f"account-exists:{user.id}:{hour}",
+            context={"email": user.email}, category="account",
+            key=f"account-exists:{user.id}:{_now().date().isoformat()}",
         )  # fmt: skip
+        log.info("identity.register.existing_account", user_id=str(user.id))
         return True
 
     async def find_user(self, session: AsyncSession, email: str) -> User | None:
