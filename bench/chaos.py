@@ -3,13 +3,14 @@ time with recovery in between, and after each the checks of issue 20 (ADR 0021).
 
 The stack is the one ``surge up`` runs, built here so that the network can be broken too:
 an embedded PostgreSQL (durable: fsync and synchronous commit on, as in production) and
-Redis, a fault proxy (``surge.sim.faultproxy``) in front of each, two API processes and a
-job worker fleet talking to them through the proxies. The same ``kit.supervise.Supervisor``
+Redis, a fault proxy (``surge.sim.faultproxy``) in front of each, the payment provider
+simulator (``surge.sim.payments``), two API processes and a job worker fleet talking to the
+servers through the proxies. The same ``kit.supervise.Supervisor``
 that ``surge up`` uses restarts whatever dies (servers, API, worker fleet).
 
-Load (``bench/_chaos_load.py``): privilege reads, wallet reads and withdrawals with an
-``Idempotency-Key``, on a Poisson schedule (open loop), from partners and users on free and
-paid plans; revenue events recorded every two seconds, each crediting every partner through
+Load (``bench/_chaos_load.py``): privilege reads, wallet reads, withdrawals and card
+top-ups with an ``Idempotency-Key``, on a Poisson schedule (open loop), from partners and
+users on free and paid plans; revenue events recorded every two seconds, each crediting every partner through
 the earnings jobs (small batches, so a killed worker leaves a batch half done).
 
 The checks after each fault, from the acknowledged history (Jepsen's way):
@@ -17,7 +18,8 @@ The checks after each fault, from the acknowledged history (Jepsen's way):
 - ``no_500``: no answer 5xx other than 503; every 503 carries ``Retry-After``; no 429 (the
   limits are set far above the load: a 429 would be an outage passed off as the caller's
   fault);
-- ``acked_writes``: every withdrawal answered 201 is in the ledger;
+- ``acked_writes``: every withdrawal and top-up answered 201 is recorded, every top-up
+  answered ``succeeded`` is credited exactly its amount, none is credited more;
 - ``invariants``: ``Ledger.check_invariants`` (ARCHITECTURE §6) finds nothing;
 - ``jobs_once``: every acknowledged revenue event credited every partner exactly once;
 - ``paid_not_free``: no privilege read of a paying user answered 200 with the free plan;
@@ -59,10 +61,10 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import text
 
-from bench._chaos_load import Caller, OpenLoad, Sent
+from bench._chaos_load import TOPUP, Caller, OpenLoad, Sent
 from bench.common import RESULTS, machine, percentile
 from surge.config import Settings
-from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
 from surge.kit.supervise import ChildProcess, Component, Supervisor
 from surge.sim.faultproxy import FaultProxy, ProxyThread
 
@@ -70,6 +72,7 @@ console = Console(stderr=True)
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "chaos-secret-chaos-secret-chaos-secret-01"
 PASSWORD = "chaos-password-1"
+WEBHOOK_SECRET = "whsec_chaos_0123456789abcdef"
 PARTNERS = 12
 USERS = 12
 PAID = ("pro", "plus")
@@ -92,6 +95,8 @@ class Stack:
     redis_proxy: FaultProxy = field(init=False)
     api: ChildProcess = field(init=False)
     worker: ChildProcess = field(init=False)
+    payments: ChildProcess = field(init=False)
+    payments_port: int = field(default_factory=free_port)
     supervisor: Supervisor = field(init=False)
     port: int = field(default_factory=free_port)
     tick_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -145,8 +150,20 @@ class Stack:
             "SURGE_JOBS_BACKOFF": "PT0.5S",
             "SURGE_JOBS_BACKOFF_MAX": "PT5S",
             "SURGE_WALLET_EARNINGS_BATCH": "4",  # three batches per event: kills land mid-way
+            "SURGE_PAYMENTS_PROVIDER_URL": f"http://127.0.0.1:{self.payments_port}",
+            "SURGE_PAYMENTS_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+            "SURGE_PAYMENTS_TIMEOUT": "PT4S",
         }
         python = sys.executable
+        self.payments = _LoggedChild(
+            "payments-sim",
+            [python, "-m", "surge.sim.payments", "--host", "127.0.0.1", "--port",
+             str(self.payments_port), "--webhook-url",
+             f"{self.base_url}/api/v1/webhooks/payments", "--webhook-secret", WEBHOOK_SECRET],
+            env, (self.folder / "payments-sim.log").open("ab"),
+        )  # fmt: skip
+        self.payments.start()
+        wait_for_port("127.0.0.1", self.payments_port, timeout=30)
         api_log = (self.folder / "api.log").open("ab")
         worker_log = (self.folder / "worker.log").open("ab")
         self.api = _LoggedChild(
@@ -175,6 +192,7 @@ class Stack:
                 Component("redis", self.redis.running, start_redis),
                 self.api.component(),
                 self.worker.component(),
+                self.payments.component(),
             ]
         )
         self._ticker = threading.Thread(target=self._tick, daemon=True)
@@ -207,7 +225,7 @@ class Stack:
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(timeout=10)
-        for child in (self.api, self.worker):
+        for child in (self.api, self.worker, self.payments):
             if child.process is not None and child.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.process.pid, signal.SIGTERM)
@@ -382,6 +400,30 @@ class World:
         present = {row[0] for row in found}
         return [i for i in acked if i not in present]
 
+    async def topups_wrong(self, records: list[Sent], within: float) -> list[str]:
+        """Top-ups answered 201 are recorded; those answered ``succeeded`` are credited
+        exactly their amount (by the request, the webhook or reconciliation: once); no
+        top-up anywhere is credited more than its amount."""
+        acked = {r.acked_id: r.served for r in records if r.kind == "topup" and r.status == 201}
+        deadline = time.monotonic() + within
+        while True:
+            rows = await self.query(
+                "SELECT id::text, amount, amount_credited FROM payment_topups "
+                "WHERE id = ANY(CAST(:ids AS uuid[])) OR amount_credited > amount",
+                ids=list(acked),
+            )
+            found = {row[0]: (int(row[1]), int(row[2])) for row in rows}
+            wrong = [f"over-credited {i}" for i, (a, c) in found.items() if c > a]
+            wrong += [f"missing {i}" for i in acked if i not in found]
+            short = [
+                f"succeeded, credited {found[i][1]} of {TOPUP}: {i}"
+                for i, status in acked.items()
+                if status == "succeeded" and i in found and found[i][1] != TOPUP
+            ]
+            if wrong or not short or time.monotonic() > deadline:
+                return wrong + short
+            await asyncio.sleep(0.5)
+
     async def jobs_once(self, within: float) -> tuple[bool, str]:
         """Every acknowledged event credited every partner once (waits for the queue)."""
         deadline = time.monotonic() + within
@@ -411,6 +453,9 @@ class Fault:
     what: str
     run: Callable[[Stack, World, OpenLoad, float], Awaitable[str]]
     """Injects the fault and returns once it has been lifted (``scale`` shortens waits)."""
+    settle: float = 0.0
+    """Seconds the system may take, by design, after the fault is lifted before "after" is
+    judged: a circuit breaker stays open ``BREAKER_OPEN_DURATION`` (30 s) before it probes."""
 
 
 def _kill(pid: int | None) -> None:
@@ -435,7 +480,7 @@ def _children(proc: ChildProcess, needle: str) -> list[psutil.Process]:
 
 
 async def web_kill(stack: Stack, world: World, load: OpenLoad, scale: float) -> str:
-    workers = _children(stack.api, "multiprocessing")
+    workers = _children(stack.api, "spawn_main")  # uvicorn's workers, not its resource tracker
     victim = workers[0] if workers else None
     _kill(victim.pid if victim else stack.api.pid)
     return f"SIGKILL web process {victim.pid if victim else stack.api.pid}"
@@ -533,6 +578,28 @@ async def resets(stack: Stack, world: World, load: OpenLoad, scale: float) -> st
     return f"every connection to Redis and PostgreSQL reset, {count}× over {seconds:.0f}s"
 
 
+def _provider(stack: Stack, **changes: object) -> None:
+    """Change the payment provider simulator's faults (its ``/_sim/control``)."""
+    url = f"http://127.0.0.1:{stack.payments_port}/_sim/control"
+    httpx.post(url, json=changes, timeout=5).raise_for_status()
+
+
+async def payments_slow(stack: Stack, world: World, load: OpenLoad, scale: float) -> str:
+    seconds = 20 * scale
+    await asyncio.to_thread(_provider, stack, latency=3.0)
+    await asyncio.sleep(seconds)
+    await asyncio.to_thread(_provider, stack, latency=0.0)
+    return f"payment provider answering in 3 s, {seconds:.0f}s"
+
+
+async def payments_down(stack: Stack, world: World, load: OpenLoad, scale: float) -> str:
+    seconds = 20 * scale
+    await asyncio.to_thread(_provider, stack, down=True)
+    await asyncio.sleep(seconds)
+    await asyncio.to_thread(_provider, stack, down=False)
+    return f"payment provider answering 503 to everything, {seconds:.0f}s"
+
+
 async def spike(stack: Stack, world: World, load: OpenLoad, scale: float) -> str:
     seconds = 30 * scale
     base = load.rate
@@ -554,6 +621,13 @@ FAULTS = [
     Fault("both-down", "Redis and PostgreSQL down together", both_down),
     Fault("latency", "latency +50 ms via the fault proxy", latency),
     Fault("resets", "connection resets via the fault proxy", resets),
+    Fault("payments-slow", "payment provider simulator slow (3 s) 20 s", payments_slow),
+    Fault(
+        "payments-down",
+        "payment provider simulator failing (503) 20 s",
+        payments_down,
+        settle=30.0,
+    ),
     Fault("spike", "10x arrival spike 30 s", spike),
 ]
 SHORT = ["pg-kill", "redis-freeze"]
@@ -585,18 +659,27 @@ async def run_fault(
     except TimeoutError:
         healed = None
     recovered_at = load.now()
-    await asyncio.sleep(post)
+    await asyncio.sleep(post + fault.settle)
     finish = load.now()
+    # Every request of the window answered (or timed out) before it is judged: after a
+    # spike the backlog's answers come late, and one missing would read as nothing sent.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        oldest = load.oldest_pending()
+        if oldest is None or oldest >= finish:
+            break
+        await asyncio.sleep(0.2)
     window = [r for r in load.records if start - pre <= r.due < finish]
     before = [r for r in window if r.due < start]
     # The fault, until healthy again, and one more second (answers still in flight then).
     during = [r for r in window if start <= r.due < recovered_at + 1.0]
-    after = [r for r in window if r.due >= recovered_at + 1.0]
+    after = [r for r in window if r.due >= recovered_at + 1.0 + fault.settle]
 
     bad = [r for r in window if r.status >= 500 and r.status != 503]
     no_retry = [r for r in window if r.status == 503 and not r.retry_after]
     throttled = [r for r in window if r.status == 429]
     missing = await world.acked_missing(load.records)
+    missing += await world.topups_wrong(load.records, within=30)
     problems = await world.invariants()
     jobs_ok, jobs_note = await world.jobs_once(within=60)
     served_free = [
@@ -629,6 +712,7 @@ async def run_fault(
             "503_without_retry_after": len(no_retry),
             "429": len(throttled),
             "acked_writes_missing": len(missing),
+            "acked_writes_examples": missing[:3],
             "invariant_violations": problems[:5],
             "jobs": jobs_note,
             "paid_served_free": len(served_free),

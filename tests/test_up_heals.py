@@ -153,11 +153,36 @@ def test_up_restarts_killed_servers_and_api(up: Up) -> None:
                     HEAL_WITHIN, "API restarted")  # fmt: skip
     healed["api"] = took
 
+    # A simulator (the payment provider's), restarted on its port like the rest.
+    sims = _children_with(up, "surge.sim.")
+    if sims:
+        os.killpg(sims[0], signal.SIGKILL)
+        took = up.until(
+            lambda: (
+                bool(_children_with(up, "surge.sim."))
+                and _children_with(up, "surge.sim.")[0] != sims[0]
+            ),
+            HEAL_WITHIN,
+            "simulator restarted",
+        )
+        healed["simulator"] = took
+
     assert up.metric('surge_supervised_restarts_total{component="postgres"}') >= 2
     assert up.metric('surge_supervised_restarts_total{component="redis"}') >= 2
     assert up.metric('surge_supervised_restarts_total{component="api"}') >= 1
     assert "postgres restarted" in up.log.read_text(), healed
     assert max(healed.values()) < HEAL_WITHIN, healed
+
+
+def _children_with(up: Up, needle: str) -> list[int]:
+    found = []
+    for child in psutil.Process(up.proc.pid).children():
+        try:
+            if needle in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(int(child.pid))
+        except psutil.Error:
+            continue
+    return found
 
 
 def _api_pid(up: Up) -> int | None:

@@ -197,9 +197,8 @@ def up(
         if _has_jobs() and job_processes > 0:
             commands.append(("worker", [python, "-m", "surge.cli", "worker", "--processes",
                                         str(job_processes), "--no-servers"]))  # fmt: skip
-        supervisor, supervised = _supervise(servers, commands)
-        simulators = list(children)
-        children += _running(supervised)
+        supervisor, supervised = _supervise(servers, commands, simulators=children)
+        children[:] = _running(supervised)
         _wait_for_http(host, port, timeout=60, children=children)
         base = f"http://{host}:{port}"
         console.print(
@@ -216,7 +215,7 @@ def up(
         # ---- supervision (chaos, ADR 0021): servers and children restarted, not fatal ----
         while not stopping:
             supervisor.tick()
-            children[:] = [*simulators, *_running(supervised)]
+            children[:] = _running(supervised)
             time.sleep(0.2)
     finally:
         signal.signal(signal.SIGINT, previous_int)
@@ -231,7 +230,10 @@ def up(
 
 # ---- supervision of `surge up` (chaos, ADR 0021) ---------------------------------------------
 def _supervise(
-    servers: Servers, commands: list[tuple[str, list[str]]]
+    servers: Servers,
+    commands: list[tuple[str, list[str]]],
+    *,
+    simulators: list[tuple[str, subprocess.Popen[bytes]]],
 ) -> tuple[Supervisor, list[ChildProcess]]:
     """Start the API (and the worker fleet) under a ``Supervisor`` that also watches the
     embedded servers this command started: whatever dies is restarted with backoff, logged
@@ -259,6 +261,11 @@ def _supervise(
         elif isinstance(server, EmbeddedRedis):
             supervisor.add(Component("redis", server.running, _starter(server)))
     processes = []
+    for name, running in simulators:  # already started (their ports are in the environment)
+        adopted = ChildProcess(name, [str(arg) for arg in running.args])  # type: ignore[union-attr]
+        adopted.process = running
+        supervisor.add(adopted.component())
+        processes.append(adopted)
     for name, command in commands:
         child = ChildProcess(name, command)
         child.start()
@@ -562,10 +569,14 @@ def bench(
     ],
     quick: Annotated[bool, typer.Option(help="Shorter runs (smoke test, noisier).")] = False,
 ) -> None:
-    """Run a benchmark from bench/ side by side with its baseline; writes bench/results/NAME.json."""
+    """Run a benchmark from bench/ side by side with its baseline; writes bench/results/NAME.json
+    (a --quick run writes bench/results/quick/NAME.json instead)."""
     import importlib
 
     sys.path.insert(0, str(PROJECT_ROOT))
+    from bench import common
+
+    common.QUICK = quick  # quick runs write bench/results/quick/, never the committed figures
     names = _bench_names() if name == "all" else [name]
     for bench_name in names:
         try:

@@ -363,8 +363,10 @@ class Settings(BaseSettings):
     """How long an expired in-memory entry may still be served while PostgreSQL is down."""
     IDENTITY_REFRESH_INTERVAL: timedelta = timedelta(minutes=1)
     """Seed 003: ``REFRESH MATERIALIZED VIEW CONCURRENTLY active_subscriptions`` period."""
-    IDENTITY_WARM_USERS: int = 1000
-    """Most recently active users whose privileges are loaded into memory at start."""
+    IDENTITY_WARM_USERS: int = 20_000
+    """Most recently active users whose privileges are loaded into memory at start. Above
+    the active population (seed 003: 10 000 signed in): at 1 000, a restart under load sent
+    every other active user's first request to PostgreSQL at once (issue 19)."""
 
     # ---- capacity ----------------------------------------------------------------------
     HTTP_KEEPALIVE_TIMEOUT: timedelta = timedelta(seconds=75)
@@ -376,6 +378,11 @@ class Settings(BaseSettings):
     """uvicorn ``backlog`` (listen queue). The kernel caps it at ``net.core.somaxconn``
     (``surge serve`` warns when that is lower): 10 000 clients connecting at once overflow
     4 096 and wait for SYN retransmits (1, 3, 7... s)."""
+    CACHE_EARLY_REFRESH: float = 0.1
+    """kit.cache: in the last this fraction of an entry's TTL, a hit may start a background
+    refresh (probability rising to 1 at expiry), so hot entries are renewed before they
+    expire instead of all reloading as a wave (0 turns it off). The L1 trust window
+    (``CACHE_L1_TTL``, ``IDENTITY_PRIVILEGE_L1_TTL``) is jittered by ``CACHE_TTL_JITTER``."""
     HTTP_SERVER_TIMING: bool = True
     """Send ``Server-Timing: queue;dur=…, app;dur=…`` on every response (where the time went;
     ``surge load`` reads it). Turn off to hide server timings from clients."""

@@ -6,7 +6,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from tests.identity.conftest import bearer, login, make_admin, register
+from tests.fixtures.factories import bearer, login, make_admin, register
 
 
 async def test_metrics_need_an_admin_with_mfa(api: httpx.AsyncClient) -> None:

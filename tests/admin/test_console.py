@@ -15,9 +15,10 @@ from sqlalchemy import text
 
 from surge.admin.console.timeseries import sampler
 from surge.identity.service import identity as identity_service
-from tests.identity.conftest import PASSWORD, api, id_app, id_settings
+from tests.fixtures.factories import PASSWORD
+from tests.identity.conftest import app_settings, id_app, id_settings
 
-__all__ = ["api", "id_app", "id_settings"]
+__all__ = ["app_settings", "id_app", "id_settings"]
 
 
 def csrf_of(html: str) -> str:

@@ -27,10 +27,13 @@ import pyotp
 import pytest
 from sqlalchemy import text
 
+from surge.cli import run_migrations
 from surge.demo import DEMO_PASSWORD, email, seed_async
+from surge.identity.runtime import install_identity
 from surge.kit.embedded import free_port
 from surge.kit.runtime import Runtime
 from surge.wallet.service import wallet as wallet_service
+from tests.conftest import make_settings
 from tests.fixtures.servers import ROOT, serve_env, surge_process
 from tests.wallet.factories import fund
 
@@ -118,20 +121,29 @@ async def prepare(runtime: Runtime) -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-async def test_console_in_a_browser(
-    server_urls: tuple[str, str], runtime: Runtime, tmp_path: Path
-) -> None:
+async def test_console_in_a_browser(server_urls: tuple[str, str], tmp_path: Path) -> None:
     from playwright.async_api import Page, async_playwright, expect
     from playwright.async_api import TimeoutError as PlaywrightTimeout
 
-    data = await prepare(runtime)
+    # A database of its own: the demo seed must find it empty (and tests/test_demo.py must
+    # find the shared one empty too).
+    database_url = server_urls[0].rsplit("/", 1)[0] + f"/console_{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(run_migrations, database_url)
+    own = Runtime(make_settings(database_url, server_urls[1]))
+    await own.start()
+    try:
+        install_identity(own)
+        data = await prepare(own)
+    finally:
+        await own.stop()
     shots = ROOT / "docs" / "console" if SHOTS else tmp_path
     shots.mkdir(parents=True, exist_ok=True)
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = serve_env(
-        *server_urls,
+        database_url,
+        server_urls[1],
         SURGE_AUTH_ARGON2_TIME_COST="1",
         SURGE_AUTH_ARGON2_MEMORY_KIB="1024",
         SURGE_AUTH_ARGON2_PARALLELISM="1",
@@ -180,7 +192,10 @@ async def test_console_in_a_browser(
                 for chart in ("#chart-rps", "#chart-latency", "#chart-memory"):
                     for attempt in range(6):
                         try:
-                            await page.wait_for_selector(f"{chart} polyline", timeout=10_000)
+                            # attached: a flat line has no height, so it is never "visible"
+                            await page.wait_for_selector(
+                                f"{chart} polyline", state="attached", timeout=10_000
+                            )
                             break
                         except PlaywrightTimeout:
                             if attempt == 5:
@@ -268,7 +283,9 @@ async def test_console_in_a_browser(
             finally:
                 await browser.close()
 
-    async with runtime.db.session() as session:
+    own = Runtime(make_settings(database_url, server_urls[1]))
+    await own.start()
+    async with own.db.session() as session:
         rows = (
             await session.execute(
                 text(
@@ -285,6 +302,7 @@ async def test_console_in_a_browser(
             ),
             {"e": email("auditor")},
         )
+    await own.stop()
     actions = [row.action for row in rows]
     for action in ("jobs.queue.pause", "jobs.queue.resume", "jobs.bulk.retry",
                    "wallet.withdrawal.reject"):  # fmt: skip

@@ -10,9 +10,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.identity.conftest import api, bearer, id_app, id_settings, login, register
+from tests.fixtures.factories import bearer, login, register
+from tests.identity.conftest import app_settings, id_app, id_settings
 
-__all__ = ["api", "id_app", "id_settings"]
+__all__ = ["app_settings", "id_app", "id_settings"]
 
 PROBLEM = "application/problem+json"
 

@@ -10,9 +10,10 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from tests.wallet.conftest import Caller, admin, api, wallet_app, wallet_settings
+from tests.fixtures.factories import Caller
+from tests.wallet.conftest import admin, app_settings, wallet_app, wallet_settings
 
-__all__ = ["admin", "api", "wallet_app", "wallet_settings"]
+__all__ = ["admin", "app_settings", "wallet_app", "wallet_settings"]
 
 
 def event() -> dict[str, Any]:

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from surge.identity.service import identity as identity_service
-from tests.identity.conftest import (
+from tests.fixtures.factories import (
     PASSWORD,
     bearer,
     identity_of,

@@ -6,10 +6,10 @@ processes, are in ``test_jobs_processes.py``."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -29,6 +29,7 @@ from surge.kit.jobs.registry import get_spec
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
 from tests.fixtures.waiting import eventually
+from tests.fixtures.workers import running_worker as shared_worker
 from tests.kit import jobs_handlers
 from tests.kit.jobs_handlers import EFFECTS_DDL
 
@@ -51,19 +52,13 @@ async def jobs_db(runtime: Runtime) -> Runtime:
     return runtime
 
 
-@contextlib.asynccontextmanager
-async def running_worker(
-    runtime: Runtime, queues: list[str], **overrides: object
-) -> AsyncIterator[Worker]:
-    config = WorkerConfig(queues=queues, **{**FAST, **overrides})  # type: ignore[arg-type]
-    worker = Worker(runtime, config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+def running_worker(
+    runtime: Runtime, queues: list[str], **overrides: Any
+) -> AbstractAsyncContextManager[Worker]:
+    """The shared in-process worker with this module's timings (WorkerConfig's concurrency
+    and backoff, short lease and stall checks)."""
+    timings: dict[str, Any] = {"concurrency": 8, "backoff": timedelta(seconds=5), **FAST}
+    return shared_worker(runtime, queues, stop_timeout=10, **{**timings, **overrides})
 
 
 async def state_of(runtime: Runtime, job_id: int) -> str:

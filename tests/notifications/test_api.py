@@ -24,8 +24,8 @@ from surge.notifications.service import message_id_header
 from surge.notifications.service import notifications as notifications_service
 from surge.sim.smtp import SmtpSimulator
 from surge.wallet.jobs import notify_withdrawal  # noqa: F401  (registers wallet jobs)
-from tests.conftest import app_client
-from tests.identity.conftest import PASSWORD, bearer, login, make_admin, unique_email
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import PASSWORD, bearer, login, make_admin, unique_email
 from tests.notifications.conftest import email_worker, wait_status
 from tests.wallet.conftest import wallet_worker
 from tests.wallet.factories import fund
@@ -232,7 +232,7 @@ class TestBusinessEvents:
         response = await api.post(
             "/api/v1/auth/register", json={"email": email, "password": PASSWORD}
         )
-        assert response.status_code == 201, response.text
+        assert response.status_code == 202, response.text
         await login(api, email)  # the first sign-in: not a new device
         await api.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD},
                        headers={"User-Agent": "NewPhone/1.0"})  # fmt: skip
@@ -244,6 +244,25 @@ class TestBusinessEvents:
                 assert (await wait_status(runtime, row.id)).status == "sent"
         subjects = sorted(m.subject for m in relay.messages if m.rcpt_tos == [email])
         assert subjects == ["New sign-in to your Surge account", "Welcome to Surge"]
+
+    async def test_signing_up_again_tells_the_owner_once_an_hour(
+        self, napp: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        """Register answers 202 whatever the address; the owner of a taken one is told by
+        e-mail instead (issue 16), and retrying the form cannot flood their inbox."""
+        email = unique_email("again")
+        body = {"email": email, "password": PASSWORD}
+        assert (await api.post("/api/v1/auth/register", json=body)).status_code == 202
+        for _ in range(3):
+            again = await api.post("/api/v1/auth/register", json={**body, "email": email.upper()})
+            assert again.status_code == 202, again.text
+        rows = await messages_to(napp, email)
+        assert sorted(r.template for r in rows) == ["account_exists", "welcome"]
+        stranger = unique_email("nobody")
+        assert (
+            await api.post("/api/v1/auth/register", json={**body, "email": stranger})
+        ).status_code == 202
+        assert [r.template for r in await messages_to(napp, stranger)] == ["welcome"]
 
     async def test_a_decided_withdrawal_reaches_the_partner(
         self, napp: FastAPI, api: httpx.AsyncClient, relay: SmtpSimulator

@@ -3,11 +3,8 @@ active partner is credited exactly once (real worker processes, real PostgreSQL)
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from uuid import uuid4
 
@@ -20,39 +17,21 @@ from surge.wallet.ledger import ledger
 from surge.wallet.service import earning_for
 from surge.wallet.service import wallet as wallet_service
 from tests.fixtures.waiting import eventually
+from tests.fixtures.workers import worker_process
 from tests.wallet.factories import create_partner
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTNERS = 120  # three batches of 50 at least, whatever other tests left active
 
 
-@contextmanager
-def wallet_worker_process(runtime: Runtime, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    settings = runtime.settings
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.DATABASE_URL,
-        "REDIS_URL": settings.REDIS_URL,
-        "SURGE_ENV": "test",
-        "SURGE_SECRET_KEY": settings.SECRET_KEY.get_secret_value(),
-        "SURGE_LOG_JSON": "true",
-        "SURGE_DB_POOL_MIN": "1",
-        "SURGE_JOBS_LEASE": "PT1S",
-        "SURGE_JOBS_STALLED_CHECK": "PT0.3S",
-        "SURGE_JOBS_POLL_INTERVAL": "PT0.1S",
-        "SURGE_JOBS_BACKOFF": "PT0.1S",
-    }
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "surge.worker", "--queues", "wallet", "--concurrency", "2"],
-            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+def wallet_worker_process(
+    runtime: Runtime, log: Path
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    return worker_process(
+        runtime.settings, log, ["wallet"], concurrency=2, SURGE_JOBS_LEASE="PT1S",
+        SURGE_JOBS_STALLED_CHECK="PT0.3S", SURGE_JOBS_POLL_INTERVAL="PT0.1S",
+        SURGE_JOBS_BACKOFF="PT0.1S",
+    )  # fmt: skip
 
 
 @pytest.mark.chaos

@@ -87,14 +87,15 @@ async def register(
     body: UserCreate, session: SessionDep, runtime: RuntimeDep
 ) -> RegistrationAccepted:
     """The same 202 whatever the address: a taken (or look-alike) address is not revealed.
-    Its owner gets a "you already have an account" message instead (a log line until the
-    notifications outbox lands)."""
+    Its owner gets a "you already have an account" e-mail instead (the notifications
+    outbox, at most one an hour)."""
     try:
         await identity_service.register(session, runtime, email=body.email, password=body.password)
     except EmailTaken as taken:
         # As slow as a real registration (one password hash): no timing oracle either.
         await identity_state(runtime).hasher.hash(body.password)
-        log.info("identity.register.existing_account", reason=taken.message)
+        told = await identity_service.tell_existing_owner(session, email=body.email)
+        log.info("identity.register.existing_account", reason=taken.message, told=told)
     return RegistrationAccepted()
 
 

@@ -145,6 +145,23 @@ class IdentityService:
         )  # fmt: skip
         return user
 
+    async def tell_existing_owner(self, session: AsyncSession, *, email: str) -> bool:
+        """A sign-up with an address that already has an account: its owner gets a "you
+        already have an account" e-mail instead of the caller getting a 409 (no account
+        enumeration). At most one such e-mail per account and hour (the outbox key), so the
+        form cannot be used to flood someone's inbox. False when no account has exactly this
+        address (a look-alike of another one: nobody is told)."""
+        user = await repository.user_by_email(session, normalize_email(email))
+        if user is None:
+            return False
+        hour = datetime.now(UTC).strftime("%Y%m%d%H")
+        await notifications_service.send(
+            session, to=user.email, user_id=user.id, template="account_exists",
+            context={"email": user.email}, category="security",
+            key=f"account-exists:{user.id}:{hour}",
+        )  # fmt: skip
+        return True
+
     async def find_user(self, session: AsyncSession, email: str) -> User | None:
         """The account registered with ``email`` (case-insensitive), if any."""
         return await repository.user_by_email(session, normalize_email(email))

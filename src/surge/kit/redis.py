@@ -56,6 +56,14 @@ def _pool_exhausted(error: BaseException) -> bool:
     )
 
 
+def is_closed_transport(error: BaseException) -> bool:
+    """uvloop's answer to a write on a connection the peer reset: a ``RuntimeError``
+    ("unable to perform operation on <TCPTransport closed=True ...>; the handler is
+    closed"), not a ``ConnectionError`` — still a lost connection (issue 20: resets injected
+    by the fault proxy answered 500 through redis-py)."""
+    return isinstance(error, RuntimeError) and "handler is closed" in str(error)
+
+
 class RedisUnavailable(DependencyUnavailable):
     """Redis is down (or was a moment ago and has not answered a probe since)."""
 
@@ -193,6 +201,11 @@ class RedisGateway:
         except CONNECTION_ERRORS as exc:
             if _pool_exhausted(exc):
                 raise RedisUnavailable("No Redis connection free in this process") from exc
+            self.mark_down(exc)
+            raise RedisUnavailable() from exc
+        except RuntimeError as exc:
+            if not is_closed_transport(exc):
+                raise
             self.mark_down(exc)
             raise RedisUnavailable() from exc
 

@@ -90,6 +90,10 @@ def engine_options(url: str, config: PoolConfig) -> dict[str, Any]:
 #: serialization failure, lock not available): nothing was written, the same request can
 #: simply be sent again.
 CONCURRENCY_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+#: SQLSTATE of a statement cancelled by ``statement_timeout`` (or ``pg_cancel_backend``): the
+#: database is too slow right now (a slow network, a hot row's lock queue), its transaction
+#: rolled back whole; a transient condition (503 + Retry-After), not a bug (issue 20).
+TIMEOUT_SQLSTATES = frozenset({"57014"})
 #: SQLSTATEs of text PostgreSQL cannot store (a NUL character, a character outside the
 #: database encoding): the caller's input, not a bug.
 UNSTORABLE_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
@@ -267,9 +271,16 @@ class Database:
 
     @asynccontextmanager
     async def read_session(self) -> AsyncIterator[AsyncSession]:
-        """A read-only session, on a healthy replica when there is one."""
+        """A read-only session, on a healthy replica when there is one.
+
+        In autocommit: each statement runs in its own implicit transaction, so a read costs
+        its query alone instead of ``BEGIN``, the query and ``ROLLBACK`` — three round trips
+        holding a pooled connection, which under ``surge load`` was a fifth of a web
+        process's CPU (ADR 0015). Reads that need one snapshot across several statements
+        use ``session()`` (or a REPEATABLE READ transaction of their own)."""
         connection = await self._read_connection()
         try:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
             async with AsyncSession(bind=connection, expire_on_commit=False) as session:
                 yield session
         finally:

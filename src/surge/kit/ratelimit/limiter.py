@@ -60,7 +60,12 @@ from surge.kit.ratelimit.decision import (
 )
 from surge.kit.ratelimit.metrics import BATCH_SIZE, DECISIONS, LOCAL_FALLBACK
 from surge.kit.ratelimit.policy import Failure, Identify, RatePolicy, subject_from_state
-from surge.kit.redis import CONNECTION_ERRORS, RedisGateway, RedisUnavailable
+from surge.kit.redis import (
+    CONNECTION_ERRORS,
+    RedisGateway,
+    RedisUnavailable,
+    is_closed_transport,
+)
 from surge.kit.web.client_ip import ClientIpResolver
 
 log = structlog.get_logger()
@@ -250,7 +255,7 @@ class RateLimiter:
         if isinstance(error, ReadOnlyError):  # a failover demoted our server: reconnect
             self.gateway.mark_down(error)
             unavailable = RedisUnavailable("Redis answered READONLY")
-        elif isinstance(error, CONNECTION_ERRORS):
+        elif isinstance(error, CONNECTION_ERRORS) or is_closed_transport(error):
             self.gateway.mark_down(error)
             unavailable = RedisUnavailable()
         else:

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from surge.kit.db import (
     CONCURRENCY_SQLSTATES,
     OUT_OF_RANGE_SQLSTATES,
+    TIMEOUT_SQLSTATES,
     UNSTORABLE_TEXT_SQLSTATES,
     is_pool_exhausted,
     is_unavailable,
@@ -154,6 +155,15 @@ async def _database_error(request: Request, error: Exception) -> Response:
             type_="concurrent-update",
             request=request,
             headers={"Retry-After": "1"},
+        )
+    if state in TIMEOUT_SQLSTATES:  # too slow now: rolled back whole, worth a retry
+        log.warning("db.statement_timeout", path=request.url.path)
+        return problem_response(
+            503,
+            detail="The database is too slow right now; nothing was written. Retry shortly.",
+            type_="busy",
+            request=request,
+            headers={"Retry-After": "2"},
         )
     if state in UNSTORABLE_TEXT_SQLSTATES or state in OUT_OF_RANGE_SQLSTATES:
         detail = (
