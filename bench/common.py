@@ -2,8 +2,10 @@
 
 Every benchmark compares Surge against a baseline *in the same run*, repeats the pair several
 times interleaved (this machine is noisy: ±20-40 % between windows), and reports medians and
-ratios. ``report()`` prints a human table and, as the last line, one JSON object, and writes
-it to ``bench/results/NAME.json``.
+ratios. ``report()`` prints a human table (stderr) and, as the last line of stdout, one JSON
+object, and writes it to ``bench/results/NAME.json`` — or, for a ``--quick`` smoke run, to
+``bench/results/quick/NAME.json`` (git-ignored), so a smoke run never replaces a committed
+figure. Logs go to stderr: stdout carries the JSON line only.
 """
 
 from __future__ import annotations
@@ -22,8 +24,22 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from surge.kit.telemetry.logging import configure_logging
+
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Where ``--quick`` runs write (git-ignored): smoke tests, not figures.
+QUICK_RESULTS = RESULTS / "quick"
+#: A ``--quick`` run: ``surge bench --quick`` sets it; ``python -m bench.NAME --quick`` too.
+QUICK = "--quick" in sys.argv
 console = Console(stderr=True)
+# structlog's default logger prints to stdout; the protocol keeps stdout for the JSON line.
+configure_logging(os.environ.get("SURGE_LOG_LEVEL", "INFO"), json=False)
+
+
+def results_path(name: str, *, quick: bool | None = None) -> Path:
+    """Where ``report(name)`` writes: the committed file, or the quick folder."""
+    folder = QUICK_RESULTS if (QUICK if quick is None else quick) else RESULTS
+    return folder / f"{name}.json"
 
 
 def median(values: list[float]) -> float:
@@ -59,7 +75,7 @@ def report(
     extra: Mapping[str, Any] | None = None,
     title: str | None = None,
 ) -> dict[str, Any]:
-    """Print the table, print the JSON line last, write ``bench/results/NAME.json``."""
+    """Print the table, print the JSON line last, write ``results_path(name)``."""
     if rows:
         table = Table(title=title or f"surge bench {name}")
         table.add_column("metric")
@@ -80,8 +96,11 @@ def report(
         result["extra"] = dict(extra)
     result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["machine"] = machine()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if QUICK:
+        result["quick"] = True
+    path = results_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return result

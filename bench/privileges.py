@@ -118,7 +118,8 @@ def _login(base: str, email: str, otp: str | None = None) -> str:
     body: dict[str, Any] = {"email": email, "password": PASSWORD}
     if otp:
         body["otp"] = otp
-    response = httpx.post(f"{base}/api/v1/auth/login", json=body, timeout=10)
+    # 60 s: 64 argon2 logins at start-up take longer than 10 s on a busy 2-core machine.
+    response = httpx.post(f"{base}/api/v1/auth/login", json=body, timeout=60)
     response.raise_for_status()
     return str(response.json()["access_token"])
 

@@ -20,7 +20,9 @@ from fastapi import FastAPI
 from surge.config import Settings, normalize_database_url
 from surge.kit.db import migrate
 from surge.kit.runtime import Runtime
+from tests.fixtures.clients import app_client, make_app
 from tests.fixtures.servers import start_postgres, start_redis
+from tests.fixtures.settings import make_settings
 
 TEST_SECRET = "test-secret-test-secret-test-secret-0123"
 
@@ -31,6 +33,10 @@ TEST_SECRET = "test-secret-test-secret-test-secret-0123"
 _TEMPROOT = Path(__file__).resolve().parents[1] / ".pytest-tmp"
 _TEMPROOT.mkdir(exist_ok=True)
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(_TEMPROOT))
+
+
+# Re-exported for tests written before the fixtures package: import from tests.fixtures.
+__all__ = ["app_client", "make_settings"]
 
 
 @pytest.fixture(scope="session")
@@ -61,22 +67,6 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         server.stop()  # type: ignore[attr-defined]
 
 
-def make_settings(database_url: str, redis_url: str, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "ENV": "test",
-        "SECRET_KEY": TEST_SECRET,
-        "LOG_JSON": True,
-        "LOG_LEVEL": "WARNING",
-        # Every test client is "anonymous from 127.0.0.1" on one shared Redis: the default
-        # 50 / 15 min would throttle the suite. Rate-limit tests turn it back on.
-        "RATELIMIT_ENABLED": False,
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="session")
 def settings(server_urls: tuple[str, str]) -> Settings:
     return make_settings(*server_urls)
@@ -101,22 +91,24 @@ async def redis_client(server_urls: tuple[str, str]) -> AsyncIterator[redis_asyn
         await client.aclose()
 
 
-async def app_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client wired to ``app`` in-process, with the lifespan run around it."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+@pytest.fixture
+def app_settings(settings: Settings) -> Settings:
+    """The settings ``app`` is built from; a test package overrides this fixture."""
+    return settings
 
 
 @pytest.fixture
-async def app(settings: Settings) -> FastAPI:
-    from surge.app import create_app
-
-    return create_app(settings)
+async def app(app_settings: Settings) -> FastAPI:
+    return make_app(app_settings)
 
 
 @pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in app_client(app):
-        yield c
+async def api(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on ``app`` (in-process, lifespan run around it)."""
+    async for client in app_client(app):
+        yield client
+
+
+@pytest.fixture
+def client(api: httpx.AsyncClient) -> httpx.AsyncClient:
+    return api

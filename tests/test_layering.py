@@ -225,3 +225,21 @@ def test_every_domain_has_a_service() -> None:
     """Same anatomy: a domain package has a ``service.py`` (its one entry for others)."""
     missing = [p for p in _domains() if not (SRC / p / "service.py").exists()]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("package", _domains())
+def test_listings_share_one_page_shape(package: str) -> None:
+    """Issue 12: six identical ``XPage`` classes. A listing replies ``Page[XRead]``
+    (``surge.kit.web.pagination``); an alias ``XPage = Page[XRead]`` is fine."""
+    offenders = []
+    for path in _modules(package):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Page"):
+                fields = {
+                    stmt.target.id
+                    for stmt in node.body
+                    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                }
+                if {"items", "next_cursor"} <= fields:
+                    offenders.append(f"{path.relative_to(SRC)}:{node.lineno} class {node.name}")
+    assert not offenders, "use kit.web.pagination.Page[T]:\n" + "\n".join(offenders)

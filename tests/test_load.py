@@ -133,8 +133,22 @@ async def test_open_loop_keeps_the_rate_of_a_fast_server(slow_server: SlowServer
     assert records.connects == 50  # one keep-alive connection per user, never reopened
 
 
+async def test_closed_loop_in_two_processes_rotates_tokens(slow_server: SlowServer) -> None:
+    # What surge bench ping/privileges run (wrk's model): 2 processes, 4 connections.
+    from bench.load.runner import closed
+
+    result = await asyncio.to_thread(
+        closed, "127.0.0.1", slow_server.port, "/livez", 1.0,
+        connections=4, processes=2, tokens=["a", "b", "c"],
+    )  # fmt: skip
+    assert result["errors"] == 0
+    assert result["rps"] > 50
+    assert slow_server.requests >= result["rps"] * 0.9
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
+
+
 async def test_server_timing_reports_queue_and_app_time(app: FastAPI) -> None:
-    from tests.conftest import app_client
+    from tests.fixtures.clients import app_client
 
     stamp = int((time.time() - 0.25) * 1e6)  # sent 250 ms ago by the client's clock
     async for client in app_client(app):

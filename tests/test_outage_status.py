@@ -17,8 +17,9 @@ import pytest
 
 from surge.kit.db import migrate
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
-from tests.conftest import app_client, make_settings
+from tests.fixtures.clients import app_client
 from tests.fixtures.servers import start_postgres, start_redis
+from tests.fixtures.settings import make_settings
 
 PASSWORD = "correct horse battery staple"
 
@@ -26,7 +27,8 @@ PASSWORD = "correct horse battery staple"
 async def _signed_in(api: httpx.AsyncClient) -> dict[str, str]:
     email = f"outage-{uuid.uuid4().hex[:12]}@example.com"
     body = {"email": email, "password": PASSWORD}
-    assert (await api.post("/api/v1/auth/register", json=body)).status_code == 201
+    # 202: the same answer for every address (issue 16)
+    assert (await api.post("/api/v1/auth/register", json=body)).status_code == 202
     response = await api.post("/api/v1/auth/login", json=body)
     assert response.status_code == 200, response.text
     return {"Authorization": f"Bearer {response.json()['access_token']}"}

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from bench.common import RESULTS, console, report
+from bench.common import console, report, results_path
 from bench.load import html
 from bench.load.engine import load_scenario
 from bench.load.runner import open_run, summarize, timeline
@@ -302,17 +302,35 @@ def meets(summary: dict[str, Any], targets: dict[str, float]) -> tuple[bool, lis
     return not misses, misses
 
 
+def settle(base: str, timeout: float = 60.0) -> None:
+    """Until the server has (almost) nothing in flight: a step after an overloaded one must
+    not start while the server still works through answers nobody waits for."""
+    deadline = time.monotonic() + timeout
+    with console.status("Waiting for the server to drain..."):
+        while time.monotonic() < deadline:
+            try:
+                sample = parse_metrics(httpx.get(f"{base}/metrics", timeout=5).text)
+            except httpx.HTTPError:
+                sample = {}
+            if sample and _sum(sample, "http_requests_in_flight") <= 2:
+                return
+            time.sleep(1.0)
+
+
 def capacity_search(
     stack: Stack, options: Options, users: list[User], population: list[User], *,
     service_token: str | None, start_rate: float, steps: int = 6,
 ) -> dict[str, Any]:  # fmt: skip
-    """Highest rate (users / think) meeting the targets: double until a failure, bisect."""
+    """Highest rate (users / think) meeting the targets: double until a failure, bisect.
+    Each step's generators open every user's connection again, so each step ramps over
+    ``--ramp`` like the main run (a 5 s ramp was a 2 000 connects/s storm of its own)."""
     tried: list[dict[str, Any]] = []
     good, bad = 0.0, float("inf")
     rate = start_rate
     for _ in range(steps):
+        settle(stack.base)
         result = one_run(stack, options, users, population, service_token,
-                         think=len(users) / rate, ramp=5.0, duration=options.step_duration,
+                         think=len(users) / rate, ramp=options.ramp, duration=options.step_duration,
                          label=f"capacity step {len(tried) + 1}: {rate:,.0f}/s")  # fmt: skip
         ok, misses = meets(result["summary"], options.targets)
         s = result["summary"]
@@ -372,19 +390,41 @@ def run(options: Options) -> dict[str, Any]:
     return finish(options, main, capacity)
 
 
+def dump_requests(name: str, records: Any, step_names: list[str]) -> Path:
+    """Every request of the main run as gzipped CSV (due, sent, done in µs from the start;
+    status; step; the server's queue and app µs; request id), beside the system's temporary
+    files: too big to commit, there to join with the server's logs by request id."""
+    import csv
+    import gzip
+
+    path = Path(tempfile.gettempdir()) / f"surge-{name}-requests.csv.gz"
+    with gzip.open(path, "wt", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["due_us", "sent_us", "done_us", "status", "step", "server_queue_us",
+                         "server_app_us", "request_id"])  # fmt: skip
+        for i in range(len(records.due)):
+            writer.writerow([records.due[i], records.sent[i], records.done[i], records.status[i],
+                             step_names[records.step[i]], records.queue_us[i],
+                             records.app_us[i], records.request_ids[i]])  # fmt: skip
+    return path
+
+
 def finish(
     options: Options, main: dict[str, Any], capacity: dict[str, Any] | None
 ) -> dict[str, Any]:
     summary = main["summary"]
     ok, misses = meets(summary, options.targets)
     name = f"load-{options.scenario}"
-    RESULTS.mkdir(exist_ok=True)
-    html_path = RESULTS / f"{name}.html"
+    json_path = results_path(name)  # bench/results/, or bench/results/quick/ for --quick
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    steps = [s.name for s in load_scenario(options.scenario).STEPS]
+    requests_csv = dump_requests(name, main["records"], steps)
+    html_path = json_path.with_suffix(".html")
     html_path.write_text(html.render(name, options=options.__dict__, summary=summary,
                                      timeline=main["timeline"], series=main["series"],
                                      capacity=capacity, misses=misses))  # fmt: skip
     # The latency plot alone, for the README (an SVG file renders on any Git host, offline).
-    (RESULTS / f"{name}.svg").write_text(
+    json_path.with_suffix(".svg").write_text(
         html.latency_chart(main["timeline"], options.ramp, options.ramp + options.duration)
     )
     latency = summary["latency"]
@@ -404,7 +444,7 @@ def finish(
         rows.append(("capacity (meets all targets)", f"{capacity['capacity_rps']:,}/s", ""))
     ours = {
         "offered_rps": summary["offered_rps"], "served_rps": summary["served_rps"],
-        **dict(latency.items()), "error_rate": summary["error_rate"],
+        **latency, "error_rate": summary["error_rate"],
         "cache_hit_ratio": hit,
     }  # fmt: skip
     if capacity is not None:
@@ -423,6 +463,7 @@ def finish(
             "capacity": capacity,
             "misses": misses,
             "report": str(html_path.relative_to(ROOT)),
+            "requests_csv": requests_csv.name + " (in the system's temporary directory)",
             "note": "generator, server, PostgreSQL and Redis share the machine's cores",
         },
         title=f"surge load {options.scenario}",

@@ -140,7 +140,7 @@ def summarize(
     server_queue = new_histogram()
     server_app = new_histogram()
     statuses: dict[str, int] = {}
-    count = errors = 0
+    count = errors = answered = 0
     last_done = 0
     for i in range(len(records.due)):
         due = records.due[i]
@@ -161,13 +161,17 @@ def summarize(
         statuses[key] = statuses.get(key, 0) + 1
         if status < 200 or status >= 500 or status == 429:
             errors += 1
-        last_done = max(last_done, records.done[i])
+        if status != NO_ANSWER:
+            answered += 1
+            last_done = max(last_done, records.done[i])
     window = steady_to - steady_from
-    served_window = max(window, (last_done - lo) / 1e6) if count else window
+    # Served: requests the server answered (any status), over the time it took to answer
+    # them; a request that timed out or was never sent was offered, not served.
+    served_window = max(window, (last_done - lo) / 1e6) if answered else window
     return {
         "requests": count,
         "offered_rps": round(count / window, 1) if window else 0.0,
-        "served_rps": round(count / served_window, 1) if served_window else 0.0,
+        "served_rps": round(answered / served_window, 1) if served_window else 0.0,
         "errors": errors,
         "error_rate": round(errors / count, 6) if count else 0.0,
         "statuses": statuses,
@@ -199,7 +203,7 @@ def timeline(records: Records, seconds: int) -> list[dict[str, float]]:
             if status < 200 or status >= 500 or status == 429:
                 errors[second] += 1
         done_second = records.done[i] // 1_000_000
-        if 0 <= done_second <= seconds:
+        if 0 <= done_second <= seconds and records.status[i] != NO_ANSWER:
             served[done_second] += 1
     out = []
     for second, histogram in enumerate(buckets):

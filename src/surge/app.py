@@ -17,9 +17,11 @@ import structlog
 from fastapi import FastAPI
 
 from surge import __version__
+from surge.admin.console import install_console
 from surge.admin.surface import install_admin
 from surge.config import Settings
 from surge.config import settings as default_settings
+from surge.identity.contract import install_auth_before_body
 from surge.identity.hook import RateLimitHook
 from surge.identity.routes import install_routes as install_identity_routes
 from surge.identity.runtime import install_identity
@@ -27,13 +29,16 @@ from surge.kit.health import Health, install_health_routes
 from surge.kit.ratelimit import install_ratelimit
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry.logging import configure_logging
+from surge.kit.web.docs import install_docs
 from surge.kit.web.middleware import SurgeMiddleware
+from surge.kit.web.openapi import install_contract
 from surge.kit.web.problem import install_problem_handlers
 from surge.kit.web.routing import promote_routes
 from surge.notifications.routes import router as notifications_router
 from surge.operations.routes import page_router as operations_page_router
 from surge.operations.routes import router as operations_router
 from surge.payments.routes import router as payments_router
+from surge.wallet.routes import api_constraints
 from surge.wallet.routes import router as wallet_router
 from surge.worker import discover as discover_jobs
 
@@ -95,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Backend platform: identity, wallet, operations, payments, notifications.",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # served from local assets below (install_docs): no CDN
         redoc_url=None,
         telemetry={
             "tracing": settings.OTEL_ENABLED,
@@ -114,6 +119,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(operations_router)  # ---- operations (admin: surge.admin.surface) ----
     app.include_router(operations_page_router)  # /panel
     app.include_router(notifications_router)  # ---- notifications (admin: surge.admin.surface) ----
+    # ---- console (issue 16): an honest contract, local docs --------------------------------
+    install_docs(app)
+    install_console(app, runtime)  # /admin: the operator's console
+    install_contract(app, constraints=api_constraints(settings))
+    install_auth_before_body(app)
+    # ---- end console ----------------------------------------------------------------------
     # The routes most requests hit go first: Starlette tries routes in order (ADR 0011).
     promote_routes(app, HOT_ROUTES)
     # Added before SurgeMiddleware so it runs inside it: 429s get request ids and metrics.

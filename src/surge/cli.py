@@ -1,4 +1,4 @@
-"""``surge``: up, serve, worker, migrate, seed-demo, bench, doctor.
+"""``surge``: up, serve, worker, migrate, seed-demo, bench, doctor, alert-rules.
 
 Heavy imports happen inside the commands: ``PROMETHEUS_MULTIPROC_DIR`` must be set before
 prometheus_client is first imported, and ``surge --help`` should answer instantly.
@@ -423,6 +423,37 @@ def migrate() -> None:
         servers.stop()
 
 
+# ---- console: alert rules from the settings (issue 16) ---------------------------------
+ALERT_RULES_FILE = PROJECT_ROOT / "deploy" / "prometheus" / "alerts.yml"
+
+
+def alert_rules_text(settings: object) -> str:
+    """The committed rules file: the kit's rules, then each domain's (one source each)."""
+    from surge.config import Settings
+    from surge.kit.telemetry.prometheus_rules import rules_from_settings
+    from surge.notifications.alerts import alert_rules as notification_rules
+
+    assert isinstance(settings, Settings)
+    return rules_from_settings(settings, extra=notification_rules(settings))
+
+
+@app.command("alert-rules")
+def alert_rules(
+    write: Annotated[
+        bool, typer.Option("--write", help="Write deploy/prometheus/alerts.yml instead of stdout")
+    ] = False,
+) -> None:
+    """Print (or write) the Prometheus alerting rules generated from the ALERT_* settings."""
+    from surge.config import Settings
+
+    text = alert_rules_text(Settings())
+    if write:
+        ALERT_RULES_FILE.write_text(text)
+        console.print(f"wrote {ALERT_RULES_FILE.relative_to(PROJECT_ROOT)}")
+    else:
+        sys.stdout.write(text)
+
+
 @app.command()
 def worker(
     processes: Annotated[int, typer.Option(help="Worker processes (default JOBS_PROCESSES).")] = 0,
@@ -538,10 +569,14 @@ def bench(
     ],
     quick: Annotated[bool, typer.Option(help="Shorter runs (smoke test, noisier).")] = False,
 ) -> None:
-    """Run a benchmark from bench/ side by side with its baseline; writes bench/results/NAME.json."""
+    """Run a benchmark from bench/ side by side with its baseline; writes bench/results/NAME.json
+    (a --quick run writes bench/results/quick/NAME.json instead)."""
     import importlib
 
     sys.path.insert(0, str(PROJECT_ROOT))
+    from bench import common
+
+    common.QUICK = quick  # quick runs write bench/results/quick/, never the committed figures
     names = _bench_names() if name == "all" else [name]
     for bench_name in names:
         try:

@@ -299,8 +299,9 @@ class Settings(BaseSettings):
     """After a message, a rule stays silent this long (then one reminder if still firing)."""
     ALERT_WEBHOOK_RETRIES: int = 3
     """Extra delivery attempts per alert message."""
-    ALERT_RESPONSE_P95: timedelta = timedelta(seconds=1)
-    """Seed 002: alert when p95 response time is above this."""
+    ALERT_RESPONSE_P95: timedelta = timedelta(milliseconds=200)
+    """Seed 003: alert when p95 response time is above this (its target is 120 ms; seed 002's
+    1 s would page long after users noticed)."""
     ALERT_ERRORS_PER_MINUTE: float = 10
     """Seed 002: alert when 5xx responses per minute are above this."""
     ALERT_MEMORY_RATIO: float = 0.9
@@ -362,8 +363,10 @@ class Settings(BaseSettings):
     """How long an expired in-memory entry may still be served while PostgreSQL is down."""
     IDENTITY_REFRESH_INTERVAL: timedelta = timedelta(minutes=1)
     """Seed 003: ``REFRESH MATERIALIZED VIEW CONCURRENTLY active_subscriptions`` period."""
-    IDENTITY_WARM_USERS: int = 1000
-    """Most recently active users whose privileges are loaded into memory at start."""
+    IDENTITY_WARM_USERS: int = 20_000
+    """Most recently active users whose privileges are loaded into memory at start. Above
+    the active population (seed 003: 10 000 signed in): at 1 000, a restart under load sent
+    every other active user's first request to PostgreSQL at once (issue 19)."""
 
     # ---- capacity ----------------------------------------------------------------------
     HTTP_KEEPALIVE_TIMEOUT: timedelta = timedelta(seconds=75)
@@ -375,6 +378,11 @@ class Settings(BaseSettings):
     """uvicorn ``backlog`` (listen queue). The kernel caps it at ``net.core.somaxconn``
     (``surge serve`` warns when that is lower): 10 000 clients connecting at once overflow
     4 096 and wait for SYN retransmits (1, 3, 7... s)."""
+    CACHE_EARLY_REFRESH: float = 0.1
+    """kit.cache: in the last this fraction of an entry's TTL, a hit may start a background
+    refresh (probability rising to 1 at expiry), so hot entries are renewed before they
+    expire instead of all reloading as a wave (0 turns it off). The L1 trust window
+    (``CACHE_L1_TTL``, ``IDENTITY_PRIVILEGE_L1_TTL``) is jittered by ``CACHE_TTL_JITTER``."""
     HTTP_SERVER_TIMING: bool = True
     """Send ``Server-Timing: queue;dur=…, app;dur=…`` on every response (where the time went;
     ``surge load`` reads it). Turn off to hide server timings from clients."""
@@ -400,6 +408,22 @@ class Settings(BaseSettings):
     """How often the `wallet_stats` materialized view is refreshed concurrently."""
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
+
+    # ---- console ------------------------------------------------------------------------
+    # (issue 16: operator's console, alerts from one source, service API keys)
+    ALERT_ERROR_RATIO: float = 0.01
+    """Seed 003: alert when more than this share of responses are 5xx (over 5 min)."""
+    ALERT_CACHE_HIT_RATIO: float = 0.9
+    """Seed 003: alert when a cache's hit ratio (L1 or L2 hits / lookups) falls below this."""
+    CONSOLE_SESSION_TTL: timedelta = timedelta(hours=8)
+    """How long a console sign-in (its HttpOnly cookie) lasts without a new sign-in."""
+    CONSOLE_SAMPLE_INTERVAL: timedelta = timedelta(seconds=5)
+    """How often each API process records its metrics into the console's time series."""
+    CONSOLE_SERIES_RETENTION: timedelta = timedelta(hours=1)
+    """How much history the console's charts keep (in Redis, trimmed by time)."""
+    CREDENTIAL_ROTATION_GRACE: timedelta = timedelta(hours=1)
+    """After a service key is rotated, the old key keeps working this long (redeploy time)."""
+    # ---- end console --------------------------------------------------------------------
 
     # ---- operations ----------------------------------------------------------------------
     OPERATIONS_PROVIDER_URL: str = ""

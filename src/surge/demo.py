@@ -35,6 +35,7 @@ DEMO_DOMAIN = "demo.surge.dev"
 #: (local part, role, plan)
 ACCOUNTS = [
     ("admin", "admin", "ultra"),
+    ("auditor", "admin_readonly", "free"),  # the console's read-only administrator
     ("alice", "user", "plus"),
     ("bob", "user", "pro"),
     ("carol", "user", "free"),
@@ -147,9 +148,10 @@ def seed(console: Console, settings: Settings | None = None) -> None:
         created = asyncio.run(seed_async(settings or default_settings))
     if created:
         console.print(
-            f"[green]✓[/] Demo data: admin, alice, bob, carol, partner1, partner2, reseller1 "
-            f"@{DEMO_DOMAIN}, password [bold]{DEMO_PASSWORD}[/] (admin endpoints need MFA: "
-            f"POST /api/v1/auth/mfa/setup then /verify); reseller panel at /panel as reseller1"
+            f"[green]✓[/] Demo data: admin, auditor, alice, bob, carol, partner1, partner2, "
+            f"reseller1 @{DEMO_DOMAIN}, password [bold]{DEMO_PASSWORD}[/] (auditor: read-only "
+            f"admin; sign in at /admin, where the second factor is enrolled in the page); "
+            f"reseller panel at /panel as reseller1"
         )
     else:
         console.print(f"[green]✓[/] Demo data already loaded (password {DEMO_PASSWORD})")

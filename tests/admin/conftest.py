@@ -1,5 +1,5 @@
-"""The admin tests use identity's app and helpers (cheap Argon2, admin with MFA)."""
+"""The admin tests use identity's app (cheap Argon2) and the shared factories."""
 
-from tests.identity.conftest import api, id_app, id_settings
+from tests.identity.conftest import app_settings, id_app, id_settings
 
-__all__ = ["api", "id_app", "id_settings"]
+__all__ = ["app_settings", "id_app", "id_settings"]

@@ -6,7 +6,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from tests.identity.conftest import bearer, login, make_admin, register
+from tests.fixtures.factories import bearer, login, make_admin, register
 
 
 async def test_metrics_need_an_admin_with_mfa(api: httpx.AsyncClient) -> None:
@@ -66,7 +66,8 @@ async def test_dashboard_page_is_served_locked_down(api: httpx.AsyncClient) -> N
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
-    assert "/api/admin/metrics" in response.text
+    assert "script-src 'self';" in response.headers["content-security-policy"]  # no inline
+    assert 'action="/admin/login"' in response.text  # the console's sign-in form
 
 
 async def test_metrics_list_idle_queues_too(id_app: FastAPI, api: httpx.AsyncClient) -> None:

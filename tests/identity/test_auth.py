@@ -8,9 +8,10 @@ import uuid
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from surge.identity.service import identity as identity_service
-from tests.identity.conftest import (
+from tests.fixtures.factories import (
     PASSWORD,
     bearer,
     identity_of,
@@ -35,21 +36,68 @@ class TestRegisterAndLogin:
         assert me.json()["email"] == email
         assert me.json()["role"] == "user"
 
-    async def test_duplicate_email_is_409(self, api: httpx.AsyncClient) -> None:
+    async def test_a_taken_email_gets_the_same_answer(self, api: httpx.AsyncClient) -> None:
+        """409 for a taken address told anyone who has an account (issue 16)."""
+        fresh = await api.post(
+            "/api/v1/auth/register", json={"email": unique_email(), "password": PASSWORD}
+        )
         email, _ = await register(api)
         again = await api.post(
-            "/api/v1/auth/register", json={"email": email.upper(), "password": PASSWORD}
+            "/api/v1/auth/register", json={"email": email.upper(), "password": "another-one-1"}
         )
-        assert again.status_code == 409
-        assert again.headers["content-type"] == PROBLEM
+        assert again.status_code == fresh.status_code == 202
+        assert again.json() == fresh.json()
+        await login(api, email)  # the original password still works: nothing was overwritten
 
-    async def test_concurrent_registrations_one_wins(self, api: httpx.AsyncClient) -> None:
+    async def test_concurrent_registrations_create_one_account(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
         email = unique_email()
         body = {"email": email, "password": PASSWORD}
         results = await asyncio.gather(
             *(api.post("/api/v1/auth/register", json=body) for _ in range(4))
         )
-        assert sorted(r.status_code for r in results) == [201, 409, 409, 409]
+        assert [r.status_code for r in results] == [202] * 4
+        async with id_app.state.runtime.db.session() as session:
+            count = await session.scalar(
+                text("SELECT count(*) FROM users WHERE email = :e"), {"e": email}
+            )
+        assert count == 1
+
+
+class TestEmailNormalisation:
+    async def test_nfkc_and_case_fold_to_one_account(self, api: httpx.AsyncClient) -> None:
+        local = f"wide-{uuid.uuid4().hex[:8]}"
+        fullwidth = "".join(chr(ord(c) + 0xFEE0) if c.isalnum() else c for c in local.upper())
+        await register(api, f"{local}@example.com")
+        # ＷＩＤＥ-… in fullwidth capitals is the same address after NFKC and lower-casing.
+        await login(api, f"{fullwidth}@EXAMPLE.com")
+
+    async def test_a_look_alike_of_an_existing_address_is_refused(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        local = f"paypal-{uuid.uuid4().hex[:8]}"
+        await register(api, f"{local}@example.com")
+        lookalike = f"p\u0430{local[2:]}@example.com"  # Cyrillic а for the Latin a
+        assert lookalike != f"{local}@example.com"
+        answer = await api.post(
+            "/api/v1/auth/register", json={"email": lookalike, "password": PASSWORD}
+        )
+        assert answer.status_code == 202  # the same answer: nothing is revealed...
+        async with id_app.state.runtime.db.session() as session:
+            found = await session.scalar(
+                text("SELECT count(*) FROM users WHERE email = :e"), {"e": lookalike}
+            )
+        assert found == 0  # ...and no second account looks like the first
+        wrong = await api.post(
+            "/api/v1/auth/login", json={"email": lookalike, "password": PASSWORD}
+        )
+        assert wrong.status_code == 401
+
+    async def test_a_distinct_ascii_address_still_registers(self, api: httpx.AsyncClient) -> None:
+        local = f"paypal-{uuid.uuid4().hex[:8]}"
+        await register(api, f"{local}@example.com")
+        await register(api, f"{local.replace('l', '1', 1)}@example.com")  # not a look-alike
 
     async def test_wrong_password_and_unknown_user_look_the_same(
         self, api: httpx.AsyncClient

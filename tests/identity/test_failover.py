@@ -16,9 +16,8 @@ from fastapi import FastAPI
 from surge.identity.privileges import PrivilegesUnavailable
 from surge.kit.db import migrate
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
-from tests.conftest import app_client
-from tests.fixtures.servers import start_postgres, start_redis
-from tests.identity.conftest import (
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import (
     bearer,
     identity_of,
     identity_settings,
@@ -26,6 +25,7 @@ from tests.identity.conftest import (
     make_admin,
     register,
 )
+from tests.fixtures.servers import start_postgres, start_redis
 
 NAMESPACE = "surge:identity:priv"
 

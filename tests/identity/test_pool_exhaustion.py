@@ -24,8 +24,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from surge.kit.db import Database
-from tests.conftest import app_client
-from tests.identity.conftest import (
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import (
     bearer,
     identity_of,
     identity_settings,

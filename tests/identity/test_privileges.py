@@ -14,8 +14,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from surge.identity.service import identity as identity_service
-from tests.fixtures.servers import free_port, serve_env, surge_process
-from tests.identity.conftest import (
+from tests.fixtures.factories import (
     FAST_ARGON2,
     bearer,
     identity_of,
@@ -23,6 +22,7 @@ from tests.identity.conftest import (
     make_admin,
     register,
 )
+from tests.fixtures.servers import free_port, serve_env, surge_process
 
 
 async def _set_plan(

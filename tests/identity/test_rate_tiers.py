@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from surge.identity.hook import RateLimitHook
 from surge.identity.service import identity as identity_service
 from surge.kit.ratelimit import Subject
-from tests.conftest import app_client
-from tests.identity.conftest import (
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import (
     bearer,
     identity_of,
     identity_settings,

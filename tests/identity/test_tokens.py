@@ -15,8 +15,8 @@ from fastapi import FastAPI
 
 from surge.config import Settings
 from surge.kit.security import KeyRing, TokenCodec
-from tests.conftest import app_client
-from tests.identity.conftest import bearer, identity_of, identity_settings, login, register
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import bearer, identity_of, identity_settings, login, register
 
 OLD_KEY = "old-key-0123456789abcdef0123456789abcdef"
 NEW_KEY = "new-key-0123456789abcdef0123456789abcdef"

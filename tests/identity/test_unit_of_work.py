@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from surge.identity.principal import Principal
 from surge.identity.runtime import identity_state
 from surge.identity.service import identity as identity_service
-from tests.identity.conftest import login, register
+from tests.fixtures.factories import login, register
 
 
 class Boom(Exception):

@@ -28,8 +28,8 @@ from surge.kit.telemetry.alerts import (
 )
 from surge.kit.telemetry.health_score import platform_health, platform_health_router
 from surge.kit.telemetry.metrics import LATENCY_BUCKETS
-from tests.conftest import make_settings
 from tests.fixtures.receivers import WebhookReceiver
+from tests.fixtures.settings import make_settings
 
 COOLDOWN = 300.0
 

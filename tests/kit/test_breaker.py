@@ -366,7 +366,7 @@ class TestFleet:
         fleet = BreakerFleet(registry, gateway)
         await fleet.start()
         try:
-            await asyncio.sleep(0.05)  # let the subscription land
+            await fleet.ready()
             await asyncio.to_thread(trip_in_another_process, redis_url)
             await wait_for_state(ours, BreakerState.OPEN)
             assert 20 < ours.remaining_open() <= 30
@@ -374,7 +374,7 @@ class TestFleet:
                 await ours.call(ok)
             # An admin reset here closes it across the fleet too (and clears the key).
             registry.reset("upstream")
-            await asyncio.sleep(0.05)
+            await fleet.settled()
             late = BreakerRegistry()
             late.get("upstream")
             late_fleet = BreakerFleet(late, gateway)
@@ -396,7 +396,7 @@ class TestFleet:
             assert state_of(breaker) is BreakerState.OPEN
         finally:
             registry.reset()
-            await asyncio.sleep(0.05)
+            await fleet.settled()
             await fleet.close()
             await gateway.close()
 
@@ -415,8 +415,7 @@ class TestFleet:
                 await other.start()
                 others.append(other)
                 await failing(reg.get("quorum-target"), 1)
-                while other._pending:  # noqa: ASYNC110 - until its Redis report is out
-                    await asyncio.sleep(0.01)
+                await other.settled()  # its Redis report is out
                 await asyncio.sleep(0.05)
                 if len(others) == 1:
                     assert state_of(ours) is BreakerState.CLOSED  # one sick process is not enough

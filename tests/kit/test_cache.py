@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from surge.kit.embedded import EmbeddedRedis
 from surge.kit.redis import RedisGateway
 from surge.kit.runtime import Runtime
 from tests.fixtures.servers import start_redis
+from tests.fixtures.waiting import eventually
 
 
 class Clock:
@@ -83,11 +84,8 @@ async def make_cache(server_urls: tuple[str, str]) -> AsyncIterator[CacheFactory
         await gateway.close()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+async def _all_called(loaders: Iterable[Counter], times: int) -> bool:
+    return all(loader.calls == times for loader in loaders)
 
 
 class TestTiers:
@@ -130,6 +128,55 @@ class TestTiers:
         expiries = [cache.l1.get(f"j{i}").fresh_until - clock.now for i in range(50)]  # type: ignore[union-attr]
         assert all(80 <= e <= 100 for e in expiries), expiries
         assert len({round(e, 3) for e in expiries}) > 40  # not expiring together
+
+    async def test_hot_entries_refresh_early_in_the_background_never_expiring(
+        self, make_cache: CacheFactory
+    ) -> None:
+        # Issue 19: entries written together expired together and turned stale as a wave.
+        clock = Clock()
+        cache = await make_cache(
+            clock=clock, early_refresh=0.2, stale_while_revalidate=30.0, l1_ttl=1000.0
+        )
+        loaders = {f"e{i}": Counter(f"v{i}") for i in range(40)}
+        for key, loader in loaders.items():
+            await cache.fetch(key, loader, ttl=100)
+        clock.advance(79)  # before the window (the last 20 s): plain hits, no refresh
+        for key, loader in loaders.items():
+            assert (await cache.fetch(key, loader, ttl=100)).source == "l1"
+        assert all(loader.calls == 1 for loader in loaders.values())
+        # Through the window, a read every second: each entry is renewed once, at a moment
+        # of its own, and no read ever sees it stale or waits for its load.
+        moments: dict[str, float] = {}
+        for second in range(1, 21):
+            clock.advance(1)
+            for key, loader in loaders.items():
+                result = await cache.fetch(key, loader, ttl=100)
+                assert (result.source, result.stale) == ("l1", False)
+            await asyncio.sleep(0.01)  # the background loads run
+            for key, loader in loaders.items():
+                if loader.calls == 2 and key not in moments:
+                    moments[key] = second
+        await eventually(lambda: _all_called(loaders.values(), 2))
+        assert len(set(moments.values())) > 5  # spread over the window, not one wave
+        clock.advance(15)  # past the first expiry: the renewed entries are still fresh
+        for key, loader in loaders.items():
+            assert (await cache.fetch(key, loader, ttl=100)).stale is False
+
+    async def test_early_refresh_off_and_l1_trust_jittered(self, make_cache: CacheFactory) -> None:
+        clock = Clock()
+        off = await make_cache(clock=clock, early_refresh=0.0, l1_ttl=60.0, ttl=300.0)
+        loader = Counter("v")
+        await off.fetch("k", loader)
+        clock.advance(299)
+        assert (await off.get_or_load("k", loader)) == "v"
+        await asyncio.sleep(0.01)
+        assert loader.calls == 1
+        jittered = await make_cache(clock=clock, ttl_jitter=0.5, l1_ttl=60.0, ttl=3000.0)
+        for i in range(30):
+            await jittered.set(f"t{i}", i)
+        trusts = {round(jittered.l1.get(f"t{i}").trust_until - clock.now, 3) for i in range(30)}  # type: ignore[union-attr]
+        assert all(30 <= t <= 60 for t in trusts)
+        assert len(trusts) > 20  # a warm start does not go back to Redis in one second
 
     async def test_l1_is_bounded_by_entry_count(self, make_cache: CacheFactory) -> None:
         cache = await make_cache(l1_max_entries=100)
@@ -221,7 +268,7 @@ class TestStale:
         loader = Counter("new", delay=0.05)
         results = await asyncio.gather(*[cache.fetch("k", loader) for _ in range(50)])
         assert {(r.value, r.stale) for r in results} == {("old", True)}
-        await eventually(lambda: _fresh_is(cache, "k", "new"))
+        await eventually(lambda: _fresh_is(cache, "k", "new"), timeout=2.0, interval=0.01)
         assert loader.calls == 1
 
     async def test_stale_if_error_serves_the_stale_value_when_the_loader_raises(
@@ -264,7 +311,7 @@ class TestInvalidation:
         assert await b.get("k") == 1
         await a.delete("k")
         assert "k" not in a.l1
-        await eventually(lambda: _absent(b, "k"))
+        await eventually(lambda: _absent(b, "k"), timeout=2.0, interval=0.01)
         assert await b.get("k", "MISS") == "MISS"
 
     async def test_tags_invalidate_every_entry_carrying_them(
@@ -317,7 +364,7 @@ class TestInvalidation:
             await a.set(f"k{i}", i)
         assert await b.get("k3") == 3
         await a.clear()
-        await eventually(lambda: _absent(b, "k3"))
+        await eventually(lambda: _absent(b, "k3"), timeout=2.0, interval=0.01)
         for cache in (a, b):
             assert await cache.get("k3", "MISS") == "MISS"
         assert int(await redis_client.get(f"{a.namespace}:ver") or 0) == 1
@@ -435,7 +482,7 @@ class TestWarmStatsMetrics:
         a, b = await make_cache(), await make_cache()
         await a.set("w1", "cached")
         # Let b hear a's message first: a read racing it would (rightly) not fill L1.
-        await eventually(lambda: _heard_everything(b))
+        await eventually(lambda: _heard_everything(b), timeout=2.0, interval=0.01)
         asked: list[list[str]] = []
 
         async def batch(keys: Any) -> dict[str, Any]:
@@ -509,3 +556,21 @@ async def _heard_everything(cache: Cache) -> bool:
 
 async def _l2_lacks(cache: Cache, key: str) -> bool:
     return bool(await cache.get(key, "MISS") == "MISS")
+
+
+async def test_a_slot_waiter_cancelled_and_dropped_by_give_stays_a_cancellation() -> None:
+    # Seen under surge load: a request timed out while waiting for an L2 slot, a give()
+    # dropped its cancelled waiter before it ran, and the waiter's cleanup raised
+    # ValueError (a 500) instead of letting the cancellation through.
+    from surge.kit.cache._l1 import Slots
+
+    slots = Slots(1)
+    assert slots.try_take()
+    waiting = asyncio.get_running_loop().create_task(slots.take())
+    await asyncio.sleep(0)  # it is waiting on its future now
+    waiting.cancel()
+    slots.give()  # drops the cancelled waiter, frees the slot
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert slots.used == 0
+    assert slots.try_take()

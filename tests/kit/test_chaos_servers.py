@@ -17,8 +17,9 @@ from surge.app import create_app
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
 from surge.kit.redis import RedisGateway, RedisUnavailable
 from surge.kit.web.deps import SessionDep
-from tests.conftest import app_client, make_settings
+from tests.fixtures.clients import app_client
 from tests.fixtures.servers import start_postgres, start_redis
+from tests.fixtures.settings import make_settings
 
 pytestmark = pytest.mark.chaos
 

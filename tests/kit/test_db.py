@@ -18,7 +18,8 @@ from surge.kit.db import Database, PoolConfig, engine_options, migrate, on_commi
 from surge.kit.db.pool import IdleTimeoutPool
 from surge.kit.embedded import free_port
 from surge.kit.web.deps import SessionDep
-from tests.conftest import app_client, make_settings
+from tests.fixtures.clients import app_client
+from tests.fixtures.settings import make_settings
 
 
 def _pool(db: Database) -> IdleTimeoutPool:
@@ -115,6 +116,30 @@ async def test_read_session_uses_replica_then_falls_back(server_urls: tuple[str,
         # both reads hit a working server: the live replica, or the primary instead of the dead one
         assert db._replica_down_until[1] > 0, "the dead replica was not marked down"
         assert db._replica_down_until[0] == 0
+        assert _pool(db).checkedout() == 0
+    finally:
+        await db.close()
+
+
+async def test_read_session_runs_without_begin_and_leaves_the_pool_transactional(
+    server_urls: tuple[str, str],
+) -> None:
+    # One pooled connection, so the write session below reuses the read's connection.
+    db = Database(server_urls[0], config=PoolConfig(min_size=0, max_size=1))
+    # How long ago this statement's transaction began: ~0 when each statement is its own.
+    transaction_age = text(
+        "SELECT extract(epoch FROM clock_timestamp() - xact_start) FROM pg_stat_activity "
+        "WHERE pid = pg_backend_pid()"
+    )
+    try:
+        async with db.read_session() as session:
+            await session.execute(text("SELECT pg_sleep(0.1)"))
+            # Autocommit: no BEGIN/ROLLBACK round trips, no transaction spanning statements.
+            assert await session.scalar(transaction_age) < 0.09
+        async with db.session() as session:
+            await session.execute(text("SELECT pg_sleep(0.1)"))
+            # A unit of work is still one transaction, on the same (reset) connection.
+            assert await session.scalar(transaction_age) >= 0.1
         assert _pool(db).checkedout() == 0
     finally:
         await db.close()

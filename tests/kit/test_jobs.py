@@ -6,10 +6,10 @@ processes, are in ``test_jobs_processes.py``."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -28,6 +28,8 @@ from surge.kit.jobs import (
 from surge.kit.jobs.registry import get_spec
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
+from tests.fixtures.waiting import eventually
+from tests.fixtures.workers import running_worker as shared_worker
 from tests.kit import jobs_handlers
 from tests.kit.jobs_handlers import EFFECTS_DDL
 
@@ -50,27 +52,13 @@ async def jobs_db(runtime: Runtime) -> Runtime:
     return runtime
 
 
-@contextlib.asynccontextmanager
-async def running_worker(
-    runtime: Runtime, queues: list[str], **overrides: object
-) -> AsyncIterator[Worker]:
-    config = WorkerConfig(queues=queues, **{**FAST, **overrides})  # type: ignore[arg-type]
-    worker = Worker(runtime, config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+def running_worker(
+    runtime: Runtime, queues: list[str], **overrides: Any
+) -> AbstractAsyncContextManager[Worker]:
+    """The shared in-process worker with this module's timings (WorkerConfig's concurrency
+    and backoff, short lease and stall checks)."""
+    timings: dict[str, Any] = {"concurrency": 8, "backoff": timedelta(seconds=5), **FAST}
+    return shared_worker(runtime, queues, stop_timeout=10, **{**timings, **overrides})
 
 
 async def state_of(runtime: Runtime, job_id: int) -> str:
@@ -155,7 +143,7 @@ class TestEnqueueNow:
         )
         assert job_id is not None
         async with running_worker(jobs_db, ["t_record"]):
-            await wait_for(lambda: _is(jobs_db, job_id, "succeeded"))
+            await eventually(lambda: _is(jobs_db, job_id, "succeeded"))
 
 
 class TestRun:
@@ -164,7 +152,7 @@ class TestRun:
             job_id = await enqueue(session, "test.record", {"note": "hello"})
         assert job_id is not None
         async with running_worker(jobs_db, ["t_record"]):
-            await wait_for(lambda: _is(jobs_db, job_id, "succeeded"))
+            await eventually(lambda: _is(jobs_db, job_id, "succeeded"))
         async with jobs_db.db.session() as session:
             notes = (await session.execute(
                 text("SELECT note FROM job_test_effects WHERE job_id = :id"), {"id": job_id}
@@ -189,7 +177,7 @@ class TestRun:
                 "WHERE id = ANY(:ids) ORDER BY id"), {"ids": batch_ids})).scalars().all()  # fmt: skip
         assert sizes == [50, 50, 20]
         async with running_worker(jobs_db, ["t_noop"], concurrency=16):
-            await wait_for(lambda: _count(jobs_db, "test.noop", "succeeded", 500))
+            await eventually(lambda: _count(jobs_db, "test.noop", "succeeded", 500))
 
 
 class TestStallAccounting:
@@ -234,7 +222,7 @@ class TestFencing:
             job_id = await enqueue(session, "test.commits")
         assert job_id is not None
         async with running_worker(jobs_db, ["t_commits"]):
-            await wait_for(lambda: _is(jobs_db, job_id, "failed"))
+            await eventually(lambda: _is(jobs_db, job_id, "failed"))
         async with jobs_db.db.session() as session:
             info = await get_job(session, job_id)
             effects = await session.scalar(text("SELECT count(*) FROM job_test_effects"))
@@ -247,7 +235,7 @@ class TestFencing:
             job_id = await enqueue(session, "test.savepoint")
         assert job_id is not None
         async with running_worker(jobs_db, ["t_savepoint"]):
-            await wait_for(lambda: _is(jobs_db, job_id, "succeeded"))
+            await eventually(lambda: _is(jobs_db, job_id, "succeeded"))
         async with jobs_db.db.session() as session:
             notes = (await session.execute(
                 text("SELECT note FROM job_test_effects WHERE job_id = :j ORDER BY note"),
@@ -266,7 +254,7 @@ class TestDedupAndLock:
         assert len(created) == 1
         # Once it ran, the key is free again.
         async with running_worker(jobs_db, ["t_record"]):
-            await wait_for(lambda: _is(jobs_db, created[0], "succeeded"))
+            await eventually(lambda: _is(jobs_db, created[0], "succeeded"))
         assert await one() is not None
 
     async def test_lock_key_serialises_jobs_across_workers(self, jobs_db: Runtime) -> None:
@@ -279,7 +267,7 @@ class TestDedupAndLock:
             running_worker(jobs_db, ["t_locked"], concurrency=8),
             running_worker(jobs_db, ["t_locked"], concurrency=8),
         ):
-            await wait_for(lambda: _count(jobs_db, "test.locked", "succeeded", 12), timeout=20)
+            await eventually(lambda: _count(jobs_db, "test.locked", "succeeded", 12), timeout=20)
         async with jobs_db.db.session() as session:
             rows = (await session.execute(text(
                 "SELECT note, started_at, at FROM job_test_effects ORDER BY note, started_at"
@@ -334,12 +322,12 @@ class TestRetries:
             job_id = await enqueue(session, "test.fail", max_attempts=1)
         assert job_id is not None
         async with running_worker(jobs_db, ["t_fail"]):
-            await wait_for(lambda: _is(jobs_db, job_id, "failed"))
+            await eventually(lambda: _is(jobs_db, job_id, "failed"))
             async with jobs_db.db.session() as session:
                 info = await retry_job(session, job_id)
             assert info.state == "queued"
             assert info.attempts == 0
-            await wait_for(lambda: _is(jobs_db, job_id, "failed"))
+            await eventually(lambda: _is(jobs_db, job_id, "failed"))
         async with jobs_db.db.session() as session:
             with pytest.raises(JobStateConflict):
                 await retry_job(session, (await enqueue(session, "test.record")) or 0)
@@ -378,7 +366,7 @@ class TestAdminApi:
             await enqueue_many(session, "test.record", [{}] * 3)
         assert failed_id is not None
         async with running_worker(jobs_db, ["t_fail"]):
-            await wait_for(lambda: _is(jobs_db, failed_id, "failed"))
+            await eventually(lambda: _is(jobs_db, failed_id, "failed"))
         transport = ASGITransport(app=app)
         async with AsyncClient(transport=transport, base_url="http://t") as web:
             overview = (await web.get("/api/admin/jobs")).json()
@@ -448,7 +436,7 @@ class TestPeriodic:
                 running_worker(jobs_db, ["t_cron"]),
                 running_worker(jobs_db, ["t_cron"]),
             ):
-                await wait_for(lambda: _count(jobs_db, "test.cron", "succeeded", 1))
+                await eventually(lambda: _count(jobs_db, "test.cron", "succeeded", 1))
                 await asyncio.sleep(1.0)  # three more maintenance rounds each
             async with jobs_db.db.session() as session:
                 count = await session.scalar(

@@ -11,8 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import IO
@@ -23,8 +23,9 @@ from sqlalchemy import text
 
 from surge.kit.embedded import free_port
 from surge.kit.jobs import enqueue, enqueue_many
-from surge.kit.jobs.worker import Worker, WorkerConfig
+from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
+from tests.fixtures.workers import running_worker
 from tests.kit import jobs_handlers
 from tests.kit.jobs_handlers import EFFECTS_DDL
 
@@ -91,21 +92,14 @@ def start_fleet(env: dict[str, str], out: IO[bytes], port: int) -> subprocess.Po
     )  # fmt: skip
 
 
-@asynccontextmanager
-async def in_process_worker(runtime: Runtime, queues: list[str]) -> AsyncIterator[Worker]:
+def in_process_worker(runtime: Runtime, queues: list[str]) -> AbstractAsyncContextManager[Worker]:
     """A second worker that starts instantly (no interpreter start-up to wait for)."""
-    config = WorkerConfig(
-        queues=queues, lease=timedelta(seconds=LEASE), stalled_check=timedelta(seconds=CHECK),
-        poll_interval=timedelta(milliseconds=100), shutdown_grace=timedelta(seconds=5),
+    return running_worker(
+        runtime, queues, name=f"in-process:{os.getpid()}", concurrency=8,
+        backoff=timedelta(seconds=5), lease=timedelta(seconds=LEASE),
+        stalled_check=timedelta(seconds=CHECK), poll_interval=timedelta(milliseconds=100),
+        shutdown_grace=timedelta(seconds=5),
     )  # fmt: skip
-    worker = Worker(runtime, config, name=f"in-process:{os.getpid()}")
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
 
 
 def read_log(log: Path) -> str:
@@ -332,8 +326,8 @@ class TestDatabaseOutage:
         """docs/architecture.md §4: PostgreSQL down → workers pause (no crash, no busy loop) and
         resume by themselves; nothing enqueued before or after is lost."""
         from surge.kit.db import migrate
-        from tests.conftest import make_settings
         from tests.fixtures.servers import start_postgres
+        from tests.fixtures.settings import make_settings
 
         assert jobs_handlers
         pg = start_postgres(tmp_path / "pg")

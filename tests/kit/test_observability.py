@@ -18,8 +18,8 @@ from surge.kit.embedded import free_port
 from surge.kit.redis import RedisGateway, RedisUnavailable
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry import metrics
-from tests.conftest import make_settings
 from tests.fixtures.servers import start_redis
+from tests.fixtures.settings import make_settings
 
 
 async def test_slow_queries_are_logged_and_counted(server_urls: tuple[str, str]) -> None:

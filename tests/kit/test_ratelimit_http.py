@@ -21,8 +21,9 @@ from surge.app import create_app
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
 from surge.kit.ratelimit import MemoClientIp, RateLimiter, RouteLimit, Subject
 from surge.kit.web.client_ip import ClientIpResolver
-from tests.conftest import app_client, make_settings
+from tests.fixtures.clients import app_client
 from tests.fixtures.servers import start_postgres, start_redis
+from tests.fixtures.settings import make_settings
 
 POLICIES: list[dict[str, Any]] = [
     {"name": "anon", "limit": 5, "period": "PT15M", "per": "ip", "tiers": ["anonymous"],

@@ -21,10 +21,21 @@ from surge.kit.security import (
 SUB = "00000000-0000-0000-0000-000000000001"
 
 
-def _codec(ttl: float = 900, leeway: float = 0) -> TokenCodec:
+class Clock:
+    """Wall-clock seconds a test moves by hand (no sleeping)."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _codec(ttl: float = 900, leeway: float = 0, clock: Clock | None = None) -> TokenCodec:
     return TokenCodec(
-        KeyRing.derived("k" * 40), issuer="surge", audience="surge-api", ttl=ttl, leeway=leeway
-    )
+        KeyRing.derived("k" * 40), issuer="surge", audience="surge-api", ttl=ttl, leeway=leeway,
+        clock=clock or time.time,
+    )  # fmt: skip
 
 
 class TestTokenCodec:
@@ -36,14 +47,30 @@ class TestTokenCodec:
         assert claims["exp"] - claims["iat"] == 900
 
     def test_memoised_token_still_expires(self) -> None:
-        codec = _codec(ttl=1)
+        clock = Clock()
+        codec = _codec(ttl=60, clock=clock)
         token = codec.issue(SUB, {})
         codec.verify(token)  # memoised now
         assert token in codec._memo
-        time.sleep(1.05)
+        clock.now += 59
+        assert codec.verify(token)["sub"] == SUB
+        clock.now += 1
         with pytest.raises(InvalidToken, match="expired"):
             codec.verify(token)
         assert token not in codec._memo
+
+    def test_expiry_and_not_before_follow_the_codecs_clock(self) -> None:
+        clock = Clock()
+        codec = _codec(ttl=60, leeway=5, clock=clock)
+        token = codec.issue(SUB, {})
+        clock.now += 64  # within the leeway
+        assert codec._verify(token)["sub"] == SUB
+        clock.now += 1
+        with pytest.raises(InvalidToken, match="expired"):
+            codec._verify(token)
+        clock.now -= 65 + 6  # issued 6 s in the future: beyond the leeway
+        with pytest.raises(InvalidToken, match="not yet valid"):
+            codec._verify(token)
 
     def test_memo_is_bounded(self) -> None:
         codec = _codec()

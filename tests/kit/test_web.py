@@ -16,7 +16,8 @@ from surge.app import create_app
 from surge.config import Settings
 from surge.kit.errors import Conflict
 from surge.kit.web.deps import SessionDep
-from tests.conftest import app_client, make_settings
+from tests.fixtures.clients import app_client
+from tests.fixtures.settings import make_settings
 
 
 class Item(BaseModel):

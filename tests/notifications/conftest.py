@@ -4,9 +4,9 @@ retry delays, a runtime, and an in-process worker on the ``email`` queue."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -16,12 +16,13 @@ from sqlalchemy import select, text
 
 from surge.config import Settings
 from surge.kit.breaker import breakers
-from surge.kit.jobs.worker import Worker, WorkerConfig
+from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
 from surge.models.notifications import NotificationEvent, OutboxMessage
 from surge.sim.smtp import SmtpSimulator
+from tests.fixtures.factories import identity_settings
 from tests.fixtures.smtp import smtp_relay
-from tests.identity.conftest import identity_settings
+from tests.fixtures.workers import running_worker
 
 FINAL = {"sent", "unconfirmed", "bounced", "blocked", "failed", "skipped", "held"}
 
@@ -69,23 +70,9 @@ async def rt(notify_config: Settings) -> AsyncIterator[Runtime]:
             breakers.reset("smtp")
 
 
-@contextlib.asynccontextmanager
-async def email_worker(runtime: Runtime, concurrency: int = 4) -> AsyncIterator[Worker]:
+def email_worker(runtime: Runtime, concurrency: int = 4) -> AbstractAsyncContextManager[Worker]:
     """What ``surge worker --queues email`` runs, in this process."""
-    config = WorkerConfig(
-        queues=["email"],
-        concurrency=concurrency,
-        poll_interval=timedelta(milliseconds=50),
-        backoff=timedelta(milliseconds=100),
-    )
-    worker = Worker(runtime, config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
+    return running_worker(runtime, ["email"], concurrency=concurrency)
 
 
 async def status_of(runtime: Runtime, message_id: UUID) -> OutboxMessage:

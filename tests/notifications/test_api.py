@@ -24,8 +24,8 @@ from surge.notifications.service import message_id_header
 from surge.notifications.service import notifications as notifications_service
 from surge.sim.smtp import SmtpSimulator
 from surge.wallet.jobs import notify_withdrawal  # noqa: F401  (registers wallet jobs)
-from tests.conftest import app_client
-from tests.identity.conftest import PASSWORD, bearer, login, make_admin, unique_email
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import PASSWORD, bearer, login, make_admin, unique_email
 from tests.notifications.conftest import email_worker, wait_status
 from tests.wallet.conftest import wallet_worker
 from tests.wallet.factories import fund
@@ -232,7 +232,7 @@ class TestBusinessEvents:
         response = await api.post(
             "/api/v1/auth/register", json={"email": email, "password": PASSWORD}
         )
-        assert response.status_code == 201, response.text
+        assert response.status_code == 202, response.text  # the same for every address
         await login(api, email)  # the first sign-in: not a new device
         await api.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD},
                        headers={"User-Agent": "NewPhone/1.0"})  # fmt: skip
@@ -244,6 +244,20 @@ class TestBusinessEvents:
                 assert (await wait_status(runtime, row.id)).status == "sent"
         subjects = sorted(m.subject for m in relay.messages if m.rcpt_tos == [email])
         assert subjects == ["New sign-in to your Surge account", "Welcome to Surge"]
+
+    async def test_registering_a_taken_address_mails_its_owner(
+        self, napp: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        """Issue 16: the caller gets the same 202; the owner gets an e-mail, once a day."""
+        email = unique_email("taken")
+        body = {"email": email, "password": PASSWORD}
+        first = await api.post("/api/v1/auth/register", json=body)
+        again = await api.post("/api/v1/auth/register", json={**body, "email": email.upper()})
+        third = await api.post("/api/v1/auth/register", json=body)
+        assert first.status_code == again.status_code == third.status_code == 202
+        assert first.json() == again.json()
+        rows = await messages_to(napp, email)
+        assert sorted(r.template for r in rows) == ["account_exists", "welcome"]
 
     async def test_a_decided_withdrawal_reaches_the_partner(
         self, napp: FastAPI, api: httpx.AsyncClient, relay: SmtpSimulator

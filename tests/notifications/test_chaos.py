@@ -11,11 +11,9 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from uuid import uuid4
 
@@ -27,7 +25,7 @@ from surge.models.notifications import OutboxMessage, Suppression
 from surge.notifications.service import message_id_header
 from surge.notifications.service import notifications as notifications_service
 from surge.sim.smtp import SmtpSimulator
-from tests.fixtures.servers import ROOT
+from tests.fixtures.workers import worker_process
 
 pytestmark = pytest.mark.chaos
 
@@ -38,42 +36,23 @@ ROLLED_BACK = 5
 CONNECTIONS = 8
 
 
-@contextmanager
 def email_worker_process(
     runtime: Runtime, port: int, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    settings = runtime.settings
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.DATABASE_URL,
-        "REDIS_URL": settings.REDIS_URL,
-        "SURGE_ENV": "test",
-        "SURGE_SECRET_KEY": settings.SECRET_KEY.get_secret_value(),
-        "SURGE_LOG_JSON": "true",
-        "SURGE_LOG_LEVEL": "WARNING",
-        "SURGE_DB_POOL_MIN": "1",
-        "SURGE_JOBS_LEASE": "PT3S",
-        "SURGE_JOBS_STALLED_CHECK": "PT1S",
-        "SURGE_JOBS_POLL_INTERVAL": "PT0.1S",
-        "SURGE_JOBS_BACKOFF": "PT0.2S",
-        "SURGE_NOTIFY_SMTP_PORT": str(port),
-        "SURGE_NOTIFY_SMTP_CONNECTIONS": str(CONNECTIONS),
-        "SURGE_NOTIFY_SMTP_TIMEOUT": "PT30S",
-        "SURGE_NOTIFY_RETRY_SCHEDULE": "0.2",
-        "SURGE_BREAKER_OPEN_DURATION": "PT0.5S",
-        "SURGE_BREAKER_FLEET": "false",
-    }
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "surge.worker", "--queues", "email", "--concurrency", "16"],
-            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    return worker_process(
+        runtime.settings, log, ["email"], concurrency=16,
+        SURGE_LOG_LEVEL="WARNING",
+        SURGE_JOBS_LEASE="PT3S",
+        SURGE_JOBS_STALLED_CHECK="PT1S",
+        SURGE_JOBS_POLL_INTERVAL="PT0.1S",
+        SURGE_JOBS_BACKOFF="PT0.2S",
+        SURGE_NOTIFY_SMTP_PORT=str(port),
+        SURGE_NOTIFY_SMTP_CONNECTIONS=str(CONNECTIONS),
+        SURGE_NOTIFY_SMTP_TIMEOUT="PT30S",
+        SURGE_NOTIFY_RETRY_SCHEDULE="0.2",
+        SURGE_BREAKER_OPEN_DURATION="PT0.5S",
+        SURGE_BREAKER_FLEET="false",
+    )  # fmt: skip
 
 
 async def count_status(runtime: Runtime, run: str, *statuses: str) -> int:

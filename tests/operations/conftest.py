@@ -4,12 +4,12 @@ reseller with credit, and an in-process worker on the ``operations`` queue."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -18,28 +18,24 @@ from sqlalchemy import text
 
 from surge.config import Settings
 from surge.identity.service import identity as identity_service
-from surge.kit.jobs.worker import Worker, WorkerConfig
+from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
 from surge.operations.service import operations as operations_service
 from surge.sim.provider import ProviderServer
 from surge.sim.proxies import ForwardProxy
 from surge.wallet.funds import funds as funds_service
-from tests.conftest import app_client
-from tests.fixtures.provider import ACCOUNTS, egress_proxies, provider_server
-from tests.identity.conftest import (
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import (
     PASSWORD,
+    Caller,
     bearer,
     identity_settings,
     login,
     make_admin,
     unique_email,
 )
-
-
-@dataclass
-class Caller:
-    id: UUID
-    headers: dict[str, str]
+from tests.fixtures.provider import ACCOUNTS, egress_proxies, provider_server
+from tests.fixtures.workers import running_worker
 
 
 @dataclass
@@ -71,7 +67,7 @@ async def reset(runtime: Runtime) -> None:
             text("DELETE FROM jobs WHERE queue = 'operations' AND state IN ('queued', 'active')")
         )
     async with runtime.redis.guard() as redis:
-        keys = [k async for k in redis.scan_iter("operations:session:*")]
+        keys = [k async for k in redis.scan_iter("operations:*")]
         if keys:
             await redis.delete(*keys)
 
@@ -154,24 +150,11 @@ async def admin(ops_app: FastAPI, api: httpx.AsyncClient) -> Caller:
     return Caller(id=uuid4(), headers=bearer(tokens))
 
 
-@contextlib.asynccontextmanager
-async def ops_worker(runtime: Runtime, **overrides: Any) -> AsyncIterator[Worker]:
+def ops_worker(runtime: Runtime, **overrides: Any) -> AbstractAsyncContextManager[Worker]:
     """A job worker in this process on the ``operations`` queue (what ``surge worker`` runs)."""
-    values: dict[str, Any] = {
-        "queues": ["operations"],
-        "concurrency": 8,
-        "poll_interval": timedelta(milliseconds=50),
-        "backoff": timedelta(milliseconds=100),
-    }
-    values.update(overrides)
-    worker = Worker(runtime, WorkerConfig(**values))
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    return running_worker(
+        runtime, ["operations"], stop_timeout=30, **{"concurrency": 8, **overrides}
+    )
 
 
 async def submit(

@@ -13,13 +13,10 @@ two real worker processes, one of them SIGKILLed mid-run. Afterwards:
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from sqlalchemy import text
 from surge.config import Settings
 from surge.sim.proxies import ForwardProxy
 from tests.fixtures.provider import egress_proxies, provider_server
+from tests.fixtures.workers import worker_process as run_worker_process
 from tests.operations.conftest import (
     make_reseller,
     ops_settings,
@@ -49,45 +47,25 @@ PROXY_BACKOFF = 3.0  # seconds; equal jitter: a marked proxy is left alone ≥ 1
 GRACE = 0.5  # requests already on their way when the proxy was marked
 
 
-@contextmanager
-def worker_process(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.DATABASE_URL,
-        "REDIS_URL": settings.REDIS_URL,
-        "SURGE_ENV": "test",
-        "SURGE_SECRET_KEY": settings.SECRET_KEY.get_secret_value(),
-        "SURGE_LOG_JSON": "true",
-        "SURGE_LOG_LEVEL": "WARNING",
-        "SURGE_DB_POOL_MIN": "1",
-        "SURGE_JOBS_LEASE": "PT2S",
-        "SURGE_JOBS_STALLED_CHECK": "PT0.3S",
-        "SURGE_JOBS_POLL_INTERVAL": "PT0.05S",
-        "SURGE_JOBS_RATE_LIMITS": "",  # seed 000's 50/min would make this test 4 minutes
-        "SURGE_OPERATIONS_PROVIDER_URL": settings.OPERATIONS_PROVIDER_URL,
-        "SURGE_OPERATIONS_PROXY_BACKOFF": f"PT{PROXY_BACKOFF}S",
-        "SURGE_OPERATIONS_PROXY_BACKOFF_MAX": f"PT{PROXY_BACKOFF * 2}S",
-        "SURGE_OPERATIONS_ACCOUNT_LEASE": "PT10S",
-        "SURGE_OPERATIONS_TIMEOUT": "PT3S",
-        "SURGE_OPERATIONS_RETRY_BACKOFF": "PT0.2S",
-        "SURGE_OPERATIONS_RETRY_BACKOFF_MAX": "PT2S",
-        "SURGE_OPERATIONS_MAX_ATTEMPTS": "8",
-    }
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "surge.worker", "--queues", "operations", "--concurrency", "8"],
-            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            proc.wait()
+def worker_process(
+    settings: Settings, log: Path
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    return run_worker_process(
+        settings, log, ["operations"], concurrency=8, grace=20,
+        SURGE_LOG_LEVEL="WARNING",
+        SURGE_JOBS_LEASE="PT2S",
+        SURGE_JOBS_STALLED_CHECK="PT0.3S",
+        SURGE_JOBS_POLL_INTERVAL="PT0.05S",
+        SURGE_JOBS_RATE_LIMITS="",  # seed 000's 50/min would make this test 4 minutes
+        SURGE_OPERATIONS_PROVIDER_URL=settings.OPERATIONS_PROVIDER_URL,
+        SURGE_OPERATIONS_PROXY_BACKOFF=f"PT{PROXY_BACKOFF}S",
+        SURGE_OPERATIONS_PROXY_BACKOFF_MAX=f"PT{PROXY_BACKOFF * 2}S",
+        SURGE_OPERATIONS_ACCOUNT_LEASE="PT10S",
+        SURGE_OPERATIONS_TIMEOUT="PT3S",
+        SURGE_OPERATIONS_RETRY_BACKOFF="PT0.2S",
+        SURGE_OPERATIONS_RETRY_BACKOFF_MAX="PT2S",
+        SURGE_OPERATIONS_MAX_ATTEMPTS="8",
+    )  # fmt: skip
 
 
 async def counts(app: FastAPI, ids: list[str]) -> Counter[str]:
@@ -112,7 +90,7 @@ async def test_200_operations_hostile_provider_and_a_killed_worker(
     server_urls: tuple[str, str], tmp_path: Path
 ) -> None:
     from surge.app import create_app
-    from tests.conftest import app_client
+    from tests.fixtures.clients import app_client
 
     hostile = {
         "ip_budget": 8, "ip_window": 2.0, "block_seconds": 2.0, "block_mode": "403",

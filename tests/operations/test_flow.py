@@ -10,9 +10,9 @@ import httpx
 from fastapi import FastAPI
 
 from surge.wallet.funds import funds as funds_service
+from tests.fixtures.factories import Caller
 from tests.fixtures.provider import control
 from tests.operations.conftest import (
-    Caller,
     World,
     make_reseller,
     ops_worker,

@@ -16,9 +16,9 @@ from sqlalchemy import text
 from surge.operations.service import RetryLater
 from surge.operations.service import operations as operations_service
 from surge.sim.proxies import egress_address
+from tests.fixtures.factories import Caller
 from tests.fixtures.provider import control
 from tests.operations.conftest import (
-    Caller,
     World,
     ops_worker,
     runtime_of,

@@ -4,16 +4,13 @@ worker on the ``payments`` queue, and resellers signed in through the API."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import httpx
 import pytest
@@ -22,8 +19,9 @@ from sqlalchemy import text
 
 from surge.config import Settings
 from surge.identity.service import identity as identity_service
-from surge.kit.jobs.worker import Worker, WorkerConfig
+from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
+from tests.fixtures.factories import PASSWORD, Caller, bearer, identity_settings, unique_email
 from tests.fixtures.payments import (
     OLD_SECRET,
     SIM_SECRET,
@@ -31,13 +29,8 @@ from tests.fixtures.payments import (
     payment_sim_process,
     serve_app,
 )
-from tests.identity.conftest import PASSWORD, bearer, identity_settings, unique_email
-
-
-@dataclass
-class Caller:
-    id: UUID
-    headers: dict[str, str]
+from tests.fixtures.waiting import eventually
+from tests.fixtures.workers import running_worker
 
 
 @dataclass
@@ -95,11 +88,7 @@ async def _nothing_pending(runtime: Runtime) -> bool:
 
 
 async def wait_for(runtime: Runtime, check: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check(runtime):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+    await eventually(lambda: check(runtime), timeout=timeout, interval=0.05)
 
 
 def payment_settings(database_url: str, redis_url: str, sim_url: str, **overrides: Any) -> Settings:
@@ -145,23 +134,12 @@ async def pay_app(pay_settings: Settings) -> FastAPI:
     return create_app(pay_settings)
 
 
-@contextlib.asynccontextmanager
-async def payments_worker(runtime: Runtime) -> AsyncIterator[Worker]:
+def payments_worker(runtime: Runtime) -> AbstractAsyncContextManager[Worker]:
     """A job worker in this process on the ``payments`` queue (what ``surge worker`` runs)."""
-    config = WorkerConfig(
-        queues=["payments"],
-        concurrency=4,
-        poll_interval=timedelta(milliseconds=20),
-        backoff=timedelta(milliseconds=50),
-    )
-    worker = Worker(runtime, config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
+    return running_worker(
+        runtime, ["payments"],
+        poll_interval=timedelta(milliseconds=20), backoff=timedelta(milliseconds=50),
+    )  # fmt: skip
 
 
 @pytest.fixture

@@ -26,9 +26,10 @@ from sqlalchemy import text
 
 from surge.kit.embedded import free_port
 from surge.payments.service import topup as topup_service
+from tests.fixtures.factories import Caller
 from tests.fixtures.payments import SIM_SECRET
 from tests.fixtures.servers import serve_env, surge_process
-from tests.payments.conftest import Caller, Live
+from tests.payments.conftest import Live
 
 TOPUPS = 2_000 if os.environ.get("SURGE_CHAOS_LONG") else 500
 CLIENTS = 16

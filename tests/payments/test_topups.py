@@ -13,7 +13,8 @@ from sqlalchemy import text
 
 from surge.payments.service import topup as topup_service
 from surge.wallet.funds import funds as funds_service
-from tests.payments.conftest import Caller, Live
+from tests.fixtures.factories import Caller
+from tests.payments.conftest import Live
 
 T = TypeVar("T")
 

@@ -13,11 +13,12 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
+from surge.kit.runtime import Runtime
 from surge.kit.security import webhooks
-from tests.conftest import app_client
+from tests.fixtures.clients import app_client
+from tests.fixtures.factories import bearer, make_admin
 from tests.fixtures.payments import OLD_SECRET, SIM_SECRET
-from tests.identity.conftest import bearer, make_admin
-from tests.payments.conftest import Live, payment_settings
+from tests.payments.conftest import Live, payment_settings, wait_for
 
 
 def intent_event(owner_id: uuid.UUID, amount: int = 1_200, **changes: Any) -> dict[str, Any]:
@@ -209,3 +210,31 @@ class TestRateLimits:
                 assert response.status_code == 200, response.text
             anonymous = [(await api.get("/api/v1/topups")).status_code for _ in range(60)]
             assert 429 in anonymous  # the limiter is on: other anonymous calls are limited
+
+
+class TestSimulatorFaults:
+    async def test_old_timestamps_are_refused_until_the_provider_signs_fresh(
+        self, live: Live
+    ) -> None:
+        """The provider signs with a 10-minute-old timestamp: every delivery is refused (400,
+        no inbox row) and retried; once it signs fresh, the retry lands and credits once."""
+        caller = await live.reseller()
+        await live.sim.control(old_timestamp=True, delay=0.1)
+        body = (await live.topup(caller, amount=900, card="pm_card_slow")).json()
+        before = (await live.sim.state())["counters"].get("status_400", 0)
+
+        async def refused_twice(_: Runtime) -> bool:
+            return bool((await live.sim.state())["counters"].get("status_400", 0) >= before + 2)
+
+        await wait_for(live.runtime, refused_twice, 30)
+        async with live.runtime.db.session() as session:
+            inbox = await session.scalar(
+                text("SELECT count(*) FROM payment_events WHERE payment_id = :p"),
+                {"p": body["provider_payment_id"]},
+            )
+        assert inbox == 0
+        await live.sim.control(old_timestamp=False)
+        await live.settled()
+        got = await live.api.get(f"/api/v1/topups/{body['id']}", headers=caller.headers)
+        assert (got.json()["status"], got.json()["amount_credited"]) == ("succeeded", 900)
+        assert await ledger_count(live, body["provider_payment_id"]) == 1

@@ -3,11 +3,7 @@ signed in through the API, and an in-process job worker on the ``wallet`` queue.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import timedelta
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from uuid import UUID
 
@@ -17,23 +13,18 @@ from fastapi import FastAPI
 
 from surge.config import Settings
 from surge.identity.service import identity as identity_service
-from surge.kit.jobs.worker import Worker, WorkerConfig
+from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
-from tests.conftest import app_client
-from tests.identity.conftest import (
+from tests.fixtures.factories import (
     PASSWORD,
+    Caller,
     bearer,
     identity_settings,
     login,
     make_admin,
     unique_email,
 )
-
-
-@dataclass
-class Caller:
-    id: UUID
-    headers: dict[str, str]
+from tests.fixtures.workers import running_worker
 
 
 @pytest.fixture(scope="session")
@@ -42,16 +33,13 @@ def wallet_settings(server_urls: tuple[str, str]) -> Settings:
 
 
 @pytest.fixture
-async def wallet_app(wallet_settings: Settings) -> FastAPI:
-    from surge.app import create_app
-
-    return create_app(wallet_settings)
+def app_settings(wallet_settings: Settings) -> Settings:
+    return wallet_settings
 
 
 @pytest.fixture
-async def api(wallet_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in app_client(wallet_app):
-        yield client
+def wallet_app(app: FastAPI) -> FastAPI:
+    return app
 
 
 def runtime_of(app: FastAPI) -> Runtime:
@@ -77,21 +65,6 @@ async def admin(wallet_app: FastAPI, api: httpx.AsyncClient) -> Caller:
     return Caller(id=UUID(me.json()["id"]), headers=bearer(tokens))
 
 
-@contextlib.asynccontextmanager
-async def wallet_worker(runtime: Runtime, **overrides: Any) -> AsyncIterator[Worker]:
+def wallet_worker(runtime: Runtime, **overrides: Any) -> AbstractAsyncContextManager[Worker]:
     """A job worker in this process on the ``wallet`` queue (what ``surge worker`` runs)."""
-    config = WorkerConfig(
-        queues=["wallet"],
-        concurrency=4,
-        poll_interval=timedelta(milliseconds=50),
-        backoff=timedelta(milliseconds=100),
-        **overrides,
-    )
-    worker = Worker(runtime, config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
+    return running_worker(runtime, ["wallet"], **overrides)

@@ -20,7 +20,7 @@ from surge.kit.runtime import Runtime
 from surge.kit.web.idempotency import fingerprint, idempotency_keys
 from surge.wallet.ledger import SystemAccount, ledger
 from surge.wallet.service import wallet as wallet_service
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.wallet.factories import create_partner
 
 OPERATIONS = 1_000

@@ -3,13 +3,8 @@ active partner is credited exactly once (real worker processes, real PostgreSQL)
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from uuid import uuid4
 
@@ -21,47 +16,22 @@ from surge.kit.runtime import Runtime
 from surge.wallet.ledger import ledger
 from surge.wallet.service import earning_for
 from surge.wallet.service import wallet as wallet_service
+from tests.fixtures.waiting import eventually
+from tests.fixtures.workers import worker_process
 from tests.wallet.factories import create_partner
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTNERS = 120  # three batches of 50 at least, whatever other tests left active
 
 
-@contextmanager
-def wallet_worker_process(runtime: Runtime, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    settings = runtime.settings
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.DATABASE_URL,
-        "REDIS_URL": settings.REDIS_URL,
-        "SURGE_ENV": "test",
-        "SURGE_SECRET_KEY": settings.SECRET_KEY.get_secret_value(),
-        "SURGE_LOG_JSON": "true",
-        "SURGE_DB_POOL_MIN": "1",
-        "SURGE_JOBS_LEASE": "PT1S",
-        "SURGE_JOBS_STALLED_CHECK": "PT0.3S",
-        "SURGE_JOBS_POLL_INTERVAL": "PT0.1S",
-        "SURGE_JOBS_BACKOFF": "PT0.1S",
-    }
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "surge.worker", "--queues", "wallet", "--concurrency", "2"],
-            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-async def poll(check: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+def wallet_worker_process(
+    runtime: Runtime, log: Path
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    return worker_process(
+        runtime.settings, log, ["wallet"], concurrency=2, SURGE_JOBS_LEASE="PT1S",
+        SURGE_JOBS_STALLED_CHECK="PT0.3S", SURGE_JOBS_POLL_INTERVAL="PT0.1S",
+        SURGE_JOBS_BACKOFF="PT0.1S",
+    )  # fmt: skip
 
 
 @pytest.mark.chaos
@@ -109,7 +79,7 @@ async def test_sigkill_mid_batch_credits_every_partner_exactly_once(
                     )
                 return bool(waiting)
 
-            await poll(blocked_mid_batch)
+            await eventually(blocked_mid_batch, timeout=30.0)
             worker.kill()  # SIGKILL: no cleanup, the connection just drops
             worker.wait()
     finally:
@@ -143,7 +113,7 @@ async def test_sigkill_mid_batch_credits_every_partner_exactly_once(
             batches = -(-len(expected) // 50)
             return len(states) >= batches and all(s == "succeeded" for s in states)
 
-        await poll(all_jobs_done, timeout=60)
+        await eventually(all_jobs_done, timeout=60)
 
     async with runtime.db.session() as session:
         rows = (

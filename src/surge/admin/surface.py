@@ -3,7 +3,8 @@
 ``install_admin(app, runtime)`` (called once by ``create_app``) includes, each with
 ``require_admin_mfa`` applied once:
 
-- the admin domain's own routes (metrics, cache clearing) and the console page;
+- the admin domain's own routes (metrics, cache clearing) (the console, ``/admin``, is
+  mounted by ``surge.admin.console.install_console``);
 - each domain's ``admin_router`` listed in ``domain_admin_routers()``;
 - the kit's admin pieces (jobs, circuit breakers, platform health), which expose router
   factories so the kit never knows about users.
@@ -20,8 +21,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, FastAPI
 
 from surge.admin.routes import admin_router as admin_domain_router
-from surge.admin.routes import page_router
 from surge.audit.routes import admin_router as audit_admin_router
+from surge.credential.routes import admin_router as credential_admin_router
 from surge.identity.deps import require_admin_mfa
 from surge.identity.routes import admin_router as identity_admin_router
 from surge.kit.breaker import breaker_router
@@ -47,6 +48,7 @@ def domain_admin_routers() -> list[APIRouter]:
         payments_admin_router,
         operations_admin_router,
         notifications_admin_router,
+        credential_admin_router,  # ---- console: service API keys ----
     ]
 
 
@@ -62,8 +64,7 @@ def kit_admin_routers(runtime: Runtime) -> list[APIRouter]:
 
 
 def install_admin(app: FastAPI, runtime: Runtime) -> None:
-    """Mount every admin route, each behind ``require_admin_mfa``, and the console page."""
+    """Mount every admin route, each behind ``require_admin_mfa``."""
     guard = [Depends(require_admin_mfa)]
     for router in [*domain_admin_routers(), *kit_admin_routers(runtime)]:
         app.include_router(router, dependencies=guard)
-    app.include_router(page_router)

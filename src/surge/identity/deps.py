@@ -14,7 +14,8 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import structlog
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from surge.identity.principal import PRINCIPAL_STATE, Principal
 from surge.identity.runtime import IdentityState, identity_state
@@ -47,7 +48,21 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-async def current_user(request: Request) -> Principal:
+#: Declares the bearer scheme in OpenAPI (``securitySchemes`` and each protected operation's
+#: ``security``); the token itself is read by ``bearer_token`` (issue 16).
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearerAuth",
+    bearerFormat="JWT",
+    description="An access token from POST /api/v1/auth/login (admin routes: one whose "
+    "session passed MFA).",
+)
+
+
+async def current_user(
+    request: Request,
+    _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)] = None,
+) -> Principal:
     """The authenticated caller; also stored on ``request.state.principal`` for middleware
     and logs (the rate limiter reads it to pick the caller's tier)."""
     state = request.scope.setdefault("state", {})

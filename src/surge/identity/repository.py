@@ -41,6 +41,11 @@ async def is_new_device(session: AsyncSession, user_id: uuid.UUID, user_agent: s
     return bool(row[0]) and not row[1]
 
 
+async def user_by_email_skeleton(session: AsyncSession, key: str) -> User | None:
+    result = await session.execute(select(User).where(User.email_skeleton == key))
+    return result.scalar_one_or_none()
+
+
 async def user_by_id(
     session: AsyncSession, user_id: uuid.UUID, *, for_update: bool = False
 ) -> User | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import orjson
+import structlog
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
 
 from surge.identity.deps import (
@@ -15,9 +16,11 @@ from surge.identity.deps import (
     current_user,
     require_admin_mfa,
 )
+from surge.identity.errors import EmailTaken
 from surge.identity.mfa import mfa as mfa_service
 from surge.identity.plans import Privileges
 from surge.identity.principal import PRINCIPAL_STATE, PRIVILEGES_STATE, Principal, TokenPair
+from surge.identity.runtime import identity_state
 from surge.identity.schemas import (
     AccessTokenRead,
     BatchRead,
@@ -29,6 +32,7 @@ from surge.identity.schemas import (
     PlanChange,
     PrivilegesRead,
     RefreshRequest,
+    RegistrationAccepted,
     SessionRead,
     TokenRead,
     UserCreate,
@@ -56,6 +60,8 @@ def _client_ip(request: Request, runtime: Runtime) -> str:
     return identity_service.client_ip(runtime, request.scope)
 
 
+log = structlog.get_logger()
+
 router = APIRouter(prefix="/api/v1", tags=["identity"])
 
 
@@ -76,12 +82,19 @@ async def my_privileges(request: Request) -> Response:
     return JSONBytes(p.json)
 
 
-@router.post("/auth/register", status_code=status.HTTP_201_CREATED)
-async def register(body: UserCreate, session: SessionDep, runtime: RuntimeDep) -> UserRead:
-    user = await identity_service.register(
-        session, runtime, email=body.email, password=body.password
-    )
-    return UserRead.model_validate(user)
+@router.post("/auth/register", status_code=status.HTTP_202_ACCEPTED)
+async def register(
+    body: UserCreate, session: SessionDep, runtime: RuntimeDep
+) -> RegistrationAccepted:
+    """The same 202 whatever the address: a taken (or look-alike) address is not revealed.
+    The owner of a taken address gets a "you already have an account" e-mail instead."""
+    try:
+        await identity_service.register(session, runtime, email=body.email, password=body.password)
+    except EmailTaken:
+        # As slow as a real registration (one password hash): no timing oracle either.
+        await identity_state(runtime).hasher.hash(body.password)
+        await identity_service.notify_existing_account(session, body.email)
+    return RegistrationAccepted()
 
 
 @router.post("/auth/login")

@@ -76,6 +76,7 @@ class IdentityState:
                 l1_ttl=settings.IDENTITY_PRIVILEGE_L1_TTL.total_seconds(),
                 ttl=settings.IDENTITY_PRIVILEGE_TTL.total_seconds(),
                 max_stale=settings.IDENTITY_PRIVILEGE_STALE.total_seconds(),
+                early_refresh=settings.CACHE_EARLY_REFRESH,
                 resync_interval=settings.CACHE_RESYNC_INTERVAL.total_seconds(),
                 lease=settings.CACHE_LEASE.total_seconds(),
             ),

@@ -9,6 +9,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from surge.kit.security.confusables import normalize_email
+
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 
 #: argon2 hashes any length, but a megabyte password is a CPU-exhaustion request.
@@ -22,10 +24,21 @@ class UserCreate(BaseModel):
     @field_validator("email")
     @classmethod
     def _email(cls, value: str) -> str:
-        value = value.strip().lower()
+        value = normalize_email(value)
         if not _EMAIL.match(value):
             raise ValueError("not an e-mail address")
         return value
+
+
+class RegistrationAccepted(BaseModel):
+    """The one answer to ``POST /auth/register``, whether or not the address has an account
+    (a different answer would tell anyone who has one)."""
+
+    status: str = "accepted"
+    detail: str = (
+        "If this address can be registered, the account is ready: sign in with it. "
+        "If it already has an account, its owner has been sent an e-mail."
+    )
 
 
 class LoginRequest(BaseModel):

@@ -62,6 +62,7 @@ from surge.kit.db import keep_on_error, on_commit
 from surge.kit.errors import NotFound
 from surge.kit.runtime import Runtime
 from surge.kit.security import hash_token, new_opaque_token
+from surge.kit.security.confusables import normalize_email, skeleton
 from surge.models.identity import AuthSession, RefreshToken, User
 from surge.notifications.service import notifications as notifications_service
 
@@ -122,11 +123,14 @@ class IdentityService:
         password: str,
         role: str = "user",
     ) -> User:
-        email = email.strip().lower()
+        email = normalize_email(email)
+        key = skeleton(email)
         if await repository.user_by_email(session, email) is not None:
             raise EmailTaken("An account with this e-mail already exists")
+        if await repository.user_by_email_skeleton(session, key) is not None:
+            raise EmailTaken("An account with a look-alike e-mail already exists")
         hashed = await identity_state(runtime).hasher.hash(password)
-        user = User(email=email, password_hash=hashed, role=role)
+        user = User(email=email, email_skeleton=key, password_hash=hashed, role=role)
         try:
             async with session.begin_nested():  # a savepoint: the race below leaves no trace
                 session.add(user)
@@ -141,9 +145,25 @@ class IdentityService:
         )  # fmt: skip
         return user
 
+    async def notify_existing_account(self, session: AsyncSession, email: str) -> bool:
+        """Someone tried to register ``email``, which has an account: tell its owner (at most
+        once a day) instead of telling the caller (issue 16). A look-alike of an existing
+        address reaches nobody: its owner is not the one who asked."""
+        user = await repository.user_by_email(session, normalize_email(email))
+        if user is None:
+            log.info("identity.register.lookalike_refused")
+            return False
+        await notifications_service.send(
+            session, to=user.email, user_id=user.id, template="account_exists",
+            context={"email": user.email}, category="account",
+            key=f"account-exists:{user.id}:{_now().date().isoformat()}",
+        )  # fmt: skip
+        log.info("identity.register.existing_account", user_id=str(user.id))
+        return True
+
     async def find_user(self, session: AsyncSession, email: str) -> User | None:
         """The account registered with ``email`` (case-insensitive), if any."""
-        return await repository.user_by_email(session, email.strip().lower())
+        return await repository.user_by_email(session, normalize_email(email))
 
     async def get_user(self, session: AsyncSession, user_id: uuid.UUID) -> User:
         user = await repository.user_by_id(session, user_id)
@@ -166,7 +186,7 @@ class IdentityService:
         """Check the password (and the second factor when enrolled), open a session. The
         login budget counts the attempt a success only once the session is committed."""
         state = identity_state(runtime)
-        email = email.strip().lower()
+        email = normalize_email(email)
         await state.login_guard.reserve(email, ip)  # 429 once the failure budget is spent
         outcome = "error"  # → the attempt is given back (second factor asked for, outage)
         try:

@@ -63,14 +63,29 @@ class ChannelListener:
         self._on_lost = on_lost
         self._on_idle = on_idle
         self._backoff = backoff or Backoff(0.1, 3.0)
-        #: True from the end of ``on_subscribed`` until the connection is lost or closed.
-        self.listening = False
+        self._listening = asyncio.Event()
         #: Completed subscribes (the first one, then one per reconnect).
         self.rounds = 0
         self._up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         gateway.on_change(self._gateway_changed)
+
+    @property
+    def listening(self) -> bool:
+        """True from the end of ``on_subscribed`` until the connection is lost or closed."""
+        return self._listening.is_set()
+
+    @listening.setter
+    def listening(self, value: bool) -> None:
+        if value:
+            self._listening.set()
+        else:
+            self._listening.clear()
+
+    async def wait_listening(self) -> None:
+        """Return once subscribed with the caller's baseline taken (a readiness event)."""
+        await self._listening.wait()
 
     def _gateway_changed(self, up: bool) -> None:
         if up:

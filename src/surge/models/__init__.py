@@ -2,6 +2,7 @@
 
 from surge.models.audit import AuditEntry
 from surge.models.base import Base, TimestampMixin
+from surge.models.credential import ServiceKey
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
 from surge.models.job import jobs_table
 from surge.models.notifications import NotificationEvent, OutboxMessage, Preference, Suppression
@@ -46,6 +47,7 @@ __all__ = [
     "RefreshToken",
     "Reseller",
     "RevenueEvent",
+    "ServiceKey",
     "Subscription",
     "Suppression",
     "TimestampMixin",

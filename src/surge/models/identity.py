@@ -31,7 +31,9 @@ ROLES = ("user", "partner", "reseller", "admin")
 class User(TimestampMixin, Base):
     __tablename__ = "users"
     __table_args__ = (
-        CheckConstraint("role IN ('user', 'partner', 'reseller', 'admin')", name="role"),
+        CheckConstraint(
+            "role IN ('user', 'partner', 'reseller', 'admin', 'admin_readonly')", name="role"
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(
@@ -39,6 +41,9 @@ class User(TimestampMixin, Base):
     )
     #: Stored lower-cased; unique.
     email: Mapped[str] = mapped_column(Text, unique=True, nullable=False)
+    #: TR39 skeleton of the e-mail (surge.kit.security.confusables): unique, so a look-alike
+    #: of an existing address cannot register (migration 0009_console).
+    email_skeleton: Mapped[str | None] = mapped_column(Text, unique=True)
     password_hash: Mapped[str] = mapped_column(Text, nullable=False)
     role: Mapped[str] = mapped_column(Text, nullable=False, server_default="user")
     mfa_secret: Mapped[str | None] = mapped_column(Text)

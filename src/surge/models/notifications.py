@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Integer, Text, func
+from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Index, Integer, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -25,6 +25,12 @@ class OutboxMessage(Base):
     ``held`` while the address is suppressed (re-queued when the suppression is lifted)."""
 
     __tablename__ = "notification_messages"
+    __table_args__ = (
+        Index("ix_notification_messages_created", text("created_at DESC")),
+        Index(
+            "ix_notification_messages_held", "to_address", postgresql_where=text("status = 'held'")
+        ),
+    )
 
     id: Mapped[UUID] = mapped_column(primary_key=True)
     key: Mapped[str] = mapped_column(Text, unique=True)
@@ -52,6 +58,17 @@ class NotificationEvent(Base):
     count soft bounces); every other row is final for its message."""
 
     __tablename__ = "notification_events"
+    __table_args__ = (
+        Index("ix_notification_events_address", "address", "event", "created_at"),
+        Index("ix_notification_events_created", "created_at"),
+        Index(
+            "uq_notification_events_external",
+            "source",
+            "external_id",
+            unique=True,
+            postgresql_where=text("external_id IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
     message_id: Mapped[UUID | None]

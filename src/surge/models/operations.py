@@ -22,14 +22,7 @@ class ProviderAccount(Base):
     ``leased_until`` is in the future (one job at a time, fleet-wide)."""
 
     __tablename__ = "operations_provider_accounts"
-    # Indexes declared as migration 0006 creates them: autogenerate proposes no change.
-    __table_args__ = (
-        Index(
-            "ix_operations_provider_accounts_pick",
-            text("last_used_at NULLS FIRST"),
-            postgresql_where=text("status = 'active'"),
-        ),
-    )
+    # No pick index: a provider has a few accounts, scanned (migration 0006).
 
     id: Mapped[UUID] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(Text, unique=True)

@@ -8,6 +8,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from surge.kit.web.pagination import Page
+
 #: An address as relays see it: one "@", no spaces, at most 254 characters (RFC 5321).
 Address = Annotated[
     str,
@@ -40,9 +42,7 @@ class MessageRead(_Read):
     next_attempt_at: datetime | None
 
 
-class MessagePage(BaseModel):
-    items: list[MessageRead]
-    next_cursor: str | None
+MessagePage = Page[MessageRead]  # the one reply shape of a listing (kit.web.pagination)
 
 
 class SuppressionRead(_Read):
@@ -54,9 +54,7 @@ class SuppressionRead(_Read):
     expires_at: datetime | None
 
 
-class SuppressionPage(BaseModel):
-    items: list[SuppressionRead]
-    next_cursor: str | None
+SuppressionPage = Page[SuppressionRead]  # the one reply shape of a listing (kit.web.pagination)
 
 
 class SuppressionCreate(BaseModel):

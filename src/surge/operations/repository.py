@@ -129,10 +129,12 @@ async def list_proxies(session: AsyncSession) -> list[EgressProxy]:
 
 
 async def pick_proxy(
-    session: AsyncSession, *, exclude: list[UUID], probe_hold: timedelta
-) -> EgressProxy | None:
+    session: AsyncSession, *, exclude: list[UUID], probe_hold: timedelta,
+    prefer: UUID | None = None,
+) -> EgressProxy | None:  # fmt: skip
     """A proxy for the next request: an inactive one whose re-check is due first (one probe
-    fleet-wide: ``probing_until`` is claimed in the same UPDATE), else the least recently
+    fleet-wide: ``probing_until`` is claimed in the same UPDATE), else ``prefer`` when it is
+    active (the proxy the account's cached session was made on), else the least recently
     used active one."""
     now = func.now()
     due = and_(
@@ -140,16 +142,17 @@ async def pick_proxy(
         EgressProxy.retry_at <= now,
         or_(EgressProxy.probing_until.is_(None), EgressProxy.probing_until < now),
     )
+    order: list[Any] = [case((EgressProxy.status == "inactive", 0), else_=1)]
+    if prefer is not None:
+        order.append(case((EgressProxy.id == prefer, 0), else_=1))
+    order.append(EgressProxy.last_used_at.asc().nulls_first())
     pick = (
         select(EgressProxy.id)
         .where(
             or_(EgressProxy.status == "active", due),
             EgressProxy.id.not_in(exclude) if exclude else text("true"),
         )
-        .order_by(
-            case((EgressProxy.status == "inactive", 0), else_=1),
-            EgressProxy.last_used_at.asc().nulls_first(),
-        )
+        .order_by(*order)
         .limit(1)
         .with_for_update(skip_locked=True)
         .scalar_subquery()

@@ -8,6 +8,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from surge.kit.web.pagination import Page
+
 Kind = Literal["renew", "signal"]
 Status = Literal["queued", "running", "succeeded", "failed", "needs_review"]
 
@@ -52,9 +54,7 @@ class OperationDetail(OperationRead):
     attempts: list[AttemptRead]
 
 
-class OperationPage(BaseModel):
-    items: list[OperationRead]
-    next_cursor: str | None
+OperationPage = Page[OperationRead]  # the one reply shape of a listing (kit.web.pagination)
 
 
 class AdminOperationRead(OperationRead):
@@ -63,9 +63,9 @@ class AdminOperationRead(OperationRead):
     sent_at: datetime | None
 
 
-class AdminOperationPage(BaseModel):
-    items: list[AdminOperationRead]
-    next_cursor: str | None
+AdminOperationPage = Page[
+    AdminOperationRead
+]  # the one reply shape of a listing (kit.web.pagination)
 
 
 class PricesRead(BaseModel):

@@ -152,6 +152,11 @@ def session_key(account_id: UUID, proxy_id: UUID) -> str:
     return f"operations:session:{account_id}:{proxy_id}"
 
 
+def affinity_key(account_id: UUID) -> str:
+    """The proxy an account last worked through (its session there is likely cached)."""
+    return f"operations:affinity:{account_id}"
+
+
 def proxy_label(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https", "socks5") or not parts.hostname:
@@ -457,11 +462,14 @@ class Attempts:
     async def _with_account(self, lease: Lease) -> tuple[str, str]:
         tried: list[UUID] = []
         last = "NO_PROXY: no egress proxy available"
+        # Crawlee's binding, fleet-wide: back to the proxy this account's session lives on.
+        prefer = await self._affinity(lease.account_id)
         for _ in range(max(1, self.settings.OPERATIONS_PROXY_TRIES)):
             async with self.runtime.db.session() as s:
                 proxy = await repository.pick_proxy(
-                    s, exclude=tried, probe_hold=self.settings.OPERATIONS_TIMEOUT * 2
-                )
+                    s, exclude=tried, probe_hold=self.settings.OPERATIONS_TIMEOUT * 2,
+                    prefer=prefer,
+                )  # fmt: skip
             if proxy is None:
                 break
             tried.append(proxy.id)
@@ -493,6 +501,8 @@ class Attempts:
                     return "unclear", last
                 continue  # nothing state-changing left: another proxy may do better
             await self._proxy_ok(proxy, lease=lease, outcome=verdict, started=started)
+            if proxy.id != prefer:
+                await self._remember(lease.account_id, proxy.id)
             return "done", verdict
         return "unclear", last
 
@@ -561,6 +571,20 @@ class Attempts:
         payload = orjson.dumps({"sid": session.sid, "csrf": session.csrf})
         with contextlib.suppress(RedisUnavailable):
             await self.runtime.redis.call(lambda r: r.set(key, payload, ex=ttl))
+
+    async def _affinity(self, account_id: UUID) -> UUID | None:
+        try:
+            raw = await self.runtime.redis.call(lambda r: r.get(affinity_key(account_id)))
+        except RedisUnavailable:
+            return None
+        return UUID(raw.decode() if isinstance(raw, bytes) else str(raw)) if raw else None
+
+    async def _remember(self, account_id: UUID, proxy_id: UUID) -> None:
+        ttl = int(self.settings.OPERATIONS_SESSION_TTL.total_seconds())
+        with contextlib.suppress(RedisUnavailable):
+            await self.runtime.redis.call(
+                lambda r: r.set(affinity_key(account_id), str(proxy_id), ex=ttl)
+            )
 
     async def _forget(self, key: str) -> None:
         with contextlib.suppress(RedisUnavailable):

@@ -14,6 +14,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from surge.config import settings
+from surge.kit.web.pagination import Page
 
 
 class _Read(BaseModel):
@@ -64,9 +65,7 @@ class TopupRead(_Read):
     updated_at: datetime
 
 
-class TopupPage(BaseModel):
-    items: list[TopupRead]
-    next_cursor: str | None
+TopupPage = Page[TopupRead]  # the one reply shape of a listing (kit.web.pagination)
 
 
 class WebhookReceipt(BaseModel):
@@ -88,6 +87,4 @@ class EventRead(_Read):
     payload: dict[str, Any]
 
 
-class EventPage(BaseModel):
-    items: list[EventRead]
-    next_cursor: str | None
+EventPage = Page[EventRead]  # the one reply shape of a listing (kit.web.pagination)

@@ -17,6 +17,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from surge.config import Settings
+from surge.credential.deps import Actor, service_or_admin
 from surge.identity.deps import AdminMfa, require_role
 from surge.identity.principal import Principal
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
@@ -41,6 +43,20 @@ from surge.wallet.schemas import (
     WithdrawalRead,
 )
 from surge.wallet.service import wallet as wallet_service
+
+
+def api_constraints(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
+    """The bounds the service enforces, as the OpenAPI document must state them (issue 16:
+    the schema said ``0 < amount ≤ 9.2e18`` while the server took 1 000–1 000 000)."""
+    return {
+        "WithdrawalCreate": {
+            "amount": {
+                "minimum": settings.WALLET_WITHDRAWAL_MIN,
+                "maximum": settings.WALLET_WITHDRAWAL_MAX,
+            }
+        }
+    }
+
 
 router = APIRouter(prefix="/api/v1", tags=["wallet"])
 admin_router = APIRouter(prefix="/api/admin", tags=["wallet admin"])
@@ -165,13 +181,23 @@ async def list_earnings(
     )
 
 
-# ---- revenue events (the platform's backend: an admin with MFA) -----------------------------
-@router.post("/revenue-events", status_code=201, response_model=RevenueEventRead)
+# ---- revenue events (the platform's backend: a scoped service key, or an admin with MFA) ----
+RevenueCaller = Annotated[Actor, Depends(service_or_admin("revenue-events:write"))]
+
+
+@router.post(
+    "/revenue-events",
+    status_code=201,
+    response_model=RevenueEventRead,
+    responses={200: {"model": RevenueEventRead, "description": "Already recorded: a replay"}},
+)
 async def record_revenue_event(
-    body: RevenueEventCreate, principal: AdminMfa, session: SessionDep, runtime: RuntimeDep
+    body: RevenueEventCreate, actor: RevenueCaller, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
     """Record a game or sale once (201; its id again: 200 and nothing more happens). Every
-    active partner is credited by jobs enqueued in this same transaction."""
+    active partner is credited by jobs enqueued in this same transaction. Called by the
+    platform's backend with a service key granted ``revenue-events:write`` (or by an MFA
+    administrator)."""
     event, created = await wallet_service.record_revenue_event(
         session,
         runtime,

@@ -399,7 +399,8 @@ class WalletService:
         await audit_service.record(
             session, admin_id,
             action="wallet.withdrawal.approve" if approve else "wallet.withdrawal.reject",
-            subject_type="withdrawal", subject_id=str(withdrawal_id), after=after,
+            subject_type="withdrawal", subject_id=str(withdrawal_id),
+            before={"status": "pending", "amount": withdrawal.amount}, after=after,
             request_id=request_id,
         )  # fmt: skip
         log.info("wallet.withdrawal.decided", withdrawal_id=str(withdrawal_id), status=target)

@@ -65,6 +65,15 @@ class BreakerFleet:
         self._listener.start()
         await self.sync()
 
+    async def ready(self) -> None:
+        """Return once subscribed to the fleet's events (tests; a start-up probe)."""
+        await self._listener.wait_listening()
+
+    async def settled(self) -> None:
+        """Return once every report this process started (open, reset) reached Redis."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
     def _hook(self, breaker: Breaker) -> None:
         if breaker.name not in self._hooked:
             self._hooked.add(breaker.name)

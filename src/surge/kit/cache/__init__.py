@@ -25,7 +25,7 @@ Semantics, in the order a read meets them:
 
 - **L1** holds decoded values (treat them as immutable: callers share the object), bounded by
   entry count (``CACHE_L1_MAX_ENTRIES``, seed 003: 50 000) with per-entry TTL. L1 trusts an
-  entry at most ``CACHE_L1_TTL`` before asking L2 again.
+  entry at most ``CACHE_L1_TTL`` (jittered like the TTL) before asking L2 again.
 - **L2** is Redis: msgpack envelopes ``[format, fresh_until, stale_until, tags, tag_versions,
   value]`` under ``{namespace}:{version}:{key}``, with a physical TTL of TTL + max stale.
   TTLs get up to ``CACHE_TTL_JITTER`` shaved off (never added) so a batch written together
@@ -36,6 +36,10 @@ Semantics, in the order a read meets them:
   processes a Redis lease (``SET NX PX``) lets one process load while the others poll L2 for
   at most ``CACHE_LEASE``. A delete kills the lease, so a load that raced an invalidation
   never writes its old value back (Facebook's memcache leases).
+- **Early refresh**: in the last ``CACHE_EARLY_REFRESH`` of its TTL, a hit starts one
+  background refresh with a probability rising to 1 at expiry (``refresh_early``): hot
+  entries are renewed before anyone sees them expire, and a batch written together
+  refreshes over that window instead of as one wave (issue 19, ADR 0015).
 - **Stale-while-revalidate**: up to ``CACHE_STALE_WHILE_REVALIDATE`` past its TTL an entry is
   served (``stale=True``) while one background refresh runs. **Stale-if-error**: up to
   ``CACHE_MAX_STALE`` past its TTL, a failing loader is answered with the stale value and
@@ -59,15 +63,15 @@ Design and measurements: ``docs/adr/0005-tiered-cache.md``, ``bench/cache.py``.
 from __future__ import annotations
 
 from surge.config import Settings
-from surge.kit.cache.core import (
+from surge.kit.cache._base import (
     BatchLoader,
-    Cache,
     CacheError,
     CacheResult,
     Loader,
     RecursiveLoad,
     ValueNotCacheable,
 )
+from surge.kit.cache.core import Cache
 from surge.kit.redis import RedisGateway
 
 __all__ = [
@@ -94,6 +98,7 @@ def cache_from_settings(
         l1_ttl=settings.CACHE_L1_TTL.total_seconds(),
         ttl=settings.CACHE_TTL.total_seconds(),
         ttl_jitter=settings.CACHE_TTL_JITTER,
+        early_refresh=settings.CACHE_EARLY_REFRESH,
         stale_while_revalidate=settings.CACHE_STALE_WHILE_REVALIDATE.total_seconds(),
         max_stale=settings.CACHE_MAX_STALE.total_seconds(),
         fail_safe_throttle=settings.CACHE_FAIL_SAFE_THROTTLE.total_seconds(),

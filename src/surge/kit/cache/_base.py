@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import contextvars
 import os
+import random
 import time
 import uuid
 from collections.abc import (
@@ -28,6 +29,17 @@ from surge.kit.pubsub import ChannelListener
 from surge.kit.redis import CONNECTION_ERRORS, RedisGateway, RedisUnavailable
 
 log = structlog.get_logger()
+
+
+def refresh_early(fresh_until: float, now: float, window: float) -> bool:
+    """Probabilistic early refresh: inside the last ``window`` seconds of an entry's
+    freshness, True with a probability rising linearly from 0 to 1 at expiry. Hot entries
+    are refreshed before they expire (one background load per process: single-flight; one
+    across processes: the lease), so readers never see the expiry, and entries written
+    together spread their refreshes over the window instead of reloading as a wave."""
+    left = fresh_until - now
+    return window > 0 and left < window and random.random() * window > left
+
 
 T = TypeVar("T")
 Loader = Callable[[], Awaitable[T]]
@@ -91,6 +103,7 @@ class _CacheBase:
         l1_ttl: float = 60.0,
         ttl: float = 300.0,
         ttl_jitter: float = 0.1,
+        early_refresh: float = 0.1,
         stale_while_revalidate: float = 30.0,
         max_stale: float = 3600.0,
         fail_safe_throttle: float = 5.0,
@@ -106,6 +119,9 @@ class _CacheBase:
         self.l1_ttl = l1_ttl
         self.ttl = ttl
         self.ttl_jitter = ttl_jitter
+        #: The last fraction of an entry's TTL in which a hit may start a background
+        #: refresh (``refresh_early``; 0 turns it off).
+        self.early_refresh = max(0.0, early_refresh)
         self.stale_while_revalidate = stale_while_revalidate
         self.max_stale = max_stale
         self.fail_safe_throttle = fail_safe_throttle

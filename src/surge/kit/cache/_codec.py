@@ -37,7 +37,7 @@ class _Codec(_Coherence):
             return None
         if tag_names:
             return _NEEDS_TAGS
-        trust = min(fresh_until, self.clock() + self.l1_ttl)
+        trust = min(fresh_until, self.clock() + self._l1_trust())
         return Entry(value, fresh_until, stale_until, trust)
 
     async def _decode(self, blob: bytes | str) -> Entry | None:
@@ -56,7 +56,7 @@ class _Codec(_Coherence):
             tags = tuple(zip(tag_names, tag_versions, strict=True))
             if not self._tags_current(tags):
                 return None
-        trust = min(fresh_until, self.clock() + self.l1_ttl)
+        trust = min(fresh_until, self.clock() + self._l1_trust())
         return Entry(value, fresh_until, stale_until, trust, tags)
 
     def _make_entry(
@@ -86,8 +86,15 @@ class _Codec(_Coherence):
             log.warning("cache.value_too_large", cache=self.name, bytes=len(blob))
             blob = None
         tags = tuple(versions.items())
-        entry = Entry(decoded, fresh_until, stale_until, min(fresh_until, now + self.l1_ttl), tags)
+        entry = Entry(
+            decoded, fresh_until, stale_until, min(fresh_until, now + self._l1_trust()), tags
+        )
         return entry, blob
+
+    def _l1_trust(self) -> float:
+        """How long L1 trusts an entry without asking L2, jittered like the TTL: entries
+        loaded together (a warm start) do not all go back to Redis in the same second."""
+        return self.l1_ttl * (1.0 - random.random() * self.ttl_jitter)
 
     def _px(self, entry: Entry) -> int:
         return max(1, int((entry.stale_until - self.clock()) * 1000))

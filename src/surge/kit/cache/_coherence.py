@@ -293,6 +293,9 @@ class _Coherence(_CacheBase):
             self._flush_metrics()
             if not self._listening or not self.gateway.is_up:
                 continue
+            # What we had received when the MGET left: the listener may take in newer
+            # messages before its reply is read, and those must not look like a reset.
+            received = self._last_seq
             try:
                 async with self._redis() as r:
                     seq_raw, ver_raw = await r.mget([self._seq_key, self._ver_key])
@@ -300,8 +303,8 @@ class _Coherence(_CacheBase):
                 self._note_degraded()
                 continue
             remote = int(seq_raw or 0)
-            if remote < self._last_seq:
-                self._gap(f"counter went back from {self._last_seq} to {remote} (Redis reset?)")
+            if remote < received:
+                self._gap(f"counter went back from {received} to {remote} (Redis reset?)")
                 self._last_seq = remote
             elif self._seen_remote > self._last_seq:
                 self._gap(f"seq up to {self._seen_remote} published, {self._last_seq} received")

@@ -102,7 +102,7 @@ class Slots:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.give()  # we were handed a slot as we got cancelled: pass it on
-            else:
+            elif waiter in self._waiters:  # a give() may already have dropped it (done)
                 self._waiters.remove(waiter)
             raise
 

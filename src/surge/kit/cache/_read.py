@@ -106,11 +106,19 @@ class _ReadPath(_Codec):
 
     # ==== loading ===========================================================================
     def _single_flight(
-        self, key: str, loader: Loader[T], ttl: float | None, tags: Sequence[str]
+        self,
+        key: str,
+        loader: Loader[T],
+        ttl: float | None,
+        tags: Sequence[str],
+        *,
+        newer_than: float = 0.0,
     ) -> Awaitable[CacheResult[T]]:
         task = self._flights.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(key, loader, ttl, tags))
+            task = asyncio.get_running_loop().create_task(
+                self._load(key, loader, ttl, tags, newer_than=newer_than)
+            )
             self._flights[key] = task
             task.add_done_callback(lambda t: self._flight_done(key, t))
         # shield: a caller that gives up (timeout, disconnect) does not cancel the others' load.
@@ -123,23 +131,43 @@ class _ReadPath(_Codec):
             task.exception()  # retrieved: nobody may be left waiting for it
 
     def _refresh_in_background(
-        self, key: str, loader: Loader[Any], ttl: float | None, tags: Sequence[str]
+        self,
+        key: str,
+        loader: Loader[Any],
+        ttl: float | None,
+        tags: Sequence[str],
+        *,
+        newer_than: float = 0.0,
     ) -> None:
+        """One background load of ``key``; with ``newer_than`` (an early refresh), an L2
+        entry only counts as already refreshed if it is fresh beyond that moment."""
         if key in self._flights:
             return
-        flight = self._single_flight(key, loader, ttl, tags)
+        flight = self._single_flight(key, loader, ttl, tags, newer_than=newer_than)
         # _single_flight returned a shielded future; keep it so errors are consumed quietly.
         assert isinstance(flight, asyncio.Future)
         flight.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _load(
-        self, key: str, loader: Loader[T], ttl: float | None, tags: Sequence[str]
+        self,
+        key: str,
+        loader: Loader[T],
+        ttl: float | None,
+        tags: Sequence[str],
+        *,
+        newer_than: float = 0.0,
     ) -> CacheResult[T]:
         with self._watching((key,)):
-            return await self._load_watched(key, loader, ttl, tags)
+            return await self._load_watched(key, loader, ttl, tags, newer_than=newer_than)
 
     async def _load_watched(
-        self, key: str, loader: Loader[T], ttl: float | None, tags: Sequence[str]
+        self,
+        key: str,
+        loader: Loader[T],
+        ttl: float | None,
+        tags: Sequence[str],
+        *,
+        newer_than: float = 0.0,
     ) -> CacheResult[T]:
         _loading.set(_loading.get() | {key})
         epoch = self._epoch
@@ -172,7 +200,11 @@ class _ReadPath(_Codec):
                         break
                     if state == 1:
                         entry = await self._decode(blob)
-                        if entry is not None and self.clock() < entry.fresh_until:
+                        if (
+                            entry is not None
+                            and self.clock() < entry.fresh_until
+                            and entry.fresh_until > newer_than  # not the one being renewed
+                        ):
                             if self._may_fill(key, epoch):
                                 self.l1.put(key, entry)
                             return CacheResult(entry.value, False, "l2")

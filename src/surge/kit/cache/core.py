@@ -28,29 +28,20 @@ import structlog
 from surge.kit.cache import metrics as m
 from surge.kit.cache._base import (
     BatchLoader,
-    CacheError,
     CacheResult,
     Loader,
     RecursiveLoad,
     Source,
     T,
-    ValueNotCacheable,
     _loading,
+    refresh_early,
 )
 from surge.kit.cache._l1 import Entry
 from surge.kit.cache._read import _ReadPath
 from surge.kit.pubsub import ChannelListener
 from surge.kit.redis import RedisUnavailable
 
-__all__ = [
-    "BatchLoader",
-    "Cache",
-    "CacheError",
-    "CacheResult",
-    "Loader",
-    "RecursiveLoad",
-    "ValueNotCacheable",
-]
+__all__ = ["Cache"]
 
 log = structlog.get_logger()
 
@@ -120,6 +111,9 @@ class Cache(_ReadPath):
             now = self.clock()
             if now < entry.fresh_until and now < entry.trust_until:
                 self._hits_l1 += 1  # the L1 hit, inlined: most calls end here
+                window = (self.ttl if ttl is None else ttl) * self.early_refresh
+                if now > entry.fresh_until - window:
+                    self._early(key, loader, ttl, tags, fresh_until=entry.fresh_until, now=now)
                 return entry.value  # type: ignore[no-any-return]
         return (await self.fetch(key, loader, ttl=ttl, tags=tags)).value
 
@@ -132,6 +126,8 @@ class Cache(_ReadPath):
             return None
         now = self.clock()
         if now < entry.fresh_until and now < entry.trust_until:
+            if refresh_early(entry.fresh_until, now, self.ttl * self.early_refresh):
+                return None  # the caller's fetch (it has the loader) refreshes it early
             self._hits_l1 += 1
             return entry.value
         return None
@@ -153,6 +149,9 @@ class Cache(_ReadPath):
                 entry = None
             elif now < entry.fresh_until and now < entry.trust_until:
                 self._hits_l1 += 1
+                window = (self.ttl if ttl is None else ttl) * self.early_refresh
+                if now > entry.fresh_until - window:
+                    self._early(key, loader, ttl, tags, fresh_until=entry.fresh_until, now=now)
                 return CacheResult(entry.value, False, "l1")
         self._miss_l1 += 1
         if key in _loading.get():
@@ -211,6 +210,22 @@ class Cache(_ReadPath):
             if self._reads.get(key) is shared:
                 del self._reads[key]
 
+    def _early(
+        self,
+        key: str,
+        loader: Loader[Any],
+        ttl: float | None,
+        tags: Sequence[str],
+        *,
+        fresh_until: float,
+        now: float,
+    ) -> None:
+        """A hit near expiry: maybe refresh in the background (``refresh_early``)."""
+        window = (self.ttl if ttl is None else ttl) * self.early_refresh
+        if key not in self._flights and refresh_early(fresh_until, now, window):
+            m.EARLY_REFRESHES.labels(self.name).inc()
+            self._refresh_in_background(key, loader, ttl, tags, newer_than=fresh_until)
+
     async def _resolve(
         self,
         key: str,
@@ -225,6 +240,9 @@ class Cache(_ReadPath):
         now = self.clock()
         if from_l2 is not None:
             if now < from_l2.fresh_until:
+                window = (self.ttl if ttl is None else ttl) * self.early_refresh
+                if now > from_l2.fresh_until - window:
+                    self._early(key, loader, ttl, tags, fresh_until=from_l2.fresh_until, now=now)
                 return CacheResult(from_l2.value, False, "l2")
             if now < from_l2.stale_until:
                 if stale is not None:  # keep the fail-safe throttle across re-reads

@@ -28,6 +28,11 @@ STALE_SERVED = Counter(
     "Stale values served, by reason (revalidate: refresh running; error: loader failed).",
     ["cache", "reason"],
 )
+EARLY_REFRESHES = Counter(
+    "cache_early_refreshes_total",
+    "Background refreshes started by a hit shortly before expiry (probabilistic early refresh).",
+    ["cache"],
+)
 LOADS = Counter("cache_loads_total", "Loader calls by outcome (ok, error).", ["cache", "outcome"])
 LOAD_SECONDS = Histogram(
     "cache_load_seconds", "Loader latency.", ["cache"], buckets=LATENCY_BUCKETS

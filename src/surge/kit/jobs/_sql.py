@@ -14,6 +14,7 @@ _FETCH = text(
 WITH candidates AS (
     SELECT id, lock_key FROM jobs
     WHERE state = 'queued' AND queue = ANY(CAST(:queues AS text[])) AND run_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM job_queue_pauses p WHERE p.queue = jobs.queue)
       AND (lock_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM jobs running WHERE running.lock_key = jobs.lock_key
               AND running.state = 'active'))

@@ -7,6 +7,7 @@ Nothing here commits.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -405,3 +406,140 @@ async def finished_counts(session: AsyncSession, *, since: timedelta) -> dict[st
         if state == "failed":
             entry["failed_total"] = int(total)
     return out
+
+
+# ---- operator actions: pause/resume, filtered bulk actions with a dry-run count ------------
+async def pause_queue(session: AsyncSession, queue: str, *, by: str | None = None) -> bool:
+    """Workers stop taking ``queue``'s jobs (running ones finish); False if already paused."""
+    row = (
+        await session.execute(
+            text(
+                "INSERT INTO job_queue_pauses (queue, paused_by) VALUES (:q, :by) "
+                "ON CONFLICT (queue) DO NOTHING RETURNING queue"
+            ),
+            {"q": queue, "by": by},
+        )
+    ).first()
+    return row is not None
+
+
+async def resume_queue(session: AsyncSession, queue: str) -> bool:
+    """Workers take ``queue``'s jobs again; False if it was not paused."""
+    row = (
+        await session.execute(
+            text("DELETE FROM job_queue_pauses WHERE queue = :q RETURNING queue"), {"q": queue}
+        )
+    ).first()
+    return row is not None
+
+
+async def paused_queues(session: AsyncSession) -> dict[str, datetime]:
+    rows = await session.execute(text("SELECT queue, paused_at FROM job_queue_pauses"))
+    out: dict[str, datetime] = {}
+    for queue, at in rows:
+        out[queue] = at
+    return out
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a list or a bulk action is about; empty fields match everything.
+    ``search`` matches the payload's text (``payload::text ILIKE``) or the last error."""
+
+    queue: str | None = None
+    state: str | None = None
+    name: str | None = None
+    search: str | None = None
+    job_id: int | None = None
+
+    def where(self) -> tuple[str, dict[str, Any]]:
+        clauses: list[str] = ["TRUE"]
+        params: dict[str, Any] = {}
+        if self.job_id is not None:
+            clauses.append("id = :f_id")
+            params["f_id"] = self.job_id
+        if self.queue:
+            clauses.append("queue = :f_queue")
+            params["f_queue"] = self.queue
+        if self.state:
+            clauses.append("state = :f_state")
+            params["f_state"] = self.state
+        if self.name:
+            clauses.append("name = :f_name")
+            params["f_name"] = self.name
+        if self.search:
+            clauses.append("(payload::text ILIKE :f_search OR last_error ILIKE :f_search)")
+            escaped = self.search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            params["f_search"] = f"%{escaped}%"
+        return " AND ".join(clauses), params
+
+
+#: Bulk action -> (states it applies to, the UPDATE/DELETE it runs on the matching ids).
+BULK_ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "retry": (
+        ("failed", "cancelled"),
+        "UPDATE jobs SET state = 'queued', attempts = 0, stalls = 0, run_at = now(), "
+        "finished_at = NULL, lease_token = NULL, lease_expires_at = NULL, worker = NULL, "
+        "last_error = NULL WHERE id = ANY(CAST(:ids AS bigint[])) AND state IN ('failed', 'cancelled')",
+    ),
+    "cancel": (
+        ("queued",),
+        "UPDATE jobs SET state = 'cancelled', finished_at = now() "
+        "WHERE id = ANY(CAST(:ids AS bigint[])) AND state = 'queued'",
+    ),
+    "delete": (
+        ("succeeded", "failed", "cancelled"),
+        "DELETE FROM jobs WHERE id = ANY(CAST(:ids AS bigint[])) AND state IN ('succeeded', 'failed', 'cancelled')",
+    ),
+}
+
+
+async def list_jobs(session: AsyncSession, flt: JobFilter, *, limit: int = 50) -> list[JobInfo]:
+    where, params = flt.where()
+    rows = await session.execute(
+        text(f"SELECT {_COLUMNS} FROM jobs WHERE {where} ORDER BY id DESC LIMIT :limit"),
+        {**params, "limit": limit},
+    )
+    return [_info(row) for row in rows]
+
+
+async def bulk_count(session: AsyncSession, action: str, flt: JobFilter) -> int:
+    """The dry run: how many jobs ``bulk_apply(action, flt)`` would change now."""
+    states, _ = BULK_ACTIONS[action]
+    where, params = flt.where()
+    count = await session.scalar(
+        text(f"SELECT count(*) FROM jobs WHERE {where} AND state = ANY(CAST(:states AS text[]))"),
+        {**params, "states": list(states)},
+    )
+    return int(count or 0)
+
+
+async def bulk_apply(session: AsyncSession, action: str, flt: JobFilter, *, limit: int) -> int:
+    """Apply ``action`` to at most ``limit`` matching jobs (a retry that would collide with
+    a waiting job of the same dedup key is skipped); returns how many changed."""
+    states, statement = BULK_ACTIONS[action]
+    where, params = flt.where()
+    ids = list(
+        (
+            await session.execute(
+                text(
+                    f"SELECT id FROM jobs WHERE {where} AND state = ANY(CAST(:states AS text[])) "
+                    "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+                ),
+                {**params, "states": list(states), "limit": limit},
+            )
+        ).scalars()
+    )
+    changed = 0
+    for chunk in chunked(ids, 500):
+        try:
+            async with session.begin_nested():
+                result = await session.execute(text(statement), {"ids": chunk})
+                changed += int(getattr(result, "rowcount", 0) or 0)
+        except IntegrityError:  # a dedup key collides: one by one, skipping the collisions
+            for job_id in chunk:
+                with contextlib.suppress(IntegrityError):
+                    async with session.begin_nested():
+                        result = await session.execute(text(statement), {"ids": [job_id]})
+                        changed += int(getattr(result, "rowcount", 0) or 0)
+    return changed

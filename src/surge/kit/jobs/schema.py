@@ -34,9 +34,11 @@ TOKEN_SEQUENCE = "jobs_lease_token_seq"
 
 
 def define_tables(metadata: MetaData) -> dict[str, Table]:
-    """Attach ``jobs``, ``job_dispatches`` and ``job_schedules`` to ``metadata`` (idempotent)."""
+    """Attach ``jobs``, ``job_dispatches``, ``job_schedules`` and ``job_queue_pauses`` to
+    ``metadata`` (idempotent)."""
     if "jobs" in metadata.tables:
-        return {name: metadata.tables[name] for name in ("jobs", "job_dispatches", "job_schedules")}
+        names = ("jobs", "job_dispatches", "job_schedules", "job_queue_pauses")
+        return {name: metadata.tables[name] for name in names}
     states = ", ".join(f"'{s}'" for s in STATES)
     jobs = Table(
         "jobs",
@@ -104,4 +106,17 @@ def define_tables(metadata: MetaData) -> dict[str, Table]:
         Column("name", Text, primary_key=True),
         Column("next_run_at", DateTime(timezone=True), nullable=False),
     )
-    return {"jobs": jobs, "job_dispatches": dispatches, "job_schedules": schedules}
+    # A paused queue keeps its jobs; workers skip it until it is resumed (the console).
+    pauses = Table(
+        "job_queue_pauses",
+        metadata,
+        Column("queue", Text, primary_key=True),
+        Column("paused_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("paused_by", Text),
+    )
+    return {
+        "jobs": jobs,
+        "job_dispatches": dispatches,
+        "job_schedules": schedules,
+        "job_queue_pauses": pauses,
+    }

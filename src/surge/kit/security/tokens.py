@@ -22,7 +22,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,8 +105,11 @@ class TokenCodec:
         ttl: float,
         leeway: float = 5.0,
         memo_size: int = 65_536,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.ring = ring
+        #: Wall-clock seconds for issuing and for the exp/nbf/iat checks (tests move it).
+        self.clock = clock
         self.issuer = issuer
         self.audience = audience
         self.ttl = ttl
@@ -123,7 +126,7 @@ class TokenCodec:
         self, subject: str, claims: Mapping[str, Any] | None = None, *, now: float | None = None
     ) -> str:
         """A signed access token for ``subject``; ``claims`` may not override the registered ones."""
-        issued = int(now if now is not None else time.time())
+        issued = int(now if now is not None else self.clock())
         payload: dict[str, Any] = dict(claims or {})
         payload.update(
             iss=self.issuer,
@@ -144,7 +147,7 @@ class TokenCodec:
         not mutate the returned dict (it may be shared with later calls)."""
         claims = self._memo.get(token)
         if claims is not None:
-            if claims["exp"] + self.leeway <= time.time():
+            if claims["exp"] + self.leeway <= self.clock():
                 self._memo.pop(token, None)
                 raise InvalidToken("Access token expired")
             return claims
@@ -181,12 +184,30 @@ class TokenCodec:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway,
-                options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"]},
+                # The time claims are checked below against our clock, not PyJWT's.
+                options={
+                    "require": ["exp", "iat", "iss", "aud", "sub", "jti"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
-        except jwt.ExpiredSignatureError as error:
-            raise InvalidToken("Access token expired") from error
         except jwt.PyJWTError as error:
             raise InvalidToken() from error
+        return self._check_times(claims)
+
+    def _check_times(self, claims: dict[str, Any]) -> dict[str, Any]:
+        now = self.clock()
+        try:
+            exp = float(claims["exp"])
+            not_before = float(claims.get("nbf", claims["iat"]))
+            issued = float(claims["iat"])
+        except (TypeError, ValueError) as error:
+            raise InvalidToken() from error
+        if exp + self.leeway <= now:
+            raise InvalidToken("Access token expired")
+        if not_before - self.leeway > now or issued - self.leeway > now:
+            raise InvalidToken("Access token not yet valid")
         return claims
 
 

@@ -24,7 +24,7 @@ copies of one alert. While Redis is down the last known leader carries on.
 Delivery: ``POST`` JSON ``{"text": ..., "attachments": [...]}`` (what Slack, Mattermost and
 Rocket.Chat incoming webhooks accept), ``retries`` attempts with jittered backoff, inside a
 breaker of its own so a dead webhook costs one fast rejection per message, never a stuck
-evaluator. The same rules, written for Prometheus, are in ``deploy/prometheus/alerts.yml``.
+evaluator. The same thresholds generate ``deploy/prometheus/alerts.yml`` (``prometheus_rules``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,7 @@ from surge.kit.breaker import BreakerConfig, BreakerRegistry, UpstreamError
 from surge.kit.breaker import breakers as default_breakers
 from surge.kit.telemetry import metrics
 from surge.kit.telemetry.metrics import multiprocess_dir
+from surge.kit.telemetry.prometheus_rules import AlertThresholds
 
 if TYPE_CHECKING:
     from surge.config import Settings
@@ -208,25 +209,72 @@ def jobs_lag(current: Snapshot, previous: Snapshot | None) -> tuple[float | None
     return worst, f"oldest ready job waited {worst:.0f} s" + (f" (queue {queue})" if queue else "")
 
 
+def error_ratio(current: Snapshot, previous: Snapshot | None) -> tuple[float | None, str]:
+    total = delta(current, previous, "http_requests_total")
+    if previous is None or total <= 0:
+        return None, "no requests"
+    errors = sum(
+        max(0.0, value - previous.values.get(("http_requests_total", frozenset(labels.items())), 0))
+        for labels, value in current.select("http_requests_total")
+        if labels.get("status", "").startswith("5")
+    )
+    return errors / total, f"{int(errors)} of {int(total)} responses were 5xx"
+
+
+def cache_miss_ratio(current: Snapshot, previous: Snapshot | None) -> tuple[float | None, str]:
+    """The worst cache's share of lookups that missed both tiers (1 - hit ratio): a lookup is
+    an L1 lookup, a hit is an L1 or an L2 hit."""
+    names = {labels["cache"] for labels, _ in current.select("cache_hits_total")}
+    names |= {labels["cache"] for labels, _ in current.select("cache_misses_total")}
+    worst: tuple[float, str] | None = None
+    for name in sorted(names):
+        hits = delta(current, previous, "cache_hits_total", cache=name)
+        lookups = delta(current, previous, "cache_hits_total", cache=name, tier="l1") + delta(
+            current, previous, "cache_misses_total", cache=name, tier="l1"
+        )
+        if lookups <= 0:
+            continue
+        miss = max(0.0, 1 - hits / lookups)
+        if worst is None or miss > worst[0]:
+            worst = (miss, f"cache {name}: {hits / lookups:.1%} hits over {int(lookups)} lookups")
+    return (worst[0], worst[1]) if worst else (None, "no cache lookups")
+
+
 def default_rules(
     *,
-    response_p95: float = 1.0,
-    errors_per_minute: float = 10.0,
-    memory: float = 0.9,
-    slow_query: float = 0.5,
-    jobs_lag_s: float = 60.0,
+    response_p95: float | None = None,
+    errors_per_minute: float | None = None,
+    memory: float | None = None,
+    slow_query: float | None = None,
+    jobs_lag_s: float | None = None,
+    thresholds: AlertThresholds | None = None,
 ) -> list[AlertRule]:
-    """Seed 002's thresholds plus breaker and job-lag rules (mirrored in deploy/prometheus)."""
+    """Seed 002/003's thresholds plus breaker and job-lag rules; the same thresholds generate
+    deploy/prometheus/alerts.yml (``surge.kit.telemetry.prometheus_rules``)."""
+    t = thresholds or AlertThresholds()
+    overrides = {
+        "response_p95": response_p95,
+        "errors_per_minute": errors_per_minute,
+        "memory": memory,
+        "slow_query": slow_query,
+        "jobs_lag_s": jobs_lag_s,
+    }
+    t = replace(t, **{k: v for k, v in overrides.items() if v is not None})
     return [
-        AlertRule("HighResponseTime", "p95 response time above threshold", response_p95, "s", p95_latency),
+        AlertRule("HighErrorRatio", "share of 5xx responses above threshold", t.error_ratio, "ratio", error_ratio, "critical"),
         AlertRule(
-            "HighErrorRate", "5xx responses per minute above threshold", errors_per_minute,
+            "HighErrorRate", "5xx responses per minute above threshold", t.errors_per_minute,
             "/min", server_errors_per_minute, "critical",
         ),
-        AlertRule("HighMemoryUsage", "machine memory use above threshold", memory, "ratio", memory_ratio),
-        AlertRule("SlowDatabaseQuery", "a DB query took longer than threshold", slow_query, "s", slow_queries),
+        AlertRule("HighResponseTime", "p95 response time above threshold", t.response_p95, "s", p95_latency),
+        AlertRule(
+            "LowCacheHitRatio", "cache miss ratio above threshold (hit ratio below 1 - it)",
+            round(1 - t.cache_hit_ratio, 6), "ratio", cache_miss_ratio,
+        ),
+        AlertRule("HighMemoryUsage", "machine memory use above threshold", t.memory, "ratio", memory_ratio),
+        AlertRule("SlowDatabaseQuery", "a DB query took longer than threshold", t.slow_query, "s", slow_queries),
         AlertRule("CircuitBreakerOpen", "a circuit breaker is open", 0, "breakers", open_breakers, "critical"),
-        AlertRule("JobQueueLag", "job queue lag above threshold", jobs_lag_s, "s", jobs_lag),
+        AlertRule("JobQueueLag", "job queue lag above threshold", t.jobs_lag_s, "s", jobs_lag),
     ]  # fmt: skip
 
 
@@ -489,12 +537,12 @@ def build_evaluator(
     interval: float,
     cooldown: float,
     retries: int,
-    thresholds: dict[str, float] | None = None,
+    thresholds: AlertThresholds | None = None,
     rules: Iterable[AlertRule] | None = None,
     gateway: RedisGateway | None = None,
 ) -> AlertEvaluator:
     """The evaluator the runtime starts when a webhook URL is configured."""
-    chosen = list(rules) if rules is not None else default_rules(**(thresholds or {}))
+    chosen = list(rules) if rules is not None else default_rules(thresholds=thresholds)
     notifier = WebhookNotifier(webhook_url, retries=retries)
     return AlertEvaluator(chosen, notifier, interval=interval, cooldown=cooldown, gateway=gateway)
 
@@ -512,12 +560,6 @@ def evaluator_from_settings(
         interval=settings.ALERT_INTERVAL.total_seconds(),
         cooldown=settings.ALERT_COOLDOWN.total_seconds(),
         retries=settings.ALERT_WEBHOOK_RETRIES,
-        thresholds={
-            "response_p95": settings.ALERT_RESPONSE_P95.total_seconds(),
-            "errors_per_minute": settings.ALERT_ERRORS_PER_MINUTE,
-            "memory": settings.ALERT_MEMORY_RATIO,
-            "slow_query": settings.DB_SLOW_QUERY.total_seconds(),
-            "jobs_lag_s": settings.ALERT_JOBS_LAG.total_seconds(),
-        },
+        thresholds=AlertThresholds.from_settings(settings),
         gateway=gateway,
     )

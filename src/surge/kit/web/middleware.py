@@ -185,12 +185,18 @@ class SurgeMiddleware:
         finally:
             self._deadlines.pop(task, None)
             elapsed = time.perf_counter() - started
-            recorder.finished(scope["method"], route_template(scope), status, elapsed)
+            if not scope.get(UNTIMED):  # a stream's length is not a latency
+                recorder.finished(scope["method"], route_template(scope), status, elapsed)
             if self.access_log or elapsed >= self.slow_request or status >= 500:
                 log.info(
                     "http.request", method=scope["method"], path=scope["path"], status=status,
                     duration_ms=round(elapsed * 1000, 2),
                 )  # fmt: skip
+
+
+#: Scope key a handler sets on a long-lived response (server-sent events): the request is not
+#: recorded in the latency histogram, whose p95 would otherwise be the stream's length.
+UNTIMED = "surge.untimed"
 
 
 def route_template(scope: Scope) -> str:

@@ -118,8 +118,19 @@ async def _http_error(request: Request, error: Exception) -> Response:
     )
 
 
+#: ``app.state`` attribute: an async check that runs before a 422 is answered (the API's
+#: authentication: a protected route answers 401/403 to a bad body, not 422).
+VALIDATION_GUARD = "validation_guard"
+
+
 async def _validation_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RequestValidationError)
+    guard = getattr(request.app.state, VALIDATION_GUARD, None)
+    if guard is not None:
+        try:
+            await guard(request)
+        except SurgeError as refused:
+            return await _surge_error(request, refused)
     errors = [
         {"loc": list(item.get("loc", ())), "msg": item.get("msg"), "type": item.get("type")}
         for item in error.errors()

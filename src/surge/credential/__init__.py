@@ -1,0 +1,1 @@
+"""Service credentials: scoped API keys for server-to-server calls (issue 16)."""
