@@ -59,3 +59,22 @@ async def test_other_runtime_errors_are_not_swallowed(server_urls: tuple[str, st
         assert gateway.is_up
     finally:
         await gateway.close()
+
+
+async def test_cache_read_on_a_reset_connection_is_a_miss(server_urls: tuple[str, str]) -> None:
+    """The cache's lean L2 read (no guard) sees the same uvloop error: a miss, Redis down."""
+    from surge.kit.cache import Cache
+
+    gateway = RedisGateway(server_urls[1], backoff_step=0.05, backoff_max=0.2)
+    cache = Cache(gateway, namespace="t-closed")
+    try:
+        assert await gateway.ping()
+
+        async def closed(*_: object) -> None:
+            raise RuntimeError(CLOSED)
+
+        gateway.raw.get = closed  # type: ignore[method-assign,assignment]
+        assert await cache._l2_get("k") is None
+        assert not gateway.is_up
+    finally:
+        await gateway.close()

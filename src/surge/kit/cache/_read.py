@@ -28,7 +28,7 @@ from surge.kit.cache._base import (
 from surge.kit.cache._codec import _Codec
 from surge.kit.cache._l1 import Entry
 from surge.kit.cache._scripts import _RELEASE, _SET_IF_LEASE, _VALUE_OR_LEASE
-from surge.kit.redis import RedisUnavailable
+from surge.kit.redis import RedisUnavailable, is_closed_transport
 
 log = structlog.get_logger()
 
@@ -52,6 +52,11 @@ class _ReadPath(_Codec):
             try:
                 blob = await gateway.raw.get(prefix + key)
             except _REDIS_DOWN as exc:
+                await self._gateway_verdict(exc)
+                return None
+            except RuntimeError as exc:  # uvloop: a write on a connection the peer reset
+                if not is_closed_transport(exc):
+                    raise
                 await self._gateway_verdict(exc)
                 return None
             except RedisError as exc:
