@@ -11,7 +11,8 @@ from sqlalchemy import text
 from surge.app import create_app
 from surge.kit.redis import RedisGateway, RedisUnavailable, is_closed_transport
 from surge.kit.web.deps import SessionDep
-from tests.conftest import app_client, make_settings
+from tests.fixtures.clients import app_client
+from tests.fixtures.settings import make_settings
 
 CLOSED = (
     "unable to perform operation on <TCPTransport closed=True reading=False 0x55>; "
