@@ -188,14 +188,17 @@ class Ledger:
     once created (rows are never deleted)."""
 
     def __init__(self) -> None:
-        self._system: dict[tuple[str, str], int] = {}
+        #: (database URL, code, currency) → id: a process may talk to more than one
+        #: database (a test, a migration tool), and ids are only unique within one.
+        self._system: dict[tuple[object, str, str], int] = {}
 
     # ---- accounts ------------------------------------------------------------------------
     async def system_account(
         self, session: AsyncSession, code: SystemAccount, *, currency: str
     ) -> int:
         """The id of system account ``code`` in ``currency``, created on first use."""
-        cached = self._system.get((code, currency))
+        database = session.get_bind().engine.url
+        cached = self._system.get((database, code, currency))
         if cached is not None:
             return cached
         created = (
@@ -222,7 +225,7 @@ class Ledger:
                 )
             ).scalar_one()
         )
-        self._system[(code, currency)] = account_id
+        self._system[(database, code, currency)] = account_id
         return account_id
 
     async def open_wallet(self, session: AsyncSession, owner_id: UUID, *, currency: str) -> int:
