@@ -51,13 +51,10 @@ class FundsService:
     ) -> int:
         """Reserve ``amount`` of the owner's wallet for the platform's sales account; returns
         the pending transfer's id. ``InsufficientFunds`` (409) when the wallet lacks it."""
-        wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
-        sales = await self.ledger.system_account(session, SystemAccount.sales, currency=currency)
-        posted = await self.ledger.transfer(
-            session, key=key, debit=wallet, credit=sales, amount=amount, currency=currency,
-            kind=kind, reference=reference, pending=True,
+        posted = await self._move(
+            session, owner_id, SystemAccount.sales, to_owner=False, amount=amount,
+            currency=currency, key=key, kind=kind, reference=reference, pending=True,
         )  # fmt: skip
-        changed_owners(session).add(owner_id)
         return posted.transfer_id
 
     async def settle(self, session: AsyncSession, hold_id: int, *, key: str, kind: str) -> Posted:
@@ -80,16 +77,10 @@ class FundsService:
         reference: str | None = None,
     ) -> Posted:
         """Money that came in through the payment provider, credited to the owner's wallet."""
-        wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
-        source = await self.ledger.system_account(
-            session, SystemAccount.payments, currency=currency
-        )
-        posted = await self.ledger.transfer(
-            session, key=key, debit=source, credit=wallet, amount=amount, currency=currency,
-            kind=kind, reference=reference,
+        return await self._move(
+            session, owner_id, SystemAccount.payments, to_owner=True, amount=amount,
+            currency=currency, key=key, kind=kind, reference=reference,
         )  # fmt: skip
-        changed_owners(session).add(owner_id)
-        return posted
 
     async def reverse(
         self,
@@ -105,11 +96,33 @@ class FundsService:
         """Take back money credited by ``credit`` (a refund, a lost dispute). The wallet is
         guarded: ``InsufficientFunds`` (409) when the owner has already spent it — the caller
         decides what to do then (record the debt, flag the account)."""
+        return await self._move(
+            session, owner_id, SystemAccount.payments, to_owner=False, amount=amount,
+            currency=currency, key=key, kind=kind, reference=reference,
+        )  # fmt: skip
+
+    async def _move(
+        self,
+        session: AsyncSession,
+        owner_id: UUID,
+        system: SystemAccount,
+        *,
+        to_owner: bool,
+        amount: int,
+        currency: str,
+        key: str,
+        kind: str,
+        reference: str | None,
+        pending: bool = False,
+    ) -> Posted:
+        """One transfer between the owner's wallet and a system account (either way), and
+        the owner marked changed so the edge invalidates its cached stats."""
         wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
-        sink = await self.ledger.system_account(session, SystemAccount.payments, currency=currency)
+        other = await self.ledger.system_account(session, system, currency=currency)
+        debit, credit = (other, wallet) if to_owner else (wallet, other)
         posted = await self.ledger.transfer(
-            session, key=key, debit=wallet, credit=sink, amount=amount, currency=currency,
-            kind=kind, reference=reference,
+            session, key=key, debit=debit, credit=credit, amount=amount, currency=currency,
+            kind=kind, reference=reference, pending=pending,
         )  # fmt: skip
         changed_owners(session).add(owner_id)
         return posted

@@ -97,23 +97,45 @@ async def enqueue(
     ``priority``: higher runs first (default: the job's registered priority).
     ``run_at`` / ``delay``: not before this moment / this long after the commit's clock.
     """
-    spec = _spec(name)
-    result = await session.execute(
-        _INSERT_ONE,
-        {
-            "queue": spec.queue,
-            "name": name,
-            "payload": _dump(payload),
-            "priority": spec.priority if priority is None else priority,
-            "run_at": run_at,
-            "delay": _delay(delay),
-            "max_attempts": max_attempts if max_attempts is not None else spec.max_attempts,
-            "max_stalled": spec.max_stalled,
-            "dedup_key": dedup_key,
-            "lock_key": lock_key,
-        },
+    params = _one(
+        name,
+        payload,
+        dedup_key=dedup_key,
+        lock_key=lock_key,
+        run_at=run_at,
+        delay=delay,
+        priority=priority,
+        max_attempts=max_attempts,
     )
+    result = await session.execute(_INSERT_ONE, params)
     return result.scalar_one_or_none()
+
+
+def _one(
+    name: str,
+    payload: Payload,
+    *,
+    dedup_key: str | None,
+    lock_key: str | None,
+    run_at: datetime | None,
+    delay: timedelta | None,
+    priority: int | None,
+    max_attempts: int | None,
+) -> dict[str, Any]:
+    """One job's row, in ``_INSERT_ONE``'s order (``enqueue_now`` sends the values)."""
+    spec = _spec(name)
+    return {
+        "queue": spec.queue,
+        "name": name,
+        "payload": _dump(payload),
+        "priority": spec.priority if priority is None else priority,
+        "run_at": run_at,
+        "delay": _delay(delay),
+        "max_attempts": max_attempts if max_attempts is not None else spec.max_attempts,
+        "max_stalled": spec.max_stalled,
+        "dedup_key": dedup_key,
+        "lock_key": lock_key,
+    }
 
 
 _INSERT_DRIVER = f"""
@@ -144,26 +166,23 @@ async def enqueue_now(
 
     For a job that must exist exactly when other writes commit, use ``enqueue`` inside
     their transaction instead. Same arguments and result as ``enqueue``."""
-    spec = _spec(name)
+    params = _one(
+        name,
+        payload,
+        dedup_key=dedup_key,
+        lock_key=lock_key,
+        run_at=run_at,
+        delay=delay,
+        priority=priority,
+        max_attempts=max_attempts,
+    )
     async with engine.connect() as connection:
         # Outside any transaction: PostgreSQL runs the statement as its own transaction, and
         # SQLAlchemy hands the connection back to the pool as it found it. asyncpg prepares
         # the statement once per connection (its statement cache) and reuses it.
         raw = await connection.get_raw_connection()
         driver: Any = raw.driver_connection
-        value = await driver.fetchval(
-            _INSERT_DRIVER,
-            spec.queue,
-            name,
-            _dump(payload),
-            spec.priority if priority is None else priority,
-            run_at,
-            _delay(delay),
-            max_attempts if max_attempts is not None else spec.max_attempts,
-            spec.max_stalled,
-            dedup_key,
-            lock_key,
-        )
+        value = await driver.fetchval(_INSERT_DRIVER, *params.values())
     return None if value is None else int(value)
 
 
