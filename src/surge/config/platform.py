@@ -1,0 +1,131 @@
+"""Settings of the platform: the environment and secret key, the servers, the database pool, Redis, the web server, health,
+metrics, and the capacity tuning of the HTTP server (issue: capacity)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings
+
+from surge.config._types import DEV_SECRET, CsvList, Environment, normalize_database_url
+
+
+class PlatformSettings(BaseSettings):
+    """Servers, pools, web, health, metrics (a section of ``surge.config.Settings``)."""
+
+    ENV: Environment = Environment.development
+    """development | test | production. Outside development, default secrets are refused."""
+    DATA_DIR: Path = Path(".data")
+    """Where the embedded PostgreSQL and Redis keep their files (reused across runs)."""
+    SECRET_KEY: SecretStr = SecretStr(DEV_SECRET)
+    """Signs tokens and cursors. Must be set (≥ 32 chars) outside development."""
+
+    # --- servers -------------------------------------------------------------------------
+    DATABASE_URL: str = Field(
+        default="", validation_alias=AliasChoices("SURGE_DATABASE_URL", "DATABASE_URL")
+    )
+    """postgresql+asyncpg://user:pass@host:port/db; empty = embedded PostgreSQL."""
+    DATABASE_REPLICA_URLS: CsvList[str] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("SURGE_DATABASE_REPLICA_URLS", "DATABASE_REPLICA_URLS"),
+    )
+    """Comma-separated read replicas; read sessions go there, primary when they are down."""
+    REDIS_URL: str = Field(
+        default="", validation_alias=AliasChoices("SURGE_REDIS_URL", "REDIS_URL")
+    )
+    """redis://host:port/db; empty = embedded Redis."""
+
+    # --- database pool (seed 000: max 20, min 5, idle 30 s, connect timeout 5 s) ---------
+    DB_POOL_MAX: int = 20
+    """Connections per process, at most. 20 × processes must stay under max_connections."""
+    DB_POOL_MIN: int = 5
+    """Connections kept open (warm) per process even when idle."""
+    DB_POOL_IDLE_TIMEOUT: timedelta = timedelta(seconds=30)
+    """A connection idle longer than this is closed, down to DB_POOL_MIN."""
+    DB_POOL_TIMEOUT: timedelta = timedelta(seconds=5)
+    """How long a request waits for a free connection before 503."""
+    DB_CONNECT_TIMEOUT: timedelta = timedelta(seconds=5)
+    DB_STATEMENT_TIMEOUT: timedelta = timedelta(seconds=30)
+    """Server-side statement_timeout for every connection (0 = none)."""
+    DB_SLOW_QUERY: timedelta = timedelta(milliseconds=500)
+    """Seed 002: a query slower than this is logged and counted."""
+    DB_PGBOUNCER: bool = False
+    """Behind PgBouncer in transaction mode: disables asyncpg's prepared-statement cache
+    (prepared statements are per server connection, which PgBouncer swaps per transaction)."""
+    DB_REPLICA_RETRY: timedelta = timedelta(seconds=5)
+    """After a replica fails, reads go to the primary for this long before trying it again."""
+
+    # --- redis (seed 000: backoff 100 ms × attempt up to 3 s, give up after 10) ----------
+    REDIS_SOCKET_TIMEOUT: timedelta = timedelta(milliseconds=1000)
+    REDIS_CONNECT_TIMEOUT: timedelta = timedelta(milliseconds=500)
+    REDIS_BACKOFF_STEP: timedelta = timedelta(milliseconds=100)
+    REDIS_BACKOFF_MAX: timedelta = timedelta(seconds=3)
+    REDIS_MAX_RECONNECT_ATTEMPTS: int = 10
+    """After this many failed reconnects in a row Surge logs `redis.gave_up` and keeps
+    probing at REDIS_BACKOFF_MAX instead of stopping for good (ADR 0004)."""
+    REDIS_MAX_CONNECTIONS: int = 64
+
+    # --- web -----------------------------------------------------------------------------
+    HOST: str = "127.0.0.1"
+    PORT: int = 8000
+    WEB_WORKERS: int = Field(default_factory=lambda: os.cpu_count() or 1)
+    REQUEST_BODY_LIMIT: int = 1024 * 1024
+    """Bytes; larger bodies get 413 without being read whole."""
+    REQUEST_TIMEOUT: timedelta = timedelta(seconds=30)
+    """A request running longer is cancelled and answered 504."""
+    SHUTDOWN_GRACE: timedelta = timedelta(seconds=10)
+    """In-flight requests get this long to finish on SIGTERM / Ctrl-C."""
+    TRUSTED_PROXIES: CsvList[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    """Peers whose X-Forwarded-For is believed (comma-separated IPs or CIDRs)."""
+    LOG_LEVEL: str = "INFO"
+    LOG_JSON: bool | None = None
+    """JSON logs; default: JSON unless stderr is a terminal."""
+    LOG_ACCESS: bool = False
+    """One log line per request. Off by default: errors and slow requests are always logged."""
+    SLOW_REQUEST: timedelta = timedelta(seconds=1)
+    """Seed 002 alert threshold: a request slower than this is logged."""
+    OTEL_ENABLED: bool = False
+    """FastAPI's native OpenTelemetry spans and metrics, exported by the OpenTelemetry SDK
+    you configure. Off by default: Surge's metrics are Prometheus (``/metrics``) and it
+    propagates ``traceparent`` itself; off also saves FastAPI's per-request provider
+    lookups (ADR 0011)."""
+
+    # --- health --------------------------------------------------------------------------
+    HEALTH_CHECK_TIMEOUT: timedelta = timedelta(milliseconds=1500)
+    """Each health check's own timeout; checks run concurrently."""
+
+    # --- metrics -------------------------------------------------------------------------
+    METRICS_DIR: Path | None = None
+    """prometheus multiprocess directory; set by `surge up`/`serve` when >1 process."""
+
+    # ---- capacity ----------------------------------------------------------------------
+    HTTP_KEEPALIVE_TIMEOUT: timedelta = timedelta(seconds=75)
+    """uvicorn ``timeout_keep_alive``: an idle keep-alive connection is closed after this. It
+    must exceed the clients' think time (seed 003: 5-10 s between requests), or nearly every
+    request pays a new TCP handshake; 75 s is nginx's default and outlasts the usual load
+    balancer idle timeout (60 s), so the balancer, not Surge, closes first."""
+    HTTP_BACKLOG: int = 16384
+    """uvicorn ``backlog`` (listen queue). The kernel caps it at ``net.core.somaxconn``
+    (``surge serve`` warns when that is lower): 10 000 clients connecting at once overflow
+    4 096 and wait for SYN retransmits (1, 3, 7... s)."""
+    CACHE_EARLY_REFRESH: float = 0.1
+    """kit.cache: in the last this fraction of an entry's TTL, a hit may start a background
+    refresh (probability rising to 1 at expiry), so hot entries are renewed before they
+    expire instead of all reloading as a wave (0 turns it off). The L1 trust window
+    (``CACHE_L1_TTL``, ``IDENTITY_PRIVILEGE_L1_TTL``) is jittered by ``CACHE_TTL_JITTER``."""
+    HTTP_SERVER_TIMING: bool = True
+    """Send ``Server-Timing: queue;dur=…, app;dur=…`` on every response (where the time went;
+    ``surge load`` reads it). Turn off to hide server timings from clients."""
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _asyncpg_scheme(cls, value: str) -> str:
+        return normalize_database_url(value) if value else value
+
+    @field_validator("DATABASE_REPLICA_URLS")
+    @classmethod
+    def _asyncpg_schemes(cls, value: list[str]) -> list[str]:
+        return [normalize_database_url(url) for url in value]
