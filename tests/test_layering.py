@@ -176,9 +176,14 @@ def _service_offences(path: Path, package: str) -> list[str]:
     return found
 
 
+def _is_route_module(path: Path) -> bool:
+    """``routes.py``, and the page modules a console's routes include (``pages/*.py``)."""
+    return path.name == "routes.py" or path.parent.name == "pages"
+
+
 @pytest.mark.parametrize("package", _domains())
 def test_routes_talk_to_services_only(package: str) -> None:
-    offenders = [o for p in _modules(package) if p.name == "routes.py" for o in _route_offences(p)]
+    offenders = [o for p in _modules(package) if _is_route_module(p) for o in _route_offences(p)]
     assert not offenders, "\n".join(offenders)
 
 
@@ -243,3 +248,31 @@ def test_listings_share_one_page_shape(package: str) -> None:
                 if {"items", "next_cursor"} <= fields:
                     offenders.append(f"{path.relative_to(SRC)}:{node.lineno} class {node.name}")
     assert not offenders, "use kit.web.pagination.Page[T]:\n" + "\n".join(offenders)
+
+
+# ---- size (issue 12): a module is read in one sitting --------------------------------------
+MAX_LINES = 600
+
+
+def _oversized(root: Path) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        with path.open("rb") as lines:
+            count = sum(1 for _ in lines)
+        if count > MAX_LINES:
+            found.append(f"{path.relative_to(root)}: {count} lines")
+    return found
+
+
+def test_no_source_file_over_600_lines() -> None:
+    """Split along a real seam (a private module behind the package face), never by
+    squeezing lines: see CONTRIBUTING.md, "Size"."""
+    offenders = _oversized(SRC.parent)
+    assert not offenders, f"over {MAX_LINES} lines:\n" + "\n".join(offenders)
+
+
+def test_size_checker_counts_every_line(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "big.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    (tmp_path / "pkg" / "fits.py").write_text("x = 1\n" * MAX_LINES)
+    assert _oversized(tmp_path) == [f"pkg/big.py: {MAX_LINES + 1} lines"]

@@ -10,7 +10,8 @@ from uuid import UUID, uuid4
 from sqlalchemy import and_, case, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from surge.kit.web.cursor import decode_cursor, encode_cursor, moment
+from surge.kit.web.cursor import moment
+from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.operations import (
     Attempt,
     EgressProxy,
@@ -18,6 +19,10 @@ from surge.models.operations import (
     Price,
     ProviderAccount,
     Reseller,
+)
+
+OPERATIONS_NEWEST_FIRST = Keyset(
+    (Operation.created_at, Operation.id), (moment, UUID), descending=True
 )
 
 # ---- accounts -----------------------------------------------------------------------------
@@ -287,27 +292,15 @@ async def get_operation(
 async def list_operations(
     session: AsyncSession, *, owner_id: UUID | None, status: str | None, limit: int,
     cursor: str | None,
-) -> tuple[list[Operation], str | None]:  # fmt: skip
+) -> Slice[Operation]:  # fmt: skip
     stmt = select(Operation)
     if owner_id is not None:
         stmt = stmt.where(Operation.owner_id == owner_id)
     if status is not None:
         stmt = stmt.where(Operation.status == status)
-    if cursor:
-        created, last_id = decode_cursor(cursor, moment, UUID)
-        stmt = stmt.where(
-            or_(
-                Operation.created_at < created,
-                and_(Operation.created_at == created, Operation.id < last_id),
-            )
-        )
-    stmt = stmt.order_by(Operation.created_at.desc(), Operation.id.desc()).limit(limit + 1)
-    rows = list(await session.scalars(stmt))
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
-    return rows, next_cursor
+    return await keyset_page(
+        session, stmt, OPERATIONS_NEWEST_FIRST, limit=limit, cursor=cursor, scalars=True
+    )
 
 
 async def start_operation(session: AsyncSession, operation_id: UUID) -> Operation | None:

@@ -1,6 +1,6 @@
 """Every query of the payments domain: top-ups and the provider-event inbox.
 
-Listings are keyset-paginated with ``kit.web.cursor`` (newest first). Writers that race
+Listings are keyset-paginated with ``kit.web.pagination`` (newest first). Writers that race
 (the request that created an intent, the job that read its webhook, the reconciliation poll)
 all go through ``lock_topup``: ``INSERT ... ON CONFLICT DO NOTHING`` then ``SELECT ... FOR
 UPDATE``, so whoever comes second waits for the first to commit and then sees its row.
@@ -17,10 +17,15 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from surge.kit.web.cursor import decode_cursor, encode_cursor, moment
+from surge.kit.web.cursor import moment
+from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.payments import PaymentEvent, Topup
 
 OPEN_STATUSES = ("pending", "requires_action", "processing")
+TOPUPS_NEWEST_FIRST = Keyset((Topup.created_at, Topup.id), (moment, UUID), descending=True)
+EVENTS_NEWEST_FIRST = Keyset(
+    (PaymentEvent.received_at, PaymentEvent.id), (moment, str), descending=True
+)
 
 
 # ---- top-ups ------------------------------------------------------------------------------
@@ -86,23 +91,11 @@ async def owned_topup(session: AsyncSession, owner_id: UUID, topup_id: UUID) -> 
 
 async def topups(
     session: AsyncSession, owner_id: UUID, *, limit: int, cursor: str | None
-) -> tuple[list[Topup], str | None]:
+) -> Slice[Topup]:
     query = select(Topup).where(Topup.owner_id == owner_id)
-    if cursor:
-        at, after = decode_cursor(cursor, moment, UUID)
-        query = query.where(func.row(Topup.created_at, Topup.id) < func.row(at, after))
-    rows = list(
-        (
-            await session.scalars(
-                query.order_by(Topup.created_at.desc(), Topup.id.desc()).limit(limit + 1)
-            )
-        ).all()
+    return await keyset_page(
+        session, query, TOPUPS_NEWEST_FIRST, limit=limit, cursor=cursor, scalars=True
     )
-    items = rows[:limit]
-    next_cursor = (
-        encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > limit and items else None
-    )
-    return items, next_cursor
 
 
 async def stale_open_topups(
@@ -188,29 +181,13 @@ async def event_for_update(session: AsyncSession, event_id: str) -> PaymentEvent
 
 async def events(
     session: AsyncSession, *, state: str | None, limit: int, cursor: str | None
-) -> tuple[list[PaymentEvent], str | None]:
+) -> Slice[PaymentEvent]:
     query = select(PaymentEvent)
     if state is not None:
         query = query.where(PaymentEvent.state == state)
-    if cursor:
-        at, after = decode_cursor(cursor, moment, str)
-        query = query.where(
-            func.row(PaymentEvent.received_at, PaymentEvent.id) < func.row(at, after)
-        )
-    rows = list(
-        (
-            await session.scalars(
-                query.order_by(PaymentEvent.received_at.desc(), PaymentEvent.id.desc()).limit(
-                    limit + 1
-                )
-            )
-        ).all()
+    return await keyset_page(
+        session, query, EVENTS_NEWEST_FIRST, limit=limit, cursor=cursor, scalars=True
     )
-    items = rows[:limit]
-    next_cursor = (
-        encode_cursor(items[-1].received_at, items[-1].id) if len(rows) > limit and items else None
-    )
-    return items, next_cursor
 
 
 async def stale_pending_payments(session: AsyncSession, *, older_than: timedelta) -> list[str]:

@@ -43,18 +43,29 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-import orjson
 import structlog
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from surge.kit.errors import BadRequest, Conflict, NotFound, SurgeError, UnprocessableEntity
+from surge.kit.errors import SurgeError
 from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.kit.security import webhooks
 from surge.models.payments import PaymentEvent, Topup
 from surge.payments import repository
-from surge.payments.provider import ProviderAnswer, ProviderUnavailable, provider_client
+from surge.payments.errors import (
+    EventNotDead,
+    EventNotFound,
+    InvalidEvent,
+    PaymentError,
+    PermanentEventError,
+    ProviderRejected,
+    TopupKeyMismatch,
+    TopupNotFound,
+    TopupOutOfBounds,
+)
+from surge.payments.events import intent_of, parse_event, payment_id_of
+from surge.payments.provider import ProviderUnavailable, provider_client
 from surge.wallet.funds import funds as funds_service
 
 log = structlog.get_logger()
@@ -80,43 +91,6 @@ _RANK = {
     "refunded": 5,
     "disputed": 5,
 }
-
-
-class PaymentError(SurgeError):
-    """Root of the payments domain's errors."""
-
-
-class TopupNotFound(PaymentError, NotFound):
-    pass
-
-
-class TopupOutOfBounds(PaymentError, UnprocessableEntity):
-    pass
-
-
-class TopupKeyMismatch(PaymentError, UnprocessableEntity):
-    pass
-
-
-class EventNotFound(PaymentError, NotFound):
-    pass
-
-
-class EventNotDead(PaymentError, Conflict):
-    pass
-
-
-class ProviderRejected(PaymentError):
-    status_code = 502
-    title = "Bad Gateway"
-
-
-class InvalidEvent(PaymentError, BadRequest):
-    """A signed body that is not a provider event."""
-
-
-class _Permanent(Exception):
-    """Processing this event can never succeed (dead-lettered at once)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +152,7 @@ class TopupService:
             metadata={"topup_id": str(topup_id), "owner_id": str(owner_id)},
             idempotency_key=f"surge-topup-{topup_id}",
         )
-        intent = _intent_of(answer)
+        intent = intent_of(answer)
         if intent is None:
             error = answer.body.get("error") or {}
             if error.get("type") == "idempotency_error":
@@ -214,7 +188,8 @@ class TopupService:
     async def list_topups(
         self, session: AsyncSession, owner_id: UUID, *, limit: int, cursor: str | None
     ) -> tuple[list[Topup], str | None]:
-        return await repository.topups(session, owner_id, limit=limit, cursor=cursor)
+        found = await repository.topups(session, owner_id, limit=limit, cursor=cursor)
+        return found.items, found.next_cursor
 
     # ---- webhooks ---------------------------------------------------------------------------
     async def receive_event(
@@ -234,8 +209,8 @@ class TopupService:
             WEBHOOKS.labels(f"refused_{error.reason}").inc()
             log.warning("payments.webhook.refused", reason=error.reason, bytes=len(body))
             raise
-        event = _parse_event(body)
-        payment_id = _payment_id(event)
+        event = parse_event(body)
+        payment_id = payment_id_of(event)
         stored = await repository.insert_event(
             session,
             event_id=event["id"],
@@ -271,10 +246,10 @@ class TopupService:
             try:
                 async with session.begin_nested():
                     await self._apply_event(session, event)
-            except (_Permanent, SurgeError, KeyError, TypeError, ValueError) as error:
+            except (PermanentEventError, SurgeError, KeyError, TypeError, ValueError) as error:
                 event.attempts += 1
                 event.last_error = f"{type(error).__name__}: {error}"[:500]
-                permanent = isinstance(error, _Permanent)
+                permanent = isinstance(error, PermanentEventError)
                 if permanent or event.attempts >= settings.PAYMENTS_EVENT_MAX_ATTEMPTS:
                     event.state = "dead"
                     EVENTS_DEAD.inc()
@@ -348,7 +323,7 @@ class TopupService:
             return topup.status
         answer = await provider_client(runtime).retrieve_intent(topup.provider_payment_id)
         topup.checked_at = _now()
-        intent = _intent_of(answer)
+        intent = intent_of(answer)
         if intent is None:
             log.warning("payments.reconcile.unknown", topup_id=str(topup_id), status=answer.status)
             return topup.status
@@ -389,7 +364,7 @@ class TopupService:
                         topup = await self._topup_of(session, intent, amount=int(intent["amount"]))
                         before = (topup.status, topup.amount_credited)
                         await self._apply_intent(session, topup, intent)
-                except (_Permanent, SurgeError) as error:
+                except (PermanentEventError, SurgeError) as error:
                     log.error("payments.scan.failed", payment_id=intent["id"], error=str(error))
                     continue
                 if (topup.status, topup.amount_credited) != before or status is None:
@@ -409,7 +384,8 @@ class TopupService:
     async def list_events(
         self, session: AsyncSession, *, state: str | None, limit: int, cursor: str | None
     ) -> tuple[list[PaymentEvent], str | None]:
-        return await repository.events(session, state=state, limit=limit, cursor=cursor)
+        found = await repository.events(session, state=state, limit=limit, cursor=cursor)
+        return found.items, found.next_cursor
 
     async def retry_event(self, session: AsyncSession, event_id: str) -> PaymentEvent:
         """Put a dead event back in the inbox and enqueue its payment's processing."""
@@ -466,7 +442,7 @@ class TopupService:
             return topup
         metadata = obj.get("metadata") or {}
         if amount is None or "topup_id" not in metadata or "owner_id" not in metadata:
-            raise _Permanent(f"payment {payment_id} is not a Surge top-up")
+            raise PermanentEventError(f"payment {payment_id} is not a Surge top-up")
         try:
             return await repository.lock_topup(
                 session,
@@ -477,7 +453,7 @@ class TopupService:
                 provider_payment_id=payment_id,
             )
         except LookupError as error:
-            raise _Permanent(f"payment {payment_id} does not match its top-up") from error
+            raise PermanentEventError(f"payment {payment_id} does not match its top-up") from error
 
     async def _apply_intent(
         self, session: AsyncSession, topup: Topup, intent: Mapping[str, Any]
@@ -514,7 +490,9 @@ class TopupService:
     ) -> None:
         currency = currency.upper()
         if currency != topup.currency:
-            raise _Permanent(f"currency {currency} differs from the top-up's {topup.currency}")
+            raise PermanentEventError(
+                f"currency {currency} differs from the top-up's {topup.currency}"
+            )
         if amount <= 0:
             return
         posted = await funds_service.credit(
@@ -557,41 +535,6 @@ class TopupService:
             log.info("payments.topup.reversed", topup_id=str(topup.id), amount=amount, what=what)
 
 
-def _intent_of(answer: ProviderAnswer) -> dict[str, Any] | None:
-    """The payment intent in a provider answer (a 402 decline carries it too)."""
-    body = answer.body
-    if answer.status == 200 and body.get("object") == "payment_intent":
-        return body
-    intent = body.get("payment_intent")
-    if answer.status == 402 and isinstance(intent, dict) and intent.get("id"):
-        return intent
-    return None
-
-
-def _parse_event(body: bytes) -> dict[str, Any]:
-    try:
-        event = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidEvent("The signed body is not JSON.") from None
-    if not (
-        isinstance(event, dict)
-        and isinstance(event.get("id"), str)
-        and 0 < len(event["id"]) <= 255
-        and isinstance(event.get("type"), str)
-        and isinstance(event.get("created"), int)
-        and isinstance(event.get("data"), dict)
-        and isinstance(event["data"].get("object"), dict)
-    ):
-        raise InvalidEvent("The signed body is not a provider event.")
-    return event
-
-
-def _payment_id(event: Mapping[str, Any]) -> str:
-    obj = event["data"]["object"]
-    value = obj.get("payment_intent") if obj.get("object") != "payment_intent" else obj.get("id")
-    return str(value or obj.get("id") or "-")[:255]
-
-
 topup = TopupService()
 
 __all__ = [
@@ -599,6 +542,7 @@ __all__ = [
     "RECONCILE_JOB",
     "EventNotDead",
     "EventNotFound",
+    "InvalidEvent",
     "PaymentError",
     "ProviderRejected",
     "ProviderUnavailable",

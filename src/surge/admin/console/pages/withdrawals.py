@@ -1,0 +1,142 @@
+"""``/admin/withdrawals``: pending, approved and rejected withdrawals; approve, reject, batch."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from surge.admin.console import views
+from surge.admin.console.service import console as console_service
+from surge.admin.console.session import ConsoleError, first
+from surge.admin.console.views import e, form, money, page, table, when
+from surge.admin.console.web import CallerDep, html, posted, redirect, rid
+from surge.kit.errors import SurgeError
+from surge.kit.web.deps import RuntimeDep, SessionDep
+from surge.wallet.service import wallet as wallet_service
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/withdrawals")
+async def withdrawals(
+    *,
+    caller: CallerDep,
+    db: SessionDep,
+    runtime: RuntimeDep,
+    status: Annotated[str, Query(pattern="^(pending|approved|rejected)$")] = "pending",
+    flash: str = "",
+) -> Response:
+    csrf = caller.session.csrf
+    items = await console_service.withdrawals(db, status, limit=100)
+    balances: dict[uuid.UUID, Any] = {}
+    for item in items:
+        if item["owner_id"] not in balances:
+            balances[item["owner_id"]] = await wallet_service.balance(db, runtime, item["owner_id"])
+    rows = []
+    for w in items:
+        b = balances.get(w["owner_id"])
+        actions = ""
+        if w["status"] == "pending":
+            actions = (
+                f'<input type="checkbox" form="batch" name="ids" value="{e(w["id"])}" '
+                f'class="pick" aria-label="select">'
+                + form(f"/admin/withdrawals/{w['id']}/approve", csrf, "Approve…")
+                + form(
+                    f"/admin/withdrawals/{w['id']}/reject", csrf, "Reject…",
+                    extra='<input name="reason" placeholder="reason (required)" maxlength="500" required>',
+                    button_id=f"reject-{w['id']}",
+                )
+            )  # fmt: skip
+        rows.append(
+            (e(w["email"]), money(w["amount"], w["currency"]), when(w["created_at"]),
+             money(b.balance, b.currency) if b else "–", money(b.available, b.currency) if b else "–",
+             e(w["status"]) + (f"<br><small>{e(w['reason'])}</small>" if w["reason"] else ""),
+             actions)
+        )  # fmt: skip
+    tabs = " ".join(
+        f'<a href="/admin/withdrawals?status={s}"{" class=active" if s == status else ""}>{s}</a>'
+        for s in ("pending", "approved", "rejected")
+    )
+    batch = (
+        '<form method="post" action="/admin/withdrawals/batch" id="batch" class="inline">'
+        f'<input type="hidden" name="csrf" value="{e(csrf)}">'
+        '<button type="submit" id="batch-approve">Approve selected…</button></form>'
+        if status == "pending"
+        else ""
+    )
+    body = f'<p class="tabs">{tabs}</p>{batch}' + table(
+        ["partner", "amount", "requested", "balance", "available", "status", ""],
+        rows,
+        table_id="withdrawals",
+    )
+    return html(page("Withdrawals", body, caller, active="withdrawals", flash=flash))
+
+
+@router.post("/withdrawals/{withdrawal_id}/{verb}")
+async def decide(
+    withdrawal_id: uuid.UUID,
+    verb: str,
+    *,
+    request: Request,
+    caller: CallerDep,
+    db: SessionDep,
+    runtime: RuntimeDep,
+) -> Response:
+    fields = await posted(request, caller)
+    if verb not in {"approve", "reject"}:
+        raise ConsoleError("Unknown action", status_code=404)
+    reason = first(fields, "reason")[:500] or None
+    found = await console_service.withdrawal(db, withdrawal_id)
+    if found is None:
+        raise ConsoleError("No such withdrawal", status_code=404)
+    if first(fields, "confirm") != "yes":
+        what = f"{money(found['amount'], found['currency'])} for {found['email']}"
+        question = (
+            f"Approve the withdrawal of {what}? The money leaves the wallet."
+            if verb == "approve"
+            else f"Reject the withdrawal of {what}? Reason given to the partner: “{reason or ''}”"
+        )
+        return html(views.confirm(caller, title=f"{verb.title()} a withdrawal", question=question,
+                                  action=str(request.url.path), fields={"reason": reason or ""},
+                                  active="withdrawals", danger=verb == "reject"))  # fmt: skip
+    try:
+        await console_service.decide_withdrawal(
+            db, runtime, caller, withdrawal_id=withdrawal_id, approve=verb == "approve",
+            reason=reason, request_id=rid(request),
+        )  # fmt: skip
+    except ConsoleError:
+        raise
+    except SurgeError as error:
+        return html(views.error_page(error.status_code, error.message, caller), error.status_code)
+    done = "approved" if verb == "approve" else "rejected"
+    return redirect(f"/admin/withdrawals?flash=Withdrawal+{done}")
+
+
+@router.post("/withdrawals/batch")
+async def batch(
+    request: Request, caller: CallerDep, db: SessionDep, runtime: RuntimeDep
+) -> Response:
+    fields = await posted(request, caller)
+    ids = []
+    for raw in fields.get("ids", [])[:100]:
+        with contextlib.suppress(ValueError):
+            ids.append(uuid.UUID(raw))
+    if not ids:
+        return redirect("/admin/withdrawals?flash=Select+withdrawals+first")
+    if first(fields, "confirm") != "yes":
+        return html(views.confirm(caller, title="Approve withdrawals",
+                                  question=f"Approve {len(ids)} withdrawal(s)? Each is decided on its own.",
+                                  action="/admin/withdrawals/batch", fields={"ids": [str(i) for i in ids]},
+                                  active="withdrawals", count=len(ids)))  # fmt: skip
+    results = await console_service.batch_approve(
+        db, runtime, caller, ids=ids, request_id=rid(request)
+    )
+    return html(
+        views.results(
+            caller, "Batch approval", [(r.id, r.ok, r.detail) for r in results], "withdrawals"
+        )
+    )

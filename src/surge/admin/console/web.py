@@ -1,0 +1,83 @@
+"""What every console page shares: the response headers, the signed-in caller, posted forms,
+and how a console error renders."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.responses import RedirectResponse, Response
+
+from surge.admin.console import views
+from surge.admin.console.session import (
+    ADMIN_ROLES,
+    Caller,
+    ConsoleError,
+    ConsoleSignInRequired,
+    CrossSiteRefused,
+    check_csrf,
+    drop,
+    load,
+    principal_of,
+    read_form,
+    same_origin,
+)
+from surge.kit.web.deps import RuntimeDep
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+}
+STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
+
+
+def html(body: str, status: int = 200) -> Response:
+    return Response(
+        body, status_code=status, media_type="text/html; charset=utf-8", headers=HEADERS
+    )
+
+
+def redirect(to: str) -> Response:
+    return RedirectResponse(to, status_code=303, headers=HEADERS)
+
+
+def rid(request: Request) -> str | None:
+    """The request id the audit rows carry."""
+    return getattr(request.state, "request_id", None)
+
+
+async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
+    session = await load(runtime, request)
+    if session is None or session.stage != "ready":
+        raise ConsoleSignInRequired("Sign in to the console")
+    principal = await principal_of(runtime, session)
+    if principal is None or principal.role not in ADMIN_ROLES or not principal.mfa:
+        await drop(runtime, session)
+        raise ConsoleSignInRequired("Your console session ended; sign in again")
+    return Caller(session, principal)
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+async def posted(request: Request, caller: Caller) -> dict[str, list[str]]:
+    """A console form: same origin, right CSRF token."""
+    if not same_origin(request):
+        raise CrossSiteRefused("Cross-site form posts are refused")
+    fields = await read_form(request)
+    check_csrf(caller.session.csrf, fields)
+    return fields
+
+
+async def console_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, ConsoleError)
+    if isinstance(error, ConsoleSignInRequired) and request.method == "GET":
+        return redirect("/admin")
+    return html(views.error_page(error.status_code, error.message, None), error.status_code)
