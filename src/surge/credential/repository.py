@@ -7,7 +7,11 @@ from uuid import UUID
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from surge.kit.web.cursor import moment
+from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.credential import ServiceKey
+
+NEWEST_FIRST = Keyset((ServiceKey.created_at, ServiceKey.id), (moment, UUID), descending=True)
 
 
 async def by_prefix(session: AsyncSession, prefix: str) -> ServiceKey | None:
@@ -24,9 +28,10 @@ async def by_id(
     return (await session.execute(query)).scalar_one_or_none()
 
 
-async def newest(session: AsyncSession, *, limit: int) -> list[ServiceKey]:
-    query = select(ServiceKey).order_by(ServiceKey.created_at.desc()).limit(limit)
-    return list((await session.execute(query)).scalars())
+async def newest(session: AsyncSession, *, limit: int, cursor: str | None) -> Slice[ServiceKey]:
+    return await keyset_page(
+        session, select(ServiceKey), NEWEST_FIRST, limit=limit, cursor=cursor, scalars=True
+    )
 
 
 async def add(session: AsyncSession, key: ServiceKey) -> None:

@@ -19,6 +19,7 @@ from surge.credential.service import IssuedKey
 from surge.credential.service import credential as credential_service
 from surge.identity.deps import AdminMfa
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
+from surge.kit.web.pagination import Cursor, Limit
 
 admin_router = APIRouter(prefix="/api/admin/service-keys", tags=["admin"])
 
@@ -45,9 +46,14 @@ async def create_key(
 
 
 @admin_router.get("")
-async def list_keys(session: ReadSessionDep) -> ServiceKeyList:
-    keys = await credential_service.list(session)
-    return ServiceKeyList(items=[ServiceKeyRead.model_validate(k) for k in keys])
+async def list_keys(
+    session: ReadSessionDep, limit: Limit = 50, cursor: Cursor = None
+) -> ServiceKeyList:
+    found = await credential_service.list(session, limit=limit, cursor=cursor)
+    return ServiceKeyList(
+        items=[ServiceKeyRead.model_validate(k) for k in found.items],
+        next_cursor=found.next_cursor,
+    )
 
 
 @admin_router.post("/{key_id}/rotate", status_code=status.HTTP_201_CREATED)

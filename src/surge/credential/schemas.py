@@ -7,6 +7,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from surge.kit.web.pagination import Page
+
 
 class ServiceKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -40,5 +42,5 @@ class ServiceKeyIssued(ServiceKeyRead):
     key: str = Field(description="The key itself: shown this once, stored only as a hash.")
 
 
-class ServiceKeyList(BaseModel):
-    items: list[ServiceKeyRead]
+#: Newest first, a page at a time (``kit.web.pagination``).
+ServiceKeyList = Page[ServiceKeyRead]

@@ -30,6 +30,7 @@ from surge.audit.service import audit as audit_service
 from surge.credential import repository
 from surge.kit.errors import Forbidden, NotAuthenticated, NotFound, SurgeError, UnprocessableEntity
 from surge.kit.security import hash_token
+from surge.kit.web.pagination import Slice
 from surge.models.credential import ServiceKey
 
 log = structlog.get_logger()
@@ -131,8 +132,11 @@ class CredentialService:
         log.info("credential.key.created", key_id=str(key.id), prefix=prefix)
         return IssuedKey(key, secret)
 
-    async def list(self, session: AsyncSession, *, limit: int = 100) -> list[ServiceKey]:
-        return await repository.newest(session, limit=limit)
+    async def list(
+        self, session: AsyncSession, *, limit: int = 50, cursor: str | None = None
+    ) -> Slice[ServiceKey]:
+        """Newest first, a page at a time (``kit.web.pagination``)."""
+        return await repository.newest(session, limit=limit, cursor=cursor)
 
     async def rotate(
         self,
