@@ -23,7 +23,6 @@ Measured: this memory check replaced a Redis MGET that cost ≈ 190 µs of CPU p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 import uuid
@@ -34,8 +33,10 @@ import orjson
 import structlog
 
 from surge.identity import repository
+from surge.kit.aio import cancel_until_done
 from surge.kit.db import Database, is_unavailable
 from surge.kit.errors import DependencyUnavailable, TooManyRequests
+from surge.kit.pubsub import ChannelListener
 from surge.kit.redis import RedisGateway, RedisUnavailable
 from surge.kit.web.client_ip import ip_bucket
 
@@ -62,22 +63,29 @@ class RevocationList:
         self._not_before: dict[uuid.UUID, float] = {}
         #: True only while subscribed *and* loaded from the database since subscribing.
         self.trusted = False
-        self._listener: asyncio.Task[None] | None = None
+        self._listener: ChannelListener | None = None
         self._resync: asyncio.Task[int] | None = None
+        self._pruned = time.monotonic()
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         self.redis.on_change(self.redis_changed)
-        self._listener = asyncio.get_running_loop().create_task(
-            self._listen_forever(), name="identity-revocations"
-        )
+        self._listener = ChannelListener(
+            self.redis, CHANNEL, self._apply, on_subscribed=self._subscribed,
+            on_lost=self._lost, on_idle=self._maybe_prune, name="identity-revocations",
+        )  # fmt: skip
+        self._listener.start()
+
+    async def wait_trusted(self) -> None:
+        """Return once memory is trusted: subscribed, then loaded (a readiness event)."""
+        assert self._listener is not None, "start() first"
+        await self._listener.wait_listening()
 
     async def close(self) -> None:
-        for task in (self._listener, self._resync):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        if self._listener is not None:
+            await self._listener.close()
+        await cancel_until_done(self._resync)
+        self.trusted = False
 
     def redis_changed(self, up: bool) -> None:
         """Gateway listener: distrust memory at once when Redis goes; re-publish recent
@@ -87,49 +95,20 @@ class RevocationList:
         elif self._resync is None or self._resync.done():
             self._resync = asyncio.get_running_loop().create_task(self.resync())
 
-    async def _listen_forever(self) -> None:
-        failures = 0
-        while True:
-            if not self.redis.is_up:
-                self.trusted = False
-                await asyncio.sleep(0.1)
-                continue
-            pubsub = self.redis.raw.pubsub()
-            try:
-                await pubsub.subscribe(CHANNEL)
-                while True:  # the confirmation: from here on no message can be missed
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["type"] == "subscribe":
-                        break
-                await self._load()
-                self.trusted = True
-                failures = 0
-                log.info("identity.revocation.listening", sessions=len(self._sessions))
-                pruned = time.monotonic()
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None:
-                        self._apply(message["data"])
-                    if not self.redis.is_up:
-                        raise ConnectionError("Redis reported down")
-                    if time.monotonic() - pruned > 60:
-                        self._prune()
-                        pruned = time.monotonic()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                self.trusted = False
-                failures += 1
-                if failures == 1 or failures % 50 == 0:
-                    log.warning(
-                        "identity.revocation.listener_lost",
-                        error=str(error)[:200], failures=failures,
-                    )  # fmt: skip
-                await asyncio.sleep(min(0.1 * failures, 2.0))
-            finally:
-                self.trusted = False
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def _subscribed(self, resumed: bool) -> None:
+        """Subscribed (first time, or again after a gap): what was published before is in
+        the database, so load it, then trust memory."""
+        await self._load()
+        self.trusted = True
+        log.info("identity.revocation.listening", sessions=len(self._sessions), resumed=resumed)
+
+    def _lost(self, error: BaseException) -> None:
+        self.trusted = False
+
+    def _maybe_prune(self) -> None:
+        if time.monotonic() - self._pruned > 60:
+            self._prune()
+            self._pruned = time.monotonic()
 
     async def _load(self) -> None:
         since = datetime.now(UTC) - timedelta(seconds=self.ttl)
