@@ -26,6 +26,7 @@ from tests.fixtures.factories import (
     register,
 )
 from tests.fixtures.servers import start_postgres, start_redis
+from tests.fixtures.waiting import eventually
 
 NAMESPACE = "surge:identity:priv"
 
@@ -62,13 +63,6 @@ async def own(
         yield app, client, pg, redis
 
 
-async def _until(predicate: object, within: float = 10.0) -> None:
-    started = time.monotonic()
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() - started < within, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 class TestRevocationWithoutRedis:
     async def test_logout_with_redis_stopped_holds_and_survives_redis_return(
         self, own: tuple[FastAPI, httpx.AsyncClient, EmbeddedPostgres, EmbeddedRedis]
@@ -86,7 +80,7 @@ class TestRevocationWithoutRedis:
         # Redis comes back without the revocation (it was down when it happened); the
         # replay from PostgreSQL must put it there before Redis answers alone again.
         await asyncio.to_thread(redis.start)
-        await _until(lambda: app.state.runtime.redis.is_up)
+        await eventually(lambda: app.state.runtime.redis.is_up, message="Redis not back")
         resync = identity.revocations._resync
         assert resync is not None
         await asyncio.wait_for(resync, 10)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from surge.identity.service import identity as identity_service
+from tests.fixtures.clock import Clock
 from tests.fixtures.factories import (
     FAST_ARGON2,
     bearer,
@@ -23,6 +24,7 @@ from tests.fixtures.factories import (
     register,
 )
 from tests.fixtures.servers import free_port, serve_env, surge_process
+from tests.fixtures.waiting import eventually
 
 
 async def _set_plan(
@@ -76,16 +78,23 @@ class TestPlanChange:
         assert log.json()["items"] == []
 
     async def test_expired_subscription_is_free(
-        self, api: httpx.AsyncClient, id_app: FastAPI
+        self, api: httpx.AsyncClient, id_app: FastAPI, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         _, admin, _ = await make_admin(id_app, api)
         _, user_id = await register(api)
-        soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+        store = identity_of(id_app).privileges
+        clock = Clock(time.time())
+        monkeypatch.setattr(store, "clock", clock)
+        soon = datetime.fromtimestamp(clock.now + 3600, UTC).isoformat()
         assert (await _set_plan(api, admin, user_id, "ultra", expires_at=soon)).status_code == 204
         runtime = id_app.state.runtime
         assert await identity_service.has_privilege(runtime, uuid.UUID(user_id), "sso")
-        await asyncio.sleep(1.1)
+        assert store.peek(uuid.UUID(user_id)) is not None  # held in memory
+        clock.now += 3600 - 1
+        assert await identity_service.has_privilege(runtime, uuid.UUID(user_id), "sso")
+        clock.now += 1
         # Still cached in memory, but expiry is checked on every read.
+        assert store.peek(uuid.UUID(user_id)) is None
         assert not await identity_service.has_privilege(runtime, uuid.UUID(user_id), "sso")
         assert (await identity_service.privileges_of(runtime, uuid.UUID(user_id))).plan == "free"
 
@@ -118,17 +127,15 @@ class TestTiers:
         other = install_identity(other_runtime)
         await other.start(warm=False, refresh_view=False)
         try:
-            started = time.monotonic()
-            while not other.privileges.cache._listening:
-                assert time.monotonic() - started < 5
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(other.privileges.cache.wait_listening(), 5)
             assert (await other.privileges.get(uid)).plan == "free"
             assert (await other.privileges.get(uid)).source == "memory"
             assert (await _set_plan(api, admin, user_id, "plus")).status_code == 204
-            started = time.monotonic()
-            while (await other.privileges.get(uid)).plan != "plus":
-                assert time.monotonic() - started < 1.0
-                await asyncio.sleep(0.01)
+
+            async def plus() -> bool:
+                return (await other.privileges.get(uid)).plan == "plus"
+
+            await eventually(plus, timeout=1.0, interval=0.01, message="plan change not heard")
         finally:
             await other.close()
             await other_runtime.stop()
@@ -220,13 +227,12 @@ async def test_plan_change_reaches_another_process_within_1s(
             second = await remote.get("/api/v1/me/privileges", headers=bearer(tokens))
             assert second.json()["source"] == "memory"
             assert (await _set_plan(api, admin, user_id, "ultra")).status_code == 204
-            changed = time.monotonic()
-            while True:
-                body = (await remote.get("/api/v1/me/privileges", headers=bearer(tokens))).json()
-                if body["plan"] == "ultra":
-                    break
-                assert time.monotonic() - changed < 1.0, body
-                await asyncio.sleep(0.02)
+
+            async def ultra() -> bool:
+                reply = await remote.get("/api/v1/me/privileges", headers=bearer(tokens))
+                return bool(reply.json()["plan"] == "ultra")
+
+            await eventually(ultra, timeout=1.0, message="the other process kept the old plan")
 
 
 class TestRefreshJob:

@@ -28,18 +28,11 @@ from surge.kit.telemetry.alerts import (
 )
 from surge.kit.telemetry.health_score import platform_health, platform_health_router
 from surge.kit.telemetry.metrics import LATENCY_BUCKETS
+from tests.fixtures.clock import Clock
 from tests.fixtures.receivers import WebhookReceiver
 from tests.fixtures.settings import make_settings
 
 COOLDOWN = 300.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Metrics:
@@ -84,7 +77,7 @@ class TestDelivery:
     async def test_fires_once_within_the_cooldown_then_resolves(
         self, receiver: WebhookReceiver
     ) -> None:
-        metrics, clock = Metrics(), Clock()
+        metrics, clock = Metrics(), Clock(100.0)
         notifier = WebhookNotifier(
             receiver.url, retries=2, backoff=0.01, breakers=BreakerRegistry(), source="test"
         )
@@ -141,7 +134,7 @@ class TestDelivery:
         notifier = WebhookNotifier(
             f"http://127.0.0.1:{free_port()}/hook", retries=1, backoff=0.01, breakers=registry
         )
-        metrics, clock = Metrics(), Clock()
+        metrics, clock = Metrics(), Clock(100.0)
         evaluator = evaluator_for(metrics, notifier, clock)
         try:
             await evaluator.evaluate()
@@ -158,7 +151,7 @@ class TestDelivery:
 
 class TestRules:
     async def test_p95_response_time_over_the_interval(self) -> None:
-        metrics, clock = Metrics(), Clock()
+        metrics, clock = Metrics(), Clock(100.0)
         sent: list[str] = []
 
         async def notify(event: object) -> None:

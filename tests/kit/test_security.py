@@ -17,18 +17,9 @@ from surge.kit.security import (
     hash_token,
     new_opaque_token,
 )
+from tests.fixtures.clock import Clock
 
 SUB = "00000000-0000-0000-0000-000000000001"
-
-
-class Clock:
-    """Wall-clock seconds a test moves by hand (no sleeping)."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _codec(ttl: float = 900, leeway: float = 0, clock: Clock | None = None) -> TokenCodec:

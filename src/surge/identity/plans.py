@@ -102,8 +102,10 @@ class Privileges:
         )
 
 
-def privileges_for(catalog: Catalog, user_id: uuid.UUID, grant: Grant, source: str) -> Privileges:
-    plan = catalog.get(grant.effective_plan())
+def privileges_for(
+    catalog: Catalog, user_id: uuid.UUID, grant: Grant, source: str, now: datetime | None = None
+) -> Privileges:
+    plan = catalog.get(grant.effective_plan(now))
     return Privileges(
         user_id=user_id,
         plan=plan.name,

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -60,10 +60,19 @@ class PrivilegesUnavailable(DependencyUnavailable):
 class PrivilegeStore:
     """Privileges of users, through ``cache`` (memory → Redis) and the database."""
 
-    def __init__(self, db: Database, cache: Cache, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        db: Database,
+        cache: Cache,
+        catalog: Catalog,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.db = db
         self.cache = cache
         self.catalog = catalog
+        #: Wall-clock seconds against which plans expire (tests move it, as tokens' clock).
+        self.clock = clock
         #: user id → (cached value, source, valid until (epoch s), its Privileges, cache
         #: key): a memory hit returns the same Privileges until the cache entry is replaced
         #: or the plan expires, instead of decoding the entry and building a new one.
@@ -82,7 +91,7 @@ class PrivilegeStore:
         the user's entry fresh in memory and has already built it, else None (then ``get``).
         The rate-limit hook calls it on every authenticated request."""
         built = self._built.get(user_id)
-        if built is None or built[1] != "memory" or time.time() >= built[2]:
+        if built is None or built[1] != "memory" or self.clock() >= built[2]:
             return None
         if self.cache.peek(built[4]) is not built[0]:
             return None
@@ -118,7 +127,7 @@ class PrivilegeStore:
             built is not None
             and built[0] is result.value
             and built[1] == source
-            and time.time() < built[2]
+            and self.clock() < built[2]
         ):
             _COUNTERS[source].inc()
             return built[3]
@@ -157,7 +166,8 @@ class PrivilegeStore:
 
     def _privileges(self, user_id: uuid.UUID, grant: Grant, source: str) -> Privileges:
         _COUNTERS[source].inc()
-        return privileges_for(self.catalog, user_id, grant, source)
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        return privileges_for(self.catalog, user_id, grant, source, now)
 
     # ---- writes -------------------------------------------------------------------------
     def invalidate_on_commit(self, session: AsyncSession, user_id: uuid.UUID) -> None:

@@ -181,6 +181,12 @@ class _CacheBase:
         """Subscribed to the invalidation channel, baseline taken."""
         return self._listener is not None and self._listener.listening
 
+    async def wait_listening(self) -> None:
+        """Return once subscribed to invalidations with the baseline taken (a readiness
+        event: a test waits on it instead of polling); ``start()`` first."""
+        assert self._listener is not None, "start() first"
+        await self._listener.wait_listening()
+
     def _on_redis_change(self, up: bool) -> None:
         """The gateway saw Redis go down or come back (``_Coherence`` implements it)."""
         raise NotImplementedError
