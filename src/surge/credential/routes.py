@@ -18,7 +18,7 @@ from surge.credential.schemas import (
 from surge.credential.service import IssuedKey
 from surge.credential.service import credential as credential_service
 from surge.identity.deps import AdminMfa
-from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
+from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep, request_id
 from surge.kit.web.pagination import Cursor, Limit
 
 admin_router = APIRouter(prefix="/api/admin/service-keys", tags=["admin"])
@@ -29,17 +29,13 @@ def _issued(issued: IssuedKey) -> ServiceKeyIssued:
     return ServiceKeyIssued(**read.model_dump(), key=issued.secret)
 
 
-def _rid(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
-
-
 @admin_router.post("", status_code=status.HTTP_201_CREATED)
 async def create_key(
     body: ServiceKeyCreate, admin: AdminMfa, session: SessionDep, request: Request
 ) -> ServiceKeyIssued:
     """A new scoped key for a server (e.g. ``revenue-events:write``); shown this once."""
     issued = await credential_service.create(
-        session, admin.user_id, name=body.name, scopes=body.scopes, request_id=_rid(request)
+        session, admin.user_id, name=body.name, scopes=body.scopes, request_id=request_id(request)
     )
     await session.refresh(issued.key)
     return _issued(issued)
@@ -73,7 +69,7 @@ async def rotate_key(
         else runtime.settings.CREDENTIAL_ROTATION_GRACE
     )
     issued = await credential_service.rotate(
-        session, admin.user_id, key_id, grace=grace, request_id=_rid(request)
+        session, admin.user_id, key_id, grace=grace, request_id=request_id(request)
     )
     await session.refresh(issued.key)
     return _issued(issued)
@@ -84,5 +80,7 @@ async def revoke_key(
     key_id: UUID, admin: AdminMfa, session: SessionDep, request: Request
 ) -> ServiceKeyRead:
     """Refused from now on, everywhere (keys are checked against the database each call)."""
-    key = await credential_service.revoke(session, admin.user_id, key_id, request_id=_rid(request))
+    key = await credential_service.revoke(
+        session, admin.user_id, key_id, request_id=request_id(request)
+    )
     return ServiceKeyRead.model_validate(key)

@@ -21,7 +21,7 @@ from surge.config import Settings
 from surge.credential.deps import Actor, service_or_admin
 from surge.identity.deps import AdminMfa, require_role
 from surge.identity.principal import Principal
-from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
+from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep, request_id
 from surge.kit.web.idempotency import idempotency_keys
 from surge.kit.web.pagination import Cursor, Limit, Page
 from surge.models.wallet import Withdrawal
@@ -62,10 +62,6 @@ router = APIRouter(prefix="/api/v1", tags=["wallet"])
 admin_router = APIRouter(prefix="/api/admin", tags=["wallet admin"])
 
 Owner = Annotated[Principal, Depends(require_role("partner", "reseller"))]
-
-
-def _request_id(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
 
 
 def _withdrawal(row: Withdrawal) -> dict[str, object]:
@@ -228,7 +224,7 @@ async def set_partner_terms(
     exist (404 otherwise) and hold the partner or reseller role (422 otherwise)."""
     partner = await wallet_service.set_partner_terms(
         session, runtime, admin.user_id, owner_id, share_bps=body.share_bps,
-        commission_bps=body.commission_bps, active=body.active, request_id=_request_id(request),
+        commission_bps=body.commission_bps, active=body.active, request_id=request_id(request),
     )  # fmt: skip
     return PartnerRead.model_validate(partner)
 
@@ -255,7 +251,7 @@ async def approve_withdrawal(
 ) -> WithdrawalRead:
     """Post the reservation and move it to payouts; audited; the partner is notified."""
     found, _ = await wallet_service.decide(
-        session, admin.user_id, withdrawal_id, approve=True, request_id=_request_id(request)
+        session, admin.user_id, withdrawal_id, approve=True, request_id=request_id(request)
     )
     wallet_service.invalidate_after_commit(session, runtime)
     return WithdrawalRead.model_validate(found)
@@ -274,7 +270,7 @@ async def reject_withdrawal(
     """Void the reservation (the funds are available again); audited; partner notified."""
     found, _ = await wallet_service.decide(
         session, admin.user_id, withdrawal_id, approve=False,
-        reason=body.reason if body else None, request_id=_request_id(request),
+        reason=body.reason if body else None, request_id=request_id(request),
     )  # fmt: skip
     wallet_service.invalidate_after_commit(session, runtime)
     return WithdrawalRead.model_validate(found)
@@ -292,7 +288,7 @@ async def batch_approve(
     approved or why not; a failing item never fails the others. Each approval is audited
     like a single one (amount included)."""
     results = await wallet_service.batch_approve(
-        session, admin.user_id, body.ids, request_id=_request_id(request)
+        session, admin.user_id, body.ids, request_id=request_id(request)
     )
     wallet_service.invalidate_after_commit(session, runtime)
     approved = sum(1 for item in results if item.ok)

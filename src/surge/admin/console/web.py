@@ -48,11 +48,6 @@ def redirect(to: str) -> Response:
     return RedirectResponse(to, status_code=303, headers=HEADERS)
 
 
-def rid(request: Request) -> str | None:
-    """The request id the audit rows carry."""
-    return getattr(request.state, "request_id", None)
-
-
 async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
     session = await load(runtime, request)
     if session is None or session.stage != "ready":

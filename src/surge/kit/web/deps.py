@@ -16,6 +16,11 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
+def request_id(request: Request) -> str | None:
+    """The request's id (set by the middleware; ``X-Request-ID``), for audit rows."""
+    return getattr(request.state, "request_id", None)
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """The request's unit of work on the primary, committed when the handler returns.
 

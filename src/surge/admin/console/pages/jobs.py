@@ -13,9 +13,9 @@ from surge.admin.console import views
 from surge.admin.console.service import console as console_service
 from surge.admin.console.session import ConsoleError, as_dict, first
 from surge.admin.console.views import e, form, page, table, when
-from surge.admin.console.web import CallerDep, html, posted, redirect, rid
+from surge.admin.console.web import CallerDep, html, posted, redirect
 from surge.kit.jobs.queue import JobFilter, get_job, list_jobs, paused_queues, queue_stats
-from surge.kit.web.deps import SessionDep
+from surge.kit.web.deps import SessionDep, request_id
 
 router = APIRouter(include_in_schema=False)
 
@@ -137,7 +137,7 @@ async def queue_toggle(
         return html(views.confirm(caller, title=f"{verb.title()} a queue", question=question,
                                   action=str(request.url.path), fields={}, active="jobs"))  # fmt: skip
     await console_service.set_queue_paused(
-        db, caller, queue=queue, paused=verb == "pause", request_id=rid(request)
+        db, caller, queue=queue, paused=verb == "pause", request_id=request_id(request)
     )
     done = "paused" if verb == "pause" else "resumed"
     return redirect(f"/admin/jobs?queue={quote(queue)}&flash=Queue+{quote(queue)}+{done}")
@@ -169,7 +169,7 @@ async def jobs_bulk(request: Request, caller: CallerDep, db: SessionDep) -> Resp
         )  # fmt: skip
     changed = await console_service.job_bulk(
         db, caller, action=action, flt=flt, expected=int(first(fields, "expected", "0") or 0),
-        request_id=rid(request),
+        request_id=request_id(request),
     )  # fmt: skip
     return redirect(f"/admin/jobs?flash={action.title()}:+{changed}+job(s)")
 

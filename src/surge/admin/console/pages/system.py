@@ -15,10 +15,10 @@ from surge.admin.console.service import console as console_service
 from surge.admin.console.session import ConsoleError, first
 from surge.admin.console.timeseries import read_alerts
 from surge.admin.console.views import e, form, page, table, when
-from surge.admin.console.web import CallerDep, html, posted, redirect, rid
+from surge.admin.console.web import CallerDep, html, posted, redirect
 from surge.identity.runtime import identity_state
 from surge.kit.breaker import breakers
-from surge.kit.web.deps import RuntimeDep, SessionDep
+from surge.kit.web.deps import RuntimeDep, SessionDep, request_id
 
 router = APIRouter(include_in_schema=False)
 
@@ -47,7 +47,9 @@ async def breakers_reset(request: Request, caller: CallerDep, db: SessionDep) ->
                                   question=f"Reset {'breaker ' + name if name else 'every breaker'} to closed?",
                                   action="/admin/breakers/reset", fields={"name": name or ""},
                                   active="breakers"))  # fmt: skip
-    names = await console_service.reset_breakers(db, caller, name=name, request_id=rid(request))
+    names = await console_service.reset_breakers(
+        db, caller, name=name, request_id=request_id(request)
+    )
     return redirect(f"/admin/breakers?flash=Reset:+{len(names)}+breaker(s)")
 
 
@@ -80,7 +82,7 @@ async def caches_clear(
                                   action="/admin/caches/clear", fields={"name": name or ""},
                                   active="caches"))  # fmt: skip
     cleared = await console_service.clear_caches(
-        db, runtime, caller, name=name, request_id=rid(request)
+        db, runtime, caller, name=name, request_id=request_id(request)
     )
     return redirect(f"/admin/caches?flash=Cleared:+{'+'.join(cleared)}")
 
@@ -125,7 +127,7 @@ async def users_revoke(
                                   action=str(request.url.path), fields={}, active="users",
                                   count=int(found["sessions"])))  # fmt: skip
     n = await console_service.revoke_sessions(
-        db, runtime, caller, user_id=user_id, request_id=rid(request)
+        db, runtime, caller, user_id=user_id, request_id=request_id(request)
     )
     return redirect(f"/admin/users?flash=Revoked+{n}+session(s)")
 

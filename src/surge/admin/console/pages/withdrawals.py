@@ -13,9 +13,9 @@ from surge.admin.console import views
 from surge.admin.console.service import console as console_service
 from surge.admin.console.session import ConsoleError, first
 from surge.admin.console.views import e, form, money, page, table, when
-from surge.admin.console.web import CallerDep, html, posted, redirect, rid
+from surge.admin.console.web import CallerDep, html, posted, redirect
 from surge.kit.errors import SurgeError
-from surge.kit.web.deps import RuntimeDep, SessionDep
+from surge.kit.web.deps import RuntimeDep, SessionDep, request_id
 from surge.wallet.service import wallet as wallet_service
 
 router = APIRouter(include_in_schema=False)
@@ -106,7 +106,7 @@ async def decide(
     try:
         await console_service.decide_withdrawal(
             db, runtime, caller, withdrawal_id=withdrawal_id, approve=verb == "approve",
-            reason=reason, request_id=rid(request),
+            reason=reason, request_id=request_id(request),
         )  # fmt: skip
     except ConsoleError:
         raise
@@ -133,7 +133,7 @@ async def batch(
                                   action="/admin/withdrawals/batch", fields={"ids": [str(i) for i in ids]},
                                   active="withdrawals", count=len(ids)))  # fmt: skip
     results = await console_service.batch_approve(
-        db, runtime, caller, ids=ids, request_id=rid(request)
+        db, runtime, caller, ids=ids, request_id=request_id(request)
     )
     return html(
         views.results(
