@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from surge.sim._streams import StreamServer
+
 CARD = re.compile(r"^\d{10,16}$")
 PACKAGES = ("basic", "sport", "premium")
 
@@ -315,7 +317,7 @@ REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 403: "Forbidden", 404: "
            500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
 
 
-class ProviderServer:
+class ProviderServer(StreamServer):
     """The provider on ``host:port`` (``await start()``, ``await stop()``)."""
 
     def __init__(self, provider: Provider, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -324,20 +326,8 @@ class ProviderServer:
         self.port = port
         self._server: asyncio.Server | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def start(self) -> ProviderServer:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+    def _host(self) -> str:
+        return self.host
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ip = str(writer.get_extra_info("peername")[0])

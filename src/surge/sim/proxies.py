@@ -19,6 +19,8 @@ import contextlib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from surge.sim._streams import StreamServer
+
 
 def listen_address(index: int) -> str:
     return f"127.0.1.{index + 1}"
@@ -59,27 +61,15 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[st
 
 
 @dataclass
-class ForwardProxy:
+class ForwardProxy(StreamServer):
     listen: str
     port: int
     egress: str
     handled: int = 0
     _server: asyncio.Server | None = field(default=None, repr=False)
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.listen}:{self.port}"
-
-    async def start(self) -> ForwardProxy:
-        self._server = await asyncio.start_server(self._serve, self.listen, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+    def _host(self) -> str:
+        return self.listen
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
