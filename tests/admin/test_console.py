@@ -188,13 +188,66 @@ class TestActions:
         assert row["after"] == {"changed": 3}
 
 
+class TestServiceKeys:
+    async def test_create_shows_the_key_once_then_revoke_refuses_it(
+        self, id_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        csrf = await signed_in(id_app, api)
+        name = f"exporter-{uuid.uuid4().hex[:6]}"
+        fields = {"csrf": csrf, "name": name, "scopes": "revenue-events:write"}
+        asked = await api.post("/admin/keys", data=fields)
+        assert asked.status_code == 200
+        assert 'id="confirm"' in asked.text
+        assert "surge_sk_" not in asked.text  # nothing created before the confirmation
+        created = await api.post(
+            "/admin/keys", data={**fields, "confirm": "yes"}, headers={"X-Request-ID": name}
+        )
+        assert created.status_code == 200, created.text
+        secret = re.search(r'<code id="secret">([^<]+)</code>', created.text)
+        assert secret is not None, created.text
+        key = secret.group(1)
+        assert key.startswith("surge_sk_")
+        listing = await api.get("/admin/keys")
+        assert name in listing.text
+        assert key not in listing.text  # shown once: never in the listing
+        key_id = re.search(rf"<td>{name}</td>.*?/admin/keys/([0-9a-f-]+)/revoke", listing.text)
+        assert key_id is not None, listing.text
+        [created_row] = await audit_rows(id_app, "credential.key.created", key_id.group(1))
+        assert created_row["request_id"] == name
+        assert created_row["actor_id"] is not None
+        asked = await api.post(f"/admin/keys/{key_id.group(1)}/revoke", data={"csrf": csrf})
+        assert 'id="confirm"' in asked.text
+        assert await audit_rows(id_app, "credential.key.revoked", key_id.group(1)) == []
+        done = await api.post(
+            f"/admin/keys/{key_id.group(1)}/revoke", data={"csrf": csrf, "confirm": "yes"}
+        )
+        assert done.status_code == 303
+        [revoked] = await audit_rows(id_app, "credential.key.revoked", key_id.group(1))
+        assert revoked["before"]["revoked"] is False
+        assert revoked["after"]["revoked"] is True
+        assert f"revoke-{key_id.group(1)}" not in (await api.get("/admin/keys")).text
+
+    async def test_a_key_without_a_name_or_scope_is_refused_and_nothing_is_created(
+        self, id_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        csrf = await signed_in(id_app, api)
+        async with id_app.state.runtime.db.session() as session:
+            before = await session.scalar(text("SELECT count(*) FROM service_keys"))
+        for fields in ({"name": " ", "scopes": "revenue-events:write"},
+                       {"name": "no-scope"}, {"name": "bad", "scopes": "everything"}):  # fmt: skip
+            refused = await api.post("/admin/keys", data={"csrf": csrf, "confirm": "yes", **fields})
+            assert refused.status_code == 422, (fields, refused.text)
+        async with id_app.state.runtime.db.session() as session:
+            assert await session.scalar(text("SELECT count(*) FROM service_keys")) == before
+
+
 class TestRefusals:
     async def test_read_only_admin_sees_but_cannot_act(
         self, id_app: FastAPI, api: httpx.AsyncClient
     ) -> None:
         csrf = await signed_in(id_app, api, role="admin_readonly")
-        for view in ("overview", "jobs", "withdrawals", "breakers", "caches", "users", "audit",
-                     "alerts"):  # fmt: skip
+        for view in ("overview", "jobs", "withdrawals", "operations", "keys", "breakers",
+                     "caches", "users", "audit", "alerts"):  # fmt: skip
             assert (await api.get(f"/admin/{view}")).status_code == 200, view
         refused = await api.post(
             "/admin/jobs/queues/default/pause", data={"csrf": csrf, "confirm": "yes"}
@@ -202,6 +255,11 @@ class TestRefusals:
         assert refused.status_code == 403
         assert "Read-only" in refused.text
         refused = await api.post("/admin/caches/clear", data={"csrf": csrf, "confirm": "yes"})
+        assert refused.status_code == 403
+        refused = await api.post(
+            "/admin/keys", data={"csrf": csrf, "name": "ro", "scopes": "revenue-events:write",
+                                 "confirm": "yes"},
+        )  # fmt: skip
         assert refused.status_code == 403
 
     async def test_missing_csrf_token_is_refused(

@@ -7,15 +7,16 @@ from importlib import resources
 from typing import Annotated, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from surge.audit.service import audit as audit_service
 from surge.identity.deps import AdminMfa, require_role
 from surge.identity.service import Principal
-from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
+from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep, request_id
 from surge.kit.web.idempotency import idempotency_keys
+from surge.kit.web.pagination import Cursor, Limit
 from surge.operations.schemas import (
     AccountCreate,
     AccountRead,
@@ -41,13 +42,7 @@ admin_router = APIRouter(prefix="/api/admin", tags=["operations admin"])
 page_router = APIRouter(tags=["operations"])
 
 Reseller = Annotated[Principal, Depends(require_role("reseller"))]
-Limit = Annotated[int, Query(ge=1, le=100)]
-Cursor = Annotated[str | None, Query(max_length=200)]
 StatusFilter = Literal["queued", "running", "succeeded", "failed", "needs_review"]
-
-
-def _request_id(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
 
 
 # ---- reseller -----------------------------------------------------------------------------
@@ -146,7 +141,7 @@ async def add_account(
     await audit_service.record(
         session, admin.user_id, action="operations.account.add", subject_type="provider_account",
         subject_id=str(account.id), after={"username": account.username},
-        request_id=_request_id(request),
+        request_id=request_id(request),
     )  # fmt: skip
     return AccountRead.model_validate(account)
 
@@ -160,7 +155,7 @@ async def update_account(
     await audit_service.record(
         session, admin.user_id, action="operations.account.status",
         subject_type="provider_account", subject_id=str(account_id),
-        after={"status": body.status}, request_id=_request_id(request),
+        after={"status": body.status}, request_id=request_id(request),
     )  # fmt: skip
     return AccountRead.model_validate(account)
 
@@ -180,7 +175,7 @@ async def add_proxy(
     proxy = await operations_service.add_proxy(session, runtime, url=body.url.get_secret_value())
     await audit_service.record(
         session, admin.user_id, action="operations.proxy.add", subject_type="proxy",
-        subject_id=str(proxy.id), after={"label": proxy.label}, request_id=_request_id(request),
+        subject_id=str(proxy.id), after={"label": proxy.label}, request_id=request_id(request),
     )  # fmt: skip
     return ProxyRead.model_validate(proxy)
 
@@ -193,7 +188,7 @@ async def update_proxy(
     proxy = await operations_service.set_proxy_status(session, proxy_id, status=body.status)
     await audit_service.record(
         session, admin.user_id, action="operations.proxy.status", subject_type="proxy",
-        subject_id=str(proxy_id), after={"status": body.status}, request_id=_request_id(request),
+        subject_id=str(proxy_id), after={"status": body.status}, request_id=request_id(request),
     )  # fmt: skip
     return ProxyRead.model_validate(proxy)
 
@@ -222,13 +217,9 @@ async def resolve_operation(
 ) -> AdminOperationRead:  # fmt: skip
     """Decide an operation in review after checking with the provider: settle (it was done)
     or release (it was not). Audited."""
-    operation = await operations_service.resolve(session, operation_id, performed=body.performed)
-    await audit_service.record(
-        session, admin.user_id, action="operations.operation.resolve", subject_type="operation",
-        subject_id=str(operation_id),
-        before={"status": "needs_review"},
-        after={"status": operation.status, "performed": body.performed, "note": body.note},
-        request_id=_request_id(request),
+    operation = await operations_service.resolve(
+        session, admin.user_id, operation_id, performed=body.performed, note=body.note,
+        request_id=request_id(request),
     )  # fmt: skip
     return AdminOperationRead.model_validate(operation)
 
@@ -241,7 +232,7 @@ async def set_tier(
     await operations_service.set_tier(session, user_id, tier=body.tier)
     await audit_service.record(
         session, admin.user_id, action="operations.reseller.tier", subject_type="user",
-        subject_id=str(user_id), after={"tier": body.tier}, request_id=_request_id(request),
+        subject_id=str(user_id), after={"tier": body.tier}, request_id=request_id(request),
     )  # fmt: skip
     return Response(status_code=204)
 

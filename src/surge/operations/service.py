@@ -38,6 +38,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from surge.audit.service import audit as audit_service
 from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.models.operations import EgressProxy, Operation, ProviderAccount
@@ -199,16 +200,23 @@ class OperationsService:
         return found
 
     async def resolve(
-        self, session: AsyncSession, operation_id: UUID, *, performed: bool
-    ) -> Operation:
+        self, session: AsyncSession, actor_id: UUID, operation_id: UUID, *, performed: bool,
+        note: str | None = None, request_id: str | None = None,
+    ) -> Operation:  # fmt: skip
         """An admin's decision on an operation in review: the provider did it (settle) or
-        not (release). The caller audits it."""
+        not (release). Audited in the same transaction (the API and the console both)."""
         operation = await repository.get_operation(session, operation_id, lock=True)
         if operation is None:
             raise OperationNotFound("No such operation.")
         if operation.status != "needs_review":
             raise NotInReview(f"The operation is {operation.status}, not in review.")
         await self._finish(session, operation, succeeded=performed, error=operation.error)
+        await audit_service.record(
+            session, actor_id, action="operations.operation.resolve", subject_type="operation",
+            subject_id=str(operation_id), before={"status": "needs_review"},
+            after={"status": operation.status, "performed": performed, "note": note},
+            request_id=request_id,
+        )  # fmt: skip
         return operation
 
     async def reap(self, session: AsyncSession, *, older_than: timedelta) -> dict[str, int]:

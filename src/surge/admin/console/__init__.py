@@ -1,6 +1,6 @@
 """The operator's console at ``/admin`` (issue 16): sign-in with MFA enrolment, live charts,
-jobs, withdrawals, breakers, caches, users, audit log and alerts; every action confirmed and
-audited. ``install_console(app, runtime)`` mounts it and runs its metrics sampler."""
+jobs, withdrawals, operations in review, service API keys, breakers, caches, users, audit
+log and alerts; every action confirmed and audited. ``install_console(app, runtime)`` mounts it and runs its metrics sampler."""
 
 from __future__ import annotations
 

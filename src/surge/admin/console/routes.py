@@ -23,6 +23,8 @@ from starlette.responses import Response, StreamingResponse
 
 from surge.admin.console import views
 from surge.admin.console.pages import jobs as jobs_pages
+from surge.admin.console.pages import keys as key_pages
+from surge.admin.console.pages import operations as operation_pages
 from surge.admin.console.pages import system as system_pages
 from surge.admin.console.pages import withdrawals as withdrawal_pages
 from surge.admin.console.session import (
@@ -257,5 +259,5 @@ async def events(caller: CallerDep, runtime: RuntimeDep, request: Request) -> Re
     )
 
 
-for _pages in (jobs_pages, withdrawal_pages, system_pages):
+for _pages in (jobs_pages, withdrawal_pages, operation_pages, key_pages, system_pages):
     router.include_router(_pages.router)

@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from surge.admin.console import repository
 from surge.admin.console.session import Caller, ConsoleForbidden
 from surge.audit.service import audit as audit_service
+from surge.credential.service import IssuedKey
+from surge.credential.service import credential as credential_service
 from surge.identity.principal import Principal
 from surge.identity.runtime import identity_state
 from surge.identity.service import identity as identity_service
@@ -35,6 +37,10 @@ from surge.kit.jobs.queue import (
     resume_queue,
 )
 from surge.kit.runtime import Runtime
+from surge.kit.web.pagination import Slice
+from surge.models.credential import ServiceKey
+from surge.models.operations import Operation
+from surge.operations.service import operations as operations_service
 from surge.wallet.service import changed_owners, stats_key
 from surge.wallet.service import wallet as wallet_service
 
@@ -260,6 +266,58 @@ class ConsoleService:
             after={"sessions": 0}, request_id=request_id,
         )  # fmt: skip
         return int(found["sessions"])
+
+    # ---- operations in review ----------------------------------------------------------
+    async def operations(
+        self, session: AsyncSession, *, status: str, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[Operation], str | None]:
+        return await operations_service.page(
+            session, owner_id=None, status=status, limit=limit, cursor=cursor
+        )
+
+    async def operation_counts(self, session: AsyncSession) -> dict[str, int]:
+        return await operations_service.counts(session)
+
+    async def operation(self, session: AsyncSession, operation_id: UUID) -> Operation:
+        operation, _ = await operations_service.get(session, operation_id, owner_id=None)
+        return operation
+
+    async def resolve_operation(
+        self, session: AsyncSession, caller: Caller, *, operation_id: UUID, performed: bool,
+        note: str | None, request_id: str | None,
+    ) -> Operation:  # fmt: skip
+        """Settle (the provider did it) or release (it did not); operations audits it."""
+        admin = _require_admin(caller)
+        return await operations_service.resolve(
+            session, admin.user_id, operation_id, performed=performed, note=note,
+            request_id=request_id,
+        )  # fmt: skip
+
+    # ---- service API keys ---------------------------------------------------------------
+    async def service_keys(
+        self, session: AsyncSession, *, limit: int = 50, cursor: str | None = None
+    ) -> Slice[ServiceKey]:
+        return await credential_service.list(session, limit=limit, cursor=cursor)
+
+    async def create_service_key(
+        self, session: AsyncSession, caller: Caller, *, name: str, scopes: list[str],
+        request_id: str | None,
+    ) -> IssuedKey:  # fmt: skip
+        """A new key; its secret is in the answer only (credential audits the creation)."""
+        admin = _require_admin(caller)
+        if not name.strip():
+            raise UnprocessableEntity("A key needs a name (who uses it)")
+        return await credential_service.create(
+            session, admin.user_id, name=name.strip(), scopes=scopes, request_id=request_id
+        )
+
+    async def revoke_service_key(
+        self, session: AsyncSession, caller: Caller, *, key_id: UUID, request_id: str | None
+    ) -> ServiceKey:
+        admin = _require_admin(caller)
+        return await credential_service.revoke(
+            session, admin.user_id, key_id, request_id=request_id
+        )
 
 
 def _describe(flt: JobFilter) -> str:

@@ -15,6 +15,8 @@ NAV = (
     ("overview", "Overview"),
     ("jobs", "Jobs"),
     ("withdrawals", "Withdrawals"),
+    ("operations", "Operations"),
+    ("keys", "API keys"),
     ("breakers", "Breakers"),
     ("caches", "Caches"),
     ("users", "Users"),
