@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ import pytest
 from surge.config import Environment, Settings
 from surge.kit.embedded import free_port
 from tests.fixtures.servers import ROOT, wait_http
+from tests.fixtures.waiting import eventually_sync
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -71,17 +71,20 @@ def test_up_serves_and_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
             httpx.get(f"{base}/livez")
         # two web processes, one exposition: the counts add up across processes (each
         # process flushes its batched request metrics every second)
-        count = 0.0
-        deadline = time.monotonic() + 5
-        while count < 21 and time.monotonic() < deadline:
+        metrics = ""
+
+        def counted() -> bool:
+            nonlocal metrics
             metrics = httpx.get(f"{base}/metrics").text
+            livez = 'http_requests_total{method="GET",route="/livez",status="200"}'
             count = sum(
                 float(line.rsplit(" ", 1)[1])
                 for line in metrics.splitlines()
-                if line.startswith('http_requests_total{method="GET",route="/livez",status="200"}')
+                if line.startswith(livez)
             )
-            time.sleep(0.2)
-        assert count >= 21
+            return count >= 21
+
+        eventually_sync(counted, timeout=5, interval=0.2, message="/livez requests not counted")
         assert "http_request_duration_seconds_bucket" in metrics
         assert 'db_pool_connections{pool="primary"}' in metrics
         assert httpx.get(f"{base}/docs").status_code == 200
@@ -97,11 +100,17 @@ def test_up_serves_and_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
             log.close()
     output = (tmp_path / "up.log").read_text()
     assert code == 0, output[-3000:]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (
-        psutil.pid_exists(pg_pid) or psutil.pid_exists(redis_pid) or _running_under(data_dir)
-    ):
-        time.sleep(0.1)
+    eventually_sync(
+        lambda: (
+            not (
+                psutil.pid_exists(pg_pid)
+                or psutil.pid_exists(redis_pid)
+                or _running_under(data_dir)
+            )
+        ),
+        timeout=10,
+        message="something of this run still running",
+    )
     assert not psutil.pid_exists(pg_pid), "embedded PostgreSQL left running"
     assert not psutil.pid_exists(redis_pid), "embedded Redis left running"
     assert not _running_under(data_dir), "a process of this run is still alive"

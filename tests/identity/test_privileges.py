@@ -89,7 +89,7 @@ class TestPlanChange:
         assert (await _set_plan(api, admin, user_id, "ultra", expires_at=soon)).status_code == 204
         runtime = id_app.state.runtime
         assert await identity_service.has_privilege(runtime, uuid.UUID(user_id), "sso")
-        assert store.peek(uuid.UUID(user_id)) is not None  # held in memory
+        assert (await store.get(uuid.UUID(user_id))).source == "memory"  # held in memory
         clock.now += 3600 - 1
         assert await identity_service.has_privilege(runtime, uuid.UUID(user_id), "sso")
         clock.now += 1
