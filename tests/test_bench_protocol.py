@@ -3,6 +3,7 @@ never replaces a committed result."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -60,3 +61,45 @@ def test_importing_the_bench_plumbing_sends_logs_to_stderr() -> None:
     )  # fmt: skip
     assert done.stdout == ""
     assert "after.the.json" in done.stderr
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _benches() -> list[str]:
+    return sorted(
+        p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_") and p.stem != "common"
+    )
+
+
+def _stdout_offences(source: str) -> list[str]:
+    """What a bench module does against the protocol: print() (stdout), or a main() that
+    neither ends with ``report(...)`` nor writes its own JSON line (chaos) after everything."""
+    tree = ast.parse(source)
+    found = [
+        f"line {node.lineno}: print()"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "print"
+    ]
+    if "from bench.common import" not in source and "from bench import common" not in source:
+        found.append("does not import bench.common (its logging goes to stderr)")
+    if "report(" not in source and "sys.stdout.write(json.dumps(" not in source:
+        found.append("never writes the JSON line")
+    return found
+
+
+@pytest.mark.parametrize("name", _benches())
+def test_every_bench_keeps_stdout_for_its_json_line(name: str) -> None:
+    """Issue 12: ``surge bench ratelimit`` once printed log lines after its JSON line."""
+    assert not _stdout_offences((BENCH / f"{name}.py").read_text())
+
+
+def test_the_bench_checker_catches_a_print() -> None:
+    bad = "from bench.common import report\ndef main():\n    report('x')\n    print('done')\n"
+    assert _stdout_offences(bad) == ["line 4: print()"]
+    assert _stdout_offences("def main():\n    pass\n") == [
+        "does not import bench.common (its logging goes to stderr)",
+        "never writes the JSON line",
+    ]
