@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from surge.sim._streams import StreamServer
+from surge.sim._streams import StreamServer, read_request
 
 CARD = re.compile(r"^\d{10,16}$")
 PACKAGES = ("basic", "sport", "premium")
@@ -334,18 +334,9 @@ class ProviderServer(StreamServer):
         try:
             while True:
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
+                    method, target, headers, body = await read_request(reader)
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                     return
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = lines[0].split(" ", 2)
-                headers: dict[str, str] = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        key, value = line.split(":", 1)
-                        headers[key.strip().lower()] = value.strip()
-                length = int(headers.get("content-length", "0") or 0)
-                body = await reader.readexactly(length) if length else b""
                 arrived = time.time()
                 reply = await self.provider.handle(method, target, headers, body, ip)
                 if not target.startswith("/_control"):

@@ -19,7 +19,7 @@ import contextlib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from surge.sim._streams import StreamServer
+from surge.sim._streams import StreamServer, read_request
 
 
 def listen_address(index: int) -> str:
@@ -46,20 +46,6 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    method, target, _ = lines[0].split(" ", 2)
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if ":" in line:
-            key, value = line.split(":", 1)
-            headers[key.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0") or 0)
-    body = await reader.readexactly(length) if length else b""
-    return method, target, headers, body
-
-
 @dataclass
 class ForwardProxy(StreamServer):
     listen: str
@@ -73,7 +59,7 @@ class ForwardProxy(StreamServer):
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            method, target, headers, body = await _read_request(reader)
+            method, target, headers, body = await read_request(reader)
         except (
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
