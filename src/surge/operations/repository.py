@@ -303,6 +303,13 @@ async def list_operations(
     )
 
 
+async def try_lock_operation(session: AsyncSession, operation_id: UUID) -> bool:
+    """One attempt at a time per operation, fleet-wide: a transaction-scoped advisory lock
+    (it dies with its connection, so a killed worker never keeps it)."""
+    key = int.from_bytes(operation_id.bytes[:8], "big", signed=True)
+    return bool(await session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}))
+
+
 async def start_operation(session: AsyncSession, operation_id: UUID) -> Operation | None:
     """queued/running → running; None when the operation is already decided."""
     found: Operation | None = await session.scalar(

@@ -35,7 +35,6 @@ from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.audit.service import audit as audit_service
@@ -225,7 +224,7 @@ class OperationsService:
         is locked like an attempt, and only undecided ones are touched."""
         decided = {"failed": 0, "needs_review": 0}
         for operation_id in await repository.orphans(session, older_than=older_than, limit=100):
-            if not await session.scalar(_TRY_LOCK, {"k": _lock_key(operation_id)}):
+            if not await repository.try_lock_operation(session, operation_id):
                 continue
             operation = await repository.get_operation(session, operation_id, lock=True)
             if operation is None or operation.status in TERMINAL:
@@ -264,7 +263,7 @@ class OperationsService:
         # One attempt at a time per operation, fleet-wide, even if a lease was lost: the
         # transaction-scoped advisory lock dies with its connection (a killed worker).
         async with db.session() as lock_session:
-            got = await lock_session.scalar(_TRY_LOCK, {"k": _lock_key(operation_id)})
+            got = await repository.try_lock_operation(lock_session, operation_id)
             if not got:
                 raise RetryLater("another attempt of this operation is running")
             verdict, detail = await Attempts(runtime, started, attempt).drive()
@@ -307,13 +306,6 @@ class OperationsService:
         operation.finished_at = now
         await session.flush()
         log.info("operations.finished", operation_id=str(operation.id), status=operation.status)
-
-
-_TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:k)")
-
-
-def _lock_key(operation_id: UUID) -> int:
-    return int.from_bytes(operation_id.bytes[:8], "big", signed=True)
 
 
 operations = OperationsService()
