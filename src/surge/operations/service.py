@@ -51,6 +51,7 @@ from surge.kit.redis import RedisUnavailable
 from surge.kit.runtime import Runtime
 from surge.kit.security.sealing import Sealer
 from surge.models.operations import EgressProxy, Operation, ProviderAccount
+from surge.notifications.service import notifications as notifications_service
 from surge.operations import repository
 from surge.operations.provider import (
     AccountFailed,
@@ -382,6 +383,7 @@ class OperationsService:
         operation.updated_at = now
         operation.finished_at = now
         await session.flush()
+        await notifications_service.operation_finished(session, owner_id=operation.owner_id, operation_id=operation.id, status=operation.status, detail=error)  # fmt: skip
         log.info("operations.finished", operation_id=str(operation.id), status=operation.status)
 
 
