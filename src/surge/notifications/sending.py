@@ -20,8 +20,9 @@ from surge.kit.runtime import Runtime
 from surge.kit.security.sealing import InvalidToken
 from surge.models.notifications import OutboxMessage
 from surge.notifications import repository
+from surge.notifications.coalesce import coalescer
 from surge.notifications.keys import now
-from surge.notifications.metrics import DEFERRALS, count
+from surge.notifications.metrics import DEFERRALS, EVENTS, count
 from surge.notifications.outbox import SEALED, SEND_JOB, open_secrets
 from surge.notifications.render import build_message, render
 from surge.notifications.smtp import RelayConfig, SmtpRelay, Verdict
@@ -70,38 +71,47 @@ class Prepared:
     """Set when the message cannot be built (a template error): it fails without a try."""
 
 
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """``prepare``'s decision to finish a message without sending it."""
+
+    expected: str
+    status: str
+    source: str
+    detail: str
+
+
 class SendingUseCases:
     """The send job's steps (``surge.notifications.jobs``)."""
 
-    async def prepare(
-        self, session: AsyncSession, runtime: Runtime, message_id_: UUID
-    ) -> Prepared | None:
-        """Load a queued message and decide whether it goes: ``None`` when it is already
-        final, or has just been finalized in ``session`` (held, skipped, unconfirmed).
+    async def prepare(self, runtime: Runtime, message_id_: UUID) -> Prepared | Settle | None:
+        """Load a queued message and decide whether it goes: ``Prepared`` (send it),
+        ``Settle`` (finish it without sending: held, skipped, unconfirmed — ``settle``
+        writes that), ``None`` (already final).
 
-        The decision is one read outside any transaction (this runs once per e-mail; a
-        lock would be a write and a flushed commit). Two jobs racing for one message both
-        get past it; the compare-and-set in ``mark_sending`` lets one of them send."""
+        The decision is one read outside any transaction, shared with the other send jobs
+        of this process (``coalesce``). Two jobs racing for one message both get past it;
+        the compare-and-set in ``mark_sending`` lets one of them send."""
         settings = runtime.settings
-        row = await repository.load_for_sending(runtime.db.primary, message_id_)
+        row = await coalescer(runtime).load(message_id_)
         if row is None or row["status"] not in {"queued", "sending"}:
             return None
         if row["status"] == "sending":
             # An earlier attempt wrote the end of DATA (or was about to) and died before
             # hearing the reply: the relay may have the message. Never send it twice.
-            await self._finish_from(session, message_id_, "sending", "unconfirmed", source="smtp",
-                                    detail="worker stopped after the end of DATA")  # fmt: skip
-            return None
+            return Settle("sending", "unconfirmed", "smtp", "worker stopped after the end of DATA")
         if row["suppressed_reason"] is not None:
-            await self._finish_from(session, message_id_, "queued", "held", source="suppression",
-                                    detail=f"{row['suppressed_reason']} ({row['suppressed_source']})")  # fmt: skip
-            return None
+            return Settle("queued", "held", "suppression",
+                          f"{row['suppressed_reason']} ({row['suppressed_source']})")  # fmt: skip
         security = row["category"] in settings.NOTIFY_SECURITY_CATEGORIES
         if row["user_id"] is not None and not security and row["preference"] is False:
-            await self._finish_from(session, message_id_, "queued", "skipped", source="preferences",
-                                    detail=f"opted out of {row['category']}")  # fmt: skip
-            return None
+            return Settle("queued", "skipped", "preferences", f"opted out of {row['category']}")
         return self._build(settings, row)
+
+    async def settle(self, session: AsyncSession, message_id_: UUID, decision: Settle) -> None:
+        """Finish a message ``prepare`` decided not to send (in the job's transaction)."""
+        await self._finish_from(session, message_id_, decision.expected, decision.status,
+                                source=decision.source, detail=decision.detail)  # fmt: skip
 
     async def _finish_from(
         self,
@@ -158,12 +168,10 @@ class SendingUseCases:
 
     async def mark_sending(self, runtime: Runtime, message_id_: UUID) -> bool:
         """Record, *before* the end of DATA goes on the wire, that it is about to: the
-        crash-window guard (ADR 0019). Committed when this returns — the one write of this
-        domain that is a transaction of its own, on purpose. False when another attempt
-        already did."""
-        return await repository.mark_sending_now(
-            runtime.db.primary, message_id_, flush=runtime.settings.NOTIFY_SENDING_MARK_FLUSH
-        )
+        crash-window guard (ADR 0019). Committed when this returns — in a statement of its
+        own, shared with the marks of the other messages of this process that reached the
+        same point (ADR 0026). False when another attempt already did."""
+        return await coalescer(runtime).mark(message_id_)
 
     async def transmit(self, runtime: Runtime, prepared: Prepared) -> Verdict:
         """Hand ``prepared`` to the relay (through the ``smtp`` breaker), marking it
@@ -180,6 +188,21 @@ class SendingUseCases:
             content=prepared.content,
             before_end=before_end,
         )
+
+    async def record_sent(
+        self, runtime: Runtime, message_id_: UUID, verdict: Verdict, *, subject: str | None
+    ) -> bool:
+        """The common outcome, outside the job's transaction: ``sent`` and its final event,
+        committed (durably) in a statement shared with the other messages of this process
+        that finished at the same time. False when the row was no longer queued/sending
+        (another attempt finished it): nothing written. A worker killed before this commit
+        leaves the row ``sending``: the next attempt records ``unconfirmed``, never a copy."""
+        recorded = await coalescer(runtime).sent(
+            (message_id_, verdict.code, verdict.detail[:1000], subject)
+        )
+        if recorded:
+            EVENTS.labels("sent").inc()
+        return recorded
 
     async def record(
         self,
