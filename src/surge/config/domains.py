@@ -43,6 +43,19 @@ class DomainSettings(BaseSettings):
     """Failed logins per client IP per window before further attempts get 429."""
     AUTH_MFA_ISSUER: str = "Surge"
     """Issuer shown by authenticator apps for TOTP enrolment."""
+    # ---- issue 15: password reset (surge.identity.recovery) ----
+    AUTH_PASSWORD_RESET_TTL: timedelta = timedelta(minutes=30)
+    """How long a password-reset link works (single use; a newer request supersedes it)."""
+    AUTH_PASSWORD_RESET_URL: str = ""
+    """The page the reset e-mail links to, ``?token=...`` appended (the front end posts the
+    token to ``/api/v1/auth/password/reset``). Empty: ``NOTIFY_PUBLIC_URL`` + ``/reset-password``."""
+    AUTH_PASSWORD_RESET_WINDOW: timedelta = timedelta(hours=1)
+    """Window over which reset requests are counted, per address and per client IP."""
+    AUTH_PASSWORD_RESET_MAX_PER_ADDRESS: int = 3
+    """Reset e-mails per address per window; requests past it answer the same 202 and send
+    nothing (nobody can flood an inbox, and the answer still says nothing about the address)."""
+    AUTH_PASSWORD_RESET_MAX_PER_IP: int = 20
+    """Reset requests per client IP (IPv6: per /64) per window; past it: 429."""
     IDENTITY_PLAN_FEATURES: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "free": ["basic"],

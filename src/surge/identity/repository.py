@@ -14,6 +14,7 @@ from surge.identity.plans import Grant
 from surge.kit.web.cursor import moment
 from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User
+from surge.models.password_reset import PasswordResetToken
 
 #: Rows changed this long before the view's last refresh are still read from the table:
 #: longer than any transaction may run (statement_timeout 30 s), so a plan change that
@@ -278,3 +279,28 @@ async def refresh_active_subscriptions(session: AsyncSession) -> None:
 
 async def user_session(session: AsyncSession, session_id: uuid.UUID) -> AuthSession | None:
     return await session.get(AuthSession, session_id)
+
+
+# ---- password reset (surge.identity.recovery) --------------------------------------------
+async def reset_token_for_update(
+    session: AsyncSession, token_hash: str
+) -> PasswordResetToken | None:
+    """The reset token with that hash, locked (one reset per token under a race)."""
+    return await session.scalar(
+        select(PasswordResetToken)
+        .where(PasswordResetToken.token_hash == token_hash)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+
+
+async def supersede_reset_tokens(
+    session: AsyncSession, user_id: uuid.UUID, *, now: datetime
+) -> int:
+    """Spend every live reset token of the user (a newer request, or the reset itself)."""
+    result = await session.execute(
+        update(PasswordResetToken)
+        .where(PasswordResetToken.user_id == user_id, PasswordResetToken.used_at.is_(None))
+        .values(used_at=now)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -20,6 +20,7 @@ from surge.identity.errors import EmailTaken
 from surge.identity.mfa import mfa as mfa_service
 from surge.identity.plans import Privileges
 from surge.identity.principal import PRINCIPAL_STATE, PRIVILEGES_STATE, Principal, TokenPair
+from surge.identity.recovery import password_reset as password_reset_service
 from surge.identity.runtime import identity_state
 from surge.identity.schemas import (
     AccessTokenRead,
@@ -29,6 +30,9 @@ from surge.identity.schemas import (
     LogoutRequest,
     MfaSetupRead,
     MfaVerifyRequest,
+    PasswordForgotAccepted,
+    PasswordForgotRequest,
+    PasswordResetRequest,
     PlanChange,
     PrivilegesRead,
     RefreshRequest,
@@ -246,4 +250,30 @@ async def change_plan(
         expires_at=body.expires_at,
         request_id=getattr(request.state, "request_id", None),
     )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# ---- password reset (issue 15, surge.identity.recovery) -----------------------------------
+@router.post("/auth/password/forgot", status_code=status.HTTP_202_ACCEPTED)
+async def forgot_password(
+    body: PasswordForgotRequest, request: Request, session: SessionDep, runtime: RuntimeDep
+) -> PasswordForgotAccepted:
+    """Always 202 with the same body, and the same work, whether or not the address has an
+    account (the account is looked up by a job); 429 past the per-IP budget."""
+    await password_reset_service.forgot(
+        session, runtime, email=body.email, ip=_client_ip(request, runtime)
+    )
+    return PasswordForgotAccepted()
+
+
+@router.post("/auth/password/reset", status_code=status.HTTP_204_NO_CONTENT)
+async def reset_password(
+    body: PasswordResetRequest, request: Request, session: SessionDep, runtime: RuntimeDep
+) -> Response:
+    """Spend a reset token and set a new password (400 if the token is unknown, used,
+    expired or superseded); every session of the account is signed out."""
+    await password_reset_service.reset(
+        session, runtime, token=body.token, password=body.password,
+        ip=_client_ip(request, runtime), request_id=getattr(request.state, "request_id", None),
+    )  # fmt: skip
     return Response(status_code=status.HTTP_204_NO_CONTENT)

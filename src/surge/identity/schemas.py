@@ -131,3 +131,27 @@ class BatchRead(BaseModel):
 class PlanChange(BaseModel):
     plan: str = Field(max_length=50)
     expires_at: datetime | None = None
+
+
+# ---- password reset (issue 15) ------------------------------------------------------------
+class PasswordForgotRequest(BaseModel):
+    email: str = Field(max_length=254)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        value = normalize_email(value)
+        if not _EMAIL.match(value):
+            raise ValueError("not an e-mail address")
+        return value
+
+
+class PasswordForgotAccepted(BaseModel):
+    """The same answer for every address: an account is never revealed."""
+
+    detail: str = "If an account uses this address, a reset link is on its way."
+
+
+class PasswordResetRequest(BaseModel):
+    token: str = Field(min_length=16, max_length=200)
+    password: Password

@@ -14,6 +14,7 @@ from surge.models.operations import (
     ProviderAccount,
     Reseller,
 )
+from surge.models.password_reset import PasswordResetToken
 from surge.models.payments import PaymentEvent, Topup
 from surge.models.wallet import (
     Earning,
@@ -40,6 +41,7 @@ __all__ = [
     "Operation",
     "OutboxMessage",
     "Partner",
+    "PasswordResetToken",
     "PaymentEvent",
     "Preference",
     "Price",

@@ -44,7 +44,8 @@ async def get_message(
     return await session.scalar(statement)
 
 
-# ---- the send path: one round trip per step (the driver's prepared statements, autocommit) --
+# ---- the send path (surge.notifications.coalesce): each statement serves every message queued
+# for it, in autocommit, on the driver's prepared statements -----------------------------------
 _LOAD_FOR_SENDING = """
     SELECT m.id, m.status, m.to_address, m.template, m.locale, m.category,
            m.context::text AS context, m.user_id, m.attempts, m.created_at,
@@ -56,38 +57,72 @@ _LOAD_FOR_SENDING = """
     LEFT JOIN notification_preferences p ON p.user_id = m.user_id AND p.category = m.category
     WHERE m.id = $1
 """
-_MARK_SENDING = (
-    "UPDATE notification_messages SET status = 'sending' WHERE id = $1 AND status = 'queued' "
-    "RETURNING id"
+_LOAD_MANY = _LOAD_FOR_SENDING.replace("WHERE m.id = $1", "WHERE m.id = ANY($1::uuid[])")
+_MARK_MANY = (
+    "UPDATE notification_messages SET status = 'sending' "
+    "WHERE id = ANY($1::uuid[]) AND status = 'queued' RETURNING id"
 )
 # The same, committed without waiting for the WAL flush: set_config(..., true) is local to
 # the statement's own (implicit) transaction, whose commit reads synchronous_commit.
-_MARK_SENDING_ASYNC = (
+_MARK_MANY_ASYNC = (
     "WITH c AS (SELECT set_config('synchronous_commit', 'off', true)) "
     "UPDATE notification_messages SET status = 'sending' "
-    "WHERE id = $1 AND status = 'queued' AND EXISTS (SELECT FROM c) RETURNING id"
+    "WHERE id = ANY($1::uuid[]) AND status = 'queued' AND EXISTS (SELECT FROM c) RETURNING id"
 )
+_SENT_MANY = """
+    WITH v AS (
+        SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[])
+               AS v(id, code, detail, subject)
+    ), m AS (
+        UPDATE notification_messages n
+        SET status = 'sent', sent_at = now(), finished_at = now(), last_code = v.code,
+            last_error = v.detail, subject = COALESCE(v.subject, n.subject),
+            attempts = n.attempts + 1
+        FROM v
+        WHERE n.id = v.id AND n.status IN ('queued', 'sending')
+        RETURNING n.id, n.to_address, v.code, v.detail
+    )
+    INSERT INTO notification_events (message_id, address, event, source, code, detail)
+    SELECT id, to_address, 'sent', 'smtp', code, detail FROM m
+    RETURNING message_id
+"""
 
 
-async def load_for_sending(engine: AsyncEngine, message_id: UUID) -> dict[str, Any] | None:
-    """The message with its address's active suppression and its user's preference for
-    its category, in one statement outside any transaction (a read: nothing to commit)."""
+async def _driver(connection: Any) -> Any:
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection
+
+
+async def load_many(engine: AsyncEngine, ids: Sequence[UUID]) -> dict[UUID, dict[str, Any]]:
+    """The messages with their address's active suppression and their user's preference for
+    their category, in one statement outside any transaction (a read: nothing to commit)."""
     async with engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        driver: Any = raw.driver_connection
-        row = await driver.fetchrow(_LOAD_FOR_SENDING, message_id)
-    return dict(row) if row is not None else None
+        rows = await (await _driver(connection)).fetch(_LOAD_MANY, list(ids))
+    return {row["id"]: dict(row) for row in rows}
 
 
-async def mark_sending_now(engine: AsyncEngine, message_id: UUID, *, flush: bool) -> bool:
-    """``queued`` → ``sending`` as a transaction of its own, committed when this returns
-    (compare-and-set: False when another attempt got there first). ``flush=False``: the
-    commit does not wait for the WAL flush (see NOTIFY_SENDING_MARK_FLUSH)."""
+async def mark_sending_many(engine: AsyncEngine, ids: Sequence[UUID], *, flush: bool) -> set[UUID]:
+    """``queued`` → ``sending`` (compare-and-set) for many messages: one statement, one
+    commit (``flush=False``: not waiting for the WAL flush, NOTIFY_SENDING_MARK_FLUSH); the ids
+    that were still ``queued`` (the others belong to another attempt)."""
     async with engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        driver: Any = raw.driver_connection
-        statement = _MARK_SENDING if flush else _MARK_SENDING_ASYNC
-        return await driver.fetchval(statement, message_id) is not None
+        statement = _MARK_MANY if flush else _MARK_MANY_ASYNC
+        rows = await (await _driver(connection)).fetch(statement, list(ids))
+    return {row["id"] for row in rows}
+
+
+async def record_sent_many(
+    engine: AsyncEngine, outcomes: Sequence[tuple[UUID, int | None, str, str | None]]
+) -> set[UUID]:
+    """``record_sent`` for many messages in one durable commit: each ``(id, code, detail,
+    subject)`` becomes ``sent`` with its final event; returns the ids recorded (a message
+    no longer queued/sending was finished by another attempt and is left alone)."""
+    ids, codes, details, subjects = (list(column) for column in zip(*outcomes, strict=True))
+    async with engine.connect() as connection:
+        rows = await (await _driver(connection)).fetch(
+            _SENT_MANY, ids, codes, [d[:1000] for d in details], subjects
+        )
+    return {row["message_id"] for row in rows}
 
 
 async def record_sent(
@@ -112,17 +147,6 @@ async def record_sent(
             """
         ),
         {"id": message_id, "code": code, "detail": detail[:1000], "subject": subject},
-    )
-    return result.scalar_one_or_none() is not None
-
-
-async def mark_sending(session: AsyncSession, message_id: UUID) -> bool:
-    """``queued`` → ``sending`` (compare-and-set): False when another attempt got there."""
-    result = await session.execute(
-        update(OutboxMessage)
-        .where(OutboxMessage.id == message_id, OutboxMessage.status == "queued")
-        .values(status="sending")
-        .returning(OutboxMessage.id)
     )
     return result.scalar_one_or_none() is not None
 

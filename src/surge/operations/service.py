@@ -41,6 +41,7 @@ from surge.audit.service import audit as audit_service
 from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.models.operations import EgressProxy, Operation, ProviderAccount
+from surge.notifications.service import notifications as notifications_service
 from surge.operations import repository
 from surge.operations.attempts import Attempts
 from surge.operations.errors import (
@@ -305,6 +306,7 @@ class OperationsService:
         operation.updated_at = now
         operation.finished_at = now
         await session.flush()
+        await notifications_service.operation_finished(session, owner_id=operation.owner_id, operation_id=operation.id, status=operation.status, detail=error)  # fmt: skip
         log.info("operations.finished", operation_id=str(operation.id), status=operation.status)
 
 

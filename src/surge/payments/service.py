@@ -52,6 +52,7 @@ from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.kit.security import webhooks
 from surge.models.payments import PaymentEvent, Topup
+from surge.notifications.service import notifications as notifications_service
 from surge.payments import repository
 from surge.payments.errors import (
     EventNotDead,
@@ -507,6 +508,7 @@ class TopupService:
         if posted.created:
             topup.amount_credited = amount
             topup.updated_at = _now()
+            await notifications_service.topup_credited(session, owner_id=topup.owner_id, topup_id=topup.id, amount=amount, currency=currency)  # fmt: skip
             log.info(
                 "payments.topup.credited",
                 topup_id=str(topup.id),

@@ -1,0 +1,101 @@
+"""Group commit for the send job's database steps (ADR 0026).
+
+Every e-mail needs three short database steps around its SMTP conversation (ADR 0019):
+read the row, mark it ``sending`` just before the end of DATA, record ``sent`` after the
+reply. Done one message at a time they cost three round trips and two commits per e-mail
+— more than the SMTP conversation itself on a small machine. The send jobs a worker runs
+concurrently share them instead: each step is a *lane*; a job's request joins the lane's
+queue, and one statement at a time serves everything queued (``WHERE id = ANY($1)``). No
+timer: while a statement is in flight the next requests accumulate, so under load a
+statement serves many jobs and when idle a job waits for nobody (group commit, as
+PostgreSQL does for WAL flushes).
+
+Each message keeps its own guarantee: its mark is committed before its own ``.`` is
+written (the job awaits the lane's answer for its id), and a message the mark statement
+did not return is not sent. What is shared is only the round trip and the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from surge.kit.runtime import Runtime
+from surge.notifications import repository
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+
+EXTENSION = "notifications.coalescer"
+
+
+class Lane(Generic[K, R]):
+    """Requests for ``run`` served in groups: one call of ``run`` in flight at a time, fed
+    with every key queued since the previous one started."""
+
+    def __init__(self, run: Callable[[Sequence[K]], Awaitable[dict[K, R]]], default: R) -> None:
+        self._run = run
+        self._default = default
+        self._queue: list[tuple[K, asyncio.Future[R]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.items = 0
+
+    async def __call__(self, key: K) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((key, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            self.batches += 1
+            self.items += len(batch)
+            try:
+                found = await self._run(list(dict.fromkeys(key for key, _ in batch)))
+            except BaseException as error:  # every waiter gets it (its job is retried)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise
+                continue
+            for key, future in batch:
+                if not future.done():
+                    future.set_result(found.get(key, self._default))
+
+
+class Coalescer:
+    """This process's three lanes (a runtime extension: ``coalescer(runtime)``)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        engine = runtime.db.primary
+        flush = runtime.settings.NOTIFY_SENDING_MARK_FLUSH
+
+        async def load(ids: Sequence[UUID]) -> dict[UUID, dict[str, Any] | None]:
+            return dict(await repository.load_many(engine, ids))
+
+        async def mark(ids: Sequence[UUID]) -> dict[UUID, bool]:
+            return dict.fromkeys(await repository.mark_sending_many(engine, ids, flush=flush), True)
+
+        async def sent(
+            outcomes: Sequence[tuple[UUID, int | None, str, str | None]],
+        ) -> dict[tuple[UUID, int | None, str, str | None], bool]:
+            recorded = await repository.record_sent_many(engine, outcomes)
+            return {outcome: outcome[0] in recorded for outcome in outcomes}
+
+        self.load: Lane[UUID, dict[str, Any] | None] = Lane(load, None)
+        self.mark: Lane[UUID, bool] = Lane(mark, False)
+        self.sent: Lane[tuple[UUID, int | None, str, str | None], bool] = Lane(sent, False)
+
+
+def coalescer(runtime: Runtime) -> Coalescer:
+    found = runtime.extensions.get(EXTENSION)
+    if found is None:
+        found = runtime.extensions[EXTENSION] = Coalescer(runtime)
+    assert isinstance(found, Coalescer)
+    return found
