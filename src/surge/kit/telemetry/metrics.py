@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,19 @@ class RequestRecorder:
     def finished(self, method: str, route: str, status: int, seconds: float) -> None:
         self._in_flight -= 1
         key = (method, route, status)
-        self._counts[key] = self._counts.get(key, 0) + 1
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
         hkey = (method, route)
         histogram = self._histograms.get(hkey)
         if histogram is None:
             histogram = self._histograms[hkey] = [0.0] * (len(self._bounds) + 2)
         histogram[0] += seconds
-        for index, bound in enumerate(self._bounds):
-            if seconds <= bound:
-                histogram[index + 1] += 1
-                break
-        else:
-            histogram[-1] += 1
+        # The first bound ≥ seconds (``le`` semantics), or the slot after the last bound.
+        histogram[bisect_left(self._bounds, seconds) + 1] += 1
+
+    def untimed(self) -> None:
+        """A request that is not recorded (a stream) has ended: it is no longer in flight."""
+        self._in_flight -= 1
 
     def flush(self) -> None:
         counts, self._counts = self._counts, {}
