@@ -58,7 +58,7 @@ from surge.kit.ratelimit.decision import (
     _Pending,
     _unmetered,
 )
-from surge.kit.ratelimit.metrics import BATCH_SIZE, DECISIONS, LOCAL_FALLBACK
+from surge.kit.ratelimit.metrics import BATCH_SIZES, DECISIONS_BATCHED, LOCAL_FALLBACK
 from surge.kit.ratelimit.policy import Failure, Identify, RatePolicy, subject_from_state
 from surge.kit.redis import (
     CONNECTION_ERRORS,
@@ -224,7 +224,7 @@ class RateLimiter:
                     number = specs[check.spec] = len(specs) + 1
                 numbers.append(number)
         now = int(self.clock() * 1_000_000) if self.clock else 0
-        BATCH_SIZE.observe(len(batch))
+        BATCH_SIZES.observe(len(batch))
         try:
             raw = await self._evalsha(
                 _PACKER.pack([now, numbers, keys, [v for spec in specs for v in spec]])
@@ -363,7 +363,7 @@ class RateLimiter:
         for key, count in tally.items():
             child = self._counters.get(key)
             if child is None:
-                child = self._counters[key] = DECISIONS.labels(*key)
+                child = self._counters[key] = DECISIONS_BATCHED.labels(*key)
             child.inc(count)  # type: ignore[attr-defined]
 
     async def close(self) -> None:

@@ -340,9 +340,12 @@ def _script_headers(decision: Decision, rels: list[int]) -> list[tuple[bytes, by
         policy = check.policy
         if policy.shadow:
             continue
-        after = rel + check.step if allowed and check.allows(rel) else rel
-        remaining = max(0, (policy.period_us - after) // policy.interval_us)
-        state.append(b"%s;r=%d;t=%d" % (policy.header_name, remaining, -(-after // 1_000_000)))
+        after = rel + check.step if allowed and rel <= check.ceiling else rel
+        remaining = (policy.period_us - after) // policy.interval_us
+        state.append(
+            b"%s;r=%d;t=%d"
+            % (policy.header_name, remaining if remaining > 0 else 0, -(-after // 1_000_000))
+        )
     return [(b"ratelimit-policy", cached[1]), (b"ratelimit", b", ".join(state))]
 
 
