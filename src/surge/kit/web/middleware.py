@@ -81,7 +81,7 @@ class _Ids:
         self.counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
     def __call__(self) -> str:
-        return f"{self.prefix}{next(self.counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+        return f"{self.prefix}{next(self.counter):016x}"
 
 
 new_request_id = _Ids()
@@ -161,7 +161,7 @@ class SurgeMiddleware:
             elif name == b"x-request-start":
                 stamp = value
         if request_id is None:
-            request_id = new_request_id()
+            request_id = f"{new_request_id.prefix}{next(new_request_id.counter):016x}"
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
