@@ -3,7 +3,7 @@
 Both run under uvicorn (uvloop + httptools) with the same worker count, both servers up for
 the whole run, measured alternately (surge, bare, surge, bare, ...) so a slow window of this
 noisy 2-core machine hits both. The ratio (surge rps / bare rps, medians) is what Surge's own
-middleware, metrics and logging cost. Target: ≥ 0.8.
+middleware, metrics and logging cost. Target: ≥ 0.9 (issue 17; ADR 0023).
 
 Load: wrk (when installed: 2 threads, 64 connections) or the bundled closed-loop generator.
 """
@@ -31,6 +31,8 @@ from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
+#: Issue 17: Surge's whole stack at ≥ 0.9 of a bare FastAPI app's requests/s (ADR 0023).
+TARGET = 0.9
 
 
 def main(quick: bool = False) -> None:
@@ -103,8 +105,8 @@ def main(quick: bool = False) -> None:
         baseline={"rps": round(base_rps), "p99_ms": round(base_p99, 2), "runs_rps": [round(b["rps"]) for b in base],
                   "what": "bare FastAPI app, no middleware, same uvicorn settings"},
         ratio=ratio,
-        target=0.8,
-        ok=ratio >= 0.8,
+        target=TARGET,
+        ok=ratio >= TARGET,
         rows=[
             ("requests/s (median)", f"{ours_rps:,.0f}", f"{base_rps:,.0f}"),
             ("p99 latency ms (median)", f"{ours_p99:.2f}", f"{base_p99:.2f}"),

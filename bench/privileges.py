@@ -7,7 +7,8 @@
     run. The load comes from ``CALLERS`` signed-in users taking turns (one request each in
     rotation), so every batch of rate-limit decisions carries that many distinct keys; the
     ``/livez`` runs send the same rotating ``Authorization`` headers (the load generator does
-    the same work for both, and ``/livez`` ignores them). Target: requests/s ratio ≥ 0.6.
+    the same work for both, and ``/livez`` ignores them). Target: requests/s ratio ≥ 0.8
+    (issue 17; it was 0.6 in issue 7).
 (c) ``POST /api/v1/privileges/batch`` with 100 users, warm, p50 over HTTP (seed 003 reports
     30 ms; target ≤ 5 ms); beside it, in-process, the batch from memory versus the one SQL
     query that answers it from PostgreSQL without any cache.
@@ -53,6 +54,8 @@ from surge.kit.security import PasswordHasher
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
+#: Issue 17: /me/privileges at ≥ 0.8 of /livez's requests/s on the same server (ADR 0023).
+TARGET = 0.8
 USERS = 5000
 #: Distinct signed-in users the (b) load comes from (one per wrk connection).
 CALLERS = 64
@@ -289,7 +292,7 @@ def main(quick: bool = False) -> None:
     nl_rps = median([o["rps"] for o in ours_nolimit])
     nl_base = median([b["rps"] for b in base_nolimit])
     errors = sum(r["errors"] for r in (*ours, *base, *ours_nolimit, *base_nolimit))
-    ok = ratio >= 0.6 and batch["p50_ms"] <= 5.0 and errors == 0
+    ok = ratio >= TARGET and batch["p50_ms"] <= 5.0 and errors == 0
     report(
         "privileges",
         ours={
@@ -309,16 +312,16 @@ def main(quick: bool = False) -> None:
             "what": "GET /livez on the same server; raw Redis GET; one SQL query; seed 003's figure",
         },
         ratio=ratio,
-        target="rps ratio ≥ 0.6 and batch-100 p50 ≤ 5 ms",
+        target=f"rps ratio ≥ {TARGET} and batch-100 p50 ≤ 5 ms",
         ok=ok,
         rows=[
             ("(a) has_privilege, memory tier (µs/call)", f"{local['check_us']:.2f}",
              f"{local['redis_get_us']:.1f} (one Redis GET)"),
             ("(b) requests/s (median)", f"{ours_rps:,.0f}", f"{base_rps:,.0f} (/livez)"),
             ("(b) p99 ms (median)", f"{ours_p99:.2f}", f"{base_p99:.2f}"),
-            ("(b) rps ratio of paired runs (median)", f"{ratio:.3f}", "target ≥ 0.6"),
+            ("(b) rps ratio of paired runs (median)", f"{ratio:.3f}", f"target ≥ {TARGET}"),
             ("(b) same, rate limiter off: rps", f"{nl_rps:,.0f}", f"{nl_base:,.0f} (/livez)"),
-            ("(b) same, rate limiter off: ratio", f"{ratio_nolimit:.3f}", "target ≥ 0.6"),
+            ("(b) same, rate limiter off: ratio", f"{ratio_nolimit:.3f}", "(the limiter's share)"),
             ("(c) batch of 100, HTTP p50 ms", f"{batch['p50_ms']:.2f}", "30 (seed 003), target ≤ 5"),
             ("(c) batch of 100, in-process p50 ms", f"{local['batch_memory_p50_ms']:.3f}",
              f"{local['batch_sql_p50_ms']:.3f} (one SQL query, no cache)"),

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from surge.app import create_app
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
 from surge.kit.ratelimit import MemoClientIp, RateLimiter, RouteLimit, Subject
+from surge.kit.telemetry import metrics
 from surge.kit.web.client_ip import ClientIpResolver
 from tests.fixtures.clients import app_client
 from tests.fixtures.servers import start_postgres, start_redis
@@ -199,9 +200,11 @@ class TestWhoPays:
 
     async def test_shadow_policy_never_blocks(self, web: httpx.AsyncClient) -> None:
         labels = {"policy": "trial-rule", "outcome": "shadow_denied", "store": "redis"}
+        metrics.flush_all()  # decisions are counted in batches (ADR 0023)
         before = REGISTRY.get_sample_value("ratelimit_decisions_total", labels) or 0.0
         codes = [(await web.get("/t/trial", headers=free("ed"))).status_code for _ in range(3)]
         assert codes == [200, 200, 200]
+        metrics.flush_all()
         after = REGISTRY.get_sample_value("ratelimit_decisions_total", labels) or 0.0
         assert after - before == 2
 

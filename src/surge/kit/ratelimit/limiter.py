@@ -58,7 +58,7 @@ from surge.kit.ratelimit.decision import (
     _Pending,
     _unmetered,
 )
-from surge.kit.ratelimit.metrics import BATCH_SIZE, DECISIONS, LOCAL_FALLBACK
+from surge.kit.ratelimit.metrics import BATCH_SIZES, DECISIONS_BATCHED, LOCAL_FALLBACK
 from surge.kit.ratelimit.policy import Failure, Identify, RatePolicy, subject_from_state
 from surge.kit.redis import (
     CONNECTION_ERRORS,
@@ -144,7 +144,18 @@ class RateLimiter:
             return Decision(allowed=True)
         checks = _dedupe(checks)
         try:
-            decision = await self._redis(checks)
+            # The Redis path inline (it was a second coroutine per request, ADR 0023).
+            self.gateway.lane()  # RedisUnavailable at once while Redis is known down
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[list[int]] = loop.create_future()
+            if not self.coalesce:
+                await self._send([(checks, future)])
+            else:
+                self._queue.append((checks, future))
+                flusher = self._flusher
+                if flusher is None or flusher.done() or flusher.get_loop() is not loop:
+                    self._start_flusher(loop)
+            decision = Decision.from_script(checks, await future)
         except RedisUnavailable:
             decision = self._fallback(checks, outage=True)
         except RedisError as error:  # pool exhausted, OOM...: Redis is up but gave no answer
@@ -161,28 +172,16 @@ class RateLimiter:
         """Spend ``cost`` of policy ``name`` for ``partition`` (jobs, scripts, tests)."""
         return await self.check([Check(self.policy(name), partition, cost)])
 
-    async def _redis(self, checks: Sequence[Check]) -> Decision:
-        self.gateway.lane()  # RedisUnavailable at once while Redis is known down
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[int]] = loop.create_future()
-        if not self.coalesce:
-            await self._send([(checks, future)])
-        else:
-            self._queue.append((checks, future))
-            self._start_flusher(loop)
-        return Decision.from_script(checks, await future)
-
     def _start_flusher(self, loop: asyncio.AbstractEventLoop) -> None:
-        flusher = self._flusher
-        if flusher is None or flusher.done() or flusher.get_loop() is not loop:
-            # Nothing in flight: this decision leaves now (the task starts within this
-            # event-loop tick and takes whatever else queued in it). Otherwise it rides in
-            # the next batch, sent as soon as the round trip in flight returns.
-            # A context of its own: the task serves many requests, and must not log with
-            # the request id of the one that happened to start it.
-            self._flusher = loop.create_task(
-                self._flush(), name="ratelimit.flush", context=contextvars.Context()
-            )
+        """Called by ``check`` when no flusher runs on ``loop``: nothing in flight, so this
+        decision leaves now (the task starts within this event-loop tick and takes whatever
+        else queued in it). While one runs, a decision rides in its next batch, sent as
+        soon as the round trip in flight returns. A context of its own: the task serves many
+        requests, and must not log with the request id of the one that happened to start
+        it."""
+        self._flusher = loop.create_task(
+            self._flush(), name="ratelimit.flush", context=contextvars.Context()
+        )
 
     async def _flush(self) -> None:
         """Send the queued decisions, ``MAX_BATCH`` at a time, one round trip in flight at a
@@ -224,7 +223,7 @@ class RateLimiter:
                     number = specs[check.spec] = len(specs) + 1
                 numbers.append(number)
         now = int(self.clock() * 1_000_000) if self.clock else 0
-        BATCH_SIZE.observe(len(batch))
+        BATCH_SIZES.observe(len(batch))
         try:
             raw = await self._evalsha(
                 _PACKER.pack([now, numbers, keys, [v for spec in specs for v in spec]])
@@ -363,7 +362,7 @@ class RateLimiter:
         for key, count in tally.items():
             child = self._counters.get(key)
             if child is None:
-                child = self._counters[key] = DECISIONS.labels(*key)
+                child = self._counters[key] = DECISIONS_BATCHED.labels(*key)
             child.inc(count)  # type: ignore[attr-defined]
 
     async def close(self) -> None:

@@ -150,20 +150,32 @@ class RateLimitMiddleware:
         #: request pays it once. Bounded; cleared whole when full (paths with ids churn it).
         self._memo: dict[tuple[str | None, str, str, str, str, str], _Plan] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._exempt(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        state[STATE_LIMITER] = self.limiter
-        subject = _identify_now(self.limiter, scope)
-        if subject is not None and not isinstance(subject, Subject):
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function, not a coroutine: an exempt request (probes, /metrics) goes
+        # straight to the inner app's coroutine, without a frame of this layer (ADR 0023).
+        if scope["type"] != "http":
+            return self.app(scope, receive, send)
+        path = scope["path"]
+        if path in self.exempt_exact or (
+            self.exempt_glob is not None and self.exempt_glob.match(path) is not None
+        ):
+            return self.app(scope, receive, send)
+        return self._limited(scope, receive, send)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        limiter = self.limiter
+        state[STATE_LIMITER] = limiter
+        subject = _identify_now(limiter, scope)
+        if subject is not None and type(subject) is not Subject:
             subject = await _identify_later(subject, scope)
         checks = self._checks(scope, state, subject)
         if not checks:
             await self.app(scope, receive, send)
             return
-        decision = await self.limiter.check(checks)
+        decision = await limiter.check(checks)
         state[STATE_DECISION] = decision
         headers = rate_limit_headers(decision)
         if not decision.allowed:
@@ -184,11 +196,6 @@ class RateLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
-
-    def _exempt(self, path: str) -> bool:
-        if path in self.exempt_exact:
-            return True
-        return self.exempt_glob is not None and self.exempt_glob.match(path) is not None
 
     def _checks(self, scope: Scope, state: dict[str, Any], subject: Subject | None) -> list[Check]:
         tier = subject.tier if subject is not None else ANONYMOUS
@@ -340,9 +347,12 @@ def _script_headers(decision: Decision, rels: list[int]) -> list[tuple[bytes, by
         policy = check.policy
         if policy.shadow:
             continue
-        after = rel + check.step if allowed and check.allows(rel) else rel
-        remaining = max(0, (policy.period_us - after) // policy.interval_us)
-        state.append(b"%s;r=%d;t=%d" % (policy.header_name, remaining, -(-after // 1_000_000)))
+        after = rel + check.step if allowed and rel <= check.ceiling else rel
+        remaining = (policy.period_us - after) // policy.interval_us
+        state.append(
+            b"%s;r=%d;t=%d"
+            % (policy.header_name, remaining if remaining > 0 else 0, -(-after // 1_000_000))
+        )
     return [(b"ratelimit-policy", cached[1]), (b"ratelimit", b", ".join(state))]
 
 

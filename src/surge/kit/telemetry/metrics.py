@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,19 @@ class RequestRecorder:
     def finished(self, method: str, route: str, status: int, seconds: float) -> None:
         self._in_flight -= 1
         key = (method, route, status)
-        self._counts[key] = self._counts.get(key, 0) + 1
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
         hkey = (method, route)
         histogram = self._histograms.get(hkey)
         if histogram is None:
             histogram = self._histograms[hkey] = [0.0] * (len(self._bounds) + 2)
         histogram[0] += seconds
-        for index, bound in enumerate(self._bounds):
-            if seconds <= bound:
-                histogram[index + 1] += 1
-                break
-        else:
-            histogram[-1] += 1
+        # The first bound ≥ seconds (``le`` semantics), or the slot after the last bound.
+        histogram[bisect_left(self._bounds, seconds) + 1] += 1
+
+    def untimed(self) -> None:
+        """A request that is not recorded (a stream) has ended: it is no longer in flight."""
+        self._in_flight -= 1
 
     def flush(self) -> None:
         counts, self._counts = self._counts, {}
@@ -175,6 +177,38 @@ class _BatchedChild:
 
     def inc(self, amount: int = 1) -> None:
         self.pending += amount
+
+
+class BatchedHistogram:
+    """An unlabelled ``Histogram`` for hot paths: ``observe`` adds to Python numbers, and
+    the sums reach Prometheus once per flush, written into the histogram's per-bucket
+    values as ``RequestRecorder.flush`` does (one write per bucket that moved, not two
+    locked mmap writes per observation)."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self._bounds = tuple(float(b) for b in histogram._upper_bounds if b != float("inf"))
+        self._counts = [0] * (len(self._bounds) + 1)  # the last: above every finite bound
+        self._sum = 0.0
+        on_flush(self.flush)
+
+    def observe(self, value: float) -> None:
+        self._sum += value
+        self._counts[bisect_left(self._bounds, value)] += 1
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, [0] * len(self._counts)
+        total, self._sum = self._sum, 0.0
+        if not any(counts):
+            return
+        buckets = getattr(self.histogram, "_buckets", None)
+        observed = getattr(self.histogram, "_sum", None)
+        if buckets is None or observed is None:  # pragma: no cover - prometheus_client changed
+            raise RuntimeError("prometheus_client Histogram internals changed; pin the version")
+        observed.inc(total)
+        for index, count in enumerate(counts):
+            if count:
+                buckets[index].inc(count)
 
 
 def on_flush(flusher: Callable[[], None]) -> None:
