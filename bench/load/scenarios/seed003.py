@@ -51,8 +51,8 @@ def batch(user: User, rng: random.Random, ctx: Context) -> list[Call]:
 
 
 STEPS = [
-    Step("privileges", 80, privileges),
-    Step("me", 15, me),
+    Step("privileges", 80, privileges, static=True),
+    Step("me", 15, me, static=True),
     Step("batch", 5, batch),
 ]
 

@@ -41,6 +41,6 @@ def write(user: User, rng: random.Random, ctx: Context) -> list[Call]:
 
 
 STEPS = [
-    *(Step(s.name, s.weight * 0.9, s.build) for s in seed003.STEPS),
+    *(Step(s.name, s.weight * 0.9, s.build, s.static) for s in seed003.STEPS),
     Step("write", 10, write),
 ]
