@@ -22,6 +22,7 @@ NAME = "seed003_writes"
 THINK = seed003.THINK
 PLANS = ("free", "plus", "pro", "ultra")
 prepare = seed003.prepare
+warm = seed003.warm
 
 
 def write(user: User, rng: random.Random, ctx: Context) -> list[Call]:
