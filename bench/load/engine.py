@@ -18,7 +18,9 @@ an HdrHistogram, encoded back to the parent.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import importlib
+import itertools
 import random
 import time
 from array import array
@@ -120,10 +122,25 @@ def _head(call: Call, host: str) -> tuple[bytes, bytes]:
     return head + b"\r\n", body
 
 
+def _timing_ms(value: str) -> tuple[float, float]:
+    """(queue, app) milliseconds of a ``Server-Timing`` value (-0.001 when absent); Surge's
+    own ``queue;dur=…, app;dur=…`` without the general parser's splits."""
+    if value.startswith("queue;dur="):
+        queue, sep, app = value[10:].partition(", app;dur=")
+        if sep:
+            try:
+                return float(queue), float(app)
+            except ValueError:
+                pass
+    parsed = parse_server_timing(value)
+    return parsed.get("queue", -0.001), parsed.get("app", -0.001)
+
+
 async def _open_main(plan: OpenPlan) -> Records:
     scenario = load_scenario(plan.scenario)
     steps: list[Step] = list(scenario.STEPS)
-    weights = [s.weight for s in steps]
+    cumulative = list(itertools.accumulate(s.weight for s in steps))
+    total_weight = cumulative[-1]
     context = Context(users=plan.population, service_token=plan.service_token)
     records = Records()
     host = f"{plan.host}:{plan.port}"
@@ -131,21 +148,30 @@ async def _open_main(plan: OpenPlan) -> Records:
     end = plan.ramp + plan.duration
     sleep = asyncio.sleep
     perf = time.perf_counter
+    timeout = asyncio.timeout
+    append_due, append_sent, append_done = (
+        records.due.append,
+        records.sent.append,
+        records.done.append,
+    )
+    append_status, append_step = records.status.append, records.step.append
+    append_queue, append_app = records.queue_us.append, records.app_us.append
+    append_id = records.request_ids.append
 
     def now() -> float:
         return perf() - perf_zero
 
     def record(due: float, sent: float, done: float, *, status: int, step: int,
                timing: str = "", request_id: str = "") -> None:  # fmt: skip
-        records.due.append(int(due * 1e6))
-        records.sent.append(int(sent * 1e6))
-        records.done.append(int(done * 1e6))
-        records.status.append(status)
-        records.step.append(step)
-        parsed = parse_server_timing(timing)
-        records.queue_us.append(int(parsed.get("queue", -0.001) * 1000))
-        records.app_us.append(int(parsed.get("app", -0.001) * 1000))
-        records.request_ids.append(request_id)
+        append_due(int(due * 1e6))
+        append_sent(int(sent * 1e6))
+        append_done(int(done * 1e6))
+        append_status(status)
+        append_step(step)
+        queue_ms, app_ms = _timing_ms(timing) if timing else (-0.001, -0.001)
+        append_queue(int(queue_ms * 1000))
+        append_app(int(app_ms * 1000))
+        append_id(request_id)
 
     def error(label: str) -> None:
         records.errors[label] = records.errors.get(label, 0) + 1
@@ -155,42 +181,53 @@ async def _open_main(plan: OpenPlan) -> Records:
         connection = Connection(plan.host, plan.port, keep_body=True)
         due = plan.ramp * rng.random() if plan.ramp > 0 else rng.uniform(0, plan.think)
         rate = 1.0 / plan.think
+        #: step index → [(head, body, expect)] of a ``static`` step, built once for this user.
+        built: dict[int, list[tuple[bytes, bytes, Any]]] = {}
         try:
             while due < end:
                 wait = due - now()
                 if wait > 0:
                     await sleep(wait)
-                step_index = rng.choices(range(len(steps)), weights)[0]
-                calls = steps[step_index].build(user, rng, context)
+                step_index = bisect.bisect_right(cumulative, rng.random() * total_weight)
+                step_index = min(step_index, len(steps) - 1)
+                step = steps[step_index]
+                calls = built.get(step_index)
+                if calls is None:
+                    calls = [(*_head(c, host), c.expect)
+                             for c in step.build(user, rng, context)]  # fmt: skip
+                    if step.static:
+                        built[step_index] = calls
                 call_due = due
-                for call in calls:
-                    head, body = _head(call, host)
+                for head, body, expect in calls:
                     sent = now()
                     # The user's patience runs from when the request was due: one that is
                     # already older than the timeout is a timeout, not sent (else an
                     # overloaded run never ends: every user would work through its backlog).
                     patience = plan.timeout - (sent - call_due)
                     if patience <= 0:
-                        error(f"{steps[step_index].name}: timed out before it could be sent")
+                        error(f"{step.name}: timed out before it could be sent")
                         record(call_due, sent, sent, status=NO_ANSWER, step=step_index)
                         break
                     try:
-                        response = await asyncio.wait_for(
-                            connection.request(_with_start_header(head, body)), patience
-                        )
+                        # asyncio.timeout, not wait_for: no extra Task per request.
+                        async with timeout(patience):
+                            response = await connection.request(_with_start_header(head, body))
                     except (TimeoutError, ConnectionLost, OSError) as exc:
+                        # A client that gives up closes its connection (a browser's aborted
+                        # fetch does too): the next request pays a new handshake, counted
+                        # in ``connects``.
                         connection.close()
-                        error(f"{steps[step_index].name}: {type(exc).__name__}")
+                        error(f"{step.name}: {type(exc).__name__}")
                         record(call_due, sent, now(), status=NO_ANSWER, step=step_index)
                         break
                     status = response.status
-                    if call.expect is not None and status < 400:
-                        problem = call.expect(status, response.body)
+                    if expect is not None and status < 400:
+                        problem = expect(status, response.body)
                         if problem is not None:
-                            error(f"{steps[step_index].name}: {problem}")
+                            error(f"{step.name}: {problem}")
                             status = BAD_BODY
                     elif status >= 400:
-                        error(f"{steps[step_index].name}: HTTP {status}")
+                        error(f"{step.name}: HTTP {status}")
                     record(
                         call_due,
                         sent,

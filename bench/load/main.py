@@ -63,6 +63,8 @@ class Options:
     seed: int = 3
     capacity: bool = False
     step_duration: float = 30.0
+    #: Before the run, the scenario's ``warm`` (if any) puts the cache tiers in steady state.
+    warm_cache: bool = False
     targets: dict[str, float] = field(default_factory=lambda: dict(SEED003))
     server_env: dict[str, str] = field(default_factory=dict)
 
@@ -380,6 +382,12 @@ def run(options: Options) -> dict[str, Any]:
         console.print(f"[green]✓[/] population ready in {time.perf_counter() - started:.1f} s")
         with console.status(f"Starting Surge ({options.workers} processes)..."):
             stack.start_surge()
+        if options.warm_cache and hasattr(scenario, "warm") and service_token:
+            started = time.perf_counter()
+            with console.status("Warming the cache tiers (steady state)..."):
+                warmed = asyncio.run(scenario.warm(stack.base, population, service_token))
+            console.print(f"[green]✓[/] {warmed:,} users warmed in "
+                          f"{time.perf_counter() - started:.1f} s")  # fmt: skip
         main = one_run(stack, options, users, population, service_token, think=options.think,
                        ramp=options.ramp, duration=options.duration, label="run")  # fmt: skip
         if options.capacity:

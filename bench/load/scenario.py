@@ -41,6 +41,10 @@ class Step:
     name: str
     weight: float
     build: Callable[[User, random.Random, Context], list[Call]]
+    #: The calls depend on the user alone (no randomness, no state, no ``expect``): the
+    #: generator builds their bytes once per user and reuses them (its per-request CPU is
+    #: taken from the cores the server under test needs).
+    static: bool = False
 
 
 @dataclass(slots=True)

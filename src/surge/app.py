@@ -29,6 +29,7 @@ from surge.kit.health import Health, install_health_routes
 from surge.kit.ratelimit import install_ratelimit
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry.logging import configure_logging
+from surge.kit.web.admission import Admission
 from surge.kit.web.docs import install_docs
 from surge.kit.web.middleware import SurgeMiddleware
 from surge.kit.web.openapi import install_contract
@@ -138,5 +139,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         slow_request=settings.SLOW_REQUEST.total_seconds(),
         access_log=settings.LOG_ACCESS,
         server_timing=settings.HTTP_SERVER_TIMING,
+    )
+    # Outermost (added last): shed what cannot be served in time before any other work
+    # (issue 19, ADR 0016); health, readiness and /metrics are exempt.
+    app.add_middleware(
+        Admission,
+        max_in_flight=settings.HTTP_MAX_IN_FLIGHT,
+        patience=settings.HTTP_QUEUE_PATIENCE.total_seconds(),
+        retry_after=settings.HTTP_SHED_RETRY_AFTER,
     )
     return app

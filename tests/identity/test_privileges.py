@@ -83,7 +83,7 @@ class TestPlanChange:
         _, admin, _ = await make_admin(id_app, api)
         _, user_id = await register(api)
         store = identity_of(id_app).privileges
-        clock = Clock(time.time())
+        clock = Clock(float(int(time.time())))  # whole seconds: expiry compares exactly
         monkeypatch.setattr(store, "clock", clock)
         soon = datetime.fromtimestamp(clock.now + 3600, UTC).isoformat()
         assert (await _set_plan(api, admin, user_id, "ultra", expires_at=soon)).status_code == 204

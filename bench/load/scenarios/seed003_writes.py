@@ -22,6 +22,7 @@ NAME = "seed003_writes"
 THINK = seed003.THINK
 PLANS = ("free", "plus", "pro", "ultra")
 prepare = seed003.prepare
+warm = seed003.warm
 
 
 def write(user: User, rng: random.Random, ctx: Context) -> list[Call]:
@@ -41,6 +42,6 @@ def write(user: User, rng: random.Random, ctx: Context) -> list[Call]:
 
 
 STEPS = [
-    *(Step(s.name, s.weight * 0.9, s.build) for s in seed003.STEPS),
+    *(Step(s.name, s.weight * 0.9, s.build, s.static) for s in seed003.STEPS),
     Step("write", 10, write),
 ]

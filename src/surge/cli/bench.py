@@ -31,6 +31,9 @@ def load(
         bool, typer.Option("--capacity", help="Then search the highest rate meeting the targets.")
     ] = False,
     step_duration: Annotated[str, typer.Option(help="Steady phase of each capacity step.")] = "30s",
+    warm_cache: Annotated[
+        bool, typer.Option("--warm-cache", help="Cache tiers in steady state before the run.")
+    ] = False,
 ) -> None:
     """Open-loop load on a fresh Surge: seed 003's users, latency from the intended start,
     JSON as the last line (bench/results/load-SCENARIO.json) and an HTML report beside it."""
@@ -40,7 +43,7 @@ def load(
     run(Options(scenario=scenario, users=users, population=population, think=_seconds(think),
                 duration=_seconds(duration), ramp=_seconds(ramp), processes=processes,
                 workers=workers, seed=seed, capacity=capacity,
-                step_duration=_seconds(step_duration)))  # fmt: skip
+                step_duration=_seconds(step_duration), warm_cache=warm_cache))  # fmt: skip
 
 
 def _seconds(value: str) -> float:

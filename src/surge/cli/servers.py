@@ -264,6 +264,9 @@ def serve(
             timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE.total_seconds()),
             backlog=settings.HTTP_BACKLOG,
             timeout_keep_alive=int(settings.HTTP_KEEPALIVE_TIMEOUT.total_seconds()),
+            # Surge resolves the client address itself (TRUSTED_PROXIES, ClientIpResolver);
+            # uvicorn's X-Forwarded-* rewrite was a second pass per request (ADR 0016).
+            proxy_headers=False,
         )
     finally:
         if servers is not None:

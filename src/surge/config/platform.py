@@ -119,6 +119,24 @@ class PlatformSettings(BaseSettings):
     HTTP_SERVER_TIMING: bool = True
     """Send ``Server-Timing: queue;dur=…, app;dur=…`` on every response (where the time went;
     ``surge load`` reads it). Turn off to hide server timings from clients."""
+    # -- issue 19, capacity II (ADR 0016): admission control, /me cache ------------------
+    HTTP_MAX_IN_FLIGHT: int = 256
+    """Requests one web process serves at once; more are refused at the door with 503 +
+    ``Retry-After`` (``kit.web.admission``) instead of queueing behind the event loop and the
+    database pool. 0 turns the bound off. Health, readiness and /metrics are exempt."""
+    HTTP_QUEUE_PATIENCE: timedelta = timedelta(seconds=2)
+    """A request whose ``X-Request-Start`` (set by the proxy or client) is older than this
+    when it reaches the app is refused with 503 + ``Retry-After``: its client has most likely
+    given up, and serving it would make the next ones late too. 0 turns it off. Needs clocks
+    in sync (NTP) between the proxy and the web hosts."""
+    HTTP_SHED_RETRY_AFTER: int = 1
+    """``Retry-After`` seconds on a request shed by admission control."""
+    IDENTITY_USER_L1_SIZE: int = 50_000
+    """``GET /me``: user rows kept in each process's memory (LRU), above the active
+    population like ``IDENTITY_PRIVILEGE_L1_SIZE``."""
+    IDENTITY_USER_TTL: timedelta = timedelta(minutes=10)
+    """``GET /me``: how long a user row is kept in Redis. Every write to a field ``/me``
+    shows invalidates it in every tier and process at commit; the TTL only bounds memory."""
 
     @field_validator("DATABASE_URL")
     @classmethod

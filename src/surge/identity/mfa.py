@@ -58,7 +58,9 @@ class MfaService:
             raise Conflict("Start MFA enrolment first")
         if not await self.second_factor(session, state, user, code, allow_backup=user.mfa_enabled):
             raise InvalidCredentials("Wrong or already used one-time code")
-        user.mfa_enabled = True
+        if not user.mfa_enabled:
+            user.mfa_enabled = True
+            state.users.invalidate_on_commit(session, user.id)  # /me shows it
         auth = await repository.user_session(session, principal.session_id)
         if auth is None or auth.revoked_at is not None:
             raise InvalidToken("This session has been signed out")

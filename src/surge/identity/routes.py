@@ -182,9 +182,10 @@ async def mfa_verify(
     return AccessTokenRead(access_token=token, expires_in=identity_service.access_ttl(runtime))
 
 
-@router.get("/me")
-async def me(principal: CurrentUser, session: ReadSessionDep) -> UserRead:
-    return UserRead.model_validate(await identity_service.get_user(session, principal.user_id))
+@router.get("/me", response_model=UserRead)
+async def me(principal: CurrentUser, runtime: RuntimeDep) -> Response:
+    """From the user cache tiers, as bytes: warm, no pooled connection (ADR 0016)."""
+    return JSONBytes(await identity_service.me(runtime, principal.user_id))
 
 
 @router.post(

@@ -26,6 +26,7 @@ from surge.identity.plans import Catalog
 from surge.identity.principal import Principal
 from surge.identity.privileges import PrivilegeStore
 from surge.identity.security import LoginGuard, RevocationList
+from surge.identity.users import UserStore
 from surge.kit.cache import Cache
 from surge.kit.runtime import Runtime
 from surge.kit.security import BackupCodes, InvalidToken, KeyRing, PasswordHasher, TokenCodec, Totp
@@ -82,6 +83,22 @@ class IdentityState:
             ),
             self.catalog,
         )
+        # GET /me without a pooled connection when warm (issue 19, ADR 0016).
+        self.users = UserStore(
+            runtime.db,
+            Cache(
+                runtime.redis,
+                name="users",
+                namespace="surge:identity:user",
+                l1_max_entries=settings.IDENTITY_USER_L1_SIZE,
+                l1_ttl=settings.IDENTITY_PRIVILEGE_L1_TTL.total_seconds(),
+                ttl=settings.IDENTITY_USER_TTL.total_seconds(),
+                max_stale=settings.IDENTITY_PRIVILEGE_STALE.total_seconds(),
+                early_refresh=settings.CACHE_EARLY_REFRESH,
+                resync_interval=settings.CACHE_RESYNC_INTERVAL.total_seconds(),
+                lease=settings.CACHE_LEASE.total_seconds(),
+            ),
+        )
         self.revocations = RevocationList(
             runtime.db, runtime.redis, access_ttl=settings.AUTH_ACCESS_TTL.total_seconds()
         )
@@ -100,6 +117,7 @@ class IdentityState:
         """Subscribe to invalidations, warm the privilege cache, start the view refresher."""
         await self.revocations.start()
         await self.privileges.start()
+        await self.users.start()
         if warm and self.settings.IDENTITY_WARM_USERS > 0:
             try:
                 warmed = await self.privileges.warm(self.settings.IDENTITY_WARM_USERS)
@@ -118,6 +136,7 @@ class IdentityState:
                 await task
         self._tasks.clear()
         await self.privileges.close()
+        await self.users.close()
         await self.revocations.close()
 
     async def _refresh_forever(self) -> None:
@@ -202,6 +221,10 @@ def identity_state(runtime: Runtime) -> IdentityState:
 
 def privilege_store(runtime: Runtime) -> PrivilegeStore:
     return identity_state(runtime).privileges
+
+
+def user_store(runtime: Runtime) -> UserStore:
+    return identity_state(runtime).users
 
 
 def revocation_list(runtime: Runtime) -> RevocationList:

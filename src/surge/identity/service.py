@@ -171,6 +171,11 @@ class IdentityService:
             raise NotFound("User not found")
         return user
 
+    async def me(self, runtime: Runtime, user_id: uuid.UUID) -> bytes:
+        """``GET /me``'s ``UserRead`` JSON from the user cache tiers (memory → Redis →
+        PostgreSQL): warm, it needs no pooled connection (issue 19, ADR 0016)."""
+        return await identity_state(runtime).users.json(user_id)
+
     # ---- sign-in ------------------------------------------------------------------------
     async def login(
         self,
