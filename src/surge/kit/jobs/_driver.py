@@ -89,10 +89,13 @@ async def pooled(
             return await driver.fetch(statement, *args)
         return await driver.fetchval(statement, *args)
     except Exception as error:
-        if driver.is_closed():
+        translated = as_dbapi_error(engine.dialect, statement, args, error)
+        if driver.is_closed() or getattr(translated, "connection_invalidated", False):
+            # What SQLAlchemy does on a disconnect: drop this connection and every one opened
+            # before it (a restarted server closed them all), so no caller is handed one.
             returned = True
-            await greenlet_spawn(raw.invalidate)
-        raise as_dbapi_error(engine.dialect, statement, args, error) from error
+            await greenlet_spawn(engine.pool._invalidate, raw, error)
+        raise translated from error
     finally:
         if not returned:
             await greenlet_spawn(raw.close)

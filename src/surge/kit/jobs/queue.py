@@ -101,6 +101,10 @@ async def enqueue(
     ``lock_key``: jobs sharing it never run at the same time (one per account, say).
     ``priority``: higher runs first (default: the job's registered priority).
     ``run_at`` / ``delay``: not before this moment / this long after the commit's clock.
+
+    Adds exactly one statement to the transaction: a prepared ``INSERT`` on the driver
+    connection under the session once the transaction has begun (ADR 0025), else through
+    ``session.execute``, which begins it.
     """
     params = _one(
         name,
