@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from surge.config import Settings
 from surge.kit.jobs import (
     JobStateConflict,
     UnknownJob,
+    _driver,
     enqueue,
     enqueue_batches,
     enqueue_many,
@@ -25,6 +27,8 @@ from surge.kit.jobs import (
     get_job,
     retry_job,
 )
+from surge.kit.jobs._sql import FETCH
+from surge.kit.jobs.queue import pause_queue, resume_queue
 from surge.kit.jobs.registry import get_spec
 from surge.kit.jobs.worker import Worker, WorkerConfig
 from surge.kit.runtime import Runtime
@@ -103,10 +107,94 @@ class TestTransactionalEnqueue:
         async with jobs_db.db.session() as session:
             assert await get_job(session, job_id or 0) is not None
 
+    async def test_enqueues_after_the_first_statement_roll_back_with_the_transaction(
+        self, jobs_db: Runtime
+    ) -> None:
+        """Once the transaction has begun, enqueue sends its prepared INSERT on the driver
+        connection under the session (ADR 0025): it must still be inside that transaction."""
+
+        class Boom(Exception):
+            pass
+
+        ids: list[int | None] = []
+
+        async def failing_unit_of_work() -> None:
+            async with jobs_db.db.session() as session:
+                await session.execute(text("SELECT 1"))
+                ids.append(await enqueue(session, "test.record", {"note": "a"}))
+                ids.append(await enqueue(session, "test.record", {"note": "b"}, dedup_key="rb"))
+                ids.append(await enqueue(session, "test.record", {"note": "c"}, dedup_key="rb"))
+                raise Boom
+
+        with pytest.raises(Boom):
+            await failing_unit_of_work()
+        assert ids[0] is not None
+        assert ids[1] is not None
+        assert ids[2] is None  # the dedup key held inside the transaction
+        async with jobs_db.db.session() as session:
+            count = await session.scalar(text("SELECT count(*) FROM jobs WHERE name LIKE 'test.%'"))
+        assert count == 0
+
+    async def test_a_failing_enqueue_raises_sqlalchemys_error_and_commits_nothing(
+        self, jobs_db: Runtime
+    ) -> None:
+        """``now() + delay`` past PostgreSQL's last timestamp fails on the server."""
+
+        async def unit_of_work() -> None:
+            async with jobs_db.db.session() as session:
+                await session.execute(text("SELECT 1"))
+                await enqueue(session, "test.record", {"note": "kept?"})
+                await enqueue(session, "test.record", delay=timedelta(days=999_999_999))
+
+        with pytest.raises(DBAPIError):
+            await unit_of_work()
+        async with jobs_db.db.session() as session:
+            count = await session.scalar(text("SELECT count(*) FROM jobs WHERE name LIKE 'test.%'"))
+        assert count == 0
+
+    async def test_a_session_reused_after_commit_enqueues_in_its_new_transaction(
+        self, jobs_db: Runtime
+    ) -> None:
+        async with jobs_db.db._sessions() as session:
+            await session.execute(text("SELECT 1"))
+            first = await enqueue(session, "test.record", {"note": "1"})
+            await session.commit()
+            await session.execute(text("SELECT 1"))
+            second = await enqueue(session, "test.record", {"note": "2"})
+            await session.rollback()
+        async with jobs_db.db.session() as session:
+            assert await get_job(session, first or 0) is not None
+            assert await get_job(session, second or 0) is None
+
     async def test_unknown_job_name_is_refused(self, jobs_db: Runtime) -> None:
         async with jobs_db.db.session() as session:
             with pytest.raises(UnknownJob):
                 await enqueue(session, "test.nope")
+
+
+class TestFetch:
+    async def test_takes_the_highest_priorities_across_queues_and_skips_a_paused_one(
+        self, jobs_db: Runtime
+    ) -> None:
+        """One ordered scan per queue (ADR 0025), merged by priority; a paused queue gives
+        nothing, however urgent its jobs."""
+        async with jobs_db.db.session() as session:
+            low = await enqueue(session, "test.record", {"n": 1}, priority=0)
+            high = await enqueue(session, "test.noop", {"n": 2}, priority=5)
+            mid = await enqueue(session, "test.record", {"n": 3}, priority=3)
+            urgent = await enqueue(session, "test.fail", {"n": 4}, priority=9)
+            await pause_queue(session, "t_fail")
+        try:
+            args = (["t_record", "t_noop", "t_fail"], 2, "test-worker", 30.0)
+            first = await _driver.pooled(jobs_db.db.primary, FETCH, args, rows=True)
+            second = await _driver.pooled(jobs_db.db.primary, FETCH, args, rows=True)
+        finally:
+            async with jobs_db.db.session() as session:
+                await resume_queue(session, "t_fail")
+        assert {row[0] for row in first} == {high, mid}
+        assert [row[0] for row in second] == [low]
+        assert urgent is not None
+        assert await state_of(jobs_db, urgent) == "queued"
 
 
 class TestEnqueueNow:

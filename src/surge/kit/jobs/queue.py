@@ -19,13 +19,18 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from surge.kit.jobs import _driver
 from surge.kit.jobs.errors import JobNotFound, JobStateConflict, UnknownJob
 from surge.kit.jobs.registry import JobSpec, get_spec
 
 Payload = Mapping[str, Any] | BaseModel | None
 T = TypeVar("T")
 
-_ON_CONFLICT = "ON CONFLICT (dedup_key) WHERE state IN ('queued', 'active') DO NOTHING"
+# Restates the partial unique index's predicate so PostgreSQL infers it as the arbiter.
+_ON_CONFLICT = (
+    "ON CONFLICT (dedup_key) WHERE state IN ('queued', 'active') AND dedup_key IS NOT NULL "
+    "DO NOTHING"
+)
 
 _INSERT_ONE = text(
     f"""
@@ -96,6 +101,10 @@ async def enqueue(
     ``lock_key``: jobs sharing it never run at the same time (one per account, say).
     ``priority``: higher runs first (default: the job's registered priority).
     ``run_at`` / ``delay``: not before this moment / this long after the commit's clock.
+
+    Adds exactly one statement to the transaction: a prepared ``INSERT`` on the driver
+    connection under the session once the transaction has begun (ADR 0025), else through
+    ``session.execute``, which begins it.
     """
     params = _one(
         name,
@@ -107,8 +116,18 @@ async def enqueue(
         priority=priority,
         max_attempts=max_attempts,
     )
-    result = await session.execute(_INSERT_ONE, params)
-    return result.scalar_one_or_none()
+    driver = await _driver.in_transaction(session)
+    if driver is None:  # the transaction's first statement: SQLAlchemy sends the BEGIN
+        result = await session.execute(_INSERT_ONE, params)
+        return result.scalar_one_or_none()
+    # One prepared INSERT on the connection under the session, inside its transaction
+    # (ADR 0025): no compile, no result object; the same statement ``enqueue_now`` sends.
+    args = tuple(params.values())
+    try:
+        value = await driver.fetchval(_INSERT_DRIVER, *args)
+    except Exception as error:
+        raise _driver.translate(session, _INSERT_DRIVER, args, error) from error
+    return None if value is None else int(value)
 
 
 def _one(
@@ -176,13 +195,9 @@ async def enqueue_now(
         priority=priority,
         max_attempts=max_attempts,
     )
-    async with engine.connect() as connection:
-        # Outside any transaction: PostgreSQL runs the statement as its own transaction, and
-        # SQLAlchemy hands the connection back to the pool as it found it. asyncpg prepares
-        # the statement once per connection (its statement cache) and reuses it.
-        raw = await connection.get_raw_connection()
-        driver: Any = raw.driver_connection
-        value = await driver.fetchval(_INSERT_DRIVER, *params.values())
+    # Outside any transaction: PostgreSQL runs the statement as its own transaction. asyncpg
+    # prepares it once per connection (its statement cache) and reuses it.
+    value = await _driver.pooled(engine, _INSERT_DRIVER, tuple(params.values()))
     return None if value is None else int(value)
 
 

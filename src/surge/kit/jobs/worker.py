@@ -47,14 +47,14 @@ from sqlalchemy.orm import Session
 
 from surge.kit.backoff import delay as retry_delay
 from surge.kit.db import is_unavailable, run_on_commit
-from surge.kit.jobs import metrics
+from surge.kit.jobs import _driver, metrics
 from surge.kit.jobs._sql import (
-    _ACK,
     _COMPLETE_ONE,
     _FAIL_OR_RETRY,
-    _FETCH,
     _HEARTBEAT,
     _RELEASE,
+    ACK,
+    FETCH,
     RATE_LOCK_NAMESPACE,
     _pairs,
 )
@@ -142,7 +142,10 @@ class Worker:
             self.db.primary, expire_on_commit=False, sync_session_class=JobSession
         )
         self._limited_first = False
+        # Metric children by label values: ``labels()`` is a lock and a dict lookup per call.
         self._duration_children: dict[str, Any] = {}
+        self._running_children: dict[str, Any] = {}
+        self._processed_children: dict[tuple[str, str], Any] = {}
         self.stopping = False
         self._maintenance = Maintenance(self.db, self._auto, config, self._wake, self._rng)
 
@@ -250,8 +253,10 @@ class Worker:
         if not self._unlimited:
             return [], None
         try:
-            async with self._auto.connect() as conn:
-                return await self._claim(conn, self._unlimited, want), None
+            rows = await _driver.pooled(
+                self.db.primary, FETCH, self._fetch_args(self._unlimited, want), rows=True
+            )
+            return [_Claim(*row) for row in rows], None
         except IntegrityError:
             # Two workers raced for jobs sharing a lock key: the unique index on running
             # lock keys refused this fetch; its jobs stay queued for the next one.
@@ -280,13 +285,19 @@ class Worker:
                 hints.append(hint)
         return claims, (min(hints) if hints else None)
 
+    def _fetch_args(self, queues: list[str], limit: int) -> tuple[Any, ...]:
+        return (queues, limit, self.name, self.config.lease.total_seconds())
+
     async def _claim(self, conn: AsyncConnection, queues: list[str], limit: int) -> list[_Claim]:
-        result = await conn.execute(
-            _FETCH,
-            {"queues": queues, "limit": limit, "worker": self.name,
-             "lease": self.config.lease.total_seconds()},
-        )  # fmt: skip
-        return [_Claim(*row) for row in result.all()]
+        """``FETCH`` inside ``conn``'s open transaction (the rate-limited path)."""
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        args = self._fetch_args(queues, limit)
+        try:
+            rows = await driver.fetch(FETCH, *args)
+        except Exception as error:
+            raise _driver.as_dbapi_error(conn.dialect, FETCH, args, error) from error
+        return [_Claim(*row) for row in rows]
 
     async def _fetch_limited(self, queue: str, want: int) -> tuple[list[_Claim], float | None]:
         rule = self.config.rate_limits[queue]
@@ -325,12 +336,12 @@ class Worker:
     def _start(self, claim: _Claim) -> None:
         task = asyncio.create_task(self._run(claim), name=f"job-{claim.id}")
         self._running[claim.id] = _Running(claim, task)
-        metrics.RUNNING.labels(claim.queue).inc()
+        self._gauge(claim.queue).inc()
         task.add_done_callback(functools.partial(self._finished, claim))
 
     def _finished(self, claim: _Claim, _task: asyncio.Task[None] | None = None) -> None:
         self._running.pop(claim.id, None)
-        metrics.RUNNING.labels(claim.queue).dec()
+        self._gauge(claim.queue).dec()
         self._wake.set()
 
     async def _run(self, claim: _Claim) -> None:
@@ -377,6 +388,19 @@ class Worker:
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "job")
 
+    def _gauge(self, queue: str) -> Any:
+        child = self._running_children.get(queue)
+        if child is None:
+            child = self._running_children[queue] = metrics.RUNNING.labels(queue)
+        return child
+
+    def _processed(self, claim: _Claim) -> Any:
+        key = (claim.queue, claim.name)
+        child = self._processed_children.get(key)
+        if child is None:
+            child = self._processed_children[key] = metrics.PROCESSED.labels(*key)
+        return child
+
     def _duration(self, queue: str) -> Any:
         child = self._duration_children.get(queue)
         if child is None:
@@ -403,7 +427,7 @@ class Worker:
             await session.close()
             raise
         await session.close()
-        metrics.PROCESSED.labels(claim.queue, claim.name).inc()
+        self._processed(claim).inc()
         await run_on_commit(session)
 
     async def _on_error(self, claim: _Claim, spec: JobSpec | None, error: Exception) -> None:
@@ -452,11 +476,13 @@ class Worker:
         if not self._acks:
             return
         batch, self._acks = self._acks, []
+        ids = [c.id for c, _ in batch]
+        tokens = [c.token for c, _ in batch]
         try:
-            async with self._auto.connect() as conn:
-                done = set(
-                    (await conn.execute(_ACK, _pairs((c.id, c.token) for c, _ in batch))).scalars()
-                )
+            done = {
+                row[0]
+                for row in await _driver.pooled(self.db.primary, ACK, (ids, tokens), rows=True)
+            }
         except Exception as error:
             log.warning("jobs.ack_failed", jobs=len(batch), error=str(error)[:200])
             self._acks = batch + self._acks  # retried next round; the lease covers the gap
@@ -465,7 +491,7 @@ class Worker:
             return
         for claim, _ in batch:
             if claim.id in done:
-                metrics.PROCESSED.labels(claim.queue, claim.name).inc()
+                self._processed(claim).inc()
             else:
                 metrics.LEASE_LOST.labels(claim.queue).inc()
                 log.warning("jobs.lease_lost", job_id=claim.id, token=claim.token, at="ack")
