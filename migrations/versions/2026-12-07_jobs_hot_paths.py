@@ -8,8 +8,8 @@ attempt (ADR 0025). ``ON CONFLICT (dedup_key) WHERE state IN (...) AND dedup_key
 infers the new index (and the old one, whose predicate it implies), so the code runs on
 either side of this migration.
 
-Revision ID: 0011_jobs_hot_paths
-Revises: 0010_capacity
+Revision ID: 0012_jobs_hot_paths
+Revises: 0011_notifications2
 Create Date: 2026-12-07
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0011_jobs_hot_paths"
-down_revision: str | None = "0010_capacity"
+revision: str = "0012_jobs_hot_paths"
+down_revision: str | None = "0011_notifications2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
