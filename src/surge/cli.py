@@ -684,6 +684,11 @@ async def _doctor_checks(database_url: str, redis_url: str) -> list[tuple[str, b
     return out
 
 
+from surge.cluster.commands import app as cluster_app  # noqa: E402  (issue 18)
+
+app.add_typer(cluster_app, name="cluster")
+
+
 def main() -> None:
     app()
 
