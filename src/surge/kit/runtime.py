@@ -53,6 +53,8 @@ def redis_gateway(settings: Settings) -> RedisGateway:
         backoff_max=settings.REDIS_BACKOFF_MAX.total_seconds(),
         max_attempts=settings.REDIS_MAX_RECONNECT_ATTEMPTS,
         max_connections=settings.REDIS_MAX_CONNECTIONS,
+        sentinels=settings.REDIS_SENTINELS,
+        sentinel_master=settings.REDIS_SENTINEL_MASTER,
     )
 
 
