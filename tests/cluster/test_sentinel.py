@@ -98,11 +98,11 @@ async def test_gateway_follows_a_failover_to_the_promoted_replica(
         assert connected_to == ("127.0.0.1", primary.port)
 
         sentinel = redis_async.Redis(port=port)
-        await sentinel.execute_command("SENTINEL", "FAILOVER", MASTER)
+        await sentinel.execute_command("SENTINEL", "FAILOVER", MASTER)  # type: ignore[no-untyped-call]
 
         async def switched() -> bool:
             address = await sentinel.sentinel_get_master_addr_by_name(MASTER)
-            return bool(address and int(address[1]) == replica.port)
+            return isinstance(address, tuple) and int(address[1]) == replica.port
 
         await eventually(switched, timeout=30, message="Sentinel never switched the primary")
         await sentinel.aclose()
