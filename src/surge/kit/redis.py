@@ -293,6 +293,9 @@ class RedisGateway:
             self._probe.cancel()
         await self._lane.close()
         await self._client.aclose(close_connection_pool=True)  # the pool is ours: close it too
+        if self.sentinel is not None:
+            for sentinel in self.sentinel.sentinels:
+                await sentinel.aclose()
 
     def info(self) -> dict[str, Any]:
         return {"up": self._up, "reconnect_attempts": self._attempts}
