@@ -43,6 +43,10 @@ from surge.kit.embedded import PG_SYSTEM_USER, _system_user
 
 log = structlog.get_logger()
 
+#: The processes this Python process started (reaped by ``teardown``: a test's process must
+#: not leave zombies nor drop a running ``Popen``).
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+
 REQUIRED = ("etcd", "patroni", "haproxy", "pgbouncer", "redis-server", "redis-sentinel", "nginx")
 
 
@@ -148,6 +152,12 @@ def teardown(root: Path) -> list[str]:
             time.sleep(0.05)
         _run("ip", "netns", "del", netns, check=False)
         removed.append(netns)
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
     if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
         _run("ip", "link", "del", BRIDGE, check=False)
         removed.append(BRIDGE)
@@ -197,6 +207,7 @@ def spawn(
             env={**os.environ, **(env or {})},
             cwd=folder if as_pg_user else None,
         )
+    _SPAWNED.append(proc)
     return proc.pid
 
 
