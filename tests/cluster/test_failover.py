@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def cluster() -> Iterator[Cluster]:
         running.up(say=lambda _line: None)
         yield running
     finally:
+        keep = ROOT / ".data" / "cluster-logs"  # the nodes' logs outlive the cluster
+        shutil.rmtree(keep, ignore_errors=True)
+        for log in root.glob("*/out.log"):
+            (keep / log.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, keep / log.parent.name / "out.log")
         teardown(root)
 
 

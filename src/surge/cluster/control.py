@@ -387,8 +387,14 @@ class Cluster:
         for host in self.config.of("api"):
             self.start_api(host)
         worker = self.config.host("worker")
+        # The job engine runs its one-statement operations in autocommit, which PgBouncer's
+        # transaction pooling cannot carry (asyncpg's Parse and Execute may reach different
+        # servers): the worker node talks to HAProxy's primary endpoint directly.
+        env = {**self.node_env(worker), "DATABASE_URL": self.config.direct_primary_url,
+               "SURGE_DB_PGBOUNCER": "false"}  # fmt: skip
+        env.pop("DATABASE_REPLICA_URLS")  # (its reads use the primary)
         spawn(self.config, worker, self.surge_command("worker", "--no-servers", "--processes", "1"),
-              env=self.node_env(worker))  # fmt: skip
+              env=env)  # fmt: skip
         for host in self.config.of("api"):
             wait_until(partial(http_ok, f"http://{host.address}:8000/readyz"), 90,
                        f"Surge {host.name} ready")  # fmt: skip
