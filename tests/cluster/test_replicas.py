@@ -142,8 +142,12 @@ def test_one_caught_up_replica_does_not_release_the_stick_for_the_others() -> No
     for _ in range(4):
         assert router.candidates(need) == [0]  # only the replica that has it, every time
     assert sorted(router.candidates(None)) == [0, 1]  # stale-tolerant reads use both
-    router.observe(1_000, [1_000, None])  # r1 stops answering: no reads at all
+    far = 3 << 30  # r1 falls 3 GiB behind (the limit is 1 GiB): no reads at all
+    router.observe(far, [far, 1_000])
     assert router.candidates(None) == [0]
+    router.observe(far, [far, None])  # r1's position unknown: stale reads only
+    assert sorted(router.candidates(None)) == [0, 1]
+    assert router.candidates(need) == [0]
 
 
 async def test_sticks_expire_and_keep_the_highest_position() -> None:

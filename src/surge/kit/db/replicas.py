@@ -11,7 +11,7 @@ caller who just wrote, no reads for a replica that lags (ADR 0022).
   polled position is a lower bound), else to the primary. A caught-up replica never releases
   the stick for the others (GitLab's bug); the stick expires by time only.
 - ``ReplicaRouter.observe`` takes each poll: replay lag in bytes per replica (the
-  ``db_replica_lag_bytes`` gauge); a replica past ``max_lag`` or not answering gets no reads.
+  ``db_replica_lag_bytes`` gauge); a replica past ``max_lag`` gets no reads.
 """
 
 from __future__ import annotations
@@ -137,10 +137,15 @@ class ReplicaRouter:
             metrics.DB_REPLICA_LAG.labels(name).set(state.lag_bytes)
 
     def eligible(self, index: int, need_lsn: int | None) -> bool:
+        """A replica known to lag too far gets no reads. One whose position is unknown (not
+        polled yet, not answering: the connection fallback handles a dead one) serves reads
+        that may be stale, never a stuck caller's."""
         state = self.states[index]
-        if state.lag_bytes is None or state.replay_lsn is None or state.lag_bytes > self.max_lag:
+        if state.lag_bytes is not None and state.lag_bytes > self.max_lag:
             return False
-        return need_lsn is None or state.replay_lsn >= need_lsn
+        if need_lsn is None:
+            return True
+        return state.replay_lsn is not None and state.replay_lsn >= need_lsn
 
     def candidates(self, need_lsn: int | None) -> list[int]:
         """The replicas a read may go to, round robin from the next one."""
