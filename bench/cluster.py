@@ -85,7 +85,7 @@ async def window(
                 else:
                     caller = rng.choice(partners)
                     response = await client.post(
-                        "/api/v1/withdrawals", json={"amount": 100},
+                        "/api/v1/withdrawals", json={"amount": 1_000},
                         headers={"Authorization": f"Bearer {caller.token}",
                                  "Idempotency-Key": uuid.uuid4().hex},
                     )  # fmt: skip
@@ -107,7 +107,7 @@ async def measure(quick: bool) -> None:
     reps = 1 if quick else 3
     concurrency = 32
     try:
-        cluster.up(say=common.console.print)
+        await asyncio.to_thread(cluster.up, common.console.print)
         world = World(ClusterStack(cluster))  # type: ignore[arg-type]
         await world.seed()
         runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
