@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench chaos lock doctor clean install
+.PHONY: run test lint typecheck pytest bench chaos lock doctor clean install \
+        cluster-deps cluster-up cluster-down cluster-test
 
 install: $(STAMP)
 
@@ -37,6 +38,22 @@ pytest: $(STAMP)
 ## `pytest -m chaos` runs the chaos-marked tests alone.
 chaos: $(STAMP)
 	$(BIN)/surge bench chaos
+
+## Scale out (issue 18, docs/scaling.md): the Debian packages the cluster runs on (root), then
+## a cluster in network namespaces on this machine; `cluster-test` breaks it under load.
+CLUSTER_PACKAGES := patroni etcd-server etcd-client pgbouncer haproxy redis-sentinel nginx \
+                    postgresql-15 redis-server
+cluster-deps:
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(CLUSTER_PACKAGES)
+
+cluster-up: $(STAMP)
+	$(BIN)/surge cluster up
+
+cluster-down: $(STAMP)
+	$(BIN)/surge cluster down
+
+cluster-test: $(STAMP)
+	$(BIN)/pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
 ## All benchmarks; each writes bench/results/NAME.json.
 bench: $(STAMP)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "surge"
-INTERFACES = {"app", "cli", "worker", "api", "demo"}
+INTERFACES = {"app", "cli", "worker", "api", "demo", "cluster"}
 #: Modules below the domains that any layer may use.
 FOUNDATION = {"kit", "config", "models", "sim"}
 

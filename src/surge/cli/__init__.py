@@ -16,6 +16,7 @@ import typer
 from surge.cli import admin, bench, servers
 from surge.cli._common import Servers, console, resolve_servers, run_migrations
 from surge.cli.admin import alert_rules_text
+from surge.cluster.commands import app as cluster_app
 
 __all__ = ["Servers", "alert_rules_text", "app", "console", "main", "resolve_servers",
            "run_migrations"]  # fmt: skip
@@ -37,6 +38,7 @@ app.command()(bench.load)
 app.command()(bench.bench)
 app.command()(admin.doctor)
 # ---- sub-apps of other modules: one line each ---------------------------------------------
+app.add_typer(cluster_app, name="cluster")  # issue 18 (ADR 0022)
 
 
 def main() -> None:

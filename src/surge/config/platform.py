@@ -68,6 +68,22 @@ class PlatformSettings(BaseSettings):
     probing at REDIS_BACKOFF_MAX instead of stopping for good (ADR 0004)."""
     REDIS_MAX_CONNECTIONS: int = 64
 
+    # --- scale out (issue 18): Redis through Sentinel, replica routing (ADR 0022) --------
+    REDIS_SENTINELS: CsvList[str] = Field(default_factory=list)
+    """Sentinels as ``host:port,host:port``: when set, the gateway asks them for the primary
+    of REDIS_SENTINEL_MASTER on every new connection and after a failover (REDIS_URL then
+    only carries the database number and credentials)."""
+    REDIS_SENTINEL_MASTER: str = "surge"
+    """The name the Sentinels monitor the primary under (``sentinel monitor NAME ...``)."""
+    DB_STICKY_READS: timedelta = timedelta(seconds=30)
+    """After a write, reads keyed by the same subject go to the primary — or to a replica
+    whose ``pg_last_wal_replay_lsn()`` has reached that write — for at most this long (GitLab's
+    30 s). 0 turns read-your-writes off."""
+    DB_REPLICA_MAX_LAG: int = 16 * 1024 * 1024
+    """A replica whose replay is this many bytes of WAL behind the primary gets no reads."""
+    DB_REPLICA_POLL: timedelta = timedelta(seconds=1)
+    """How often each replica's replay position (and the primary's) is read (lag metric)."""
+
     # --- web -----------------------------------------------------------------------------
     HOST: str = "127.0.0.1"
     PORT: int = 8000

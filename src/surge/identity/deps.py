@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from surge.identity.principal import PRINCIPAL_STATE, Principal
 from surge.identity.runtime import IdentityState, identity_state
+from surge.kit.db.replicas import bind_reader
 from surge.kit.errors import Forbidden
 from surge.kit.security import InvalidToken
 
@@ -80,6 +81,7 @@ def bind_principal(state: dict[str, Any], principal: Principal) -> None:
     log context's ``user_id``."""
     state["principal"] = principal
     _USER_ID_VAR.set(principal.key)
+    bind_reader(principal.key)  # read-your-writes on replicas (ADR 0022)
 
 
 #: structlog's own context variable for ``user_id`` (what ``bind_contextvars`` sets), set

@@ -11,6 +11,11 @@ cap: a server that stops trying for good needs a human to restart it (ADR 0004).
 A ``READONLY`` reply (we hit a demoted primary after a failover) drops every pooled
 connection so the next command reconnects (seed 000 ``reconnectOnError``).
 
+With ``sentinels`` (issue 18) the gateway follows Redis Sentinel: every new connection — the
+pool's and the lane's — asks the Sentinels for the current primary, so the reconnect after a
+failover (a lost connection, or the ``READONLY`` of a demoted primary that stays up, which a
+plain redis-py client keeps hitting) lands on the promoted replica.
+
 Callers use ``async with gateway.guard(): await gateway.client().get(...)`` or the
 ``call`` helper; both translate connection errors into ``RedisUnavailable`` and mark the
 gateway down.
@@ -20,13 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import redis.asyncio as redis_async
 import structlog
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, ReadOnlyError
@@ -64,6 +71,42 @@ def is_closed_transport(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "handler is closed" in str(error)
 
 
+def parse_sentinels(entries: Sequence[str]) -> list[tuple[str, int]]:
+    """``["10.0.0.1:26379", "host"]`` → ``[("10.0.0.1", 26379), ("host", 26379)]``."""
+    found = []
+    for entry in entries:
+        host, _, port = entry.strip().rpartition(":") if ":" in entry else (entry, "", "26379")
+        found.append((host.strip(), int(port)))
+    return found
+
+
+class SentinelBlockingPool(redis_async.BlockingConnectionPool):
+    """A ``BlockingConnectionPool`` (callers wait for a free connection, see the gateway)
+    whose connections are redis-py's ``SentinelManagedConnection``: each asks the Sentinels
+    for the primary when it connects, and turns a ``READONLY`` into a disconnect. redis-py's
+    own ``SentinelConnectionPool`` is not blocking, hence this small pool of ours."""
+
+    is_master = True
+    check_connection = False
+
+    def __init__(self, sentinel: Sentinel, service_name: str, **kwargs: Any) -> None:
+        kwargs["connection_class"] = SentinelManagedConnection
+        super().__init__(**kwargs)
+        self.connection_kwargs["connection_pool"] = weakref.proxy(self)
+        self.sentinel = sentinel
+        self.service_name = service_name
+        self.master_address: tuple[str, int] | None = None
+
+    async def get_master_address(self) -> tuple[str, int]:
+        address: tuple[str, int] = await self.sentinel.discover_master(self.service_name)
+        if self.master_address != address:
+            if self.master_address is not None:
+                log.warning("redis.primary_moved", previous=self.master_address, now=address)
+            self.master_address = address
+            await self.disconnect(inuse_connections=False)  # idle ones still point at the old
+        return address
+
+
 class RedisUnavailable(DependencyUnavailable):
     """Redis is down (or was a moment ago and has not answered a probe since)."""
 
@@ -84,6 +127,8 @@ class RedisGateway:
         backoff_max: float = 3.0,
         max_attempts: int = 10,
         max_connections: int = 64,
+        sentinels: Sequence[str] = (),
+        sentinel_master: str = "surge",
     ) -> None:
         self.url = url
         self.backoff_step = backoff_step
@@ -92,18 +137,37 @@ class RedisGateway:
         # A blocking pool: with more commands in flight than connections, callers wait
         # (up to socket_timeout) for one instead of failing; an exhausted pool is a busy
         # process, not a Redis outage, and must not flip the gateway to "down".
-        pool = redis_async.BlockingConnectionPool.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
+        options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
             # Retries are ours (one probe for the whole process), not per command.
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            max_connections=max_connections,
-            timeout=socket_timeout,
-        )
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+            "max_connections": max_connections,
+            "timeout": socket_timeout,
+        }
+        pool: redis_async.BlockingConnectionPool
+        resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None
+        self.sentinel: Sentinel | None = None
+        if sentinels:
+            self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                parse_sentinels(sentinels),
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+            )
+            from redis.asyncio.connection import parse_url
+
+            params = {
+                k: v for k, v in parse_url(url).items() if k in {"db", "username", "password"}
+            }
+            pool = SentinelBlockingPool(self.sentinel, sentinel_master, **params, **options)
+            resolve = pool.get_master_address
+        else:
+            pool = redis_async.BlockingConnectionPool.from_url(url, **options)
         self._client: redis_async.Redis = redis_async.Redis(connection_pool=pool)
-        self._lane = RespLane(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout)
+        self._lane = RespLane(
+            url, socket_timeout=socket_timeout, connect_timeout=connect_timeout, resolve=resolve
+        )
         self._up = True
         self._down_since = 0.0
         self._attempts = 0
@@ -229,6 +293,9 @@ class RedisGateway:
             self._probe.cancel()
         await self._lane.close()
         await self._client.aclose(close_connection_pool=True)  # the pool is ours: close it too
+        if self.sentinel is not None:
+            for sentinel in self.sentinel.sentinels:
+                await sentinel.aclose()
 
     def info(self) -> dict[str, Any]:
         return {"up": self._up, "reconnect_attempts": self._attempts}

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import hiredis
@@ -198,9 +199,17 @@ class RespLane:
     """A pipelined connection to the Redis at ``url``; see the module docstring."""
 
     def __init__(
-        self, url: str, *, socket_timeout: float = 1.0, connect_timeout: float = 0.5
+        self,
+        url: str,
+        *,
+        socket_timeout: float = 1.0,
+        connect_timeout: float = 0.5,
+        resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
     ) -> None:
+        """``resolve``: where to connect, asked before each connection (Sentinel's primary),
+        instead of the host and port of ``url``."""
         self.url = url
+        self._resolve = resolve
         self.socket_timeout = socket_timeout
         self.connect_timeout = connect_timeout
         params = parse_url(url)
@@ -253,9 +262,10 @@ class RespLane:
         if self._path:
             _, protocol = await loop.create_unix_connection(factory, self._path)
         else:
+            host, port = (await self._resolve()) if self._resolve else (self._host, self._port)
             _, protocol = await loop.create_connection(
-                factory, self._host, self._port, ssl=self._ssl,
-                server_hostname=self._host if self._ssl is not None else None,
+                factory, host, port, ssl=self._ssl,
+                server_hostname=host if self._ssl is not None else None,
             )  # fmt: skip
         try:
             if self._password is not None:

@@ -17,6 +17,7 @@ from surge.config import Settings
 from surge.kit.breaker import start_breakers
 from surge.kit.cache import Cache, cache_from_settings
 from surge.kit.db import Database, PoolConfig
+from surge.kit.db.replicas import RedisSticks
 from surge.kit.health import Health
 from surge.kit.redis import RedisGateway
 from surge.kit.telemetry import metrics
@@ -40,6 +41,9 @@ def pool_config(settings: Settings, application_name: str = "surge") -> PoolConf
         slow_query=settings.DB_SLOW_QUERY.total_seconds(),
         pgbouncer=settings.DB_PGBOUNCER,
         replica_retry=settings.DB_REPLICA_RETRY.total_seconds(),
+        sticky_reads=settings.DB_STICKY_READS.total_seconds(),
+        replica_max_lag=settings.DB_REPLICA_MAX_LAG,
+        replica_poll=settings.DB_REPLICA_POLL.total_seconds(),
         application_name=application_name,
     )
 
@@ -53,6 +57,8 @@ def redis_gateway(settings: Settings) -> RedisGateway:
         backoff_max=settings.REDIS_BACKOFF_MAX.total_seconds(),
         max_attempts=settings.REDIS_MAX_RECONNECT_ATTEMPTS,
         max_connections=settings.REDIS_MAX_CONNECTIONS,
+        sentinels=settings.REDIS_SENTINELS,
+        sentinel_master=settings.REDIS_SENTINEL_MASTER,
     )
 
 
@@ -70,6 +76,7 @@ class Runtime:
             pool_config(settings, application_name),
         )
         self.redis = redis_gateway(settings)
+        self.db.sticks = RedisSticks(self.redis)  # read-your-writes seen by every node
         #: The process's tiered cache (L1 → Redis → loader); see ``surge.kit.cache``.
         self.cache: Cache = cache_from_settings(settings, self.redis)
         self.health = Health(timeout=settings.HEALTH_CHECK_TIMEOUT.total_seconds())

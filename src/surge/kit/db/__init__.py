@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from surge.kit.db import replicas as routing
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
 from surge.kit.telemetry import metrics
 
@@ -53,6 +54,10 @@ class PoolConfig:
     pgbouncer: bool = False
     replica_retry: float = 5.0
     application_name: str = "surge"
+    #: Read-your-writes and replica lag (issue 18, ``surge.kit.db.replicas``).
+    sticky_reads: float = 30.0
+    replica_max_lag: int = 16 * 1024 * 1024
+    replica_poll: float = 1.0
 
 
 def engine_options(url: str, config: PoolConfig) -> dict[str, Any]:
@@ -143,6 +148,11 @@ def is_unavailable(error: BaseException) -> bool:
     return isinstance(error, OSError | ConnectionError | asyncio.TimeoutError)
 
 
+#: Did this transaction write? (It has a transaction id only once it wrote something.)
+_WROTE = text("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+_LSN = text("SELECT pg_current_wal_lsn()::text")
+
+
 def on_commit(session: AsyncSession, callback: OnCommit) -> None:
     """Run ``callback`` after ``session``'s unit of work commits (dropped on rollback)."""
     session.info.setdefault(_ON_COMMIT, []).append(callback)
@@ -166,6 +176,11 @@ class Database:
         self.replicas = [self._engine(u, f"replica{i}") for i, u in enumerate(replica_urls)]
         self._replica_cycle = itertools.cycle(range(len(self.replicas))) if self.replicas else None
         self._replica_down_until = [0.0] * len(self.replicas)
+        self.router = routing.ReplicaRouter(
+            [f"replica{i}" for i in range(len(self.replicas))], max_lag=self.config.replica_max_lag
+        )
+        #: Where read-your-writes sticks live; the runtime swaps in ``RedisSticks``.
+        self.sticks: routing.StickStore = routing.MemorySticks()
         self._sessions = async_sessionmaker(self.primary, expire_on_commit=False)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -226,6 +241,34 @@ class Database:
             except Exception as error:
                 log.warning("db.prewarm_failed", error=str(error))
         self._tasks.append(asyncio.create_task(self._reap_forever(), name="db-reaper"))
+        if self.replicas:
+            await self.poll_replicas()
+            self._tasks.append(asyncio.create_task(self._poll_forever(), name="db-replicas"))
+
+    async def poll_replicas(self) -> None:
+        """Read the primary's WAL position and each replica's replay position (lag)."""
+
+        async def position(engine: AsyncEngine, sql: str) -> int | None:
+            try:
+                async with asyncio.timeout(2), engine.connect() as connection:
+                    return routing.parse_lsn((await connection.execute(text(sql))).scalar())
+            except Exception:
+                return None
+
+        primary = await position(self.primary, "SELECT pg_current_wal_lsn()::text")
+        replays = [
+            await position(engine, "SELECT pg_last_wal_replay_lsn()::text")
+            for engine in self.replicas
+        ]
+        self.router.observe(primary, replays)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.replica_poll)
+            try:
+                await self.poll_replicas()
+            except Exception:
+                log.exception("db.replica_poll_failed")
 
     async def _reap_forever(self) -> None:
         interval = max(0.2, min(self.config.idle_timeout / 3, 5.0))
@@ -257,8 +300,15 @@ class Database:
     async def session(self) -> AsyncIterator[AsyncSession]:
         """One unit of work on the primary: commit at the end, roll back on any error."""
         async with self._sessions() as session:
+            reader = routing.current_reader() if self.replicas else None
             try:
                 yield session
+                wrote = (
+                    reader is not None
+                    and self.config.sticky_reads > 0
+                    and session.in_transaction()
+                    and bool((await session.execute(_WROTE)).scalar())
+                )
                 await session.commit()
             except BaseException:
                 if session.info.pop(_KEEP_ON_ERROR, False):
@@ -267,7 +317,19 @@ class Database:
                 else:
                     await session.rollback()
                 raise
+            if wrote and reader is not None:
+                await self._stick(session, reader)
             await run_on_commit(session)
+
+    async def _stick(self, session: AsyncSession, reader: str) -> None:
+        """After ``reader``'s write committed: its reads need the primary's WAL up to here."""
+        try:
+            lsn = routing.parse_lsn((await session.execute(_LSN)).scalar())
+            await session.rollback()
+            if lsn is not None:
+                await self.sticks.put(reader, lsn, self.config.sticky_reads)
+        except Exception as error:  # the write is committed; at worst a read is stale
+            log.warning("db.stick_failed", error=str(error)[:200])
 
     @asynccontextmanager
     async def read_session(self) -> AsyncIterator[AsyncSession]:
@@ -280,7 +342,12 @@ class Database:
         use ``session()`` (or a REPEATABLE READ transaction of their own)."""
         connection = await self._read_connection()
         try:
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            if not self.config.pgbouncer:
+                # Behind PgBouncer's transaction pooling, autocommit lets asyncpg's Parse and
+                # its Bind/Execute reach two different server connections ("prepared
+                # statement does not exist", asyncpg issues 945/1058): there the read keeps
+                # its transaction (BEGIN ... ROLLBACK), which pins one server connection.
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
             async with AsyncSession(bind=connection, expire_on_commit=False) as session:
                 yield session
         finally:
@@ -289,8 +356,12 @@ class Database:
     async def _read_connection(self) -> AsyncConnection:
         if self._replica_cycle is not None:
             now = time.monotonic()
-            for _ in range(len(self.replicas)):
-                index = next(self._replica_cycle)
+            reader = routing.current_reader()
+            need = await self.sticks.get(reader) if reader and self.config.sticky_reads else None
+            # Behind PgBouncer's transaction pooling (and a balancer) the replica we checked
+            # is not the one the next statement reaches: a stuck caller reads the primary.
+            stuck_to_primary = need is not None and self.config.pgbouncer
+            for index in [] if stuck_to_primary else self.router.candidates(need):
                 if self._replica_down_until[index] > now:
                     continue
                 try:

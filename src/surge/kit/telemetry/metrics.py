@@ -65,6 +65,13 @@ DB_QUERY_MAX = Gauge(
 DB_REPLICA_FALLBACKS = Counter(
     "db_replica_fallbacks_total", "Read sessions sent to the primary because a replica failed."
 )
+DB_REPLICA_LAG = Gauge(
+    "db_replica_lag_bytes",
+    "WAL bytes a replica has not replayed yet (-1: not answering); past DB_REPLICA_MAX_LAG it "
+    "gets no reads (issue 18).",
+    ["replica"],
+    multiprocess_mode="livemax",
+)
 
 REDIS_UP = Gauge("redis_up", "1 while this process can reach Redis.", multiprocess_mode="livemin")
 
