@@ -35,6 +35,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from surge.kit.db import driver_fetch
 from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
 
 log = structlog.get_logger()
@@ -125,9 +126,11 @@ class Balance:
         return self.balance - self.pending_out
 
 
-_TRANSFER = text(
-    "SELECT transfer_id, created, debit_balance, credit_balance FROM "
-    "wallet_transfer(:key, :debit, :credit, :amount, :currency, :kind, :reference, :pending)"
+# The per-transfer statements go to the driver directly (``driver_fetch``): ``$n``
+# placeholders, prepared once per connection by asyncpg's statement cache.
+_TRANSFER = (
+    "SELECT transfer_id, created, debit_balance, credit_balance "
+    "FROM wallet_transfer($1, $2, $3, $4, $5, $6, $7, $8)"
 )
 _TRANSFER_MANY = text(
     "SELECT t.transfer_id, t.created, t.debit_balance, t.credit_balance "
@@ -139,9 +142,8 @@ _TRANSFER_MANY = text(
     "                        x.reference, false) AS t "
     "ORDER BY x.n"
 )
-_RESOLVE = text(
-    "SELECT transfer_id, created, debit_balance, credit_balance FROM "
-    "wallet_resolve(:key, :pending_id, :post, :kind)"
+_RESOLVE = (
+    "SELECT transfer_id, created, debit_balance, credit_balance FROM wallet_resolve($1, $2, $3, $4)"
 )
 
 
@@ -327,11 +329,9 @@ class Ledger:
         balances move only on ``post``). Idempotent by ``key``."""
         if amount <= 0:
             raise InvalidTransfer("amount must be a positive number of minor units")
-        params = {
-            "key": key, "debit": debit, "credit": credit, "amount": amount,
-            "currency": currency, "kind": kind, "reference": reference, "pending": pending,
-        }  # fmt: skip
-        return await self._call(session, _TRANSFER, params)
+        return await self._call(
+            session, _TRANSFER, key, debit, credit, amount, currency, kind, reference, pending
+        )
 
     async def transfer_now(
         self,
@@ -398,19 +398,17 @@ class Ledger:
 
     async def post(self, session: AsyncSession, *, key: str, pending_id: int, kind: str) -> Posted:
         """Second phase: the reserved amount moves for good."""
-        return await self._call(
-            session, _RESOLVE, {"key": key, "pending_id": pending_id, "post": True, "kind": kind}
-        )
+        return await self._call(session, _RESOLVE, key, pending_id, True, kind)
 
     async def void(self, session: AsyncSession, *, key: str, pending_id: int, kind: str) -> Posted:
         """Second phase: the reservation is released; no posted balance moves."""
-        return await self._call(
-            session, _RESOLVE, {"key": key, "pending_id": pending_id, "post": False, "kind": kind}
-        )
+        return await self._call(session, _RESOLVE, key, pending_id, False, kind)
 
-    async def _call(self, session: AsyncSession, statement: Any, params: dict[str, Any]) -> Posted:
+    async def _call(self, session: AsyncSession, statement: str, *args: Any) -> Posted:
+        """One ledger function call in the session's unit of work: one round trip, through
+        the driver (``driver_fetch``: SQLAlchemy's statement path cost more than the call)."""
         try:
-            row = (await session.execute(statement, params)).one()
+            (row,) = await driver_fetch(session, statement, *args)
         except DBAPIError as error:
             domain = translate(error)
             if domain is None:
