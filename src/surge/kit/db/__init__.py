@@ -177,6 +177,22 @@ async def driver_fetch(session: AsyncSession, statement: str, *args: Any) -> lis
         raise await _as_dbapi_error(connection, adapted, statement, args, error) from error
 
 
+async def autocommit_fetch(engine: AsyncEngine, statement: str, *args: Any) -> list[Any]:
+    """Run ``statement`` alone, as a transaction of its own (no BEGIN, no COMMIT: one round
+    trip), on a pooled connection's driver, and return asyncpg's records. Errors are raised
+    like ``driver_fetch``'s; the connection goes back to the pool as it came (no transaction
+    was opened on it), or is invalidated when it is gone."""
+    async with engine.connect() as connection:
+        sync = connection.sync_connection
+        assert sync is not None
+        adapted: Any = sync.connection.dbapi_connection
+        try:
+            records: list[Any] = await adapted._connection.fetch(statement, *args)
+            return records
+        except Exception as error:
+            raise await _as_dbapi_error(connection, adapted, statement, args, error) from error
+
+
 async def _as_dbapi_error(
     connection: AsyncConnection, adapted: Any, statement: str, args: Any, error: Exception
 ) -> BaseException:
