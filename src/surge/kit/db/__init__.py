@@ -30,6 +30,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
 
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
 from surge.kit.telemetry import metrics
@@ -336,10 +338,11 @@ class Database:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """One unit of work on the primary: commit at the end, roll back on any error."""
-        async with self._sessions() as session:
+        session = self._sessions()
+        closed = False
+        try:
             try:
                 yield session
-                await session.commit()
             except BaseException:
                 if session.info.pop(_KEEP_ON_ERROR, False):
                     await session.commit()
@@ -347,7 +350,15 @@ class Database:
                 else:
                     await session.rollback()
                 raise
-            await run_on_commit(session)
+            # COMMIT and the connection's return to the pool in one hop into SQLAlchemy's
+            # greenlet instead of two (``commit()`` then ``close()``): ~45 µs of Python per
+            # unit of work on this machine (ADR 0024). ``close`` runs even when COMMIT fails.
+            closed = True
+            await greenlet_spawn(_commit_and_close, session.sync_session)
+        finally:
+            if not closed:
+                await asyncio.shield(session.close())
+        await run_on_commit(session)
 
     @asynccontextmanager
     async def read_session(self) -> AsyncIterator[AsyncSession]:
@@ -401,6 +412,13 @@ class Database:
             return
         async with engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
+
+
+def _commit_and_close(session: Session) -> None:
+    try:
+        session.commit()
+    finally:
+        session.close()
 
 
 async def run_on_commit(session: AsyncSession) -> None:
