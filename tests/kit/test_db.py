@@ -11,11 +11,21 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from surge.app import create_app
-from surge.kit.db import Database, PoolConfig, engine_options, migrate, on_commit
-from surge.kit.db.pool import IdleTimeoutPool
+from surge.kit.db import (
+    Database,
+    PoolConfig,
+    driver_fetch,
+    engine_options,
+    is_unavailable,
+    migrate,
+    on_commit,
+    sqlstate,
+)
+from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect
 from surge.kit.embedded import free_port
 from surge.kit.web.deps import SessionDep
 from tests.fixtures.clients import app_client
@@ -238,3 +248,60 @@ def test_ensure_database_creates_a_missing_database_once(server_urls: tuple[str,
     unreachable = url.set(port=1).render_as_string(hide_password=False)
     with pytest.raises(ConnectionRefusedError):
         migrate.ensure_database(unreachable)
+
+
+async def test_driver_fetch_runs_inside_the_unit_of_work(server_urls: tuple[str, str]) -> None:
+    """``driver_fetch`` skips SQLAlchemy's statement path, not the transaction: its writes
+    commit and roll back with the session's, it begins the transaction when it is the first
+    statement, and its errors are the DBAPIError a ``session.execute`` would raise."""
+    db = Database(server_urls[0], config=PoolConfig(min_size=0, max_size=1))
+    table = f"driver_fetch_{uuid.uuid4().hex[:8]}"
+    try:
+        async with db.session() as session:
+            await session.execute(text(f"CREATE TABLE {table} (v int PRIMARY KEY)"))
+
+        # First statement of its unit of work, then rolled back: nothing stays.
+        async def first_then_rolled_back() -> None:
+            async with db.session() as session:
+                rows = await driver_fetch(
+                    session, f"INSERT INTO {table} VALUES ($1) RETURNING v, txid_current()", 1
+                )
+                assert rows[0][0] == 1
+                # Same transaction as a statement sent the ordinary way after it.
+                same = await session.scalar(text("SELECT txid_current()"))
+                assert same == rows[0][1]
+                raise RuntimeError("roll back")
+
+        with pytest.raises(RuntimeError):
+            await first_then_rolled_back()
+        async with db.session() as session:
+            await session.execute(text(f"INSERT INTO {table} VALUES (2)"))
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 3)
+        async with db.session() as session:
+            values = (await session.execute(text(f"SELECT v FROM {table} ORDER BY v"))).scalars()
+            assert list(values) == [2, 3]
+            with pytest.raises(DBAPIError) as caught:
+                await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 2)
+            assert sqlstate(caught.value) == "23505"
+            await session.rollback()
+
+        # A connection killed under the unit of work is invalidated, never pooled again.
+        async def killed_under_the_unit_of_work() -> None:
+            async with db.session() as session:
+                pid = await session.scalar(text("SELECT pg_backend_pid()"))
+                killer = await asyncpg_connect(db.primary)
+                try:
+                    await killer.execute("SELECT pg_terminate_backend($1)", pid)
+                finally:
+                    await killer.close()
+                await driver_fetch(session, "SELECT 1")
+
+        with pytest.raises(DBAPIError) as lost:
+            await killed_under_the_unit_of_work()
+        assert lost.value.connection_invalidated
+        assert is_unavailable(lost.value)
+        async with db.session() as session:
+            assert await session.scalar(text("SELECT 1")) == 1
+            await session.execute(text(f"DROP TABLE {table}"))
+    finally:
+        await db.close()

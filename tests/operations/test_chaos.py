@@ -162,10 +162,12 @@ async def check_everything(
             await session.execute(
                 text(
                     "SELECT idempotency_key, phase, amount FROM wallet_transfers "
-                    "WHERE idempotency_key LIKE 'op:%' ORDER BY id"
-                )
+                    "WHERE split_part(idempotency_key, ':', 2) = ANY(:ids) "
+                    "AND idempotency_key LIKE 'op:%:%' ORDER BY id"
+                ),
+                {"ids": list(ops)},
             )
-        ).all():
+        ).all():  # only this test's operations: other tests' keys may share the prefix
             op_id, step = key.split(":")[1], key.split(":")[2]
             if op_id in ops:
                 legs[op_id].append(f"{step}/{phase}")

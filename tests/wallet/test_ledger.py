@@ -16,6 +16,7 @@ from surge.wallet.ledger import (
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidTransfer,
+    Posted,
     SystemAccount,
     TransferSpec,
     ledger,
@@ -159,6 +160,68 @@ class TestStandalone:
             )  # fmt: skip
         async with runtime.db.session() as session:
             assert (await ledger.balance(session, a)).balance == 600
+        await assert_invariants(runtime)
+
+    async def test_concurrent_transfers_are_coalesced_each_with_its_own_answer(
+        self, runtime: Runtime
+    ) -> None:
+        """32 standalone transfers at once to one hot wallet go in one batch (one
+        transaction: the rows share their xmin); one refused for funds and one reusing a key
+        for another transfer fail the batch, which is then run transfer by transfer: each
+        caller gets its own result or error, and the history stays exact."""
+        hot, poor = await two_wallets(runtime, amount=1_000)
+        payers = [(await two_wallets(runtime, amount=1_000))[0] for _ in range(15)]
+        run = uuid4().hex[:8]
+        reused = f"c:{run}:reused"
+        await ledger.transfer_now(
+            runtime.db.primary, key=reused, debit=payers[0], credit=hot, amount=1,
+            currency="USD", kind="t",
+        )  # fmt: skip
+
+        async def send(n: int) -> object:
+            return await ledger.transfer_now(
+                runtime.db.primary, key=f"c:{run}:{n}", debit=payers[n % 15], credit=hot,
+                amount=10, currency="USD", kind="t",
+            )  # fmt: skip
+
+        async def one_batch(count: int) -> list[object]:
+            return await asyncio.gather(*(send(n) for n in range(count)), return_exceptions=True)
+
+        results = await one_batch(32)
+        assert all(not isinstance(r, BaseException) for r in results)
+        async with runtime.db.session() as session:
+            transactions = await session.scalar(
+                text(
+                    "SELECT count(DISTINCT xmin::text) FROM wallet_transfers WHERE idempotency_key LIKE :k"
+                ),
+                {"k": f"c:{run}:%"},
+            )
+            assert transactions == 2  # the first transfer alone, then one batch of 32
+            assert (await ledger.balance(session, hot)).balance == 1_000 + 1 + 32 * 10
+
+        async def refused() -> object:
+            return await ledger.transfer_now(
+                runtime.db.primary, key=f"c:{run}:poor", debit=poor, credit=hot, amount=5_000,
+                currency="USD", kind="t",
+            )  # fmt: skip
+
+        async def key_reused() -> object:
+            return await ledger.transfer_now(
+                runtime.db.primary, key=reused, debit=payers[1], credit=hot, amount=2,
+                currency="USD", kind="t",
+            )  # fmt: skip
+
+        mixed = await asyncio.gather(
+            *(send(n) for n in range(100, 110)), refused(), key_reused(), send(110),
+            return_exceptions=True,
+        )  # fmt: skip
+        assert isinstance(mixed[10], InsufficientFunds)
+        assert isinstance(mixed[11], IdempotencyKeyReused)
+        good = [r for n in (*range(10), 12) if isinstance(r := mixed[n], Posted) and r.created]
+        assert len(good) == 11
+        # Credited one after the other: each sees the balance the previous one left.
+        credits = sorted(r.credit_balance for r in good)
+        assert credits == [1_000 + 1 + 32 * 10 + 10 * (n + 1) for n in range(11)]
         await assert_invariants(runtime)
 
 

@@ -24,6 +24,8 @@ revenue and external are the unguarded sources money comes from.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,6 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from surge.kit.db import autocommit_fetch, driver_fetch
 from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
 
 log = structlog.get_logger()
@@ -125,9 +128,11 @@ class Balance:
         return self.balance - self.pending_out
 
 
-_TRANSFER = text(
-    "SELECT transfer_id, created, debit_balance, credit_balance FROM "
-    "wallet_transfer(:key, :debit, :credit, :amount, :currency, :kind, :reference, :pending)"
+# The per-transfer statements go to the driver directly (``driver_fetch``): ``$n``
+# placeholders, prepared once per connection by asyncpg's statement cache.
+_TRANSFER = (
+    "SELECT transfer_id, created, debit_balance, credit_balance "
+    "FROM wallet_transfer($1, $2, $3, $4, $5, $6, $7, $8)"
 )
 _TRANSFER_MANY = text(
     "SELECT t.transfer_id, t.created, t.debit_balance, t.credit_balance "
@@ -139,9 +144,8 @@ _TRANSFER_MANY = text(
     "                        x.reference, false) AS t "
     "ORDER BY x.n"
 )
-_RESOLVE = text(
-    "SELECT transfer_id, created, debit_balance, credit_balance FROM "
-    "wallet_resolve(:key, :pending_id, :post, :kind)"
+_RESOLVE = (
+    "SELECT transfer_id, created, debit_balance, credit_balance FROM wallet_resolve($1, $2, $3, $4)"
 )
 
 
@@ -149,6 +153,82 @@ _TRANSFER_DRIVER = (
     "SELECT transfer_id, created, debit_balance, credit_balance "
     "FROM wallet_transfer($1, $2, $3, $4, $5, $6, $7, false)"
 )
+_TRANSFER_BATCH = (
+    "SELECT transfer_id, created, debit_balance, credit_balance "
+    "FROM wallet_transfer_batch($1, $2, $3, $4, $5, $6, $7)"
+)
+
+#: Standalone transfers in flight per engine before new ones wait to be coalesced. One
+#: would give the largest batches; two keeps the server busy while a batch's result
+#: travels back and the next one is built (ADR 0024 has the measurements).
+COALESCE_IN_FLIGHT = 2
+#: Most transfers per batch: a batch locks every account it names for its duration.
+COALESCE_MAX = 64
+
+
+class _Coalescer:
+    """Standalone transfers on one engine, sent in batches (see ``Ledger.transfer_now``)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.waiting: list[tuple[TransferSpec, asyncio.Future[Posted]]] = []
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, spec: TransferSpec) -> Posted:
+        future: asyncio.Future[Posted] = asyncio.get_running_loop().create_future()
+        self.waiting.append((spec, future))
+        if self.in_flight < COALESCE_IN_FLIGHT:
+            self.in_flight += 1
+            # Its own task: a caller that is cancelled must not cancel the others' batch.
+            task = asyncio.create_task(self._drain())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.waiting:
+                batch = self.waiting[:COALESCE_MAX]
+                del self.waiting[:COALESCE_MAX]
+                try:
+                    await self._run(batch)
+                except BaseException as error:  # cancelled with the loop: nobody waits forever
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    raise
+        finally:
+            self.in_flight -= 1
+
+    async def _run(self, batch: list[tuple[TransferSpec, asyncio.Future[Posted]]]) -> None:
+        if len(batch) > 1:
+            try:
+                rows = await autocommit_fetch(
+                    self.engine, _TRANSFER_BATCH,
+                    *(list(column) for column in zip(*(spec for spec, _ in batch), strict=True)),
+                )  # fmt: skip
+            except Exception:  # one transfer refused, or the server: each alone, each answered
+                log.debug("ledger.batch_failed", size=len(batch))
+            else:
+                for (_, future), row in zip(batch, rows, strict=True):
+                    if not future.done():
+                        future.set_result(
+                            Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3]))
+                        )
+                return
+        for spec, future in batch:
+            try:
+                (row,) = await autocommit_fetch(self.engine, _TRANSFER_DRIVER, *spec)
+            except Exception as error:
+                if not future.done():
+                    domain = translate(error)
+                    if domain is not None:
+                        domain.__cause__ = error
+                    future.set_exception(domain or error)
+            else:
+                if not future.done():
+                    future.set_result(Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3])))
 
 
 def _sqlstate(error: BaseException) -> tuple[str | None, str | None, str]:
@@ -188,6 +268,9 @@ class Ledger:
     once created (rows are never deleted)."""
 
     def __init__(self) -> None:
+        #: Per engine (per database and event loop): the standalone transfers waiting for
+        #: the next batch. Weak, so a disposed engine takes its coalescer with it.
+        self._coalescers: weakref.WeakKeyDictionary[Any, _Coalescer] = weakref.WeakKeyDictionary()
         #: (database URL, code, currency) → id: a process may talk to more than one
         #: database (a test, a migration tool), and ids are only unique within one.
         self._system: dict[tuple[object, str, str], int] = {}
@@ -327,11 +410,9 @@ class Ledger:
         balances move only on ``post``). Idempotent by ``key``."""
         if amount <= 0:
             raise InvalidTransfer("amount must be a positive number of minor units")
-        params = {
-            "key": key, "debit": debit, "credit": credit, "amount": amount,
-            "currency": currency, "kind": kind, "reference": reference, "pending": pending,
-        }  # fmt: skip
-        return await self._call(session, _TRANSFER, params)
+        return await self._call(
+            session, _TRANSFER, key, debit, credit, amount, currency, kind, reference, pending
+        )
 
     async def transfer_now(
         self,
@@ -349,29 +430,27 @@ class Ledger:
         payment settled elsewhere): one statement in autocommit mode on the driver's
         connection, so one round trip instead of BEGIN + call + COMMIT. Atomic all the same
         — a statement is a transaction — and the hot account's row lock is released inside
-        the server, without waiting for the client's COMMIT. ``bench/ledger.py`` measures
-        both paths: this one is ~2-3× the unit-of-work path on 2 cores.
+        the server, without waiting for the client's COMMIT.
+
+        Coalesced (TigerBeetle's batching, ADR 0024): the standalone transfers this process
+        is asked for while ``COALESCE_IN_FLIGHT`` calls are already in flight on ``engine``
+        wait for the next call and go in it together, one ``wallet_transfer_batch``
+        statement — one round trip, one commit, one WAL flush, one hold of a hot wallet's
+        lock for all of them. Alone, a transfer goes at once (no added wait). Each keeps its
+        idempotency key, its entries and an exact balance before/after, and gets its own
+        ``Posted`` or its own error: when a batch fails, its transfers are run again one
+        by one. ``bench/ledger.py`` measures this path and the unit-of-work path.
 
         Use ``transfer()`` whenever the transfer must commit with other writes."""
         if amount <= 0:
             raise InvalidTransfer("amount must be a positive number of minor units")
-        async with engine.connect() as connection:
-            # The driver's own connection, outside any transaction: PostgreSQL runs the call
-            # as a transaction of its own (autocommit). SQLAlchemy sees no transaction on it
-            # and hands it back to the pool as it found it. Going to asyncpg directly skips
-            # SQLAlchemy's per-statement work, which on 2 cores is what limits throughput.
-            raw = await connection.get_raw_connection()
-            driver: Any = raw.driver_connection
-            try:
-                row = await driver.fetchrow(
-                    _TRANSFER_DRIVER, key, debit, credit, amount, currency, kind, reference
-                )
-            except Exception as error:  # asyncpg's own errors: no SQLAlchemy wrapping here
-                domain = translate(error)
-                if domain is None:
-                    raise
-                raise domain from error
-        return Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3]))
+        if debit == credit:
+            raise InvalidTransfer("a transfer needs two different accounts")
+        spec = TransferSpec(key, debit, credit, amount, currency, kind, reference)
+        coalescer = self._coalescers.get(engine.sync_engine)
+        if coalescer is None:
+            coalescer = self._coalescers[engine.sync_engine] = _Coalescer(engine)
+        return await coalescer.submit(spec)
 
     async def transfer_many(
         self, session: AsyncSession, transfers: Sequence[TransferSpec]
@@ -398,19 +477,17 @@ class Ledger:
 
     async def post(self, session: AsyncSession, *, key: str, pending_id: int, kind: str) -> Posted:
         """Second phase: the reserved amount moves for good."""
-        return await self._call(
-            session, _RESOLVE, {"key": key, "pending_id": pending_id, "post": True, "kind": kind}
-        )
+        return await self._call(session, _RESOLVE, key, pending_id, True, kind)
 
     async def void(self, session: AsyncSession, *, key: str, pending_id: int, kind: str) -> Posted:
         """Second phase: the reservation is released; no posted balance moves."""
-        return await self._call(
-            session, _RESOLVE, {"key": key, "pending_id": pending_id, "post": False, "kind": kind}
-        )
+        return await self._call(session, _RESOLVE, key, pending_id, False, kind)
 
-    async def _call(self, session: AsyncSession, statement: Any, params: dict[str, Any]) -> Posted:
+    async def _call(self, session: AsyncSession, statement: str, *args: Any) -> Posted:
+        """One ledger function call in the session's unit of work: one round trip, through
+        the driver (``driver_fetch``: SQLAlchemy's statement path cost more than the call)."""
         try:
-            row = (await session.execute(statement, params)).one()
+            (row,) = await driver_fetch(session, statement, *args)
         except DBAPIError as error:
             domain = translate(error)
             if domain is None:
