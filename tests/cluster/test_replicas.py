@@ -81,6 +81,13 @@ async def _pause_replay(database: Database) -> None:
         await connection.execute(text("SELECT pg_wal_replay_pause()"))
         await connection.commit()
 
+    async def paused() -> bool:  # a pause is only requested until the startup process takes it
+        async with database.replicas[0].connect() as connection:
+            state = await connection.execute(text("SELECT pg_get_wal_replay_pause_state()"))
+            return state.scalar() == "paused"
+
+    await eventually(paused, timeout=20, message="replay never paused")
+
 
 async def _resume_replay(database: Database) -> None:
     async with database.replicas[0].connect() as connection:

@@ -155,7 +155,10 @@ def is_unavailable(error: BaseException) -> bool:
 
 #: Did this transaction write? (It has a transaction id only once it wrote something.)
 _WROTE = text("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
-_LSN = text("SELECT pg_current_wal_lsn()::text")
+# The insert position, not pg_current_wal_lsn() (the write position): with asynchronous
+# commit the commit record can still sit in the WAL buffers after COMMIT returns, so the
+# write position may not cover it yet, and a replica "caught up" to it may lack the write.
+_LSN = text("SELECT pg_current_wal_insert_lsn()::text")
 
 
 def on_commit(session: AsyncSession, callback: OnCommit) -> None:
@@ -331,7 +334,7 @@ class Database:
             except Exception:
                 return None
 
-        primary = await position(self.primary, "SELECT pg_current_wal_lsn()::text")
+        primary = await position(self.primary, "SELECT pg_current_wal_insert_lsn()::text")
         replays = [
             await position(engine, "SELECT pg_last_wal_replay_lsn()::text")
             for engine in self.replicas

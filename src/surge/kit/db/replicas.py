@@ -4,7 +4,7 @@ caller who just wrote, no reads for a replica that lags (ADR 0022).
 - ``bind_reader(key)``: who is reading and writing in this task (the web layer binds the
   authenticated caller). Unbound work is never stuck: it reads from a replica when one fits.
 - After a unit of work of a bound caller commits a write, ``Database`` records the primary's
-  ``pg_current_wal_lsn()`` for that caller (``Sticks``: in Redis when the process has one, so
+  ``pg_current_wal_insert_lsn()`` for that caller (``Sticks``: in Redis when the process has one, so
   every API node sees it; ``DB_STICKY_READS`` long).
 - A read of a stuck caller goes to a replica only if *that replica*'s last polled
   ``pg_last_wal_replay_lsn()`` has reached the caller's LSN (replay only moves forward, so a
