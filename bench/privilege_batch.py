@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import tempfile
 import time
 import uuid
@@ -136,3 +137,7 @@ def main(quick: bool = False) -> None:
         ],
         extra={"batch": BATCH, "batches": n, "users": USERS},
     )
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)
