@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -118,6 +119,7 @@ def main(quick: bool = False) -> None:
     finally:
         redis.stop()
         pg.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     ratio = ms["database"] / ms["sql_only"]
     report(
         "privilege_batch",
