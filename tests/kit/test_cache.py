@@ -599,6 +599,25 @@ class TestFetchMany:
             "k2": ("new-k2", False, "loader"),
         }
 
+    async def test_an_entry_expired_in_redis_is_replaced_by_the_load(
+        self, make_cache: CacheFactory
+    ) -> None:
+        """SET NX alone would keep the expired entry (it lives on until max_stale) and every
+        batch, in every process, would load the key again."""
+        clock = Clock()
+        a = await make_cache(clock=clock, stale_while_revalidate=0.0)
+        b = await make_cache(clock=clock, stale_while_revalidate=0.0)
+        await a.set("x", "old", ttl=10)
+        await eventually(lambda: _heard_everything(b), timeout=2.0, interval=0.01)
+        clock.advance(60)
+
+        async def batch(keys: Any) -> dict[str, Any]:
+            return dict.fromkeys(keys, "new")
+
+        assert (await a.fetch_many(["x"], batch))["x"].source == "loader"
+        from_redis = await b.fetch_many(["x"], batch)
+        assert (from_redis["x"].value, from_redis["x"].source) == ("new", "l2")
+
     async def test_a_key_deleted_while_loading_is_answered_but_not_cached(
         self, make_cache: CacheFactory
     ) -> None:

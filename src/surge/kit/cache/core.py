@@ -16,11 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import (
-    Callable,
-    Iterable,
-    Sequence,
-)
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -353,6 +350,7 @@ class Cache(_ReadPath):
         misses costs one MGET and one load, not 50 ``fetch`` calls (issue 19)."""
         out: dict[str, CacheResult[Any]] = {}
         stale: dict[str, Entry] = {}
+        expired_in_l2: set[str] = set()  # to overwrite, not to keep (see _SET_MANY_NX)
         missing: list[str] = []
         now = self.clock()
         l1 = self.l1
@@ -379,6 +377,8 @@ class Cache(_ReadPath):
                 if entry is not None and now < entry.fresh_until:
                     out[key] = CacheResult(entry.value, False, "l2")
                     continue
+                if entry is not None:
+                    expired_in_l2.add(key)
                 if entry is not None and now < entry.stale_until:
                     old = stale.get(key)
                     if old is not None:  # keep the fail-safe throttle across re-reads
@@ -397,7 +397,7 @@ class Cache(_ReadPath):
             return out
         self._miss_l2 += len(missing)
         try:
-            loaded = await self._load_batch(missing, loader, ttl, None)
+            loaded = await self._load_batch(missing, loader, ttl, None, replace=expired_in_l2)
         except Exception as exc:
             if any(k not in stale for k in missing):
                 raise
@@ -425,9 +425,12 @@ class Cache(_ReadPath):
         loader: BatchLoader[Any],
         ttl: float | None,
         tag_list: dict[str, list[str]] | None,
+        *,
+        replace: AbstractSet[str] = frozenset(),
     ) -> dict[str, Entry]:
         """One ``loader(missing)`` call; its values into L1 and, in one Redis command (SET NX
-        each), into L2 — neither for a key deleted while it loaded. The entries loaded."""
+        each; plain SET for the ``replace`` keys, expired in L2), into L2 — neither for a key
+        deleted while it loaded. The entries loaded."""
         epoch = self._epoch
         loaded: dict[str, Entry] = {}
         keys: list[str] = []
@@ -451,7 +454,7 @@ class Cache(_ReadPath):
                 self.l1.put(k, entry)
                 if blob is not None:
                     keys.append(self._prefix + k)
-                    args += (blob, self._px(entry))
+                    args += (blob, self._px(entry), 1 if k in replace else 0)
         if keys and self.gateway.is_up:
             try:
                 async with self._redis() as r:
