@@ -148,6 +148,39 @@ async def test_exhausted_pool_serves_cached_plans_or_503_never_free(
         assert body["plan"] == "pro"
 
 
+async def test_batch_with_an_exhausted_pool_serves_cached_plans_or_503_never_free(
+    small_pool: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, api = small_pool
+    _, admin, _ = await make_admin(app, api)
+    users = await paying_users(app, api)
+    ids = [user_id for user_id, _ in users]
+    await forget_everywhere(app, ids)
+    cached, uncached = ids[: PAYING // 2], ids[PAYING // 2 :]
+    warm = await api.post(
+        "/api/v1/privileges/batch", json={"user_ids": cached}, headers=bearer(admin)
+    )
+    assert [r["plan"] for r in warm.json()["results"]] == ["pro"] * len(cached)
+    identity_of(app).privileges.forget_all_local()  # Redis only, as in another process
+    async with pool_held(app.state.runtime.db):
+        from_redis = await api.post(
+            "/api/v1/privileges/batch", json={"user_ids": cached}, headers=bearer(admin)
+        )
+        refused = await api.post(
+            "/api/v1/privileges/batch", json={"user_ids": ids}, headers=bearer(admin)
+        )
+    assert from_redis.status_code == 200
+    assert [r["plan"] for r in from_redis.json()["results"]] == ["pro"] * len(cached)
+    # Some users have nothing cached: the whole batch is a 503 to retry, nobody is "free".
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert refused.headers["Retry-After"] == "1"
+    after = await api.post(
+        "/api/v1/privileges/batch", json={"user_ids": uncached}, headers=bearer(admin)
+    )
+    assert [r["plan"] for r in after.json()["results"]] == ["pro"] * len(uncached)
+
+
 async def test_slow_database_never_answers_paying_users_as_free(
     small_pool: tuple[FastAPI, httpx.AsyncClient], server_urls: tuple[str, str]
 ) -> None:

@@ -11,9 +11,11 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from surge.identity.service import identity as identity_service
+from surge.kit.telemetry.metrics import flush_all
 from tests.fixtures.clock import Clock
 from tests.fixtures.factories import (
     FAST_ARGON2,
@@ -202,6 +204,49 @@ class TestBatch:
             headers=bearer(admin),
         )
         assert too_many.status_code == 422
+
+    async def test_each_lookup_counted_once_by_the_tier_that_answered(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        """Issue 19: the batch loaded its misses, then counted every user as a memory hit
+        (the load run read 99.95-100 % hits). One user per tier here."""
+        _, admin, _ = await make_admin(id_app, api)
+        users = [uuid.UUID((await register(api))[1]) for _ in range(4)]
+        assert (await _set_plan(api, admin, str(users[0]), "pro")).status_code == 204
+        store = identity_of(id_app).privileges
+        raw = id_app.state.runtime.redis.raw
+        for user_id in users:
+            for key in await raw.keys(f"surge:identity:priv:*{user_id}"):
+                await raw.delete(key)
+        store.forget_all_local()
+        await store.get(users[0])
+        store.forget_all_local()  # users[0]: in Redis only
+        await store.get(users[1])  # users[1]: in memory (and Redis)
+        # users[2] and users[3]: nowhere but PostgreSQL
+        before = _lookups()
+        found = await store.get_many([*users, users[1]])
+        assert [found[u].source for u in users] == ["redis", "memory", "database", "database"]
+        assert found[users[0]].plan == "pro"
+        counted = {s: n - before[s] for s, n in _lookups().items()}
+        assert counted == {
+            "memory": 1,
+            "redis": 1,
+            "database": 2,
+            "stale": 0,
+            "unavailable": 0,
+        }
+        again = await store.get_many(users)
+        assert {p.source for p in again.values()} == {"memory"}
+        assert _lookups()["memory"] - before["memory"] == 1 + 4
+
+
+def _lookups() -> dict[str, float]:
+    flush_all()
+    return {
+        source: REGISTRY.get_sample_value("surge_privilege_lookups_total", {"source": source})
+        or 0.0
+        for source in ("memory", "redis", "database", "stale", "unavailable")
+    }
 
 
 @pytest.mark.timeout(90)

@@ -526,6 +526,118 @@ class TestWarmStatsMetrics:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+class TestFetchMany:
+    async def test_each_key_answered_and_counted_by_its_tier(
+        self, make_cache: CacheFactory
+    ) -> None:
+        a, b = await make_cache(), await make_cache()
+        await a.set("in-redis", "R")
+        await eventually(lambda: _heard_everything(b), timeout=2.0, interval=0.01)
+        await b.set("in-memory", "M")
+        asked: list[list[str]] = []
+
+        async def batch(keys: Any) -> dict[str, Any]:
+            asked.append(list(keys))
+            return {k: k.upper() for k in keys if k != "absent"}
+
+        before = b.stats()
+        results = await b.fetch_many(["in-memory", "in-redis", "new", "absent"], batch)
+        assert {k: (r.value, r.stale, r.source) for k, r in results.items()} == {
+            "in-memory": ("M", False, "l1"),
+            "in-redis": ("R", False, "l2"),
+            "new": ("NEW", False, "loader"),
+        }
+        assert asked == [["new", "absent"]]  # one load for all the misses
+        after = b.stats()
+        assert after["hits_l1"] - before["hits_l1"] == 1
+        assert after["misses_l1"] - before["misses_l1"] == 3
+        assert after["hits_l2"] - before["hits_l2"] == 1
+        assert after["misses_l2"] - before["misses_l2"] == 2
+        # Loaded values reached both tiers (one script call), the absent key neither.
+        assert await a.get("new") == "NEW"
+        assert await a.get("absent") is None
+        again = await b.fetch_many(["in-redis", "new"], batch)
+        assert {r.source for r in again.values()} == {"l1"}
+        assert len(asked) == 1
+
+    async def test_loader_error_serves_stale_values_then_rests(
+        self, make_cache: CacheFactory
+    ) -> None:
+        clock = Clock()
+        cache = await make_cache(
+            clock=clock, stale_while_revalidate=0.0, max_stale=3600.0, fail_safe_throttle=5.0
+        )
+        await cache.set("k1", "old1", ttl=10)
+        await cache.set("k2", "old2", ttl=10)
+        clock.advance(60)
+        calls: list[list[str]] = []
+
+        async def failing(keys: Any) -> dict[str, Any]:
+            calls.append(list(keys))
+            raise ConnectionRefusedError("database down")
+
+        results = await cache.fetch_many(["k1", "k2"], failing)
+        assert {k: (r.value, r.stale) for k, r in results.items()} == {
+            "k1": ("old1", True),
+            "k2": ("old2", True),
+        }
+        assert len(calls) == 1
+        # Throttled: the failing loader rests instead of being asked by every batch.
+        assert (await cache.fetch_many(["k1"], failing))["k1"].value == "old1"
+        assert len(calls) == 1
+        # A key with nothing to fall back on: the loader's error propagates.
+        with pytest.raises(ConnectionRefusedError):
+            await cache.fetch_many(["k1", "k2", "k3"], failing)
+        clock.advance(6)
+
+        async def working(keys: Any) -> dict[str, Any]:
+            return {k: f"new-{k}" for k in keys}
+
+        results = await cache.fetch_many(["k1", "k2"], working)
+        assert {k: (r.value, r.stale, r.source) for k, r in results.items()} == {
+            "k1": ("new-k1", False, "loader"),
+            "k2": ("new-k2", False, "loader"),
+        }
+
+    async def test_an_entry_expired_in_redis_is_replaced_by_the_load(
+        self, make_cache: CacheFactory
+    ) -> None:
+        """SET NX alone would keep the expired entry (it lives on until max_stale) and every
+        batch, in every process, would load the key again."""
+        clock = Clock()
+        a = await make_cache(clock=clock, stale_while_revalidate=0.0)
+        b = await make_cache(clock=clock, stale_while_revalidate=0.0)
+        await a.set("x", "old", ttl=10)
+        await eventually(lambda: _heard_everything(b), timeout=2.0, interval=0.01)
+        clock.advance(60)
+
+        async def batch(keys: Any) -> dict[str, Any]:
+            return dict.fromkeys(keys, "new")
+
+        assert (await a.fetch_many(["x"], batch))["x"].source == "loader"
+        from_redis = await b.fetch_many(["x"], batch)
+        assert (from_redis["x"].value, from_redis["x"].source) == ("new", "l2")
+
+    async def test_a_key_deleted_while_loading_is_answered_but_not_cached(
+        self, make_cache: CacheFactory
+    ) -> None:
+        a, b = await make_cache(), await make_cache()
+        loading, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(keys: Any) -> dict[str, Any]:
+            loading.set()
+            await release.wait()
+            return dict.fromkeys(keys, "before-the-change")
+
+        task = asyncio.create_task(b.fetch_many(["d"], slow))
+        await loading.wait()
+        await b.delete("d")  # the change committed while the old value was being read
+        release.set()
+        assert (await task)["d"].value == "before-the-change"
+        assert "d" not in b.l1
+        assert await a.get("d") is None
+
+
 def _fresh(value: Any, source: str) -> Any:
     from surge.kit.cache import CacheResult
 

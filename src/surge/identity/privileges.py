@@ -111,28 +111,24 @@ class PrivilegeStore:
         except Exception as error:
             if not is_unavailable(error):
                 raise
-            busy = is_pool_exhausted(error)
-            log.warning(
-                "identity.privileges.unavailable",
-                user_id=key,
-                reason="pool_exhausted" if busy else "database_unavailable",
-            )
-            _COUNTERS["unavailable"].inc()
-            raise PrivilegesUnavailable(
-                "Your plan cannot be read right now; retry shortly", retry_after=1 if busy else 5
-            ) from error
-        source = "stale" if result.stale else _SOURCES.get(result.source, result.source)
+            raise self._unavailable(error, users=1) from error
+        return self._answer(user_id, key, result.value, result.stale, result.source)
+
+    def _answer(
+        self, user_id: uuid.UUID, key: str, value: dict[str, Any], stale: bool, tier: str
+    ) -> Privileges:
+        """The Privileges for a cache answer, counted once under the tier that gave it; built
+        once per cache entry (a memory hit returns the Privileges built before)."""
+        source = "stale" if stale else _SOURCES.get(tier, tier)
+        _COUNTERS[source].inc()
         built = self._built.get(user_id)
-        if (
-            built is not None
-            and built[0] is result.value
-            and built[1] == source
-            and self.clock() < built[2]
-        ):
-            _COUNTERS[source].inc()
+        now = self.clock()
+        if built is not None and built[0] is value and built[1] == source and now < built[2]:
             return built[3]
-        grant = _decode(result.value)
-        privileges = self._privileges(user_id, grant, source)
+        grant = _decode(value)
+        privileges = privileges_for(
+            self.catalog, user_id, grant, source, datetime.fromtimestamp(now, UTC)
+        )
         if len(self._built) >= self._built_max:
             self._built.pop(next(iter(self._built)))  # the oldest built
         valid_until = (
@@ -140,7 +136,7 @@ class PrivilegeStore:
             if grant.expires_at is not None and privileges.plan != FREE
             else float("inf")
         )
-        self._built[user_id] = (result.value, source, valid_until, privileges, key)
+        self._built[user_id] = (value, source, valid_until, privileges, key)
         return privileges
 
     async def has_privilege(self, user_id: uuid.UUID, feature: str) -> bool:
@@ -148,26 +144,43 @@ class PrivilegeStore:
         return (await self.get(user_id)).has(feature)
 
     async def get_many(self, user_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Privileges]:
-        """Privileges for each id. Misses cost one Redis MGET and one SQL query for all of
-        them together (``Cache.warm``), not one round trip per user."""
+        """Privileges for each id, each lookup counted once by the tier that answered it.
+        Misses cost one Redis MGET and one SQL query for all of them together
+        (``Cache.fetch_many``), not one round trip — nor one coroutine — per user. Nothing
+        cached for some user and no answer from PostgreSQL: ``PrivilegesUnavailable`` (503)."""
         unique = list(dict.fromkeys(user_ids))
+        keys = [str(u) for u in unique]
         try:
-            await self.cache.warm([str(u) for u in unique], self._load_many)
+            results = await self.cache.fetch_many(keys, self._load_many)
         except Exception as error:
             if not is_unavailable(error):
                 raise  # a bug, not an outage
-            # PostgreSQL down or busy: each get() below serves what is cached, else raises.
-        return {user_id: await self.get(user_id) for user_id in unique}
+            raise self._unavailable(error, users=len(unique)) from error
+        out: dict[uuid.UUID, Privileges] = {}
+        for user_id, key in zip(unique, keys, strict=True):
+            result = results.get(key)
+            if result is None:  # the loader left it out (never, with grants())
+                out[user_id] = await self.get(user_id)
+            else:
+                out[user_id] = self._answer(user_id, key, result.value, result.stale, result.source)
+        return out
+
+    def _unavailable(self, error: BaseException, *, users: int) -> PrivilegesUnavailable:
+        busy = is_pool_exhausted(error)
+        log.warning(
+            "identity.privileges.unavailable",
+            users=users,
+            reason="pool_exhausted" if busy else "database_unavailable",
+        )
+        _COUNTERS["unavailable"].inc(users)
+        return PrivilegesUnavailable(
+            "Your plan cannot be read right now; retry shortly", retry_after=1 if busy else 5
+        )
 
     async def _load_many(self, keys: Sequence[str]) -> dict[str, Any]:
         async with self.db.read_session() as session:
-            grants = await repository.grants(session, [uuid.UUID(k) for k in keys])
-        return {str(user_id): _encode(grant) for user_id, grant in grants.items()}
-
-    def _privileges(self, user_id: uuid.UUID, grant: Grant, source: str) -> Privileges:
-        _COUNTERS[source].inc()
-        now = datetime.fromtimestamp(self.clock(), UTC)
-        return privileges_for(self.catalog, user_id, grant, source, now)
+            grants = await repository.grants(session, keys)
+        return {key: _encode(grant) for key, grant in grants.items()}
 
     # ---- writes -------------------------------------------------------------------------
     def invalidate_on_commit(self, session: AsyncSession, user_id: uuid.UUID) -> None:

@@ -86,7 +86,11 @@ class _ReadPath(_Codec):
         with self._watching(keys):
             return await self._l2_get_many_watched(keys)
 
-    async def _l2_get_many_watched(self, keys: list[str]) -> dict[str, Entry]:
+    async def _l2_get_many_watched(
+        self, keys: list[str], *, keep_stale: bool = False
+    ) -> dict[str, Entry]:
+        """One MGET: the fresh entries (into L1 too); with ``keep_stale``, also the readable
+        entries past their TTL (not into L1), for a caller that may serve them on error."""
         epoch = self._epoch
         try:
             async with self._redis() as r:
@@ -97,10 +101,18 @@ class _ReadPath(_Codec):
         found: dict[str, Entry] = {}
         now = self.clock()
         for k, blob in zip(keys, blobs, strict=True):
-            entry = await self._decode(blob) if blob is not None else None
-            if entry is not None and now < entry.fresh_until:
+            if blob is None:
+                continue
+            entry: Entry | None = self._decode_plain(blob)
+            if entry is _NEEDS_TAGS:
+                entry = await self._decode(blob)
+            if entry is None:
+                continue
+            if now < entry.fresh_until:
                 if self._may_fill(k, epoch):
                     self.l1.put(k, entry)
+                found[k] = entry
+            elif keep_stale:
                 found[k] = entry
         return found
 
