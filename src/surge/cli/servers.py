@@ -185,7 +185,11 @@ def _start_simulators(host: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
         cmd = [sys.executable, "-m", sim.module, "--host", host, "--port", str(port), *sim.args]
         child = subprocess.Popen(cmd, start_new_session=True)
         started.append((f"sim:{sim.name}", child))
-        wait_for_port(host, port, timeout=20)
+        try:
+            wait_for_port(host, port, timeout=20)
+        except BaseException:
+            _stop_children(started, grace=5)  # the caller never sees them: stop them here
+            raise
         os.environ.update(env)
         console.print(f"[green]✓[/] simulator {sim.name} on {host}:{port}")
     return started
