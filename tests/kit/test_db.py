@@ -305,3 +305,31 @@ async def test_driver_fetch_runs_inside_the_unit_of_work(server_urls: tuple[str,
             await session.execute(text(f"DROP TABLE {table}"))
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize("pgbouncer", [False, True])
+async def test_one_statement_fast_paths_know_when_they_sit_behind_pgbouncer(
+    server_urls: tuple[str, str], pgbouncer: bool
+) -> None:
+    """Behind PgBouncer's transaction mode a statement outside a transaction may be parsed on
+    one server connection and executed on another: there the autocommit fast paths (the
+    ledger's ``autocommit_fetch``, the job engine's ``pooled``) pin theirs with a
+    transaction. This runs both paths in both modes against PostgreSQL (that they pin to one
+    server behind a real PgBouncer is what ``make cluster-test`` exercises)."""
+    from surge.kit.db import autocommit_fetch, behind_pooler
+    from surge.kit.jobs import _driver
+
+    db = Database(server_urls[0], config=PoolConfig(min_size=0, max_size=1, pgbouncer=pgbouncer))
+    try:
+        async with db.primary.connect() as connection:
+            raw = await connection.get_raw_connection()
+            assert behind_pooler(raw.driver_connection) is pgbouncer
+        [row] = await autocommit_fetch(db.primary, "SELECT $1::int + 1", 41)
+        assert row[0] == 42
+        assert await _driver.pooled(db.primary, "SELECT $1::int * 2", (21,)) == 42
+        with pytest.raises(DBAPIError):  # errors surface as on the SQLAlchemy path
+            await _driver.pooled(db.primary, "SELECT 1/0", ())
+        # and the connection is still usable afterwards (no transaction left open)
+        assert await _driver.pooled(db.primary, "SELECT 7", ()) == 7
+    finally:
+        await db.close()

@@ -192,6 +192,15 @@ async def driver_fetch(session: AsyncSession, statement: str, *args: Any) -> lis
         raise await _as_dbapi_error(connection, adapted, statement, args, error) from error
 
 
+def behind_pooler(driver: Any) -> bool:
+    """Whether ``driver`` (an asyncpg connection) was opened for PgBouncer's transaction mode
+    (``DB_PGBOUNCER``: its statement cache is off, see ``engine_options``). There, a statement
+    sent outside a transaction may be parsed on one server connection and executed on
+    another (asyncpg issues 945/1058), so the one-statement fast paths wrap it in a
+    transaction: two more round trips, only behind the pooler."""
+    return bool(driver._stmt_cache.get_max_size() == 0)
+
+
 async def autocommit_fetch(engine: AsyncEngine, statement: str, *args: Any) -> list[Any]:
     """Run ``statement`` alone, as a transaction of its own (no BEGIN, no COMMIT: one round
     trip), on a pooled connection's driver, and return asyncpg's records. Errors are raised
@@ -201,8 +210,13 @@ async def autocommit_fetch(engine: AsyncEngine, statement: str, *args: Any) -> l
         sync = connection.sync_connection
         assert sync is not None
         adapted: Any = sync.connection.dbapi_connection
+        driver = adapted._connection
         try:
-            records: list[Any] = await adapted._connection.fetch(statement, *args)
+            if behind_pooler(driver):
+                async with driver.transaction():
+                    pinned: list[Any] = await driver.fetch(statement, *args)
+                return pinned
+            records: list[Any] = await driver.fetch(statement, *args)
             return records
         except Exception as error:
             raise await _as_dbapi_error(connection, adapted, statement, args, error) from error

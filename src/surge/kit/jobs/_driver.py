@@ -23,6 +23,8 @@ from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import greenlet_spawn
 
+from surge.kit.db import behind_pooler
+
 _CACHED = "surge.jobs.driver"
 
 
@@ -85,6 +87,11 @@ async def pooled(
     driver: Any = raw.driver_connection
     returned = False
     try:
+        if behind_pooler(driver):  # PgBouncer: one statement, but pinned to one server
+            async with driver.transaction():
+                if rows:
+                    return await driver.fetch(statement, *args)
+                return await driver.fetchval(statement, *args)
         if rows:
             return await driver.fetch(statement, *args)
         return await driver.fetchval(statement, *args)
