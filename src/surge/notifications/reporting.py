@@ -9,6 +9,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.runtime import Runtime
+from surge.kit.web.pagination import Slice
 from surge.models.notifications import OutboxMessage
 from surge.notifications import repository
 from surge.notifications.keys import now
@@ -64,16 +65,11 @@ class ReportingUseCases:
     """The admin console's reads."""
 
     async def recent(
-        self,
-        session: AsyncSession,
-        *,
-        limit: int,
-        before: datetime | None = None,
+        self, session: AsyncSession, *, limit: int, cursor: str | None = None,
         status: str | None = None,
-    ) -> list[OutboxMessage]:
-        return list(
-            await repository.recent_messages(session, limit=limit, before=before, status=status)
-        )
+    ) -> Slice[OutboxMessage]:  # fmt: skip
+        """The last e-mails, newest first, a page at a time."""
+        return await repository.recent_messages(session, limit=limit, cursor=cursor, status=status)
 
     async def rates(self, session: AsyncSession, *, within: timedelta = timedelta(days=1)) -> Rates:
         """Bounce and complaint rates over ``within`` (SES reviews at 5 % and 0.1 %)."""

@@ -11,7 +11,15 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from surge.kit.web.cursor import moment
+from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.notifications import NotificationEvent, OutboxMessage, Preference, Suppression
+
+#: The console's listings: newest message first; suppressions by address (unique).
+MESSAGES_NEWEST_FIRST = Keyset(
+    (OutboxMessage.created_at, OutboxMessage.id), (moment, UUID), descending=True
+)
+SUPPRESSIONS_BY_ADDRESS = Keyset((Suppression.address,), (str,))
 
 
 async def insert_message(session: AsyncSession, values: dict[str, Any]) -> UUID | None:
@@ -199,15 +207,18 @@ async def lift_suppression(session: AsyncSession, address: str) -> Suppression |
     return row
 
 
+async def suppression(session: AsyncSession, address: str) -> Suppression | None:
+    statement = select(Suppression).where(Suppression.address == address.strip().lower())
+    return (await session.scalars(statement)).first()
+
+
 async def list_suppressions(
-    session: AsyncSession, *, after: str | None, limit: int, address: str | None = None
-) -> Sequence[Suppression]:
-    statement = select(Suppression).order_by(Suppression.address).limit(limit)
-    if address is not None:
-        statement = statement.where(Suppression.address == address.strip().lower())
-    if after is not None:
-        statement = statement.where(Suppression.address > after)
-    return (await session.scalars(statement)).all()
+    session: AsyncSession, *, limit: int, cursor: str | None
+) -> Slice[Suppression]:
+    return await keyset_page(
+        session, select(Suppression), SUPPRESSIONS_BY_ADDRESS, limit=limit, cursor=cursor,
+        scalars=True,
+    )  # fmt: skip
 
 
 async def requeue_held(session: AsyncSession, address: str) -> list[UUID]:
@@ -297,14 +308,14 @@ async def set_preference(
 
 
 async def recent_messages(
-    session: AsyncSession, *, limit: int, before: datetime | None, status: str | None
-) -> Sequence[OutboxMessage]:
-    statement = select(OutboxMessage).order_by(OutboxMessage.created_at.desc()).limit(limit)
-    if before is not None:
-        statement = statement.where(OutboxMessage.created_at < before)
+    session: AsyncSession, *, limit: int, cursor: str | None, status: str | None
+) -> Slice[OutboxMessage]:
+    statement = select(OutboxMessage)
     if status is not None:
         statement = statement.where(OutboxMessage.status == status)
-    return (await session.scalars(statement)).all()
+    return await keyset_page(
+        session, statement, MESSAGES_NEWEST_FIRST, limit=limit, cursor=cursor, scalars=True
+    )
 
 
 async def event_totals(session: AsyncSession, *, since: datetime) -> dict[str, int]:

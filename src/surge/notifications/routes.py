@@ -22,7 +22,6 @@ from uuid import UUID
 from fastapi import APIRouter, Query, Request
 
 from surge.identity.deps import AdminMfa, CurrentUser
-from surge.kit.web.cursor import decode_cursor, encode_cursor, moment
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
 from surge.notifications.schemas import (
     LiftRead,
@@ -159,10 +158,10 @@ async def list_messages(
     status: Annotated[str | None, Query(max_length=20)] = None,
 ) -> MessagePage:
     """The last e-mails, newest first (the console shows the withdrawal mail arriving)."""
-    before = decode_cursor(cursor, moment)[0] if cursor else None
-    rows = await notifications_service.recent(session, limit=limit, before=before, status=status)
-    next_cursor = encode_cursor(rows[-1].created_at.isoformat()) if len(rows) == limit else None
-    return MessagePage(items=[MessageRead.model_validate(r) for r in rows], next_cursor=next_cursor)
+    found = await notifications_service.recent(session, limit=limit, cursor=cursor, status=status)
+    return MessagePage(
+        items=[MessageRead.model_validate(r) for r in found.items], next_cursor=found.next_cursor
+    )
 
 
 @admin_router.get("/notifications/rates", response_model=RatesRead)
@@ -183,11 +182,10 @@ async def rates(admin: AdminMfa, session: ReadSessionDep) -> RatesRead:
 async def list_suppressions(
     admin: AdminMfa, session: ReadSessionDep, limit: Limit = 50, cursor: Cursor = None
 ) -> SuppressionPage:
-    after = decode_cursor(cursor, str)[0] if cursor else None
-    rows = await notifications_service.list_suppressions(session, after=after, limit=limit)
-    next_cursor = encode_cursor(rows[-1].address) if len(rows) == limit else None
+    found = await notifications_service.list_suppressions(session, limit=limit, cursor=cursor)
     return SuppressionPage(
-        items=[SuppressionRead.model_validate(r) for r in rows], next_cursor=next_cursor
+        items=[SuppressionRead.model_validate(r) for r in found.items],
+        next_cursor=found.next_cursor,
     )
 
 

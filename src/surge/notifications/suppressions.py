@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from surge.audit.service import audit as audit_service
 from surge.config import Settings
 from surge.kit.jobs import enqueue
+from surge.kit.web.pagination import Slice
 from surge.models.notifications import Suppression
 from surge.notifications import repository
 from surge.notifications.errors import SuppressionNotFound
@@ -64,16 +65,15 @@ class SuppressionUseCases:
             subject_type="email_address", subject_id=address,
             after={"reason": "manual", "detail": detail}, request_id=request_id,
         )  # fmt: skip
-        [row] = await repository.list_suppressions(session, after=None, limit=1, address=address)
+        row = await repository.suppression(session, address)
+        assert row is not None  # written just above, in this transaction
         return row
 
     async def list_suppressions(
-        self, session: AsyncSession, *, after: str | None, limit: int, address: str | None = None
-    ) -> list[Suppression]:
-        """Suppressions by address (``address``: that one only)."""
-        return list(
-            await repository.list_suppressions(session, after=after, limit=limit, address=address)
-        )
+        self, session: AsyncSession, *, limit: int, cursor: str | None
+    ) -> Slice[Suppression]:
+        """Suppressions by address, a page at a time."""
+        return await repository.list_suppressions(session, limit=limit, cursor=cursor)
 
     async def lift(
         self,
