@@ -5,6 +5,7 @@ approval, and the partner's reads — every money movement through ``surge.walle
     ├── WithdrawalNotFound (NotFound)          404, also for another partner's withdrawal
     ├── WithdrawalAlreadyDecided (Conflict)    409: approved/rejected the other way already
     ├── WithdrawalOutOfBounds (Unprocessable)  422: below the minimum or above the maximum
+    ├── WithdrawalKeyMismatch (Unprocessable)  422: Idempotency-Key already named another amount
     ├── RevenueEventConflict (Conflict)        409: event id reused with other figures
     ├── RevenueEventOutOfBounds (Unprocessable) 422: profit beyond WALLET_REVENUE_EVENT_MAX
     └── NotAPartner (Unprocessable)            422: terms for a user without a partner role
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID, uuid4, uuid5
 
 import structlog
 from sqlalchemy import Row
@@ -62,6 +63,8 @@ NOTIFY_JOB = "wallet.withdrawal.notify"
 BPS = 10_000
 #: pg advisory lock key: one stats refresh at a time across every process.
 STATS_LOCK = 7_421_010
+#: Namespace of withdrawal ids: uuid5(owner id + client key) is the same on every retry.
+WITHDRAWAL_NAMESPACE = UUID("0b6f9a53-6c0e-4d8e-a3f3-2f4f3b1d7c10")
 
 
 class WithdrawalNotFound(WalletError, NotFound):
@@ -76,6 +79,10 @@ class WithdrawalOutOfBounds(WalletError, UnprocessableEntity):
     """The amount is outside the configured minimum/maximum."""
 
 
+class WithdrawalKeyMismatch(WalletError, UnprocessableEntity):
+    """The client's Idempotency-Key already made a withdrawal of another amount."""
+
+
 class RevenueEventConflict(WalletError, Conflict):
     """A revenue event id was reused with different figures."""
 
@@ -86,6 +93,12 @@ class RevenueEventOutOfBounds(WalletError, UnprocessableEntity):
 
 class NotAPartner(WalletError, UnprocessableEntity):
     """Only partners and resellers have commercial terms."""
+
+
+def withdrawal_id_for(owner_id: UUID, key: str) -> UUID:
+    """The withdrawal a client's ``Idempotency-Key`` names (stable across retries, for ever:
+    the HTTP record of the key expires after a day, the withdrawal it made does not)."""
+    return uuid5(WITHDRAWAL_NAMESPACE, f"{owner_id}:{key}")
 
 
 def earning_for(profit: int, share_bps: int, commission_bps: int) -> tuple[int, int]:
@@ -301,22 +314,40 @@ class WalletService:
 
     # ---- withdrawals ---------------------------------------------------------------------
     async def request_withdrawal(
-        self, session: AsyncSession, runtime: Runtime, owner_id: UUID, *, amount: int
+        self,
+        session: AsyncSession,
+        runtime: Runtime,
+        owner_id: UUID,
+        *,
+        amount: int,
+        key: str | None = None,
     ) -> Withdrawal:
         """Reserve ``amount`` from the owner's wallet (a pending transfer to holds) and
-        record the request. Insufficient available funds → 409, refused by the database."""
+        record the request. Insufficient available funds → 409, refused by the database.
+
+        With the client's ``key`` (its Idempotency-Key) the withdrawal's id derives from it:
+        the same key names the same withdrawal even after the HTTP layer forgot the key
+        (a replay a day later reserves nothing twice; another amount is a 422)."""
         settings = runtime.settings
         low, high = settings.WALLET_WITHDRAWAL_MIN, settings.WALLET_WITHDRAWAL_MAX
         if not low <= amount <= high:
             raise WithdrawalOutOfBounds(
                 f"A withdrawal must be between {low} and {high} minor units."
             )
+        withdrawal_id = uuid4() if key is None else withdrawal_id_for(owner_id, key)
+        if key is not None:
+            existing = await repository.owner_withdrawal(session, owner_id, withdrawal_id)
+            if existing is not None:
+                if existing.amount != amount:
+                    raise WithdrawalKeyMismatch(
+                        "This Idempotency-Key was already used for a withdrawal of another amount."
+                    )
+                return existing
         currency = self.currency(runtime)
         wallet = await self.ledger.wallet_of(
             session, owner_id, currency=currency
         ) or await self.ledger.open_wallet(session, owner_id, currency=currency)
         holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
-        withdrawal_id = uuid4()
         posted = await self.ledger.transfer(
             session,
             key=f"withdrawal:{withdrawal_id}",
