@@ -21,6 +21,14 @@ from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.wallet import Earning, Entry, Partner, RevenueEvent, Withdrawal
 
 
+async def moved_under(session: AsyncSession, key: str) -> int | None:
+    """The amount of the ledger transfer made under idempotency ``key``, or None."""
+    value = await session.scalar(
+        text("SELECT amount FROM wallet_transfers WHERE idempotency_key = :k"), {"k": key}
+    )
+    return None if value is None else int(value)
+
+
 async def scope_to_owner(session: AsyncSession, owner_id: UUID) -> None:
     """Row-level security for the rest of this transaction (see the migration's policies)."""
     await session.execute(
