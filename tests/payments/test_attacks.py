@@ -14,12 +14,14 @@ from typing import Any
 from sqlalchemy import text
 
 from surge.kit.security import webhooks
+from surge.wallet.funds import funds as funds_service
 from surge.wallet.ledger import ledger
 from tests.fixtures.factories import Caller
 from tests.fixtures.payments import SIM_SECRET
 from tests.payments.conftest import Live
 from tests.payments.test_topups import balance, postings
 from tests.payments.test_webhooks import intent_event, post
+from tests.wallet.factories import fund
 
 
 async def assert_invariants(live: Live) -> None:
@@ -126,4 +128,76 @@ class TestSameEventAtOnce:
         await live.settled()
         assert await balance(live, caller) == 1_500
         assert len(await postings(live, event["data"]["object"]["id"])) == 1
+        await assert_invariants(live)
+
+
+class TestTopupCashOut:
+    """Stolen card → top-up → withdrawal → chargeback: the provider takes the money back
+    from the platform while the payout already left. Top-up credit buys operations; only
+    earnings (and adjustments) can be withdrawn."""
+
+    async def withdraw(self, live: Live, caller: Caller, amount: int) -> Any:
+        return await live.api.post(
+            "/api/v1/withdrawals",
+            json={"amount": amount},
+            headers={**caller.headers, "Idempotency-Key": uuid.uuid4().hex},
+        )
+
+    async def test_top_up_credit_cannot_be_withdrawn(self, live: Live) -> None:
+        caller = await live.reseller()
+        body = (await live.topup(caller, amount=10_000)).json()
+        await live.settled()
+        assert await balance(live, caller) == 10_000
+        refused = await self.withdraw(live, caller, 10_000)
+        assert refused.status_code == 409, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["withdrawable"] == 0
+        # The chargeback then takes back exactly what came in: nothing was paid out.
+        await live.sim.dispute(body["provider_payment_id"])
+        await live.settled()
+        assert await balance(live, caller) == 0
+        await assert_invariants(live)
+
+    async def test_earnings_stay_withdrawable_next_to_top_up_credit(self, live: Live) -> None:
+        caller = await live.reseller()
+        await live.topup(caller, amount=10_000)
+        async with live.runtime.db.session() as session:  # an earning (or an adjustment)
+            await fund(session, caller.id, 3_000)
+        await live.settled()
+        assert (await self.withdraw(live, caller, 3_001)).json()["withdrawable"] == 3_000
+        made = await self.withdraw(live, caller, 3_000)
+        assert made.status_code == 201, made.text
+        await assert_invariants(live)
+
+    async def test_spent_top_up_credit_is_spent_first(self, live: Live) -> None:
+        """Operations consume top-up credit before earnings: a reseller who bought with its
+        top-ups may still withdraw what it earned."""
+        caller = await live.reseller()
+        await live.topup(caller, amount=10_000)
+        async with live.runtime.db.session() as session:
+            await fund(session, caller.id, 3_000)
+            hold = await funds_service.reserve(
+                session, caller.id, amount=8_000, currency="USD", key=f"op:{uuid.uuid4()}",
+                kind="operation",
+            )  # fmt: skip
+            await funds_service.settle(session, hold, key=f"op:{hold}:settle", kind="operation")
+            await session.commit()
+        await live.settled()
+        assert await balance(live, caller) == 5_000  # 2 000 of top-up left, 3 000 earned
+        assert (await self.withdraw(live, caller, 3_001)).status_code == 409
+        assert (await self.withdraw(live, caller, 3_000)).status_code == 201
+        await assert_invariants(live)
+
+    async def test_concurrent_withdrawals_never_reach_top_up_credit(self, live: Live) -> None:
+        """Each request alone fits what is withdrawable; together they would need top-up
+        credit: the check and the reservation are one locked step, so only some pass."""
+        caller = await live.reseller()
+        await live.topup(caller, amount=10_000)
+        async with live.runtime.db.session() as session:
+            await fund(session, caller.id, 3_000)
+        await live.settled()
+        replies = await asyncio.gather(*(self.withdraw(live, caller, 1_000) for _ in range(8)))
+        assert sorted(r.status_code for r in replies) == [201] * 3 + [409] * 5
+        wallet = (await live.api.get("/api/v1/wallet", headers=caller.headers)).json()
+        assert (wallet["balance"], wallet["available"]) == (13_000, 10_000)
         await assert_invariants(live)

@@ -6,6 +6,7 @@ approval, and the partner's reads — every money movement through ``surge.walle
     ├── WithdrawalAlreadyDecided (Conflict)    409: approved/rejected the other way already
     ├── WithdrawalOutOfBounds (Unprocessable)  422: below the minimum or above the maximum
     ├── WithdrawalKeyMismatch (Unprocessable)  422: Idempotency-Key already named another amount
+    ├── NotWithdrawable (Conflict)             409: the amount needs unspent top-up credit
     ├── RevenueEventConflict (Conflict)        409: event id reused with other figures
     ├── RevenueEventOutOfBounds (Unprocessable) 422: profit beyond WALLET_REVENUE_EVENT_MAX
     └── NotAPartner (Unprocessable)            422: terms for a user without a partner role
@@ -38,18 +39,27 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.audit.service import audit as audit_service
 from surge.identity.service import identity as identity_service
-from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
+from surge.kit.errors import NotFound, SurgeError
 from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.kit.web.pagination import Slice
 from surge.models.wallet import Earning, Partner, RevenueEvent, Withdrawal
 from surge.wallet import repository
+from surge.wallet.errors import (
+    NotAPartner,
+    NotWithdrawable,
+    RevenueEventConflict,
+    RevenueEventOutOfBounds,
+    WithdrawalAlreadyDecided,
+    WithdrawalKeyMismatch,
+    WithdrawalNotFound,
+    WithdrawalOutOfBounds,
+)
 from surge.wallet.ledger import (
     Balance,
     Ledger,
     SystemAccount,
     TransferSpec,
-    WalletError,
     ledger,
 )
 
@@ -65,34 +75,6 @@ BPS = 10_000
 STATS_LOCK = 7_421_010
 #: Namespace of withdrawal ids: uuid5(owner id + client key) is the same on every retry.
 WITHDRAWAL_NAMESPACE = UUID("0b6f9a53-6c0e-4d8e-a3f3-2f4f3b1d7c10")
-
-
-class WithdrawalNotFound(WalletError, NotFound):
-    """No such withdrawal for this owner (another partner's is reported the same way)."""
-
-
-class WithdrawalAlreadyDecided(WalletError, Conflict):
-    """The withdrawal was already decided the other way."""
-
-
-class WithdrawalOutOfBounds(WalletError, UnprocessableEntity):
-    """The amount is outside the configured minimum/maximum."""
-
-
-class WithdrawalKeyMismatch(WalletError, UnprocessableEntity):
-    """The client's Idempotency-Key already made a withdrawal of another amount."""
-
-
-class RevenueEventConflict(WalletError, Conflict):
-    """A revenue event id was reused with different figures."""
-
-
-class RevenueEventOutOfBounds(WalletError, UnprocessableEntity):
-    """The profit is beyond ``WALLET_REVENUE_EVENT_MAX``."""
-
-
-class NotAPartner(WalletError, UnprocessableEntity):
-    """Only partners and resellers have commercial terms."""
 
 
 def withdrawal_id_for(owner_id: UUID, key: str) -> UUID:
@@ -348,6 +330,20 @@ class WalletService:
             session, owner_id, currency=currency
         ) or await self.ledger.open_wallet(session, owner_id, currency=currency)
         holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
+        payments, sales = [  # resolved (maybe created) before any lock is held
+            await self.ledger.system_account(session, code, currency=currency)
+            for code in (SystemAccount.payments, SystemAccount.sales)
+        ]
+        # Wallet and holds locked in the ledger's order before reading: a concurrent request
+        # (or a credit) cannot change what is withdrawable between the check and the transfer.
+        await self.ledger.lock(session, [wallet, holds])
+        available, withdrawable = await self._withdrawable(session, wallet, payments, sales)
+        if withdrawable < amount <= available:  # beyond available: the ledger's own 409
+            raise NotWithdrawable(
+                "Top-up credit buys operations and is never paid out; this wallet can "
+                f"withdraw {max(withdrawable, 0)} minor units.",
+                extra={"withdrawable": max(withdrawable, 0)},
+            )
         posted = await self.ledger.transfer(
             session,
             key=f"withdrawal:{withdrawal_id}",
@@ -370,6 +366,18 @@ class WalletService:
         self.invalidate_after_commit(session, runtime)
         log.info("wallet.withdrawal.requested", withdrawal_id=str(withdrawal_id), amount=amount)
         return withdrawal
+
+    async def _withdrawable(
+        self, session: AsyncSession, wallet: int, payments: int, sales: int
+    ) -> tuple[int, int]:
+        """(available, withdrawable): available minus the top-up credit not yet spent.
+        Posted purchases spend top-up credit first; one still reserved does not count yet
+        (stricter for the seconds an operation runs, never looser)."""
+        balance = await self.ledger.balance(session, wallet)
+        topped, spent = await repository.topup_flows(
+            session, wallet, payments=payments, sales=sales
+        )
+        return balance.available, balance.available - max(0, topped - spent)
 
     async def decide(
         self,
