@@ -110,6 +110,34 @@ class TestReversalsNeverExceedTheCredit:
         await assert_invariants(live)
 
 
+class TestOutOfOrder:
+    async def test_succeeded_after_refunded_credits_once_and_stays_refunded(
+        self, live: Live
+    ) -> None:
+        """The refund's event arrives (and is applied) before the payment's own: the refund
+        implies the credit, the late ``succeeded`` neither credits again nor un-refunds."""
+        caller = await live.reseller()
+        succeeded = intent_event(caller.id, amount=1_200)
+        obj = succeeded["data"]["object"]
+        payment_id = obj["id"]
+        refunded = refund_event(payment_id, captured=1_200, refunds=[1_200])
+        refunded["data"]["object"]["metadata"] = obj["metadata"]
+        refunded["created"] = succeeded["created"] + 5
+        assert (await post(live, refunded, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        assert (await post(live, succeeded, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        assert await balance(live, caller) == 0
+        assert [p["kind"] for p in await postings(live, payment_id)] == ["topup", "topup_refund"]
+        row = await topup_of(live, caller, obj["metadata"]["topup_id"])
+        assert (row["status"], row["amount_credited"], row["amount_reversed"]) == (
+            "refunded",
+            1_200,
+            1_200,
+        )
+        await assert_invariants(live)
+
+
 class TestSameEventAtOnce:
     async def test_one_event_delivered_concurrently_credits_once(self, live: Live) -> None:
         caller = await live.reseller()
