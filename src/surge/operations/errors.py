@@ -25,6 +25,10 @@ class InvalidOperation(OperationError, UnprocessableEntity):
     pass
 
 
+class OperationKeyMismatch(OperationError, UnprocessableEntity):
+    """The client's Idempotency-Key already made another operation."""
+
+
 class DuplicateAccount(OperationError, Conflict):
     pass
 

@@ -69,7 +69,7 @@ async def create_operation(
     async def handler() -> Response:
         operation = await operations_service.create(
             session, runtime, principal.user_id, kind=body.kind, card=body.card,
-            package=body.package, months=body.months,
+            package=body.package, months=body.months, key=request.headers["Idempotency-Key"],
         )  # fmt: skip
         read = OperationRead.model_validate(operation).model_dump(mode="json")
         return JSONResponse(read, status_code=202)

@@ -20,7 +20,7 @@ class OperationCreate(BaseModel):
     kind: Kind = "renew"
     card: str = Field(pattern=r"^\d{10,16}$", description="The card number, 10 to 16 digits.")
     package: str | None = Field(default=None, max_length=40)
-    months: int = Field(default=0, ge=0, le=12)
+    months: int = Field(default=0, ge=0, le=12, strict=True)
 
 
 class AttemptRead(BaseModel):

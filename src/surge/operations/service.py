@@ -20,6 +20,7 @@ settles or releases it (audited).
         ├── AccountNotFound          404
         ├── ProxyNotFound            404
         ├── InvalidOperation         422  card, package or months refused
+        ├── OperationKeyMismatch     422  Idempotency-Key already used for another operation
         ├── DuplicateAccount         409
         ├── DuplicateProxy           409
         ├── NotInReview              409  resolving an operation that is not in review
@@ -32,7 +33,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
-from uuid import UUID, uuid4
+from uuid import UUID, uuid4, uuid5
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -51,6 +52,7 @@ from surge.operations.errors import (
     InvalidOperation,
     NotInReview,
     OperationError,
+    OperationKeyMismatch,
     OperationNotFound,
     ProviderNotConfigured,
     ProxyNotFound,
@@ -67,6 +69,7 @@ __all__ = [
     "InvalidOperation",
     "NotInReview",
     "OperationError",
+    "OperationKeyMismatch",
     "OperationNotFound",
     "OperationsService",
     "ProviderNotConfigured",
@@ -83,6 +86,14 @@ RUN_JOB = "operations.run"
 CARD = re.compile(r"^\d{10,16}$")
 DEFAULT_TIER = "retail"
 TERMINAL = frozenset({"succeeded", "failed", "needs_review"})
+#: Namespace of operation ids: uuid5(owner id + client key) is the same on every retry.
+OPERATION_NAMESPACE = UUID("6a1d3c1e-92b4-4f5e-8d0c-5b7e2f9a4c33")
+
+
+def operation_id_for(owner_id: UUID, key: str) -> UUID:
+    """The operation a client's ``Idempotency-Key`` names, for ever (its HTTP record
+    expires after a day; a replay after that must not buy the renewal twice)."""
+    return uuid5(OPERATION_NAMESPACE, f"{owner_id}:{key}")
 
 
 def proxy_label(url: str) -> str:
@@ -110,9 +121,11 @@ class OperationsService:
 
     async def create(
         self, session: AsyncSession, runtime: Runtime, owner_id: UUID, *, kind: str, card: str,
-        package: str | None = None, months: int = 0,
+        package: str | None = None, months: int = 0, key: str | None = None,
     ) -> Operation:  # fmt: skip
-        """Validate, price, reserve and enqueue, in the caller's transaction."""
+        """Validate, price, reserve and enqueue, in the caller's transaction. With the
+        client's ``key`` the operation's id derives from it: the same key is the same
+        operation (another body under it: 422), however late it comes back."""
         settings = runtime.settings
         if not CARD.match(card):
             raise InvalidOperation("A card number is 10 to 16 digits.")
@@ -127,8 +140,18 @@ class OperationsService:
             package, months, amount = None, 0, settings.OPERATIONS_SIGNAL_PRICE
         else:
             raise InvalidOperation(f"Unknown operation kind {kind!r}.")
+        operation_id = uuid4() if key is None else operation_id_for(owner_id, key)
+        if key is not None:
+            existing = await repository.get_operation(session, operation_id, owner_id=owner_id)
+            if existing is not None:
+                asked = (kind, card, package, months)
+                if (existing.kind, existing.card, existing.package, existing.months) != asked:
+                    raise OperationKeyMismatch(
+                        "This Idempotency-Key was already used for another operation."
+                    )
+                return existing
         operation = Operation(
-            id=uuid4(), owner_id=owner_id, kind=kind, card=card, package=package, months=months,
+            id=operation_id, owner_id=owner_id, kind=kind, card=card, package=package, months=months,
             amount=amount, currency=settings.WALLET_CURRENCY, status="queued",
         )  # fmt: skip
         await repository.add_operation(session, operation)

@@ -519,7 +519,19 @@ class TopupService:
     async def _reverse(
         self, session: AsyncSession, topup: Topup, obj: Mapping[str, Any], *, what: str
     ) -> None:
-        amount = int(obj["amount"])
+        """Take back a refund or a dispute, never more than the payment credited: a refund
+        larger than the payment, or a refund and a dispute of the same money, would
+        otherwise take the owner's other funds (the provider only ever took this payment)."""
+        key = f"payment:{topup.provider_payment_id}:{what}:{obj['id']}"
+        if await funds_service.moved(session, key=key) is not None:
+            return  # this refund or dispute was taken back already (a replayed event)
+        asked = int(obj["amount"])
+        amount = min(asked, topup.amount_credited - topup.amount_reversed)
+        if amount < asked:
+            log.warning(
+                "payments.topup.reversal_capped", topup_id=str(topup.id), what=what,
+                asked=asked, reversed=max(amount, 0), credited=topup.amount_credited,
+            )  # fmt: skip
         if amount <= 0:
             return
         posted = await funds_service.reverse(
@@ -527,7 +539,7 @@ class TopupService:
             topup.owner_id,
             amount=amount,
             currency=topup.currency,
-            key=f"payment:{topup.provider_payment_id}:{what}:{obj['id']}",
+            key=key,
             kind=f"topup_{what}",
             reference=str(obj["id"]),
         )

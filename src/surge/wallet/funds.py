@@ -20,6 +20,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from surge.wallet import repository
 from surge.wallet.ledger import Balance, Ledger, Posted, SystemAccount, ledger
 from surge.wallet.service import changed_owners
 
@@ -37,6 +38,11 @@ class FundsService:
             return 0
         balance: Balance = await self.ledger.balance(session, account)
         return balance.available
+
+    async def moved(self, session: AsyncSession, *, key: str) -> int | None:
+        """The amount already moved under idempotency ``key`` (None: nothing yet) — for a
+        caller that must size its next movement by what its earlier ones did."""
+        return await repository.moved_under(session, key)
 
     async def reserve(
         self,

@@ -21,6 +21,33 @@ from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.wallet import Earning, Entry, Partner, RevenueEvent, Withdrawal
 
 
+async def moved_under(session: AsyncSession, key: str) -> int | None:
+    """The amount of the ledger transfer made under idempotency ``key``, or None."""
+    value = await session.scalar(
+        text("SELECT amount FROM wallet_transfers WHERE idempotency_key = :k"), {"k": key}
+    )
+    return None if value is None else int(value)
+
+
+async def topup_flows(
+    session: AsyncSession, wallet: int, *, payments: int, sales: int
+) -> tuple[int, int]:
+    """(net top-up credit, posted purchases) of ``wallet``, from its posted entries: what
+    came in from the payment provider minus its reversals, and what was paid for sales."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT coalesce(sum(amount) FILTER (WHERE counterparty_account_id = :p), 0), "
+                "       coalesce(-sum(amount) FILTER (WHERE counterparty_account_id = :s), 0) "
+                "FROM wallet_entries "
+                "WHERE account_id = :w AND counterparty_account_id IN (:p, :s)"
+            ),
+            {"w": wallet, "p": payments, "s": sales},
+        )
+    ).one()
+    return int(row[0]), int(row[1])
+
+
 async def scope_to_owner(session: AsyncSession, owner_id: UUID) -> None:
     """Row-level security for the rest of this transaction (see the migration's policies)."""
     await session.execute(

@@ -136,8 +136,9 @@ async def request_withdrawal(
 
     async def handler() -> Response:
         withdrawal = await wallet_service.request_withdrawal(
-            session, runtime, principal.user_id, amount=body.amount
-        )
+            session, runtime, principal.user_id, amount=body.amount,
+            key=request.headers.get("Idempotency-Key"),
+        )  # fmt: skip
         return JSONResponse(_withdrawal(withdrawal), status_code=201)
 
     return await idempotency_keys.run(

@@ -5,6 +5,8 @@ approval, and the partner's reads — every money movement through ``surge.walle
     ├── WithdrawalNotFound (NotFound)          404, also for another partner's withdrawal
     ├── WithdrawalAlreadyDecided (Conflict)    409: approved/rejected the other way already
     ├── WithdrawalOutOfBounds (Unprocessable)  422: below the minimum or above the maximum
+    ├── WithdrawalKeyMismatch (Unprocessable)  422: Idempotency-Key already named another amount
+    ├── NotWithdrawable (Conflict)             409: the amount needs unspent top-up credit
     ├── RevenueEventConflict (Conflict)        409: event id reused with other figures
     ├── RevenueEventOutOfBounds (Unprocessable) 422: profit beyond WALLET_REVENUE_EVENT_MAX
     └── NotAPartner (Unprocessable)            422: terms for a user without a partner role
@@ -29,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID, uuid4, uuid5
 
 import structlog
 from sqlalchemy import Row
@@ -37,18 +39,27 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.audit.service import audit as audit_service
 from surge.identity.service import identity as identity_service
-from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
+from surge.kit.errors import NotFound, SurgeError
 from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.kit.web.pagination import Slice
 from surge.models.wallet import Earning, Partner, RevenueEvent, Withdrawal
 from surge.wallet import repository
+from surge.wallet.errors import (
+    NotAPartner,
+    NotWithdrawable,
+    RevenueEventConflict,
+    RevenueEventOutOfBounds,
+    WithdrawalAlreadyDecided,
+    WithdrawalKeyMismatch,
+    WithdrawalNotFound,
+    WithdrawalOutOfBounds,
+)
 from surge.wallet.ledger import (
     Balance,
     Ledger,
     SystemAccount,
     TransferSpec,
-    WalletError,
     ledger,
 )
 
@@ -62,30 +73,14 @@ NOTIFY_JOB = "wallet.withdrawal.notify"
 BPS = 10_000
 #: pg advisory lock key: one stats refresh at a time across every process.
 STATS_LOCK = 7_421_010
+#: Namespace of withdrawal ids: uuid5(owner id + client key) is the same on every retry.
+WITHDRAWAL_NAMESPACE = UUID("0b6f9a53-6c0e-4d8e-a3f3-2f4f3b1d7c10")
 
 
-class WithdrawalNotFound(WalletError, NotFound):
-    """No such withdrawal for this owner (another partner's is reported the same way)."""
-
-
-class WithdrawalAlreadyDecided(WalletError, Conflict):
-    """The withdrawal was already decided the other way."""
-
-
-class WithdrawalOutOfBounds(WalletError, UnprocessableEntity):
-    """The amount is outside the configured minimum/maximum."""
-
-
-class RevenueEventConflict(WalletError, Conflict):
-    """A revenue event id was reused with different figures."""
-
-
-class RevenueEventOutOfBounds(WalletError, UnprocessableEntity):
-    """The profit is beyond ``WALLET_REVENUE_EVENT_MAX``."""
-
-
-class NotAPartner(WalletError, UnprocessableEntity):
-    """Only partners and resellers have commercial terms."""
+def withdrawal_id_for(owner_id: UUID, key: str) -> UUID:
+    """The withdrawal a client's ``Idempotency-Key`` names (stable across retries, for ever:
+    the HTTP record of the key expires after a day, the withdrawal it made does not)."""
+    return uuid5(WITHDRAWAL_NAMESPACE, f"{owner_id}:{key}")
 
 
 def earning_for(profit: int, share_bps: int, commission_bps: int) -> tuple[int, int]:
@@ -301,22 +296,54 @@ class WalletService:
 
     # ---- withdrawals ---------------------------------------------------------------------
     async def request_withdrawal(
-        self, session: AsyncSession, runtime: Runtime, owner_id: UUID, *, amount: int
+        self,
+        session: AsyncSession,
+        runtime: Runtime,
+        owner_id: UUID,
+        *,
+        amount: int,
+        key: str | None = None,
     ) -> Withdrawal:
         """Reserve ``amount`` from the owner's wallet (a pending transfer to holds) and
-        record the request. Insufficient available funds → 409, refused by the database."""
+        record the request. Insufficient available funds → 409, refused by the database.
+
+        With the client's ``key`` (its Idempotency-Key) the withdrawal's id derives from it:
+        the same key names the same withdrawal even after the HTTP layer forgot the key
+        (a replay a day later reserves nothing twice; another amount is a 422)."""
         settings = runtime.settings
         low, high = settings.WALLET_WITHDRAWAL_MIN, settings.WALLET_WITHDRAWAL_MAX
         if not low <= amount <= high:
             raise WithdrawalOutOfBounds(
                 f"A withdrawal must be between {low} and {high} minor units."
             )
+        withdrawal_id = uuid4() if key is None else withdrawal_id_for(owner_id, key)
+        if key is not None:
+            existing = await repository.owner_withdrawal(session, owner_id, withdrawal_id)
+            if existing is not None:
+                if existing.amount != amount:
+                    raise WithdrawalKeyMismatch(
+                        "This Idempotency-Key was already used for a withdrawal of another amount."
+                    )
+                return existing
         currency = self.currency(runtime)
         wallet = await self.ledger.wallet_of(
             session, owner_id, currency=currency
         ) or await self.ledger.open_wallet(session, owner_id, currency=currency)
         holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
-        withdrawal_id = uuid4()
+        payments, sales = [  # resolved (maybe created) before any lock is held
+            await self.ledger.system_account(session, code, currency=currency)
+            for code in (SystemAccount.payments, SystemAccount.sales)
+        ]
+        # Wallet and holds locked in the ledger's order before reading: a concurrent request
+        # (or a credit) cannot change what is withdrawable between the check and the transfer.
+        await self.ledger.lock(session, [wallet, holds])
+        available, withdrawable = await self._withdrawable(session, wallet, payments, sales)
+        if withdrawable < amount <= available:  # beyond available: the ledger's own 409
+            raise NotWithdrawable(
+                "Top-up credit buys operations and is never paid out; this wallet can "
+                f"withdraw {max(withdrawable, 0)} minor units.",
+                extra={"withdrawable": max(withdrawable, 0)},
+            )
         posted = await self.ledger.transfer(
             session,
             key=f"withdrawal:{withdrawal_id}",
@@ -339,6 +366,18 @@ class WalletService:
         self.invalidate_after_commit(session, runtime)
         log.info("wallet.withdrawal.requested", withdrawal_id=str(withdrawal_id), amount=amount)
         return withdrawal
+
+    async def _withdrawable(
+        self, session: AsyncSession, wallet: int, payments: int, sales: int
+    ) -> tuple[int, int]:
+        """(available, withdrawable): available minus the top-up credit not yet spent.
+        Posted purchases spend top-up credit first; one still reserved does not count yet
+        (stricter for the seconds an operation runs, never looser)."""
+        balance = await self.ledger.balance(session, wallet)
+        topped, spent = await repository.topup_flows(
+            session, wallet, payments=payments, sales=sales
+        )
+        return balance.available, balance.available - max(0, topped - spent)
 
     async def decide(
         self,

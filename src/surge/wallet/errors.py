@@ -1,0 +1,40 @@
+"""The wallet service's errors (the tree is drawn in ``surge.wallet.service``'s docstring;
+the ledger's own are in ``surge.wallet.ledger``)."""
+
+from __future__ import annotations
+
+from surge.kit.errors import Conflict, NotFound, UnprocessableEntity
+from surge.wallet.ledger import WalletError
+
+
+class WithdrawalNotFound(WalletError, NotFound):
+    """No such withdrawal for this owner (another partner's is reported the same way)."""
+
+
+class WithdrawalAlreadyDecided(WalletError, Conflict):
+    """The withdrawal was already decided the other way."""
+
+
+class WithdrawalOutOfBounds(WalletError, UnprocessableEntity):
+    """The amount is outside the configured minimum/maximum."""
+
+
+class WithdrawalKeyMismatch(WalletError, UnprocessableEntity):
+    """The client's Idempotency-Key already made a withdrawal of another amount."""
+
+
+class RevenueEventConflict(WalletError, Conflict):
+    """A revenue event id was reused with different figures."""
+
+
+class RevenueEventOutOfBounds(WalletError, UnprocessableEntity):
+    """The profit is beyond ``WALLET_REVENUE_EVENT_MAX``."""
+
+
+class NotAPartner(WalletError, UnprocessableEntity):
+    """Only partners and resellers have commercial terms."""
+
+
+class NotWithdrawable(WalletError, Conflict):
+    """The wallet holds the amount, but part of it is top-up credit: it buys operations and
+    is never paid out (a card top-up cashed out would come back as a chargeback)."""
