@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from surge.cli.servers import _listening, _start_simulators, _stop_children
+from surge.cli.servers import _listening, _start_simulators, _stop_children, _where_to_look
 from surge.kit.embedded import free_port, port_open
 from surge.sim import PROXY_PORT, SIMULATORS
 from surge.sim.proxies import listen_address
@@ -90,3 +90,15 @@ def test_someone_elses_socket_is_not_taken_for_the_simulator(tmp_path: Path) -> 
         )
         assert not _listening(child, port, None, timeout=20)
         assert child.returncode == 3
+
+
+def test_the_panel_fits_80_columns_and_shows_urls_that_open() -> None:
+    """What `surge up` prints: an address that cannot be opened (0.0.0.0) is shown as
+    loopback, and no line wraps in an 80-column terminal (the panel's border takes 4)."""
+    text = _where_to_look("0.0.0.0", 8000, Path(".data"), seeded=True)
+    assert max(len(line) for line in text.splitlines()) <= 76, text
+    words = text.split()
+    for path in ("/docs", "/admin", "/panel", "/api/health", "/metrics"):
+        assert f"http://127.0.0.1:8000{path}" in words, path
+    assert "admin@demo.surge.dev" in text
+    assert "surge-demo-password" in text

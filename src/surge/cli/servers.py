@@ -119,26 +119,27 @@ def up(
 
 def _where_to_look(host: str, port: int, data_dir: Path, *, seeded: bool) -> str:
     """The lines of the "Surge is up" panel: every URL opens as printed, and the demo
-    sign-ins work as printed (README, "The two commands")."""
+    sign-ins work as printed (README, "The two commands"). Under 76 columns: the panel
+    fits an 80-column terminal unwrapped."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
     base = f"http://{shown}:{port}"
     lines = [
-        f"API docs    {base}/docs         (OpenAPI: every route, callable from the page)",
+        f"API docs    {base}/docs         (OpenAPI: try every route)",
         f"Console     {base}/admin",
         f"Panel       {base}/panel        (the reseller panel)",
         f"Health      {base}/api/health   (also /livez, /readyz)",
         f"Metrics     {base}/metrics",
     ]
     if seeded and importlib.util.find_spec("surge.demo") is not None:
-        from surge.demo import DEMO_DOMAIN, DEMO_PASSWORD, email
+        from surge.demo import DEMO_PASSWORD, email
 
         lines += [
             "",
             f"Sign in     {email('admin')}       console (it enrols a second factor)",
             f"            {email('reseller1')}   panel",
-            f"            also auditor, alice, bob, carol, partner1, partner2 @{DEMO_DOMAIN}",
+            "            auditor, alice, bob, carol, partner1, partner2: same domain",
             f"Password    {DEMO_PASSWORD}   (every demo user)",
-            f"E-mails     {data_dir / 'smtp-sim'}/ (what the local SMTP relay received)",
+            f"E-mails     {data_dir / 'smtp-sim'}/   (what the local SMTP relay received)",
         ]
     return "\n".join(lines)
 
