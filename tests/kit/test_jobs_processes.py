@@ -25,6 +25,7 @@ from surge.kit.embedded import free_port
 from surge.kit.jobs import enqueue, enqueue_many
 from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
+from tests.fixtures.waiting import eventually
 from tests.fixtures.workers import running_worker
 from tests.kit import jobs_handlers
 from tests.kit.jobs_handlers import EFFECTS_DDL
@@ -179,12 +180,12 @@ class TestStalledJobs:
             (job_id, row["lease_token"])
         ]
 
+    @pytest.mark.timeout(240)
     async def test_a_job_that_kills_its_worker_every_time_ends_failed(
         self, jobs_db: Runtime, tmp_path: Path
     ) -> None:
         """Fleet of 2 with max_stalled 1: run, die, re-run, die, failed — the fleet restarted
         the children it lost, and its metrics endpoint counted both stalls."""
-        job_id = await add(jobs_db, "test.suicide", {})
         log = tmp_path / "fleet.log"
         port = free_port()
         env = worker_env(
@@ -195,6 +196,13 @@ class TestStalledJobs:
         with log.open("ab") as out:
             fleet = start_fleet(env, out, port)
             try:
+                # Both children ready first (interpreter start-up is the loaded box's
+                # business), then the job: the 30 s below are the job's, not the start's.
+                await eventually(
+                    lambda: read_log(log).count("jobs.worker.started") >= 2,
+                    timeout=120, interval=0.1, message=f"fleet not ready: {read_log(log)[-2000:]}",
+                )  # fmt: skip
+                job_id = await add(jobs_db, "test.suicide", {})
                 row = await wait_row(jobs_db, job_id, timeout=30, state="failed")
                 assert row["stalls"] == 2  # stalled, re-queued; stalled again: > 1 → failed
                 assert row["attempts"] == 2
