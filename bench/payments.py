@@ -225,7 +225,12 @@ async def _bench(quick: bool) -> dict[str, Any]:
             port = free_port()
             procs.append(
                 uvicorn_server(
-                    "bench._payments_inline:create_app", port, env, workers=1, factory=True
+                    "bench._payments_inline:create_app",
+                    port,
+                    env,
+                    workers=1,
+                    factory=True,
+                    log=folder / "server.log",
                 )
             )
             procs.append(_worker(env, folder / "worker.log"))
@@ -257,6 +262,9 @@ async def _bench(quick: bool) -> dict[str, Any]:
                         progress.advance(task)
         finally:
             await db.close()
+    except BaseException:
+        console.print(f"[red]payments bench failed; the server's and worker's logs: {folder}")
+        raise
     finally:
         stop_servers(procs)
         redis.stop()
