@@ -45,19 +45,32 @@ GENERATOR_PROCESSES = 2
 
 
 def uvicorn_server(
-    target: str, port: int, env: dict[str, str], *, workers: int, factory: bool
+    target: str,
+    port: int,
+    env: dict[str, str],
+    *,
+    workers: int,
+    factory: bool,
+    log: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``target`` under uvicorn in its own process group (stop it with ``os.killpg``)."""
+    """``target`` under uvicorn in its own process group (stop it with ``os.killpg``); its
+    output appended to ``log`` when given, else discarded."""
     args = [
         sys.executable, "-m", "uvicorn", target, "--port", str(port), "--workers", str(workers),
         "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
     if factory:
         args.append("--factory")
-    return subprocess.Popen(
-        args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+    if log is None:
+        return subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
 
 
 def stop_servers(procs: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:

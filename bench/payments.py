@@ -115,15 +115,63 @@ async def _posted(db: Database, keys: list[str]) -> int:
     return int(count or 0)
 
 
-async def _surge_run(base: str, db: Database, count: int) -> tuple[float, float]:
+async def _where_it_stands(db: Database, payment_ids: list[str]) -> dict[str, Any]:
+    """What a drain that does not end is waiting for: this run's inbox events by state (and
+    their last errors), its jobs by state, stalls and last errors."""
+    async with db.session() as session:
+        events = (
+            await session.execute(
+                text(
+                    "SELECT state, count(*), max(attempts), min(last_error) FROM payment_events "
+                    "WHERE payment_id = ANY(:p) GROUP BY state"
+                ),
+                {"p": payment_ids},
+            )
+        ).all()
+        jobs = (
+            await session.execute(
+                text(
+                    "SELECT state, count(*), sum(stalls), max(attempts), min(last_error), "
+                    "min(run_at) FROM jobs WHERE lock_key = ANY(:k) GROUP BY state"
+                ),
+                {"k": [f"payment:{p}" for p in payment_ids]},
+            )
+        ).all()
+    return {
+        "events": {r[0]: {"count": r[1], "attempts": r[2], "error": r[3]} for r in events},
+        "jobs": {
+            r[0]: {"count": r[1], "stalls": r[2], "attempts": r[3], "error": r[4],
+                   "next_run": str(r[5])}
+            for r in jobs
+        },
+    }  # fmt: skip
+
+
+def _alive(procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
+    for proc in procs:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{' '.join(map(str, proc.args[:4]))} exited with {proc.returncode} "  # type: ignore[index]
+                f"mid-run; logs in {logs}"
+            )
+
+
+async def _surge_run(
+    base: str, db: Database, count: int, procs: list[subprocess.Popen[bytes]], logs: Path
+) -> tuple[float, float]:
     """(end-to-end events/s, acknowledged events/s) through the inbox path."""
     events = _events(count)
     keys = [f"payment:{pi}" for pi, _ in events]
     started = time.perf_counter()
     acked = await _send(f"{base}/api/v1/webhooks/payments", [body for _, body in events])
-    while await _posted(db, keys) < count:
+    while (posted := await _posted(db, keys)) < count:
+        _alive(procs, logs)  # a dead worker is said at once, not after 300 s
         if time.perf_counter() - started > 300:
-            raise TimeoutError("the inbox did not drain in 300 s")
+            stands = await _where_it_stands(db, [pi for pi, _ in events])
+            raise TimeoutError(
+                f"the inbox did not drain in 300 s: {posted}/{count} posted; {stands}; "
+                f"logs in {logs}"
+            )
         await asyncio.sleep(0.02)
     return count / (time.perf_counter() - started), count / acked
 
@@ -135,15 +183,17 @@ async def _inline_run(base: str, db: Database, count: int) -> float:
     return count / elapsed
 
 
-def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "surge.worker", "--queues", "payments", "--concurrency", "8"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """The worker, its warnings and errors kept in ``log`` (a stall must leave a trace)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "surge.worker", "--queues", "payments", "--concurrency", "8"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 async def _bench(quick: bool) -> dict[str, Any]:
@@ -175,16 +225,23 @@ async def _bench(quick: bool) -> dict[str, Any]:
             port = free_port()
             procs.append(
                 uvicorn_server(
-                    "bench._payments_inline:create_app", port, env, workers=1, factory=True
+                    "bench._payments_inline:create_app",
+                    port,
+                    env,
+                    workers=1,
+                    factory=True,
+                    log=folder / "server.log",
                 )
             )
-            procs.append(_worker(env))
+            procs.append(_worker(env, folder / "worker.log"))
             base = f"http://127.0.0.1:{port}"
             wait_ready(f"{base}/livez", procs[0])
         db = Database(pg.url, config=PoolConfig(max_size=4, min_size=1, slow_query=60))
         await db.start()
         try:
-            await _surge_run(base, db, 100)  # warm-up: imports, plans, pools (not measured)
+            await _surge_run(
+                base, db, 100, procs, folder
+            )  # warm-up: imports, plans, pools (not measured)
             await _inline_run(base, db, 100)
             ours: list[float] = []
             acked: list[float] = []
@@ -197,7 +254,7 @@ async def _bench(quick: bool) -> dict[str, Any]:
                     order = ["surge", "inline"] if rep % 2 == 0 else ["inline", "surge"]
                     for name in order:
                         if name == "surge":
-                            end_to_end, ack = await _surge_run(base, db, count)
+                            end_to_end, ack = await _surge_run(base, db, count, procs, folder)
                             ours.append(end_to_end)
                             acked.append(ack)
                         else:
@@ -205,6 +262,9 @@ async def _bench(quick: bool) -> dict[str, Any]:
                         progress.advance(task)
         finally:
             await db.close()
+    except BaseException:
+        console.print(f"[red]payments bench failed; the server's and worker's logs: {folder}")
+        raise
     finally:
         stop_servers(procs)
         redis.stop()

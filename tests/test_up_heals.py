@@ -146,7 +146,7 @@ def test_up_restarts_killed_servers_and_api(up: Up) -> None:
     healed["both"] = took
 
     # The API process itself (its whole process group, as an OOM kill would leave it).
-    api = [p for p in psutil.Process(up.proc.pid).children() if "serve" in " ".join(p.cmdline())]
+    api = [p for p in psutil.Process(up.proc.pid).children() if _is_api(_cmdline(p))]
     assert api, "no API child found"
     os.killpg(api[0].pid, signal.SIGKILL)
     took = up.until(lambda: up.health() == 200 and _api_pid(up) not in (None, api[0].pid),
@@ -185,8 +185,25 @@ def _children_with(up: Up, needle: str) -> list[int]:
     return found
 
 
+def _is_api(cmdline: list[str]) -> bool:
+    """`python -m surge.cli serve ...`, by its arguments: a simulator's arguments may hold a
+    path with "serve" in it (this test's own folder is named after it)."""
+    return cmdline[1:4] == ["-m", "surge.cli", "serve"]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    """Its command line; none for a process gone or a zombie not reaped yet (the API just
+    killed, before the supervisor's restart waits for it)."""
+    try:
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return []
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def _api_pid(up: Up) -> int | None:
     for child in psutil.Process(up.proc.pid).children():
-        if "serve" in " ".join(child.cmdline()):
+        if _is_api(_cmdline(child)):
             return int(child.pid)
     return None

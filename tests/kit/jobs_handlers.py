@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from datetime import timedelta
 
 from sqlalchemy import text
@@ -49,8 +50,14 @@ async def record_job(ctx: JobContext) -> None:
     await record(ctx, ctx.payload.get("note"))
 
 
+#: When each attempt of a ``test.fail`` job started (this process's monotonic clock), by job
+#: id: an in-process worker's test reads the real gaps between attempts here.
+FAIL_STARTS: dict[int, list[float]] = {}
+
+
 @job("test.fail", queue="t_fail", max_attempts=3, backoff=timedelta(milliseconds=200))
 async def fail(ctx: JobContext) -> None:
+    FAIL_STARTS.setdefault(ctx.id, []).append(time.monotonic())
     raise RuntimeError(f"boom on attempt {ctx.attempt}")
 
 

@@ -25,6 +25,7 @@ from surge.kit.embedded import free_port
 from surge.kit.jobs import enqueue, enqueue_many
 from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
+from tests.fixtures.waiting import eventually
 from tests.fixtures.workers import running_worker
 from tests.kit import jobs_handlers
 from tests.kit.jobs_handlers import EFFECTS_DDL
@@ -76,12 +77,26 @@ def worker_process(
             env=worker_env(runtime, **env), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
+            _wait_started(proc, log)
             yield proc
         finally:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)
                 proc.kill()
             proc.wait()
+
+
+def _wait_started(proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    """Until the worker says it runs: what each test times starts from a worker that is
+    there, not from an interpreter starting up on a loaded box (15 s were not enough at a
+    load average of 14)."""
+    deadline = time.monotonic() + timeout
+    while "jobs.worker.started" not in read_log(log):
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}: {read_log(log)[-2000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker not started in {timeout}s: {read_log(log)[-2000:]}")
+        time.sleep(0.05)
 
 
 def start_fleet(env: dict[str, str], out: IO[bytes], port: int) -> subprocess.Popen[bytes]:
@@ -156,6 +171,7 @@ async def add(runtime: Runtime, name: str, payload: dict[str, object]) -> int:
     return job_id
 
 
+@pytest.mark.timeout(300)  # worker processes start on a loaded box first (``_wait_started``)
 class TestStalledJobs:
     async def test_sigkill_mid_job_reruns_within_lease_plus_check_counted_as_one_stall(
         self, jobs_db: Runtime, tmp_path: Path
@@ -179,12 +195,12 @@ class TestStalledJobs:
             (job_id, row["lease_token"])
         ]
 
+    @pytest.mark.timeout(300)
     async def test_a_job_that_kills_its_worker_every_time_ends_failed(
         self, jobs_db: Runtime, tmp_path: Path
     ) -> None:
         """Fleet of 2 with max_stalled 1: run, die, re-run, die, failed — the fleet restarted
         the children it lost, and its metrics endpoint counted both stalls."""
-        job_id = await add(jobs_db, "test.suicide", {})
         log = tmp_path / "fleet.log"
         port = free_port()
         env = worker_env(
@@ -195,7 +211,15 @@ class TestStalledJobs:
         with log.open("ab") as out:
             fleet = start_fleet(env, out, port)
             try:
-                row = await wait_row(jobs_db, job_id, timeout=30, state="failed")
+                # Both children ready first (interpreter start-up is the loaded box's
+                # business), then the job: the 30 s below are the job's, not the start's.
+                await eventually(
+                    lambda: read_log(log).count("jobs.worker.started") >= 2,
+                    timeout=120, interval=0.1, message=f"fleet not ready: {read_log(log)[-2000:]}",
+                )  # fmt: skip
+                job_id = await add(jobs_db, "test.suicide", {})
+                # Two deaths, two stall checks and the fleet's restarts (interpreters again).
+                row = await wait_row(jobs_db, job_id, timeout=90, state="failed")
                 assert row["stalls"] == 2  # stalled, re-queued; stalled again: > 1 → failed
                 assert row["attempts"] == 2
                 assert "stalled more than 1 times" in str(row["last_error"])
@@ -241,20 +265,22 @@ class TestStalledJobs:
         assert "jobs.lease_lost" in read_log(tmp_path / "a.log")
 
 
+@pytest.mark.timeout(300)  # worker processes start on a loaded box first (``_wait_started``)
 class TestFleet:
     async def test_rate_limit_holds_across_two_worker_processes(
         self, jobs_db: Runtime, tmp_path: Path
     ) -> None:
         limit, period = 5, 1.0
-        async with jobs_db.db.session() as session:
-            # 2 processes × concurrency 2 × 0.5 s jobs: one process alone can start at most
-            # ~4 per second, so the limit (5/s) is only reached if both share it.
-            await enqueue_many(session, "test.limited", [{"seconds": 0.5}] * 20)
         env = {"SURGE_JOBS_RATE_LIMITS": f"t_limited={limit}/{period}s"}
         with (
             worker_process(jobs_db, "t_limited", tmp_path / "a.log", concurrency=2, **env),
             worker_process(jobs_db, "t_limited", tmp_path / "b.log", concurrency=2, **env),
         ):
+            async with jobs_db.db.session() as session:
+                # Both running first. 2 processes × concurrency 2 × 0.5 s jobs: one process
+                # alone can start at most ~4 per second, so the limit (5/s) is only reached
+                # if both share it.
+                await enqueue_many(session, "test.limited", [{"seconds": 0.5}] * 20)
             deadline = time.monotonic() + 20
             while True:
                 async with jobs_db.db.session() as session:

@@ -46,6 +46,16 @@ class TestOneSource:
         settings = Settings.model_construct(ALERT_ERROR_RATIO=0.05)
         assert "/ sum(rate(http_requests_total[5m])) > 0.05" in rules_from_settings(settings)
 
+    def test_the_shed_thresholds_come_from_their_settings(self) -> None:
+        settings = Settings.model_construct(ALERT_SHED_RATIO=0.02, ALERT_SHED_RATIO_CRITICAL=0.3)
+        shed = [r for r in prometheus_rules(AlertThresholds.from_settings(settings))
+                if r.alert == "HighShedRatio"]  # fmt: skip
+        assert [(r.severity, r.expr.splitlines()[1][-6:]) for r in shed] == [
+            ("warning", "> 0.02"),
+            ("critical", " > 0.3"),
+        ]
+        assert all(r.runbook and "SURGE_HTTP_MAX_IN_FLIGHT" in r.runbook for r in shed)
+
     def test_in_process_rules_and_prometheus_rules_are_the_same_alerts(self) -> None:
         thresholds = AlertThresholds.from_settings(Settings.model_construct())
         in_process = {rule.name: rule.threshold for rule in default_rules(thresholds=thresholds)}

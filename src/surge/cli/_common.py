@@ -126,8 +126,15 @@ def _prepare_metrics_dir() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
-def _seed_demo() -> None:
+def _seed_demo(*, fresh_settings: bool = False) -> None:
+    """Load the demo data; ``fresh_settings``: read the settings again from the environment
+    (``surge up`` has pointed it at the simulators it started since)."""
     if importlib.util.find_spec("surge.demo") is None:
         return
     demo = importlib.import_module("surge.demo")
-    demo.seed(console)
+    if fresh_settings:
+        from surge.config import Settings
+
+        demo.seed(console, Settings())
+    else:
+        demo.seed(console)

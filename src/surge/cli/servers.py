@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -52,6 +54,13 @@ def up(
     workers = workers or settings.WEB_WORKERS
     port = port or settings.PORT
     host = host or settings.HOST
+    if not _port_free(host, port):
+        # Found now, not after a minute of start-up as "api exited with 1".
+        console.print(
+            f"[red]✗ {host}:{port} is already in use (another `surge up` or `make run`?): stop "
+            f"it, or pick another port with --port or SURGE_PORT"
+        )
+        raise typer.Exit(1)
     # Before anything imports prometheus_client: this process counts its restarts there too.
     _prepare_metrics_dir()
     servers = resolve_servers()
@@ -68,31 +77,30 @@ def up(
     previous_term = signal.signal(signal.SIGTERM, stop_all)
     try:
         run_migrations(servers.database_url)
-        if seed:
-            _seed_demo()
         python = sys.executable
-        children += _start_simulators(host or "127.0.0.1")
+        simulators = _start_simulators(host or "127.0.0.1", settings.DATA_DIR)
+        children += [(name, child) for name, child, _ in simulators]
+        if seed:
+            # After the simulators: the demo registers the proxies where they listen now.
+            _seed_demo(fresh_settings=True)
         serve_cmd = [python, "-m", "surge.cli", "serve", "--workers", str(workers),
                      "--port", str(port), "--host", host, "--no-servers"]  # fmt: skip
         commands = [("api", serve_cmd)]
         if _has_jobs() and job_processes > 0:
             commands.append(("worker", [python, "-m", "surge.cli", "worker", "--processes",
                                         str(job_processes), "--no-servers"]))  # fmt: skip
-        supervisor, supervised = _supervise(servers, commands, simulators=children)
+        supervisor, supervised = _supervise(servers, commands, simulators=simulators)
         children[:] = _running(supervised)
         _wait_for_http(host, port, timeout=60, children=children)
-        base = f"http://{host}:{port}"
         console.print(
             Panel.fit(
-                f"API         {base}\n"
-                f"OpenAPI     {base}/docs\n"
-                f"Health      {base}/api/health   ({base}/livez, {base}/readyz)\n"
-                f"Metrics     {base}/metrics\n"
-                f"Processes   {workers} web" + (f", {job_processes} job worker" if len(children) > 1 else "")
+                _where_to_look(host, port, settings.DATA_DIR, seeded=seed)
+                + f"\nProcesses   {workers} web"
+                + (f", {job_processes} job worker" if len(children) > 1 else "")
                 + "\n\nCtrl-C stops everything.",
                 title="[bold green]Surge is up",
             )
-        )  # fmt: skip
+        )
         # ---- supervision (chaos, ADR 0021): servers and children restarted, not fatal ----
         while not stopping:
             supervisor.tick()
@@ -109,12 +117,39 @@ def up(
         console.print("[green]✓[/] Stopped; nothing left running.")
 
 
+def _where_to_look(host: str, port: int, data_dir: Path, *, seeded: bool) -> str:
+    """The lines of the "Surge is up" panel: every URL opens as printed, and the demo
+    sign-ins work as printed (README, "The two commands"). Under 76 columns: the panel
+    fits an 80-column terminal unwrapped."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+    base = f"http://{shown}:{port}"
+    lines = [
+        f"API docs    {base}/docs         (OpenAPI: try every route)",
+        f"Console     {base}/admin",
+        f"Panel       {base}/panel        (the reseller panel)",
+        f"Health      {base}/api/health   (also /livez, /readyz)",
+        f"Metrics     {base}/metrics",
+    ]
+    if seeded and importlib.util.find_spec("surge.demo") is not None:
+        from surge.demo import DEMO_PASSWORD, email
+
+        lines += [
+            "",
+            f"Sign in     {email('admin')}       console (it enrols a second factor)",
+            f"            {email('reseller1')}   panel",
+            "            auditor, alice, bob, carol, partner1, partner2: same domain",
+            f"Password    {DEMO_PASSWORD}   (every demo user)",
+            f"E-mails     {data_dir / 'smtp-sim'}/   (what the local SMTP relay received)",
+        ]
+    return "\n".join(lines)
+
+
 # ---- supervision of `surge up` (chaos, ADR 0021) ---------------------------------------------
 def _supervise(
     servers: Servers,
     commands: list[tuple[str, list[str]]],
     *,
-    simulators: list[tuple[str, subprocess.Popen[bytes]]],
+    simulators: list[tuple[str, subprocess.Popen[bytes], list[str]]],
 ) -> tuple[Supervisor, list[ChildProcess]]:
     """Start the API (and the worker fleet) under a ``Supervisor`` that also watches the
     embedded servers this command started: whatever dies is restarted with backoff, logged
@@ -142,8 +177,8 @@ def _supervise(
         elif isinstance(server, EmbeddedRedis):
             supervisor.add(Component("redis", server.running, _starter(server)))
     processes = []
-    for name, running in simulators:  # already started (their ports are in the environment)
-        adopted = ChildProcess(name, [str(arg) for arg in running.args])  # type: ignore[union-attr]
+    for name, running, restart in simulators:  # already started (ports in the environment)
+        adopted = ChildProcess(name, restart)
         adopted.process = running
         supervisor.add(adopted.component())
         processes.append(adopted)
@@ -166,33 +201,86 @@ def _running(processes: list[ChildProcess]) -> list[tuple[str, subprocess.Popen[
     return [(c.name, c.process) for c in processes if c.process is not None]
 
 
-def _start_simulators(host: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
+def _start_simulators(
+    host: str, data_dir: Path
+) -> list[tuple[str, subprocess.Popen[bytes], list[str]]]:
     """Start every ``surge.sim.SIMULATORS`` entry on a free port; point Surge at it.
 
-    The settings each one returns go into this process's environment, which the API and
-    worker processes started next inherit. A simulator whose URL setting is already set
-    (an external server configured by the operator) is not started."""
-    from surge.kit.embedded import free_port, wait_for_port
+    Returns (name, process, the command that restarts it where it listens). The settings each
+    one returns go into this process's environment, which the API and worker processes
+    started next inherit. A simulator whose URL setting is already set (an external server
+    configured by the operator) is not started."""
+    from surge.kit.embedded import EmbeddedServerError, free_port
     from surge.sim import SIMULATORS
 
-    started: list[tuple[str, subprocess.Popen[bytes]]] = []
+    started: list[tuple[str, subprocess.Popen[bytes], list[str]]] = []
+    data_dir.mkdir(parents=True, exist_ok=True)
     for sim in SIMULATORS:
-        port = free_port()
-        env = sim.env(host, port)
-        if any(os.environ.get(key) for key in env):
+        if any(os.environ.get(key) for key in sim.env(host, 0)):
             console.print(f"[dim]{sim.name}: configured externally, not started")
             continue
-        cmd = [sys.executable, "-m", sim.module, "--host", host, "--port", str(port), *sim.args]
-        child = subprocess.Popen(cmd, start_new_session=True)
-        started.append((f"sim:{sim.name}", child))
+        ready = (data_dir / f"sim-{sim.name}.json").resolve() if sim.ready_file else None
         try:
-            wait_for_port(host, port, timeout=20)
+            for _attempt in range(3):
+                port = free_port()
+                cmd = [sys.executable, "-m", sim.module, "--host", host, "--port", str(port),
+                       *sim.args, *(["--ready-file", str(ready)] if ready else [])]  # fmt: skip
+                if ready is not None:
+                    ready.unlink(missing_ok=True)
+                child = subprocess.Popen(cmd, start_new_session=True)
+                started.append((f"sim:{sim.name}", child, cmd))
+                if _listening(child, port, ready, timeout=20):
+                    break
+                started.pop()
+                _stop_children([(sim.name, child)], grace=2)
+                console.print(
+                    f"[yellow]simulator {sim.name} exited with {child.returncode} before "
+                    f"listening on {host}:{port} (taken meanwhile?); trying another port"
+                )
+            else:
+                raise EmbeddedServerError(f"simulator {sim.name} did not start (output above)")
         except BaseException:
-            _stop_children(started, grace=5)  # the caller never sees them: stop them here
+            _stop_children([(n, c) for n, c, _ in started], grace=5)  # the caller never sees them
             raise
+        env = sim.env(host, port)
+        if ready is not None:
+            report = json.loads(ready.read_text())
+            env = {str(k): str(v) for k, v in report["env"].items()}
+            started[-1] = (started[-1][0], child, [*cmd, *map(str, report["args"])])
+            if env != sim.env(host, port):
+                console.print(f"[yellow]simulator {sim.name}: its usual ports are taken (another "
+                              f"run on this machine?); this run uses {', '.join(env.values())}")  # fmt: skip
         os.environ.update(env)
         console.print(f"[green]✓[/] simulator {sim.name} on {host}:{port}")
     return started
+
+
+def _listening(
+    child: subprocess.Popen[bytes], port: int, ready: Path | None, *, timeout: float
+) -> bool:
+    """True once ``child`` itself listens on ``port`` (and wrote ``ready``, if any); False
+    when it exited first. Someone else's socket on that port is never taken for it."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            return False
+        try:
+            ports = {
+                c.laddr.port
+                for c in psutil.Process(child.pid).net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            }
+        except psutil.Error:
+            ports = set()
+        if port in ports and (ready is None or ready.exists()):
+            return True
+        time.sleep(0.05)
+    from surge.kit.embedded import EmbeddedServerError
+
+    _stop_children([("simulator", child)], grace=2)
+    raise EmbeddedServerError(f"simulator on port {port} not listening after {timeout:.0f}s")
 
 
 def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], grace: float) -> None:
@@ -207,6 +295,19 @@ def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], grace: f
             console.print(f"[yellow]{name} did not stop in {grace:.0f}s; killing it")
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether the API could listen on ``host:port`` (bound the way uvicorn binds it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _wait_for_http(
@@ -226,6 +327,7 @@ def _wait_for_http(
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+    console.print(f"[red]✗ the API did not answer http://{host}:{port}/readyz in {timeout:.0f}s")
     raise typer.Exit(1)
 
 

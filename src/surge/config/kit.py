@@ -181,3 +181,8 @@ class KitSettings(BaseSettings):
     """Seed 002: alert when machine memory in use is above this share."""
     ALERT_JOBS_LAG: timedelta = timedelta(seconds=60)
     """Alert when the oldest ready job has waited longer than this."""
+    ALERT_SHED_RATIO: float = 0.01
+    """Warn when admission control refuses more than this share of arriving requests (5 min):
+    one in a hundred users told to come back is already a capacity problem."""
+    ALERT_SHED_RATIO_CRITICAL: float = 0.1
+    """Page when admission control refuses more than this share of arriving requests."""

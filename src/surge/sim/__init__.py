@@ -9,8 +9,9 @@ would reach the real service.
 One way to add a simulator: a module ``surge.sim.<name>`` that runs as
 ``python -m surge.sim.<name> --host H --port P`` (printing nothing on stdout it needs read),
 and one ``Simulator`` entry below. ``surge up`` starts every entry on a free port, waits for
-it to accept connections, and hands the settings returned by ``env`` to the API and the
-workers (their environment), so the product points at the simulator.
+it to accept connections there (its own listening socket: a port taken meanwhile by someone
+else is retried, never mistaken for it), and hands the settings returned by ``env`` to the
+API and the workers (their environment), so the product points at the simulator.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class Simulator:
     env: Callable[[str, int], dict[str, str]]
     #: Extra command-line arguments.
     args: tuple[str, ...] = field(default=())
+    #: It may not listen where asked (a fixed port another run holds): ``surge up`` passes
+    #: ``--ready-file PATH`` and waits for that JSON, whose ``env`` replaces ``env(host,
+    #: port)`` and whose ``args`` are appended to restart it on the same addresses.
+    ready_file: bool = False
 
 
 #: Every simulator ``surge up`` starts, in order. Each domain adds its own entry.
@@ -49,7 +54,8 @@ SIMULATORS.append(
 PROVIDER_DEMO_ACCOUNTS = "agent1:agent1-secret,agent2:agent2-secret,agent3:agent3-secret"
 #: Egress proxies ``surge up`` starts (each with its own source address). They listen on
 #: fixed addresses (127.0.1.1:3128, 127.0.1.2:3128, ...: squid's port), so the proxies the
-#: demo registers in the database stay valid from one ``make run`` to the next.
+#: demo registers in the database stay valid from one ``make run`` to the next. When another
+#: run on this machine holds them, they listen on free ports for this run (``ready_file``).
 PROXY_COUNT = 4
 PROXY_PORT = 3128
 PROXY_URLS = tuple(f"http://127.0.1.{i + 1}:{PROXY_PORT}" for i in range(PROXY_COUNT))
@@ -73,6 +79,7 @@ SIMULATORS.append(
         module="surge.sim.proxies",
         env=_proxy_env,
         args=("--count", str(PROXY_COUNT), "--listen-port", str(PROXY_PORT)),
+        ready_file=True,
     )
 )
 

@@ -13,6 +13,9 @@ A reseller site the workers drive with provider accounts through egress proxies:
   range, a 5xx rate, a maintenance page, a per-source-IP request budget per window answered
   by 403 or a 200 block page, account lock after N bad logins, and ``drop_rate``: the
   renewal is *performed and recorded* and then the connection is dropped before any reply.
+  ``drop_schedule`` drops the replies of chosen renewals (by their order, 1 = the first the
+  provider performs) whatever the random draws say: a test that must see a lost reply gets
+  one however fast or slow the machine is.
 - Control (loopback, direct): ``POST /_control/config`` (any Config field),
   ``/_control/accounts``, ``/_control/block`` ({"ip", "seconds"}), ``/_control/unblock``,
   ``/_control/expire`` (every session idles out now).
@@ -70,8 +73,10 @@ class Config:
     """The card-status page answers 503 (nobody can tell what happened)."""
     refused_cards: list[str] = field(default_factory=list)
     """Cards the provider refuses to renew (its own rules: a business refusal)."""
-    """The card-status page answers 503 (nobody can tell what happened)."""
+    drop_schedule: list[int] = field(default_factory=list)
+    """Renewals (1 = the first performed) whose reply is dropped after the work, always."""
     seed: int | None = None
+    """Seeds the draws (latency, errors, drops); their order still follows arrivals."""
 
 
 @dataclass
@@ -95,6 +100,8 @@ class Provider:
     performed: list[dict[str, Any]] = field(default_factory=list)
     requests: list[tuple[float, str, str, str, int]] = field(default_factory=list)
     logins: int = 0
+    renewals: int = 0
+    """Renewals performed so far (what ``drop_schedule`` counts)."""
     rng: random.Random = field(default_factory=random.Random)
 
     def state(self) -> dict[str, Any]:
@@ -102,6 +109,7 @@ class Provider:
         return {
             "config": asdict(self.config),
             "performed": self.performed,
+            "renewals": self.renewals,
             "logins": self.logins,
             "locked": sorted(self.locked),
             "blocked": {ip: until for ip, until in self.blocked.items() if until > now},
@@ -239,7 +247,10 @@ class Provider:
         info["package"] = package
         info["months"] = int(info["months"]) + months
         self._record("renew", session, form, ip)
-        if self.config.drop_rate > 0 and self.rng.random() < self.config.drop_rate:
+        self.renewals += 1
+        if self.renewals in self.config.drop_schedule or (
+            self.config.drop_rate > 0 and self.rng.random() < self.config.drop_rate
+        ):
             return Reply(0, b"")  # performed; the reply is lost
         ref = html.escape(form.get("reference", ""))
         return Reply(200, _page("Renew", f'<p class="ok" data-ref="{ref}">Renewal done.</p>'))

@@ -9,6 +9,11 @@ One process runs every listener (one ``Simulator`` entry). Absolute-URI forwardi
     python -m surge.sim.proxies --host 127.0.0.1 --port 9200 --count 4 --listen-port 3128
 
 (``--host:--port`` is proxy 0 too: where ``surge up`` checks the simulator is up.)
+
+When a listen port is taken (another ``surge up`` on this machine, a test run) the proxies
+take free ports instead of failing; ``--ready-file`` then tells ``surge up`` where they are
+(JSON: ``env``, the settings that point Surge at them, and ``args``, the arguments that start
+them again on the same ports), and ``--listen-ports`` restarts them there.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
+import sys
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -112,17 +120,53 @@ class ForwardProxy(StreamServer):
         up_writer.close()
 
 
-async def start_proxies(count: int, port: int = 0) -> list[ForwardProxy]:
-    """``count`` proxies; with ``port`` 0 each gets its own free port."""
-    return [
-        await ForwardProxy(listen_address(i), port, egress_address(i)).start() for i in range(count)
-    ]
+async def start_proxies(count: int, port: int | list[int] = 0) -> list[ForwardProxy]:
+    """``count`` proxies; with ``port`` 0 each gets its own free port, with a list each its
+    own given one. On a failure the ones already started are stopped."""
+    ports = port if isinstance(port, list) else [port] * count
+    started: list[ForwardProxy] = []
+    try:
+        for i in range(count):
+            started.append(
+                await ForwardProxy(listen_address(i), ports[i], egress_address(i)).start()
+            )
+    except BaseException:
+        for proxy in started:
+            await proxy.stop()
+        raise
+    return started
+
+
+def _write_ready(path: str, proxies: list[ForwardProxy]) -> None:
+    urls = [proxy.url for proxy in proxies]
+    ready = {
+        "env": {"SURGE_OPERATIONS_PROXY_URLS": ",".join(urls)},
+        "args": ["--listen-ports", ",".join(str(proxy.port) for proxy in proxies)],
+    }
+    partial = f"{path}.partial"
+    with open(partial, "w") as out:
+        json.dump(ready, out)
+    os.replace(partial, path)  # whole or absent: the reader never sees half a file
 
 
 async def _main(args: argparse.Namespace) -> None:
-    proxies = await start_proxies(args.count, args.listen_port)
+    if args.listen_ports:
+        proxies = await start_proxies(args.count, [int(p) for p in args.listen_ports.split(",")])
+    else:
+        try:
+            proxies = await start_proxies(args.count, args.listen_port)
+        except OSError as error:
+            if not args.listen_port:
+                raise
+            sys.stderr.write(
+                f"proxies: port {args.listen_port} is taken ({error.strerror}); "
+                "listening on free ports instead\n"
+            )
+            proxies = await start_proxies(args.count, 0)
     # Proxy 0 also answers on --host:--port, where `surge up` checks the simulator is up.
     ready = await asyncio.start_server(proxies[0]._serve, args.host, args.port)
+    if args.ready_file:
+        _write_ready(args.ready_file, proxies)
     try:
         await asyncio.Event().wait()
     finally:
@@ -138,8 +182,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=4)
     parser.add_argument(
         "--listen-port", type=int, default=0,
-        help="port of every 127.0.1.x listener (0: each its own free port)",
+        help="port of every 127.0.1.x listener (0: each its own free port; taken: free ports)",
     )  # fmt: skip
+    parser.add_argument("--listen-ports", default="", help="one port per listener, comma-separated")
+    parser.add_argument("--ready-file", default="", help="where to write the listeners (JSON)")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(args))

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import email
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -287,7 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m surge.sim.smtp")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8025)
-    parser.add_argument("--store", default=".data/smtp-sim")
+    parser.add_argument(
+        "--store",
+        # Beside the rest of the run's data (`surge up` with SURGE_DATA_DIR elsewhere).
+        default=str(Path(os.environ.get("SURGE_DATA_DIR") or ".data") / "smtp-sim"),
+        help="folder for received messages ('-': keep none)",
+    )
     parser.add_argument("--http-port", type=int, default=0)
     args = parser.parse_args(argv)
     store = None if args.store == "-" else Path(args.store)

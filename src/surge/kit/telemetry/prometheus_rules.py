@@ -29,6 +29,8 @@ class AlertThresholds:
     memory: float = 0.9
     slow_query: float = 0.5
     jobs_lag_s: float = 60.0
+    shed_ratio: float = 0.01
+    shed_ratio_critical: float = 0.1
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AlertThresholds:
@@ -40,6 +42,8 @@ class AlertThresholds:
             memory=settings.ALERT_MEMORY_RATIO,
             slow_query=settings.DB_SLOW_QUERY.total_seconds(),
             jobs_lag_s=settings.ALERT_JOBS_LAG.total_seconds(),
+            shed_ratio=settings.ALERT_SHED_RATIO,
+            shed_ratio_critical=settings.ALERT_SHED_RATIO_CRITICAL,
         )
 
 
@@ -54,6 +58,8 @@ class PromRule:
     severity: str = "warning"
     for_: str | None = None
     comment: str | None = None
+    runbook: str | None = None
+    """What the person paged does first (the ``runbook`` annotation)."""
 
 
 def _g(value: float) -> str:
@@ -63,6 +69,49 @@ def _g(value: float) -> str:
 
 def _pct(value: float) -> str:
     return f"{value * 100:g} %"
+
+
+#: Requests refused at the door (``kit.web.admission``) never reach the RED metrics: the
+#: share of arrivals shed is shed / (served + shed).
+_SHED = "sum(rate(http_requests_shed_total[5m]))"
+_ARRIVED = f"(sum(rate(http_requests_total[5m])) + {_SHED})"
+SHED_RUNBOOK = (
+    "Split by reason: sum by (reason) (rate(http_requests_shed_total[5m])). "
+    "too_old: requests waited longer than SURGE_HTTP_QUEUE_PATIENCE before reaching the app "
+    "(accept queue, proxy, event-loop backlog): the web tier is short of CPU; check CPU and "
+    "event-loop lag per API process, add processes (SURGE_WEB_WORKERS) or hosts, and look "
+    "for a traffic spike to rate-limit. busy: a process hit SURGE_HTTP_MAX_IN_FLIGHT: "
+    "requests are held by something slow; check p95, the DB pool's waiting count, slow "
+    "queries and open breakers in the console. Raising either setting hides the overload "
+    "instead of curing it. Shed requests got 503 + Retry-After: nothing was half-done."
+)
+
+
+def _shed_rules(t: AlertThresholds) -> list[PromRule]:
+    """Load shedding (ADR 0016): a warning when a steady share of arrivals is refused (10
+    min), a page when a large one is (5 min). A burst shorter than a minute fires neither:
+    the 5-minute rate smears it over about 5 minutes, under either ``for``. Fleets idler
+    than 0.05 shed/s (15 in 5 min) stay silent."""
+    rules = []
+    for ratio, severity, for_ in (
+        (t.shed_ratio, "warning", "10m"),
+        (t.shed_ratio_critical, "critical", "5m"),
+    ):
+        rules.append(
+            PromRule(
+                "HighShedRatio",
+                f"{_SHED}\n  / {_ARRIVED} > {_g(ratio)}\nand on() {_SHED} > 0.05",
+                f"more than {_pct(ratio)} of requests are shed at the door (503)",
+                "{{ $value | humanizePercentage }} of arriving requests were refused by "
+                "admission control over 5 min.",
+                severity,
+                for_,
+                f"Admission control sheds above {_pct(ratio)} of arrivals "
+                f"(ALERT_SHED_RATIO{'_CRITICAL' if severity == 'critical' else ''}).",
+                SHED_RUNBOOK,
+            )
+        )
+    return rules
 
 
 def prometheus_rules(t: AlertThresholds) -> list[PromRule]:
@@ -159,6 +208,7 @@ def prometheus_rules(t: AlertThresholds) -> list[PromRule]:
             "warning",
             "1m",
         ),
+        *_shed_rules(t),
     ]
 
 
@@ -195,6 +245,8 @@ def render_rules(rules: list[PromRule]) -> str:
         out.append("        annotations:\n")
         out.append(f"          summary: {_quote(rule.summary)}\n")
         out.append(f"          description: {_quote(rule.description)}\n")
+        if rule.runbook:
+            out.append(f"          runbook: {_quote(rule.runbook)}\n")
     return "".join(out)
 
 
