@@ -195,9 +195,10 @@ def _probe(connection: Any) -> Callable[[], bool] | None:
         return None
     if stream is None or fd < 0:
         return None
+    rdhup = getattr(select, "POLLRDHUP", 0)  # Linux; elsewhere EOF is seen by at_eof()
     poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLRDHUP)
-    closing = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+    poller.register(fd, select.POLLIN | rdhup)
+    closing = rdhup | select.POLLHUP | select.POLLERR
     has_data = getattr(getattr(parser, "_reader", None), "has_data", None)
     if has_data is None:  # the Python parser keeps what it read in _buffer from _pos
 
