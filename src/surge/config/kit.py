@@ -79,6 +79,10 @@ class KitSettings(BaseSettings):
     """While Redis is down each process allows limit / this many (None = WEB_WORKERS)."""
     RATELIMIT_KEY_PREFIX: str = "rl:"
     """Prefix of every rate-limit key in Redis."""
+    RATELIMIT_LEASE: bool = True
+    """Each process leases a few units of a budget and spends them in memory (ADR 0028):
+    most decisions need no Redis round trip; a window can pass at most processes × lease
+    units past a limit. A policy's ``lease`` (0: exact) overrides the size; False: exact."""
 
     # --- jobs (kit.jobs) -----------------------------------------------------------------
     JOBS_LEASE: timedelta = timedelta(seconds=120)

@@ -16,12 +16,20 @@ list each wrote by hand (ADR 0013):
 
 ``on_message`` runs on the listener task for each message's data (bytes) and must not
 block; ``on_idle`` runs at least every ``poll`` seconds (a place for periodic chores).
+
+``pending()`` says, without I/O, whether bytes of the channel have reached this process
+that ``on_message`` has not seen yet: in the kernel's socket buffer (one ``poll(2)`` with a
+zero timeout), the stream's buffer or the parser's. The listener task runs only when the
+event loop gets to it; under load, requests read before it can act on state a message
+already changed (a cache's invalidation, ADR 0028). A reader that cannot afford that asks
+``pending()`` first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -69,6 +77,7 @@ class ChannelListener:
         self._up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._probe: Callable[[], bool] | None = None
         gateway.on_change(self._gateway_changed)
 
     @property
@@ -82,6 +91,12 @@ class ChannelListener:
             self._listening.set()
         else:
             self._listening.clear()
+
+    def pending(self) -> bool:
+        """Bytes received for this channel and not yet handed to ``on_message`` (False while
+        not listening: the caller's own bounds apply then)."""
+        probe = self._probe
+        return probe is not None and probe()
 
     async def wait_listening(self) -> None:
         """Return once subscribed with the caller's baseline taken (a readiness event)."""
@@ -121,6 +136,7 @@ class ChannelListener:
                 if self._on_subscribed is not None:
                     await self._on_subscribed(resumed)
                 self.rounds += 1
+                self._probe = _probe(pubsub.connection)
                 self.listening = True
                 failures = 0
                 self._backoff.reset()
@@ -140,6 +156,7 @@ class ChannelListener:
                 await asyncio.sleep(self._backoff.next())
             finally:
                 self.listening = False
+                self._probe = None
                 await _close_quietly(pubsub)
 
     async def _subscribe(self, pubsub: Any) -> None:
@@ -164,6 +181,39 @@ class ChannelListener:
                     log.exception("pubsub.handler_failed", listener=self.name)
             if not gateway.is_up:
                 raise ListenerLost("Redis reported down")
+
+
+def _probe(connection: Any) -> Callable[[], bool] | None:
+    """``pending()`` for one redis-py connection: its parser's buffer (hiredis or the Python
+    parser), its ``StreamReader``'s, then the socket's receive queue. None when the client's
+    internals are not the ones known here (then ``pending()`` is always False)."""
+    try:
+        stream = connection._reader
+        fd = connection._writer.get_extra_info("socket").fileno()
+        parser = connection._parser
+    except AttributeError:
+        return None
+    if stream is None or fd < 0:
+        return None
+    rdhup = getattr(select, "POLLRDHUP", 0)  # Linux; elsewhere EOF is seen by at_eof()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | rdhup)
+    closing = rdhup | select.POLLHUP | select.POLLERR
+    has_data = getattr(getattr(parser, "_reader", None), "has_data", None)
+    if has_data is None:  # the Python parser keeps what it read in _buffer from _pos
+
+        def has_data() -> bool:
+            return len(getattr(parser, "_buffer", b"")) > getattr(parser, "_pos", 0)
+
+    def pending() -> bool:
+        if stream._buffer or has_data():
+            return True
+        ready = poller.poll(0)
+        # A closing connection is not a message: the listener's loss handling applies (and
+        # memory keeps answering while Redis is away, as before).
+        return bool(ready) and not ready[0][1] & closing and not stream.at_eof()
+
+    return pending
 
 
 async def _close_quietly(pubsub: Any) -> None:

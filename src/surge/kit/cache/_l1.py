@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -45,12 +45,26 @@ class LRU:
         self.max_entries = max_entries
         self._data: OrderedDict[str, Entry] = OrderedDict()
         self.evictions = 0
+        #: True while an invalidation may have reached the process unapplied (the cache
+        #: sets it to its listener's ``pending``): ``get`` then answers None, and the
+        #: reader goes to Redis, which the writer changed before publishing (ADR 0028).
+        self.suspect: Callable[[], bool] | None = None
+        #: Entries not answered because ``suspect`` said so.
+        self.bypasses = 0
 
     def get(self, key: str) -> Entry | None:
         entry = self._data.get(key)
         if entry is not None:
+            suspect = self.suspect
+            if suspect is not None and suspect():
+                self.bypasses += 1
+                return None
             self._data.move_to_end(key)
         return entry
+
+    def stored(self, key: str) -> Entry | None:
+        """The entry as stored, for inspection (no LRU touch, no ``suspect`` check)."""
+        return self._data.get(key)
 
     def put(self, key: str, entry: Entry) -> None:
         if self.max_entries <= 0:

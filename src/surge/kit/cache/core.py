@@ -72,6 +72,7 @@ class Cache(_ReadPath):
                 self.gateway, self._channel, self._on_message,
                 on_subscribed=self._on_subscribed, name=f"cache-{self.name}",
             )  # fmt: skip
+            self.l1.suspect = self._listener.pending
         self._listener.start()
         self._tasks.append(
             loop.create_task(self._resync_forever(), name=f"cache-{self.name}-resync")
@@ -478,6 +479,7 @@ class Cache(_ReadPath):
             "misses_l2": self._miss_l2,
             "hit_ratio": round(hits / lookups, 4) if lookups else None,
             "evictions": self.l1.evictions,
+            "l1_bypasses": self.l1.bypasses,
             "degraded": self._degraded,
             "namespace_version": self._ver,
         }

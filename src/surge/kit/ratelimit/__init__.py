@@ -58,6 +58,7 @@ def build_limiter(settings: Settings, gateway: RedisGateway) -> RateLimiter:
         prefix=settings.RATELIMIT_KEY_PREFIX,
         local_processes=processes,
         client_ip=MemoClientIp(settings.TRUSTED_PROXIES),
+        lease=settings.RATELIMIT_LEASE,
     )
 
 

@@ -12,15 +12,20 @@ import hashlib
 #:   [2] for each decision, its number of limits, then each limit's spec number:
 #:       {2, 1, 2, 2, 1, 2} is two decisions of two limits each, specs 1 and 2;
 #:   [3] the key of every limit, decision after decision;
-#:   [4] the batch's distinct specs, four integers each: interval µs, period µs, cost,
-#:       enforce (1, or 0 for a shadow policy).
+#:   [4] the batch's distinct specs, five integers each: interval µs, period µs, cost,
+#:       enforce (1, or 0 for a shadow policy), lease (units to take beyond the cost for
+#:       the process's local lease, ADR 0028; 0 = exact, nothing extra).
 #: One packed argument instead of KEYS and one argument per value: every argument costs the
 #: client a packing step and the script a parse, and a spec that many decisions share is sent
 #: once. Parsing text with Lua patterns cost the server ~2 µs per decision; the unpack is
 #: ~0.1 µs (ADR 0012). A batch mixes many callers' keys anyway, so it
 #: could never be routed by one key's slot (ADR 0006: one Redis, or one shard per limiter;
 #: not Redis Cluster).
-#: Returns one integer per limit: TAT - now (µs, ≥ 0) as that decision found it. Everything
+#: Returns ``{out, grants}``. ``out``: one integer per limit, TAT - now (µs, ≥ 0) as that
+#: decision found it. ``grants``: flat pairs (limit number, units) for the limits of
+#: *allowed* decisions that asked for a lease and got one: as many units as still fit
+#: under the limit after the decision's own cost, at most the lease asked for (a lease is
+#: never granted past the limit, so leasing itself never lets more through). Everything
 #: else follows from it and the spec (``Check.allows``, ``Decision.from_script``): new TAT = TAT + interval × cost, the limit
 #: allows when new TAT - now ≤ period, a decision is blocked when an enforced limit does not.
 #: A key several decisions of the batch share (one caller's many requests) is read once and
@@ -38,6 +43,7 @@ local tats = {}      -- key -> its TAT as this batch left it (one GET per key pe
 local written = {}   -- keys to SET at the end, in first-write order (one SET per key)
 local dirty = {}
 local out = {}       -- per limit: TAT - now, as its decision found it
+local grants = {}    -- (limit number, units) of the leases granted
 local new_tats = {}  -- per limit: the TAT it would leave, or false when it denies
 local p, i, m = 1, 0, #numbers
 while p <= m do
@@ -47,7 +53,7 @@ while p <= m do
   local blocked = false
   for _ = 1, n do
     i = i + 1
-    local s = numbers[p] * 4
+    local s = numbers[p] * 5
     p = p + 1
     local key = keys[i]
     local tat = tats[key]
@@ -57,15 +63,30 @@ while p <= m do
     end
     if tat < now then tat = now end
     out[i] = tat - now
-    local new_tat = tat + specs[s - 3] * specs[s - 1]
-    if new_tat - now <= specs[s - 2] then
+    local interval, period = specs[s - 4], specs[s - 3]
+    local new_tat = tat + interval * specs[s - 2]
+    if new_tat - now <= period then
+      local lease = specs[s]
+      if lease > 0 then
+        local extra = math.min(lease, math.floor((period - (new_tat - now)) / interval))
+        if extra > 0 then
+          new_tat = new_tat + interval * extra
+          grants[#grants + 1] = i
+          grants[#grants + 1] = extra
+        end
+      end
       new_tats[i] = new_tat
     else
       new_tats[i] = false
-      if specs[s] == 1 then blocked = true end
+      if specs[s - 1] == 1 then blocked = true end
     end
   end
-  if not blocked then
+  if blocked then  -- a denied decision spends nothing, and leases nothing
+    while #grants > 0 and grants[#grants - 1] > first do
+      grants[#grants] = nil
+      grants[#grants] = nil
+    end
+  else
     for k = first + 1, i do
       local new_tat = new_tats[k]
       if new_tat and new_tat > now then
@@ -83,7 +104,7 @@ for _, key in ipairs(written) do
   local tat = tats[key]
   redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
 end
-return out
+return {out, grants}
 """
 GCRA_SHA = hashlib.sha1(GCRA_LUA.encode()).hexdigest()
 _EVALSHA = (b"EVALSHA", GCRA_SHA.encode(), b"0")

@@ -87,7 +87,9 @@ class Decision:
     request; ADR 0012).
     """
 
-    __slots__ = ("_verdicts", "allowed", "checks", "rels", "shadow_denied", "unavailable")
+    __slots__ = (
+        "_verdicts", "allowed", "checks", "rels", "shadow_denied", "store", "unavailable",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -106,6 +108,9 @@ class Decision:
         by the script (no Redis, nothing to check)."""
         self.shadow_denied = False
         """A shadow policy would have denied (it is logged, never enforced)."""
+        self.store = "redis"
+        """Who decided the ``rels``: ``redis`` (the script) or ``lease`` (this process's
+        leases alone, ADR 0028)."""
 
     @classmethod
     def from_script(cls, checks: Sequence[Check], rels: list[int]) -> Decision:
@@ -129,7 +134,7 @@ class Decision:
             self._verdicts = [
                 _verdict(
                     check, check.allows(rel), rel, rel + check.step,
-                    blocked=blocked, store="redis", interval=check.policy.interval_us,
+                    blocked=blocked, store=self.store, interval=check.policy.interval_us,
                 )
                 for check, rel in zip(self.checks, rels, strict=True)
             ]  # fmt: skip

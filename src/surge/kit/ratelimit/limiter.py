@@ -29,6 +29,12 @@ sending them one by one, for a fraction of the cost (redis-py spends ~50-100 µs
 command; 64 decisions in flight share one command). ``coalesce=False`` restores one EVALSHA
 per decision.
 
+Leases (``lease=True``, ADR 0028): a process takes a few units of a key's budget with a
+decision it sends anyway and spends them in memory; a decision whose every limit is covered
+by a lease costs no round trip. Exact GCRA in Redis still decides every unit handed out, so
+the overshoot is bounded (processes × lease size per window; ``_lease``). Policies with
+``lease=0``, shadow ones and small limits stay exact.
+
 Redis down: ``RedisGateway`` fails instantly while Redis is known down, so the fallback costs
 no timeout. Each policy then fails its own way (``Failure``): ``local`` → a per-process GCRA
 with ``limit // processes`` (at least 1), ``open`` → allowed, ``closed`` → refused (503).
@@ -47,6 +53,7 @@ import msgpack  # type: ignore[import-untyped]
 import structlog
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
 
+from surge.kit.ratelimit._lease import Leases, lease_size
 from surge.kit.ratelimit._local import LOCAL_MAX_KEYS, LocalStore
 from surge.kit.ratelimit._script import _EVALSHA, GCRA_LUA, GCRA_SHA
 from surge.kit.ratelimit.decision import (
@@ -57,6 +64,7 @@ from surge.kit.ratelimit.decision import (
     Verdict,
     _Pending,
     _unmetered,
+    _verdict,
 )
 from surge.kit.ratelimit.metrics import BATCH_SIZES, DECISIONS_BATCHED, LOCAL_FALLBACK
 from surge.kit.ratelimit.policy import Failure, Identify, RatePolicy, subject_from_state
@@ -109,8 +117,11 @@ class RateLimiter:
         identify: Identify = subject_from_state,
         client_ip: Callable[[Any], str] | None = None,
         coalesce: bool = True,
+        lease: bool = False,
     ) -> None:
         self.gateway = gateway
+        #: Spend leased units in memory (ADR 0028); False: every decision in Redis (exact).
+        self.lease = lease
         #: Concurrent decisions share round trips (see ``_flush``); False sends one EVALSHA
         #: per decision, as before batching (kept for the benchmark's side-by-side).
         self.coalesce = coalesce
@@ -123,6 +134,13 @@ class RateLimiter:
         self._wire_prefix = prefix.encode()
         self.clock = clock
         self.local = LocalStore(local_processes, clock or time.time)
+        #: Units one lease of each policy carries (0: exact), sized for ``local_processes``.
+        self.lease_sizes: dict[str, int] = {
+            p.name: lease_size(p, local_processes) if lease else 0 for p in policies
+        }
+        self.leases = Leases()
+        self._lease_clock = clock or time.monotonic
+        self._lease_counted: dict[str, object] = {}
         self._fallback_logged = False
         self._counters: dict[tuple[str, str, str], object] = {}
         self._transient_logged_at = 0.0
@@ -143,6 +161,28 @@ class RateLimiter:
         if not checks:
             return Decision(allowed=True)
         checks = _dedupe(checks)
+        leases = self.leases
+        if not leases:
+            return await self._decide(checks)
+        now = int(self._lease_clock() * 1_000_000)
+        taken = [leases.take(check, now) for check in checks]
+        remote = [check for check, rel in zip(checks, taken, strict=True) if rel is None]
+        if len(remote) == len(checks):
+            return await self._decide(checks)
+        self._count_leased(checks, taken)
+        if not remote:  # every limit covered by this process's leases: no round trip
+            decision = Decision.from_script(checks, taken)  # type: ignore[arg-type]
+            decision.store = "lease"
+            return decision
+        decided = await self._decide(remote)
+        if not decided.allowed:  # all or nothing: the leased units go back to their leases
+            for check, rel in zip(checks, taken, strict=True):
+                if rel is not None:
+                    leases.give_back(check)
+        return _merge(checks, taken, decided)
+
+    async def _decide(self, checks: Sequence[Check]) -> Decision:
+        """``checks`` decided in Redis (each policy's fallback without it)."""
         try:
             # The Redis path inline (it was a second coroutine per request, ADR 0023).
             self.gateway.lane()  # RedisUnavailable at once while Redis is known down
@@ -211,21 +251,23 @@ class RateLimiter:
         """One EVALSHA for ``batch``; each caller gets its own slice of the reply, or the
         error (each then decides locally, as it would have alone)."""
         prefix = self._wire_prefix
+        sizes = self.lease_sizes
         keys: list[bytes] = []
         numbers: list[int] = []
-        specs: dict[tuple[int, int, int, int], int] = {}  # spec → its number in this batch
+        specs: dict[tuple[int, ...], int] = {}  # spec (+ lease asked) → its number in the batch
         for checks, _ in batch:
             numbers.append(len(checks))
             for check in checks:
                 keys.append(prefix + check.wire)
-                number = specs.get(check.spec)
+                spec = (*check.spec, sizes.get(check.policy.name, 0))
+                number = specs.get(spec)
                 if number is None:
-                    number = specs[check.spec] = len(specs) + 1
+                    number = specs[spec] = len(specs) + 1
                 numbers.append(number)
         now = int(self.clock() * 1_000_000) if self.clock else 0
         BATCH_SIZES.observe(len(batch))
         try:
-            raw = await self._evalsha(
+            raw, grants = await self._evalsha(
                 _PACKER.pack([now, numbers, keys, [v for spec in specs for v in spec]])
             )
         except Exception as error:  # handed to each caller, who decides its own way
@@ -234,6 +276,8 @@ class RateLimiter:
                 if not future.done():
                     future.set_exception(failure)
             return
+        if grants:
+            self._grant(batch, raw, grants)
         position = 0
         tally: dict[tuple[str, str, str], int] = {}
         for checks, future in batch:
@@ -245,6 +289,26 @@ class RateLimiter:
                 _tally(tally, check.policy, check.allows(rel), "redis")
             position = end
         self._add(tally)
+
+    def _grant(self, batch: list[_Pending], raw: list[int], grants: list[int]) -> None:
+        """Record the leases the script granted (``grants``: flat pairs of a limit's number
+        in the batch, from 1, and its units): spent in Redis even if the caller left."""
+        flat = [check for checks, _ in batch for check in checks]
+        now = int(self._lease_clock() * 1_000_000)
+        for index in range(0, len(grants), 2):
+            number = grants[index] - 1
+            self.leases.grant(flat[number], raw[number], grants[index + 1], now)
+
+    def _count_leased(self, checks: Sequence[Check], taken: list[int | None]) -> None:
+        counters = self._lease_counted
+        for check, rel in zip(checks, taken, strict=True):
+            if rel is not None:
+                child = counters.get(check.policy.name)
+                if child is None:
+                    child = counters[check.policy.name] = DECISIONS_BATCHED.labels(
+                        check.policy.name, "allowed", "lease"
+                    )
+                child.inc(1)  # type: ignore[attr-defined]
 
     def _classify(self, error: Exception) -> Exception:
         """What a failed round trip means for its callers: an outage (``RedisUnavailable``,
@@ -319,6 +383,7 @@ class RateLimiter:
         """Give one key its whole budget back (support desk, tests)."""
         key = f"{self.policy(name).name}:{partition}"
         self.local.reset(key)
+        self.leases.forget(key)  # this process's; another's lease runs out on its own
         async with self.gateway.guard() as client:
             await client.delete(self.prefix + key)
 
@@ -392,6 +457,26 @@ def _tally(
         outcome = "denied"
     key = (policy.name, outcome, store)
     tally[key] = tally.get(key, 0) + 1
+
+
+def _merge(checks: Sequence[Check], taken: list[int | None], decided: Decision) -> Decision:
+    """One decision for ``checks`` from the leased part (``taken``: TAT − now per leased
+    check, None for the others) and ``decided``, the others' decision."""
+    if decided.rels is not None:
+        remote = iter(decided.rels)
+        rels = [next(remote) if rel is None else rel for rel in taken]
+        return Decision.from_script(checks, rels)
+    blocked = not decided.allowed
+    verdicts = list(decided.verdicts)
+    for check, rel in zip(checks, taken, strict=True):
+        if rel is not None:
+            verdicts.append(
+                _verdict(
+                    check, True, rel, rel + check.step, blocked=blocked, store="lease",
+                    interval=check.policy.interval_us,
+                )
+            )  # fmt: skip
+    return Decision(decided.allowed, verdicts, decided.unavailable)
 
 
 def _dedupe(checks: Sequence[Check]) -> Sequence[Check]:

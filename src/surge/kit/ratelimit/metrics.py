@@ -14,7 +14,7 @@ from surge.kit.telemetry.metrics import BatchedCounter, BatchedHistogram
 DECISIONS = Counter(
     "ratelimit_decisions_total",
     "Rate-limit verdicts by policy, outcome (allowed, denied, shadow_denied) and store "
-    "(redis, local, open, closed).",
+    "(redis, lease, local, open, closed).",
     ["policy", "outcome", "store"],
 )
 LOCAL_FALLBACK = Gauge(

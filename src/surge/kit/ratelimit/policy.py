@@ -79,6 +79,10 @@ class RatePolicy(BaseModel):
     failure: Failure = Failure.local
     shadow: bool = False
     """Count and log, never block: for rolling out a new policy and watching what it would do."""
+    lease: int | None = Field(default=None, ge=0)
+    """Units a process may take from Redis at once and spend in memory (ADR 0028), when the
+    limiter leases: None sizes it from the limit, 0 keeps this policy exact (every decision
+    in Redis). The bound: at most processes × lease units past the limit in a window."""
 
     @field_validator("period")
     @classmethod

@@ -309,11 +309,14 @@ def _partition(policy: RatePolicy, subject: Subject | None, ip: str, endpoint: s
     return f"{endpoint}|{who}" if endpoint else who
 
 
+_METERED = ("redis", "local", "lease")
+
+
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
     """``RateLimit-Policy`` and ``RateLimit`` for the enforced, metered policies."""
     if decision.rels is not None:
         return _script_headers(decision, decision.rels)
-    shown = [v for v in decision.verdicts if not v.policy.shadow and v.store in ("redis", "local")]
+    shown = [v for v in decision.verdicts if not v.policy.shadow and v.store in _METERED]
     if not shown:
         return []
     policy = ", ".join(v.policy.header_item() for v in shown)

@@ -1,0 +1,207 @@
+"""Local token leases (ADR 0028) against the real Redis, with two limiter instances standing
+for two web processes sharing one budget: the overshoot is at most processes × lease, a
+decision stays all-or-nothing, exact mode stays selectable per policy, and most decisions
+cost no round trip."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from surge.kit.ratelimit import Check, RateLimiter, RatePolicy
+from surge.kit.ratelimit._lease import LEASE_MAX, lease_size
+from surge.kit.ratelimit.web import rate_limit_headers
+from surge.kit.redis import RedisGateway
+from tests.fixtures.servers import start_redis
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def policy(name: str, limit: int, seconds: float, **extra: object) -> RatePolicy:
+    return RatePolicy.model_validate(
+        {"name": name, "limit": limit, "period": timedelta(seconds=seconds), **extra}
+    )
+
+
+MakeLimiter = Callable[..., RateLimiter]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = start_redis(tmp_path_factory.mktemp("ratelimit-lease-redis"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+async def make_pair(redis_url: str) -> AsyncIterator[Callable[..., list[RateLimiter]]]:
+    """Limiters sharing one prefix (one budget in Redis), one per "process"."""
+    gateways: list[RedisGateway] = []
+
+    def make(*policies: RatePolicy, processes: int = 2, **kwargs: Any) -> list[RateLimiter]:
+        prefix = f"rl-lease-{uuid.uuid4().hex[:8]}:"
+        limiters = []
+        for _ in range(processes):
+            gateway = RedisGateway(redis_url)
+            gateways.append(gateway)
+            limiters.append(
+                RateLimiter(
+                    gateway, list(policies), prefix=prefix, local_processes=processes,
+                    lease=True, **kwargs,
+                )
+            )  # fmt: skip
+        return limiters
+
+    yield make
+    for gateway in gateways:
+        await gateway.close()
+
+
+def count_round_trips(limiter: RateLimiter) -> list[int]:
+    calls = [0]
+    send = limiter._evalsha
+
+    async def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return await send(*args)
+
+    limiter._evalsha = counted  # type: ignore[method-assign]
+    return calls
+
+
+async def drain(limiters: list[RateLimiter], name: str, partition: str) -> int:
+    """Hit every limiter in turn until each is refused: how many were allowed in all."""
+    allowed = 0
+    open_ = list(limiters)
+    while open_:
+        for limiter in list(open_):
+            if (await limiter.hit(name, partition)).allowed:
+                allowed += 1
+            else:
+                open_.remove(limiter)
+    return allowed
+
+
+class TestLeaseSize:
+    def test_sized_from_the_limit_exact_when_small_shadow_or_asked(self) -> None:
+        assert lease_size(policy("free", 300, 900), 2) == 7  # 300 // (2 × 20)
+        assert lease_size(policy("big", 10**8, 3600), 2) == LEASE_MAX
+        assert lease_size(policy("small", 50, 900), 2) == 0  # 1 unit: not worth a lease
+        assert lease_size(policy("shadow", 10**6, 60, shadow=True), 2) == 0
+        assert lease_size(policy("exact", 10**6, 60, lease=0), 2) == 0
+        assert lease_size(policy("asked", 100, 60, lease=3), 2) == 3
+
+
+class TestBound:
+    async def test_a_burst_never_passes_the_limit(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        """At one instant every unit spent was granted by Redis' exact GCRA: at most the
+        limit passes, and at most one lease per process is left stranded."""
+        clock = FakeClock()
+        limiters = make_pair(policy("p", 400, 60), clock=clock)
+        size = limiters[0].lease_sizes["p"]
+        assert size == 10
+        allowed = await drain(limiters, "p", "user-1")
+        assert 400 - 2 * size <= allowed <= 400
+
+    async def test_overshoot_is_at_most_processes_times_the_lease(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        """The worst case: both processes lease, the bucket refills, then every process
+        spends its old lease on top of a full bucket. Exact GCRA allows the limit at that
+        instant; leasing allows at most processes × lease more, and exactly that here."""
+        clock = FakeClock()
+        limiters = make_pair(policy("p", 400, 60), clock=clock)
+        size = limiters[0].lease_sizes["p"]
+        for limiter in limiters:
+            assert (await limiter.hit("p", "user-1")).allowed
+            assert limiter.leases.units("p:user-1") == size
+        clock.advance(60 - 1e-6)  # the bucket is full again; the leases are still valid
+        allowed = await drain(limiters, "p", "user-1")
+        assert allowed == 400 + 2 * size
+
+    async def test_a_lease_dies_with_its_window(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        clock = FakeClock()
+        limiters = make_pair(policy("p", 400, 60), clock=clock)
+        for limiter in limiters:
+            assert (await limiter.hit("p", "user-1")).allowed
+        clock.advance(60 + 1e-3)
+        assert await drain(limiters, "p", "user-1") == 400
+
+    async def test_exact_policy_and_exact_limiter_never_overshoot(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        clock = FakeClock()
+        limiters = make_pair(policy("p", 400, 60, lease=0), clock=clock)
+        for limiter in limiters:
+            assert (await limiter.hit("p", "user-1")).allowed
+            assert not limiter.leases
+        clock.advance(60 - 1e-6)
+        assert await drain(limiters, "p", "user-1") == 400
+
+
+class TestRoundTrips:
+    async def test_most_decisions_are_spent_from_the_lease(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        (limiter,) = make_pair(policy("p", 10**6, 60), processes=1)
+        calls = count_round_trips(limiter)
+        for _ in range(200):
+            assert (await limiter.hit("p", "user-1")).allowed
+        assert calls[0] == -(-200 // (LEASE_MAX + 1))  # one per lease (+ its own unit)
+
+
+class TestOneDecision:
+    async def test_a_denial_elsewhere_gives_the_leased_units_back(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        clock = FakeClock()
+        leased, exact = policy("user", 1000, 60), policy("endpoint", 2, 60, lease=0)
+        (limiter,) = make_pair(leased, exact, processes=1, clock=clock)
+        both = [Check(leased, "u"), Check(exact, "u")]
+        assert (await limiter.check(both)).allowed  # leases "user", spends "endpoint"
+        before = limiter.leases.units("user:u")
+        assert before > 0
+        assert (await limiter.check(both)).allowed  # "user" from the lease
+        assert limiter.leases.units("user:u") == before - 1
+        denied = await limiter.check(both)
+        assert not denied.allowed
+        assert denied.denied_by == ["endpoint"]
+        assert limiter.leases.units("user:u") == before - 1  # given back: nothing spent
+        state = await limiter.state("user", "u")  # Redis: one unit + the lease, no more
+        assert state.remaining == 1000 - 1 - limiter.lease_sizes["user"]
+
+    async def test_headers_and_retry_after_as_the_exact_limiter(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        """One process: leased decisions report the same remaining budget as exact ones,
+        and the refusal (decided in Redis) the same Retry-After."""
+        clock = FakeClock()
+        (limiter,) = make_pair(policy("p", 100, 100), processes=1, clock=clock)  # 1 unit/s
+        assert limiter.lease_sizes["p"] == 5
+        decisions = [await limiter.hit("p", "k") for _ in range(101)]
+        assert [d.allowed for d in decisions] == [True] * 100 + [False]
+        remaining = [
+            int(dict(rate_limit_headers(d))[b"ratelimit"].split(b"r=")[1].split(b";")[0])
+            for d in decisions[:100]
+        ]
+        assert remaining == list(range(99, -1, -1))
+        assert {d.store for d in decisions[:100]} == {"redis", "lease"}
+        assert decisions[100].retry_after == pytest.approx(1.0)
+        assert dict(rate_limit_headers(decisions[100]))[b"ratelimit"] == b'"p";r=0;t=100'
