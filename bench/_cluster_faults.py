@@ -4,8 +4,9 @@
 Load: ``bench/_chaos_load.OpenLoad`` (open loop, every answer kept) through nginx — privilege
 reads, wallet reads, idempotent withdrawals (a ledger movement each). Faults, in order:
 
-- ``pg_primary_kill``: SIGKILL to every process of the Patroni leader's host (PostgreSQL *and*
-  Patroni: a host crash; killing the postmaster alone, Patroni restarts it in place). The
+- ``pg_primary_kill``: the Patroni leader's host crashes (``crash_host``: its link down, then
+  SIGKILL to PostgreSQL *and* Patroni; killing the postmaster alone, Patroni restarts it in
+  place). The
   leader key expires (TTL), the synchronous replica is promoted, HAProxy's ``/primary`` check
   moves the write endpoint. The old host is then restarted: Patroni rejoins it as a replica
   (pg_rewind).
@@ -15,25 +16,39 @@ reads, wallet reads, idempotent withdrawals (a ledger movement each). Faults, in
 - ``replica_partition``: the PostgreSQL replica's link goes down for a while (its processes
   keep running). In synchronous mode every commit waits for it until Patroni drops it from
   ``synchronous_standby_names``: that stall is the cost of zero acknowledged-write loss.
+- ``lagging_primary_kill`` (synchronous mode off only): the replica is cut off, the primary
+  crashes while it is, the link heals and the replica is promoted — asynchronous
+  replication's worst case, where the writes acknowledged during the cut are lost.
 
-For each: the window's answers by status, the write outage (fault → the last failed write,
-and → the first write that succeeded after it). After all: every acknowledged (201)
-withdrawal is in the ledger, and the ledger's invariants hold.
+For each: the window's answers by status, the write outage (``write_outage``: by due time,
+as stretches of failed writes, and as the longest time no write was acknowledged), and the
+acknowledged writes it lost. After all: every acknowledged (201) withdrawal is looked up in
+the ledger (missing ones are the loss), and the ledger's invariants hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
+
 from bench._chaos_load import OpenLoad, Sent
 from bench.chaos import World
-from surge.cluster.control import Cluster, http_ok, kill_host, partition, sentinel_primary
-from surge.cluster.topology import SECRET_KEY, SENTINEL_MASTER, Host
+from surge.cluster.control import (
+    Cluster,
+    crash_host,
+    http_ok,
+    kill_host,
+    partition,
+    sentinel_primary,
+)
+from surge.cluster.topology import PG_SUPERUSER, SECRET_KEY, SENTINEL_MASTER, Host
 from surge.config import Settings
 
 MIX = (("read", 0.6), ("wallet", 0.15), ("withdraw", 0.25))
@@ -85,16 +100,38 @@ async def _until(predicate: Callable[[], bool], within: float) -> float | None:
     return None
 
 
+async def standby_lag(host: Host) -> int | None:
+    """Bytes of WAL the primary on ``host`` wrote that its standby has not flushed yet: what
+    a crash now may lose when replication is asynchronous (0 in synchronous mode once the
+    commits waiting for it are counted)."""
+    user, password = PG_SUPERUSER
+    try:
+        connection = await asyncpg.connect(host=host.address, port=5432, user=user,
+                                           password=password, database="postgres", timeout=2)  # fmt: skip
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return None
+    try:
+        value = await connection.fetchval(
+            "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn))::bigint"
+            " FROM pg_stat_replication"
+        )
+        return None if value is None else int(value)
+    finally:
+        await connection.close()
+
+
 async def pg_primary_kill(cluster: Cluster) -> dict[str, Any]:
     old = leader(cluster)
     assert old is not None, "no Patroni leader to kill"
-    kill_host(old)
+    lag = await standby_lag(old)
+    crash_host(old)
     promoted = await _until(lambda: (h := leader(cluster)) is not None and h != old, 90)
-    await asyncio.to_thread(cluster.start_patroni, old)  # the host comes back
+    partition(old, cut=False)  # the host comes back
+    await asyncio.to_thread(cluster.start_patroni, old)
     rejoined = await _until(lambda: http_ok(f"http://{old.address}:8008/replica", timeout=0.5), 120)
     new = leader(cluster)
     return {"killed": old.name, "new_leader": new.name if new else None,
-            "promoted_after_s": promoted, "old_rejoined_as_replica_after_s": rejoined}  # fmt: skip
+            "standby_lag_at_kill_bytes": lag, "promoted_after_s": promoted, "old_rejoined_as_replica_after_s": rejoined}  # fmt: skip
 
 
 async def api_kill(cluster: Cluster) -> dict[str, Any]:
@@ -132,12 +169,54 @@ async def replica_partition(cluster: Cluster, seconds: float = 20.0) -> dict[str
     return {"partitioned": replica.name, "cut_s": seconds, "replica_back_after_s": back}
 
 
+async def lagging_primary_kill(cluster: Cluster, cut: float = 5.0) -> dict[str, Any]:
+    """Asynchronous replication's worst case: the standby is cut off (the primary goes on
+    acknowledging writes the standby never receives), the primary's host crashes, then the
+    standby's link heals. Patroni promotes it if its WAL is within
+    ``maximum_lag_on_failover`` of the leader's last published position: the writes
+    acknowledged during the cut are gone, and pg_rewind discards them from the old primary
+    when it rejoins. (Synchronous mode has no such case: a standby dropped from
+    ``synchronous_standby_names`` is not promoted, so this fault runs in asynchronous mode
+    only.)"""
+    primary = leader(cluster)
+    assert primary is not None, "no Patroni leader"
+    replica = next(h for h in cluster.config.of("postgres") if h != primary)
+    partition(replica, cut=True)
+    await asyncio.sleep(cut)
+    lag = await standby_lag(primary)
+    crash_host(primary)
+    partition(replica, cut=False)
+    promoted = await _until(lambda: leader(cluster) == replica, 60)
+    partition(primary, cut=False)  # the old primary's host comes back
+    await asyncio.to_thread(cluster.start_patroni, primary)
+    rejoined = await _until(
+        lambda: leader(cluster) is not None
+        and any(http_ok(f"http://{h.address}:8008/replica", timeout=0.5)
+                for h in cluster.config.of("postgres")),
+        120,
+    )  # fmt: skip
+    new = leader(cluster)
+    return {"cut": replica.name, "killed": primary.name, "cut_s": cut,
+            "standby_lag_at_kill_bytes": lag, "new_leader": new.name if new else None,
+            "standby_promoted_after_s": promoted, "replica_again_after_s": rejoined}  # fmt: skip
+
+
 FAULTS: tuple[tuple[str, Callable[[Cluster], Awaitable[dict[str, Any]]]], ...] = (
     ("pg_primary_kill", pg_primary_kill),
     ("api_kill", api_kill),
     ("redis_primary_kill", redis_primary_kill),
     ("replica_partition", replica_partition),
 )
+#: Run after ``FAULTS`` when synchronous mode is off.
+ASYNC_ONLY: tuple[tuple[str, Callable[[Cluster], Awaitable[dict[str, Any]]]], ...] = (
+    ("lagging_primary_kill", lagging_primary_kill),
+)
+
+
+def faults_for(
+    synchronous: bool,
+) -> tuple[tuple[str, Callable[[Cluster], Awaitable[dict[str, Any]]]], ...]:
+    return FAULTS if synchronous else FAULTS + ASYNC_ONLY
 
 
 def _codes(records: list[Sent]) -> dict[str, int]:
@@ -145,19 +224,41 @@ def _codes(records: list[Sent]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def write_outage(records: list[Sent], start: float) -> dict[str, float | None]:
-    """From the fault: the last write that failed, and the first that succeeded after it."""
-    writes = sorted((r for r in records if r.kind == "withdraw" and r.due >= start),
+def write_outage(records: list[Sent], start: float, end: float) -> dict[str, Any]:
+    """What writers saw from the fault (``start``) to the window's end (``end``), three ways:
+
+    - ``last_failed_s`` / ``writes_ok_again_s``: by *due* time, the last write that failed and
+      the first one due after it that succeeded (a write due during a stall may still succeed
+      late: it waited in Surge's pool for the new primary);
+    - ``failed_write_spans_s``: the stretches of failed writes (due time; a gap of more than
+      2 s between failures starts a new stretch), so a stall at the cut and another at the
+      heal are two entries, not one long outage;
+    - ``no_write_acked_for_s``: the longest time without any write *acknowledged* (done
+      time of a 201), counted from the fault: the outage as a writer felt it.
+    """
+    writes = sorted((r for r in records if r.kind == "withdraw" and start <= r.due < end),
                     key=lambda r: r.due)  # fmt: skip
     failed = [r for r in writes if not 200 <= r.status < 300]
-    if not failed:
-        return {"last_failed_s": None, "writes_ok_again_s": 0.0}
-    last = failed[-1].due
-    ok_after = next((r.due for r in writes if r.due > last and 200 <= r.status < 300), None)
-    return {
-        "last_failed_s": round(last - start, 2),
-        "writes_ok_again_s": None if ok_after is None else round(ok_after - start, 2),
-    }
+    spans: list[list[float]] = []
+    for r in failed:
+        if spans and r.due - spans[-1][1] <= 2.0:
+            spans[-1][1] = r.due
+        else:
+            spans.append([r.due, r.due])
+    acked = sorted(min(r.done, end) for r in writes if 200 <= r.status < 300)
+    marks = [start, *acked, end]
+    gap = max(b - a for a, b in itertools.pairwise(marks))
+    out: dict[str, Any] = {
+        "last_failed_s": None, "writes_ok_again_s": 0.0,
+        "failed_write_spans_s": [[round(a - start, 2), round(b - start, 2)] for a, b in spans],
+        "no_write_acked_for_s": round(gap, 2),
+    }  # fmt: skip
+    if failed:
+        last = failed[-1].due
+        ok_after = next((r.due for r in writes if r.due > last and 200 <= r.status < 300), None)
+        out["last_failed_s"] = round(last - start, 2)
+        out["writes_ok_again_s"] = None if ok_after is None else round(ok_after - start, 2)
+    return out
 
 
 async def run(cluster: Cluster, *, rate: float, settle: float = 15.0) -> dict[str, Any]:
@@ -166,10 +267,11 @@ async def run(cluster: Cluster, *, rate: float, settle: float = 15.0) -> dict[st
     load = OpenLoad(cluster.config.base_url, world.callers, lambda _t: rate, mix=MIX,
                     timeout=15.0, connections=128)  # fmt: skip
     rows = []
+    finishes: list[float] = []
     try:
         await load.start()
         await asyncio.sleep(settle)
-        for name, fault in FAULTS:
+        for name, fault in faults_for(cluster.config.synchronous):
             start = load.now()
             detail = await fault(cluster)
             end = load.now()
@@ -178,12 +280,13 @@ async def run(cluster: Cluster, *, rate: float, settle: float = 15.0) -> dict[st
             while (oldest := load.oldest_pending()) is not None and oldest < finish:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)  # the window's last answers (OpenLoad has no event)
             window = [r for r in load.records if start <= r.due < finish]
+            finishes.append(finish)
             after = [r for r in load.records if end + 5 <= r.due < finish]
             rows.append({
                 "fault": name, **detail, "fault_s": round(end - start, 2),
                 "requests": len(window), "codes": _codes(window),
                 "writes": _codes([r for r in window if r.kind == "withdraw"]),
-                **write_outage(window, start),
+                **write_outage(window, start, finish),
                 "errors_5xx": sorted({f"{r.status} {r.kind}: {r.error[:160]}" for r in window
                                       if r.status >= 500 and r.status != 503})[:5],
                 "after_2xx": round(
@@ -194,6 +297,13 @@ async def run(cluster: Cluster, *, rate: float, settle: float = 15.0) -> dict[st
         await load.stop()
     acked = [r for r in load.records if r.kind == "withdraw" and r.status == 201]
     missing = await world.acked_missing(load.records)
+    # A lost write counts against the fault it preceded: from the previous window's end (a
+    # write acknowledged just before a crash is due before the fault's window starts).
+    gone = set(missing)
+    lost = [r for r in load.records if r.kind == "withdraw" and r.acked_id in gone]
+    for index, row in enumerate(rows):
+        low = finishes[index - 1] if index else float("-inf")
+        row["acked_writes_lost"] = sum(1 for r in lost if low <= r.due < finishes[index])
     problems = await world.invariants()
     await world.runtime.stop()
     return {

@@ -1,7 +1,10 @@
 """Issue 18's "Done when": the cluster under steady load through nginx survives, one after
 another, a PostgreSQL primary crash, an API node crash, a Redis primary crash and a replica
-partition — and with synchronous mode on, no acknowledged write is lost. Figures go to
-``bench/results/cluster.json`` (key ``failover``). ``make cluster-test`` (root, minutes)."""
+partition — and with synchronous mode on, no acknowledged write is lost. The same run with
+synchronous mode off measures the loss asynchronous replication allows (it may be zero in
+a run: the standby's lag at the crash decides). Figures go to ``bench/results/cluster.json``
+(keys ``failover`` and ``failover_async``). ``make cluster-test`` (root, minutes; one mode:
+``PYTEST_ARGS="-k sync_on"`` or ``-k sync_off``)."""
 
 from __future__ import annotations
 
@@ -24,11 +27,11 @@ pytestmark = pytest.mark.cluster
 RATE = float(os.environ.get("SURGE_CLUSTER_RATE", "30"))
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=[True, False], ids=["sync_on", "sync_off"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     root = ROOT / ".data" / "cluster"
     teardown(root)
-    running = Cluster(ClusterConfig(root=root, synchronous=True))
+    running = Cluster(ClusterConfig(root=root, synchronous=request.param))
     try:
         running.up(say=lambda _line: None)
         yield running
@@ -50,14 +53,32 @@ def save(key: str, value: object) -> Path:
     return path
 
 
+# Hosts die under this process's clients (the checker's Redis and PostgreSQL connections, the
+# load's): a redis-py connection dropped mid-command leaves its asyncio StreamWriter to the
+# garbage collector, which warns. Only that warning, from that class, is let through.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function StreamWriter.__del__"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.filterwarnings("ignore:unclosed <StreamWriter:ResourceWarning")
 @pytest.mark.timeout(1200)
-async def test_failover_under_load_loses_no_acknowledged_write(cluster: Cluster) -> None:
+async def test_failover_under_load(cluster: Cluster) -> None:
+    """Synchronous mode: no acknowledged write lost. Asynchronous: the loss is measured (and
+    is whatever the standby had not received when the primary died: never more than
+    Patroni's ``maximum_lag_on_failover``); the ledger's invariants hold either way, since
+    the promoted standby holds a consistent prefix of the old primary's history."""
+    synchronous = cluster.config.synchronous
     result = await _cluster_faults.run(cluster, rate=RATE)
-    save("failover", result)
+    save("failover" if synchronous else "failover_async", result)
     faults = {row["fault"]: row for row in result["faults"]}
-    assert list(faults) == [name for name, _ in _cluster_faults.FAULTS]
+    assert list(faults) == [name for name, _ in _cluster_faults.faults_for(synchronous)]
     assert result["acked_writes"] > 0
-    assert result["acked_writes_missing"] == 0, result["acked_missing_examples"]
+    # Every lost write is attributed to the fault whose window it was sent in.
+    assert (
+        sum(row["acked_writes_lost"] for row in faults.values()) == result["acked_writes_missing"]
+    )
+    if synchronous:
+        assert result["acked_writes_missing"] == 0, result["acked_missing_examples"]
     assert result["invariant_violations"] == []
     assert faults["pg_primary_kill"]["new_leader"] not in (
         None,

@@ -137,6 +137,16 @@ def kill_host(host: Host, sig: int = signal.SIGKILL) -> list[int]:
     return pids
 
 
+def crash_host(host: Host) -> list[int]:
+    """A machine crash: ``host``'s link goes down, then SIGKILL to every process of it. The
+    link first, because the kernel outlives the processes here: TCP data a killed process
+    left in its socket buffers would still be sent (WAL a standby receives from a primary
+    that is already dead, making asynchronous replication look safer than it is). Bring it
+    back with ``partition(host, cut=False)`` before restarting its servers."""
+    partition(host, cut=True)
+    return kill_host(host)
+
+
 def teardown(root: Path) -> list[str]:
     """Kill everything in the cluster's namespaces, delete them and the bridge, remove
     ``root``. Safe to run on a half-built cluster or twice."""
