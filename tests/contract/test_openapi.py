@@ -77,6 +77,19 @@ class TestSecurity:
                 assert op.get("security") == [{"bearerAuth": []}], path
 
     @pytest.mark.parametrize(
+        "path", ["/api/v1/withdrawals", "/api/v1/topups", "/api/v1/operations"]
+    )
+    def test_money_moving_posts_require_an_idempotency_key(
+        self, schema: dict[str, Any], path: str
+    ) -> None:
+        """ADR 0035: the header is documented as required, and its absence as a 428."""
+        op = schema["paths"][path]["post"]
+        [header] = [p for p in op.get("parameters", []) if p["name"] == "Idempotency-Key"]
+        assert header["in"] == "header"
+        assert header["required"] is True
+        assert "428" in op["responses"]
+
+    @pytest.mark.parametrize(
         "path", ["/api/admin/withdrawals/batch-approve", "/api/v1/withdrawals"]
     )
     async def test_malformed_json_without_a_token_is_401_not_422(

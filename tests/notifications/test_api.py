@@ -303,7 +303,10 @@ class TestBusinessEvents:
             )
             await fund(session, user.id, 50_000)
         partner = bearer(await login(api, email))
-        created = await api.post("/api/v1/withdrawals", json={"amount": 12_500}, headers=partner)
+        created = await api.post(
+            "/api/v1/withdrawals", json={"amount": 12_500},
+            headers={**partner, "Idempotency-Key": str(uuid4())},
+        )  # fmt: skip
         assert created.status_code == 201, created.text
         withdrawal_id = created.json()["id"]
         decided = await api.post(

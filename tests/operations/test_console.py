@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from surge.operations.service import operations as operations_service
 from tests.admin.test_console import audit_rows, signed_in
+from tests.admin.test_console_money import form_key_of
 from tests.fixtures.factories import Caller
 from tests.fixtures.provider import control
 from tests.operations.conftest import World, runtime_of, submit
@@ -45,8 +46,12 @@ async def test_review_queue_shows_the_operation_and_release_is_confirmed_then_au
     asked = await api.post(path, data=fields)
     assert 'id="confirm"' in asked.text
     assert await transfers(ops_app, operation_id) == [("reserve", "pending")]  # nothing yet
-    done = await api.post(path, data={**fields, "confirm": "yes"}, headers={"X-Request-ID": "r1"})
+    confirmed = {**fields, "confirm": "yes", "form_key": form_key_of(asked.text)}
+    done = await api.post(path, data=confirmed, headers={"X-Request-ID": "r1"})
     assert done.status_code == 303, done.text
+    # The same rendered form submitted again (a double click): the same answer, nothing more.
+    twice = await api.post(path, data=confirmed)
+    assert twice.status_code == 303, twice.text
     assert await transfers(ops_app, operation_id) == [("reserve", "pending"), ("release", "void")]
     [row] = await audit_rows(ops_app, "operations.operation.resolve", operation_id)
     assert row["after"] == {"status": "failed", "performed": False,
@@ -55,7 +60,11 @@ async def test_review_queue_shows_the_operation_and_release_is_confirmed_then_au
     assert row["actor_id"] is not None
     assert f"resolve-no-{operation_id}" not in (await api.get("/admin/operations")).text
     # Decided once: the other decision is refused, and moves no money.
-    again = await api.post(path, data={**fields, "performed": "yes", "confirm": "yes"})
+    other = {**fields, "performed": "yes"}
+    asked_again = await api.post(path, data=other)
+    again = await api.post(
+        path, data={**other, "confirm": "yes", "form_key": form_key_of(asked_again.text)}
+    )
     assert again.status_code == 409
     assert await transfers(ops_app, operation_id) == [("reserve", "pending"), ("release", "void")]
 
@@ -70,4 +79,11 @@ async def test_an_unknown_decision_is_refused(
         data={"csrf": csrf, "performed": "maybe", "confirm": "yes"},
     )
     assert refused.status_code == 422
+    assert await transfers(ops_app, operation_id) == [("reserve", "pending")]
+    # A confirmed decision without its rendered form's key is refused too, before any money.
+    keyless = await api.post(
+        f"/admin/operations/{operation_id}/resolve",
+        data={"csrf": csrf, "performed": "no", "confirm": "yes"},
+    )
+    assert keyless.status_code == 428
     assert await transfers(ops_app, operation_id) == [("reserve", "pending")]

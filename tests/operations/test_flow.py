@@ -62,14 +62,21 @@ class TestRenewal:
         assert second.headers.get("Idempotent-Replayed") == "true"
         assert await available(ops_app, reseller) == before - 1_800
 
-    async def test_key_is_required(self, api: httpx.AsyncClient, reseller: Caller) -> None:
+    async def test_key_is_required(
+        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller
+    ) -> None:
+        before = await available(ops_app, reseller)
         response = await api.post(
             "/api/v1/operations",
             json={"kind": "renew", "card": "1234567890", "package": "sport", "months": 1},
             headers=reseller.headers,
         )
-        assert response.status_code == 400
+        assert response.status_code == 428
         assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["header"] == "Idempotency-Key"
+        assert await available(ops_app, reseller) == before  # nothing reserved
+        listed = await api.get("/api/v1/operations", headers=reseller.headers)
+        assert listed.json()["items"] == []
 
     async def test_bad_input_is_refused_and_nothing_reserved(
         self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller

@@ -176,6 +176,8 @@ class TestTopupCashOut:
         body = (await live.topup(caller, amount=10_000)).json()
         await live.settled()
         assert await balance(live, caller) == 10_000
+        wallet = (await live.api.get("/api/v1/wallet", headers=caller.headers)).json()
+        assert (wallet["available"], wallet["withdrawable"]) == (10_000, 0)
         refused = await self.withdraw(live, caller, 10_000)
         assert refused.status_code == 409, refused.text
         assert refused.headers["content-type"] == "application/problem+json"
@@ -212,6 +214,8 @@ class TestTopupCashOut:
             await session.commit()
         await live.settled()
         assert await balance(live, caller) == 5_000  # 2 000 of top-up left, 3 000 earned
+        wallet = (await live.api.get("/api/v1/wallet", headers=caller.headers)).json()
+        assert (wallet["available"], wallet["withdrawable"]) == (5_000, 3_000)
         assert (await self.withdraw(live, caller, 3_001)).status_code == 409
         assert (await self.withdraw(live, caller, 3_000)).status_code == 201
         await assert_invariants(live)
@@ -228,4 +232,109 @@ class TestTopupCashOut:
         assert sorted(r.status_code for r in replies) == [201] * 3 + [409] * 5
         wallet = (await live.api.get("/api/v1/wallet", headers=caller.headers)).json()
         assert (wallet["balance"], wallet["available"]) == (13_000, 10_000)
+        assert wallet["withdrawable"] == 0  # what is left is top-up credit
+        await assert_invariants(live)
+
+
+def dispute_event(
+    payment_id: str, dispute_id: str, *, amount: int, type_: str, created: int
+) -> dict[str, Any]:
+    """A ``charge.dispute.*`` event as the provider signs it."""
+    won = type_.endswith("funds_reinstated")
+    dispute = {
+        "id": dispute_id, "object": "dispute", "amount": amount, "currency": "usd",
+        "payment_intent": payment_id, "charge": f"ch_{uuid.uuid4().hex[:12]}",
+        "status": "won" if won else "needs_response", "reason": "fraudulent",
+    }  # fmt: skip
+    return {
+        "id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": type_,
+        "created": created, "data": {"object": dispute},
+    }  # fmt: skip
+
+
+class TestWonDisputes:
+    """``charge.dispute.funds_reinstated``: the merchant won, the provider gives the disputed
+    money back. It comes back once, per dispute, and the reversal cap counts it."""
+
+    async def test_a_won_dispute_gives_the_money_back_once(self, live: Live) -> None:
+        caller = await live.reseller()
+        first = (await live.topup(caller, amount=2_000)).json()
+        payment_id = first["provider_payment_id"]
+        dispute = await live.sim.dispute(payment_id)
+        await live.settled()
+        assert await balance(live, caller) == 0
+        await live.sim.win(dispute["id"])
+        await live.settled()
+        assert await balance(live, caller) == 2_000
+        topup = await topup_of(live, caller, first["id"])
+        assert topup["amount_reversed"] == 0
+        # The provider sends it again under another event id: the dispute is the key.
+        again = dispute_event(
+            payment_id, dispute["id"], amount=2_000,
+            type_="charge.dispute.funds_reinstated", created=int(time.time()),
+        )  # fmt: skip
+        assert (await post(live, again, secrets=[SIM_SECRET])).status_code == 200
+        assert (await post(live, again, secrets=[SIM_SECRET])).json()["duplicate"] is True
+        await live.settled()
+        assert await balance(live, caller) == 2_000
+        await assert_invariants(live)
+
+    async def test_the_reversal_cap_counts_the_reinstated_money(self, live: Live) -> None:
+        """Dispute lost then won, then a full refund: the payment's 2 000 may go back out
+        again (it came back in); without lowering ``amount_reversed`` the refund would be
+        capped to nothing and the owner would keep money the provider refunded."""
+        caller = await live.reseller()
+        first = (await live.topup(caller, amount=2_000)).json()
+        await live.topup(caller, amount=5_000)
+        payment_id = first["provider_payment_id"]
+        dispute = await live.sim.dispute(payment_id)
+        await live.settled()
+        await live.sim.win(dispute["id"])
+        await live.settled()
+        event = refund_event(payment_id, captured=2_000, refunds=[2_000])
+        assert (await post(live, event, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        assert await balance(live, caller) == 5_000
+        assert (await topup_of(live, caller, first["id"]))["amount_reversed"] == 2_000
+        kinds = [p["kind"] for p in await postings(live, payment_id)]
+        assert kinds.count("topup_refund") == 1  # the refund was not capped to nothing
+        await assert_invariants(live)
+
+    async def test_reinstated_before_withdrawn_implies_it(self, live: Live) -> None:
+        """The won event is applied first (the withdrawal's delivery was lost, then retried):
+        a won dispute implies its withdrawal, applied with it under the withdrawal's own key,
+        so the late withdrawal event finds it done — never a credit of money not taken."""
+        caller = await live.reseller()
+        first = (await live.topup(caller, amount=2_000)).json()
+        await live.settled()
+        payment_id, dispute_id, now = first["provider_payment_id"], f"dp_{uuid.uuid4().hex}", int(time.time())  # fmt: skip
+        won = dispute_event(payment_id, dispute_id, amount=2_000,
+                            type_="charge.dispute.funds_reinstated", created=now + 1)  # fmt: skip
+        assert (await post(live, won, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        assert await balance(live, caller) == 2_000  # taken and given back: never 4 000
+        lost = dispute_event(payment_id, dispute_id, amount=2_000,
+                             type_="charge.dispute.funds_withdrawn", created=now)  # fmt: skip
+        assert (await post(live, lost, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        assert await balance(live, caller) == 2_000
+        assert (await topup_of(live, caller, first["id"]))["amount_reversed"] == 0
+        await assert_invariants(live)
+
+    async def test_a_won_dispute_that_took_nothing_gives_nothing(self, live: Live) -> None:
+        """Refunded in full, then disputed (the cap took nothing), then won: no money."""
+        caller = await live.reseller()
+        first = (await live.topup(caller, amount=2_000)).json()
+        await live.topup(caller, amount=5_000)
+        await live.settled()
+        payment_id, dispute_id, now = first["provider_payment_id"], f"dp_{uuid.uuid4().hex}", int(time.time())  # fmt: skip
+        event = refund_event(payment_id, captured=2_000, refunds=[2_000])
+        assert (await post(live, event, secrets=[SIM_SECRET])).status_code == 200
+        for type_, created in (("funds_withdrawn", now + 1), ("funds_reinstated", now + 2)):
+            event = dispute_event(payment_id, dispute_id, amount=2_000,
+                                  type_=f"charge.dispute.{type_}", created=created)  # fmt: skip
+            assert (await post(live, event, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        assert await balance(live, caller) == 5_000
+        assert (await topup_of(live, caller, first["id"]))["amount_reversed"] == 2_000
         await assert_invariants(live)

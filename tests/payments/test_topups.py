@@ -144,14 +144,18 @@ class TestIdempotency:
 
     async def test_key_is_required(self, live: Live) -> None:
         caller = await live.reseller()
+        created = (await live.sim.state())["counters"].get("created", 0)
         response = await live.api.post(
             "/api/v1/topups",
             json={"amount": 900, "payment_method": "pm_card_visa"},
             headers=caller.headers,
         )
-        assert response.status_code == 400
+        assert response.status_code == 428
         assert response.headers["content-type"].startswith("application/problem+json")
-        assert (await live.sim.state())["counters"].get("created", 0) >= 0
+        assert response.json()["header"] == "Idempotency-Key"
+        assert (await live.sim.state())["counters"].get("created", 0) == created  # no charge
+        listed = await live.api.get("/api/v1/topups", headers=caller.headers)
+        assert listed.json()["items"] == []
 
 
 class TestValidation:

@@ -29,9 +29,9 @@ async def funded_partner(app: FastAPI, api: httpx.AsyncClient, amount: int = 100
 async def withdraw(
     api: httpx.AsyncClient, who: Caller, amount: int, key: str | None = None
 ) -> httpx.Response:
-    headers = dict(who.headers)
-    if key:
-        headers["Idempotency-Key"] = key
+    """A partner's withdrawal request; a fresh key unless the test names one (the key is
+    required: ADR 0035)."""
+    headers = {**who.headers, "Idempotency-Key": key or f"k-{uuid4()}"}
     return await api.post("/api/v1/withdrawals", json={"amount": amount}, headers=headers)
 
 
@@ -100,6 +100,33 @@ class TestIsolation:
 
 
 class TestIdempotencyKey:
+    async def test_missing_key_is_428_and_nothing_is_reserved(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        """A withdrawal without a key would be a new withdrawal on every retry: refused."""
+        partner = await funded_partner(wallet_app, api)
+        for _ in range(2):  # the client's retry
+            response = await api.post(
+                "/api/v1/withdrawals", json={"amount": 2_000}, headers=partner.headers
+            )
+            assert response.status_code == 428, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json()["header"] == "Idempotency-Key"
+            assert "Idempotency-Key" in response.json()["detail"]
+        async with runtime_of(wallet_app).db.session() as session:
+            rows = await session.scalar(
+                text("SELECT count(*) FROM wallet_withdrawals WHERE owner_id = :o"),
+                {"o": partner.id},
+            )
+            keys = await session.scalar(
+                text("SELECT count(*) FROM idempotency_keys WHERE scope = :s"),
+                {"s": f"user:{partner.id}"},
+            )
+        assert rows == 0
+        assert keys == 0
+        wallet = (await api.get("/api/v1/wallet", headers=partner.headers)).json()
+        assert wallet["available"] == wallet["withdrawable"] == 100_000  # earned, not topped up
+
     async def test_same_key_same_body_replays_the_first_response(
         self, wallet_app: FastAPI, api: httpx.AsyncClient
     ) -> None:
@@ -241,8 +268,9 @@ class TestWithdrawalDecisions:
         partner = await funded_partner(wallet_app, api)
         for amount in (10**30, -5, 0, 100.5, "100", None):
             response = await api.post(
-                "/api/v1/withdrawals", json={"amount": amount}, headers=partner.headers
-            )
+                "/api/v1/withdrawals", json={"amount": amount},
+                headers={**partner.headers, "Idempotency-Key": f"k-{uuid4()}"},
+            )  # fmt: skip
             assert response.status_code == 422, (amount, response.text)
             assert response.headers["content-type"] == "application/problem+json"
         for profit in (10**30, 1.5, "7"):

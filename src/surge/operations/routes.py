@@ -15,7 +15,7 @@ from surge.audit.service import audit as audit_service
 from surge.identity.deps import AdminMfa, require_role
 from surge.identity.service import Principal
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep, request_id
-from surge.kit.web.idempotency import idempotency_keys
+from surge.kit.web.idempotency import REQUIRED_HEADER_OPENAPI, idempotency_keys
 from surge.kit.web.pagination import Cursor, Limit
 from surge.operations.schemas import (
     AccountCreate,
@@ -49,9 +49,10 @@ StatusFilter = Literal["queued", "running", "succeeded", "failed", "needs_review
 @router.post(
     "/operations",
     status_code=202,
+    openapi_extra=REQUIRED_HEADER_OPENAPI,
     response_model=OperationRead,
     responses={
-        400: {"description": "Idempotency-Key missing"},
+        428: {"description": "Idempotency-Key missing: nothing was reserved"},
         409: {"description": "Insufficient credit"},
         422: {"description": "Invalid card, package or months"},
     },

@@ -21,7 +21,7 @@ from starlette.responses import Response
 from surge.identity.deps import AdminMfa, require_role
 from surge.identity.service import Principal, audit
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
-from surge.kit.web.idempotency import idempotency_keys
+from surge.kit.web.idempotency import REQUIRED_HEADER_OPENAPI, idempotency_keys
 from surge.payments.schemas import (
     EventPage,
     EventRead,
@@ -44,9 +44,11 @@ Cursor = Annotated[str | None, Query(max_length=300)]
 @router.post(
     "/topups",
     status_code=201,
+    openapi_extra=REQUIRED_HEADER_OPENAPI,
     response_model=TopupRead,
     responses={
-        400: {"description": "Idempotency-Key missing or invalid"},
+        400: {"description": "Idempotency-Key invalid (empty or too long)"},
+        428: {"description": "Idempotency-Key missing: nothing was charged"},
         422: {"description": "Amount or currency out of bounds, or Idempotency-Key reused"},
         503: {"description": "Payment provider unavailable (Retry-After); nothing charged"},
     },

@@ -15,7 +15,8 @@ twice, late or out of order (ADR 0018).
 
 The one rule: **the provider's payment id is the idempotency key of the ledger posting**
 (``payment:<pi id>`` for the credit, ``payment:<pi id>:refund:<re id>`` and
-``payment:<pi id>:dispute:<dp id>`` for the reversals). The request that saw the payment
+``payment:<pi id>:dispute:<dp id>`` for the reversals, ``…:dispute:<dp id>:reinstated`` for a
+won dispute: ``surge.payments.reversals``). The request that saw the payment
 succeed, the webhook, its duplicates and the reconciliation poll all call ``funds.credit``
 with that key, so exactly one of them moves money.
 
@@ -67,6 +68,7 @@ from surge.payments.errors import (
 )
 from surge.payments.events import intent_of, parse_event, payment_id_of
 from surge.payments.provider import ProviderUnavailable, provider_client
+from surge.payments.reversals import reinstate, reverse
 from surge.wallet.funds import funds as funds_service
 
 log = structlog.get_logger()
@@ -421,14 +423,19 @@ class TopupService:
             topup = await self._topup_of(session, obj, amount=int(obj["amount"]))
             await self._credit(session, topup, int(obj["amount_captured"]), str(obj["currency"]))
             for refund in obj.get("refunds", {}).get("data", []):
-                await self._reverse(session, topup, refund, what="refund")
+                await reverse(session, topup, refund, what="refund")
             if int(obj["amount_refunded"]) >= int(obj["amount_captured"]):
                 self._move(topup, "refunded")
         elif kind == "charge.dispute.funds_withdrawn":
             topup = await self._topup_of(session, obj, amount=None)
             await self._credit(session, topup, topup.amount, str(obj["currency"]))
-            await self._reverse(session, topup, obj, what="dispute")
+            await reverse(session, topup, obj, what="dispute")
             self._move(topup, "disputed")
+        elif kind == "charge.dispute.funds_reinstated":
+            topup = await self._topup_of(session, obj, amount=None)
+            await self._credit(session, topup, topup.amount, str(obj["currency"]))
+            await reinstate(session, topup, obj)
+            self._move(topup, "disputed")  # it was disputed; the amounts say it was won
         else:
             log.info("payments.event.ignored", event_id=event.id, type=kind)
 
@@ -515,38 +522,6 @@ class TopupService:
                 amount=amount,
                 payment_id=topup.provider_payment_id,
             )
-
-    async def _reverse(
-        self, session: AsyncSession, topup: Topup, obj: Mapping[str, Any], *, what: str
-    ) -> None:
-        """Take back a refund or a dispute, never more than the payment credited: a refund
-        larger than the payment, or a refund and a dispute of the same money, would
-        otherwise take the owner's other funds (the provider only ever took this payment)."""
-        key = f"payment:{topup.provider_payment_id}:{what}:{obj['id']}"
-        if await funds_service.moved(session, key=key) is not None:
-            return  # this refund or dispute was taken back already (a replayed event)
-        asked = int(obj["amount"])
-        amount = min(asked, topup.amount_credited - topup.amount_reversed)
-        if amount < asked:
-            log.warning(
-                "payments.topup.reversal_capped", topup_id=str(topup.id), what=what,
-                asked=asked, reversed=max(amount, 0), credited=topup.amount_credited,
-            )  # fmt: skip
-        if amount <= 0:
-            return
-        posted = await funds_service.reverse(
-            session,
-            topup.owner_id,
-            amount=amount,
-            currency=topup.currency,
-            key=key,
-            kind=f"topup_{what}",
-            reference=str(obj["id"]),
-        )
-        if posted.created:
-            topup.amount_reversed += amount
-            topup.updated_at = _now()
-            log.info("payments.topup.reversed", topup_id=str(topup.id), amount=amount, what=what)
 
 
 topup = TopupService()

@@ -19,10 +19,11 @@ What it does (the subset of Stripe's PaymentIntents Surge uses, same shapes and 
 
 - ``GET /v1/payment_intents/{id}``; ``GET /v1/payment_intents`` (newest first,
   ``created[gte]``/``created[lte]``, ``limit``, ``starting_after``); ``POST /v1/refunds`` (``payment_intent``, ``amount``);
-  ``POST /_sim/payment_intents/{id}/dispute`` (the cardholder disputes: funds withdrawn).
+  ``POST /_sim/payment_intents/{id}/dispute`` (the cardholder disputes: funds withdrawn);
+  ``POST /_sim/disputes/{id}/win`` (the merchant won it: funds reinstated).
 - Every state change emits an event (``payment_intent.succeeded``, ``.payment_failed``,
   ``.processing``, ``.requires_action``, ``charge.refunded``,
-  ``charge.dispute.funds_withdrawn``) POSTed to the webhook URL with
+  ``charge.dispute.funds_withdrawn``, ``charge.dispute.funds_reinstated``) POSTed to the webhook URL with
   ``Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>`` — one ``v1``
   per active secret, so both verify during a rotation — and retried with exponential
   backoff until a 2xx (Stripe retries for 3 days; here ``retry_max`` attempts).
@@ -116,6 +117,7 @@ class Provider:
     captured: Counter[str] = field(default_factory=Counter)
     refunded: Counter[str] = field(default_factory=Counter)
     disputed: Counter[str] = field(default_factory=Counter)
+    disputes: dict[str, dict[str, Any]] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
     held: list[dict[str, Any]] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -403,7 +405,20 @@ def build_app(provider: Provider) -> Starlette:
             "reason": "fraudulent",
         }
         provider.disputed[intent["currency"]] += left
+        provider.disputes[dispute_["id"]] = dispute_
         provider.emit("charge.dispute.funds_withdrawn", dispute_)
+        return JSONResponse(dispute_)
+
+    async def win(request: Request) -> Response:
+        """The merchant's evidence won: the disputed amount comes back (Stripe's
+        ``charge.dispute.funds_reinstated``, the dispute object with ``status: won``)."""
+        dispute_ = provider.disputes.get(request.path_params["id"])
+        if dispute_ is None or dispute_["status"] != "needs_response":
+            return JSONResponse(_error("invalid_request_error", "not_winnable", ""), 400)
+        dispute_ = dict(dispute_, status="won")
+        provider.disputes[dispute_["id"]] = dispute_
+        provider.disputed[dispute_["currency"]] -= dispute_["amount"]
+        provider.emit("charge.dispute.funds_reinstated", dispute_)
         return JSONResponse(dispute_)
 
     async def authenticate(request: Request) -> Response:
@@ -482,6 +497,7 @@ def build_app(provider: Provider) -> Starlette:
             Route("/v1/payment_intents/{id}", get_intent, methods=["GET"]),
             Route("/v1/refunds", create_refund, methods=["POST"]),
             Route("/_sim/payment_intents/{id}/dispute", dispute, methods=["POST"]),
+            Route("/_sim/disputes/{id}/win", win, methods=["POST"]),
             Route("/_sim/authenticate/{id}", authenticate, methods=["GET", "POST"]),
             Route("/_sim/control", control, methods=["POST"]),
             Route("/_sim/state", get_state, methods=["GET"]),

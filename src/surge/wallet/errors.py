@@ -1,5 +1,15 @@
-"""The wallet service's errors (the tree is drawn in ``surge.wallet.service``'s docstring;
-the ledger's own are in ``surge.wallet.ledger``)."""
+"""The wallet service's errors (the ledger's own are in ``surge.wallet.ledger``).
+
+WalletError (see ``surge.wallet.ledger`` for the ledger's own subclasses)
+├── WithdrawalNotFound (NotFound)          404, also for another partner's withdrawal
+├── WithdrawalAlreadyDecided (Conflict)    409: approved/rejected the other way already
+├── WithdrawalOutOfBounds (Unprocessable)  422: below the minimum or above the maximum
+├── WithdrawalKeyMismatch (Unprocessable)  422: Idempotency-Key already named another amount
+├── NotWithdrawable (Conflict)             409: the amount needs unspent top-up credit
+├── RevenueEventConflict (Conflict)        409: event id reused with other figures
+├── RevenueEventOutOfBounds (Unprocessable) 422: profit beyond WALLET_REVENUE_EVENT_MAX
+└── NotAPartner (Unprocessable)            422: terms for a user without a partner role
+"""
 
 from __future__ import annotations
 

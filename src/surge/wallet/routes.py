@@ -3,8 +3,9 @@ withdrawals and earnings; revenue events; admin decisions on withdrawals.
 
 Routes stay thin: authenticate, pick the session (primary for money and real-time balance,
 read session — a replica when configured — for history), call the service with the acting
-user's id (ownership and auditing are enforced there), shape the reply. Money-moving POSTs
-accept an ``Idempotency-Key`` (``surge.kit.web.idempotency``). The admin router is mounted
+user's id (ownership and auditing are enforced there), shape the reply. A partner's
+money-moving POST requires an ``Idempotency-Key`` (``surge.kit.web.idempotency``; missing:
+428); admin decisions are idempotent by state (ADR 0035). The admin router is mounted
 by ``surge.admin.surface`` behind the admin guard.
 """
 
@@ -22,7 +23,7 @@ from surge.credential.deps import Actor, service_or_admin
 from surge.identity.deps import AdminMfa, require_role
 from surge.identity.principal import Principal
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep, request_id
-from surge.kit.web.idempotency import idempotency_keys
+from surge.kit.web.idempotency import REQUIRED_HEADER_OPENAPI, idempotency_keys
 from surge.kit.web.pagination import Cursor, Limit, Page
 from surge.models.wallet import Withdrawal
 from surge.wallet.schemas import (
@@ -71,20 +72,24 @@ def _withdrawal(row: Withdrawal) -> dict[str, object]:
 # ---- partner ------------------------------------------------------------------------------
 @router.get("/wallet", response_model=WalletRead)
 async def get_wallet(principal: Owner, session: SessionDep, runtime: RuntimeDep) -> WalletRead:
-    """Real-time balance, read on the primary (a replica could lag behind a payout)."""
-    balance = await wallet_service.balance(session, runtime, principal.user_id)
-    if balance is None:
+    """Real-time balance, read on the primary (a replica could lag behind a payout), and
+    how much of it can be withdrawn."""
+    found = await wallet_service.withdrawable(session, runtime, principal.user_id)
+    if found is None:
         return WalletRead(
             currency=wallet_service.currency(runtime),
             balance=0,
             available=0,
             pending_withdrawals=0,
+            withdrawable=0,
         )
+    balance, withdrawable = found
     return WalletRead(
         currency=balance.currency,
         balance=balance.balance,
         available=balance.available,
         pending_withdrawals=balance.pending_out,
+        withdrawable=withdrawable,
     )
 
 
@@ -122,8 +127,13 @@ async def get_stats(principal: Owner, runtime: RuntimeDep) -> StatsRead:
 @router.post(
     "/withdrawals",
     status_code=201,
+    openapi_extra=REQUIRED_HEADER_OPENAPI,
     response_model=WithdrawalRead,
-    responses={422: {"description": "Invalid amount, or Idempotency-Key reused"}},
+    responses={
+        409: {"description": "Insufficient funds, or not withdrawable (top-up credit)"},
+        422: {"description": "Invalid amount, or Idempotency-Key reused"},
+        428: {"description": "Idempotency-Key missing: nothing was reserved"},
+    },
 )
 async def request_withdrawal(
     body: WithdrawalCreate,
@@ -132,17 +142,18 @@ async def request_withdrawal(
     session: SessionDep,
     runtime: RuntimeDep,
 ) -> Response:
-    """Reserve ``amount`` for a payout; an admin approves or rejects it."""
+    """Reserve ``amount`` for a payout; an admin approves or rejects it. Requires an
+    ``Idempotency-Key``: the same key names the same withdrawal for ever (ADR 0033)."""
 
     async def handler() -> Response:
         withdrawal = await wallet_service.request_withdrawal(
             session, runtime, principal.user_id, amount=body.amount,
-            key=request.headers.get("Idempotency-Key"),
+            key=request.headers["Idempotency-Key"],
         )  # fmt: skip
         return JSONResponse(_withdrawal(withdrawal), status_code=201)
 
     return await idempotency_keys.run(
-        request, session, scope=f"user:{principal.user_id}", handler=handler
+        request, session, scope=f"user:{principal.user_id}", handler=handler, required=True
     )
 
 

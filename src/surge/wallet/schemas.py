@@ -18,6 +18,12 @@ class WalletRead(_Read):
     balance: int = Field(description="Posted balance, minor units.")
     available: int = Field(description="Balance minus pending withdrawals.")
     pending_withdrawals: int
+    withdrawable: int = Field(
+        description="The part of `available` a withdrawal may take: available minus the "
+        "top-up credit not yet spent on operations (top-up credit buys operations and is "
+        "never paid out; ADR 0033). A larger withdrawal is a 409 `not-withdrawable`.",
+        ge=0,
+    )
 
 
 class EntryRead(_Read):

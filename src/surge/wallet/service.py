@@ -1,15 +1,7 @@
 """The wallet's use cases (seed 001): earnings from revenue events, withdrawals with admin
 approval, and the partner's reads — every money movement through ``surge.wallet.ledger``.
 
-    WalletError (see ``surge.wallet.ledger`` for the ledger's own subclasses)
-    ├── WithdrawalNotFound (NotFound)          404, also for another partner's withdrawal
-    ├── WithdrawalAlreadyDecided (Conflict)    409: approved/rejected the other way already
-    ├── WithdrawalOutOfBounds (Unprocessable)  422: below the minimum or above the maximum
-    ├── WithdrawalKeyMismatch (Unprocessable)  422: Idempotency-Key already named another amount
-    ├── NotWithdrawable (Conflict)             409: the amount needs unspent top-up credit
-    ├── RevenueEventConflict (Conflict)        409: event id reused with other figures
-    ├── RevenueEventOutOfBounds (Unprocessable) 422: profit beyond WALLET_REVENUE_EVENT_MAX
-    └── NotAPartner (Unprocessable)            422: terms for a user without a partner role
+Errors: the tree is drawn in ``surge.wallet.errors``.
 
     from surge.wallet.service import wallet as wallet_service
 
@@ -330,15 +322,12 @@ class WalletService:
             session, owner_id, currency=currency
         ) or await self.ledger.open_wallet(session, owner_id, currency=currency)
         holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
-        payments, sales = [  # resolved (maybe created) before any lock is held
-            await self.ledger.system_account(session, code, currency=currency)
-            for code in (SystemAccount.payments, SystemAccount.sales)
-        ]
+        flows = await self._topup_accounts(session, currency)  # before any lock is held
         # Wallet and holds locked in the ledger's order before reading: a concurrent request
         # (or a credit) cannot change what is withdrawable between the check and the transfer.
         await self.ledger.lock(session, [wallet, holds])
-        available, withdrawable = await self._withdrawable(session, wallet, payments, sales)
-        if withdrawable < amount <= available:  # beyond available: the ledger's own 409
+        balance, withdrawable = await self._withdrawable(session, wallet, *flows)
+        if withdrawable < amount <= balance.available:  # beyond available: the ledger's 409
             raise NotWithdrawable(
                 "Top-up credit buys operations and is never paid out; this wallet can "
                 f"withdraw {max(withdrawable, 0)} minor units.",
@@ -367,17 +356,23 @@ class WalletService:
         log.info("wallet.withdrawal.requested", withdrawal_id=str(withdrawal_id), amount=amount)
         return withdrawal
 
+    async def _topup_accounts(self, session: AsyncSession, currency: str) -> tuple[int, int]:
+        """The system accounts top-up credit comes from and is spent on (maybe created)."""
+        payments, sales = SystemAccount.payments, SystemAccount.sales
+        return (await self.ledger.system_account(session, payments, currency=currency),
+                await self.ledger.system_account(session, sales, currency=currency))  # fmt: skip
+
     async def _withdrawable(
         self, session: AsyncSession, wallet: int, payments: int, sales: int
-    ) -> tuple[int, int]:
-        """(available, withdrawable): available minus the top-up credit not yet spent.
+    ) -> tuple[Balance, int]:
+        """(balance, withdrawable): available minus the top-up credit not yet spent.
         Posted purchases spend top-up credit first; one still reserved does not count yet
         (stricter for the seconds an operation runs, never looser)."""
         balance = await self.ledger.balance(session, wallet)
         topped, spent = await repository.topup_flows(
             session, wallet, payments=payments, sales=sales
         )
-        return balance.available, balance.available - max(0, topped - spent)
+        return balance, balance.available - max(0, topped - spent)
 
     async def decide(
         self,
@@ -507,6 +502,18 @@ class WalletService:
         """The owner's real-time balance (primary), or None before its first wallet."""
         wallet = await self.ledger.wallet_of(session, owner_id, currency=self.currency(runtime))
         return None if wallet is None else await self.ledger.balance(session, wallet)
+
+    async def withdrawable(
+        self, session: AsyncSession, runtime: Runtime, owner_id: UUID
+    ) -> tuple[Balance, int] | None:
+        """The real-time balance and the part of it a withdrawal may take (ADR 0033)."""
+        currency = self.currency(runtime)
+        wallet = await self.ledger.wallet_of(session, owner_id, currency=currency)
+        if wallet is None:
+            return None
+        flows = await self._topup_accounts(session, currency)
+        balance, withdrawable = await self._withdrawable(session, wallet, *flows)
+        return balance, max(withdrawable, 0)
 
     async def transactions(
         self,

@@ -3,6 +3,7 @@ the CSP allows only this origin's ``console.js`` and ``console.css``)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from html import escape
@@ -10,6 +11,9 @@ from typing import Any
 
 from surge.admin.console.charts import line_chart
 from surge.admin.console.session import Caller
+
+#: The hidden field naming one rendered confirmation form (its Idempotency-Key).
+FORM_KEY = "form_key"
 
 NAV = (
     ("overview", "Overview"),
@@ -226,6 +230,7 @@ def confirm(
             fields={
                 **fields,
                 "confirm": "yes",
+                FORM_KEY: uuid.uuid4().hex,  # one rendered form, one effect (ADR 0035)
                 **({"expected": count} if count is not None else {}),
             },
             css="danger" if danger else "",

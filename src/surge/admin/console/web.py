@@ -3,9 +3,11 @@ and how a console error renders."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import RedirectResponse, Response
 
 from surge.admin.console import views
@@ -17,12 +19,14 @@ from surge.admin.console.session import (
     CrossSiteRefused,
     check_csrf,
     drop,
+    first,
     load,
     principal_of,
     read_form,
     same_origin,
 )
 from surge.kit.web.deps import RuntimeDep
+from surge.kit.web.idempotency import fingerprint, idempotency_keys
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -69,6 +73,36 @@ async def posted(request: Request, caller: Caller) -> dict[str, list[str]]:
     fields = await read_form(request)
     check_csrf(caller.session.csrf, fields)
     return fields
+
+
+async def once(
+    request: Request,
+    db: AsyncSession,
+    caller: Caller,
+    fields: dict[str, list[str]],
+    run: Callable[[], Awaitable[Response]],
+    *,
+    replayed: str,
+) -> Response:
+    """A confirmed form that moves money takes effect once per rendered form: the
+    confirmation page carries a fresh ``form_key`` (``views.confirm``), claimed here as an
+    Idempotency-Key in the action's own transaction. A double-click, a resubmitted page or
+    the back button's re-post finds the key taken: a redirect answers it to ``replayed``
+    (or the first result page is shown again), never a second effect."""
+    key = first(fields, views.FORM_KEY)
+    if not key:
+        raise ConsoleError("This form has expired; open the page again.", status_code=428)
+    scope = f"console:{caller.principal.user_id}"
+    stored = await idempotency_keys.claim(
+        db, scope=scope, key=key, fingerprint=fingerprint("POST", request.url.path, b"")
+    )
+    if stored is not None:
+        if 300 <= stored.status_code < 400:
+            return redirect(replayed)
+        return html(stored.body.decode("utf-8", errors="replace"), stored.status_code)
+    response = await run()
+    await idempotency_keys.store(db, scope=scope, key=key, response=response)
+    return response
 
 
 async def console_error(request: Request, error: Exception) -> Response:

@@ -2,6 +2,7 @@
 transaction (Stripe's semantics, Brandur's design reduced to one atomic phase).
 
     SurgeError
+    ├── IdempotencyKeyRequired         428: the endpoint requires the header and it is absent
     ├── BadRequest
     │   └── InvalidIdempotencyKey      400: empty or longer than 255 characters
     ├── Conflict
@@ -44,13 +45,37 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
-from surge.kit.errors import BadRequest, Conflict, UnprocessableEntity
+from surge.kit.errors import BadRequest, Conflict, SurgeError, UnprocessableEntity
 
 HEADER = "Idempotency-Key"
 #: pg_try_advisory_xact_lock(namespace, hashtext(scope|key)) marks a key's request in flight.
 IN_FLIGHT_LOCK_NAMESPACE = 7_421_014
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
+#: ``openapi_extra`` of a route that requires the header (it is read from the request, so
+#: FastAPI would not document it otherwise).
+REQUIRED_HEADER_OPENAPI: dict[str, object] = {
+    "parameters": [
+        {
+            "name": HEADER,
+            "in": "header",
+            "required": True,
+            "description": "The client's name for this effect: a retry with the same key is "
+            "answered with the first response and never repeats the effect; missing: 428.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+        }
+    ]
+}
+
+
+class IdempotencyKeyRequired(SurgeError):
+    """428 Precondition Required (RFC 6585): the endpoint moves money and refuses to guess
+    whether a request without a key is a retry."""
+
+    status_code = 428
+
+    def __init__(self) -> None:
+        super().__init__(f"This endpoint requires an {HEADER} header.", extra={"header": HEADER})
 
 
 class InvalidIdempotencyKey(BadRequest):
@@ -210,7 +235,7 @@ class IdempotencyKeys:
         key = request.headers.get(HEADER)
         if key is None:
             if required:
-                raise InvalidIdempotencyKey(f"This endpoint requires an {HEADER} header.")
+                raise IdempotencyKeyRequired()
             return await handler()
         body = await request.body()
         stored = await self.claim(

@@ -15,7 +15,7 @@ from surge.admin.console import views
 from surge.admin.console.service import console as console_service
 from surge.admin.console.session import ConsoleError, first
 from surge.admin.console.views import e, form, money, page, table, when
-from surge.admin.console.web import CallerDep, html, posted, redirect
+from surge.admin.console.web import CallerDep, html, once, posted, redirect
 from surge.kit.errors import SurgeError
 from surge.kit.web.deps import SessionDep, request_id
 
@@ -107,13 +107,19 @@ async def resolve(
                                   action=str(request.url.path),
                                   fields={"performed": performed, "note": note or ""},
                                   active="operations", danger=performed == "no"))  # fmt: skip
-    try:
-        done = await console_service.resolve_operation(
-            db, caller, operation_id=operation_id, performed=performed == "yes", note=note,
-            request_id=request_id(request),
-        )  # fmt: skip
-    except ConsoleError:
-        raise
-    except SurgeError as error:
-        return html(views.error_page(error.status_code, error.message, caller), error.status_code)
-    return redirect(f"/admin/operations?flash=Operation+{done.id}+{quote(done.status)}")
+
+    async def act() -> Response:
+        try:
+            done = await console_service.resolve_operation(
+                db, caller, operation_id=operation_id, performed=performed == "yes", note=note,
+                request_id=request_id(request),
+            )  # fmt: skip
+        except ConsoleError:
+            raise
+        except SurgeError as error:
+            page_ = views.error_page(error.status_code, error.message, caller)
+            return html(page_, error.status_code)
+        return redirect(f"/admin/operations?flash=Operation+{done.id}+{quote(done.status)}")
+
+    replayed = f"/admin/operations?flash=Operation+{operation_id}+already+resolved"
+    return await once(request, db, caller, fields, act, replayed=replayed)

@@ -13,7 +13,7 @@ from surge.admin.console import views
 from surge.admin.console.service import console as console_service
 from surge.admin.console.session import ConsoleError, first
 from surge.admin.console.views import e, form, money, page, table, when
-from surge.admin.console.web import CallerDep, html, posted, redirect
+from surge.admin.console.web import CallerDep, html, once, posted, redirect
 from surge.kit.errors import SurgeError
 from surge.kit.web.deps import RuntimeDep, SessionDep, request_id
 from surge.wallet.service import wallet as wallet_service
@@ -35,10 +35,11 @@ async def withdrawals(
     balances: dict[uuid.UUID, Any] = {}
     for item in items:
         if item["owner_id"] not in balances:
-            balances[item["owner_id"]] = await wallet_service.balance(db, runtime, item["owner_id"])
+            found = await wallet_service.withdrawable(db, runtime, item["owner_id"])
+            balances[item["owner_id"]] = found
     rows = []
     for w in items:
-        b = balances.get(w["owner_id"])
+        b, withdrawable = balances.get(w["owner_id"]) or (None, 0)
         actions = ""
         if w["status"] == "pending":
             actions = (
@@ -54,6 +55,7 @@ async def withdrawals(
         rows.append(
             (e(w["email"]), money(w["amount"], w["currency"]), when(w["created_at"]),
              money(b.balance, b.currency) if b else "–", money(b.available, b.currency) if b else "–",
+             money(withdrawable, b.currency) if b else "–",
              e(w["status"]) + (f"<br><small>{e(w['reason'])}</small>" if w["reason"] else ""),
              actions)
         )  # fmt: skip
@@ -69,7 +71,7 @@ async def withdrawals(
         else ""
     )
     body = f'<p class="tabs">{tabs}</p>{batch}' + table(
-        ["partner", "amount", "requested", "balance", "available", "status", ""],
+        ["partner", "amount", "requested", "balance", "available", "withdrawable", "status", ""],
         rows,
         table_id="withdrawals",
     )
@@ -103,17 +105,24 @@ async def decide(
         return html(views.confirm(caller, title=f"{verb.title()} a withdrawal", question=question,
                                   action=str(request.url.path), fields={"reason": reason or ""},
                                   active="withdrawals", danger=verb == "reject"))  # fmt: skip
-    try:
-        await console_service.decide_withdrawal(
-            db, runtime, caller, withdrawal_id=withdrawal_id, approve=verb == "approve",
-            reason=reason, request_id=request_id(request),
-        )  # fmt: skip
-    except ConsoleError:
-        raise
-    except SurgeError as error:
-        return html(views.error_page(error.status_code, error.message, caller), error.status_code)
     done = "approved" if verb == "approve" else "rejected"
-    return redirect(f"/admin/withdrawals?flash=Withdrawal+{done}")
+
+    async def act() -> Response:
+        try:
+            await console_service.decide_withdrawal(
+                db, runtime, caller, withdrawal_id=withdrawal_id, approve=verb == "approve",
+                reason=reason, request_id=request_id(request),
+            )  # fmt: skip
+        except ConsoleError:
+            raise
+        except SurgeError as error:
+            page_ = views.error_page(error.status_code, error.message, caller)
+            return html(page_, error.status_code)
+        return redirect(f"/admin/withdrawals?flash=Withdrawal+{done}")
+
+    return await once(
+        request, db, caller, fields, act, replayed=f"/admin/withdrawals?flash=Withdrawal+{done}"
+    )
 
 
 @router.post("/withdrawals/batch")
@@ -132,11 +141,12 @@ async def batch(
                                   question=f"Approve {len(ids)} withdrawal(s)? Each is decided on its own.",
                                   action="/admin/withdrawals/batch", fields={"ids": [str(i) for i in ids]},
                                   active="withdrawals", count=len(ids)))  # fmt: skip
-    results = await console_service.batch_approve(
-        db, runtime, caller, ids=ids, request_id=request_id(request)
-    )
-    return html(
-        views.results(
-            caller, "Batch approval", [(r.id, r.ok, r.detail) for r in results], "withdrawals"
+
+    async def act() -> Response:
+        results = await console_service.batch_approve(
+            db, runtime, caller, ids=ids, request_id=request_id(request)
         )
-    )
+        outcome = [(r.id, r.ok, r.detail) for r in results]
+        return html(views.results(caller, "Batch approval", outcome, "withdrawals"))
+
+    return await once(request, db, caller, fields, act, replayed="/admin/withdrawals")
