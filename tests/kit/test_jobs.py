@@ -135,6 +135,44 @@ class TestTransactionalEnqueue:
             count = await session.scalar(text("SELECT count(*) FROM jobs WHERE name LIKE 'test.%'"))
         assert count == 0
 
+    async def test_enqueue_as_the_first_statement_brings_its_begin_along(
+        self, jobs_db: Runtime
+    ) -> None:
+        """A transaction's first statement being an enqueue: the BEGIN rides with the INSERT
+        (one query on the wire once the statement is prepared on the connection, ADR 0030),
+        a dedup hit still returns ``None``, and the job commits or rolls back with the
+        transaction."""
+        sent: list[int] = []
+        ids: list[int | None] = []
+        for note in ("1", "2", "3"):
+            async with jobs_db.db.session() as session:
+                connection = await session.connection()
+                driver = (await connection.get_raw_connection()).driver_connection
+                assert driver is not None
+                before = driver._protocol.queries_count
+                ids.append(await enqueue(session, "test.record", {"note": note}, dedup_key="f1"))
+                sent.append(driver._protocol.queries_count - before)
+                assert driver.is_in_transaction()
+        assert ids[0] is not None
+        assert ids[1:] == [None, None]
+        assert sent[-1] == 1, sent  # the plain path sent two: BEGIN, then the INSERT
+
+        class Boom(Exception):
+            pass
+
+        async def rolled_back() -> None:
+            async with jobs_db.db.session() as session:
+                await enqueue(session, "test.record", {"note": "never"}, dedup_key="f2")
+                raise Boom
+
+        with pytest.raises(Boom):
+            await rolled_back()
+        async with jobs_db.db.session() as session:
+            keys = await session.scalars(
+                text("SELECT dedup_key FROM jobs WHERE name = 'test.record' ORDER BY id")
+            )
+            assert list(keys) == ["f1"]
+
     async def test_a_failing_enqueue_raises_sqlalchemys_error_and_commits_nothing(
         self, jobs_db: Runtime
     ) -> None:

@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import itertools
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import event, exc, text
+from sqlalchemy import Engine, event, exc, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -34,6 +35,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from surge.kit.db import replicas as routing
+from surge.kit.db.pipeline import Desynchronized, begin_and_fetch
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
 from surge.kit.telemetry import metrics
 
@@ -161,6 +163,47 @@ _WROTE = text("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
 _LSN = text("SELECT pg_current_wal_insert_lsn()::text")
 
 
+class _SlowLog:
+    """One engine's slow-query rule: count, track the maximum and log a statement that took
+    ``threshold`` seconds or more (``DB_SLOW_QUERY``)."""
+
+    __slots__ = ("counter", "pool", "threshold")
+
+    def __init__(self, threshold: float, counter: Any, pool: str) -> None:
+        self.threshold, self.counter, self.pool = threshold, counter, pool
+
+    def observe(self, statement: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        if elapsed >= self.threshold:
+            self.counter.inc()
+            metrics.DB_QUERY_MAX.set(elapsed)
+            log.warning(
+                "db.slow_query", pool=self.pool, duration_ms=round(elapsed * 1000, 1),
+                statement=statement[:500],
+            )  # fmt: skip
+
+
+#: The slow-query rule of each engine a ``Database`` made (the fast paths look it up).
+_SLOW_LOGS: weakref.WeakKeyDictionary[Engine, _SlowLog] = weakref.WeakKeyDictionary()
+
+
+def observe_statement(engine: Engine | None, statement: str, started: float) -> None:
+    """Count ``statement``, begun at ``perf_counter()`` value ``started``, in ``engine``'s
+    slow-query log and metrics. For the statements sent to the driver directly (the fast
+    paths), which SQLAlchemy's cursor events never see: a dictionary look-up and a clock
+    read per statement. Failed statements count too (a statement cancelled by
+    ``statement_timeout`` is the slowest kind)."""
+    slow = _SLOW_LOGS.get(engine) if engine is not None else None
+    if slow is not None:
+        slow.observe(statement, started)
+
+
+def sync_engine_of(session: AsyncSession) -> Engine | None:
+    """The engine under ``session`` (bound to an engine or to one of its connections)."""
+    bind: Any = session.sync_session.bind
+    return bind if isinstance(bind, Engine) else getattr(bind, "engine", None)
+
+
 def on_commit(session: AsyncSession, callback: OnCommit) -> None:
     """Run ``callback`` after ``session``'s unit of work commits (dropped on rollback)."""
     session.info.setdefault(_ON_COMMIT, []).append(callback)
@@ -174,22 +217,38 @@ async def driver_fetch(session: AsyncSession, statement: str, *args: Any) -> lis
     per-statement machinery (compilation, execution context, result wrapping, the greenlet
     hop), which costs more Python per call than the driver's whole round trip (ADR 0024).
     The transaction is the session's own: if the unit of work has not sent its BEGIN yet,
-    the driver adapter sends it here exactly as its first ``execute`` would, so the
-    statement commits or rolls back with everything else. A failure is raised as the same
-    ``sqlalchemy.exc.DBAPIError`` a ``session.execute`` would raise, and a connection that
-    is gone is invalidated, so the pool never hands it out again."""
+    it goes out with this statement, in the same round trip (``pipeline``, ADR 0030), or,
+    where that does not apply, first, exactly as the adapter's first ``execute`` would send
+    it; the statement commits or rolls back with everything else. A failure is raised as
+    the same ``sqlalchemy.exc.DBAPIError`` a ``session.execute`` would raise, and a
+    connection that is gone is invalidated, so the pool never hands it out again. Counted
+    by the slow-query log like any statement."""
     connection = await session.connection()
     sync = connection.sync_connection
     assert sync is not None  # a session's connection is always started
     adapted: Any = sync.connection.dbapi_connection
+    started = time.perf_counter()
     try:
         async with adapted._execute_mutex:
             if adapted._transaction is None:
+                pipelined = await begin_and_fetch(adapted, statement, args)
+                if pipelined is not None:
+                    return pipelined
                 await adapted._start_transaction()
             records: list[Any] = await adapted._connection.fetch(statement, *args)
             return records
+    except Desynchronized as lost:
+        # The caller gets the error the statement would have raised (a bad value stays a bad
+        # value, a lost connection an outage); the connection is discarded either way.
+        cause = lost.__cause__ if isinstance(lost.__cause__, Exception) else lost
+        translated = await _as_dbapi_error(connection, adapted, statement, args, cause)
+        with contextlib.suppress(Exception):
+            await connection.invalidate(cause)
+        raise translated from cause
     except Exception as error:
         raise await _as_dbapi_error(connection, adapted, statement, args, error) from error
+    finally:
+        observe_statement(sync.engine, statement, started)
 
 
 def behind_pooler(driver: Any) -> bool:
@@ -211,6 +270,7 @@ async def autocommit_fetch(engine: AsyncEngine, statement: str, *args: Any) -> l
         assert sync is not None
         adapted: Any = sync.connection.dbapi_connection
         driver = adapted._connection
+        started = time.perf_counter()
         try:
             if behind_pooler(driver):
                 async with driver.transaction():
@@ -220,6 +280,8 @@ async def autocommit_fetch(engine: AsyncEngine, statement: str, *args: Any) -> l
             return records
         except Exception as error:
             raise await _as_dbapi_error(connection, adapted, statement, args, error) from error
+        finally:
+            observe_statement(engine.sync_engine, statement, started)
 
 
 async def _as_dbapi_error(
@@ -301,6 +363,8 @@ class Database:
             event.listen(pool, name_, update_gauges)
         self._gauge_updaters.append(update_gauges)
 
+        slow_log = _SLOW_LOGS[engine.sync_engine] = _SlowLog(slow, slow_counter, name)
+
         def before(
             conn: Any, _cursor: Any, _stmt: str, _params: Any, ctx: Any, _many: bool
         ) -> None:
@@ -309,14 +373,7 @@ class Database:
         def after(
             conn: Any, _cursor: Any, statement: str, _params: Any, ctx: Any, _many: bool
         ) -> None:
-            elapsed = time.perf_counter() - ctx._surge_started
-            if elapsed >= slow:
-                slow_counter.inc()
-                metrics.DB_QUERY_MAX.set(elapsed)
-                log.warning(
-                    "db.slow_query", pool=name, duration_ms=round(elapsed * 1000, 1),
-                    statement=statement[:500],
-                )  # fmt: skip
+            slow_log.observe(statement, ctx._surge_started)
 
         event.listen(engine.sync_engine, "before_cursor_execute", before)
         event.listen(engine.sync_engine, "after_cursor_execute", after)

@@ -14,6 +14,7 @@ Errors are raised as SQLAlchemy's ``DBAPIError`` family, as ``session.execute`` 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import greenlet_spawn
 
-from surge.kit.db import behind_pooler
+from surge.kit.db import behind_pooler, observe_statement
 
 _CACHED = "surge.jobs.driver"
 
@@ -82,10 +83,11 @@ async def pooled(
     ``engine.raw_connection()`` skips the ``Connection`` object ``engine.connect()`` builds;
     the connection goes back to the pool as it came (no transaction was begun on it, so the
     pool's reset-on-return sends nothing). A connection that broke is invalidated, not
-    returned to the pool."""
+    returned to the pool. Counted by the slow-query log (``observe_statement``)."""
     raw = await engine.raw_connection()
     driver: Any = raw.driver_connection
     returned = False
+    started = time.perf_counter()
     try:
         if behind_pooler(driver):  # PgBouncer: one statement, but pinned to one server
             async with driver.transaction():
@@ -104,5 +106,6 @@ async def pooled(
             await greenlet_spawn(engine.pool._invalidate, raw, error)
         raise translated from error
     finally:
+        observe_statement(engine.sync_engine, statement, started)
         if not returned:
             await greenlet_spawn(raw.close)

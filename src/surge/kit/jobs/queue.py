@@ -8,6 +8,7 @@ Nothing here commits.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from surge.kit.db import driver_fetch, observe_statement, sync_engine_of
 from surge.kit.jobs import _driver
 from surge.kit.jobs.errors import JobNotFound, JobStateConflict, UnknownJob
 from surge.kit.jobs.registry import JobSpec, get_spec
@@ -30,19 +32,6 @@ T = TypeVar("T")
 _ON_CONFLICT = (
     "ON CONFLICT (dedup_key) WHERE state IN ('queued', 'active') AND dedup_key IS NOT NULL "
     "DO NOTHING"
-)
-
-_INSERT_ONE = text(
-    f"""
-    INSERT INTO jobs (queue, name, payload, priority, run_at, max_attempts, max_stalled,
-                      dedup_key, lock_key)
-    VALUES (:queue, :name, CAST(:payload AS jsonb), :priority,
-            COALESCE(CAST(:run_at AS timestamptz), now())
-                + make_interval(secs => CAST(:delay AS double precision)),
-            :max_attempts, :max_stalled, :dedup_key, :lock_key)
-    {_ON_CONFLICT}
-    RETURNING id
-    """
 )
 
 _INSERT_MANY = text(
@@ -103,8 +92,8 @@ async def enqueue(
     ``run_at`` / ``delay``: not before this moment / this long after the commit's clock.
 
     Adds exactly one statement to the transaction: a prepared ``INSERT`` on the driver
-    connection under the session once the transaction has begun (ADR 0025), else through
-    ``session.execute``, which begins it.
+    connection under the session (ADR 0025); when it is the transaction's first statement,
+    its BEGIN goes out in the same round trip (``driver_fetch``, ADR 0030).
     """
     params = _one(
         name,
@@ -116,17 +105,20 @@ async def enqueue(
         priority=priority,
         max_attempts=max_attempts,
     )
+    args = tuple(params.values())
     driver = await _driver.in_transaction(session)
-    if driver is None:  # the transaction's first statement: SQLAlchemy sends the BEGIN
-        result = await session.execute(_INSERT_ONE, params)
-        return result.scalar_one_or_none()
+    if driver is None:  # the transaction's first statement: BEGIN goes out with it (ADR 0030)
+        [row] = await driver_fetch(session, _INSERT_DRIVER, *args) or [(None,)]
+        return None if row[0] is None else int(row[0])
     # One prepared INSERT on the connection under the session, inside its transaction
     # (ADR 0025): no compile, no result object; the same statement ``enqueue_now`` sends.
-    args = tuple(params.values())
+    started = time.perf_counter()
     try:
         value = await driver.fetchval(_INSERT_DRIVER, *args)
     except Exception as error:
         raise _driver.translate(session, _INSERT_DRIVER, args, error) from error
+    finally:
+        observe_statement(sync_engine_of(session), _INSERT_DRIVER, started)
     return None if value is None else int(value)
 
 
@@ -141,7 +133,7 @@ def _one(
     priority: int | None,
     max_attempts: int | None,
 ) -> dict[str, Any]:
-    """One job's row, in ``_INSERT_ONE``'s order (``enqueue_now`` sends the values)."""
+    """One job's row, in ``_INSERT_DRIVER``'s parameter order."""
     spec = _spec(name)
     return {
         "queue": spec.queue,

@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from sqlalchemy.orm import Session
 
 from surge.kit.backoff import delay as retry_delay
-from surge.kit.db import is_unavailable, run_on_commit
+from surge.kit.db import is_unavailable, observe_statement, run_on_commit
 from surge.kit.jobs import _driver, metrics
 from surge.kit.jobs._sql import (
     _COMPLETE_ONE,
@@ -293,10 +293,13 @@ class Worker:
         raw = await conn.get_raw_connection()
         driver: Any = raw.driver_connection
         args = self._fetch_args(queues, limit)
+        started = time.perf_counter()
         try:
             rows = await driver.fetch(FETCH, *args)
         except Exception as error:
             raise _driver.as_dbapi_error(conn.dialect, FETCH, args, error) from error
+        finally:
+            observe_statement(conn.sync_engine, FETCH, started)
         return [_Claim(*row) for row in rows]
 
     async def _fetch_limited(self, queue: str, want: int) -> tuple[list[_Claim], float | None]:
