@@ -33,7 +33,7 @@ class TestSharedWrites:
 
         mark = lanes.mark.submit(second)
         sent = lanes.sent.submit((first, 250, "250 OK queued", "Welcome"))
-        assert await asyncio.gather(mark, sent) == [True, True]
+        assert list(await asyncio.gather(mark, sent)) == [True, True]
 
         assert lanes.writes.batches == before + 1
         assert (await status_of(rt, second)).status == "sending"
@@ -51,7 +51,7 @@ class TestSharedWrites:
 
         late = lanes.mark.submit(message)  # another attempt of the same message
         sent = lanes.sent.submit((message, 250, "250 OK", None))
-        assert await asyncio.gather(late, sent) == [False, True]
+        assert list(await asyncio.gather(late, sent)) == [False, True]
         assert (await status_of(rt, message)).status == "sent"
 
     async def test_two_attempts_marking_in_one_statement_elect_one_sender(
@@ -62,5 +62,8 @@ class TestSharedWrites:
         # of them may be told it owns the message (both were, before: two copies).
         lanes = coalescer(rt)
         message = await queued(rt)
-        assert await asyncio.gather(lanes.mark(message), lanes.mark(message)) == [True, False]
+        assert list(await asyncio.gather(lanes.mark(message), lanes.mark(message))) == [
+            True,
+            False,
+        ]
         assert not await lanes.mark(message)  # a later attempt: the row is already sending

@@ -1,4 +1,5 @@
-"""The outbox's jobs: send one e-mail, and a sweeper for messages whose job was lost.
+"""The outbox's jobs: send e-mails (a batch per job), and a sweeper for messages whose job
+was lost.
 
 ``notifications.email.send`` is the one place that commits more than once per job, on
 purpose (ADR 0019, 0026): the decision to send (a read), the "end of DATA is going on the
