@@ -94,25 +94,8 @@ Outcome = tuple[UUID, int | None, str, str | None]
 """A ``sent`` outcome: (message id, reply code, reply text, subject)."""
 
 
-class _Side(Generic[K]):
-    """One kind of request of a shared lane (``Coalescer.mark``, ``Coalescer.sent``)."""
-
-    def __init__(self, lane: Lane[tuple[str, Any], bool], tag: str) -> None:
-        self._lane = lane
-        self._tag = tag
-
-    def submit(self, key: K) -> asyncio.Future[bool]:
-        return self._lane.submit((self._tag, key))
-
-    async def __call__(self, key: K) -> bool:
-        return await self.submit(key)
-
-
 class Coalescer:
-    """This process's lanes (a runtime extension: ``coalescer(runtime)``): ``load``, and one
-    lane for the two writes, ``mark`` and ``sent`` (ADR 0031): whatever marks and outcomes
-    are waiting when the previous statement returns go in one statement, so the
-    connections' marks and the finished messages' outcomes share round trips and commits."""
+    """This process's three lanes (a runtime extension: ``coalescer(runtime)``)."""
 
     def __init__(self, runtime: Runtime) -> None:
         engine = runtime.db.primary
@@ -121,24 +104,17 @@ class Coalescer:
         async def load(ids: Sequence[UUID]) -> dict[UUID, dict[str, Any] | None]:
             return dict(await repository.load_many(engine, ids))
 
-        async def write(steps: Sequence[tuple[str, Any]]) -> dict[tuple[str, Any], bool]:
-            outcomes: list[Outcome] = [key for tag, key in steps if tag == "sent"]
-            finishing = {outcome[0] for outcome in outcomes}
-            # A mark for a message whose outcome is in this statement belongs to another
-            # attempt of it: it loses the compare-and-set (answered False below).
-            marks = [key for tag, key in steps if tag == "mark" and key not in finishing]
-            marked, recorded = await repository.mark_and_record(
-                engine, marks, outcomes, flush=flush
-            )
-            return {
-                (tag, key): (key in marked if tag == "mark" else key[0] in recorded)
-                for tag, key in steps
-            }
+        async def mark(ids: Sequence[UUID]) -> dict[UUID, bool]:
+            return dict.fromkeys(await repository.mark_sending_many(engine, ids, flush=flush), True)
+
+        async def sent(outcomes: Sequence[Outcome]) -> dict[Outcome, bool]:
+            recorded = await repository.record_sent_many(engine, outcomes)
+            return {outcome: outcome[0] in recorded for outcome in outcomes}
 
         self.load: Lane[UUID, dict[str, Any] | None] = Lane(load, None)
-        self.writes: Lane[tuple[str, Any], bool] = Lane(write, False, exclusive=True)
-        self.mark: _Side[UUID] = _Side(self.writes, "mark")
-        self.sent: _Side[Outcome] = _Side(self.writes, "sent")
+        # Two attempts of one message marked in one statement: one of them wins (ADR 0031).
+        self.mark: Lane[UUID, bool] = Lane(mark, False, exclusive=True)
+        self.sent: Lane[Outcome, bool] = Lane(sent, False, exclusive=True)
 
 
 def coalescer(runtime: Runtime) -> Coalescer:

@@ -97,59 +97,6 @@ _SENT_MANY = """
 """
 
 
-# Marks and "sent" outcomes waiting at the same moment share one statement (ADR 0031). It
-# commits durably (the outcomes need it; the marks then get it too). A message's mark and
-# its own outcome are never in one statement: its outcome exists only after its mark's
-# commit was answered (and the caller drops a mark whose id is among the outcomes).
-_MARK_AND_SENT = """
-    WITH marked AS (
-        UPDATE notification_messages SET status = 'sending'
-        WHERE id = ANY($1::uuid[]) AND status = 'queued'
-        RETURNING id
-    ), v AS (
-        SELECT * FROM unnest($2::uuid[], $3::int[], $4::text[], $5::text[])
-               AS v(id, code, detail, subject)
-    ), m AS (
-        UPDATE notification_messages n
-        SET status = 'sent', sent_at = now(), finished_at = now(), last_code = v.code,
-            last_error = v.detail, subject = COALESCE(v.subject, n.subject),
-            attempts = n.attempts + 1
-        FROM v
-        WHERE n.id = v.id AND n.status IN ('queued', 'sending')
-        RETURNING n.id, n.to_address, v.code, v.detail
-    ), e AS (
-        INSERT INTO notification_events (message_id, address, event, source, code, detail)
-        SELECT id, to_address, 'sent', 'smtp', code, detail FROM m
-        RETURNING message_id
-    )
-    SELECT 'sending'::text AS step, id FROM marked
-    UNION ALL SELECT 'sent'::text, message_id FROM e
-"""
-
-
-async def mark_and_record(
-    engine: AsyncEngine,
-    marks: Sequence[UUID],
-    outcomes: Sequence[tuple[UUID, int | None, str, str | None]],
-    *,
-    flush: bool,
-) -> tuple[set[UUID], set[UUID]]:
-    """``mark_sending_many`` and ``record_sent_many`` in one statement when both have work:
-    (the ids marked ``sending``, the ids recorded ``sent``)."""
-    if not outcomes:
-        return await mark_sending_many(engine, marks, flush=flush), set()
-    if not marks:
-        return set(), await record_sent_many(engine, outcomes)
-    ids, codes, details, subjects = (list(column) for column in zip(*outcomes, strict=True))
-    rows = await autocommit_fetch(
-        engine, _MARK_AND_SENT, list(marks), ids, codes, [d[:1000] for d in details], subjects
-    )
-    return (
-        {row[1] for row in rows if row[0] == "sending"},
-        {row[1] for row in rows if row[0] == "sent"},
-    )
-
-
 async def load_many(engine: AsyncEngine, ids: Sequence[UUID]) -> dict[UUID, dict[str, Any]]:
     """The messages with their address's active suppression and their user's preference for
     their category, in one statement outside any transaction (a read: nothing to commit)."""
