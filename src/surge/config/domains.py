@@ -207,7 +207,7 @@ class DomainSettings(BaseSettings):
     NOTIFY_SEND_BATCH: int = 16
     """Messages one send job handles: it takes up to this many minus one other ready send
     jobs with it (``surge.kit.jobs.batch``), loads their rows in one statement and acks them
-    in one, and sends them one after another over the connection it holds (ADR 0031).
+    in one, and sends them one after another through the SMTP pool (ADR 0031).
     1: one message per job."""
     NOTIFY_FROM: str = "Surge <no-reply@surge.localhost>"
     """The From header; its domain is also the Message-ID's right-hand side."""

@@ -1,7 +1,7 @@
 """A send job takes a batch (ADR 0031): its own message and up to ``NOTIFY_SEND_BATCH - 1``
 other ready send jobs, claimed in one statement (``surge.kit.jobs.batch``); their rows read
-in one statement; the messages sent one after another over the SMTP connection the job
-holds; the batch's jobs acked in one statement.
+in one statement; the messages sent one after another, each over a connection of the
+process's SMTP pool (``NOTIFY_SMTP_CONNECTIONS``); the batch's jobs acked in one statement.
 
 Per message nothing changes in the order of events (ADR 0019, 0026): its ``sending`` mark is
 committed before its own end of DATA (the mark lane), its ``sent`` is submitted to the sent

@@ -21,7 +21,7 @@ from surge.notifications.service import notifications as notifications_service
 @job(SEND_JOB, queue="email", max_attempts=10, backoff=timedelta(seconds=5))
 async def send_email(ctx: JobContext) -> None:
     """Send one outbox message, and up to ``NOTIFY_SEND_BATCH - 1`` others whose send jobs
-    were ready, over one SMTP connection (``surge.notifications.batch``, ADR 0031). Retries
+    were ready, one after another (``surge.notifications.batch``, ADR 0031). Retries
     of *transient SMTP failures* are new jobs on the NOTIFY_RETRY_SCHEDULE; this job's own
     retries cover database errors only.
 
