@@ -245,8 +245,9 @@ class PlainLoop:
 
 
 async def _run(quick: bool) -> dict[str, Any]:
-    reps = 2 if quick else 5
-    n = 400 if quick else 3000
+    # BENCH_N / BENCH_REPS: other sizes while iterating (a --quick run of 400 is noisy).
+    reps = int(os.environ.get("BENCH_REPS") or (2 if quick else 5))
+    n = int(os.environ.get("BENCH_N") or (400 if quick else 3000))
     results: dict[str, list[float]] = {"surge": [], "aiosmtplib": []}
     with tempfile.TemporaryDirectory(prefix="surge-bench-notify-") as folder:
         pg = EmbeddedPostgres(Path(folder) / "pg", durable=True)

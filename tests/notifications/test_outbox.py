@@ -11,12 +11,14 @@ from uuid import UUID, uuid4
 import pytest
 from sqlalchemy import select, text
 
-from surge.kit.jobs import enqueue
+from surge.kit.jobs import JobContext, enqueue
 from surge.kit.runtime import Runtime
 from surge.models.notifications import Suppression
+from surge.notifications.batch import BatchSendingUseCases
 from surge.notifications.service import SEND_JOB, message_id_header
 from surge.notifications.service import notifications as notifications_service
 from surge.sim.smtp import SmtpSimulator
+from tests.fixtures.waiting import eventually
 from tests.notifications.conftest import email_worker, events_of, status_of, wait_status
 
 
@@ -109,6 +111,47 @@ class TestDelivery:
             await wait_status(rt, de)
         assert (await status_of(rt, fr)).subject == "Votre retrait a été approuvé"
         assert (await status_of(rt, de)).subject == "Your withdrawal was approved"
+
+
+class TestBatches:
+    async def test_one_job_sends_the_ready_messages_of_the_others_and_finishes_their_jobs(
+        self, rt: Runtime, relay: SmtpSimulator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        ids = [await send(rt, address()) for _ in range(4)]
+        bounced = await send(rt, address("bounce"))  # a claimed job's rare outcome
+        ids.append(await send(rt, address()))
+        calls: list[int] = []
+        original = BatchSendingUseCases.send_job
+
+        async def counted(self: BatchSendingUseCases, ctx: JobContext) -> None:
+            calls.append(ctx.id)
+            await original(self, ctx)
+
+        monkeypatch.setattr(BatchSendingUseCases, "send_job", counted)
+
+        async def job_states() -> list[str]:
+            async with rt.db.session() as session:
+                return list(
+                    await session.scalars(
+                        text("SELECT state FROM jobs WHERE name = :n "
+                             "AND payload->>'message_id' = ANY(:ids)"),
+                        {"n": SEND_JOB, "ids": [str(i) for i in [*ids, bounced]]},
+                    )
+                )  # fmt: skip
+
+        async def all_succeeded() -> bool:
+            return await job_states() == ["succeeded"] * 6
+
+        async with email_worker(rt, concurrency=1):
+            rows = [await wait_status(rt, id_) for id_ in [*ids, bounced]]
+            # Every job of the batch is finished by the running worker (the claimed ones
+            # by the batch's ack or their own transaction, its own by the engine's ack).
+            await eventually(all_succeeded, timeout=20, message="a job of the batch unfinished")
+        assert [r.status for r in rows] == ["sent"] * 5 + ["bounced"]
+        assert len(calls) == 1  # one job took the five others with it
+        for id_ in ids:
+            assert relay.relay.count(message_id_header(id_, rt.settings)) == 1
+            assert await events_of(rt, id_) == ["sent"]
 
 
 class TestRefusals:

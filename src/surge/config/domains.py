@@ -204,6 +204,11 @@ class DomainSettings(BaseSettings):
     """Per-command timeout; a relay slower than this counts as a transient failure."""
     NOTIFY_SMTP_CONNECTIONS: int = 8
     """SMTP connections kept open per worker process (one message at a time on each)."""
+    NOTIFY_SEND_BATCH: int = 16
+    """Messages one send job handles: it takes up to this many minus one other ready send
+    jobs with it (``surge.kit.jobs.batch``), loads their rows in one statement and acks them
+    in one, and sends them one after another through the SMTP pool (ADR 0031).
+    1: one message per job."""
     NOTIFY_FROM: str = "Surge <no-reply@surge.localhost>"
     """The From header; its domain is also the Message-ID's right-hand side."""
     NOTIFY_RETURN_PATH: str = "bounces@surge.localhost"

@@ -35,20 +35,35 @@ class Lane(Generic[K, R]):
     """Requests for ``run`` served in groups: one call of ``run`` in flight at a time, fed
     with every key queued since the previous one started."""
 
-    def __init__(self, run: Callable[[Sequence[K]], Awaitable[dict[K, R]]], default: R) -> None:
+    def __init__(
+        self,
+        run: Callable[[Sequence[K]], Awaitable[dict[K, R]]],
+        default: R,
+        *,
+        exclusive: bool = False,
+    ) -> None:
         self._run = run
         self._default = default
+        #: A key asked twice in one batch: only its first request gets the answer, the
+        #: others the default (a compare-and-set has one winner: two attempts of one message
+        #: marked in the same statement must not both be told they own it).
+        self._exclusive = exclusive
         self._queue: list[tuple[K, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.items = 0
 
     async def __call__(self, key: K) -> R:
+        return await self.submit(key)
+
+    def submit(self, key: K) -> asyncio.Future[R]:
+        """Queue ``key`` and return its answer's future without waiting for it (a caller
+        that has other work to do meanwhile, and awaits it later)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((key, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain())
-        return await future
+        return future
 
     async def _drain(self) -> None:
         while self._queue:
@@ -64,9 +79,19 @@ class Lane(Generic[K, R]):
                 if not isinstance(error, Exception):
                     raise
                 continue
+            answered: set[K] = set()
             for key, future in batch:
-                if not future.done():
-                    future.set_result(found.get(key, self._default))
+                if future.done():
+                    continue
+                if self._exclusive and key in answered:
+                    future.set_result(self._default)
+                    continue
+                answered.add(key)
+                future.set_result(found.get(key, self._default))
+
+
+Outcome = tuple[UUID, int | None, str, str | None]
+"""A ``sent`` outcome: (message id, reply code, reply text, subject)."""
 
 
 class Coalescer:
@@ -82,15 +107,14 @@ class Coalescer:
         async def mark(ids: Sequence[UUID]) -> dict[UUID, bool]:
             return dict.fromkeys(await repository.mark_sending_many(engine, ids, flush=flush), True)
 
-        async def sent(
-            outcomes: Sequence[tuple[UUID, int | None, str, str | None]],
-        ) -> dict[tuple[UUID, int | None, str, str | None], bool]:
+        async def sent(outcomes: Sequence[Outcome]) -> dict[Outcome, bool]:
             recorded = await repository.record_sent_many(engine, outcomes)
             return {outcome: outcome[0] in recorded for outcome in outcomes}
 
         self.load: Lane[UUID, dict[str, Any] | None] = Lane(load, None)
-        self.mark: Lane[UUID, bool] = Lane(mark, False)
-        self.sent: Lane[tuple[UUID, int | None, str, str | None], bool] = Lane(sent, False)
+        # Two attempts of one message marked in one statement: one of them wins (ADR 0031).
+        self.mark: Lane[UUID, bool] = Lane(mark, False, exclusive=True)
+        self.sent: Lane[Outcome, bool] = Lane(sent, False, exclusive=True)
 
 
 def coalescer(runtime: Runtime) -> Coalescer:

@@ -1,4 +1,5 @@
-"""The outbox's jobs: send one e-mail, and a sweeper for messages whose job was lost.
+"""The outbox's jobs: send e-mails (a batch per job), and a sweeper for messages whose job
+was lost.
 
 ``notifications.email.send`` is the one place that commits more than once per job, on
 purpose (ADR 0019, 0026): the decision to send (a read), the "end of DATA is going on the
@@ -11,46 +12,24 @@ a state the next attempt can read: ``queued`` (nothing left the machine: send ag
 from __future__ import annotations
 
 from datetime import timedelta
-from uuid import UUID
 
 from surge.kit.jobs import JobContext, job
-from surge.notifications.sending import Settle
 from surge.notifications.service import SEND_JOB, check_rates
 from surge.notifications.service import notifications as notifications_service
 
 
 @job(SEND_JOB, queue="email", max_attempts=10, backoff=timedelta(seconds=5))
 async def send_email(ctx: JobContext) -> None:
-    """Send one outbox message (retries of *transient SMTP failures* are new jobs on the
-    NOTIFY_RETRY_SCHEDULE; this job's own retries cover database errors only).
+    """Send one outbox message, and up to ``NOTIFY_SEND_BATCH - 1`` others whose send jobs
+    were ready, one after another (``surge.notifications.batch``, ADR 0031). Retries
+    of *transient SMTP failures* are new jobs on the NOTIFY_RETRY_SCHEDULE; this job's own
+    retries cover database errors only.
 
     The common path never opens the job's session: the read, the mark and the ``sent``
     outcome are autocommit statements shared with the process's other send jobs
     (``surge.notifications.coalesce``), and the job's completion is then acked in a batch.
-    Only the rare outcomes (held, skipped, deferred, bounced...) use the job's transaction."""
-    runtime = ctx.runtime
-    message_id = UUID(str(ctx.payload["message_id"]))
-    prepared = await notifications_service.prepare(runtime, message_id)
-    if prepared is None:
-        return
-    if isinstance(prepared, Settle):
-        await notifications_service.settle(ctx.session, message_id, prepared)
-        return
-    verdict = await notifications_service.transmit(runtime, prepared)
-    if verdict.kind == "sent" and await notifications_service.record_sent(
-        runtime, message_id, verdict, subject=prepared.subject
-    ):
-        return
-    # Any other outcome commits with the job's completion. If that commit is lost (worker
-    # killed, lease lost), the row stays "sending" and the next attempt records
-    # "unconfirmed": never a second copy.
-    status = await notifications_service.record(
-        ctx.session, runtime, message_id, verdict,
-        retry_key=f"notify:{message_id}:after:{ctx.id}", subject=prepared.subject,
-    )  # fmt: skip
-    if status == "queued":
-        ctx.log.info("notifications.email.deferred", message_id=str(message_id),
-                     stage=verdict.stage, code=verdict.code)  # fmt: skip
+    Only the rare outcomes (held, skipped, deferred, bounced...) use a transaction."""
+    await notifications_service.send_job(ctx)
 
 
 @job("notifications.outbox.sweep", queue="email", cron="*/5 * * * *", max_attempts=1)

@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from surge.kit.db import autocommit_fetch
 from surge.kit.web.cursor import moment
 from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.notifications import NotificationEvent, OutboxMessage, Preference, Suppression
@@ -96,16 +97,10 @@ _SENT_MANY = """
 """
 
 
-async def _driver(connection: Any) -> Any:
-    raw = await connection.get_raw_connection()
-    return raw.driver_connection
-
-
 async def load_many(engine: AsyncEngine, ids: Sequence[UUID]) -> dict[UUID, dict[str, Any]]:
     """The messages with their address's active suppression and their user's preference for
     their category, in one statement outside any transaction (a read: nothing to commit)."""
-    async with engine.connect() as connection:
-        rows = await (await _driver(connection)).fetch(_LOAD_MANY, list(ids))
+    rows = await autocommit_fetch(engine, _LOAD_MANY, list(ids))
     return {row["id"]: dict(row) for row in rows}
 
 
@@ -113,9 +108,7 @@ async def mark_sending_many(engine: AsyncEngine, ids: Sequence[UUID], *, flush: 
     """``queued`` → ``sending`` (compare-and-set) for many messages: one statement, one
     commit (``flush=False``: not waiting for the WAL flush, NOTIFY_SENDING_MARK_FLUSH); the ids
     that were still ``queued`` (the others belong to another attempt)."""
-    async with engine.connect() as connection:
-        statement = _MARK_MANY if flush else _MARK_MANY_ASYNC
-        rows = await (await _driver(connection)).fetch(statement, list(ids))
+    rows = await autocommit_fetch(engine, _MARK_MANY if flush else _MARK_MANY_ASYNC, list(ids))
     return {row["id"] for row in rows}
 
 
@@ -126,10 +119,9 @@ async def record_sent_many(
     subject)`` becomes ``sent`` with its final event; returns the ids recorded (a message
     no longer queued/sending was finished by another attempt and is left alone)."""
     ids, codes, details, subjects = (list(column) for column in zip(*outcomes, strict=True))
-    async with engine.connect() as connection:
-        rows = await (await _driver(connection)).fetch(
-            _SENT_MANY, ids, codes, [d[:1000] for d in details], subjects
-        )
+    rows = await autocommit_fetch(
+        engine, _SENT_MANY, ids, codes, [d[:1000] for d in details], subjects
+    )
     return {row["message_id"] for row in rows}
 
 

@@ -92,8 +92,17 @@ class SendingUseCases:
         The decision is one read outside any transaction, shared with the other send jobs
         of this process (``coalesce``). Two jobs racing for one message both get past it;
         the compare-and-set in ``mark_sending`` lets one of them send."""
-        settings = runtime.settings
-        row = await coalescer(runtime).load(message_id_)
+        return self.decide(runtime.settings, await coalescer(runtime).load(message_id_))
+
+    async def prepare_many(
+        self, runtime: Runtime, ids: list[UUID]
+    ) -> dict[UUID, Prepared | Settle | None]:
+        """``prepare`` for a batch of messages: their rows in one statement."""
+        rows = await repository.load_many(runtime.db.primary, ids)
+        return {id_: self.decide(runtime.settings, rows.get(id_)) for id_ in ids}
+
+    def decide(self, settings: Settings, row: dict[str, Any] | None) -> Prepared | Settle | None:
+        """What to do with a message, from its row as ``repository.load_many`` reads it."""
         if row is None or row["status"] not in {"queued", "sending"}:
             return None
         if row["status"] == "sending":

@@ -27,7 +27,7 @@ Templates in use: ``welcome`` (identity, category ``account``), ``new_device`` a
     └── InvalidWebhookSignature (NotAuthenticated) 401: missing, forged or stale signature
 
 The service is one class assembled from one module per responsibility: ``outbox``
-(producing, sweeping), ``sending`` (the send job's steps), ``suppressions``, ``feedback``
+(producing, sweeping), ``sending`` (the send job's steps), ``batch`` (a send job's batch), ``suppressions``, ``feedback``
 (webhook, DSN), ``users`` (preferences, unsubscribe), ``reporting`` (admin reads) and
 ``business`` (other domains' state changes: ``operation_finished``, ``topup_credited``);
 ``errors`` and ``metrics`` are shared by them.
@@ -38,6 +38,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from surge.config import Settings
+from surge.notifications.batch import BatchSendingUseCases
 from surge.notifications.business import BusinessMailUseCases
 from surge.notifications.errors import (
     InvalidUnsubscribeToken,
@@ -51,7 +52,7 @@ from surge.notifications.feedback import FeedbackUseCases, ProviderEvent
 from surge.notifications.outbox import SEND_JOB, OutboxUseCases
 from surge.notifications.render import message_id
 from surge.notifications.reporting import Rates, ReportingUseCases, check_rates
-from surge.notifications.sending import Prepared, SendingUseCases, smtp_relay
+from surge.notifications.sending import Prepared, smtp_relay
 from surge.notifications.smtp import enhanced_status
 from surge.notifications.suppressions import SuppressionUseCases
 from surge.notifications.users import UserUseCases
@@ -60,7 +61,7 @@ from surge.notifications.users import UserUseCases
 class NotificationService(
     BusinessMailUseCases,
     OutboxUseCases,
-    SendingUseCases,
+    BatchSendingUseCases,
     SuppressionUseCases,
     FeedbackUseCases,
     UserUseCases,
