@@ -29,9 +29,12 @@ import time
 from typing import Any
 
 import structlog
+from starlette._exception_handler import ExceptionHandlers, StatusHandlers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from surge.kit.telemetry import metrics
+from surge.kit.web.admission import Admission, Refusal, refuse
+from surge.kit.web.errors import FileStack, handle_exception
 from surge.kit.web.problem import PROBLEM_JSON, problem_body
 
 log = structlog.get_logger()
@@ -105,8 +108,18 @@ class SurgeMiddleware:
         slow_request: float = 1.0,
         access_log: bool = False,
         server_timing: bool = True,
+        admission: Admission | None = None,
+        exception_handlers: tuple[ExceptionHandlers, StatusHandlers] | None = None,
     ) -> None:
+        """``admission``: the door, checked first (``Admission.enter``) instead of a layer of
+        its own. ``exception_handlers``: this layer also does what Starlette's
+        ``ExceptionMiddleware`` and FastAPI's ``AsyncExitStackMiddleware`` do (the handlers
+        in the scope for the routes, an exception raised outside a route sent to its
+        handler, the upload files' exit stack), so ``kit.web.stack`` can drop those layers
+        (ADR 0029)."""
         self.app = app
+        self.admission = admission
+        self.exception_handlers = exception_handlers
         self.body_limit = body_limit
         self.timeout = timeout
         self.slow_request = slow_request
@@ -132,8 +145,18 @@ class SurgeMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if self.exception_handlers is not None and scope["type"] == "websocket":
+                scope["starlette.exception_handlers"] = self.exception_handlers
             await self.app(scope, receive, send)
             return
+        admission = self.admission
+        counted = False
+        if admission is not None:
+            verdict = admission.enter(scope)
+            if isinstance(verdict, Refusal):
+                await refuse(send, verdict)  # before any other work (ADR 0016)
+                return
+            counted = verdict
         started = time.perf_counter()
         # One pass over the headers for everything this layer reads (it was four).
         request_id: str | None = None
@@ -170,6 +193,12 @@ class SurgeMiddleware:
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         extra: list[tuple[bytes, bytes]] = []
         scope[RESPONSE_HEADERS] = extra
+        handlers = self.exception_handlers
+        files: FileStack | None = None
+        if handlers is not None:
+            # What ExceptionMiddleware and AsyncExitStackMiddleware put in the scope.
+            scope["starlette.exception_handlers"] = handlers
+            files = scope["fastapi_middleware_astack"] = FileStack()
         status = 500
         response_started = False
         queue_ms = _queue_ms_of(stamp) if stamp is not None and self.server_timing else None
@@ -244,13 +273,22 @@ class SurgeMiddleware:
                 await _send_problem(
                     send, 413, id_header, detail=f"The request body exceeds {limit} bytes."
                 )
-        except Exception:
-            log.exception("http.unhandled", method=scope["method"], path=scope["path"])
-            if not response_started:
-                status = 500
-                await _send_problem(send, 500, id_header)
+        except Exception as error:
+            # Raised outside a route (404, 405, an inner layer): its handler, as
+            # ExceptionMiddleware would; anything without one is a bug.
+            if handlers is None or not await handle_exception(
+                handlers, error, scope, inner_receive, send_wrapper, started=response_started
+            ):
+                log.exception("http.unhandled", method=scope["method"], path=scope["path"])
+                if not response_started:
+                    status = 500
+                    await _send_problem(send, 500, id_header)
         finally:
+            if counted:
+                admission.in_flight -= 1  # type: ignore[union-attr]
             self._deadlines.pop(task, None)  # the sweeper removed it if it expired
+            if files is not None and files.used:
+                await files.aclose()
             elapsed = time.perf_counter() - started
             if UNTIMED not in scope:  # a stream's length is not a latency
                 recorder.finished(scope["method"], route_template(scope), status, elapsed)
