@@ -64,15 +64,21 @@ def request_age(headers: Iterable[tuple[bytes, bytes]], now: float) -> float | N
     None when absent or unparseable. Negative (a clock ahead of ours) reads as 0."""
     for name, value in headers:
         if name == b"x-request-start":
-            raw = value[2:] if value[:2] == b"t=" else value
-            try:
-                stamp = float(raw)
-            except ValueError:
-                return None
-            while stamp > 1e11:  # µs or ms since the epoch → seconds
-                stamp /= 1000
-            return max(0.0, now - stamp)
+            stamp = request_start(value)
+            return None if stamp is None else max(0.0, now - stamp)
     return None
+
+
+def request_start(value: bytes) -> float | None:
+    """An ``X-Request-Start`` value as seconds since the epoch, or None if unparseable."""
+    raw = value[2:] if value[:2] == b"t=" else value
+    try:
+        stamp = float(raw)
+    except ValueError:
+        return None
+    while stamp > 1e11:  # µs or ms since the epoch → seconds
+        stamp /= 1000
+    return stamp
 
 
 class Admission:
@@ -100,7 +106,12 @@ class Admission:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        verdict = self.enter(scope)
+        stamp = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-start":
+                stamp = request_start(value)
+                break
+        verdict = self.enter(scope["path"], stamp)
         if isinstance(verdict, Refusal):
             await refuse(send, verdict)
             return
@@ -112,18 +123,18 @@ class Admission:
         finally:
             self.in_flight -= 1
 
-    def enter(self, scope: Scope) -> Verdict:
-        """The door, without a layer of its own (``SurgeMiddleware(admission=...)`` calls it
-        from the one layer every request passes, ADR 0029): ``EXEMPT`` (not counted),
-        ``ADMITTED`` (counted: the caller decrements ``in_flight`` when the request is
-        done) or the refusal to send (already counted in ``http_requests_shed_total``)."""
-        if scope["path"] in self.exempt:
+    def enter(self, path: str, started: float | None) -> Verdict:
+        """The door for a request to ``path`` whose ``X-Request-Start`` (``request_start``)
+        is ``started``, without a layer of its own: ``SurgeMiddleware(admission=...)`` calls
+        it from the one layer every request passes, with the stamp from its own pass over
+        the headers (ADR 0029). ``EXEMPT`` (not counted), ``ADMITTED`` (counted: the caller
+        decrements ``in_flight`` when the request is done) or the refusal to send (already
+        counted in ``http_requests_shed_total``)."""
+        if path in self.exempt:
             return EXEMPT
-        if self.patience > 0:
-            age = request_age(scope["headers"], time.time())
-            if age is not None and age > self.patience:
-                _SHED_OLD.inc()
-                return self._old
+        if started is not None and self.patience > 0 and time.time() - started > self.patience:
+            _SHED_OLD.inc()
+            return self._old
         if 0 < self.max_in_flight <= self.in_flight:
             _SHED_BUSY.inc()
             return self._busy

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from surge.kit.telemetry import metrics
 from surge.kit.web.admission import Admission, Refusal, refuse
+from surge.kit.web.admission import request_start as _request_start
 from surge.kit.web.errors import FileStack, handle_exception
 from surge.kit.web.problem import PROBLEM_JSON, problem_body
 
@@ -149,14 +150,6 @@ class SurgeMiddleware:
                 scope["starlette.exception_handlers"] = self.exception_handlers
             await self.app(scope, receive, send)
             return
-        admission = self.admission
-        counted = False
-        if admission is not None:
-            verdict = admission.enter(scope)
-            if isinstance(verdict, Refusal):
-                await refuse(send, verdict)  # before any other work (ADR 0016)
-                return
-            counted = verdict
         started = time.perf_counter()
         # One pass over the headers for everything this layer reads (it was four).
         request_id: str | None = None
@@ -183,6 +176,15 @@ class SurgeMiddleware:
                 chunked = True
             elif name == b"x-request-start":
                 stamp = value
+        request_start = _request_start(stamp) if stamp is not None else None
+        admission = self.admission
+        counted = False
+        if admission is not None:
+            verdict = admission.enter(scope["path"], request_start)
+            if isinstance(verdict, Refusal):
+                await refuse(send, verdict)  # before any other work (ADR 0016)
+                return
+            counted = verdict
         if request_id is None:
             request_id = f"{new_request_id.prefix}{next(new_request_id.counter):016x}"
         state = scope.get("state")
@@ -201,7 +203,11 @@ class SurgeMiddleware:
             files = scope["fastapi_middleware_astack"] = FileStack()
         status = 500
         response_started = False
-        queue_ms = _queue_ms_of(stamp) if stamp is not None and self.server_timing else None
+        queue_ms = (
+            max(0.0, (time.time() - request_start) * 1000)
+            if request_start is not None and self.server_timing
+            else None
+        )
         timing = self.server_timing
 
         async def send_wrapper(message: Message) -> None:
@@ -317,20 +323,6 @@ def route_template(scope: Scope) -> str:
     if path:
         return str(path)
     return str(getattr(scope.get("route"), "path", None) or UNMATCHED)
-
-
-def _queue_ms_of(value: bytes) -> float | None:
-    """Milliseconds since the client's ``X-Request-Start: t=<epoch µs>`` (``t=`` optional;
-    seconds, milliseconds and microseconds since the epoch are all accepted, as proxies
-    differ), or None when unparseable."""
-    raw = value[2:] if value[:2] == b"t=" else value
-    try:
-        stamp = float(raw)
-    except ValueError:
-        return None
-    while stamp > 1e11:  # µs or ms since the epoch → seconds
-        stamp /= 1000
-    return max(0.0, (time.time() - stamp) * 1000)
 
 
 async def _send_problem(
