@@ -1,16 +1,21 @@
 """``SurgeMiddleware``: the one pure-ASGI layer every HTTP request passes through.
 
 One class instead of five ``BaseHTTPMiddleware`` layers because each Starlette layer costs a
-task and a copy per request (the ``ping`` benchmark measures what this one costs). In order:
+task and a copy per request (the ``ping`` benchmark measures what this one costs); in the
+assembled app it is the only layer around the app's own middleware (``kit.web.stack``, ADR
+0029). In order:
 
+0. admission (``admission=``): a request that waited too long or finds the process full is
+   refused with a pre-rendered 503 before anything below (ADR 0016);
 1. correlation id: ``X-Request-ID`` (if sane) or the trace id of a W3C ``traceparent``, else a
    new one; bound into the log context, echoed as ``X-Request-ID``;
 2. body limit: a ``Content-Length`` above the limit is refused with 413 before reading; a
    chunked body is counted as it streams and cut at the limit;
 3. timeout: the request is cancelled after ``timeout`` seconds and answered 504;
 4. RED metrics by route *template* (``/api/v1/orders/{id}``, never the raw path);
-5. any exception that escaped the handlers is logged with its traceback and answered with a
-   bare 500 problem (no detail to the client);
+5. an exception raised outside a route goes to its handler (``exception_handlers=``, as
+   Starlette's ``ExceptionMiddleware`` would); any exception without one is logged with its
+   traceback and answered with a bare 500 problem (no detail to the client);
 6. ``Server-Timing`` (when ``server_timing``): ``app;dur=`` is the time from this layer's
    start to the response's first byte, and ``queue;dur=`` the time from the client's
    ``X-Request-Start: t=<epoch µs>`` (when sent; clamped at 0) to this layer's start — the
