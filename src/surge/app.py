@@ -29,12 +29,11 @@ from surge.kit.health import Health, install_health_routes
 from surge.kit.ratelimit import install_ratelimit
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry.logging import configure_logging
-from surge.kit.web.admission import Admission
 from surge.kit.web.docs import install_docs
-from surge.kit.web.middleware import SurgeMiddleware
 from surge.kit.web.openapi import install_contract
 from surge.kit.web.problem import install_problem_handlers
 from surge.kit.web.routing import promote_routes
+from surge.kit.web.stack import install_stack
 from surge.notifications.routes import router as notifications_router
 from surge.operations.routes import page_router as operations_page_router
 from surge.operations.routes import router as operations_router
@@ -132,20 +131,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_ratelimit(app, runtime)
     # The caller's plan picks its rate-limit tier (identity's hook; anonymous otherwise).
     runtime.extensions["ratelimit"].identify = RateLimitHook(identity).subject
-    app.add_middleware(
-        SurgeMiddleware,
+    # The one layer around everything (ADR 0029): admission control first (issue 19, ADR
+    # 0016: shed what cannot be served in time before any other work; health, readiness and
+    # /metrics are exempt), then request id, body limit, timeout, metrics, Server-Timing and
+    # the exception handlers; FastAPI's own wrapping layers are left out (kit.web.stack).
+    install_stack(
+        app,
+        otel=settings.OTEL_ENABLED,
+        admission={
+            "max_in_flight": settings.HTTP_MAX_IN_FLIGHT,
+            "patience": settings.HTTP_QUEUE_PATIENCE.total_seconds(),
+            "retry_after": settings.HTTP_SHED_RETRY_AFTER,
+        },
         body_limit=settings.REQUEST_BODY_LIMIT,
         timeout=settings.REQUEST_TIMEOUT.total_seconds(),
         slow_request=settings.SLOW_REQUEST.total_seconds(),
         access_log=settings.LOG_ACCESS,
         server_timing=settings.HTTP_SERVER_TIMING,
-    )
-    # Outermost (added last): shed what cannot be served in time before any other work
-    # (issue 19, ADR 0016); health, readiness and /metrics are exempt.
-    app.add_middleware(
-        Admission,
-        max_in_flight=settings.HTTP_MAX_IN_FLIGHT,
-        patience=settings.HTTP_QUEUE_PATIENCE.total_seconds(),
-        retry_after=settings.HTTP_SHED_RETRY_AFTER,
     )
     return app

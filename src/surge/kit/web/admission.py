@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -41,6 +42,19 @@ SHED = Counter(
 _SHED_OLD = SHED.labels("too_old")
 _SHED_BUSY = SHED.labels("busy")
 
+
+class Refusal(NamedTuple):
+    """A pre-rendered 503: its headers and its body."""
+
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+
+#: ``Admission.enter``'s answers besides a ``Refusal``.
+ADMITTED = True
+EXEMPT = False
+Verdict = Refusal | bool
+
 #: Paths that are never shed (exact match): probes and the metrics scrape.
 DEFAULT_EXEMPT = ("/livez", "/readyz", "/healthz", "/api/health", "/metrics")
 
@@ -50,15 +64,21 @@ def request_age(headers: Iterable[tuple[bytes, bytes]], now: float) -> float | N
     None when absent or unparseable. Negative (a clock ahead of ours) reads as 0."""
     for name, value in headers:
         if name == b"x-request-start":
-            raw = value[2:] if value[:2] == b"t=" else value
-            try:
-                stamp = float(raw)
-            except ValueError:
-                return None
-            while stamp > 1e11:  # µs or ms since the epoch → seconds
-                stamp /= 1000
-            return max(0.0, now - stamp)
+            stamp = request_start(value)
+            return None if stamp is None else max(0.0, now - stamp)
     return None
+
+
+def request_start(value: bytes) -> float | None:
+    """An ``X-Request-Start`` value as seconds since the epoch, or None if unparseable."""
+    raw = value[2:] if value[:2] == b"t=" else value
+    try:
+        stamp = float(raw)
+    except ValueError:
+        return None
+    while stamp > 1e11:  # µs or ms since the epoch → seconds
+        stamp /= 1000
+    return stamp
 
 
 class Admission:
@@ -79,44 +99,60 @@ class Admission:
         self.patience = patience
         self.exempt = frozenset(exempt)
         self.in_flight = 0
-        self._start_busy = _start(retry_after)
-        self._start_old = _start(retry_after)
-        self._body_busy = _body("busy", "The server is at capacity; retry shortly.")
-        self._body_old = _body("too_old", "The request waited too long before it could be served; retry shortly.")  # fmt: skip
+        self._busy = _refusal(retry_after, "busy", "The server is at capacity; retry shortly.")
+        self._old = _refusal(retry_after, "too_old", "The request waited too long before it could be served; retry shortly.")  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.patience > 0:
-            age = request_age(scope["headers"], time.time())
-            if age is not None and age > self.patience:
-                _SHED_OLD.inc()
-                await self._refuse(send, self._start_old, self._body_old)
-                return
-        if 0 < self.max_in_flight <= self.in_flight:
-            _SHED_BUSY.inc()
-            await self._refuse(send, self._start_busy, self._body_busy)
+        stamp = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-start":
+                stamp = request_start(value)
+                break
+        verdict = self.enter(scope["path"], stamp)
+        if isinstance(verdict, Refusal):
+            await refuse(send, verdict)
             return
-        self.in_flight += 1
+        if verdict is EXEMPT:
+            await self.app(scope, receive, send)
+            return
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
 
-    @staticmethod
-    async def _refuse(send: Send, start: list[tuple[bytes, bytes]], body: bytes) -> None:
-        headers = [*start, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    def enter(self, path: str, started: float | None) -> Verdict:
+        """The door for a request to ``path`` whose ``X-Request-Start`` (``request_start``)
+        is ``started``, without a layer of its own: ``SurgeMiddleware(admission=...)`` calls
+        it from the one layer every request passes, with the stamp from its own pass over
+        the headers (ADR 0029). ``EXEMPT`` (not counted), ``ADMITTED`` (counted: the caller
+        decrements ``in_flight`` when the request is done) or the refusal to send (already
+        counted in ``http_requests_shed_total``)."""
+        if path in self.exempt:
+            return EXEMPT
+        if started is not None and self.patience > 0 and time.time() - started > self.patience:
+            _SHED_OLD.inc()
+            return self._old
+        if 0 < self.max_in_flight <= self.in_flight:
+            _SHED_BUSY.inc()
+            return self._busy
+        self.in_flight += 1
+        return ADMITTED
 
 
-def _start(retry_after: int) -> list[tuple[bytes, bytes]]:
-    return [
+async def refuse(send: Send, refusal: Refusal) -> None:
+    """Send a pre-rendered 503 refusal."""
+    await send({"type": "http.response.start", "status": 503, "headers": list(refusal.headers)})
+    await send({"type": "http.response.body", "body": refusal.body})
+
+
+def _refusal(retry_after: int, reason: str, detail: str) -> Refusal:
+    body = problem_body(503, detail=detail, type_=f"overloaded/{reason}")
+    headers = (
         (b"content-type", PROBLEM_JSON.encode()),
         (b"retry-after", str(max(0, retry_after)).encode()),
-    ]
-
-
-def _body(reason: str, detail: str) -> bytes:
-    return problem_body(503, detail=detail, type_=f"overloaded/{reason}")
+        (b"content-length", str(len(body)).encode()),
+    )
+    return Refusal(headers, body)

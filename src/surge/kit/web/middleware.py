@@ -1,16 +1,21 @@
 """``SurgeMiddleware``: the one pure-ASGI layer every HTTP request passes through.
 
 One class instead of five ``BaseHTTPMiddleware`` layers because each Starlette layer costs a
-task and a copy per request (the ``ping`` benchmark measures what this one costs). In order:
+task and a copy per request (the ``ping`` benchmark measures what this one costs); in the
+assembled app it is the only layer around the app's own middleware (``kit.web.stack``, ADR
+0029). In order:
 
+0. admission (``admission=``): a request that waited too long or finds the process full is
+   refused with a pre-rendered 503 before anything below (ADR 0016);
 1. correlation id: ``X-Request-ID`` (if sane) or the trace id of a W3C ``traceparent``, else a
    new one; bound into the log context, echoed as ``X-Request-ID``;
 2. body limit: a ``Content-Length`` above the limit is refused with 413 before reading; a
    chunked body is counted as it streams and cut at the limit;
 3. timeout: the request is cancelled after ``timeout`` seconds and answered 504;
 4. RED metrics by route *template* (``/api/v1/orders/{id}``, never the raw path);
-5. any exception that escaped the handlers is logged with its traceback and answered with a
-   bare 500 problem (no detail to the client);
+5. an exception raised outside a route goes to its handler (``exception_handlers=``, as
+   Starlette's ``ExceptionMiddleware`` would); any exception without one is logged with its
+   traceback and answered with a bare 500 problem (no detail to the client);
 6. ``Server-Timing`` (when ``server_timing``): ``app;dur=`` is the time from this layer's
    start to the response's first byte, and ``queue;dur=`` the time from the client's
    ``X-Request-Start: t=<epoch µs>`` (when sent; clamped at 0) to this layer's start — the
@@ -29,9 +34,13 @@ import time
 from typing import Any
 
 import structlog
+from starlette._exception_handler import ExceptionHandlers, StatusHandlers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from surge.kit.telemetry import metrics
+from surge.kit.web.admission import Admission, Refusal, refuse
+from surge.kit.web.admission import request_start as _request_start
+from surge.kit.web.errors import FileStack, handle_exception
 from surge.kit.web.problem import PROBLEM_JSON, problem_body
 
 log = structlog.get_logger()
@@ -105,8 +114,18 @@ class SurgeMiddleware:
         slow_request: float = 1.0,
         access_log: bool = False,
         server_timing: bool = True,
+        admission: Admission | None = None,
+        exception_handlers: tuple[ExceptionHandlers, StatusHandlers] | None = None,
     ) -> None:
+        """``admission``: the door, checked first (``Admission.enter``) instead of a layer of
+        its own. ``exception_handlers``: this layer also does what Starlette's
+        ``ExceptionMiddleware`` and FastAPI's ``AsyncExitStackMiddleware`` do (the handlers
+        in the scope for the routes, an exception raised outside a route sent to its
+        handler, the upload files' exit stack), so ``kit.web.stack`` can drop those layers
+        (ADR 0029)."""
         self.app = app
+        self.admission = admission
+        self.exception_handlers = exception_handlers
         self.body_limit = body_limit
         self.timeout = timeout
         self.slow_request = slow_request
@@ -132,6 +151,8 @@ class SurgeMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if self.exception_handlers is not None and scope["type"] == "websocket":
+                scope["starlette.exception_handlers"] = self.exception_handlers
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -160,6 +181,15 @@ class SurgeMiddleware:
                 chunked = True
             elif name == b"x-request-start":
                 stamp = value
+        request_start = _request_start(stamp) if stamp is not None else None
+        admission = self.admission
+        counted = False
+        if admission is not None:
+            verdict = admission.enter(scope["path"], request_start)
+            if isinstance(verdict, Refusal):
+                await refuse(send, verdict)  # before any other work (ADR 0016)
+                return
+            counted = verdict
         if request_id is None:
             request_id = f"{new_request_id.prefix}{next(new_request_id.counter):016x}"
         state = scope.get("state")
@@ -170,9 +200,19 @@ class SurgeMiddleware:
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         extra: list[tuple[bytes, bytes]] = []
         scope[RESPONSE_HEADERS] = extra
+        handlers = self.exception_handlers
+        files: FileStack | None = None
+        if handlers is not None:
+            # What ExceptionMiddleware and AsyncExitStackMiddleware put in the scope.
+            scope["starlette.exception_handlers"] = handlers
+            files = scope["fastapi_middleware_astack"] = FileStack()
         status = 500
         response_started = False
-        queue_ms = _queue_ms_of(stamp) if stamp is not None and self.server_timing else None
+        queue_ms = (
+            max(0.0, (time.time() - request_start) * 1000)
+            if request_start is not None and self.server_timing
+            else None
+        )
         timing = self.server_timing
 
         async def send_wrapper(message: Message) -> None:
@@ -244,13 +284,22 @@ class SurgeMiddleware:
                 await _send_problem(
                     send, 413, id_header, detail=f"The request body exceeds {limit} bytes."
                 )
-        except Exception:
-            log.exception("http.unhandled", method=scope["method"], path=scope["path"])
-            if not response_started:
-                status = 500
-                await _send_problem(send, 500, id_header)
+        except Exception as error:
+            # Raised outside a route (404, 405, an inner layer): its handler, as
+            # ExceptionMiddleware would; anything without one is a bug.
+            if handlers is None or not await handle_exception(
+                handlers, error, scope, inner_receive, send_wrapper, started=response_started
+            ):
+                log.exception("http.unhandled", method=scope["method"], path=scope["path"])
+                if not response_started:
+                    status = 500
+                    await _send_problem(send, 500, id_header)
         finally:
+            if counted:
+                admission.in_flight -= 1  # type: ignore[union-attr]
             self._deadlines.pop(task, None)  # the sweeper removed it if it expired
+            if files is not None and files.used:
+                await files.aclose()
             elapsed = time.perf_counter() - started
             if UNTIMED not in scope:  # a stream's length is not a latency
                 recorder.finished(scope["method"], route_template(scope), status, elapsed)
@@ -279,20 +328,6 @@ def route_template(scope: Scope) -> str:
     if path:
         return str(path)
     return str(getattr(scope.get("route"), "path", None) or UNMATCHED)
-
-
-def _queue_ms_of(value: bytes) -> float | None:
-    """Milliseconds since the client's ``X-Request-Start: t=<epoch µs>`` (``t=`` optional;
-    seconds, milliseconds and microseconds since the epoch are all accepted, as proxies
-    differ), or None when unparseable."""
-    raw = value[2:] if value[:2] == b"t=" else value
-    try:
-        stamp = float(raw)
-    except ValueError:
-        return None
-    while stamp > 1e11:  # µs or ms since the epoch → seconds
-        stamp /= 1000
-    return max(0.0, (time.time() - stamp) * 1000)
 
 
 async def _send_problem(

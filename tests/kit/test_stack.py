@@ -1,0 +1,156 @@
+"""The assembled ASGI stack (``kit.web.stack``, ADR 0029): one Surge layer around the app's
+own middleware and the router, doing what FastAPI's wrapping layers did."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from surge.kit.errors import Conflict
+from surge.kit.web.admission import Admission
+from surge.kit.web.errors import FileStack
+from surge.kit.web.middleware import SurgeMiddleware
+from surge.kit.web.problem import install_problem_handlers
+from surge.kit.web.stack import install_stack
+
+
+class Reraised(Exception):
+    """Its handler gives it back: a bug, answered 500."""
+
+
+class Inner:
+    """An inner middleware that raises on some paths, as a buggy or refusing layer would."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path")
+        if path == "/inner/conflict":
+            raise Conflict("taken by an inner layer")
+        if path == "/inner/bug":
+            raise RuntimeError("secret internals")
+        if path == "/inner/reraised":
+            raise Reraised
+        await self.app(scope, receive, send)
+
+
+def build(*, otel: bool = False) -> FastAPI:
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    async def give_back(request: object, error: Exception) -> None:
+        raise error
+
+    app.add_exception_handler(Reraised, give_back)
+
+    @app.get("/ok")
+    async def ok() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/conflict")
+    async def conflict() -> None:
+        raise Conflict("taken by the route")
+
+    app.add_middleware(Inner)
+    install_stack(app, otel=otel, admission={"max_in_flight": 4, "patience": 2.0})
+    return app
+
+
+def layers(app: ASGIApp) -> list[type]:
+    out: list[type] = []
+    while app is not None:
+        out.append(type(app))
+        app = getattr(app, "app", None)  # type: ignore[assignment]
+    return out
+
+
+def test_one_layer_around_the_apps_own_middleware() -> None:
+    app = build()
+    stack = app.build_middleware_stack()
+    assert isinstance(stack, SurgeMiddleware)
+    assert isinstance(stack.admission, Admission)
+    assert isinstance(stack.app, Inner)
+    assert stack.app.app is app.router
+    assert ServerErrorMiddleware not in layers(stack)
+    assert ExceptionMiddleware not in layers(stack)
+
+
+def test_fastapis_own_stack_when_opentelemetry_is_on() -> None:
+    """Its telemetry layers are wanted then: Surge's layer is its outermost user middleware."""
+    stack = build(otel=True).build_middleware_stack()
+    found = layers(stack)
+    assert found[0] is ServerErrorMiddleware
+    assert SurgeMiddleware in found
+    assert ExceptionMiddleware in found
+    assert found.index(SurgeMiddleware) < found.index(Inner) < found.index(ExceptionMiddleware)
+
+
+@pytest.fixture(params=[False, True], ids=["surge-stack", "fastapi-stack"])
+async def client(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = build(otel=request.param)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        yield app, http
+
+
+def problem(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["x-request-id"]
+    body = response.json()
+    assert body["status"] == status
+    return dict(body)
+
+
+async def test_every_error_is_a_problem_with_a_request_id(
+    client: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, http = client
+    ok = await http.get("/ok")
+    assert ok.status_code == 200
+    assert ok.headers["x-request-id"]
+    assert "app;dur=" in ok.headers["server-timing"]
+    problem(await http.get("/nope"), 404)
+    problem(await http.post("/ok"), 405)
+    assert problem(await http.get("/conflict"), 409)["detail"] == "taken by the route"
+    assert "secret" not in (await http.get("/inner/bug")).text
+    problem(await http.get("/inner/bug"), 500)
+    problem(await http.get("/inner/reraised"), 500)
+    stack = app.middleware_stack
+    while not isinstance(stack, SurgeMiddleware):
+        stack = stack.app  # type: ignore[union-attr]
+    assert stack.admission is not None
+    assert stack.admission.in_flight == 0
+
+
+async def test_an_inner_layers_error_goes_to_its_handler() -> None:
+    """Raised outside any route: the handler answers (it was a bare 500 when only Starlette's
+    ExceptionMiddleware, inside the Surge layer's own middleware, looked for one)."""
+    app = build()
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        body = problem(await http.get("/inner/conflict"), 409)
+    assert body["detail"] == "taken by an inner layer"
+
+
+async def test_file_stack_closes_only_what_was_pushed() -> None:
+    closed: list[str] = []
+    idle, used = FileStack(), FileStack()
+    assert not idle.used
+
+    async def close() -> None:
+        closed.append("file")
+
+    used.push_async_callback(close)
+    assert used.used
+    await used.aclose()
+    assert closed == ["file"]
