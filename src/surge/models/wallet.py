@@ -49,6 +49,10 @@ class LedgerAccount(Base):
     pending_out: Mapped[int] = mapped_column(BigInteger, server_default="0")
     pending_in: Mapped[int] = mapped_column(BigInteger, server_default="0")
     guarded: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    #: Running totals kept by the ledger's functions (ADR 0036): the sum of this account's
+    #: entries against the payments account, and minus the sum of those against sales.
+    topup_net: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    purchases_posted: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from surge.kit.db import autocommit_fetch, driver_fetch
 from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
+from surge.wallet import invariants
 
 log = structlog.get_logger()
 
@@ -497,91 +498,9 @@ class Ledger:
 
     # ---- invariants (docs/architecture.md §6) -----------------------------------------------------
     async def check_invariants(self, session: AsyncSession) -> list[str]:
-        """Every violation of the money rules, as readable lines; empty when all hold.
-
-        1. per currency, the sum of all balances is zero, and pending out = pending in;
-        2. each balance equals the sum of its entries, and its latest entry's balance_after;
-        3. each reservation equals its open pending transfers;
-        4. no guarded account shows negative availability;
-        5. no idempotency key has two effects: one transfer per key (unique index), one
-           resolution per pending transfer, one earning per (event, owner), and every
-           transfer has exactly its two entries (or none while pending/void).
-        """
-        problems: list[str] = []
-
-        async def rows(sql: str) -> Sequence[Any]:
-            return (await session.execute(text(sql))).all()
-
-        for currency, total, out, in_ in await rows(
-            "SELECT currency, sum(balance), sum(pending_out), sum(pending_in) "
-            "FROM wallet_accounts GROUP BY currency"
-        ):
-            if total != 0:
-                problems.append(f"{currency}: sum of balances is {total}, not 0")
-            if out != in_:
-                problems.append(f"{currency}: pending out {out} != pending in {in_}")
-        for account_id, balance, entries, last in await rows(
-            "SELECT a.id, a.balance, coalesce(e.total, 0), "
-            "  (SELECT x.balance_after FROM wallet_entries x WHERE x.account_id = a.id "
-            "   ORDER BY x.id DESC LIMIT 1) "
-            "FROM wallet_accounts a LEFT JOIN "
-            "  (SELECT account_id, sum(amount) AS total FROM wallet_entries GROUP BY account_id) e "
-            "  ON e.account_id = a.id "
-            "WHERE a.balance <> coalesce(e.total, 0) "
-            "   OR a.balance <> coalesce((SELECT x.balance_after FROM wallet_entries x "
-            "       WHERE x.account_id = a.id ORDER BY x.id DESC LIMIT 1), 0)"
-        ):
-            problems.append(
-                f"account {account_id}: balance {balance}, entries sum {entries}, "
-                f"last balance_after {last}"
-            )
-        for account_id, out, in_, open_out, open_in in await rows(
-            "WITH open AS (SELECT p.* FROM wallet_transfers p WHERE p.phase = 'pending' "
-            "  AND NOT EXISTS (SELECT 1 FROM wallet_transfers r WHERE r.pending_id = p.id)) "
-            "SELECT a.id, a.pending_out, a.pending_in, "
-            "  coalesce((SELECT sum(amount) FROM open WHERE debit_account_id = a.id), 0), "
-            "  coalesce((SELECT sum(amount) FROM open WHERE credit_account_id = a.id), 0) "
-            "FROM wallet_accounts a"
-        ):
-            if out != open_out or in_ != open_in:
-                problems.append(
-                    f"account {account_id}: reserved out/in {out}/{in_}, "
-                    f"open pending transfers {open_out}/{open_in}"
-                )
-        for (account_id,) in await rows(
-            "SELECT id FROM wallet_accounts WHERE guarded AND balance - pending_out < 0"
-        ):
-            problems.append(f"account {account_id}: guarded and negative")
-        for transfer_id, phase, count in await rows(
-            "SELECT t.id, t.phase, count(e.id) FROM wallet_transfers t "
-            "LEFT JOIN wallet_entries e ON e.transfer_id = t.id GROUP BY t.id, t.phase "
-            "HAVING count(e.id) <> CASE WHEN t.phase IN ('single', 'post') THEN 2 ELSE 0 END"
-        ):
-            problems.append(f"transfer {transfer_id} ({phase}) has {count} entries")
-        for key, count in await rows(
-            "SELECT idempotency_key, count(*) FROM wallet_transfers "
-            "GROUP BY idempotency_key HAVING count(*) > 1"
-        ):
-            problems.append(f"idempotency key {key} has {count} transfers")
-        for pending_id, count in await rows(
-            "SELECT pending_id, count(*) FROM wallet_transfers WHERE pending_id IS NOT NULL "
-            "GROUP BY pending_id HAVING count(*) > 1"
-        ):
-            problems.append(f"pending transfer {pending_id} resolved {count} times")
-        for event_id, owner_id, count in await rows(
-            "SELECT event_id, owner_id, count(*) FROM wallet_earnings "
-            "GROUP BY event_id, owner_id HAVING count(*) > 1"
-        ):
-            problems.append(f"event {event_id} credited {owner_id} {count} times")
-        for withdrawal_id, status, phase in await rows(
-            "SELECT w.id, w.status, r.phase FROM wallet_withdrawals w "
-            "LEFT JOIN wallet_transfers r ON r.pending_id = w.transfer_id "
-            "WHERE (w.status = 'pending') <> (r.id IS NULL) "
-            "   OR (w.status = 'approved' AND r.phase <> 'post') "
-            "   OR (w.status = 'rejected' AND r.phase <> 'void')"
-        ):
-            problems.append(f"withdrawal {withdrawal_id} is {status} but its transfer is {phase}")
-        return problems
+        """Every violation of the money rules, as readable lines; empty when all hold
+        (``surge.wallet.invariants`` lists them)."""
+        return await invariants.check_invariants(session)
 
 
 ledger = Ledger()

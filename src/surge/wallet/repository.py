@@ -29,20 +29,15 @@ async def moved_under(session: AsyncSession, key: str) -> int | None:
     return None if value is None else int(value)
 
 
-async def topup_flows(
-    session: AsyncSession, wallet: int, *, payments: int, sales: int
-) -> tuple[int, int]:
-    """(net top-up credit, posted purchases) of ``wallet``, from its posted entries: what
-    came in from the payment provider minus its reversals, and what was paid for sales."""
+async def topup_flows(session: AsyncSession, wallet: int) -> tuple[int, int]:
+    """(net top-up credit, posted purchases) of ``wallet``: what came in from the payment
+    provider minus its reversals, and what was paid for sales. Running totals on the account
+    row, kept by the ledger's functions in each posting's transaction (ADR 0036): one row
+    read, whatever the wallet's history."""
     row = (
         await session.execute(
-            text(
-                "SELECT coalesce(sum(amount) FILTER (WHERE counterparty_account_id = :p), 0), "
-                "       coalesce(-sum(amount) FILTER (WHERE counterparty_account_id = :s), 0) "
-                "FROM wallet_entries "
-                "WHERE account_id = :w AND counterparty_account_id IN (:p, :s)"
-            ),
-            {"w": wallet, "p": payments, "s": sales},
+            text("SELECT topup_net, purchases_posted FROM wallet_accounts WHERE id = :w"),
+            {"w": wallet},
         )
     ).one()
     return int(row[0]), int(row[1])

@@ -322,11 +322,10 @@ class WalletService:
             session, owner_id, currency=currency
         ) or await self.ledger.open_wallet(session, owner_id, currency=currency)
         holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
-        flows = await self._topup_accounts(session, currency)  # before any lock is held
         # Wallet and holds locked in the ledger's order before reading: a concurrent request
         # (or a credit) cannot change what is withdrawable between the check and the transfer.
         await self.ledger.lock(session, [wallet, holds])
-        balance, withdrawable = await self._withdrawable(session, wallet, *flows)
+        balance, withdrawable = await self._withdrawable(session, wallet)
         if withdrawable < amount <= balance.available:  # beyond available: the ledger's 409
             raise NotWithdrawable(
                 "Top-up credit buys operations and is never paid out; this wallet can "
@@ -356,22 +355,13 @@ class WalletService:
         log.info("wallet.withdrawal.requested", withdrawal_id=str(withdrawal_id), amount=amount)
         return withdrawal
 
-    async def _topup_accounts(self, session: AsyncSession, currency: str) -> tuple[int, int]:
-        """The system accounts top-up credit comes from and is spent on (maybe created)."""
-        payments, sales = SystemAccount.payments, SystemAccount.sales
-        return (await self.ledger.system_account(session, payments, currency=currency),
-                await self.ledger.system_account(session, sales, currency=currency))  # fmt: skip
-
-    async def _withdrawable(
-        self, session: AsyncSession, wallet: int, payments: int, sales: int
-    ) -> tuple[Balance, int]:
+    async def _withdrawable(self, session: AsyncSession, wallet: int) -> tuple[Balance, int]:
         """(balance, withdrawable): available minus the top-up credit not yet spent.
         Posted purchases spend top-up credit first; one still reserved does not count yet
-        (stricter for the seconds an operation runs, never looser)."""
+        (stricter for the seconds an operation runs, never looser). Both figures are the
+        wallet row's running totals (ADR 0036): O(1) whatever the wallet's history."""
         balance = await self.ledger.balance(session, wallet)
-        topped, spent = await repository.topup_flows(
-            session, wallet, payments=payments, sales=sales
-        )
+        topped, spent = await repository.topup_flows(session, wallet)
         return balance, balance.available - max(0, topped - spent)
 
     async def decide(
@@ -511,8 +501,7 @@ class WalletService:
         wallet = await self.ledger.wallet_of(session, owner_id, currency=currency)
         if wallet is None:
             return None
-        flows = await self._topup_accounts(session, currency)
-        balance, withdrawable = await self._withdrawable(session, wallet, *flows)
+        balance, withdrawable = await self._withdrawable(session, wallet)
         return balance, max(withdrawable, 0)
 
     async def transactions(
