@@ -19,7 +19,7 @@ can fall between the sums and the new functions.
 
 Revision ID: 0014_wallet_topup_totals
 Revises: 0013_ledger_hot_paths
-Create Date: 2026-12-08
+Create Date: 2026-12-07
 """
 
 from __future__ import annotations
