@@ -143,7 +143,10 @@ class Attempts:
             if proxy is None:
                 break
             tried.append(proxy.id)
-            started = datetime.now(UTC)
+            # The step starts when the proxy was picked, by the database's clock (the pick's
+            # ``last_used_at``), not when this coroutine next ran: under load the two are
+            # apart by the event loop's lag, and the timeline must order picks against marks.
+            started = proxy.last_used_at or datetime.now(UTC)
             try:
                 verdict = await self._through(lease, proxy)
             except Blocked as fault:
