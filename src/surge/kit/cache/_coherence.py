@@ -31,6 +31,10 @@ from surge.kit.redis import RedisUnavailable
 
 log = structlog.get_logger()
 
+#: Attempts of one invalidation while Redis is up but this process's pool has no connection
+#: free within its wait (a busy process, not an outage): each waits the pool's timeout.
+_BUSY_ATTEMPTS = 5
+
 
 class _Coherence(_CacheBase):
     """The invalidation side of ``Cache``."""
@@ -46,7 +50,7 @@ class _Coherence(_CacheBase):
             return
         m.INVALIDATIONS.labels(self.name, "tag").inc(len(tags))
         try:
-            result = await self._run_invalidate("t", list(tags))
+            result = await self._invalidate_waiting("t", list(tags))
         except RedisUnavailable:
             self._epoch += 1  # no new version to compare with: in-flight fills must not land
             self._note_degraded()
@@ -64,7 +68,7 @@ class _Coherence(_CacheBase):
         self.l1.clear()
         m.INVALIDATIONS.labels(self.name, "clear").inc()
         try:
-            result = await self._run_invalidate("c", [])
+            result = await self._invalidate_waiting("c", [])
         except RedisUnavailable:
             self._note_degraded()
             self._pending_clear = True
@@ -169,6 +173,22 @@ class _Coherence(_CacheBase):
             script = self._script(r, "invalidate", _INVALIDATE)
             return await script(keys=[self._seq_key, self._ver_key, *targets], args=args)
 
+    async def _invalidate_waiting(self, kind: str, names: list[str]) -> Any:
+        """``_run_invalidate``, waiting out a busy pool: while the gateway says Redis is up, a
+        ``RedisUnavailable`` is this process having no connection free (or one error reply),
+        and the invalidation is tried again, up to ``_BUSY_ATTEMPTS``. Giving up at once
+        queued it for a replay that only an outage's end triggers: the write answered, Redis
+        kept the old value for its TTL and every process read it back (a plan change read
+        back stale under load). An outage raises at once (callers queue the replay)."""
+        for attempt in range(1, _BUSY_ATTEMPTS + 1):
+            try:
+                return await self._run_invalidate(kind, names)
+            except RedisUnavailable:
+                if not self.gateway.is_up or attempt == _BUSY_ATTEMPTS:
+                    raise
+                self._note_degraded()  # counted: L2 errors of this cache
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def _invalidate_keys(self, keys: list[str], *, drop_l2: bool) -> None:
         if not keys:
             return
@@ -177,7 +197,7 @@ class _Coherence(_CacheBase):
         m.INVALIDATIONS.labels(self.name, "key").inc(len(keys))
         try:
             if drop_l2:
-                await self._run_invalidate("k", keys)
+                await self._invalidate_waiting("k", keys)
             else:
                 await self._publish_only(keys)
         except RedisUnavailable:
