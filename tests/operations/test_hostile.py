@@ -288,3 +288,37 @@ class TestProbe:
         assert proxies[label]["reason"] is None
         state = await control(world.provider.url, "/_control/state")
         assert state["performed"][-1]["ip"] == blocked_ip  # the due proxy got the next request
+
+    async def test_a_request_picked_before_the_mark_does_not_lift_it(
+        self, ops_app: FastAPI, *, world: World
+    ) -> None:
+        """Two requests go out through one proxy; the first is refused (403) and marks it
+        blocked, the second, picked before the mark, comes back fine afterwards. Only the
+        fleet's probe may lift a block: the late success leaves the proxy inactive, its
+        backoff count untouched (seen in the chaos test: a pick 41 ms after a mark)."""
+        from surge.operations import repository
+
+        runtime = runtime_of(ops_app)
+        async with runtime.db.session() as session:
+            early = await repository.pick_proxy(session, exclude=[], probe_hold=timedelta(1))
+        assert early is not None
+        assert early.status == "active"
+        async with runtime.db.session() as session:
+            marked = await repository.proxy_down(
+                session, early.id, reason="PROXY_BLOCKED", error="403", blocked=True,
+                max_failures=3, backoff=lambda n: timedelta(minutes=5),
+            )  # fmt: skip
+        assert marked is not None
+        assert marked.status == "inactive"
+        async with runtime.db.session() as session:
+            lifted = await repository.proxy_ok(session, early.id, probe=early.status == "inactive")
+        assert not lifted
+        async with runtime.db.session() as session:
+            row = (
+                await session.execute(
+                    text("SELECT status, failures FROM operations_proxies WHERE id = :i"),
+                    {"i": early.id},
+                )
+            ).one()
+        assert row.status == "inactive"
+        assert row.failures == marked.failures

@@ -269,7 +269,7 @@ class Attempts:
     ) -> None:  # fmt: skip
         """The proxy worked (and, in the same transaction, the step's timeline row)."""
         async with self.runtime.db.session() as s:
-            if await repository.proxy_ok(s, proxy.id):
+            if await repository.proxy_ok(s, proxy.id, probe=proxy.status == "inactive"):
                 log.info("operations.proxy.reactivated", proxy=proxy.label)
             if outcome is not None and started is not None:
                 await repository.add_attempt(

@@ -175,18 +175,26 @@ async def pick_proxy(
     return found
 
 
-async def proxy_ok(session: AsyncSession, proxy_id: UUID) -> bool:
-    """The proxy worked; True when this re-activated it (a successful probe)."""
-    reactivated = await session.scalar(
-        update(EgressProxy)
-        .where(EgressProxy.id == proxy_id, EgressProxy.status == "inactive")
-        .values(status="active", reason=None, failures=0, probing_until=None, retry_at=None)
-        .returning(EgressProxy.id)
-    )
+async def proxy_ok(session: AsyncSession, proxy_id: UUID, *, probe: bool) -> bool:
+    """The proxy worked; True when this re-activated it. Only the fleet's probe (a request
+    that picked the proxy while it was inactive) re-activates it: a request picked before
+    the proxy was marked, answered after, says nothing about the block that marked it."""
+    reactivated = None
+    if probe:
+        reactivated = await session.scalar(
+            update(EgressProxy)
+            .where(EgressProxy.id == proxy_id, EgressProxy.status == "inactive")
+            .values(status="active", reason=None, failures=0, probing_until=None, retry_at=None)
+            .returning(EgressProxy.id)
+        )
     if reactivated is None:
         await session.execute(
             update(EgressProxy)
-            .where(EgressProxy.id == proxy_id, EgressProxy.failures > 0)
+            .where(
+                EgressProxy.id == proxy_id,
+                EgressProxy.status == "active",  # an inactive one keeps its backoff count
+                EgressProxy.failures > 0,
+            )
             .values(failures=0)
         )
     return reactivated is not None
