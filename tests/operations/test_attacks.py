@@ -10,25 +10,12 @@ from uuid import uuid4
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from surge.wallet.ledger import ledger
 from tests.fixtures.factories import Caller
+from tests.fixtures.keys import expire_key
 from tests.operations.conftest import runtime_of, submit
 from tests.operations.test_flow import available
-
-
-async def expire_key(app: FastAPI, key: str) -> None:
-    """The key's HTTP record is older than its TTL (24 h): the kit reclaims it on next use."""
-    async with runtime_of(app).db.session() as session:
-        aged = await session.execute(
-            text(
-                "UPDATE idempotency_keys SET created_at = created_at - interval '25 hours' "
-                "WHERE key = :k"
-            ),
-            {"k": key},
-        )
-        assert getattr(aged, "rowcount", 0) == 1
 
 
 async def assert_invariants(app: FastAPI) -> None:

@@ -10,25 +10,10 @@ from uuid import uuid4
 
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from tests.fixtures.factories import Caller
-from tests.wallet.conftest import runtime_of
+from tests.fixtures.keys import expire_key
 from tests.wallet.test_api import assert_invariants, funded_partner, withdraw
-
-
-async def expire_key(app: FastAPI, key: str) -> None:
-    """The key's HTTP record is older than its TTL (24 h): the kit reclaims it on next use.
-    (The database's clock decides expiry, so the record is aged instead of the clock.)"""
-    async with runtime_of(app).db.session() as session:
-        aged = await session.execute(
-            text(
-                "UPDATE idempotency_keys SET created_at = created_at - interval '25 hours' "
-                "WHERE key = :k"
-            ),
-            {"k": key},
-        )
-        assert getattr(aged, "rowcount", 0) == 1
 
 
 async def available(api: httpx.AsyncClient, who: Caller) -> int:
