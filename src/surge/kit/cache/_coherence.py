@@ -178,7 +178,7 @@ class _Coherence(_CacheBase):
         ``RedisUnavailable`` is this process having no connection free (or one error reply),
         and the invalidation is tried again, up to ``_BUSY_ATTEMPTS``. Giving up at once
         queued it for a replay that only an outage's end triggers: the write answered, Redis
-        kept the old value for its TTL and every process read it back (a plan change read
+        kept the old value for its TTL and every process read it back (a write read
         back stale under load). An outage raises at once (callers queue the replay)."""
         for attempt in range(1, _BUSY_ATTEMPTS + 1):
             try:
