@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from sqlalchemy import text
 
-from surge.kit.jobs import JobContext, job
+from surge.kit.jobs import JobContext, Snooze, job
 
 EFFECTS_DDL = """
 CREATE TABLE IF NOT EXISTS job_test_effects (
@@ -59,6 +59,29 @@ FAIL_STARTS: dict[int, list[float]] = {}
 async def fail(ctx: JobContext) -> None:
     FAIL_STARTS.setdefault(ctx.id, []).append(time.monotonic())
     raise RuntimeError(f"boom on attempt {ctx.attempt}")
+
+
+@job("test.snooze", queue="t_snooze", max_attempts=2, backoff=timedelta(milliseconds=50))
+async def snooze(ctx: JobContext) -> None:
+    """Snoozes ``ctx.payload["snoozes"]`` times (counted in ``job_test_effects``), writing a
+    row each time that the snooze must roll back, then records ``done``."""
+    seen = await ctx.session.scalar(
+        text("SELECT count(*) FROM job_test_effects WHERE job_id = :job AND note = 'start'"),
+        {"job": ctx.id},
+    )
+    async with ctx.runtime.db.session() as own:  # committed at once: survives the snooze
+        await own.execute(
+            text(
+                "INSERT INTO job_test_effects (job_id, token, pid, note, started_at) "
+                "VALUES (:job, :token, :pid, 'start', clock_timestamp())"
+            ),
+            {"job": ctx.id, "token": ctx.token, "pid": os.getpid()},
+        )
+        await own.commit()
+    await record(ctx, f"attempt {ctx.attempt}")
+    if int(seen or 0) < int(ctx.payload["snoozes"]):
+        raise Snooze(timedelta(milliseconds=30), "pool empty")
+    await record(ctx, "done")
 
 
 @job("test.suicide", queue="t_suicide")

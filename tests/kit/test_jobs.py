@@ -440,6 +440,31 @@ class TestRetries:
         assert 0.1 <= gaps[0] <= 0.2 + 0.5, gaps
         assert 0.2 <= gaps[1] <= 0.4 + 0.5, gaps
 
+    async def test_snooze_waits_without_spending_attempts(self, jobs_db: Runtime) -> None:
+        """Five snoozes of a job allowed two attempts: it still runs to success, every start
+        saw attempt 1, and what a snoozed start wrote through ``ctx.session`` is gone."""
+        from prometheus_client import REGISTRY
+
+        async with jobs_db.db.session() as session:
+            job_id = await enqueue(session, "test.snooze", {"snoozes": 5})
+        assert job_id is not None
+        before = REGISTRY.get_sample_value("surge_jobs_snoozed_total", {"queue": "t_snooze"})
+        async with running_worker(jobs_db, ["t_snooze"]):
+            await eventually(lambda: _is(jobs_db, job_id, "succeeded"))
+        async with jobs_db.db.session() as session:
+            notes = list(
+                await session.scalars(
+                    text("SELECT note FROM job_test_effects WHERE job_id = :j ORDER BY id"),
+                    {"j": job_id},
+                )
+            )
+            info = await get_job(session, job_id)
+        assert notes == ["start"] * 6 + ["attempt 1", "done"], notes
+        assert info is not None
+        assert info.attempts == 1
+        after = REGISTRY.get_sample_value("surge_jobs_snoozed_total", {"queue": "t_snooze"})
+        assert (after or 0) - (before or 0) == 5
+
     async def test_retry_from_failed(self, jobs_db: Runtime) -> None:
         async with jobs_db.db.session() as session:
             job_id = await enqueue(session, "test.fail", max_attempts=1)

@@ -322,3 +322,61 @@ class TestProbe:
             ).one()
         assert row.status == "inactive"
         assert row.failures == marked.failures
+
+
+@pytest.mark.parametrize(
+    "ops_overrides",
+    [
+        {
+            "OPERATIONS_PROXY_BACKOFF": timedelta(seconds=60),
+            "OPERATIONS_PROXY_BACKOFF_MAX": timedelta(seconds=120),
+            "OPERATIONS_MAX_ATTEMPTS": 2,
+            "OPERATIONS_RETRY_BACKOFF": timedelta(milliseconds=50),
+            "OPERATIONS_TIMEOUT": timedelta(milliseconds=400),  # the waiters' re-check cap
+        }
+    ],
+)
+class TestFleetDown:
+    async def test_an_operation_waits_for_the_fleet_without_spending_attempts(
+        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller, *, world: World
+    ) -> None:
+        """Every proxy blocked: the first attempt marks them all and is spent; from then on
+        the job snoozes (the operation back to ``queued``, ``WAITING``) well past its two
+        attempts, and succeeds once a proxy's re-check is due and the site lets it through.
+        Before, each start with no proxy to pick spent an attempt, and the operation failed
+        with NO_PROXY while its fleet was only cooling down."""
+        from prometheus_client import REGISTRY
+
+        from tests.fixtures.waiting import eventually
+
+        runtime = runtime_of(ops_app)
+        for n in range(len(world.proxies)):
+            await control(world.provider.url, "/_control/block", {"ip": egress_address(n)})
+
+        def snoozes() -> float:
+            found = REGISTRY.get_sample_value("surge_jobs_snoozed_total", {"queue": "operations"})
+            return found or 0.0
+
+        before = snoozes()
+        async with ops_worker(runtime, concurrency=1):
+            op = (await submit(api, reseller)).json()
+            await eventually(lambda: snoozes() - before >= 4, timeout=30)
+            waiting = await api.get(f"/api/v1/operations/{op['id']}", headers=reseller.headers)
+            assert waiting.json()["status"] == "queued", waiting.text
+            assert waiting.json()["error"].startswith("WAITING: NO_PROXY: every egress proxy"), (
+                waiting.text
+            )
+            await control(world.provider.url, "/_control/unblock", {})
+            async with runtime.db.session() as session:
+                await session.execute(
+                    text("UPDATE operations_proxies SET retry_at = now() - interval '1 second'")
+                )
+            done = await wait_decided(api, reseller, op["id"])
+        assert done["status"] == "succeeded", done
+        assert done["error"] is None
+        async with runtime.db.session() as session:
+            attempts = await session.scalar(
+                text("SELECT attempts FROM jobs WHERE dedup_key = :k"), {"k": f"op:{op['id']}"}
+            )
+        assert attempts == 2  # the blocked one and the one that went through
+        assert await transfers(ops_app, op["id"]) == [("reserve", "pending"), ("settle", "post")]

@@ -67,8 +67,9 @@ def backoff(base: timedelta, cap: timedelta) -> Callable[[int], timedelta]:
 
 class Attempts:
     """One attempt's walk: lease an account, pick proxies, reuse or make a session, ask
-    before resending, perform. Returns (verdict, detail): ``done``, ``rejected`` or
-    ``unclear``."""
+    before resending, perform. Returns (verdict, detail): ``done``, ``rejected``,
+    ``unclear``, or ``wait`` when no proxy could be picked at all and one will be due again
+    in ``fleet_due_in``."""
 
     def __init__(self, runtime: Runtime, operation: Operation, attempt: int) -> None:
         self.runtime = runtime
@@ -82,6 +83,8 @@ class Attempts:
         )
         #: A state-changing call left in this attempt (its answer may be lost).
         self.sent = False
+        #: Set with the ``wait`` verdict: when the fleet may have a proxy again.
+        self.fleet_due_in: timedelta | None = None
 
     async def record(
         self, lease: Lease | None, proxy: EgressProxy | None, outcome: str, detail: str | None,
@@ -141,6 +144,15 @@ class Attempts:
                     prefer=prefer,
                 )  # fmt: skip
             if proxy is None:
+                if not tried:  # the whole fleet is cooling down: wait for it, nothing spent
+                    async with self.runtime.db.session() as s:
+                        self.fleet_due_in = await repository.fleet_due_in(s)
+                    if self.fleet_due_in is not None:
+                        due = self.fleet_due_in.total_seconds()
+                        return (
+                            "wait",
+                            f"NO_PROXY: every egress proxy is cooling down, next re-check in {due:.0f} s",
+                        )
                 break
             tried.append(proxy.id)
             # The step starts when the proxy was picked, by the database's clock (the pick's

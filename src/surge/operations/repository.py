@@ -175,6 +175,26 @@ async def pick_proxy(
     return found
 
 
+async def fleet_due_in(session: AsyncSession) -> timedelta | None:
+    """How long until some proxy can be picked: zero when one is active (it was only locked
+    by a concurrent pick), the earliest re-check (or end of a running probe) when every one
+    is cooling down, None when none will ever come back by itself (all disabled, or none)."""
+    now = func.now()
+    due = func.greatest(EgressProxy.retry_at, EgressProxy.probing_until, now)
+    row = (
+        await session.execute(
+            select(
+                func.bool_or(EgressProxy.status == "active"),
+                func.min(case((EgressProxy.status == "inactive", due), else_=None)) - now,
+            ).where(EgressProxy.status.in_(("active", "inactive")))
+        )
+    ).one()
+    active, wait = row
+    if active:
+        return timedelta(0)
+    return wait if wait is None else max(wait, timedelta(0))
+
+
 async def proxy_ok(session: AsyncSession, proxy_id: UUID, *, probe: bool) -> bool:
     """The proxy worked; True when this re-activated it. Only the fleet's probe (a request
     that picked the proxy while it was inactive) re-activates it: a request picked before
@@ -323,10 +343,19 @@ async def start_operation(session: AsyncSession, operation_id: UUID) -> Operatio
     found: Operation | None = await session.scalar(
         update(Operation)
         .where(Operation.id == operation_id, Operation.status.in_(("queued", "running")))
-        .values(status="running", updated_at=func.now())
+        .values(status="running", error=None, updated_at=func.now())
         .returning(Operation)
     )
     return found
+
+
+async def set_waiting(session: AsyncSession, operation_id: UUID, *, error: str) -> None:
+    """running → queued while its job waits for the fleet (``error`` says what for)."""
+    await session.execute(
+        update(Operation)
+        .where(Operation.id == operation_id, Operation.status == "running")
+        .values(status="queued", error=error[:500], updated_at=func.now())
+    )
 
 
 async def mark_sent(session: AsyncSession, operation_id: UUID) -> None:

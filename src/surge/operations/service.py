@@ -29,6 +29,7 @@ settles or releases it (audited).
 
 from __future__ import annotations
 
+import random
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,7 +40,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.audit.service import audit as audit_service
-from surge.kit.jobs import enqueue
+from surge.kit.jobs import Snooze, enqueue
 from surge.kit.runtime import Runtime
 from surge.models.operations import EgressProxy, Operation, ProviderAccount
 from surge.notifications.service import notifications as notifications_service
@@ -290,7 +291,11 @@ class OperationsService:
             got = await repository.try_lock_operation(lock_session, operation_id)
             if not got:
                 raise RetryLater("another attempt of this operation is running")
-            verdict, detail = await Attempts(runtime, started, attempt).drive()
+            attempts = Attempts(runtime, started, attempt)
+            verdict, detail = await attempts.drive()
+        if verdict == "wait":
+            await self._wait_for_fleet(runtime, started, attempts.fleet_due_in, detail)
+            verdict = "unclear"  # waited long enough: this attempt counts
         operation = await repository.get_operation(session, operation_id, lock=True)
         if operation is None or operation.status in TERMINAL:
             return "decided"
@@ -310,6 +315,25 @@ class OperationsService:
             await session.flush()
             log.warning("operations.needs_review", operation_id=str(operation_id), error=detail)
         return operation.status
+
+    async def _wait_for_fleet(
+        self, runtime: Runtime, operation: Operation, due_in: timedelta | None, detail: str
+    ) -> None:
+        """Every proxy is cooling down: back to ``queued`` and snooze the job (the attempt
+        not spent) until one may be due, re-checking at least every provider timeout (a
+        running probe may free the proxy before its hold ends). Returns only when the
+        operation has waited ``OPERATIONS_FLEET_WAIT`` already."""
+        settings = runtime.settings
+        async with runtime.db.session() as s:
+            waited = await repository.now(s) - operation.created_at
+            if waited >= settings.OPERATIONS_FLEET_WAIT:
+                return
+            await repository.set_waiting(s, operation.id, error=f"WAITING: {detail}")
+        delay = min(due_in or timedelta(0), settings.OPERATIONS_TIMEOUT)
+        delay = max(delay, timedelta(milliseconds=50)) * random.uniform(1.0, 1.25)
+        log.info("operations.waiting_for_fleet", operation_id=str(operation.id),
+                 retry_in_s=round(delay.total_seconds(), 3))  # fmt: skip
+        raise Snooze(delay, detail)
 
     async def _finish(
         self, session: AsyncSession, operation: Operation, *, succeeded: bool, error: str | None

@@ -40,7 +40,9 @@ Semantics (the guarantees, and their limits):
 - **Attempts.** Every start counts. A raising handler is retried after
   ``backoff × 2^(attempt-1)`` (equal jitter, capped) until ``max_attempts``, then
   ``failed`` with its last error; failed jobs are kept until retried (``retry_job``,
-  ``POST /api/admin/jobs/{id}/retry``) — never silently deleted.
+  ``POST /api/admin/jobs/{id}/retry``) — never silently deleted. A handler waiting on
+  something outside the job raises ``Snooze(delay)``: back to the queue after ``delay``,
+  that start not counted (the handler bounds its own waiting).
 - **Rate limit.** ``JOBS_RATE_LIMITS={"operations": "50/min"}``: at most 50 *starts* of that
   queue's jobs in any 60 s window, across every worker process (a sliding log in PostgreSQL
   under an advisory lock).
@@ -53,7 +55,14 @@ Errors: see ``surge.kit.jobs.errors``.
 from __future__ import annotations
 
 from surge.kit.jobs.context import JobContext
-from surge.kit.jobs.errors import JobError, JobNotFound, JobStateConflict, LeaseLost, UnknownJob
+from surge.kit.jobs.errors import (
+    JobError,
+    JobNotFound,
+    JobStateConflict,
+    LeaseLost,
+    Snooze,
+    UnknownJob,
+)
 from surge.kit.jobs.queue import (
     JobInfo,
     QueueStats,
@@ -79,6 +88,7 @@ __all__ = [
     "JobStateConflict",
     "LeaseLost",
     "QueueStats",
+    "Snooze",
     "UnknownJob",
     "cancel_job",
     "chunked",

@@ -84,6 +84,7 @@ _RELEASE = text(
 _FAIL_OR_RETRY = text(
     """
     UPDATE jobs SET state = :state, last_error = :error, lease_expires_at = NULL,
+        attempts = GREATEST(attempts - :uncount, 0),
         run_at = CASE WHEN :state = 'queued' THEN now() + make_interval(secs => :delay)
                  ELSE run_at END,
         finished_at = CASE WHEN :state = 'failed' THEN now() ELSE NULL END

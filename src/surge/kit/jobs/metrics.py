@@ -13,6 +13,9 @@ FAILED = Counter(
     "surge_jobs_failed_total", "Jobs that ended failed (attempts or stalls exhausted).", ["queue"]
 )
 RETRIED = Counter("surge_jobs_retried_total", "Failed attempts re-queued with backoff.", ["queue"])
+SNOOZED = Counter(
+    "surge_jobs_snoozed_total", "Starts put back to wait, not counted as attempts.", ["queue"]
+)
 STALLED = Counter(
     "surge_jobs_stalled_total", "Attempts whose lease expired (worker died or froze).", ["queue"]
 )

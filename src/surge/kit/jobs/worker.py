@@ -60,7 +60,7 @@ from surge.kit.jobs._sql import (
 )
 from surge.kit.jobs.config import RateLimit, WorkerConfig
 from surge.kit.jobs.context import JobContext
-from surge.kit.jobs.errors import LeaseLost
+from surge.kit.jobs.errors import LeaseLost, Snooze
 from surge.kit.jobs.maintenance import Maintenance
 from surge.kit.jobs.registry import JobSpec, get_spec
 from surge.kit.jobs.schema import NOTIFY_CHANNEL
@@ -439,10 +439,15 @@ class Worker:
         )
         base = (spec and spec.backoff) or self.config.backoff
         cap = (spec and spec.backoff_max) or self.config.backoff_max
-        final = claim.attempts >= max_attempts
-        delay = 0.0 if final else retry_delay(claim.attempts, base, cap, rng=self._rng)
+        snoozed = isinstance(error, Snooze)
+        final = not snoozed and claim.attempts >= max_attempts
+        if isinstance(error, Snooze):
+            delay = max(0.0, error.delay.total_seconds())
+        else:
+            delay = 0.0 if final else retry_delay(claim.attempts, base, cap, rng=self._rng)
         params = {"id": claim.id, "token": claim.token, "state": "failed" if final else "queued",
-                  "delay": delay, "error": _error_text(error)}  # fmt: skip
+                  "delay": delay, "uncount": int(snoozed),
+                  "error": f"Snooze: {error}"[:4000] if snoozed else _error_text(error)}  # fmt: skip
         for attempt in range(5):
             try:
                 async with self._auto.connect() as conn:
@@ -457,7 +462,11 @@ class Worker:
             metrics.LEASE_LOST.labels(claim.queue).inc()
             log.warning("jobs.lease_lost", job_id=claim.id, at="error")
             return
-        if final:
+        if snoozed:
+            metrics.SNOOZED.labels(claim.queue).inc()
+            log.info("jobs.snoozed", job_id=claim.id, job=claim.name, delay_s=round(delay, 3),
+                     reason=str(error)[:500])  # fmt: skip
+        elif final:
             metrics.FAILED.labels(claim.queue).inc()
             log.error("jobs.failed", job_id=claim.id, job=claim.name, attempts=claim.attempts,
                       error=f"{type(error).__name__}: {error}"[:500])  # fmt: skip
