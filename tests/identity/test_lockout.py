@@ -240,7 +240,7 @@ class TestForgedOrForeignTokens:
                     "iat": int(time.time()),
                     "exp": int(time.time()) + 600,
                 },
-                key=None,
+                key="",
                 algorithm="none",
                 headers={"typ": "device+jwt", "kid": "d0"},
             ),
