@@ -18,6 +18,7 @@ from surge.kit.db import migrate
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.fixtures.clients import app_client
 from tests.fixtures.factories import (
+    PASSWORD,
     bearer,
     identity_of,
     identity_settings,
@@ -168,3 +169,25 @@ class TestPrivilegeFailover:
         assert response.headers["retry-after"]
         await asyncio.to_thread(pg.start)
         await asyncio.to_thread(redis.start)
+
+
+class TestLockOutWithoutRedis:
+    async def test_per_process_counters_still_let_a_trusted_device_in(
+        self, own: tuple[FastAPI, httpx.AsyncClient, EmbeddedPostgres, EmbeddedRedis]
+    ) -> None:
+        """With Redis down the failure counters are this process's (ADR 0009); the device
+        budgets fall back with them (ADR 0044): the account locks, the owner's device not."""
+        app, api, _, redis = own
+        guard = identity_of(app).login_guard
+        guard.max_per_account, guard.max_per_device, guard.max_per_ip = 2, 2, 1_000
+        email, _ = await register(api)
+        device = (await login(api, email))["device_token"]
+        api.cookies.clear()  # from here on an untrusted client, unless it sends ``device``
+        await asyncio.to_thread(redis.stop)
+        wrong = {"email": email, "password": "wrong-guess-123"}
+        guesses = [(await api.post("/api/v1/auth/login", json=wrong)).status_code for _ in range(3)]
+        assert guesses == [401, 401, 429]
+        right = {"email": email, "password": PASSWORD}
+        assert (await api.post("/api/v1/auth/login", json=right)).status_code == 429
+        trusted = await api.post("/api/v1/auth/login", json={**right, "device_token": device})
+        assert trusted.status_code == 200, trusted.text

@@ -77,6 +77,29 @@ class TestTokenCodec:
             codec.verify("a.b.c")
         assert not codec._memo
 
+    def test_a_token_of_another_type_or_purpose_is_refused(self) -> None:
+        """Explicit typing (RFC 8725 §3.11) and a key per purpose: a second kind of token
+        built on the codec never passes for the first, even under the same secret."""
+        access = _codec()
+        other = TokenCodec(
+            KeyRing.derived("k" * 40, "k0", purpose="other"), issuer="surge",
+            audience="surge-api", ttl=900, token_type="other+jwt",
+        )  # fmt: skip
+        same_key = TokenCodec(
+            KeyRing.derived("k" * 40), issuer="surge", audience="surge-api", ttl=900,
+            token_type="other+jwt",
+        )  # fmt: skip
+        assert other.verify(other.issue(SUB, {}))["sub"] == SUB
+        assert KeyRing.derived("k" * 40).current != other.ring.current
+        for token in (other.issue(SUB, {}), same_key.issue(SUB, {})):
+            with pytest.raises(InvalidToken, match="Not an access token"):
+                access.verify(token)
+        with pytest.raises(InvalidToken):
+            other.verify(access.issue(SUB, {}))
+        with pytest.raises(InvalidToken, match="Invalid or expired"):
+            # the right typ, the other purpose's key under the same kid: the MAC fails
+            same_key.verify(other.issue(SUB, {}))
+
     def test_key_ring_parse(self) -> None:
         ring = KeyRing.parse(" new = " + "n" * 32 + " , old=" + "o" * 32)
         assert ring.current == ("new", b"n" * 32)

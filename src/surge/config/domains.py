@@ -41,6 +41,15 @@ class DomainSettings(BaseSettings):
     """Failed logins per account per window before further attempts get 429."""
     AUTH_LOGIN_MAX_FAILURES_IP: int = 100
     """Failed logins per client IP per window before further attempts get 429."""
+    # ---- device tokens: the account lock-out is not a denial of service (ADR 0044) ----
+    AUTH_LOGIN_MAX_FAILURES_DEVICE: int = 5
+    """Failed logins per trusted device (a valid device token for the account) per
+    AUTH_LOGIN_WINDOW; past it that device token is locked out (429). A client presenting
+    a trusted device token is judged by this budget instead of the account's, so a stolen
+    token buys this many guesses and no more."""
+    AUTH_DEVICE_TTL: timedelta = timedelta(days=90)
+    """How long a device token (issued at each successful sign-in) keeps a client trusted.
+    "Log out everywhere" and a password reset revoke every device token of the account."""
     AUTH_MFA_ISSUER: str = "Surge"
     """Issuer shown by authenticator apps for TOTP enrolment."""
     # ---- issue 15: password reset (surge.identity.recovery) ----

@@ -36,6 +36,8 @@ class TokenPair:
     refresh_token: str
     expires_in: int
     session_id: uuid.UUID
+    #: A sign-in's new device token (ADR 0044); None from a refresh.
+    device_token: str | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from surge.identity.deps import (
     current_user,
     require_admin_mfa,
 )
+from surge.identity.devices import DEVICE_COOKIE, set_device_cookie
 from surge.identity.errors import EmailTaken
 from surge.identity.mfa import mfa as mfa_service
 from surge.identity.plans import Privileges
@@ -55,6 +56,7 @@ def _tokens(pair: TokenPair) -> TokenRead:
         refresh_token=pair.refresh_token,
         expires_in=pair.expires_in,
         session_id=pair.session_id,
+        device_token=pair.device_token,
     )
 
 
@@ -101,10 +103,20 @@ async def register(
     return RegistrationAccepted()
 
 
+LOGIN_PATH = "/api/v1/auth/login"
+
+
 @router.post("/auth/login")
 async def login(
-    body: LoginRequest, request: Request, session: SessionDep, runtime: RuntimeDep
+    body: LoginRequest,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    runtime: RuntimeDep,
 ) -> TokenRead:
+    """Sign in. A client that sends the ``device_token`` of its last sign-in to this
+    account (body field, or the ``surge_device`` cookie a browser keeps) is judged by its
+    own failure budget: failures elsewhere cannot lock it out (ADR 0044)."""
     pair = await identity_service.login(
         session,
         runtime,
@@ -113,7 +125,10 @@ async def login(
         otp=body.otp,
         ip=_client_ip(request, runtime),
         user_agent=request.headers.get("user-agent"),
+        device_token=body.device_token or request.cookies.get(DEVICE_COOKIE),
     )
+    if pair.device_token:
+        set_device_cookie(response, pair.device_token, runtime.settings, path=LOGIN_PATH)
     return _tokens(pair)
 
 

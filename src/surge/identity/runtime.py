@@ -3,7 +3,8 @@
 The identity *service* is stateless (``surge.identity.service.identity``); what one process
 must keep between requests lives here: the token codec and its verification memo, the
 password hasher, the privilege store (its L1 cache and invalidation listener), the
-revocation list (its pub/sub listener), the login guard and the client-IP resolver.
+revocation list (its pub/sub listener), the login guard, the device-token codec and the
+client-IP resolver.
 
     state = identity_state(runtime)          # the whole bundle
     store = privilege_store(runtime)         # or one piece, typed
@@ -22,6 +23,7 @@ from collections import OrderedDict
 import structlog
 
 from surge.config import Settings
+from surge.identity.devices import DeviceTokens
 from surge.identity.plans import Catalog
 from surge.identity.principal import Principal
 from surge.identity.privileges import PrivilegeStore
@@ -107,7 +109,9 @@ class IdentityState:
             window=settings.AUTH_LOGIN_WINDOW.total_seconds(),
             max_per_account=settings.AUTH_LOGIN_MAX_FAILURES_ACCOUNT,
             max_per_ip=settings.AUTH_LOGIN_MAX_FAILURES_IP,
+            max_per_device=settings.AUTH_LOGIN_MAX_FAILURES_DEVICE,
         )
+        self.devices = DeviceTokens(settings)
         self.client_ip = ClientIpResolver(settings.TRUSTED_PROXIES)
         self._principals: OrderedDict[str, Principal] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []

@@ -45,6 +45,16 @@ class LoginRequest(BaseModel):
     email: str = Field(max_length=254)
     password: str = Field(max_length=256)
     otp: str | None = Field(default=None, max_length=32, description="TOTP or backup code")
+    device_token: str | None = Field(
+        default=None,
+        max_length=2048,
+        description=(
+            "The device_token of this client's last successful sign-in to this account. "
+            "With it, failed attempts count against this device's own small budget, and an "
+            "account locked out by failures elsewhere still lets this client in. Browsers "
+            "send it as the surge_device cookie instead. An invalid token is ignored."
+        ),
+    )
 
 
 class RefreshRequest(BaseModel):
@@ -61,6 +71,14 @@ class TokenRead(BaseModel):
     token_type: str = "bearer"
     expires_in: int
     session_id: uuid.UUID
+    device_token: str | None = Field(
+        default=None,
+        description=(
+            "After a sign-in: keep it and send it with the next sign-in to this account "
+            "(valid AUTH_DEVICE_TTL, revoked by log out everywhere and a password reset). "
+            "Also set as the HttpOnly surge_device cookie. Absent after a refresh."
+        ),
+    )
 
 
 class AccessTokenRead(BaseModel):

@@ -240,8 +240,8 @@ class RevocationList:
 
 
 class LoginGuard:
-    """Failed-login counters per account and per client IP (IPv6: per /64) over a fixed
-    window.
+    """Failed-login counters per account, per trusted device and per client IP (IPv6: per
+    /64) over a fixed window.
 
     Counting failures (not attempts) keeps a legitimate user who types the password right
     unaffected; an attacker gets ``max_per_account`` guesses per window per account and
@@ -251,48 +251,74 @@ class LoginGuard:
     cannot all pass a read-only check while the slow password hash runs. With Redis down
     the counters are per process (docs/architecture.md §4: "rate limits fall back to per-process
     limits").
+
+    A sign-in that presents a trusted device token for the account (``device``: its id,
+    ``surge.identity.devices``) is counted against that device's budget
+    (``max_per_device``) *instead of* the account's (OWASP's device cookies, ADR 0044): the
+    account's budget, which anyone who knows the address can spend, only locks out clients
+    without one. The IP budget applies to every client alike.
     """
 
     def __init__(
-        self, redis: RedisGateway, *, window: float, max_per_account: int, max_per_ip: int
+        self,
+        redis: RedisGateway,
+        *,
+        window: float,
+        max_per_account: int,
+        max_per_ip: int,
+        max_per_device: int = 5,
     ) -> None:
         self.redis = redis
         self.window = int(window)
         self.max_per_account = max_per_account
         self.max_per_ip = max_per_ip
+        self.max_per_device = max_per_device
         self._local: dict[str, tuple[int, float]] = {}
 
     @staticmethod
-    def _keys(email: str, ip: str) -> tuple[str, str]:
+    def _keys(email: str, ip: str, device: str | None = None) -> tuple[str, str]:
+        """(the account's or the device's counter, the IP's counter)."""
+        ip_key = f"surge:auth:lf:ip:{ip_bucket(ip)}"
+        if device is not None:
+            return f"surge:auth:lf:d:{device}", ip_key
         account = hashlib.sha256(email.lower().encode()).hexdigest()[:32]
-        return f"surge:auth:lf:a:{account}", f"surge:auth:lf:ip:{ip_bucket(ip)}"
+        return f"surge:auth:lf:a:{account}", ip_key
 
-    async def reserve(self, email: str, ip: str) -> None:
-        """Take one attempt from the account's and the IP's budgets, or raise 429 (taking
-        nothing) when either is spent. Follow with ``succeeded``, ``release`` or nothing
-        (a failed attempt keeps its slot: it is the failure counted)."""
-        keys = self._keys(email, ip)
+    async def reserve(self, email: str, ip: str, *, device: str | None = None) -> None:
+        """Take one attempt from the account's (or the trusted ``device``'s) and the IP's
+        budgets, or raise 429 (taking nothing) when either is spent. Follow with
+        ``succeeded``, ``release`` or nothing (a failed attempt keeps its slot: it is the
+        failure counted)."""
+        keys = self._keys(email, ip, device)
+        limit = self.max_per_account if device is None else self.max_per_device
         counts, ttl = await self._add(keys, 1)
-        if counts[0] > self.max_per_account or counts[1] > self.max_per_ip:
+        if counts[0] > limit or counts[1] > self.max_per_ip:
             await self._add(keys, -1)
-            log.warning("identity.login.throttled", ip=ip)
+            log.warning(
+                "identity.login.throttled",
+                ip=ip,
+                budget=("ip" if counts[0] <= limit else "account" if device is None else "device"),
+            )
             raise TooManyRequests(
                 "Too many failed sign-in attempts; try again later", retry_after=ttl
             )
 
-    async def release(self, email: str, ip: str) -> None:
+    async def release(self, email: str, ip: str, *, device: str | None = None) -> None:
         """Give a reserved attempt back: it ended neither in success nor in a wrong
         password (a second factor asked for, an outage)."""
-        await self._add(self._keys(email, ip), -1)
+        await self._add(self._keys(email, ip, device), -1)
 
-    async def succeeded(self, email: str, ip: str) -> None:
-        """The account's failures are forgiven; the IP gets its reserved attempt back."""
-        account_key, ip_key = self._keys(email, ip)
-        self._local.pop(account_key, None)
+    async def succeeded(self, email: str, ip: str, *, device: str | None = None) -> None:
+        """The account's (or the trusted device's) failures are forgiven; the IP gets its
+        reserved attempt back. A sign-in on a trusted device forgives *only* that device:
+        the failures counted against untrusted clients stay, or the owner's every sign-in
+        would hand an attacker a fresh account budget."""
+        first_key, ip_key = self._keys(email, ip, device)
+        self._local.pop(first_key, None)
         await self._add((ip_key,), -1)
         try:
             async with self.redis.guard() as client:
-                await client.delete(account_key)
+                await client.delete(first_key)
         except RedisUnavailable:
             pass
 

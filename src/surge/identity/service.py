@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -187,15 +188,32 @@ class IdentityService:
         otp: str | None = None,
         ip: str = "",
         user_agent: str | None = None,
+        device_token: str | None = None,
     ) -> TokenPair:
         """Check the password (and the second factor when enrolled), open a session. The
-        login budget counts the attempt a success only once the session is committed."""
+        login budget counts the attempt a success only once the session is committed.
+
+        A ``device_token`` trusted for this account (``surge.identity.devices``) puts the
+        attempt on that device's failure budget instead of the account's (ADR 0044); any
+        other token is ignored (the client is untrusted). It never replaces the second
+        factor. A success returns a new device token."""
         state = identity_state(runtime)
         email = normalize_email(email)
-        await state.login_guard.reserve(email, ip)  # 429 once the failure budget is spent
+        claims = state.devices.read(device_token)  # signature and expiry: CPU only
+        user: User | None = None
+        device: str | None = None
+        if claims is not None:
+            # The row the sign-in reads anyway, read before the reservation: which budget
+            # to spend depends on whose token it is and whether it was revoked since.
+            user = await repository.user_by_email(session, email)
+            if user is not None:
+                device = state.devices.trusted(claims, user.id, user.tokens_valid_after)
+        # 429 once the failure budget (the device's, or the account's) is spent
+        await state.login_guard.reserve(email, ip, device=device)
         outcome = "error"  # → the attempt is given back (second factor asked for, outage)
         try:
-            user = await repository.user_by_email(session, email)
+            if claims is None:
+                user = await repository.user_by_email(session, email)
             if user is None:
                 await state.hasher.verify_dummy(password)
                 ok, new_hash = False, None
@@ -203,7 +221,7 @@ class IdentityService:
                 ok, new_hash = await state.hasher.verify(user.password_hash, password)
             if user is None or not ok:
                 outcome = "failed"
-                log.info("identity.login.failed", ip=ip)
+                log.info("identity.login.failed", ip=ip, trusted_device=device is not None)
                 raise InvalidCredentials("Wrong e-mail or password")
             if new_hash is not None:
                 user.password_hash = new_hash
@@ -228,29 +246,35 @@ class IdentityService:
                 evicted = await repository.revoke_sessions(
                     session, [s.id for s in live[:excess]], now=now, reason="evicted"
                 )
-            device = (user_agent or "")[:300] or None
-            if await repository.is_new_device(session, user.id, device):
+            agent = (user_agent or "")[:300] or None
+            if await repository.is_new_device(session, user.id, agent):
                 await notifications_service.send(
                     session, to=user.email, user_id=user.id, template="new_device",
-                    context={"ip": ip, "user_agent": device}, category="security",
+                    context={"ip": ip, "user_agent": agent}, category="security",
                     key=f"new-device:{user.id}:{now.isoformat()}",
                 )  # fmt: skip
             pair = await self._open_session(
                 session, state, user, mfa=mfa, ip=ip, user_agent=user_agent, now=now
             )
+            # Bound to the generation read above: a "log out everywhere" committed since
+            # has already revoked it (it can only err towards untrusted).
+            pair = replace(pair, device_token=state.devices.issue(user.id, user.tokens_valid_after))
             outcome = "ok"
         finally:
             if outcome == "error":
-                await state.login_guard.release(email, ip)
+                await state.login_guard.release(email, ip, device=device)
 
         async def succeeded() -> None:
-            await state.login_guard.succeeded(email, ip)
+            await state.login_guard.succeeded(email, ip, device=device)
 
         on_commit(session, succeeded)
         _publish_after_commit(session, state, evicted)
         if evicted:
             log.info("identity.session.evicted", user_id=str(user.id), sessions=len(evicted))
-        log.info("identity.login.succeeded", user_id=str(user.id), mfa=mfa)
+        log.info(
+            "identity.login.succeeded", user_id=str(user.id), mfa=mfa,
+            trusted_device=device is not None,
+        )  # fmt: skip
         return pair
 
     async def _open_session(

@@ -48,6 +48,7 @@ from surge.admin.console.session import (
 from surge.admin.console.timeseries import read_alerts, read_series
 from surge.admin.console.views import e, page
 from surge.admin.console.web import HEADERS, STATIC, CallerDep, console_error, html, redirect
+from surge.identity.devices import DEVICE_COOKIE, set_device_cookie
 from surge.identity.errors import MfaRequired
 from surge.identity.mfa import mfa as mfa_service
 from surge.identity.runtime import identity_state
@@ -100,6 +101,7 @@ async def login(request: Request, runtime: RuntimeDep, db: SessionDep) -> Respon
             otp=otp or None,
             ip=identity_service.client_ip(runtime, request.scope),
             user_agent=request.headers.get("user-agent"),
+            device_token=request.cookies.get(DEVICE_COOKIE),
         )
     except MfaRequired:
         return again("Enter the one-time code of your authenticator app.", need_otp=True)
@@ -116,6 +118,8 @@ async def login(request: Request, runtime: RuntimeDep, db: SessionDep) -> Respon
     response = redirect("/admin/overview" if stage == "ready" else "/admin")
     set_cookie(response, COOKIE, session.id, runtime)
     response.delete_cookie(PRE_COOKIE, path="/admin")
+    if pair.device_token:  # this browser is a trusted device for this account (ADR 0044)
+        set_device_cookie(response, pair.device_token, runtime.settings, path="/admin/login")
     return response
 
 

@@ -75,9 +75,13 @@ class KeyRing:
         return cls(tuple(pairs))
 
     @classmethod
-    def derived(cls, master_secret: str, kid: str = "k0") -> KeyRing:
-        """One key derived from the application secret (development and small installs)."""
-        key = hmac.new(master_secret.encode(), b"surge.access-token." + kid.encode(), "sha256")
+    def derived(
+        cls, master_secret: str, kid: str = "k0", *, purpose: str = "access-token"
+    ) -> KeyRing:
+        """One key derived from the application secret (development and small installs).
+        ``purpose`` separates keys: a token signed for one purpose fails under another."""
+        label = f"surge.{purpose}.{kid}".encode()
+        key = hmac.new(master_secret.encode(), label, "sha256")
         return cls(((kid, key.hexdigest().encode()),))
 
     @property
@@ -106,8 +110,12 @@ class TokenCodec:
         leeway: float = 5.0,
         memo_size: int = 65_536,
         clock: Callable[[], float] = time.time,
+        token_type: str = TOKEN_TYPE,
     ) -> None:
         self.ring = ring
+        #: The header's ``typ``, required on verification (RFC 8725 §3.11: explicit typing,
+        #: so a token minted for one purpose is never accepted for another).
+        self.token_type = token_type
         #: Wall-clock seconds for issuing and for the exp/nbf/iat checks (tests move it).
         self.clock = clock
         self.issuer = issuer
@@ -139,7 +147,7 @@ class TokenCodec:
         )
         kid, key = self.ring.current
         return jwt.encode(
-            payload, key, algorithm=ALGORITHM, headers={"kid": kid, "typ": TOKEN_TYPE}
+            payload, key, algorithm=ALGORITHM, headers={"kid": kid, "typ": self.token_type}
         )
 
     def verify(self, token: str) -> dict[str, Any]:
@@ -170,7 +178,7 @@ class TokenCodec:
             raise InvalidToken("Malformed access token") from error
         if header.get("alg") != ALGORITHM:
             raise InvalidToken("Access token algorithm not accepted")
-        if header.get("typ") != TOKEN_TYPE:
+        if header.get("typ") != self.token_type:
             raise InvalidToken("Not an access token")
         kid = header.get("kid")
         key = self.ring.get(kid) if isinstance(kid, str) else None
