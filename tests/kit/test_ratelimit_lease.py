@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from surge.kit.ratelimit import Check, RateLimiter, RatePolicy
-from surge.kit.ratelimit._lease import LEASE_MAX, lease_size
+from surge.kit.ratelimit._lease import LEASE_GROW_MAX, LEASE_MAX, lease_cap, lease_size
 from surge.kit.ratelimit.web import rate_limit_headers
 from surge.kit.redis import RedisGateway
 from tests.fixtures.servers import start_redis
@@ -104,6 +104,18 @@ class TestLeaseSize:
         assert lease_size(policy("exact", 10**6, 60, lease=0), 2) == 0
         assert lease_size(policy("asked", 100, 60, lease=3), 2) == 3
 
+    def test_a_busy_key_may_grow_to_the_limits_share_at_most(self) -> None:
+        """ADR 0039: the cap of a growing lease is the limit's 5 % share per process, at most
+        LEASE_GROW_MAX; seed 003/004's policies are small enough that nothing grows."""
+        assert lease_cap(policy("free", 300, 900), 2) == 7  # = its first lease
+        assert lease_cap(policy("user", 1000, 60), 2) == 25
+        assert lease_cap(policy("ip", 10_000, 60), 2) == 250  # 10 000 // (2 × 20)
+        assert lease_cap(policy("mid", 4000, 60), 2) == 100
+        assert lease_cap(policy("big", 10**8, 3600), 2) == LEASE_GROW_MAX
+        assert lease_cap(policy("asked", 10**8, 3600, lease=3), 2) == 3  # fixed: no growth
+        assert lease_cap(policy("exact", 10**6, 60, lease=0), 2) == 0
+        assert lease_cap(policy("small", 50, 900), 2) == 0
+
 
 class TestBound:
     async def test_a_burst_never_passes_the_limit(
@@ -133,6 +145,44 @@ class TestBound:
         clock.advance(60 - 1e-6)  # the bucket is full again; the leases are still valid
         allowed = await drain(limiters, "p", "user-1")
         assert allowed == 400 + 2 * size
+
+    async def test_grown_leases_overshoot_at_most_processes_times_the_cap(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        """The worst case again, with leases that grew (ADR 0039): each process spends its
+        first lease whole, so its next one is larger (64 → 100, the cap of 4 000 a minute
+        for 2 processes); then the bucket refills and both spend their grown leases on top
+        of a full bucket: exactly processes × cap more than the limit, never more."""
+        clock = FakeClock()
+        limiters = make_pair(policy("p", 4000, 60), clock=clock)
+        start, cap = limiters[0].lease_sizes["p"], limiters[0].lease_caps["p"]
+        assert (start, cap) == (LEASE_MAX, 100)
+        for limiter in limiters:
+            calls = count_round_trips(limiter)
+            sizes = []
+            for _ in range(2 + start):  # one with the first lease, `start` from it, one more
+                assert (await limiter.hit("p", "user-1")).allowed
+                sizes.append(limiter.leases.size("p:user-1"))
+            assert calls[0] == 2
+            assert sizes[0] == start
+            assert sizes[-1] == cap
+            assert limiter.leases.units("p:user-1") == cap
+        clock.advance(60 - 1e-6)  # the bucket is full again; the grown leases are still valid
+        allowed = await drain(limiters, "p", "user-1")
+        assert allowed == 4000 + 2 * cap
+        assert all(limiter.leases.size("p:user-1") <= cap for limiter in limiters)
+
+    async def test_a_key_that_leaves_its_lease_unspent_starts_small_again(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        clock = FakeClock()
+        (limiter,) = make_pair(policy("p", 10**6, 60), processes=1, clock=clock)
+        for _ in range(2 + LEASE_MAX):
+            assert (await limiter.hit("p", "user-1")).allowed
+        assert limiter.leases.size("p:user-1") == 2 * LEASE_MAX  # it spent a whole lease
+        clock.advance(60 + 1e-3)  # its lease died unspent: not busy after all
+        assert (await limiter.hit("p", "user-1")).allowed
+        assert limiter.leases.size("p:user-1") == LEASE_MAX
 
     async def test_a_lease_dies_with_its_window(
         self, make_pair: Callable[..., list[RateLimiter]]
@@ -164,7 +214,14 @@ class TestRoundTrips:
         calls = count_round_trips(limiter)
         for _ in range(200):
             assert (await limiter.hit("p", "user-1")).allowed
-        assert calls[0] == -(-200 // (LEASE_MAX + 1))  # one per lease (+ its own unit)
+        # one per lease (+ its own unit); each lease twice the last (ADR 0039):
+        # 1 + 64, 1 + 128, then 1 + 256 of which 6 are spent
+        assert calls[0] == 3
+        for _ in range(4800):
+            assert (await limiter.hit("p", "user-1")).allowed
+        # 5 000 in all: 65 + 129 + 257 + 513 = 964, then 1 025 a lease (the cap): 4 more
+        assert calls[0] == 8
+        assert limiter.leases.size("p:user-1") == LEASE_GROW_MAX
 
 
 class TestOneDecision:

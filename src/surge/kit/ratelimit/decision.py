@@ -126,6 +126,14 @@ class Decision:
         decision.checks, decision.rels, decision.shadow_denied = checks, rels, shadow_denied
         return decision
 
+    @classmethod
+    def leased(cls, checks: Sequence[Check], rels: list[int]) -> Decision:
+        """Every check spent from this process's leases (``Leases.take_all``): allowed (a
+        lease never denies), no shadow denial (a leased ``rel`` is at most the ceiling)."""
+        decision = cls(True, None)
+        decision.checks, decision.rels, decision.store = checks, rels, "lease"
+        return decision
+
     @property
     def verdicts(self) -> list[Verdict]:
         rels = self.rels

@@ -53,7 +53,7 @@ import msgpack  # type: ignore[import-untyped]
 import structlog
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
 
-from surge.kit.ratelimit._lease import Leases, lease_size
+from surge.kit.ratelimit._lease import Leases, lease_cap, lease_size
 from surge.kit.ratelimit._local import LOCAL_MAX_KEYS, LocalStore
 from surge.kit.ratelimit._script import _EVALSHA, GCRA_LUA, GCRA_SHA
 from surge.kit.ratelimit.decision import (
@@ -134,9 +134,13 @@ class RateLimiter:
         self._wire_prefix = prefix.encode()
         self.clock = clock
         self.local = LocalStore(local_processes, clock or time.time)
-        #: Units one lease of each policy carries (0: exact), sized for ``local_processes``.
+        #: Units a key's first lease of each policy carries (0: exact), sized for
+        #: ``local_processes``; a busy key's lease grows up to ``lease_caps`` (ADR 0039).
         self.lease_sizes: dict[str, int] = {
             p.name: lease_size(p, local_processes) if lease else 0 for p in policies
+        }
+        self.lease_caps: dict[str, int] = {
+            p.name: lease_cap(p, local_processes) if lease else 0 for p in policies
         }
         self.leases = Leases()
         self._lease_clock = clock or time.monotonic
@@ -165,16 +169,15 @@ class RateLimiter:
         if not leases:
             return await self._decide(checks)
         now = int(self._lease_clock() * 1_000_000)
-        taken = [leases.take(check, now) for check in checks]
-        remote = [check for check, rel in zip(checks, taken, strict=True) if rel is None]
-        if len(remote) == len(checks):
+        taken, covered = leases.take_all(checks, now)
+        if covered == 0:
             return await self._decide(checks)
         self._count_leased(checks, taken)
-        if not remote:  # every limit covered by this process's leases: no round trip
-            decision = Decision.from_script(checks, taken)  # type: ignore[arg-type]
-            decision.store = "lease"
-            return decision
-        decided = await self._decide(remote)
+        if covered == len(checks):  # every limit covered by this process's leases: no round trip
+            return Decision.leased(checks, taken)  # type: ignore[arg-type]
+        decided = await self._decide(
+            [c for c, rel in zip(checks, taken, strict=True) if rel is None]
+        )
         if not decided.allowed:  # all or nothing: the leased units go back to their leases
             for check, rel in zip(checks, taken, strict=True):
                 if rel is not None:
@@ -251,7 +254,8 @@ class RateLimiter:
         """One EVALSHA for ``batch``; each caller gets its own slice of the reply, or the
         error (each then decides locally, as it would have alone)."""
         prefix = self._wire_prefix
-        sizes = self.lease_sizes
+        sizes, caps, leases = self.lease_sizes, self.lease_caps, self.leases
+        lease_now = int(self._lease_clock() * 1_000_000)
         keys: list[bytes] = []
         numbers: list[int] = []
         specs: dict[tuple[int, ...], int] = {}  # spec (+ lease asked) → its number in the batch
@@ -259,7 +263,10 @@ class RateLimiter:
             numbers.append(len(checks))
             for check in checks:
                 keys.append(prefix + check.wire)
-                spec = (*check.spec, sizes.get(check.policy.name, 0))
+                size = sizes.get(check.policy.name, 0)
+                if size:  # a busy key asks for more (ADR 0039)
+                    size = leases.ask(check, size, caps[check.policy.name], lease_now)
+                spec = (*check.spec, size)
                 number = specs.get(spec)
                 if number is None:
                     number = specs[spec] = len(specs) + 1

@@ -326,10 +326,13 @@ def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
     return [(b"ratelimit-policy", policy.encode()), (b"ratelimit", state.encode())]
 
 
-#: id(checks) → (checks, its RateLimit-Policy value): the middleware's plans are memoised,
-#: so a caller's checks are the same list request after request (kept alive here, so an id
-#: cannot be reused while cached). Bounded; cleared whole when full.
-_POLICY_FIELDS: dict[int, tuple[Sequence[Check], bytes]] = {}
+#: id(checks) → (checks, its RateLimit-Policy value, per enforced check what its ``RateLimit``
+#: item needs): the middleware's plans are memoised, so a caller's checks are the same list
+#: request after request (kept alive here, so an id cannot be reused while cached). Bounded;
+#: cleared whole when full.
+_POLICY_FIELDS: dict[
+    int, tuple[Sequence[Check], bytes, list[tuple[int, bytes, int, int, int, int]]]
+] = {}
 
 
 def _script_headers(decision: Decision, rels: list[int]) -> list[tuple[bytes, bytes]]:
@@ -341,20 +344,22 @@ def _script_headers(decision: Decision, rels: list[int]) -> list[tuple[bytes, by
         if len(_POLICY_FIELDS) >= MEMO_MAX:
             _POLICY_FIELDS.clear()
         items = [c.policy.header_item() for c in checks if not c.policy.shadow]
-        cached = _POLICY_FIELDS[id(checks)] = (checks, ", ".join(items).encode())
+        shown = [
+            (i, b"%s;r=" % c.policy.header_name, c.step, c.ceiling, c.policy.period_us,
+             c.policy.interval_us)
+            for i, c in enumerate(checks) if not c.policy.shadow
+        ]  # fmt: skip
+        cached = _POLICY_FIELDS[id(checks)] = (checks, ", ".join(items).encode(), shown)
     if not cached[1]:
         return []
     allowed = decision.allowed
     state = []
-    for check, rel in zip(checks, rels, strict=True):
-        policy = check.policy
-        if policy.shadow:
-            continue
-        after = rel + check.step if allowed and rel <= check.ceiling else rel
-        remaining = (policy.period_us - after) // policy.interval_us
+    for index, name, step, ceiling, period, interval in cached[2]:
+        rel = rels[index]
+        after = rel + step if allowed and rel <= ceiling else rel
+        remaining = (period - after) // interval
         state.append(
-            b"%s;r=%d;t=%d"
-            % (policy.header_name, remaining if remaining > 0 else 0, -(-after // 1_000_000))
+            b"%s%d;t=%d" % (name, remaining if remaining > 0 else 0, -(-after // 1_000_000))
         )
     return [(b"ratelimit-policy", cached[1]), (b"ratelimit", b", ".join(state))]
 
