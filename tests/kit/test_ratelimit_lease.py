@@ -172,6 +172,23 @@ class TestBound:
         assert allowed == 4000 + 2 * cap
         assert all(limiter.leases.size("p:user-1") <= cap for limiter in limiters)
 
+    async def test_requests_that_went_to_redis_together_hold_one_cap_at_most(
+        self, make_pair: Callable[..., list[RateLimiter]]
+    ) -> None:
+        """Twenty first requests of a key at once all go to Redis and each brings a grant:
+        the process keeps at most ``cap`` units of them, so the bound holds; the limit is
+        still never passed by more than processes × cap overall."""
+        import asyncio
+
+        clock = FakeClock()
+        limiters = make_pair(policy("p", 10_000, 60), clock=clock)
+        cap = limiters[0].lease_caps["p"]
+        for limiter in limiters:
+            decided = await asyncio.gather(*(limiter.hit("p", "user-1") for _ in range(20)))
+            assert all(d.allowed for d in decided)
+            assert limiter.leases.units("p:user-1") <= cap
+        assert await drain(limiters, "p", "user-1") + 40 <= 10_000 + 2 * cap
+
     async def test_a_key_that_leaves_its_lease_unspent_starts_small_again(
         self, make_pair: Callable[..., list[RateLimiter]]
     ) -> None:

@@ -154,12 +154,16 @@ class Leases:
             lease.units += check.cost
             lease.tat -= check.step
 
-    def grant(self, check: Check, rel: int, units: int, now: int) -> None:
-        """Redis allowed ``check`` (found at ``rel``) and granted ``units`` more."""
+    def grant(self, check: Check, rel: int, units: int, now: int, cap: int) -> None:
+        """Redis allowed ``check`` (found at ``rel``) and granted ``units`` more. A process
+        never holds more than ``cap`` units of a key: requests that went to Redis together
+        (no lease yet, or an empty one) each bring a grant, and holding their sum would
+        break the bound of ``processes × cap``; the surplus is left spent in Redis (a few
+        early refusals at worst, the safe side of the bound)."""
         tat = now + rel + check.step
         lease = self._by_key.get(check.key)
         if lease is not None and lease.expires > now:
-            lease.units += units
+            lease.units = min(lease.units + units, max(cap, units))
             lease.tat = max(lease.tat, tat)
             lease.size = units
             return

@@ -302,9 +302,12 @@ class RateLimiter:
         in the batch, from 1, and its units): spent in Redis even if the caller left."""
         flat = [check for checks, _ in batch for check in checks]
         now = int(self._lease_clock() * 1_000_000)
+        caps = self.lease_caps
         for index in range(0, len(grants), 2):
             number = grants[index] - 1
-            self.leases.grant(flat[number], raw[number], grants[index + 1], now)
+            check = flat[number]
+            self.leases.grant(check, raw[number], grants[index + 1], now,
+                              caps.get(check.policy.name, 0))  # fmt: skip
 
     def _count_leased(self, checks: Sequence[Check], taken: list[int | None]) -> None:
         counters = self._lease_counted
