@@ -222,6 +222,10 @@ class DomainSettings(BaseSettings):
     jobs with it (``surge.kit.jobs.batch``), loads their rows in one statement and acks them
     in one, and sends them one after another through the SMTP pool (ADR 0031).
     1: one message per job."""
+    NOTIFY_SEND_WAVE: int = 8
+    """Messages of one batch sent at the same time, each on its own pooled connection (a
+    *wave*, ADR 0040): their marks and their ``sent`` records then meet in a few shared
+    statements instead of one each. 1: one after another."""
     NOTIFY_FROM: str = "Surge <no-reply@surge.localhost>"
     """The From header; its domain is also the Message-ID's right-hand side."""
     NOTIFY_RETURN_PATH: str = "bounces@surge.localhost"

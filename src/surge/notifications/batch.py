@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from uuid import UUID
 
 import structlog
@@ -31,11 +32,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from surge.kit.jobs import JobContext
 from surge.kit.jobs.batch import Claimed, ack, claim_more, complete_in, release, renew
 from surge.kit.runtime import Runtime
-from surge.notifications.coalesce import coalescer
+from surge.notifications.coalesce import Meeting, Outcome, coalescer
 from surge.notifications.metrics import EVENTS
 from surge.notifications.sending import Prepared, SendingUseCases, Settle
+from surge.notifications.smtp import Verdict
 
 log = structlog.get_logger()
+
+#: How long the held marks or ``sent`` records of a wave wait for a member still in its
+#: conversation (a relay that hangs on one recipient delays the others by this, not by its
+#: timeout).
+WAVE_LINGER = 0.02
 
 
 class BatchSendingUseCases(SendingUseCases):
@@ -55,19 +62,42 @@ class BatchSendingUseCases(SendingUseCases):
         try:
             ids = [UUID(str(c.payload["message_id"])) for c in claimed]
             decisions = await self.prepare_many(runtime, [*ids, own])
-            for one, message in zip(claimed, ids, strict=True):
-                waiting.remove(one)
-                try:
-                    future = await self._send_claimed(
-                        runtime, one, message, decisions[message], done
+            pairs = list(zip(claimed, ids, strict=True))
+            width = max(1, runtime.settings.NOTIFY_SEND_WAVE)
+            lanes = coalescer(runtime)
+            # Waves of ``width`` messages; the job's own message is the last wave's last.
+            for start in range(0, len(pairs) + 1, width):
+                wave = pairs[start : start + width]
+                last = start + width > len(pairs)
+                for one, _ in wave:
+                    waiting.remove(one)
+                meet = (Meeting(lanes.mark, WAVE_LINGER), Meeting(lanes.sent, WAVE_LINGER))
+                members: list[Awaitable[asyncio.Future[bool] | None]] = [
+                    self._send_claimed(runtime, one, message, decisions[message], done,
+                                       meet=meet, member=member)
+                    for member, (one, message) in enumerate(wave)
+                ]  # fmt: skip
+                if last:
+                    members.append(
+                        self._send_own(ctx, own, decisions[own], meet=meet, member=len(wave))
                     )
-                except Exception:
-                    log.exception("notifications.batch.message_failed", job_id=one.id,
-                                  message_id=str(message))  # fmt: skip
-                    continue  # its lease expires: queued again by the engine's stall rule
-                if future is not None:
-                    sent.append((one, future))
-            await self._send_own(ctx, own, decisions[own])
+                results = await asyncio.gather(*members, return_exceptions=True)
+                own_error: BaseException | None = None
+                if last:
+                    own_result = results.pop()
+                    if isinstance(own_result, BaseException):
+                        own_error = own_result
+                for (one, message), result in zip(wave, results, strict=True):
+                    if isinstance(result, BaseException):
+                        if not isinstance(result, Exception):
+                            raise result
+                        log.error("notifications.batch.message_failed", job_id=one.id,
+                                  message_id=str(message), exc_info=result)  # fmt: skip
+                        continue  # its lease expires: queued again by the engine's stall rule
+                    if result is not None:
+                        sent.append((one, result))
+                if own_error is not None:
+                    raise own_error
         except BaseException:
             if waiting:
                 with contextlib.suppress(Exception):
@@ -94,22 +124,32 @@ class BatchSendingUseCases(SendingUseCases):
         message: UUID,
         decision: Prepared | Settle | None,
         done: list[Claimed],
+        *,
+        meet: tuple[Meeting[UUID, bool], Meeting[Outcome, bool]],
+        member: int,
     ) -> asyncio.Future[bool] | None:
-        """One claimed job's message: the future of its ``sent`` record, or None when it was
-        finished here (its job then completed, or queued for the batch's ack)."""
-        if decision is None:  # already final (a duplicate job)
-            done.append(one)
-            return None
-        if isinstance(decision, Settle):
-            async with runtime.db.session() as session:
-                await self.settle(session, message, decision)
-                await self._complete(session, one)
-            return None
-        verdict = await self.transmit(runtime, decision)
-        if verdict.kind == "sent":
-            return coalescer(runtime).sent.submit(
-                (message, verdict.code, verdict.detail[:1000], decision.subject)
-            )
+        """One claimed job's message, as a member of its wave (``meet``: where its mark and
+        its ``sent`` join the others'): the future of its ``sent`` record, or None when it
+        was finished here (its job then completed, or queued for the batch's ack)."""
+        marks, sents = meet
+        try:
+            if decision is None:  # already final (a duplicate job)
+                done.append(one)
+                return None
+            if isinstance(decision, Settle):
+                async with runtime.db.session() as session:
+                    await self.settle(session, message, decision)
+                    await self._complete(session, one)
+                return None
+            verdict = await self._transmit_in(runtime, decision, meet, member)
+            marks.leave(member)
+            if verdict.kind == "sent":
+                return sents.submit(
+                    member, (message, verdict.code, verdict.detail[:1000], decision.subject)
+                )
+        finally:
+            marks.leave(member)
+            sents.leave(member)
         async with runtime.db.session() as session:
             await self.record(session, runtime, message, verdict,
                               retry_key=f"notify:{message}:after:{one.id}",
@@ -117,26 +157,78 @@ class BatchSendingUseCases(SendingUseCases):
             await self._complete(session, one)
         return None
 
+    async def _transmit_in(
+        self,
+        runtime: Runtime,
+        prepared: Prepared,
+        meet: tuple[Meeting[UUID, bool], Meeting[Outcome, bool]],
+        member: int,
+    ) -> Verdict:
+        """``transmit`` as a member of a wave: it joins the wave's meetings once it has a
+        connection, and its mark goes with the wave's."""
+        marks, sents = meet
+
+        def connected() -> None:
+            marks.join(member)
+            sents.join(member)
+
+        async def mark() -> bool:
+            return await marks.submit(member, prepared.id)
+
+        return await self.transmit(runtime, prepared, mark=mark, connected=connected)
+
     async def _complete(self, session: AsyncSession, one: Claimed) -> None:
         if not await complete_in(session, one):
             raise RuntimeError(f"job {one.id}: its lease was lost; its outcome is rolled back")
 
     async def _send_own(
-        self, ctx: JobContext, message: UUID, prepared: Prepared | Settle | None
+        self,
+        ctx: JobContext,
+        message: UUID,
+        prepared: Prepared | Settle | None,
+        *,
+        meet: tuple[Meeting[UUID, bool], Meeting[Outcome, bool]] | None = None,
+        member: int = 0,
     ) -> None:
-        """The job's own message, as a job of one (ADR 0026): a rare outcome commits with
-        the job's completion; ``sent`` alone is acked in the engine's batch."""
+        """The job's own message, as a job of one (ADR 0026) — in the batch's last wave
+        when it has one (``meet``): a rare outcome commits with the job's completion;
+        ``sent`` is recorded before the job returns, and the job acked in the engine's
+        batch."""
+        try:
+            await self._own(ctx, message, prepared, meet, member)
+        finally:
+            if meet is not None:
+                meet[0].leave(member)
+                meet[1].leave(member)
+
+    async def _own(
+        self,
+        ctx: JobContext,
+        message: UUID,
+        prepared: Prepared | Settle | None,
+        meet: tuple[Meeting[UUID, bool], Meeting[Outcome, bool]] | None,
+        member: int,
+    ) -> None:
         runtime = ctx.runtime
         if prepared is None:
             return
         if isinstance(prepared, Settle):
             await self.settle(ctx.session, message, prepared)
             return
-        verdict = await self.transmit(runtime, prepared)
-        if verdict.kind == "sent" and await self.record_sent(
-            runtime, message, verdict, subject=prepared.subject
-        ):
-            return
+        if meet is None:
+            verdict = await self.transmit(runtime, prepared)
+            if verdict.kind == "sent" and await self.record_sent(
+                runtime, message, verdict, subject=prepared.subject
+            ):
+                return
+        else:
+            verdict = await self._transmit_in(runtime, prepared, meet, member)
+            meet[0].leave(member)
+            if verdict.kind == "sent":
+                outcome = (message, verdict.code, verdict.detail[:1000], prepared.subject)
+                if await meet[1].submit(member, outcome):
+                    EVENTS.labels("sent").inc()
+                    return
         # Any other outcome commits with the job's completion. If that commit is lost (worker
         # killed, lease lost), the row stays "sending" and the next attempt records
         # "unconfirmed": never a second copy.

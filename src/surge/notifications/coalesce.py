@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from functools import partial
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -52,6 +53,11 @@ class Lane(Generic[K, R]):
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.items = 0
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for the next statement."""
+        return len(self._queue)
 
     async def __call__(self, key: K) -> R:
         return await self.submit(key)
@@ -88,6 +94,68 @@ class Lane(Generic[K, R]):
                     continue
                 answered.add(key)
                 future.set_result(found.get(key, self._default))
+
+
+class Meeting(Generic[K, R]):
+    """The requests of a group of concurrent conversations (a batch's *wave*, ADR 0040),
+    handed to a lane together so that one statement serves them all.
+
+    A member *joins* when it has a connection (a member still waiting for one holds nobody
+    up), and then either *submits* its request or *leaves* without one. Held requests go to
+    the lane the moment no joined member is left to wait for, or ``linger`` seconds after
+    the first of them was held, whichever comes first (a member that hangs costs the others
+    at most ``linger``, never its timeout). The lane's rules are unchanged: a mark is still
+    committed before its caller's end of DATA; a key asked twice still has one winner."""
+
+    def __init__(self, lane: Lane[K, R], linger: float) -> None:
+        self._lane = lane
+        self._linger = linger
+        self._joined: set[int] = set()
+        self._held: list[tuple[K, asyncio.Future[R]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def join(self, member: int) -> None:
+        self._joined.add(member)
+
+    def leave(self, member: int) -> None:
+        """``member`` will ask nothing (more): stop waiting for it."""
+        if member in self._joined:
+            self._joined.discard(member)
+            self._check()
+
+    def submit(self, member: int, key: K) -> asyncio.Future[R]:
+        outer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._joined.discard(member)
+        self._held.append((key, outer))
+        self._check()
+        return outer
+
+    def _check(self) -> None:
+        if not self._held:
+            return
+        if not self._joined:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, []
+        for key, outer in held:  # one synchronous loop: the lane's next statement takes all
+            self._lane.submit(key).add_done_callback(partial(_forward, outer))
+
+
+def _forward(outer: asyncio.Future[R], inner: asyncio.Future[R]) -> None:
+    if outer.done():
+        return
+    if inner.cancelled():
+        outer.cancel()
+    elif (error := inner.exception()) is not None:
+        outer.set_exception(error)
+    else:
+        outer.set_result(inner.result())
 
 
 Outcome = tuple[UUID, int | None, str, str | None]

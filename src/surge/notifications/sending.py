@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -182,9 +183,17 @@ class SendingUseCases:
         same point (ADR 0026). False when another attempt already did."""
         return await coalescer(runtime).mark(message_id_)
 
-    async def transmit(self, runtime: Runtime, prepared: Prepared) -> Verdict:
+    async def transmit(
+        self,
+        runtime: Runtime,
+        prepared: Prepared,
+        *,
+        mark: Callable[[], Awaitable[bool]] | None = None,
+        connected: Callable[[], None] | None = None,
+    ) -> Verdict:
         """Hand ``prepared`` to the relay (through the ``smtp`` breaker), marking it
-        ``sending`` just before the end of DATA."""
+        ``sending`` just before the end of DATA (``mark``: how; by default alone through the
+        process's mark lane)."""
         if prepared.error is not None:
             return Verdict("failed", None, prepared.error, "render")
 
@@ -195,7 +204,8 @@ class SendingUseCases:
             sender=runtime.settings.NOTIFY_RETURN_PATH,
             recipient=prepared.to,
             content=prepared.content,
-            before_end=before_end,
+            before_end=mark or before_end,
+            connected=connected,
         )
 
     async def record_sent(

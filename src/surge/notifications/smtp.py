@@ -149,13 +149,17 @@ class SmtpRelay:
         recipient: str,
         content: bytes,
         before_end: Callable[[], Awaitable[bool]],
+        connected: Callable[[], None] | None = None,
     ) -> Verdict:
         """One mail transaction. ``before_end`` runs after the whole body is written and
         before its terminating ``.``: it records that the message is about to be handed
         over (and returns False to abort: the connection is then dropped, and a relay
-        discards a transaction whose DATA never ended)."""
+        discards a transaction whose DATA never ended). ``connected`` is called once the
+        transaction has a connection slot of the pool."""
         try:
-            return await self.breaker.call(self._send, sender, recipient, content, before_end)
+            return await self.breaker.call(
+                self._send, sender, recipient, content, before_end, connected
+            )
         except BreakerOpenError as error:
             return Verdict("transient", None, str(error), "breaker", retry_after=error.retry_after)
         except RelayDown as down:
@@ -167,8 +171,11 @@ class SmtpRelay:
         recipient: str,
         content: bytes,
         before_end: Callable[[], Awaitable[bool]],
+        connected: Callable[[], None] | None = None,
     ) -> Verdict:
         async with self._slots:
+            if connected is not None:
+                connected()
             reused = bool(self._idle)
             client = self._idle.pop() if reused else None
             for round_ in (1, 2):
