@@ -248,9 +248,12 @@ class _Coherence(_CacheBase):
         now = time.monotonic()
         if (self.gateway.is_up or error is not None) and now >= self._next_defer_log:
             self._next_defer_log = now + 10.0
+            why = (
+                "busy pool or error reply" if error is None else f"{type(error).__name__}: {error}"
+            )
             log.warning(
                 "cache.invalidation_deferred", cache=self.name, retry_s=self.resync_interval,
-                error=f"{type(error).__name__}: {error}" if error is not None else "busy",
+                error=why[:200],
             )  # fmt: skip
 
     @property
