@@ -24,6 +24,7 @@ from surge.identity.recovery import password_reset as password_reset_service
 from surge.kit.runtime import Runtime
 from surge.kit.security import hash_token
 from surge.sim.smtp import SmtpSimulator
+from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import PASSWORD, bearer, identity_settings, login, register
 from tests.fixtures.smtp import smtp_relay
 from tests.fixtures.waiting import eventually
@@ -59,12 +60,6 @@ async def fresh_budgets(redis_client: redis_async.Redis) -> None:
     keys = [key async for key in redis_client.scan_iter(match="surge:auth:pr:*")]
     if keys:
         await redis_client.delete(*keys)
-
-
-def runtime_of(app: FastAPI) -> Runtime:
-    runtime = app.state.runtime
-    assert isinstance(runtime, Runtime)
-    return runtime
 
 
 async def scalar(runtime: Runtime, sql: str, **params: Any) -> Any:

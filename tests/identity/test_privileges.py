@@ -13,8 +13,13 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from sqlalchemy import text
+from structlog.testing import capture_logs
 
+from surge.identity import repository
+from surge.identity.plans import Grant
 from surge.identity.service import identity as identity_service
+from surge.kit.db import Database, PoolConfig
+from surge.kit.telemetry import metrics
 from surge.kit.telemetry.metrics import flush_all
 from tests.fixtures.clock import Clock
 from tests.fixtures.factories import (
@@ -179,6 +184,31 @@ class TestMaterializedView:
         assert "UNIQUE" in indexes["ux_active_subscriptions_user"]  # needed by CONCURRENTLY
         assert "WHERE (plan <> 'free'::text)" in indexes["ix_subscriptions_paid_expiry"]
         assert "(user_id, plan, expires_at)" in indexes["ix_subscriptions_user_plan_expiry"]
+
+
+async def test_the_grants_query_counts_in_the_slow_query_log(server_urls: tuple[str, str]) -> None:
+    """``grants`` goes to the driver directly (issue 19), past SQLAlchemy's cursor events: it
+    must still be timed like every statement, or a slow plan look-up (the query behind every
+    privileges miss) never shows in the slow-query log nor in its counter. Here every
+    statement is slow (threshold 0)."""
+    db = Database(server_urls[0], config=PoolConfig(min_size=0, max_size=2, slow_query=0.0))
+    counter = metrics.DB_SLOW_QUERIES.labels("primary")
+    before = counter._value.get()
+    unknown = uuid.uuid4()
+    try:
+        with capture_logs() as logs:
+            async with db.read_session() as session:
+                found = await repository.grants(session, [unknown])
+        assert found == {unknown: Grant(plan="free", expires_at=None, found=False)}
+        slow = [
+            entry
+            for entry in logs
+            if entry["event"] == "db.slow_query" and "active_subscriptions" in entry["statement"]
+        ]
+        assert len(slow) == 1, logs
+        assert counter._value.get() >= before + 1
+    finally:
+        await db.close()
 
 
 class TestBatch:

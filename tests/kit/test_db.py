@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
+from structlog.testing import capture_logs
 
 from surge.app import create_app
 from surge.kit.db import (
@@ -27,6 +28,7 @@ from surge.kit.db import (
 )
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect
 from surge.kit.embedded import free_port
+from surge.kit.telemetry import metrics
 from surge.kit.web.deps import SessionDep
 from tests.fixtures.clients import app_client
 from tests.fixtures.settings import make_settings
@@ -179,6 +181,34 @@ async def test_unit_of_work_commits_once_and_runs_on_commit(server_urls: tuple[s
         with pytest.raises(RuntimeError):
             await rolled_back()
         assert fired == ["committed"], "a rolled-back unit of work must not fire on_commit"
+    finally:
+        await db.close()
+
+
+async def test_a_failed_on_commit_callback_is_counted_and_the_next_still_runs(
+    server_urls: tuple[str, str],
+) -> None:
+    """After the commit a failing side effect cannot undo the write, so it is not raised:
+    it was only logged, and nothing told a dashboard how many side effects were lost."""
+    db = Database(server_urls[0], config=PoolConfig(min_size=0))
+    failures = metrics.DB_ON_COMMIT_FAILURES
+    before = failures._value.get()
+    fired: list[str] = []
+
+    async def fails() -> None:
+        raise RuntimeError("the side effect failed")
+
+    async def runs() -> None:
+        fired.append("ran")
+
+    try:
+        with capture_logs() as logs:
+            async with db.session() as session:
+                on_commit(session, fails)
+                on_commit(session, runs)
+        assert fired == ["ran"]
+        assert failures._value.get() == before + 1
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["db.on_commit_failed"]
     finally:
         await db.close()
 

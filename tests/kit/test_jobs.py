@@ -27,7 +27,7 @@ from surge.kit.jobs import (
     get_job,
     retry_job,
 )
-from surge.kit.jobs._sql import FETCH
+from surge.kit.jobs._sql import ACK, FETCH
 from surge.kit.jobs.queue import pause_queue, resume_queue
 from surge.kit.jobs.registry import get_spec
 from surge.kit.jobs.worker import Worker, WorkerConfig
@@ -37,7 +37,7 @@ from tests.fixtures.workers import running_worker as shared_worker
 from tests.kit import jobs_handlers
 from tests.kit.jobs_handlers import EFFECTS_DDL
 
-FAST = {
+FAST: dict[str, Any] = {
     "lease": timedelta(seconds=1),
     "stalled_check": timedelta(milliseconds=300),
     "poll_interval": timedelta(milliseconds=100),
@@ -306,6 +306,43 @@ class TestRun:
             await eventually(lambda: _count(jobs_db, "test.noop", "succeeded", 500))
 
 
+class TestShutdown:
+    async def test_the_ack_in_flight_when_the_worker_stops_is_sent(
+        self, jobs_db: Runtime, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job that never touched the database is acked in a batch a moment after it
+        returns. Here that batch's statement is on its way (held back until the test lets
+        it go) when the worker is told to stop: the shutdown must wait for it, not find no
+        ack waiting and cancel it — the job, done, would stay ``active`` and run again once
+        its lease expired."""
+        in_flight, may_send = asyncio.Event(), asyncio.Event()
+        pooled = _driver.pooled
+
+        async def held_back(engine: Any, statement: str, args: Any, *, rows: bool = False) -> Any:
+            if statement == ACK:
+                in_flight.set()
+                await may_send.wait()
+            return await pooled(engine, statement, args, rows=rows)
+
+        monkeypatch.setattr(_driver, "pooled", held_back)
+        job_id = await enqueue_now(jobs_db.db.primary, "test.noop", {})
+        assert job_id is not None
+        worker = Worker(jobs_db, WorkerConfig(queues=["t_noop"], **FAST))
+        stop = asyncio.Event()
+        run = asyncio.create_task(worker.run(stop))
+        try:
+            await asyncio.wait_for(in_flight.wait(), 10)
+            stop.set()
+            await eventually(lambda: worker.stopping, message="the shutdown did not begin")
+            may_send.set()
+            await asyncio.wait_for(run, 10)
+        finally:
+            stop.set()
+            may_send.set()
+            await asyncio.wait_for(run, 10)
+        assert await state_of(jobs_db, job_id) == "succeeded"
+
+
 class TestStallAccounting:
     async def test_expired_lease_is_requeued_counted_and_then_failed(
         self, jobs_db: Runtime
@@ -321,7 +358,7 @@ class TestStallAccounting:
         async with jobs_db.db.session() as session:
             job_id = await enqueue(session, "test.record")
         assert job_id is not None
-        worker = Worker(jobs_db, WorkerConfig(queues=["t_none"], max_stalled=1, **FAST))  # type: ignore[arg-type]
+        worker = Worker(jobs_db, WorkerConfig(queues=["t_none"], max_stalled=1, **FAST))
         before = stalled_total()
         for expected_state in ("queued", "failed"):
             async with jobs_db.db.session() as session:

@@ -17,14 +17,13 @@ from sqlalchemy import select, text
 
 from surge.config import Settings
 from surge.identity.service import identity as identity_service
-from surge.kit.runtime import Runtime
 from surge.models.notifications import OutboxMessage, Suppression
 from surge.notifications.dsn import parse_dsn
 from surge.notifications.service import message_id_header
 from surge.notifications.service import notifications as notifications_service
 from surge.sim.smtp import SmtpSimulator
 from surge.wallet.jobs import notify_withdrawal  # noqa: F401  (registers wallet jobs)
-from tests.fixtures.clients import app_client
+from tests.fixtures.clients import app_client, runtime_of
 from tests.fixtures.factories import PASSWORD, bearer, login, make_admin, unique_email
 from tests.notifications.conftest import email_worker, wait_status
 from tests.wallet.conftest import wallet_worker
@@ -42,11 +41,6 @@ async def napp(notify_config: Settings) -> FastAPI:
 async def api(napp: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async for client in app_client(napp):
         yield client
-
-
-def runtime_of(app: FastAPI) -> Runtime:
-    runtime: Runtime = app.state.runtime
-    return runtime
 
 
 def signed(settings: Settings, body: bytes, stamp: int | None = None) -> dict[str, str]:

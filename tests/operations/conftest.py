@@ -24,7 +24,7 @@ from surge.operations.service import operations as operations_service
 from surge.sim.provider import ProviderServer
 from surge.sim.proxies import ForwardProxy
 from surge.wallet.funds import funds as funds_service
-from tests.fixtures.clients import app_client
+from tests.fixtures.clients import app_client, runtime_of
 from tests.fixtures.factories import (
     PASSWORD,
     Caller,
@@ -112,11 +112,6 @@ async def api(ops_app: FastAPI, world: World) -> AsyncIterator[httpx.AsyncClient
         await reset(runtime)
         await register_fleet(runtime, world.proxies)
         yield client
-
-
-def runtime_of(app: FastAPI) -> Runtime:
-    runtime: Runtime = app.state.runtime
-    return runtime
 
 
 async def make_reseller(

@@ -12,9 +12,10 @@ import pytest
 from fastapi import FastAPI
 
 from surge.wallet.ledger import ledger
+from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import Caller
 from tests.fixtures.keys import expire_key
-from tests.operations.conftest import runtime_of, submit
+from tests.operations.conftest import submit
 from tests.operations.test_flow import available
 
 

@@ -33,6 +33,7 @@ from sqlalchemy import text
 
 from surge.config import Settings
 from surge.sim.proxies import ForwardProxy
+from tests.fixtures.clients import runtime_of
 from tests.fixtures.provider import egress_proxies, provider_server
 from tests.fixtures.workers import worker_process as run_worker_process
 from tests.operations.conftest import (
@@ -40,7 +41,6 @@ from tests.operations.conftest import (
     ops_settings,
     register_fleet,
     reset,
-    runtime_of,
     submit,
 )
 

@@ -11,9 +11,10 @@ from fastapi import FastAPI
 from surge.operations.service import operations as operations_service
 from tests.admin.test_console import audit_rows, signed_in
 from tests.admin.test_console_money import form_key_of
+from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import Caller
 from tests.fixtures.provider import control
-from tests.operations.conftest import World, runtime_of, submit
+from tests.operations.conftest import World, submit
 from tests.operations.test_hostile import transfers
 
 

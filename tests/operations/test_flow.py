@@ -10,13 +10,13 @@ import httpx
 from fastapi import FastAPI
 
 from surge.wallet.funds import funds as funds_service
+from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import Caller
 from tests.fixtures.provider import control
 from tests.operations.conftest import (
     World,
     make_reseller,
     ops_worker,
-    runtime_of,
     submit,
     wait_decided,
 )

@@ -16,12 +16,12 @@ from sqlalchemy import text
 from surge.operations.service import RetryLater
 from surge.operations.service import operations as operations_service
 from surge.sim.proxies import egress_address
+from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import Caller
 from tests.fixtures.provider import control
 from tests.operations.conftest import (
     World,
     ops_worker,
-    runtime_of,
     submit,
     wait_decided,
 )

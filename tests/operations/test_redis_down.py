@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 
 from surge.kit.embedded import EmbeddedRedis
-from tests.fixtures.clients import app_client
+from tests.fixtures.clients import app_client, runtime_of
 from tests.fixtures.provider import ACCOUNTS, control, egress_proxies, provider_server
 from tests.fixtures.servers import start_redis
 from tests.operations.conftest import (
@@ -20,7 +20,6 @@ from tests.operations.conftest import (
     ops_worker,
     register_fleet,
     reset,
-    runtime_of,
     submit,
     wait_decided,
 )

@@ -15,6 +15,7 @@ from surge.config import Settings
 from surge.identity.service import identity as identity_service
 from surge.kit.jobs.worker import Worker
 from surge.kit.runtime import Runtime
+from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import (
     PASSWORD,
     Caller,
@@ -40,11 +41,6 @@ def app_settings(wallet_settings: Settings) -> Settings:
 @pytest.fixture
 def wallet_app(app: FastAPI) -> FastAPI:
     return app
-
-
-def runtime_of(app: FastAPI) -> Runtime:
-    runtime: Runtime = app.state.runtime
-    return runtime
 
 
 async def make_partner(app: FastAPI, api: httpx.AsyncClient, role: str = "partner") -> Caller:

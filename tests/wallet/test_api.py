@@ -14,8 +14,9 @@ from sqlalchemy import text
 
 from surge.wallet.ledger import ledger
 from surge.wallet.service import wallet as wallet_service
+from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import Caller
-from tests.wallet.conftest import make_partner, runtime_of, wallet_worker
+from tests.wallet.conftest import make_partner, wallet_worker
 from tests.wallet.factories import fund
 
 

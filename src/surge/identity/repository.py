@@ -5,13 +5,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.identity.plans import Grant
+from surge.kit.db import driver_fetch
 from surge.kit.web.cursor import moment
 from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User
@@ -214,35 +215,18 @@ _GRANTS_SQL = f"""
           AND s.updated_at > COALESCE((SELECT since FROM mark), '-infinity')
     """
 _Id = TypeVar("_Id", uuid.UUID, str)
-#: asyncpg's own errors for a connection that broke or could not be made; raised by the
-#: driver directly they carry no SQLAlchemy wrapper, so ``grants`` turns them into
-#: ``ConnectionError`` (``kit.db.is_unavailable``: a 503, stale-if-error), never a 500.
-_DRIVER_CONNECTION_ERRORS = frozenset(
-    {
-        "CannotConnectNowError",
-        "ConnectionDoesNotExistError",
-        "InterfaceError",
-        "AdminShutdownError",
-        "ConnectionFailureError",
-        "TooManyConnectionsError",
-    }
-)
 
 
 async def grants(session: AsyncSession, user_ids: Sequence[_Id]) -> dict[_Id, Grant]:
     """Each user's plan from the ``active_subscriptions`` view (seed 003), overlaid with the
     subscriptions changed since the view's last refresh so a plan change counts at once.
-    Keyed by the ids as given: UUIDs, or their text (the cache's keys, no conversion)."""
-    connection = await session.connection()  # a pool wait here raises SQLAlchemy's timeout
-    raw = await connection.get_raw_connection()
-    driver: Any = raw.driver_connection
+    Keyed by the ids as given: UUIDs, or their text (the cache's keys, no conversion).
+
+    Through ``kit.db.driver_fetch`` like every driver statement: counted by the slow-query
+    log, and a broken connection raised as the ``DBAPIError`` ``is_unavailable`` reads as an
+    outage (a 503, stale-if-error), never a 500."""
     ids = list(user_ids)
-    try:
-        rows = await driver.fetch(_GRANTS_SQL, ids)
-    except Exception as error:
-        if type(error).__name__ in _DRIVER_CONNECTION_ERRORS:
-            raise ConnectionError(f"PostgreSQL connection failed: {error}") from error
-        raise
+    rows = await driver_fetch(session, _GRANTS_SQL, ids)
     out: dict[_Id, Grant] = {}
     for n, found, changed, live_plan, live_expires, view_plan, view_expires in rows:
         if changed:

@@ -25,6 +25,7 @@ from surge.admin.console.session import (
     read_form,
     same_origin,
 )
+from surge.kit.errors import SurgeError
 from surge.kit.web.deps import RuntimeDep
 from surge.kit.web.idempotency import fingerprint, idempotency_keys
 
@@ -103,6 +104,19 @@ async def once(
     response = await run()
     await idempotency_keys.store(db, scope=scope, key=key, response=response)
     return response
+
+
+async def answered(caller: Caller, action: Callable[[], Awaitable[Response]]) -> Response:
+    """``action()``'s page, or, when the owning domain refuses the action (any
+    ``SurgeError``: not found, a conflict, a rule), the console's error page with the
+    refusal's status: the one way a console action shows a refusal. The console's own
+    errors (sign-in, CSRF, forbidden) pass through to ``console_error``."""
+    try:
+        return await action()
+    except ConsoleError:
+        raise
+    except SurgeError as error:
+        return html(views.error_page(error.status_code, error.message, caller), error.status_code)
 
 
 async def console_error(request: Request, error: Exception) -> Response:

@@ -167,6 +167,7 @@ class _CacheBase:
         self._flushed = (0, 0, 0, 0, 0)
         self._degraded = not gateway.is_up
         self._next_error_log = 0.0
+        self._next_defer_log = 0.0
         gateway.on_change(self._on_redis_change)
         self._children = {
             "hit_l1": m.HITS.labels(name, "l1"),

@@ -1,11 +1,18 @@
 """Cross-process coherence: invalidation (keys, tags, namespace), the pub/sub listener with
 gap detection and the periodic resync, fills that race an invalidation, and Redis
-recovery (replaying what was missed)."""
+recovery (replaying what was missed).
+
+An invalidation that cannot reach Redis (an outage, a pool busy past its retries, an error
+reply) is never dropped: it is *deferred* (logged while Redis is up, counted in
+``cache_invalidations_deferred_total``) and replayed when Redis comes back and, while Redis
+is up, by the resync loop every ``resync_interval``: the staleness it can cause is bounded
+by that interval, not by the entries' TTL."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import (
     Iterable,
     Iterator,
@@ -54,7 +61,7 @@ class _Coherence(_CacheBase):
         except RedisUnavailable:
             self._epoch += 1  # no new version to compare with: in-flight fills must not land
             self._note_degraded()
-            self._queue_pending(tags=tags)
+            self._defer(tags=tags)
             self._drop_local_tags(frozenset(tags))
             return
         data = result[1]
@@ -71,7 +78,7 @@ class _Coherence(_CacheBase):
             result = await self._invalidate_waiting("c", [])
         except RedisUnavailable:
             self._note_degraded()
-            self._pending_clear = True
+            self._defer(clear=True)
             return
         self._set_version(int(result[1][0]))
 
@@ -80,14 +87,23 @@ class _Coherence(_CacheBase):
         self, session: AsyncSession, *, keys: Sequence[str] = (), tags: Sequence[str] = ()
     ) -> None:
         """Invalidate ``keys``/``tags`` after ``session``'s unit of work commits, never before
-        (a reader could otherwise reload the old row and cache it again) and never on rollback."""
+        (a reader could otherwise reload the old row and cache it again) and never on rollback.
+        The write is committed by then: whatever fails on the way (even the request being
+        cancelled) defers the invalidation rather than losing it."""
         keys, tags = tuple(keys), tuple(tags)
 
         async def _invalidate() -> None:
-            if keys:
-                await self.delete(*keys)
-            if tags:
-                await self.invalidate_tags(*tags)
+            try:
+                if keys:
+                    await self.delete(*keys)
+                if tags:
+                    await self.invalidate_tags(*tags)
+            except BaseException as error:
+                for key in keys:
+                    self._drop_key(key)
+                self._defer(keys=keys, tags=tags, error=error)
+                if not isinstance(error, Exception):
+                    raise
 
         on_commit(session, _invalidate)
 
@@ -160,9 +176,13 @@ class _Coherence(_CacheBase):
                 self.l1.pop(key)
 
     # ==== invalidation =======================================================================
-    async def _run_invalidate(self, kind: str, names: list[str]) -> Any:
+    async def _run_invalidate(self, kind: str, names: list[str], *, drop_l2: bool = True) -> Any:
+        """One invalidation script: change L2 (unless ``drop_l2`` is False: keys are only
+        announced, after ``set`` wrote their new value) and publish it to every process."""
         ns = self.namespace
-        if kind == "k":
+        if kind == "k" and not drop_l2:
+            targets = []
+        elif kind == "k":
             targets = [k for n in names for k in (self._prefix + n, self._lease_key(n))]
         elif kind == "t":
             targets = [f"{ns}:t:{n}" for n in names]
@@ -173,7 +193,9 @@ class _Coherence(_CacheBase):
             script = self._script(r, "invalidate", _INVALIDATE)
             return await script(keys=[self._seq_key, self._ver_key, *targets], args=args)
 
-    async def _invalidate_waiting(self, kind: str, names: list[str]) -> Any:
+    async def _invalidate_waiting(
+        self, kind: str, names: list[str], *, drop_l2: bool = True
+    ) -> Any:
         """``_run_invalidate``, waiting out a busy pool: while the gateway says Redis is up, a
         ``RedisUnavailable`` is this process having no connection free (or one error reply),
         and the invalidation is tried again, up to ``_BUSY_ATTEMPTS``. Giving up at once
@@ -182,7 +204,7 @@ class _Coherence(_CacheBase):
         back stale under load). An outage raises at once (callers queue the replay)."""
         for attempt in range(1, _BUSY_ATTEMPTS + 1):
             try:
-                return await self._run_invalidate(kind, names)
+                return await self._run_invalidate(kind, names, drop_l2=drop_l2)
             except RedisUnavailable:
                 if not self.gateway.is_up or attempt == _BUSY_ATTEMPTS:
                     raise
@@ -196,34 +218,51 @@ class _Coherence(_CacheBase):
             self._drop_key(key)
         m.INVALIDATIONS.labels(self.name, "key").inc(len(keys))
         try:
-            if drop_l2:
-                await self._invalidate_waiting("k", keys)
-            else:
-                await self._publish_only(keys)
+            # ``drop_l2`` False (after ``set``): others drop their L1 copy and re-read the new
+            # value from L2; waits out a busy pool like every invalidation.
+            await self._invalidate_waiting("k", keys, drop_l2=drop_l2)
         except RedisUnavailable:
             self._note_degraded()
-            if drop_l2:
-                self._queue_pending(keys=keys)
+            if drop_l2:  # an announcement alone is bounded by the others' L1 TTL
+                self._defer(keys=keys)
 
-    async def _publish_only(self, keys: list[str]) -> None:
-        """After ``set``: others drop their L1 copy and re-read the new value from L2."""
-        async with self._redis() as r:
-            script = self._script(r, "invalidate", _INVALIDATE)
-            await script(
-                keys=[self._seq_key, self._ver_key],
-                args=[self._channel, self.origin, "k", _TAG_KEY_TTL_MS, *keys],
-            )
-
-    def _queue_pending(self, *, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> None:
+    def _defer(
+        self,
+        *,
+        keys: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        clear: bool = False,
+        error: BaseException | None = None,
+    ) -> None:
+        """Queue an invalidation that did not reach Redis for the replay (``_replay_pending``:
+        on recovery, and every resync interval while Redis is up). Counted always; logged
+        (at most every 10 s) unless Redis is down, which ``cache.degraded`` already says."""
         self._pending_keys.update(keys)
         self._pending_tags.update(tags)
+        self._pending_clear = self._pending_clear or clear
         if len(self._pending_keys) + len(self._pending_tags) > _MAX_PENDING:
             self._pending_clear = True
             self._pending_keys.clear()
             self._pending_tags.clear()
+        m.INVALIDATIONS_DEFERRED.labels(self.name).inc()
+        now = time.monotonic()
+        if (self.gateway.is_up or error is not None) and now >= self._next_defer_log:
+            self._next_defer_log = now + 10.0
+            why = (
+                "busy pool or error reply" if error is None else f"{type(error).__name__}: {error}"
+            )
+            log.warning(
+                "cache.invalidation_deferred", cache=self.name, retry_s=self.resync_interval,
+                error=why[:200],
+            )  # fmt: skip
+
+    @property
+    def _has_pending(self) -> bool:
+        return bool(self._pending_keys or self._pending_tags or self._pending_clear)
 
     async def _replay_pending(self) -> None:
-        """Redis is back: apply the invalidations it missed while down."""
+        """Apply the invalidations deferred meanwhile: Redis is back, or (the resync loop)
+        they met a busy pool or an error reply while it was up."""
         keys, tags, clear = list(self._pending_keys), list(self._pending_tags), self._pending_clear
         self._pending_keys, self._pending_tags, self._pending_clear = set(), set(), False
         if not (keys or tags or clear):
@@ -311,6 +350,8 @@ class _Coherence(_CacheBase):
         while not self._closed:
             await asyncio.sleep(self.resync_interval)
             self._flush_metrics()
+            if self._has_pending and self.gateway.is_up:
+                await self._replay_pending()
             if not self._listening or not self.gateway.is_up:
                 continue
             # What we had received when the MGET left: the listener may take in newer

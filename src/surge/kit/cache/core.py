@@ -300,15 +300,19 @@ class Cache(_ReadPath):
         """Store ``value`` in L1 and L2 and make other processes drop their L1 copy."""
         versions = await self._tag_versions(tags)
         entry, blob = self._make_entry(value, ttl, versions)
+        written = False
         if blob is not None:
             try:
                 async with self._redis() as r, r.pipeline(transaction=True) as pipe:
                     pipe.set(self._prefix + key, blob, px=self._px(entry))
                     pipe.delete(self._lease_key(key))
                     await pipe.execute()
+                written = True
             except RedisUnavailable:
                 self._note_degraded()
-        await self._invalidate_keys([key], drop_l2=False)
+        # Not written: L2 still holds the old value, which others would re-read: drop it
+        # (deferred like any invalidation when Redis cannot be reached).
+        await self._invalidate_keys([key], drop_l2=not written)
         self.l1.put(key, entry)
 
     async def warm(

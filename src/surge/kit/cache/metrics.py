@@ -46,6 +46,12 @@ EVICTIONS = Counter("cache_evictions_total", "L1 entries evicted by the size bou
 INVALIDATIONS = Counter(
     "cache_invalidations_total", "Invalidations sent, by kind (key, tag, clear).", ["cache", "kind"]
 )
+INVALIDATIONS_DEFERRED = Counter(
+    "cache_invalidations_deferred_total",
+    "Invalidations that did not reach Redis when made (outage, busy pool, error reply): "
+    "queued, replayed on recovery and every resync interval while Redis is up.",
+    ["cache"],
+)
 L2_ERRORS = Counter(
     "cache_l2_errors_total", "Redis operations that failed or were skipped (Redis down).", ["cache"]
 )

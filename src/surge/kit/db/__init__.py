@@ -570,9 +570,15 @@ def _commit_and_close(session: Session) -> None:
 
 
 async def run_on_commit(session: AsyncSession) -> None:
+    """Run ``session``'s ``on_commit`` callbacks, each whatever the others do. The write is
+    committed: a failed side effect must not undo the reply, so its error is logged and
+    counted (``db_on_commit_failures_total``), never raised. A callback whose effect must
+    not be lost handles its own failure (the cache defers an invalidation it could not send,
+    ``Cache.invalidate_on_commit``)."""
     callbacks: list[OnCommit] = session.info.pop(_ON_COMMIT, [])
     for callback in callbacks:
         try:
             await callback()
-        except Exception:  # the write is committed; a failed side effect must not undo the reply
+        except Exception:
+            metrics.DB_ON_COMMIT_FAILURES.inc()
             log.exception("db.on_commit_failed", callback=getattr(callback, "__qualname__", "?"))

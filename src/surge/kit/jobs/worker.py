@@ -11,7 +11,7 @@ The loop, in one process:
 - **run**: the handler gets a lazy unit-of-work session; if it used it, the completion
   ``UPDATE ... WHERE lease_token = :token`` runs in that same transaction, so a worker that
   lost its lease cannot commit anything. Jobs that never touched the database are acked in
-  batches (the ``UPDATE`` is fenced the same way).
+  batches (the ``UPDATE`` is fenced the same way; ``surge.kit.jobs.acks``).
 - **heartbeat**: every lease/4 the process renews the leases of the attempts it owns; an
   attempt whose renewal finds another token is cancelled at once (``jobs.lease_lost``).
 - **maintenance** every ``JOBS_STALLED_CHECK``: expired leases are ``stalled`` (logged,
@@ -19,7 +19,8 @@ The loop, in one process:
   ``maxStalledCount`` rule), periodic jobs whose slot came are enqueued (one worker wins
   each slot), the dispatch log and old finished jobs are pruned, depth/lag gauges refreshed.
 - **shutdown** (SIGTERM/SIGINT): stop fetching, let running jobs finish for
-  ``JOBS_SHUTDOWN_GRACE``, cancel the rest and put them back (not counted as attempts).
+  ``JOBS_SHUTDOWN_GRACE``, cancel the rest and put them back (not counted as attempts),
+  send the last batched acks (the batch in flight included: ``surge.kit.jobs.acks``).
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ from surge.kit.jobs._sql import (
     _FAIL_OR_RETRY,
     _HEARTBEAT,
     _RELEASE,
-    ACK,
     FETCH,
     RATE_LOCK_NAMESPACE,
     _pairs,
 )
+from surge.kit.jobs.acks import AckBatcher
 from surge.kit.jobs.config import RateLimit, WorkerConfig
 from surge.kit.jobs.context import JobContext
 from surge.kit.jobs.errors import LeaseLost, Snooze
@@ -125,9 +126,8 @@ class Worker:
         self.config = config
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._running: dict[int, _Running] = {}
-        self._acks: list[tuple[_Claim, float]] = []
+        self._acks = AckBatcher[_Claim](self.db.primary, lambda c: self._processed(c).inc())
         self._wake = asyncio.Event()
-        self._ack_ready = asyncio.Event()
         self._rng = random.Random()
         self._background: list[asyncio.Task[None]] = []
         self._unlimited = [q for q in config.queues if q not in config.rate_limits]
@@ -158,7 +158,7 @@ class Worker:
             (self._listen_forever(), "listen"),
             (self._heartbeat_forever(), "heartbeat"),
             (self._maintenance.run_forever(), "maintenance"),
-            (self._flush_acks_forever(), "acks"),
+            (self._acks.run_forever(), "acks"),
         ):
             self._background.append(asyncio.create_task(coro, name=f"jobs-{label}"))
         stop_waiter = asyncio.create_task(stop.wait())
@@ -224,7 +224,7 @@ class Worker:
                 log.warning("jobs.worker.released", jobs=list(released))
             except Exception:
                 log.exception("jobs.worker.release_failed", jobs=[p[0] for p in pairs])
-        await self._flush_acks()
+        await self._acks.flush_last(within=self.config.lease.total_seconds())
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -373,8 +373,7 @@ class Worker:
             else:
                 if session is not None:
                     await session.close()
-                self._acks.append((claim, started))
-                self._ack_ready.set()
+                self._acks.add(claim)
         except asyncio.CancelledError:
             if ctx.opened_session is not None:
                 with contextlib.suppress(Exception):
@@ -475,46 +474,13 @@ class Worker:
             log.warning("jobs.retry", job_id=claim.id, job=claim.name, attempt=claim.attempts,
                         delay_s=round(delay, 3), error=f"{type(error).__name__}: {error}"[:500])  # fmt: skip
 
-    # ---- batched acks ---------------------------------------------------------------------
-    async def _flush_acks_forever(self) -> None:
-        while True:
-            await self._ack_ready.wait()
-            # Let the acks of jobs finishing together share one round trip.
-            await asyncio.sleep(0.002)
-            await self._flush_acks()
-
-    async def _flush_acks(self) -> None:
-        self._ack_ready.clear()
-        if not self._acks:
-            return
-        batch, self._acks = self._acks, []
-        ids = [c.id for c, _ in batch]
-        tokens = [c.token for c, _ in batch]
-        try:
-            done = {
-                row[0]
-                for row in await _driver.pooled(self.db.primary, ACK, (ids, tokens), rows=True)
-            }
-        except Exception as error:
-            log.warning("jobs.ack_failed", jobs=len(batch), error=str(error)[:200])
-            self._acks = batch + self._acks  # retried next round; the lease covers the gap
-            await asyncio.sleep(0.5)
-            self._ack_ready.set()
-            return
-        for claim, _ in batch:
-            if claim.id in done:
-                self._processed(claim).inc()
-            else:
-                metrics.LEASE_LOST.labels(claim.queue).inc()
-                log.warning("jobs.lease_lost", job_id=claim.id, token=claim.token, at="ack")
-
     # ---- heartbeat ------------------------------------------------------------------------
     async def _heartbeat_forever(self) -> None:
         interval = max(0.05, self.config.lease.total_seconds() / 4)
         while True:
             await asyncio.sleep(interval)
             owned = [(r.claim.id, r.claim.token) for r in self._running.values()]
-            owned += [(c.id, c.token) for c, _ in self._acks]
+            owned += [(c.id, c.token) for c in self._acks.waiting]
             if not owned:
                 continue
             try:

@@ -37,7 +37,7 @@ from surge.kit.ratelimit.policy import ANONYMOUS, Per, RatePolicy, Subject
 from surge.kit.ratelimit.policy import Scope as PolicyScope
 from surge.kit.web.client_ip import UNKNOWN, ClientIpResolver, ip_bucket
 from surge.kit.web.middleware import RESPONSE_HEADERS
-from surge.kit.web.problem import PROBLEM_JSON, problem_body
+from surge.kit.web.problem import problem_body, send_problem
 
 log = structlog.get_logger()
 
@@ -384,19 +384,7 @@ async def _send_denied(
         detail = _detail(decision)
         extra = {"policies": decision.denied_by, "retry_after": retry}
     body = problem_body(status, type_=slug, detail=detail, instance=path, extra=extra)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", PROBLEM_JSON.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(retry).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_problem(send, status, body, [(b"retry-after", str(retry).encode()), *headers])
 
 
 class MemoClientIp(ClientIpResolver):

@@ -62,6 +62,10 @@ DB_SLOW_QUERIES = Counter("db_slow_queries_total", "Queries slower than DB_SLOW_
 DB_QUERY_MAX = Gauge(
     "db_query_max_seconds", "Slowest query seen (per process).", multiprocess_mode="livemax"
 )
+DB_ON_COMMIT_FAILURES = Counter(
+    "db_on_commit_failures_total",
+    "Callbacks run after a commit (on_commit) that raised: the write stands, a side effect failed.",
+)
 DB_REPLICA_FALLBACKS = Counter(
     "db_replica_fallbacks_total", "Read sessions sent to the primary because a replica failed."
 )

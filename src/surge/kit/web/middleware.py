@@ -41,7 +41,7 @@ from surge.kit.telemetry import metrics
 from surge.kit.web.admission import Admission, Refusal, refuse
 from surge.kit.web.admission import request_start as _request_start
 from surge.kit.web.errors import FileStack, handle_exception
-from surge.kit.web.problem import PROBLEM_JSON, problem_body
+from surge.kit.web.problem import problem_body, send_problem
 
 log = structlog.get_logger()
 
@@ -333,16 +333,4 @@ def route_template(scope: Scope) -> str:
 async def _send_problem(
     send: Send, status: int, id_header: tuple[bytes, bytes], *, detail: str | None = None
 ) -> None:
-    body = problem_body(status, detail=detail)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", PROBLEM_JSON.encode()),
-                (b"content-length", str(len(body)).encode()),
-                id_header,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_problem(send, status, problem_body(status, detail=detail), (id_header,))

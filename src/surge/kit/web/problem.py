@@ -10,7 +10,7 @@ bare 500 without detail (the stack trace goes to the log, with the request id).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Send
 
 from surge.kit.db import (
     CONCURRENCY_SQLSTATES,
@@ -38,6 +39,7 @@ log = structlog.get_logger()
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://surge.dev/problems/"
+_PROBLEM_JSON_BYTES = PROBLEM_JSON.encode()
 
 
 def problem_body(
@@ -61,6 +63,26 @@ def problem_body(
     if extra:
         body.update({k: v for k, v in extra.items() if k not in body})
     return orjson.dumps(body, default=str)
+
+
+async def send_problem(
+    send: Send, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer ``body`` (``problem_body``) straight on ASGI's ``send``, for the layers that
+    answer before or around the app (its exception handlers never see them): the
+    content type and length, then ``headers``."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", _PROBLEM_JSON_BYTES),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _phrase(status: int) -> str:

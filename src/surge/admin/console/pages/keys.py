@@ -14,9 +14,8 @@ from surge.admin.console import views
 from surge.admin.console.service import console as console_service
 from surge.admin.console.session import first
 from surge.admin.console.views import e, form, page, table, when
-from surge.admin.console.web import CallerDep, html, posted, redirect
+from surge.admin.console.web import CallerDep, answered, html, posted, redirect
 from surge.credential.service import SCOPES
-from surge.kit.errors import SurgeError
 from surge.kit.web.deps import SessionDep, request_id
 
 router = APIRouter(include_in_schema=False)
@@ -73,19 +72,20 @@ async def create_key(request: Request, caller: CallerDep, db: SessionDep) -> Res
         return html(views.confirm(caller, title="Create a service key", question=question,
                                   action="/admin/keys", fields={"name": name, "scopes": scopes},
                                   active="keys"))  # fmt: skip
-    try:
+
+    async def act() -> Response:
         issued = await console_service.create_service_key(
             db, caller, name=name, scopes=scopes, request_id=request_id(request)
         )
-    except SurgeError as error:
-        return html(views.error_page(error.status_code, error.message, caller), error.status_code)
-    body = (
-        f'<div class="card" id="issued"><p>Key <b>{e(issued.key.name)}</b> created. Copy it '
-        "now: it is shown this once and stored only as a hash.</p>"
-        f'<p><code id="secret">{e(issued.secret)}</code></p>'
-        '<p><a href="/admin/keys">Back to the keys</a></p></div>'
-    )
-    return html(page("Service key created", body, caller, active="keys"))
+        body = (
+            f'<div class="card" id="issued"><p>Key <b>{e(issued.key.name)}</b> created. Copy '
+            "it now: it is shown this once and stored only as a hash.</p>"
+            f'<p><code id="secret">{e(issued.secret)}</code></p>'
+            '<p><a href="/admin/keys">Back to the keys</a></p></div>'
+        )
+        return html(page("Service key created", body, caller, active="keys"))
+
+    return await answered(caller, act)
 
 
 @router.post("/keys/{key_id}/revoke")
@@ -99,10 +99,11 @@ async def revoke_key(
                                   "from the next request on.",
                                   action=str(request.url.path), fields={}, active="keys",
                                   danger=True))  # fmt: skip
-    try:
+
+    async def act() -> Response:
         key = await console_service.revoke_service_key(
             db, caller, key_id=key_id, request_id=request_id(request)
         )
-    except SurgeError as error:
-        return html(views.error_page(error.status_code, error.message, caller), error.status_code)
-    return redirect(f"/admin/keys?flash=Key+{quote(key.prefix)}+revoked")
+        return redirect(f"/admin/keys?flash=Key+{quote(key.prefix)}+revoked")
+
+    return await answered(caller, act)

@@ -15,7 +15,7 @@ from surge.admin.console import views
 from surge.admin.console.service import console as console_service
 from surge.admin.console.session import ConsoleError, first
 from surge.admin.console.views import e, form, money, page, table, when
-from surge.admin.console.web import CallerDep, html, once, posted, redirect
+from surge.admin.console.web import CallerDep, answered, html, once, posted, redirect
 from surge.kit.errors import SurgeError
 from surge.kit.web.deps import SessionDep, request_id
 
@@ -109,17 +109,11 @@ async def resolve(
                                   active="operations", danger=performed == "no"))  # fmt: skip
 
     async def act() -> Response:
-        try:
-            done = await console_service.resolve_operation(
-                db, caller, operation_id=operation_id, performed=performed == "yes", note=note,
-                request_id=request_id(request),
-            )  # fmt: skip
-        except ConsoleError:
-            raise
-        except SurgeError as error:
-            page_ = views.error_page(error.status_code, error.message, caller)
-            return html(page_, error.status_code)
+        done = await console_service.resolve_operation(
+            db, caller, operation_id=operation_id, performed=performed == "yes", note=note,
+            request_id=request_id(request),
+        )  # fmt: skip
         return redirect(f"/admin/operations?flash=Operation+{done.id}+{quote(done.status)}")
 
     replayed = f"/admin/operations?flash=Operation+{operation_id}+already+resolved"
-    return await once(request, db, caller, fields, act, replayed=replayed)
+    return await once(request, db, caller, fields, lambda: answered(caller, act), replayed=replayed)

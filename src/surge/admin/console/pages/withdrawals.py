@@ -13,8 +13,7 @@ from surge.admin.console import views
 from surge.admin.console.service import console as console_service
 from surge.admin.console.session import ConsoleError, first
 from surge.admin.console.views import e, form, money, page, table, when
-from surge.admin.console.web import CallerDep, html, once, posted, redirect
-from surge.kit.errors import SurgeError
+from surge.admin.console.web import CallerDep, answered, html, once, posted, redirect
 from surge.kit.web.deps import RuntimeDep, SessionDep, request_id
 from surge.wallet.service import wallet as wallet_service
 
@@ -108,21 +107,14 @@ async def decide(
     done = "approved" if verb == "approve" else "rejected"
 
     async def act() -> Response:
-        try:
-            await console_service.decide_withdrawal(
-                db, runtime, caller, withdrawal_id=withdrawal_id, approve=verb == "approve",
-                reason=reason, request_id=request_id(request),
-            )  # fmt: skip
-        except ConsoleError:
-            raise
-        except SurgeError as error:
-            page_ = views.error_page(error.status_code, error.message, caller)
-            return html(page_, error.status_code)
+        await console_service.decide_withdrawal(
+            db, runtime, caller, withdrawal_id=withdrawal_id, approve=verb == "approve",
+            reason=reason, request_id=request_id(request),
+        )  # fmt: skip
         return redirect(f"/admin/withdrawals?flash=Withdrawal+{done}")
 
-    return await once(
-        request, db, caller, fields, act, replayed=f"/admin/withdrawals?flash=Withdrawal+{done}"
-    )
+    replayed = f"/admin/withdrawals?flash=Withdrawal+{done}"
+    return await once(request, db, caller, fields, lambda: answered(caller, act), replayed=replayed)
 
 
 @router.post("/withdrawals/batch")
