@@ -224,6 +224,7 @@ class TestBatch:
         await store.get(users[1])  # users[1]: in memory (and Redis)
         # users[2] and users[3]: nowhere but PostgreSQL
         before = _lookups()
+        batch_before = _lookups("surge_privilege_batch_lookups_total")
         found = await store.get_many([*users, users[1]])
         assert [found[u].source for u in users] == ["redis", "memory", "database", "database"]
         assert found[users[0]].plan == "pro"
@@ -238,13 +239,22 @@ class TestBatch:
         again = await store.get_many(users)
         assert {p.source for p in again.values()} == {"memory"}
         assert _lookups()["memory"] - before["memory"] == 1 + 4
+        # The batch's lookups are counted apart too (ADR 0041); a user's own is not.
+        await store.get(users[0])
+        batch = _lookups("surge_privilege_batch_lookups_total")
+        assert {s: n - batch_before[s] for s, n in batch.items()} == {
+            "memory": 1 + 4,
+            "redis": 1,
+            "database": 2,
+            "stale": 0,
+            "unavailable": 0,
+        }
 
 
-def _lookups() -> dict[str, float]:
+def _lookups(name: str = "surge_privilege_lookups_total") -> dict[str, float]:
     flush_all()
     return {
-        source: REGISTRY.get_sample_value("surge_privilege_lookups_total", {"source": source})
-        or 0.0
+        source: REGISTRY.get_sample_value(name, {"source": source}) or 0.0
         for source in ("memory", "redis", "database", "stale", "unavailable")
     }
 
