@@ -77,7 +77,8 @@ def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text → ``{"name{labels}": value}`` for the series the report plots."""
     wanted = ("surge_privilege_lookups_total", "surge_privilege_batch_lookups_total",
               "cache_hits_total", "cache_misses_total", "db_pool_checked_out", "db_pool_waiting", "db_pool_connections",
-              "cache_stale_served_total", "http_requests_in_flight")  # fmt: skip
+              "cache_stale_served_total", "http_requests_in_flight",
+              "process_gc_seconds_total", "process_gc_collections_total")  # fmt: skip
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line[0] == "#" or not line.startswith(wanted):
@@ -152,7 +153,14 @@ def cache_figures(
     own = {t: tiers[t] - batch[t] for t in TIERS}
     pool_out = [_sum(s, "db_pool_checked_out") for _, s in inside]
     pool_wait = [_sum(s, "db_pool_waiting") for _, s in inside]
+    gc = {f"gen{g}": {"seconds": round(_sum(last, "process_gc_seconds_total", f'"{g}"')
+                                       - _sum(first, "process_gc_seconds_total", f'"{g}"'), 3),
+                      "collections": int(_sum(last, "process_gc_collections_total", f'"{g}"')
+                                         - _sum(first, "process_gc_collections_total", f'"{g}"'))}
+          for g in range(3)}  # fmt: skip
     return {
+        # The web processes' garbage collector over the window (ADR 0041).
+        "web_gc": gc,
         "privilege_lookups": {k: int(v) for k, v in tiers.items()},
         # Every lookup (the judged figure, ADR 0041), then its two parts: users checking
         # their own privileges, and the service caller's batch checks of random users.
@@ -245,7 +253,9 @@ class Stack:
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
             "SURGE_LOG_LEVEL": "WARNING",
             "SURGE_RATELIMIT_POLICIES": json.dumps(HIGH_LIMITS),
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
+            ),
             **self.options.server_env,
         }
         cmd = [sys.executable, "-m", "surge.cli", "serve", "--no-servers", "--host", "127.0.0.1",
