@@ -151,7 +151,9 @@ def render(
             f"<td>{s['error_rate']:.4%}</td><td>{_html.escape('; '.join(s['misses']))}</td></tr>"
             for s in capacity["steps"]
         )
-        cap = (f"<h2>Capacity search: {capacity['capacity_rps']:,}/s</h2><table><tr><th>rate</th>"
+        cap = (f"<h2>Capacity search: {capacity['capacity_rps']:,}/s meeting every target, "
+               f"{capacity.get('serving_capacity_rps', 0):,}/s meeting p95, p99, errors and served"
+               "</h2><table><tr><th>rate</th>"
                "<th>verdict</th><th>served/s</th><th>p95 ms</th><th>p99 ms</th><th>errors</th>"
                f"<th>why</th></tr>{cap_rows}</table>")  # fmt: skip
     errors = "".join(
