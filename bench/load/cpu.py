@@ -72,6 +72,8 @@ class Sample:
     at: float
     roles: dict[str, tuple[float, float]] = field(default_factory=dict)
     machine: tuple[float, float] = (0.0, 0.0)
+    #: Seconds of CPU (user + kernel) of each process of each role, by pid.
+    processes: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 class CpuMeter:
@@ -107,6 +109,7 @@ class CpuMeter:
                 stat = _stat(pid)
                 if stat is not None:
                     seen[pid] = (stat[1], stat[2])
+            out.processes[role] = {pid: (u + k) * TICK for pid, (u, k) in seen.items()}
             user = sum(u for u, _ in seen.values()) * TICK
             kernel = sum(k for _, k in seen.values()) * TICK
             out.roles[role] = (user, kernel)
@@ -125,12 +128,23 @@ def per_request(first: Sample, last: Sample, requests: int) -> dict[str, object]
         total_user += du
         total_kernel += dk
         roles[role] = _figures(du, dk, seconds, requests)
+    # Each role's busiest processes, in cores (e.g. how evenly the web workers share the
+    # load: one saturated worker is a knee while the role's total still looks low).
+    processes = {
+        role: sorted(
+            (round(max(0.0, t - first.processes.get(role, {}).get(pid, 0.0)) / seconds, 3)
+             for pid, t in by_pid.items()),
+            reverse=True,
+        )[:8]
+        for role, by_pid in last.processes.items()
+    }  # fmt: skip
     machine_user = last.machine[0] - first.machine[0]
     machine_kernel = last.machine[1] - first.machine[1]
     return {
         "seconds": round(seconds, 1),
         "requests": requests,
         "roles": roles,
+        "process_cores": processes,
         "all_roles": _figures(total_user, total_kernel, seconds, requests),
         "machine": _figures(machine_user, machine_kernel, seconds, requests),
         "unexplained_cores": round(

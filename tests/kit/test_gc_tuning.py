@@ -34,7 +34,7 @@ def test_tune_sets_thresholds_and_counts_each_collection_and_its_time(thresholds
     assert gc.get_threshold() == (50_000, 20, 100)
     assert sum(1 for c in gc.callbacks if isinstance(c, kit_gc._Timer)) == 1
     full_before, seconds_before = _collections(2), kit_gc.seconds_by_generation()[2]
-    garbage = [[] for _ in range(200_000)]  # a heap worth walking
+    garbage: list[list[int]] = [[] for _ in range(200_000)]  # a heap worth walking
     gc.collect()
     gc.collect()
     del garbage

@@ -135,8 +135,8 @@ class PlatformSettings(BaseSettings):
     GC_THRESHOLDS: tuple[int, ...] = (50_000, 20, 100)
     """``gc.set_threshold`` of a web process once it has started (ADR 0041); ``[]`` keeps
     Python's (700, 10, 10). With Python's, a web process under seed 003's load ran a young
-    collection every ~20 ms and a full one (a walk over every cached entry: 160-240 ms, the
-    event loop stopped) every 2-3 s: 12-17 % of its CPU. Young collections every 50 000 net
+    collection every ~20 ms and a full one (a walk over every cached entry: 160-460 ms, the
+    event loop stopped) every 2-3 s: 12-22 % of its CPU. Young collections every 50 000 net
     allocations, an old one every 20 of those, a full one at most every 100 old ones (and
     only when a quarter of the old objects are new: Python's own rule)."""
     HTTP_SERVER_TIMING: bool = True

@@ -4,9 +4,9 @@ A web process holds large, long-lived caches (tens of thousands of memory-tier e
 verified tokens, built answers), refilled all the time under load. With CPython's default
 thresholds (700, 10, 10) a young collection runs every few requests and promotes whatever the
 requests in flight hold; the old generation fills with them and with fresh cache entries, and
-a *full* collection — a walk over every tracked object of the process, 100-240 ms on the bench
+a *full* collection — a walk over every tracked object of the process, 160-460 ms on the bench
 machine — runs every few seconds. Each is a stall of the whole event loop (every in-flight
-request waits), and under load the collector took 12-17 % of a web process's CPU (ADR 0041).
+request waits), and under load the collector took 12-22 % of a web process's CPU (ADR 0041).
 
 ``tune(thresholds)`` sets the thresholds once the process has started (``gc.freeze()`` has
 already moved the start-up heap out of sight); ``GC_SECONDS`` counts the time each generation
