@@ -130,6 +130,14 @@ def render(
         ("· server: app (handler → first byte)", _ps(where["server_app"])),
         ("TCP connects", f"{summary['connects']:,}"),
     ]  # fmt: skip
+    cpu = summary.get("cpu", {})
+    if cpu:
+        rows.append(("CPU by role, steady phase (cores; µs per answered request: user + kernel)",
+                     f"machine {cpu['machine']['cores']:.2f} cores, unexplained "
+                     f"{cpu['unexplained_cores']:.2f}"))  # fmt: skip
+        for role, f in cpu["roles"].items():
+            rows.append((f"· {role}", f"{f['cores']:.2f} cores; {f['us_per_request']:g} µs "
+                         f"({f['user_us_per_request']:g} + {f['kernel_us_per_request']:g})"))  # fmt: skip
     steps = "".join(
         f"<tr><td>{_html.escape(n)}</td><td>{s['requests']:,}</td><td>{s['p50_ms']}</td>"
         f"<td>{s['p95_ms']}</td><td>{s['p99_ms']}</td><td>{s['p99.9_ms']}</td></tr>"
@@ -143,7 +151,9 @@ def render(
             f"<td>{s['error_rate']:.4%}</td><td>{_html.escape('; '.join(s['misses']))}</td></tr>"
             for s in capacity["steps"]
         )
-        cap = (f"<h2>Capacity search: {capacity['capacity_rps']:,}/s</h2><table><tr><th>rate</th>"
+        cap = (f"<h2>Capacity search: {capacity['capacity_rps']:,}/s meeting every target, "
+               f"{capacity.get('serving_capacity_rps', 0):,}/s meeting p95, p99, errors and served"
+               "</h2><table><tr><th>rate</th>"
                "<th>verdict</th><th>served/s</th><th>p95 ms</th><th>p99 ms</th><th>errors</th>"
                f"<th>why</th></tr>{cap_rows}</table>")  # fmt: skip
     errors = "".join(

@@ -96,12 +96,16 @@ def open_run(
     seed: int,
     population: list[User] | None = None,
     on_tick: Any = None,
+    on_start: Any = None,
 ) -> Records:
     """Every request of one open-loop run. ``on_tick(elapsed_s)`` is called about every
-    second while it runs (progress bar, metrics scraping)."""
+    second while it runs (progress bar, metrics scraping); ``on_start(pids)`` once the
+    generator processes are up (CPU accounting)."""
     with _pool(processes) as pool:
         for warm in [pool.submit(time.sleep, 0.3) for _ in range(processes)]:
             warm.result()
+        if on_start is not None:
+            on_start([p.pid for p in pool._processes.values() if p.pid is not None])
         start = time.time() + 2.0
         futures = [
             pool.submit(

@@ -172,6 +172,68 @@ class TestMaterializedView:
         async with runtime.db.session() as session:
             assert not await identity_service.refresh_view(session, min_age=60)
 
+    async def test_a_periodic_refresh_is_skipped_only_when_it_would_change_nothing(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        """Issue 19: rebuilding the view of every paying user each minute when no plan moved
+        was the load run's latency spike. Skipped then; never after a write or a delete."""
+        _, admin, _ = await make_admin(id_app, api)
+        _, user_id = await register(api)
+        runtime = id_app.state.runtime
+        assert (await _set_plan(api, admin, user_id, "plus")).status_code == 204
+        # Writes inside the 5-minute margin (a write may commit after the refresh's
+        # snapshot) count only if the view does not show them: the plan change just made
+        # is well inside it.
+
+        async def periodic() -> bool:
+            async with runtime.db.session() as session:
+                return await identity_service.refresh_view(session, min_age=1e-6)
+
+        async def refreshed_at() -> object:
+            async with runtime.db.read_session() as session:
+                return await session.scalar(
+                    text("SELECT refreshed_at FROM view_refreshes "
+                         "WHERE name = 'active_subscriptions'")
+                )  # fmt: skip
+
+        assert await periodic()  # the write above is not in the view yet
+        mark = await refreshed_at()
+        assert not await periodic()  # nothing changed: skipped, the mark left alone
+        assert await refreshed_at() == mark
+        assert (await _set_plan(api, admin, user_id, "ultra")).status_code == 204
+        assert await periodic()  # a plan change
+        assert not await periodic()
+        async with runtime.db.session() as session:  # a user erased: its row cascades away
+            await session.execute(text("DELETE FROM users WHERE id = :u"), {"u": user_id})
+            await session.commit()
+        assert await periodic()
+        async with runtime.db.read_session() as session:
+            gone = await session.scalar(
+                text("SELECT count(*) FROM active_subscriptions WHERE user_id = :u"),
+                {"u": user_id},
+            )
+        assert gone == 0
+        assert not await periodic()
+        # A write that started before the last refresh's snapshot and committed after it
+        # (its updated_at is before the mark, the view does not show it) is a change.
+        _, other = await register(api)
+        assert (await _set_plan(api, admin, other, "plus")).status_code == 204
+        assert await periodic()
+        async with runtime.db.session() as session:
+            await session.execute(
+                text("UPDATE subscriptions SET plan = 'pro', updated_at = (SELECT refreshed_at "
+                     "FROM view_refreshes WHERE name = 'active_subscriptions') - interval '2 min' "
+                     "WHERE user_id = :u"),
+                {"u": other},
+            )  # fmt: skip
+            await session.commit()
+        async with runtime.db.read_session() as session:
+            assert not await repository.active_subscriptions_unchanged(session)
+            # Outside the margin it would not be seen: the margin is what catches it.
+            assert await repository.active_subscriptions_unchanged(session, margin=60)
+        assert await periodic()
+        assert not await periodic()
+
     async def test_view_has_the_indexes_seed_003_asks_for(self, id_app: FastAPI) -> None:
         async with id_app.state.runtime.db.read_session() as session:
             rows = await session.execute(
@@ -254,6 +316,7 @@ class TestBatch:
         await store.get(users[1])  # users[1]: in memory (and Redis)
         # users[2] and users[3]: nowhere but PostgreSQL
         before = _lookups()
+        batch_before = _lookups("surge_privilege_batch_lookups_total")
         found = await store.get_many([*users, users[1]])
         assert [found[u].source for u in users] == ["redis", "memory", "database", "database"]
         assert found[users[0]].plan == "pro"
@@ -268,13 +331,22 @@ class TestBatch:
         again = await store.get_many(users)
         assert {p.source for p in again.values()} == {"memory"}
         assert _lookups()["memory"] - before["memory"] == 1 + 4
+        # The batch's lookups are counted apart too (ADR 0041); a user's own is not.
+        await store.get(users[0])
+        batch = _lookups("surge_privilege_batch_lookups_total")
+        assert {s: n - batch_before[s] for s, n in batch.items()} == {
+            "memory": 1 + 4,
+            "redis": 1,
+            "database": 2,
+            "stale": 0,
+            "unavailable": 0,
+        }
 
 
-def _lookups() -> dict[str, float]:
+def _lookups(name: str = "surge_privilege_lookups_total") -> dict[str, float]:
     flush_all()
     return {
-        source: REGISTRY.get_sample_value("surge_privilege_lookups_total", {"source": source})
-        or 0.0
+        source: REGISTRY.get_sample_value(name, {"source": source}) or 0.0
         for source in ("memory", "redis", "database", "stale", "unavailable")
     }
 

@@ -89,7 +89,8 @@ class DomainSettings(BaseSettings):
     IDENTITY_PRIVILEGE_STALE: timedelta = timedelta(hours=1)
     """How long an expired in-memory entry may still be served while PostgreSQL is down."""
     IDENTITY_REFRESH_INTERVAL: timedelta = timedelta(minutes=1)
-    """Seed 003: ``REFRESH MATERIALIZED VIEW CONCURRENTLY active_subscriptions`` period."""
+    """Seed 003: ``REFRESH MATERIALIZED VIEW CONCURRENTLY active_subscriptions`` period;
+    a refresh that would change nothing a reader sees is skipped (ADR 0041)."""
     IDENTITY_WARM_USERS: int = 20_000
     """Most recently active users whose privileges are loaded into memory at start. Above
     the active population (seed 003: 10 000 signed in): at 1 000, a restart under load sent

@@ -275,6 +275,50 @@ async def view_refreshed_within(session: AsyncSession, name: str, seconds: float
     return bool(fresh)
 
 
+#: Seconds of ``VIEW_OVERLAY_MARGIN``: a row written this long before the last refresh may
+#: have committed after the refresh's snapshot, so it still counts as a change.
+VIEW_CHANGE_MARGIN = 300.0
+
+_UNCHANGED_SQL = """
+    WITH mark AS (
+        SELECT refreshed_at FROM view_refreshes WHERE name = 'active_subscriptions'
+    )
+    SELECT (SELECT refreshed_at FROM mark) IS NOT NULL
+       AND NOT EXISTS (
+           SELECT 1 FROM subscriptions s
+           LEFT JOIN active_subscriptions a ON a.user_id = s.user_id
+           WHERE s.updated_at > (SELECT refreshed_at FROM mark) - make_interval(secs => :margin)
+             AND CASE WHEN a.user_id IS NULL
+                      THEN s.plan <> 'free' AND (s.expires_at IS NULL
+                                                 OR s.expires_at > (SELECT refreshed_at FROM mark))
+                      ELSE a.plan IS DISTINCT FROM s.plan
+                           OR a.expires_at IS DISTINCT FROM s.expires_at
+                 END)
+       AND (SELECT count(*) FROM active_subscriptions) = (
+           SELECT count(*) FROM subscriptions
+           WHERE plan <> 'free'
+             AND (expires_at IS NULL OR expires_at > (SELECT refreshed_at FROM mark)))
+    """
+
+
+async def active_subscriptions_unchanged(
+    session: AsyncSession, margin: float | None = None
+) -> bool:
+    """True when a refresh of ``active_subscriptions`` would change nothing a reader sees:
+    every subscription written since the last refresh (less ``margin`` seconds, default
+    ``VIEW_CHANGE_MARGIN``: a write may commit after a snapshot taken after it started) is
+    in the view exactly as in the table — or rightly absent — and none was deleted (the view
+    holds as many rows as the table had live ones at the refresh). A subscription that
+    merely expired since is still in the view, with its ``expires_at``: the read path
+    answers it as expired already. The recent writes (by ``ix_subscriptions_updated_at``)
+    and two counts, instead of rebuilding and diffing the whole view (issue 19: a refresh of
+    every paying user each minute was the load run's latency spike)."""
+    unchanged = await session.scalar(
+        text(_UNCHANGED_SQL), {"margin": VIEW_CHANGE_MARGIN if margin is None else margin}
+    )
+    return bool(unchanged)
+
+
 async def refresh_active_subscriptions(session: AsyncSession) -> None:
     """``REFRESH MATERIALIZED VIEW CONCURRENTLY`` (readers are not blocked) and record when:
     now() is the transaction start, before the refresh's snapshot: conservative."""

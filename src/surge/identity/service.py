@@ -492,12 +492,19 @@ class IdentityService:
     async def refresh_view(self, session: AsyncSession, *, min_age: float = 0.0) -> bool:
         """``REFRESH MATERIALIZED VIEW CONCURRENTLY active_subscriptions`` (seed 003), at most
         one at a time across processes and not more often than ``min_age`` seconds; the
-        refresh time is recorded for the read path's overlay. Returns whether it ran."""
+        refresh time is recorded for the read path's overlay. A periodic refresh
+        (``min_age`` > 0) is skipped when it would change nothing a reader sees
+        (``repository.active_subscriptions_unchanged``). Returns whether it ran."""
         if not await repository.try_view_refresh_lock(session, REFRESH_LOCK_ID):
             return False
         if min_age > 0 and await repository.view_refreshed_within(
             session, "active_subscriptions", min_age
         ):
+            return False
+        if min_age > 0 and await repository.active_subscriptions_unchanged(session):
+            # A periodic refresh with nothing to fold in: skipped, and the refresh mark is
+            # left where it is (moving it could hide a write that commits right now).
+            log.info("identity.view_refresh_skipped", view="active_subscriptions")
             return False
         started = time.perf_counter()
         await repository.refresh_active_subscriptions(session)
