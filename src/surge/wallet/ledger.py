@@ -98,14 +98,8 @@ class SystemAccount(StrEnum):
     receivables = "receivables"
 
 
-UNGUARDED = frozenset(
-    {
-        SystemAccount.revenue,
-        SystemAccount.external,
-        SystemAccount.payments,
-        SystemAccount.receivables,
-    }
-)
+UNGUARDED = frozenset({SystemAccount.revenue, SystemAccount.external, SystemAccount.payments,
+                       SystemAccount.receivables})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,13 +557,8 @@ class Ledger:
         return await self._collect(session, _COLLECT_RELEASED, pending_id, key, reference)
 
     async def _collect(self, session: AsyncSession, statement: str, *args: Any) -> int:
-        try:
-            (row,) = await driver_fetch(session, statement, *args)
-        except DBAPIError as error:
-            domain = translate(error)
-            if domain is None:
-                raise
-            raise domain from error
+        # No domain error to translate: the amount never exceeds the free balance or the debt.
+        (row,) = await driver_fetch(session, statement, *args)
         return int(row[0])
 
     async def collect_many(

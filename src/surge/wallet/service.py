@@ -365,10 +365,9 @@ class WalletService:
         """(balance, withdrawable): available minus the top-up credit not yet spent.
         Posted purchases spend top-up credit first; one still reserved does not count yet
         (stricter for the seconds an operation runs, never looser). Both figures are the
-        wallet row's running totals (ADR 0036): O(1) whatever the wallet's history. A
-        wallet in debt withdraws nothing (ADR 0042)."""
+        wallet row's running totals (ADR 0036): O(1) whatever the wallet's history."""
         balance = await self.ledger.balance(session, wallet)
-        if balance.debt > 0:
+        if balance.debt > 0:  # a wallet in debt withdraws nothing (ADR 0042)
             return balance, 0
         topped, spent = await repository.topup_flows(session, wallet)
         return balance, balance.available - max(0, topped - spent)
@@ -405,10 +404,7 @@ class WalletService:
             )
             in_debt = await self.ledger.lock(session, [withdrawal.account_id, holds, payouts])
             if withdrawal.account_id in in_debt:
-                raise WalletInDebt(
-                    "The partner owes the platform for a reversed top-up: this withdrawal "
-                    "cannot be paid out; reject it (its amount then repays the debt)."
-                )
+                raise WalletInDebt("The partner is in debt (ADR 0042): reject, never pay out.")
             resolution = await self.ledger.post(
                 session, key=f"{key}:post", pending_id=withdrawal.transfer_id, kind="withdrawal"
             )
@@ -421,10 +417,7 @@ class WalletService:
                 session, key=f"{key}:void", pending_id=withdrawal.transfer_id, kind="withdrawal"
             )
             if resolution.created:  # the released amount repays a debt first (ADR 0042)
-                await self.ledger.collect(
-                    session, withdrawal.account_id, key=f"{key}:void:debt",
-                    reference=str(withdrawal_id),
-                )  # fmt: skip
+                await self.ledger.collect(session, withdrawal.account_id, key=f"{key}:void:debt")
         withdrawal.status = target
         withdrawal.resolution_transfer_id = resolution.transfer_id
         withdrawal.decided_by = admin_id
