@@ -41,6 +41,13 @@ COLUMNS = """
 ALTER TABLE wallet_accounts
     ADD COLUMN debt BIGINT NOT NULL DEFAULT 0,
     ADD CONSTRAINT ck_wallet_accounts_debt CHECK (debt >= 0);
+-- Empty on the first upgrade (receivables is new); exact after a downgrade and upgrade
+-- again (ALTER TABLE's lock holds every posting off until this migration commits).
+UPDATE wallet_accounts a SET debt = f.owed
+    FROM (SELECT e.account_id, sum(e.amount) AS owed
+          FROM wallet_entries e JOIN wallet_accounts c ON c.id = e.counterparty_account_id
+          WHERE c.code = 'receivables' GROUP BY e.account_id) f
+    WHERE f.account_id = a.id;
 ALTER TABLE payment_topups DROP CONSTRAINT ck_payment_topups_status;
 ALTER TABLE payment_topups ADD CONSTRAINT ck_payment_topups_status CHECK (status IN ('pending',
     'requires_action', 'processing', 'succeeded', 'failed', 'refunded', 'disputed',
