@@ -11,6 +11,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from surge.identity.service import identity as identity_service
+from surge.wallet.funds import funds as funds_service
+from surge.wallet.ledger import ledger
 from surge.wallet.service import wallet as wallet_service
 from tests.admin.test_console import signed_in
 from tests.fixtures.factories import PASSWORD
@@ -98,3 +100,42 @@ class TestDoubleSubmit:
         )
         assert batch.status_code == 428
         assert await effects(id_app, withdrawal_id) == (0, 0)
+
+
+class TestDebt:
+    """A partner whose chargeback it could not cover (ADR 0042): the queue shows the debt,
+    lists the wallet, and the console's approval pays nothing out."""
+
+    async def test_the_queue_shows_the_debt_and_approval_pays_nothing(
+        self, id_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        csrf = await signed_in(id_app, api)
+        withdrawal_id = await pending_withdrawal(id_app, amount=10_000)
+        runtime = id_app.state.runtime
+        async with runtime.db.session() as session:
+            owner = await session.scalar(
+                text("SELECT owner_id FROM wallet_withdrawals WHERE id = :w"),
+                {"w": withdrawal_id},
+            )
+            email = await session.scalar(
+                text("SELECT email FROM users WHERE id = :o"), {"o": owner}
+            )
+            # A chargeback of 1 234 the wallet cannot cover: all 10 000 is reserved.
+            await funds_service.reverse(
+                session, owner, amount=1_234, currency="USD",
+                key=f"payment:pi_{uuid.uuid4().hex}:dispute:dp_1", kind="topup_dispute",
+            )  # fmt: skip
+            await session.commit()
+        page = await api.get("/admin/withdrawals")
+        assert page.status_code == 200
+        debts = page.text[page.text.index('id="debts"') :]
+        assert email in debts
+        assert "12.34" in debts
+        path = f"/admin/withdrawals/{withdrawal_id}/approve"
+        asked = await api.post(path, data={"csrf": csrf})
+        fields = {"csrf": csrf, "confirm": "yes", "form_key": form_key_of(asked.text)}
+        refused = await api.post(path, data=fields)
+        assert refused.status_code in (303, 409), refused.text
+        assert await effects(id_app, withdrawal_id) == (0, 0)
+        async with runtime.db.session() as session:
+            assert await ledger.check_invariants(session) == []

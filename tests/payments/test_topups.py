@@ -224,9 +224,9 @@ class TestReversals:
         got = await live.api.get(f"/api/v1/topups/{refunded['id']}", headers=caller.headers)
         assert (got.json()["status"], got.json()["amount_reversed"]) == ("refunded", 3_000)
 
-    async def test_refund_of_money_already_spent_is_dead_lettered(self, live: Live) -> None:
-        """The wallet is guarded: the reversal is refused, nothing goes negative, and the
-        event waits in the dead letters for an admin."""
+    async def test_refund_of_money_already_spent_posts_and_is_owed(self, live: Live) -> None:
+        """The reversal posts in full (ADR 0042): what the wallet cannot cover is owed, the
+        event is processed, not dead-lettered (tests/payments/test_debt.py attacks it)."""
         caller = await live.reseller()
         body = (await live.topup(caller, amount=2_000)).json()
         async with live.runtime.db.session() as session:  # spent on an operation
@@ -238,19 +238,16 @@ class TestReversals:
         await live.sim.refund(body["provider_payment_id"])
         await live.settled()
         async with live.runtime.db.session() as session:
-            state, error = (
-                await session.execute(
-                    text(
-                        "SELECT state, last_error FROM payment_events "
-                        "WHERE payment_id = :p AND type = 'charge.refunded'"
-                    ),
-                    {"p": body["provider_payment_id"]},
-                )
-            ).one()
-        assert state == "dead"
-        assert "InsufficientFunds" in error
+            state = await session.scalar(
+                text(
+                    "SELECT state FROM payment_events "
+                    "WHERE payment_id = :p AND type = 'charge.refunded'"
+                ),
+                {"p": body["provider_payment_id"]},
+            )
+        assert state == "processed"
         wallet = (await live.api.get("/api/v1/wallet", headers=caller.headers)).json()
-        assert (wallet["balance"], wallet["available"]) == (2_000, 500)
+        assert (wallet["balance"], wallet["available"], wallet["debt"]) == (1_500, 0, 1_500)
 
 
 class TestReconciliation:

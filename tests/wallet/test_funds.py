@@ -9,7 +9,12 @@ import pytest
 
 from surge.kit.runtime import Runtime
 from surge.wallet.funds import funds as funds_service
-from surge.wallet.ledger import IdempotencyKeyReused, InsufficientFunds, SystemAccount, ledger
+from surge.wallet.ledger import (
+    IdempotencyKeyReused,
+    SystemAccount,
+    WalletInDebt,
+    ledger,
+)
 
 
 async def payments_balance(runtime: Runtime) -> int:
@@ -103,23 +108,42 @@ class TestReverse:
         async with runtime.db.session() as session:
             assert await funds_service.available(session, owner, currency="USD") == 0
 
-    async def test_reverse_beyond_the_balance_is_refused(self, runtime: Runtime) -> None:
+    async def test_reverse_beyond_the_balance_is_owed(self, runtime: Runtime) -> None:
+        """The provider took the 301 back: the reversal posts whole, the 1 the wallet lacks
+        is advanced by receivables and owed (ADR 0042), once whatever the replays; the next
+        credit repays it first and the wallet cannot spend until then."""
         owner, pi = uuid4(), f"pi_{uuid4().hex}"
         async with runtime.db.session() as session:
             await funds_service.credit(
                 session, owner, amount=300, currency="USD", key=f"payment:{pi}", kind="topup"
             )
             await session.commit()
-        with pytest.raises(InsufficientFunds) as info:
+        for _ in range(2):
             async with runtime.db.session() as session:
                 await funds_service.reverse(
-                    session,
-                    owner,
-                    amount=301,
-                    currency="USD",
-                    key=f"payment:{pi}:dispute:dp_1",
-                    kind="topup_dispute",
-                )
-        assert info.value.status_code == 409
+                    session, owner, amount=301, currency="USD",
+                    key=f"payment:{pi}:dispute:dp_1", kind="topup_dispute",
+                )  # fmt: skip
+                await session.commit()
         async with runtime.db.session() as session:
-            assert await funds_service.available(session, owner, currency="USD") == 300
+            wallet = await ledger.wallet_of(session, owner, currency="USD")
+            assert wallet is not None
+            seen = await ledger.balance(session, wallet)
+            assert (seen.balance, seen.debt) == (0, 1)
+            with pytest.raises(WalletInDebt) as info:
+                await funds_service.reserve(
+                    session, owner, amount=1, currency="USD", key=f"op:{uuid4()}",
+                    kind="operation",
+                )  # fmt: skip
+            assert info.value.status_code == 409
+        async with runtime.db.session() as session:
+            await funds_service.credit(
+                session, owner, amount=50, currency="USD", key=f"payment:pi_{uuid4().hex}",
+                kind="topup",
+            )  # fmt: skip
+            await session.commit()
+        async with runtime.db.session() as session:
+            seen = await ledger.balance(session, wallet)
+            assert (seen.balance, seen.debt) == (49, 0)
+            assert await funds_service.available(session, owner, currency="USD") == 49
+            assert await ledger.check_invariants(session) == []

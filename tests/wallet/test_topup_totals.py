@@ -170,7 +170,27 @@ async def test_the_invariant_check_sees_a_total_that_drifted(runtime: Runtime) -
         )
         problems = await ledger.check_invariants(session)
         await session.rollback()
-    assert problems == [f"account {wallet}: top-up/purchase totals 800/1, entries 800/0"]
+    assert problems == [f"account {wallet}: top-up/purchase/debt totals 800/1/0, entries 800/0/0"]
+
+
+async def test_the_invariant_check_sees_a_debt_that_drifted(runtime: Runtime) -> None:
+    """A debt that no longer equals the wallet's entries against receivables is reported
+    (rule 3b), and so is the receivables balance that no longer mirrors the debts (3c)."""
+    owner = uuid4()
+    async with runtime.db.session() as session:
+        await funds_service.credit(
+            session, owner, amount=800, currency="USD", key=f"payment:{uuid4()}", kind="topup"
+        )
+        await session.commit()
+    async with runtime.db.session() as session:
+        wallet = await ledger.wallet_of(session, owner, currency="USD")
+        await session.execute(
+            text("UPDATE wallet_accounts SET debt = debt + 1 WHERE id = :w"), {"w": wallet}
+        )
+        problems = await ledger.check_invariants(session)
+        await session.rollback()
+    assert f"account {wallet}: top-up/purchase/debt totals 800/0/1, entries 800/0/0" in problems
+    assert any(p.startswith("USD: receivables balance") for p in problems), problems
 
 
 def test_the_migration_backfills_the_totals_and_goes_back_down(

@@ -53,6 +53,9 @@ class LedgerAccount(Base):
     #: entries against the payments account, and minus the sum of those against sales.
     topup_net: Mapped[int] = mapped_column(BigInteger, server_default="0")
     purchases_posted: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    #: What the owner owes the platform (ADR 0042): the sum of this account's entries against
+    #: the receivables account — reversals it could not cover, minus their repayments.
+    debt: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

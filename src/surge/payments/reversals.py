@@ -1,5 +1,7 @@
 """Money a payment brought in going back out (refunds, lost disputes) and coming back in
-(won disputes), always within what the payment credited (ADR 0033, ADR 0035).
+(won disputes), always within what the payment credited (ADR 0033, ADR 0035), and always
+posted: what the owner already spent becomes the wallet's debt (``funds.reverse``, ADR
+0042), which the won dispute's credit, like any later top-up or earning, repays first.
 
 Every movement is a ledger transfer keyed by the provider's object, so a replayed or
 re-sent event never moves money twice:
@@ -62,20 +64,21 @@ async def reverse(
         log.info("payments.topup.reversed", topup_id=str(topup.id), amount=amount, what=what)
 
 
-async def reinstate(session: AsyncSession, topup: Topup, dispute: Mapping[str, Any]) -> None:
+async def reinstate(session: AsyncSession, topup: Topup, dispute: Mapping[str, Any]) -> bool:
     """A won dispute (``charge.dispute.funds_reinstated``): give back what this dispute took,
-    once. A won dispute implies its withdrawal: when that event is late (or lost), the
-    withdrawal is applied here first under its own key — the late event then finds it done —
-    so the owner never receives money that was not taken."""
+    once; True when it took (and so gives back) something. A won dispute implies its
+    withdrawal: when that event is late (or lost), the withdrawal is applied here first
+    under its own key — the late event then finds it done — so the owner never receives
+    money that was not taken."""
     taken_key = reversal_key(topup, dispute, what="dispute")
     key = f"{taken_key}:reinstated"
     if await funds_service.moved(session, key=key) is not None:
-        return  # given back already (a re-sent event)
+        return True  # given back already (a re-sent event)
     await reverse(session, topup, dispute, what="dispute")
     taken = await funds_service.moved(session, key=taken_key)
     if not taken:
         log.info("payments.topup.reinstated_nothing", topup_id=str(topup.id))
-        return  # the dispute was capped to nothing (the payment was refunded already)
+        return False  # the dispute was capped to nothing (the payment was refunded already)
     posted = await funds_service.credit(
         session,
         topup.owner_id,
@@ -89,3 +92,4 @@ async def reinstate(session: AsyncSession, topup: Topup, dispute: Mapping[str, A
         topup.amount_reversed -= taken
         topup.updated_at = datetime.now(UTC)
         log.info("payments.topup.reinstated", topup_id=str(topup.id), amount=taken)
+    return True

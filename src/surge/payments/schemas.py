@@ -45,7 +45,14 @@ class TopupCreate(BaseModel):
 
 
 TopupStatus = Literal[
-    "pending", "requires_action", "processing", "succeeded", "failed", "refunded", "disputed"
+    "pending",
+    "requires_action",
+    "processing",
+    "succeeded",
+    "failed",
+    "refunded",
+    "disputed",
+    "dispute_won",
 ]
 
 

@@ -32,7 +32,8 @@ Paths that touch a top-up, all under its row lock (``repository.lock_topup``):
 - ``reconcile_topup`` (job): ask the provider about a top-up still open after
   ``PAYMENTS_RECONCILE_AFTER`` and apply its answer — a lost webhook costs minutes.
 
-Status only moves forward (``_RANK``): a late ``processing`` never undoes ``succeeded``.
+Status only moves forward (``_RANK``): a late ``processing`` never undoes ``succeeded``, a
+late ``funds_withdrawn`` never undoes ``dispute_won``.
 """
 
 from __future__ import annotations
@@ -91,8 +92,11 @@ _RANK = {
     "processing": 2,
     "failed": 3,
     "succeeded": 4,
-    "refunded": 5,
     "disputed": 5,
+    # A won dispute is final for the dispute (ADR 0042); a full refund after it is final
+    # for the payment, so it still moves the top-up to refunded.
+    "dispute_won": 6,
+    "refunded": 7,
 }
 
 
@@ -434,8 +438,10 @@ class TopupService:
         elif kind == "charge.dispute.funds_reinstated":
             topup = await self._topup_of(session, obj, amount=None)
             await self._credit(session, topup, topup.amount, str(obj["currency"]))
-            await reinstate(session, topup, obj)
-            self._move(topup, "disputed")  # it was disputed; the amounts say it was won
+            if await reinstate(session, topup, obj):
+                self._move(topup, "dispute_won")
+            else:  # the dispute took nothing back (refunded first): nothing was won back
+                self._move(topup, "disputed")
         else:
             log.info("payments.event.ignored", event_id=event.id, type=kind)
 

@@ -2,7 +2,10 @@
 
 Operations reserve an owner's credit before work is done, then settle or release it
 (two-phase, TigerBeetle's pattern); payments credit a wallet with money that came in from
-the provider, and reverse it on a refund or a dispute. Every call is idempotent by the key
+the provider, and reverse it on a refund or a dispute. A reversal always posts: what the
+wallet cannot cover is advanced by the receivables account and owed (the wallet's
+``debt``, ADR 0042); every credit and every release then repays the debt first. Every call
+is idempotent by the key
 the caller gives — the same key twice moves money once (``Posted.created`` says which) —
 and runs in the caller's transaction (it flushes, never commits).
 
@@ -18,11 +21,14 @@ from __future__ import annotations
 
 from uuid import UUID
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.wallet import repository
 from surge.wallet.ledger import Balance, Ledger, Posted, SystemAccount, ledger
 from surge.wallet.service import changed_owners
+
+log = structlog.get_logger()
 
 
 class FundsService:
@@ -32,12 +38,13 @@ class FundsService:
         self.ledger = ledger_
 
     async def available(self, session: AsyncSession, owner_id: UUID, *, currency: str) -> int:
-        """What ``owner_id`` may still spend in ``currency`` (0 without a wallet)."""
+        """What ``owner_id`` may still spend in ``currency``: available minus its debt (0
+        without a wallet)."""
         account = await self.ledger.wallet_of(session, owner_id, currency=currency)
         if account is None:
             return 0
         balance: Balance = await self.ledger.balance(session, account)
-        return balance.available
+        return balance.spendable
 
     async def moved(self, session: AsyncSession, *, key: str) -> int | None:
         """The amount already moved under idempotency ``key`` (None: nothing yet) — for a
@@ -57,7 +64,7 @@ class FundsService:
     ) -> int:
         """Reserve ``amount`` of the owner's wallet for the platform's sales account; returns
         the pending transfer's id. ``InsufficientFunds`` (409) when the wallet lacks it."""
-        posted = await self._move(
+        _, posted = await self._move(
             session, owner_id, SystemAccount.sales, to_owner=False, amount=amount,
             currency=currency, key=key, kind=kind, reference=reference, pending=True,
         )  # fmt: skip
@@ -68,8 +75,12 @@ class FundsService:
         return await self.ledger.post(session, key=key, pending_id=hold_id, kind=kind)
 
     async def release(self, session: AsyncSession, hold_id: int, *, key: str, kind: str) -> Posted:
-        """The reservation is dropped (the work was not done); nothing is charged."""
-        return await self.ledger.void(session, key=key, pending_id=hold_id, kind=kind)
+        """The reservation is dropped (the work was not done); nothing is charged. Money it
+        frees repays the owner's debt first."""
+        posted = await self.ledger.void(session, key=key, pending_id=hold_id, kind=kind)
+        if posted.created:
+            await self.ledger.collect_released(session, hold_id, key=f"{key}:debt", reference=key)
+        return posted
 
     async def credit(
         self,
@@ -82,11 +93,15 @@ class FundsService:
         kind: str,
         reference: str | None = None,
     ) -> Posted:
-        """Money that came in through the payment provider, credited to the owner's wallet."""
-        return await self._move(
+        """Money that came in through the payment provider, credited to the owner's wallet;
+        it repays the owner's debt first (ADR 0042)."""
+        wallet, posted = await self._move(
             session, owner_id, SystemAccount.payments, to_owner=True, amount=amount,
             currency=currency, key=key, kind=kind, reference=reference,
         )  # fmt: skip
+        if posted.created:
+            await self.ledger.collect(session, wallet, key=f"{key}:debt", reference=reference)
+        return posted
 
     async def reverse(
         self,
@@ -99,13 +114,38 @@ class FundsService:
         kind: str,
         reference: str | None = None,
     ) -> Posted:
-        """Take back money credited by ``credit`` (a refund, a lost dispute). The wallet is
-        guarded: ``InsufficientFunds`` (409) when the owner has already spent it — the caller
-        decides what to do then (record the debt, flag the account)."""
-        return await self._move(
+        """Take back money credited by ``credit`` (a refund, a lost dispute), always in full:
+        the provider has taken it back already. What the wallet's available balance cannot
+        cover (the owner spent it, or it is reserved) is first advanced by the receivables
+        account under ``<key>:advance`` and becomes the wallet's ``debt`` (ADR 0042).
+
+        The wallet and payments rows are locked (id order) before the wallet is read, so the
+        shortfall is exact; receivables is locked last. Idempotent by ``key``: a replay finds
+        the reversal posted and moves nothing (it is not sized again)."""
+        wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
+        payments = await self.ledger.system_account(
+            session, SystemAccount.payments, currency=currency
+        )
+        await self.ledger.lock(session, [wallet, payments])
+        done = await repository.moved_under(session, key)
+        if done is None:
+            shortfall = amount - max(0, (await self.ledger.balance(session, wallet)).available)
+            if shortfall > 0:
+                receivables = await self.ledger.system_account(
+                    session, SystemAccount.receivables, currency=currency
+                )
+                await self.ledger.transfer(
+                    session, key=f"{key}:advance", debit=receivables, credit=wallet,
+                    amount=shortfall, currency=currency, kind="debt", reference=reference,
+                )  # fmt: skip
+                log.warning(
+                    "wallet.debt.incurred", owner_id=str(owner_id), amount=shortfall, key=key
+                )
+        _, posted = await self._move(
             session, owner_id, SystemAccount.payments, to_owner=False, amount=amount,
             currency=currency, key=key, kind=kind, reference=reference,
         )  # fmt: skip
+        return posted
 
     async def _move(
         self,
@@ -120,9 +160,10 @@ class FundsService:
         kind: str,
         reference: str | None,
         pending: bool = False,
-    ) -> Posted:
+    ) -> tuple[int, Posted]:
         """One transfer between the owner's wallet and a system account (either way), and
-        the owner marked changed so the edge invalidates its cached stats."""
+        the owner marked changed so the edge invalidates its cached stats. Returns (wallet
+        id, outcome)."""
         wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
         other = await self.ledger.system_account(session, system, currency=currency)
         debit, credit = (other, wallet) if to_owner else (wallet, other)
@@ -131,7 +172,7 @@ class FundsService:
             kind=kind, reference=reference, pending=pending,
         )  # fmt: skip
         changed_owners(session).add(owner_id)
-        return posted
+        return wallet, posted
 
 
 funds = FundsService(ledger)

@@ -20,8 +20,11 @@ async def check_invariants(session: AsyncSession) -> list[str]:
     1. per currency, the sum of all balances is zero, and pending out = pending in;
     2. each balance equals the sum of its entries, and its latest entry's balance_after;
     3. each reservation equals its open pending transfers;
-    3b. each account's ``topup_net`` / ``purchases_posted`` equal the sums of its entries
-        against the payments / sales accounts (ADR 0036: what ``withdrawable`` reads);
+    3b. each account's ``topup_net`` / ``purchases_posted`` / ``debt`` equal the sums of
+        its entries against the payments / sales / receivables accounts (ADR 0036, ADR
+        0042: what ``withdrawable`` and the debt rule read);
+    3c. per currency, the receivables accounts' balance is minus the sum of the debts, no
+        debt is negative, and only owners' wallets owe (ADR 0042);
     4. no guarded account shows negative availability;
     5. no idempotency key has two effects: one transfer per key (unique index), one
        resolution per pending transfer, one earning per (event, owner), and every
@@ -68,21 +71,34 @@ async def check_invariants(session: AsyncSession) -> list[str]:
                 f"account {account_id}: reserved out/in {out}/{in_}, "
                 f"open pending transfers {open_out}/{open_in}"
             )
-    for account_id, topup, bought, entries_topup, entries_bought in await rows(
-        "SELECT a.id, a.topup_net, a.purchases_posted, coalesce(f.topup, 0), "
-        "  coalesce(f.bought, 0) "
+    for account_id, topup, bought, debt, entries_topup, entries_bought, entries_debt in await rows(
+        "SELECT a.id, a.topup_net, a.purchases_posted, a.debt, coalesce(f.topup, 0), "
+        "  coalesce(f.bought, 0), coalesce(f.owed, 0) "
         "FROM wallet_accounts a LEFT JOIN "
         "  (SELECT e.account_id, sum(e.amount) FILTER (WHERE c.code = 'payments')::bigint AS topup, "
-        "     (-sum(e.amount) FILTER (WHERE c.code = 'sales'))::bigint AS bought "
+        "     (-sum(e.amount) FILTER (WHERE c.code = 'sales'))::bigint AS bought, "
+        "     sum(e.amount) FILTER (WHERE c.code = 'receivables')::bigint AS owed "
         "   FROM wallet_entries e JOIN wallet_accounts c ON c.id = e.counterparty_account_id "
-        "   WHERE c.code IN ('payments', 'sales') GROUP BY e.account_id) f "
+        "   WHERE c.code IN ('payments', 'sales', 'receivables') GROUP BY e.account_id) f "
         "  ON f.account_id = a.id "
-        "WHERE a.topup_net <> coalesce(f.topup, 0) OR a.purchases_posted <> coalesce(f.bought, 0)"
+        "WHERE a.topup_net <> coalesce(f.topup, 0) OR a.purchases_posted <> coalesce(f.bought, 0) "
+        "   OR a.debt <> coalesce(f.owed, 0)"
     ):
         problems.append(
-            f"account {account_id}: top-up/purchase totals {topup}/{bought}, "
-            f"entries {entries_topup}/{entries_bought}"
+            f"account {account_id}: top-up/purchase/debt totals {topup}/{bought}/{debt}, "
+            f"entries {entries_topup}/{entries_bought}/{entries_debt}"
         )
+    for currency, receivable, owed in await rows(
+        "SELECT currency, coalesce(sum(balance) FILTER (WHERE code = 'receivables'), 0), "
+        "  coalesce(sum(debt) FILTER (WHERE code <> 'receivables'), 0) "
+        "FROM wallet_accounts GROUP BY currency"
+    ):
+        if receivable != -owed:
+            problems.append(f"{currency}: receivables balance {receivable}, debts sum {owed}")
+    for account_id, code, debt in await rows(
+        "SELECT id, code, debt FROM wallet_accounts WHERE debt < 0 OR (debt <> 0 AND code <> 'wallet')"
+    ):
+        problems.append(f"account {account_id} ({code}) owes {debt}")
     for (account_id,) in await rows(
         "SELECT id FROM wallet_accounts WHERE guarded AND balance - pending_out < 0"
     ):

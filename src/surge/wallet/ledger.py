@@ -3,6 +3,7 @@ and the invariant checker that every chaos test and the benchmark run afterwards
 
     WalletError (SurgeError)              500 unless a subclass says otherwise
     ├── InsufficientFunds (Conflict)      409: the database's CHECK refused the debit
+    │   └── WalletInDebt                  409: the account owes more than it would keep
     ├── IdempotencyKeyReused (Conflict)   409: the key already names a different transfer
     ├── AlreadyResolved (Conflict)        409: the pending transfer was posted or voided
     ├── LedgerNotFound (NotFound)         404: account or pending transfer does not exist
@@ -52,6 +53,11 @@ class InsufficientFunds(WalletError, Conflict):
     """The debit would take a guarded account below zero available."""
 
 
+class WalletInDebt(InsufficientFunds):
+    """The account owes the platform (a reversal it could not cover, ADR 0042): it may spend
+    only what its free balance exceeds its debt by, and withdraw nothing."""
+
+
 class IdempotencyKeyReused(WalletError, Conflict):
     """The idempotency key already names a transfer with other fields."""
 
@@ -78,7 +84,9 @@ class SystemAccount(StrEnum):
     - external: the outside world (manual adjustments, imports, the benchmark's seeding);
     - sales: credited with what owners pay for the platform's services (operations);
     - payments: the payment provider's side of top-ups (unguarded: it goes negative by what
-      the provider has collected for the platform and owes it).
+      the provider has collected for the platform and owes it);
+    - receivables: what owners owe the platform — the part of a reversal their wallet could
+      not cover (unguarded: it goes negative by the sum of the wallets' ``debt``, ADR 0042).
     """
 
     revenue = "revenue"
@@ -87,9 +95,11 @@ class SystemAccount(StrEnum):
     external = "external"
     sales = "sales"
     payments = "payments"
+    receivables = "receivables"
 
 
-UNGUARDED = frozenset({SystemAccount.revenue, SystemAccount.external, SystemAccount.payments})
+UNGUARDED = frozenset({SystemAccount.revenue, SystemAccount.external, SystemAccount.payments,
+                       SystemAccount.receivables})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +132,17 @@ class Balance:
     balance: int
     pending_out: int
     pending_in: int
+    debt: int = 0
 
     @property
     def available(self) -> int:
         """What may still be debited: posted balance minus reservations."""
         return self.balance - self.pending_out
+
+    @property
+    def spendable(self) -> int:
+        """What the owner may still spend: available minus what it owes (ADR 0042)."""
+        return max(0, self.available - self.debt)
 
 
 # The per-transfer statements go to the driver directly (``driver_fetch``): ``$n``
@@ -147,6 +163,15 @@ _TRANSFER_MANY = text(
 )
 _RESOLVE = (
     "SELECT transfer_id, created, debit_balance, credit_balance FROM wallet_resolve($1, $2, $3, $4)"
+)
+_COLLECT = "SELECT wallet_collect($1, $2, $3)"
+_COLLECT_RELEASED = (
+    "SELECT wallet_collect(t.debit_account_id, $2, $3) FROM wallet_transfers t WHERE t.id = $1"
+)
+_COLLECT_MANY = text(
+    "SELECT sum(wallet_collect(x.wallet, x.key, x.reference)) "
+    "FROM unnest(CAST(:wallet AS bigint[]), CAST(:key AS text[]), CAST(:reference AS text[])) "
+    "     AS x(wallet, key, reference)"
 )
 
 
@@ -249,6 +274,11 @@ def translate(error: BaseException) -> WalletError | None:
         if constraint == "ck_wallet_accounts_non_negative":
             return InsufficientFunds("Insufficient funds for this transfer.")
         return InvalidTransfer(f"Transfer refused by {constraint}.")
+    if state == "WL402":
+        return WalletInDebt(
+            "This wallet owes the platform for a reversed top-up: it may spend only what "
+            "exceeds its debt, and withdraw nothing until the debt is repaid."
+        )
     if state == "WL404":
         return LedgerNotFound(message)
     if state == "WL409":
@@ -372,7 +402,7 @@ class Ledger:
         row = (
             await session.execute(
                 text(
-                    "SELECT id, currency, balance, pending_out, pending_in "
+                    "SELECT id, currency, balance, pending_out, pending_in, debt "
                     "FROM wallet_accounts WHERE id = :id"
                 ),
                 {"id": account_id},
@@ -382,15 +412,21 @@ class Ledger:
             raise LedgerNotFound(f"no account {account_id}")
         return Balance(*row)
 
-    async def lock(self, session: AsyncSession, account_ids: Iterable[int]) -> None:
+    async def lock(self, session: AsyncSession, account_ids: Iterable[int]) -> set[int]:
         """Lock ``account_ids`` for this transaction in id order. Call it before a sequence
         of transfers over more than two accounts, so every transaction acquires its locks
-        in the one global order and none can wait on another in a cycle."""
+        in the one global order and none can wait on another in a cycle.
+
+        Returns the locked accounts that are in debt (ADR 0042), read by the same
+        statement: while this transaction holds them, no other can change that."""
         ids = sorted(set(account_ids))
-        await session.execute(
-            text("SELECT 1 FROM wallet_accounts WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+        rows = await session.execute(
+            text(
+                "SELECT id, debt FROM wallet_accounts WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"
+            ),
             {"ids": ids},
         )
+        return {int(account) for account, debt in rows.all() if debt > 0}
 
     # ---- movements -----------------------------------------------------------------------
     async def transfer(
@@ -454,17 +490,27 @@ class Ledger:
         return await coalescer.submit(spec)
 
     async def transfer_many(
-        self, session: AsyncSession, transfers: Sequence[TransferSpec]
+        self,
+        session: AsyncSession,
+        transfers: Sequence[TransferSpec],
+        *,
+        repay_debts: bool = False,
     ) -> list[Posted]:
         """Many posted transfers in the caller's transaction, in two round trips whatever
         their number (an earnings batch of 50 would otherwise be 50): ``lock()`` on every
         account involved, then one statement calling ``wallet_transfer`` once per row.
-        Each transfer keeps its own idempotency key; the result is in input order."""
+        Each transfer keeps its own idempotency key; the result is in input order.
+
+        ``repay_debts``: each new credit to an account in debt (the lock statement says
+        which, at no cost) then repays it (``collect`` under ``<key>:debt``, one more round
+        trip only when some account owes)."""
         if not transfers:
             return []
         if any(spec.amount <= 0 for spec in transfers):
             raise InvalidTransfer("amount must be a positive number of minor units")
-        await self.lock(session, [a for spec in transfers for a in (spec.debit, spec.credit)])
+        owing = await self.lock(
+            session, [a for spec in transfers for a in (spec.debit, spec.credit)]
+        )
         columns = list(zip(*transfers, strict=True))
         params = dict(zip(TransferSpec._fields, (list(column) for column in columns), strict=True))
         try:
@@ -474,7 +520,17 @@ class Ledger:
             if domain is None:
                 raise
             raise domain from error
-        return [Posted(int(r[0]), bool(r[1]), int(r[2]), int(r[3])) for r in rows]
+        posted = [Posted(int(r[0]), bool(r[1]), int(r[2]), int(r[3])) for r in rows]
+        if repay_debts and owing:
+            await self.collect_many(
+                session,
+                [
+                    (spec.credit, f"{spec.key}:debt", spec.reference)
+                    for spec, result in zip(transfers, posted, strict=True)
+                    if result.created and spec.credit in owing
+                ],
+            )
+        return posted
 
     async def post(self, session: AsyncSession, *, key: str, pending_id: int, kind: str) -> Posted:
         """Second phase: the reserved amount moves for good."""
@@ -483,6 +539,41 @@ class Ledger:
     async def void(self, session: AsyncSession, *, key: str, pending_id: int, kind: str) -> Posted:
         """Second phase: the reservation is released; no posted balance moves."""
         return await self._call(session, _RESOLVE, key, pending_id, False, kind)
+
+    async def collect(
+        self, session: AsyncSession, account_id: int, *, key: str, reference: str | None = None
+    ) -> int:
+        """Repay what ``account_id`` owes from its free balance (``least(debt, balance −
+        pending_out)``, a transfer to receivables keyed ``key``); returns the amount, 0
+        without a debt or when ``key`` was used already. Call it after a credit to the
+        account in the same transaction, with that credit's key plus a suffix: the
+        receivables row is then the last lock the transaction takes (ADR 0042)."""
+        return await self._collect(session, _COLLECT, account_id, key, reference)
+
+    async def collect_released(
+        self, session: AsyncSession, pending_id: int, *, key: str, reference: str | None = None
+    ) -> int:
+        """``collect`` on the account a voided reservation ``pending_id`` gave back to."""
+        return await self._collect(session, _COLLECT_RELEASED, pending_id, key, reference)
+
+    async def _collect(self, session: AsyncSession, statement: str, *args: Any) -> int:
+        # No domain error to translate: the amount never exceeds the free balance or the debt.
+        (row,) = await driver_fetch(session, statement, *args)
+        return int(row[0])
+
+    async def collect_many(
+        self, session: AsyncSession, debts: Sequence[tuple[int, str, str | None]]
+    ) -> int:
+        """``collect`` for many (account, key, reference) in one round trip; the total."""
+        if not debts:
+            return 0
+        wallets, keys, references = (list(column) for column in zip(*debts, strict=True))
+        total = (
+            await session.execute(
+                _COLLECT_MANY, {"wallet": wallets, "key": keys, "reference": references}
+            )
+        ).scalar_one()
+        return int(total or 0)
 
     async def _call(self, session: AsyncSession, statement: str, *args: Any) -> Posted:
         """One ledger function call in the session's unit of work: one round trip, through

@@ -90,6 +90,8 @@ async def get_wallet(principal: Owner, session: SessionDep, runtime: RuntimeDep)
         available=balance.available,
         pending_withdrawals=balance.pending_out,
         withdrawable=withdrawable,
+        debt=balance.debt,
+        spendable=balance.spendable,
     )
 
 
@@ -130,7 +132,10 @@ async def get_stats(principal: Owner, runtime: RuntimeDep) -> StatsRead:
     openapi_extra=REQUIRED_HEADER_OPENAPI,
     response_model=WithdrawalRead,
     responses={
-        409: {"description": "Insufficient funds, or not withdrawable (top-up credit)"},
+        409: {
+            "description": "Insufficient funds, not withdrawable (top-up credit), or the "
+            "wallet is in debt (a reversed top-up it could not cover)"
+        },
         422: {"description": "Invalid amount, or Idempotency-Key reused"},
         428: {"description": "Idempotency-Key missing: nothing was reserved"},
     },

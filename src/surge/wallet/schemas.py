@@ -21,7 +21,21 @@ class WalletRead(_Read):
     withdrawable: int = Field(
         description="The part of `available` a withdrawal may take: available minus the "
         "top-up credit not yet spent on operations (top-up credit buys operations and is "
-        "never paid out; ADR 0033). A larger withdrawal is a 409 `not-withdrawable`.",
+        "never paid out; ADR 0033). A larger withdrawal is a 409 `not-withdrawable`. "
+        "0 while the wallet is in debt.",
+        ge=0,
+    )
+    debt: int = Field(
+        default=0,
+        description="What the owner owes the platform: the part of a refunded or charged-back "
+        "top-up the wallet could not cover (ADR 0042). While it is above 0, nothing can be "
+        "withdrawn (409 `wallet-in-debt`) and only `spendable` buys operations; top-ups, "
+        "earnings and released reservations repay it first.",
+        ge=0,
+    )
+    spendable: int = Field(
+        default=0,
+        description="What operations may still reserve: available minus debt, at least 0.",
         ge=0,
     )
 

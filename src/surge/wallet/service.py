@@ -52,6 +52,7 @@ from surge.wallet.ledger import (
     Ledger,
     SystemAccount,
     TransferSpec,
+    WalletInDebt,
     ledger,
 )
 
@@ -241,21 +242,20 @@ class WalletService:
             shown, amount = earning_for(event.profit, row.share_bps, row.commission_bps)
             if amount >= 1:
                 due.append((row, shown, amount))
-        posted = await self.ledger.transfer_many(
-            session,
-            [
-                TransferSpec(
-                    key=f"earning:{event_id}:{row.owner_id}",
-                    debit=revenue,
-                    credit=wallets[row.owner_id],
-                    amount=amount,
-                    currency=event.currency,
-                    kind="earning",
-                    reference=event_id,
-                )
-                for row, _, amount in due
-            ],
-        )
+        specs = [
+            TransferSpec(
+                key=f"earning:{event_id}:{row.owner_id}",
+                debit=revenue,
+                credit=wallets[row.owner_id],
+                amount=amount,
+                currency=event.currency,
+                kind="earning",
+                reference=event_id,
+            )
+            for row, _, amount in due
+        ]
+        # An earning repays its owner's debt first (ADR 0042).
+        posted = await self.ledger.transfer_many(session, specs, repay_debts=True)
         credited = 0
         for (row, shown, amount), result in zip(due, posted, strict=True):
             if not result.created:  # credited by an earlier attempt that committed
@@ -326,6 +326,12 @@ class WalletService:
         # (or a credit) cannot change what is withdrawable between the check and the transfer.
         await self.ledger.lock(session, [wallet, holds])
         balance, withdrawable = await self._withdrawable(session, wallet)
+        if balance.debt > 0:
+            raise WalletInDebt(
+                "This wallet owes the platform for a reversed top-up: no withdrawal until "
+                "the debt is repaid (top-ups and earnings repay it first).",
+                extra={"debt": balance.debt, "withdrawable": 0},
+            )
         if withdrawable < amount <= balance.available:  # beyond available: the ledger's 409
             raise NotWithdrawable(
                 "Top-up credit buys operations and is never paid out; this wallet can "
@@ -361,6 +367,8 @@ class WalletService:
         (stricter for the seconds an operation runs, never looser). Both figures are the
         wallet row's running totals (ADR 0036): O(1) whatever the wallet's history."""
         balance = await self.ledger.balance(session, wallet)
+        if balance.debt > 0:  # a wallet in debt withdraws nothing (ADR 0042)
+            return balance, 0
         topped, spent = await repository.topup_flows(session, wallet)
         return balance, balance.available - max(0, topped - spent)
 
@@ -394,7 +402,9 @@ class WalletService:
             payouts = await self.ledger.system_account(
                 session, SystemAccount.payouts, currency=currency
             )
-            await self.ledger.lock(session, [withdrawal.account_id, holds, payouts])
+            in_debt = await self.ledger.lock(session, [withdrawal.account_id, holds, payouts])
+            if withdrawal.account_id in in_debt:
+                raise WalletInDebt("The partner is in debt (ADR 0042): reject, never pay out.")
             resolution = await self.ledger.post(
                 session, key=f"{key}:post", pending_id=withdrawal.transfer_id, kind="withdrawal"
             )
@@ -406,6 +416,8 @@ class WalletService:
             resolution = await self.ledger.void(
                 session, key=f"{key}:void", pending_id=withdrawal.transfer_id, kind="withdrawal"
             )
+            if resolution.created:  # the released amount repays a debt first (ADR 0042)
+                await self.ledger.collect(session, withdrawal.account_id, key=f"{key}:void:debt")
         withdrawal.status = target
         withdrawal.resolution_transfer_id = resolution.transfer_id
         withdrawal.decided_by = admin_id

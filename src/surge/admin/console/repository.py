@@ -25,6 +25,21 @@ async def withdrawals(session: AsyncSession, status: str, *, limit: int) -> list
     return [dict(row._mapping) for row in rows]
 
 
+async def debts(session: AsyncSession, *, limit: int) -> list[dict[str, Any]]:
+    """Wallets that owe the platform (ADR 0042), largest debt first, with the owner's e-mail.
+    A scan of the account rows (one per owner and currency): an admin page, not a hot path."""
+    rows = await session.execute(
+        text(
+            "SELECT a.owner_id, u.email, a.currency, a.debt, a.balance, "
+            "a.balance - a.pending_out AS available, a.updated_at FROM wallet_accounts a "
+            "JOIN users u ON u.id = a.owner_id WHERE a.debt > 0 "
+            "ORDER BY a.debt DESC, a.id LIMIT :n"
+        ),
+        {"n": limit},
+    )
+    return [dict(row._mapping) for row in rows]
+
+
 async def withdrawal(session: AsyncSession, withdrawal_id: UUID) -> dict[str, Any] | None:
     row = (
         await session.execute(

@@ -70,6 +70,10 @@ class ConsoleService:
     ) -> list[dict[str, Any]]:
         return await repository.withdrawals(session, status, limit=limit)
 
+    async def debts(self, session: AsyncSession, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Wallets in debt (ADR 0042), largest first."""
+        return await repository.debts(session, limit=limit)
+
     async def withdrawal(self, session: AsyncSession, withdrawal_id: UUID) -> dict[str, Any] | None:
         return await repository.withdrawal(session, withdrawal_id)
 

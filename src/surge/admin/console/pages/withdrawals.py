@@ -55,6 +55,7 @@ async def withdrawals(
             (e(w["email"]), money(w["amount"], w["currency"]), when(w["created_at"]),
              money(b.balance, b.currency) if b else "–", money(b.available, b.currency) if b else "–",
              money(withdrawable, b.currency) if b else "–",
+             money(b.debt, b.currency) if b else "–",
              e(w["status"]) + (f"<br><small>{e(w['reason'])}</small>" if w["reason"] else ""),
              actions)
         )  # fmt: skip
@@ -70,9 +71,24 @@ async def withdrawals(
         else ""
     )
     body = f'<p class="tabs">{tabs}</p>{batch}' + table(
-        ["partner", "amount", "requested", "balance", "available", "withdrawable", "status", ""],
+        ["partner", "amount", "requested", "balance", "available", "withdrawable", "debt",
+         "status", ""],
         rows,
         table_id="withdrawals",
+    )  # fmt: skip
+    owing = await console_service.debts(db, limit=100)
+    debt_rows = [
+        (e(d["email"]), money(d["debt"], d["currency"]), money(d["balance"], d["currency"]),
+         money(d["available"], d["currency"]), when(d["updated_at"]))
+        for d in owing
+    ]  # fmt: skip
+    body += (
+        "<h2>Wallets in debt</h2><p>A refunded or charged-back top-up the wallet could not "
+        "cover: the partner withdraws nothing until top-ups and earnings have repaid it "
+        "(ADR 0042). Reject its pending withdrawals: their amount repays the debt.</p>"
+        + table(
+            ["partner", "debt", "balance", "available", "last change"], debt_rows, table_id="debts"
+        )
     )
     return html(page("Withdrawals", body, caller, active="withdrawals", flash=flash))
 
