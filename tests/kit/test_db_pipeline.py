@@ -4,6 +4,7 @@ and the driver statements counted by the slow-query log like SQLAlchemy's."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,7 @@ from surge.kit.db import (
     autocommit_fetch,
     driver_fetch,
     is_unavailable,
+    pipeline,
     sqlstate,
 )
 from surge.kit.telemetry import metrics
@@ -86,6 +88,35 @@ async def test_pipelined_begin_is_one_round_trip_in_the_session_transaction(
     assert await _values(db, table) == [1, 2]
     async with db.session() as session:  # the connection went back idle, not in a transaction
         assert not (await _driver(session)).is_in_transaction()
+
+
+async def test_pipelined_begin_and_its_statement_leave_in_one_tcp_segment(
+    db: Database, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The BEGIN is held in the kernel (``TCP_CORK``) until asyncpg has written the
+    statement, then released: one segment and one wake-up of the server instead of two
+    writes (ADR 0038). Checked at the release: the socket is still corked and the statement
+    was already issued; afterwards nothing is held back."""
+    insert = f"INSERT INTO {table} VALUES ($1)"
+    original = pipeline._uncork
+    seen: list[tuple[int, int]] = []
+    driver: Any = None
+
+    def spy(sock: Any) -> None:
+        corked = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+        seen.append((corked, driver._protocol.queries_count - before))
+        original(sock)
+
+    monkeypatch.setattr(pipeline, "_uncork", spy)
+    for value in (1, 2):
+        async with db.session() as session:
+            driver = await _driver(session)
+            before = driver._protocol.queries_count
+            await driver_fetch(session, insert, value)
+            sock = driver._transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+    assert seen == [(1, 1), (1, 1)], seen  # corked until the statement was issued, then freed
+    assert await _values(db, table) == [1, 2]
 
 
 async def test_pipelined_begin_with_a_failing_statement_rolls_back_cleanly(

@@ -21,7 +21,11 @@ Otherwise the caller is told to begin the ordinary way.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import struct
+import types
+from collections.abc import Generator
 from typing import Any
 
 from asyncpg.transaction import TransactionState  # type: ignore[import-untyped]
@@ -46,6 +50,66 @@ _BEGINS = {
     None: _begin_messages("BEGIN;"),
     "read_committed": _begin_messages("BEGIN ISOLATION LEVEL READ COMMITTED;"),
 }
+
+
+#: Linux's option to hold a socket's writes until released (absent elsewhere: no corking).
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
+
+
+def _cork(transport: Any) -> Any:
+    """Hold what is written on ``transport`` in the kernel until ``_uncork``: the BEGIN then
+    leaves in one TCP segment with the statement asyncpg writes next — one wake-up of the
+    server instead of two. Returns the socket to release, or ``None`` when there is nothing
+    to cork (a Unix socket, another system): the writes then leave one by one, as before."""
+    sock = transport.get_extra_info("socket")
+    if _TCP_CORK is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+    except OSError:
+        return None
+    return sock
+
+
+def _uncork(sock: Any) -> None:
+    with contextlib.suppress(OSError):  # the connection is gone: nothing is left to send
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
+
+
+@types.coroutine
+def _rest_of(coroutine: Any, yielded: Any) -> Generator[Any, Any, Any]:
+    """Await what is left of ``coroutine`` after its first step yielded ``yielded``: what
+    ``yield from`` does (values, errors and cancellation passed through unchanged)."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coroutine.close()
+            raise
+        except BaseException as error:
+            try:
+                yielded = coroutine.throw(error)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coroutine.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _written_then_awaited(coroutine: Any, sock: Any) -> Any:
+    """Run ``coroutine``'s first step now — asyncpg writes its messages there, before its
+    first wait — release the cork, then await the rest. The cork is released whatever the
+    first step does (an argument that cannot be encoded raises before writing)."""
+    try:
+        yielded = coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        if sock is not None:
+            _uncork(sock)
+    return await _rest_of(coroutine, yielded)
 
 
 class Desynchronized(Exception):
@@ -82,13 +146,14 @@ async def begin_and_fetch(adapted: Any, statement: str, args: tuple[Any, ...]) -
     )
     with driver._stmt_exclusive_section:
         driver._check_open()
+        sock = _cork(driver._transport)
         driver._transport.write(begin)
         driver._top_xact = transaction
         transaction._state = TransactionState.STARTED
         adapted._transaction = transaction
         try:
-            records: list[Any] = await driver._protocol.bind_execute(
-                prepared, args, "", 0, False, None
+            records: list[Any] = await _written_then_awaited(
+                driver._protocol.bind_execute(prepared, args, "", 0, False, None), sock
             )
         except Exception as error:
             if driver._protocol.is_in_transaction():
