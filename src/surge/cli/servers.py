@@ -61,6 +61,10 @@ def up(
             f"it, or pick another port with --port or SURGE_PORT"
         )
         raise typer.Exit(1)
+    from surge.kit.embedded import reserve_port
+
+    # The API binds last: no embedded server or simulator may take its port meanwhile.
+    reserve_port(port)
     # Before anything imports prometheus_client: this process counts its restarts there too.
     _prepare_metrics_dir()
     servers = resolve_servers()

@@ -36,10 +36,25 @@ class EmbeddedServerError(RuntimeError):
     """An embedded server could not be set up or started; the message says why."""
 
 
+#: Ports this process has promised to something it starts later (``reserve_port``):
+#: ``free_port`` never hands them out, though nothing listens on them yet.
+_reserved: set[int] = set()
+
+
+def reserve_port(port: int) -> None:
+    """Keep ``port`` out of ``free_port``'s answers in this process: e.g. the API's port,
+    chosen first and bound only once the servers and simulators started before it are up
+    (the kernel would otherwise offer it again to one of them)."""
+    _reserved.add(port)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _reserved:
+            return port
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
