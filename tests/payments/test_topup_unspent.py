@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
 
 from surge.wallet.funds import funds as funds_service
 from surge.wallet.ledger import SystemAccount, ledger
@@ -161,7 +160,7 @@ class TestRaces:
         caller = await live.reseller()
         await earn(live, caller, 15_000)
         await spend(live, caller, 10_000)  # 5 000 earned and unspent
-        replies: list[Any] = await asyncio.gather(
+        replies = await asyncio.gather(
             live.topup(caller, amount=10_000),
             withdraw(live, caller, 4_000),
             withdraw(live, caller, 4_000),
