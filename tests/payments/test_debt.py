@@ -222,7 +222,11 @@ class TestRepayment:
         await earn(live, caller, 800)
         seen = await wallet(live, caller)
         assert (seen["balance"], seen["debt"], seen["spendable"]) == (300, 0, 300)
-        assert seen["withdrawable"] == 300  # earned money beyond the debt is the owner's
+        # The top-up repaid the debt, so the 300 left stands in for it: a top-up that
+        # repays a debt stays locked as unspent credit until purchases spend it, or a
+        # stolen card repaying a chargeback would free the earnings for a payout ahead of
+        # its own chargeback (ADR 0045).
+        assert seen["withdrawable"] == 0
         assert (await buy_signal(live, caller)).status_code in (200, 201, 202)
         await assert_invariants(live)
 

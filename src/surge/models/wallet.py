@@ -56,6 +56,11 @@ class LedgerAccount(Base):
     #: What the owner owes the platform (ADR 0042): the sum of this account's entries against
     #: the receivables account — reversals it could not cover, minus their repayments.
     debt: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    #: Top-up credit still in the wallet, and top-up credit posted purchases consumed (what
+    #: sales giving a purchase back restores): order-dependent running totals kept by the
+    #: ledger's functions (ADR 0045); ``withdrawable = available − topup_unspent``.
+    topup_unspent: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    topup_spent: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

@@ -25,6 +25,10 @@ async def check_invariants(session: AsyncSession) -> list[str]:
         0042: what ``withdrawable`` and the debt rule read);
     3c. per currency, the receivables accounts' balance is minus the sum of the debts, no
         debt is negative, and only owners' wallets owe (ADR 0042);
+    3d. each account's ``topup_unspent`` / ``topup_spent`` equal a replay of its entries
+        against payments, sales and receivables in posting (id) order, by this module's own
+        reading of ADR 0045's rule (not the ledger's function); and 0 ≤ unspent + spent ≤
+        max(0, topup_net) (what ``withdrawable`` reads);
     4. no guarded account shows negative availability;
     5. no idempotency key has two effects: one transfer per key (unique index), one
        resolution per pending transfer, one earning per (event, owner), and every
@@ -99,6 +103,7 @@ async def check_invariants(session: AsyncSession) -> list[str]:
         "SELECT id, code, debt FROM wallet_accounts WHERE debt < 0 OR (debt <> 0 AND code <> 'wallet')"
     ):
         problems.append(f"account {account_id} ({code}) owes {debt}")
+    problems += await _check_topup_unspent(session)
     for (account_id,) in await rows(
         "SELECT id FROM wallet_accounts WHERE guarded AND balance - pending_out < 0"
     ):
@@ -132,4 +137,66 @@ async def check_invariants(session: AsyncSession) -> list[str]:
         "   OR (w.status = 'rejected' AND r.phase <> 'void')"
     ):
         problems.append(f"withdrawal {withdrawal_id} is {status} but its transfer is {phase}")
+    return problems
+
+
+def topup_step(unspent: int, spent: int, topup_net: int, code: str, amount: int) -> tuple[int, int]:
+    """ADR 0045's rule for one entry of ``amount`` (signed, on the account) against ``code``:
+    (unspent, spent) after it, given them before it and ``topup_net`` after it."""
+    if code == "payments":  # a top-up (or a won dispute) adds; a reversal takes it first
+        unspent = unspent + amount if amount > 0 else unspent - min(unspent, -amount)
+    elif code == "sales" and amount < 0:  # a posted purchase spends top-up credit first
+        used = min(unspent, -amount)
+        unspent, spent = unspent - used, spent + used
+    elif code == "sales":  # a purchase given back restores what purchases consumed
+        used = min(spent, amount)
+        unspent, spent = unspent + used, spent - used
+    elif code == "receivables" and amount > 0:  # an advance: the reversal after it takes it
+        unspent, spent = unspent + amount, spent - min(spent, amount)
+    cap = max(topup_net, 0)
+    unspent = min(unspent, cap)
+    return unspent, min(spent, cap - unspent)
+
+
+async def _check_topup_unspent(session: AsyncSession) -> list[str]:
+    """Rule 3d: replay every account's top-up history in posting order (streamed)."""
+    problems: list[str] = []
+    stored = {
+        int(account): (int(unspent), int(spent), int(net))
+        for account, unspent, spent, net in (
+            await session.execute(
+                text(
+                    "SELECT id, topup_unspent, topup_spent, topup_net FROM wallet_accounts "
+                    "WHERE topup_unspent <> 0 OR topup_spent <> 0 OR topup_net <> 0"
+                )
+            )
+        ).all()
+    }
+    replayed: dict[int, tuple[int, int, int]] = {}
+    entries = await session.stream(
+        text(
+            "SELECT e.account_id, c.code, e.amount "
+            "FROM wallet_entries e JOIN wallet_accounts c ON c.id = e.counterparty_account_id "
+            "WHERE c.code IN ('payments', 'sales', 'receivables') ORDER BY e.account_id, e.id"
+        )
+    )
+    async for account, code, amount in entries:
+        unspent, spent, net = replayed.get(int(account), (0, 0, 0))
+        if code == "payments":
+            net += int(amount)
+        unspent, spent = topup_step(unspent, spent, net, str(code), int(amount))
+        replayed[int(account)] = (unspent, spent, net)
+    for account in sorted(set(stored) | {a for a, v in replayed.items() if v != (0, 0, 0)}):
+        unspent, spent, net = stored.get(account, (0, 0, 0))
+        expected = replayed.get(account, (0, 0, 0))
+        if (unspent, spent) != expected[:2]:
+            problems.append(
+                f"account {account}: unspent/spent top-up credit {unspent}/{spent}, "
+                f"replayed {expected[0]}/{expected[1]}"
+            )
+        if min(unspent, spent) < 0 or unspent + spent > max(net, 0):
+            problems.append(
+                f"account {account}: unspent + spent top-up credit {unspent} + {spent} "
+                f"exceeds its net top-ups {net}"
+            )
     return problems

@@ -43,6 +43,16 @@ async def topup_flows(session: AsyncSession, wallet: int) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+async def topup_unspent(session: AsyncSession, wallet: int) -> int:
+    """The top-up credit still in ``wallet`` (ADR 0045): what came in from the payment
+    provider, minus what posted purchases and reversals took of it, in the order they
+    happened. The account row's running total: one row read."""
+    value = await session.scalar(
+        text("SELECT topup_unspent FROM wallet_accounts WHERE id = :w"), {"w": wallet}
+    )
+    return int(value or 0)
+
+
 async def scope_to_owner(session: AsyncSession, owner_id: UUID) -> None:
     """Row-level security for the rest of this transaction (see the migration's policies)."""
     await session.execute(

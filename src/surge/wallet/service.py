@@ -362,15 +362,17 @@ class WalletService:
         return withdrawal
 
     async def _withdrawable(self, session: AsyncSession, wallet: int) -> tuple[Balance, int]:
-        """(balance, withdrawable): available minus the top-up credit not yet spent.
-        Posted purchases spend top-up credit first; one still reserved does not count yet
-        (stricter for the seconds an operation runs, never looser). Both figures are the
-        wallet row's running totals (ADR 0036): O(1) whatever the wallet's history."""
+        """(balance, withdrawable): available minus the top-up credit still in the wallet.
+        Posted purchases spend top-up credit first, but only credit already there: a later
+        top-up is not absorbed by earlier purchases paid with earnings (ADR 0045). One still
+        reserved does not count yet (stricter for the seconds an operation runs, never
+        looser). The wallet row's running total, kept by the ledger's functions (ADR 0036,
+        0045): O(1) whatever the wallet's history."""
         balance = await self.ledger.balance(session, wallet)
         if balance.debt > 0:  # a wallet in debt withdraws nothing (ADR 0042)
             return balance, 0
-        topped, spent = await repository.topup_flows(session, wallet)
-        return balance, balance.available - max(0, topped - spent)
+        unspent = await repository.topup_unspent(session, wallet)
+        return balance, balance.available - unspent
 
     async def decide(
         self,
