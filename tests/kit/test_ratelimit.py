@@ -20,18 +20,8 @@ from prometheus_client import REGISTRY
 from surge.kit.ratelimit import Check, RateLimiter, RatePolicy, parse_policies
 from surge.kit.redis import RedisGateway
 from surge.kit.telemetry import metrics
+from tests.fixtures.clock import Clock
 from tests.fixtures.servers import ROOT, start_redis
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def policy(name: str, limit: int, seconds: float, **extra: object) -> RatePolicy:
@@ -120,7 +110,7 @@ class TestExactness:
 
 class TestSlidingCapacity:
     async def test_capacity_returns_at_the_declared_rate(self, make_limiter: MakeLimiter) -> None:
-        clock = FakeClock()
+        clock = Clock()
         limiter = make_limiter(policy("p", 10, 10), clock=clock)  # one unit per second
 
         async def burst() -> int:
@@ -143,7 +133,7 @@ class TestSlidingCapacity:
 
     async def test_no_double_burst_at_a_window_edge(self, make_limiter: MakeLimiter) -> None:
         """A fixed window lets 2 × limit through around its edge; this must not."""
-        clock = FakeClock()
+        clock = Clock()
         limiter = make_limiter(policy("p", 100, 60), clock=clock)
         clock.advance(59.9)
         first = sum([(await limiter.hit("p", "k")).allowed for _ in range(100)])

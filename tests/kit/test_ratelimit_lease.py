@@ -16,18 +16,8 @@ from surge.kit.ratelimit import Check, RateLimiter, RatePolicy
 from surge.kit.ratelimit._lease import LEASE_GROW_MAX, LEASE_MAX, lease_cap, lease_size
 from surge.kit.ratelimit.web import rate_limit_headers
 from surge.kit.redis import RedisGateway
+from tests.fixtures.clock import Clock
 from tests.fixtures.servers import start_redis
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def policy(name: str, limit: int, seconds: float, **extra: object) -> RatePolicy:
@@ -123,7 +113,7 @@ class TestBound:
     ) -> None:
         """At one instant every unit spent was granted by Redis' exact GCRA: at most the
         limit passes, and at most one lease per process is left stranded."""
-        clock = FakeClock()
+        clock = Clock()
         limiters = make_pair(policy("p", 400, 60), clock=clock)
         size = limiters[0].lease_sizes["p"]
         assert size == 10
@@ -136,7 +126,7 @@ class TestBound:
         """The worst case: both processes lease, the bucket refills, then every process
         spends its old lease on top of a full bucket. Exact GCRA allows the limit at that
         instant; leasing allows at most processes × lease more, and exactly that here."""
-        clock = FakeClock()
+        clock = Clock()
         limiters = make_pair(policy("p", 400, 60), clock=clock)
         size = limiters[0].lease_sizes["p"]
         for limiter in limiters:
@@ -153,7 +143,7 @@ class TestBound:
         first lease whole, so its next one is larger (64 → 100, the cap of 4 000 a minute
         for 2 processes); then the bucket refills and both spend their grown leases on top
         of a full bucket: exactly processes × cap more than the limit, never more."""
-        clock = FakeClock()
+        clock = Clock()
         limiters = make_pair(policy("p", 4000, 60), clock=clock)
         start, cap = limiters[0].lease_sizes["p"], limiters[0].lease_caps["p"]
         assert (start, cap) == (LEASE_MAX, 100)
@@ -180,7 +170,7 @@ class TestBound:
         still never passed by more than processes × cap overall."""
         import asyncio
 
-        clock = FakeClock()
+        clock = Clock()
         limiters = make_pair(policy("p", 10_000, 60), clock=clock)
         cap = limiters[0].lease_caps["p"]
         for limiter in limiters:
@@ -192,7 +182,7 @@ class TestBound:
     async def test_a_key_that_leaves_its_lease_unspent_starts_small_again(
         self, make_pair: Callable[..., list[RateLimiter]]
     ) -> None:
-        clock = FakeClock()
+        clock = Clock()
         (limiter,) = make_pair(policy("p", 10**6, 60), processes=1, clock=clock)
         for _ in range(2 + LEASE_MAX):
             assert (await limiter.hit("p", "user-1")).allowed
@@ -204,7 +194,7 @@ class TestBound:
     async def test_a_lease_dies_with_its_window(
         self, make_pair: Callable[..., list[RateLimiter]]
     ) -> None:
-        clock = FakeClock()
+        clock = Clock()
         limiters = make_pair(policy("p", 400, 60), clock=clock)
         for limiter in limiters:
             assert (await limiter.hit("p", "user-1")).allowed
@@ -214,7 +204,7 @@ class TestBound:
     async def test_exact_policy_and_exact_limiter_never_overshoot(
         self, make_pair: Callable[..., list[RateLimiter]]
     ) -> None:
-        clock = FakeClock()
+        clock = Clock()
         limiters = make_pair(policy("p", 400, 60, lease=0), clock=clock)
         for limiter in limiters:
             assert (await limiter.hit("p", "user-1")).allowed
@@ -245,7 +235,7 @@ class TestOneDecision:
     async def test_a_denial_elsewhere_gives_the_leased_units_back(
         self, make_pair: Callable[..., list[RateLimiter]]
     ) -> None:
-        clock = FakeClock()
+        clock = Clock()
         leased, exact = policy("user", 1000, 60), policy("endpoint", 2, 60, lease=0)
         (limiter,) = make_pair(leased, exact, processes=1, clock=clock)
         both = [Check(leased, "u"), Check(exact, "u")]
@@ -266,7 +256,7 @@ class TestOneDecision:
     ) -> None:
         """One process: leased decisions report the same remaining budget as exact ones,
         and the refusal (decided in Redis) the same Retry-After."""
-        clock = FakeClock()
+        clock = Clock()
         (limiter,) = make_pair(policy("p", 100, 100), processes=1, clock=clock)  # 1 unit/s
         assert limiter.lease_sizes["p"] == 5
         decisions = [await limiter.hit("p", "k") for _ in range(101)]

@@ -5,21 +5,16 @@ that posts against the payments or the sales account moves them, nothing else do
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from uuid import UUID, uuid4
 
-from alembic import command
-from alembic.script import ScriptDirectory
-from sqlalchemy import pool, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from surge.kit.db import migrate
 from surge.kit.runtime import Runtime
 from surge.wallet import repository
 from surge.wallet.funds import funds as funds_service
 from surge.wallet.ledger import SystemAccount, TransferSpec, ledger
+from tests.fixtures.migration_db import post, scratch_database
 
 REVISION = "0014_wallet_topup_totals"
 
@@ -198,72 +193,34 @@ def test_the_migration_backfills_the_totals_and_goes_back_down(
 ) -> None:
     """A database with history from before the totals: the migration sums it into them,
     and its downgrade restores the previous functions (they still post)."""
-    url = make_url(server_urls[0]).set(database=f"surge_totals_{uuid.uuid4().hex[:8]}")
-    fresh = url.render_as_string(hide_password=False)
-    config = migrate.alembic_config(fresh)
-    previous = ScriptDirectory.from_config(config).get_revision(REVISION).down_revision
-    assert isinstance(previous, str)
-
-    async def run(*statements: str, query: str | None = None) -> list[tuple[int, ...]]:
-        """``statements`` in one transaction, then the rows of ``query``."""
-        engine = create_async_engine(fresh, poolclass=pool.NullPool)
-        try:
-            async with engine.begin() as connection:
-                for statement in statements:
-                    await connection.exec_driver_sql(statement)
-                if query is None:
-                    return []
-                return [tuple(row) for row in (await connection.exec_driver_sql(query)).all()]
-        finally:
-            await engine.dispose()
-
-    def post(key: str, debit: int, credit: int, amount: int) -> str:
-        return (
-            f"SELECT wallet_transfer('{key}', {debit}, {credit}, {amount}, 'USD', 'test', "
-            "NULL, false)"
-        )
-
-    async def drop() -> None:
-        admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-        async with admin.connect() as connection:
-            await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}"')
-        await admin.dispose()
-
     totals_sql = (
         "SELECT id, topup_net, purchases_posted FROM wallet_accounts WHERE id > 1000 ORDER BY id"
     )
-    try:
-        assert migrate.ensure_database(fresh)
-        command.upgrade(config, previous)
+    with scratch_database(server_urls[0], REVISION) as db:
+        db.upgrade(db.previous)
         # 1001 payments, 1002 sales, 1003 and 1004 wallets, 1005 external.
-        asyncio.run(
-            run(
-                "INSERT INTO wallet_accounts (id, owner_id, code, currency, guarded) "
-                f"OVERRIDING SYSTEM VALUE VALUES (1001, NULL, 'payments', 'USD', false), "
-                f"(1002, NULL, 'sales', 'USD', true), (1003, '{uuid4()}', 'wallet', 'USD', true), "
-                f"(1004, '{uuid4()}', 'wallet', 'USD', true), "
-                "(1005, NULL, 'external', 'USD', false)",
-                post("t1", 1001, 1003, 5_000),  # top-up
-                post("r1", 1003, 1001, 600),  # its refund
-                post("s1", 1003, 1002, 1_200),  # a purchase
-                post("g1", 1002, 1003, 200),  # given back
-                post("x1", 1005, 1004, 999),  # ordinary transfers
-                post("x2", 1004, 1003, 99),
-            )
+        db.run(
+            "INSERT INTO wallet_accounts (id, owner_id, code, currency, guarded) "
+            f"OVERRIDING SYSTEM VALUE VALUES (1001, NULL, 'payments', 'USD', false), "
+            f"(1002, NULL, 'sales', 'USD', true), (1003, '{uuid4()}', 'wallet', 'USD', true), "
+            f"(1004, '{uuid4()}', 'wallet', 'USD', true), "
+            "(1005, NULL, 'external', 'USD', false)",
+            post("t1", 1001, 1003, 5_000),  # top-up
+            post("r1", 1003, 1001, 600),  # its refund
+            post("s1", 1003, 1002, 1_200),  # a purchase
+            post("g1", 1002, 1003, 200),  # given back
+            post("x1", 1005, 1004, 999),  # ordinary transfers
+            post("x2", 1004, 1003, 99),
         )
-        command.upgrade(config, REVISION)
-        assert asyncio.run(run(query=totals_sql)) == [
+        db.upgrade()
+        assert db.run(query=totals_sql) == [
             (1001, 0, 0), (1002, 0, 0), (1003, 4_400, 1_000), (1004, 0, 0), (1005, 0, 0),
         ]  # fmt: skip
-        assert asyncio.run(run(post("t2", 1001, 1004, 70), query=totals_sql))[3] == (1004, 70, 0)
-        command.downgrade(config, previous)
-        columns = asyncio.run(
-            run(
-                post("t3", 1001, 1004, 30),
-                query="SELECT count(*) FROM information_schema.columns "
-                "WHERE table_name = 'wallet_accounts' AND column_name = 'topup_net'",
-            )
+        assert db.run(post("t2", 1001, 1004, 70), query=totals_sql)[3] == (1004, 70, 0)
+        db.downgrade()
+        columns = db.run(
+            post("t3", 1001, 1004, 30),
+            query="SELECT count(*) FROM information_schema.columns "
+            "WHERE table_name = 'wallet_accounts' AND column_name = 'topup_net'",
         )
         assert columns == [(0,)]
-    finally:
-        asyncio.run(drop())
