@@ -29,9 +29,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+from surge.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTIONS = 64
@@ -54,10 +57,18 @@ def uvicorn_server(
     log: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """``target`` under uvicorn in its own process group (stop it with ``os.killpg``); its
-    output appended to ``log`` when given, else discarded."""
+    output appended to ``log`` when given, else discarded.
+
+    With ``surge serve``'s keep-alive and listen backlog (``HTTP_KEEPALIVE_TIMEOUT``,
+    ``HTTP_BACKLOG``), not uvicorn's: uvicorn closes an idle connection after 5 s, exactly
+    httpx's own keep-alive expiry, so a client reusing a connection idle for ~5 s raced
+    the server's close and read a reset instead of an answer (ADR 0053)."""
+    settings = Settings(**_env_settings(env))
     args = [
         sys.executable, "-m", "uvicorn", target, "--port", str(port), "--workers", str(workers),
         "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+        "--timeout-keep-alive", str(int(settings.HTTP_KEEPALIVE_TIMEOUT.total_seconds())),
+        "--backlog", str(settings.HTTP_BACKLOG),
     ]  # fmt: skip
     if factory:
         args.append("--factory")
@@ -71,6 +82,16 @@ def uvicorn_server(
             args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
+
+
+def _env_settings(env: dict[str, str]) -> dict[str, Any]:
+    """The HTTP settings ``env`` sets for the server (``SURGE_HTTP_*``), as Settings fields."""
+    prefix = "SURGE_"
+    return {
+        name[len(prefix) :]: value
+        for name, value in env.items()
+        if name in (f"{prefix}HTTP_KEEPALIVE_TIMEOUT", f"{prefix}HTTP_BACKLOG")
+    }
 
 
 def stop_servers(procs: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
