@@ -54,8 +54,8 @@ from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.kit.security import webhooks
 from surge.models.payments import PaymentEvent, Topup
-from surge.notifications.service import notifications as notifications_service
 from surge.payments import repository
+from surge.payments.credits import LateCredit, credit, post_late
 from surge.payments.errors import (
     EventNotDead,
     EventNotFound,
@@ -70,7 +70,6 @@ from surge.payments.errors import (
 from surge.payments.events import intent_of, parse_event, payment_id_of
 from surge.payments.provider import ProviderUnavailable, provider_client
 from surge.payments.reversals import reinstate, reverse
-from surge.wallet.funds import funds as funds_service
 
 log = structlog.get_logger()
 
@@ -249,10 +248,20 @@ class TopupService:
         ``PAYMENTS_EVENT_MAX_ATTEMPTS``; one that can never succeed is dead at once."""
         settings = runtime.settings
         done = 0
-        for event in await repository.pending_events(session, payment_id):
+        events = await repository.pending_events(session, payment_id)
+        # The last event's new credit is posted after everything else this job writes: the
+        # posting locks the hot ``payments`` account row until the commit, and every other
+        # statement (the owner's mail, the top-up, the inbox rows) would run under that lock
+        # and queue every other payment's job behind it (ADR 0053).
+        late: list[LateCredit] = []
+        for event in events:
+            # Only the last event's: an earlier one's credit must be in the ledger before the
+            # events after it (a refund is sized by what was credited). Kept apart until the
+            # event's savepoint is released: a failed event posts nothing.
+            deferred: list[LateCredit] | None = [] if event is events[-1] else None
             try:
                 async with session.begin_nested():
-                    await self._apply_event(session, event)
+                    await self._apply_event(session, event, late=deferred)
             except (PermanentEventError, SurgeError, KeyError, TypeError, ValueError) as error:
                 event.attempts += 1
                 event.last_error = f"{type(error).__name__}: {error}"[:500]
@@ -286,7 +295,11 @@ class TopupService:
             event.state = "processed"
             event.processed_at = _now()
             done += 1
+            late += deferred or ()
         await session.flush()
+        # Outside the event's savepoint: a failure here fails the whole job, which the job
+        # engine retries (nothing of it is committed, the event stays pending).
+        await post_late(session, late)
         return done
 
     async def enqueue_reconciliation(self, session: AsyncSession, runtime: Runtime) -> int:
@@ -417,27 +430,29 @@ class TopupService:
         return await repository.totals(session)
 
     # ---- applying what the provider says ----------------------------------------------------
-    async def _apply_event(self, session: AsyncSession, event: PaymentEvent) -> None:
+    async def _apply_event(
+        self, session: AsyncSession, event: PaymentEvent, *, late: list[LateCredit] | None
+    ) -> None:
         obj: dict[str, Any] = event.payload["data"]["object"]
         kind = event.type
         if kind.startswith("payment_intent."):
             topup = await self._topup_of(session, obj, amount=int(obj["amount"]))
-            await self._apply_intent(session, topup, obj)
+            await self._apply_intent(session, topup, obj, late=late)
         elif kind == "charge.refunded":
             topup = await self._topup_of(session, obj, amount=int(obj["amount"]))
-            await self._credit(session, topup, int(obj["amount_captured"]), str(obj["currency"]))
+            await credit(session, topup, int(obj["amount_captured"]), str(obj["currency"]))
             for refund in obj.get("refunds", {}).get("data", []):
                 await reverse(session, topup, refund, what="refund")
             if int(obj["amount_refunded"]) >= int(obj["amount_captured"]):
                 self._move(topup, "refunded")
         elif kind == "charge.dispute.funds_withdrawn":
             topup = await self._topup_of(session, obj, amount=None)
-            await self._credit(session, topup, topup.amount, str(obj["currency"]))
+            await credit(session, topup, topup.amount, str(obj["currency"]))
             await reverse(session, topup, obj, what="dispute")
             self._move(topup, "disputed")
         elif kind == "charge.dispute.funds_reinstated":
             topup = await self._topup_of(session, obj, amount=None)
-            await self._credit(session, topup, topup.amount, str(obj["currency"]))
+            await credit(session, topup, topup.amount, str(obj["currency"]))
             if await reinstate(session, topup, obj):
                 self._move(topup, "dispute_won")
             else:  # the dispute took nothing back (refunded first): nothing was won back
@@ -470,12 +485,17 @@ class TopupService:
             raise PermanentEventError(f"payment {payment_id} does not match its top-up") from error
 
     async def _apply_intent(
-        self, session: AsyncSession, topup: Topup, intent: Mapping[str, Any]
+        self,
+        session: AsyncSession,
+        topup: Topup,
+        intent: Mapping[str, Any],
+        *,
+        late: list[LateCredit] | None = None,
     ) -> None:
         status = str(intent["status"])
         if status == "succeeded":
-            await self._credit(
-                session, topup, int(intent["amount_received"]), str(intent["currency"])
+            await credit(
+                session, topup, int(intent["amount_received"]), str(intent["currency"]), late=late
             )
             self._move(topup, "succeeded")
         elif status == "processing":
@@ -498,36 +518,6 @@ class TopupService:
         topup.status = status
         topup.updated_at = topup.checked_at = _now()
         return True
-
-    async def _credit(
-        self, session: AsyncSession, topup: Topup, amount: int, currency: str
-    ) -> None:
-        currency = currency.upper()
-        if currency != topup.currency:
-            raise PermanentEventError(
-                f"currency {currency} differs from the top-up's {topup.currency}"
-            )
-        if amount <= 0:
-            return
-        posted = await funds_service.credit(
-            session,
-            topup.owner_id,
-            amount=amount,
-            currency=currency,
-            key=f"payment:{topup.provider_payment_id}",
-            kind="topup",
-            reference=topup.provider_payment_id,
-        )
-        if posted.created:
-            topup.amount_credited = amount
-            topup.updated_at = _now()
-            await notifications_service.topup_credited(session, owner_id=topup.owner_id, topup_id=topup.id, amount=amount, currency=currency)  # fmt: skip
-            log.info(
-                "payments.topup.credited",
-                topup_id=str(topup.id),
-                amount=amount,
-                payment_id=topup.provider_payment_id,
-            )
 
 
 topup = TopupService()
