@@ -17,6 +17,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from surge.kit.db import driver_fetch
 from surge.kit.web.cursor import moment
 from surge.kit.web.pagination import Keyset, Slice, keyset_page
 from surge.models.payments import PaymentEvent, Topup
@@ -139,6 +140,12 @@ async def totals(session: AsyncSession) -> dict[str, Any]:
 
 
 # ---- the event inbox ----------------------------------------------------------------------
+_INSERT_EVENT = (
+    "INSERT INTO payment_events (id, type, payment_id, created, payload) "
+    "VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+
+
 async def insert_event(
     session: AsyncSession,
     *,
@@ -146,16 +153,13 @@ async def insert_event(
     type_: str,
     payment_id: str,
     created: int,
-    payload: dict[str, Any],
+    payload: str,
 ) -> bool:
-    """Store a provider event; False when its id was already received (a replay)."""
-    stored = await session.scalar(
-        insert(PaymentEvent)
-        .values(id=event_id, type=type_, payment_id=payment_id, created=created, payload=payload)
-        .on_conflict_do_nothing(index_elements=[PaymentEvent.id])
-        .returning(PaymentEvent.id)
-    )
-    return stored is not None
+    """Store a provider event (``payload``: its JSON text, the signed body itself); False
+    when its id was already received (a replay). One prepared statement on the driver
+    connection, its BEGIN in the same round trip (``driver_fetch``): the webhook's hot path."""
+    rows = await driver_fetch(session, _INSERT_EVENT, event_id, type_, payment_id, created, payload)
+    return bool(rows)
 
 
 async def pending_events(session: AsyncSession, payment_id: str) -> list[PaymentEvent]:

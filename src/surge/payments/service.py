@@ -223,7 +223,7 @@ class TopupService:
             type_=event["type"],
             payment_id=payment_id,
             created=event["created"],
-            payload=event,
+            payload=body.decode(),
         )
         if not stored:
             # A replay (or the provider's retry after our answer was lost): refused, nothing
