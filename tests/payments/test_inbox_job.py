@@ -61,7 +61,7 @@ async def test_the_credit_is_the_jobs_last_write(
     mine = [sql for j, sql in job_statements if j == job]
     posting = next(i for i, sql in enumerate(mine) if "wallet_transfer(" in sql)
     after = [sql for sql in mine[posting + 1 :] if not any(m in sql for m in AFTER_THE_POSTING)]
-    assert after == [], "statements run under the payments account's lock"
+    assert after == [], f"statements run under the payments account's lock: {after}"
     # The record of the credit was written before it, in the same job.
     assert any(sql.startswith("UPDATE payment_topups") for sql in mine[:posting]), mine
     assert any(sql.startswith("UPDATE payment_events") for sql in mine[:posting]), mine
