@@ -87,11 +87,13 @@ async def _post(
 
 
 async def _credited(session: AsyncSession, topup: Topup, amount: int, currency: str) -> None:
-    topup.amount_credited = amount
-    topup.updated_at = datetime.now(UTC)
+    # The mail first: its queries would autoflush the top-up's change as an UPDATE of its
+    # own, and the status update follows anyway (one UPDATE of the row instead of two).
     await notifications_service.topup_credited(
         session, owner_id=topup.owner_id, topup_id=topup.id, amount=amount, currency=currency
     )
+    topup.amount_credited = amount
+    topup.updated_at = datetime.now(UTC)
     log.info(
         "payments.topup.credited",
         topup_id=str(topup.id),

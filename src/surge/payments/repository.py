@@ -40,7 +40,7 @@ async def lock_topup(
     provider_payment_id: str,
 ) -> Topup:
     """The top-up row, created if missing, locked for the rest of the transaction."""
-    await session.execute(
+    topup: Topup | None = await session.scalar(
         insert(Topup)
         .values(
             id=topup_id,
@@ -51,13 +51,15 @@ async def lock_topup(
             provider_payment_id=provider_payment_id,
         )
         .on_conflict_do_nothing()
+        .returning(Topup)
     )
-    topup = await session.scalar(
-        select(Topup)
-        .where(Topup.id == topup_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
+    if topup is None:  # it existed: wait for whoever holds it, then read it
+        topup = await session.scalar(
+            select(Topup)
+            .where(Topup.id == topup_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
     if topup is None or topup.provider_payment_id != provider_payment_id:
         # The id is taken by another payment (a key reused after the provider forgot it), or
         # the payment id by another top-up: never apply one payment to another's row.
