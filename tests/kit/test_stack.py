@@ -198,3 +198,35 @@ class TestDeadlinesAcrossEventLoops:
         layer = SurgeMiddleware(lambda *_: None, timeout=0.05)  # type: ignore[arg-type]
         assert self.serve_two(layer) == [200, 504]
         assert self.serve_two(layer) == [200, 504]  # a new loop, same thread
+
+    def test_one_sweeper_serves_consecutive_quick_requests(self) -> None:
+        """A request that ends before the sweeper's first step (every ``/livez``) must not
+        leave it to end at once: the next request would start another task (ADR 0049)."""
+        import asyncio
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        layer = SurgeMiddleware(app, timeout=30.0)
+        scope: Scope = {"type": "http", "method": "GET", "path": "/quick", "headers": []}
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: object) -> None:
+            return None
+
+        async def requests() -> list[asyncio.Task[None] | None]:
+            seen = []
+            for _ in range(3):
+                await asyncio.create_task(layer(dict(scope), receive, send))
+                for _ in range(3):  # loop iterations: the sweeper takes its first steps
+                    await asyncio.sleep(0)
+                seen.append(layer._sweeper)
+            assert seen[-1] is not None
+            assert not seen[-1].done()
+            return seen
+
+        first, second, third = asyncio.run(requests())
+        assert first is second is third
