@@ -1,9 +1,16 @@
 """`surge bench ping`: GET /livez through Surge's whole stack versus a bare FastAPI app.
 
 Both run under uvicorn (uvloop + httptools) with the same worker count, both servers up for
-the whole run, measured alternately (surge, bare, surge, bare, ...) so a slow window of this
-noisy 2-core machine hits both. The ratio (surge rps / bare rps, medians) is what Surge's own
-middleware, metrics and logging cost. Target: ≥ 0.9 (issue 17; ADR 0023).
+the whole run, measured in pairs whose order alternates (surge, bare; bare, surge; ...) so a
+window of this noisy 2-core machine that speeds up or slows down during a pair favours
+neither side. The ratio (the median of the paired surge rps / bare rps) is what Surge's own
+middleware, metrics and logging cost. Target: ≥ 0.9 (issue 17; ADR 0023, 0049).
+
+Surge runs as in production: on a migrated database, so its background loops (revocation
+and cache listeners, view refresh, console sampler) do their real work instead of failing
+and retrying against missing tables (ADR 0049). Each run also reports each server's CPU per
+request (user + kernel of its process tree, from ``/proc``): a figure the other processes of
+the machine disturb far less than requests/s.
 
 Load: wrk (when installed: 2 threads, 64 connections) or the bundled closed-loop generator.
 """
@@ -27,6 +34,8 @@ from bench._loadgen import (
     wait_ready,
 )
 from bench.common import console, median, report
+from bench.load.cpu import CpuMeter
+from surge.kit.db import migrate
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +54,7 @@ def main(quick: bool = False) -> None:
         with console.status("Starting PostgreSQL, Redis, Surge and the bare app..."):
             pg.start()
             redis.start()
+            migrate.upgrade(pg.url)
             metrics_dir = folder / "metrics"
             metrics_dir.mkdir()
             env = {
@@ -77,15 +87,29 @@ def main(quick: bool = False) -> None:
         cross = cross_check_wrk()
         wrk_ours: list[dict[str, float]] = []
         wrk_base: list[dict[str, float]] = []
+        meter = CpuMeter()
+        meter.add("surge", lambda: [procs[0].pid])
+        meter.add("bare", lambda: [procs[1].pid])
         from rich.progress import Progress
+
+        def measured(name: str, url: str, generator: str) -> dict[str, float]:
+            before = meter.sample(0.0)
+            result = load(url, seconds, generator=generator)
+            after = meter.sample(0.0)
+            served = max(1.0, result["rps"] * seconds)
+            used = sum(after.roles[name]) - sum(before.roles[name])
+            return {**result, "cpu_us": used / served * 1e6}
 
         with Progress(console=console) as progress:
             task = progress.add_task(f"{reps} × (surge, bare), {seconds:.0f}s each", total=reps * 2)
-            for _ in range(reps):
-                ours.append(load(surge_url, seconds, generator="ours"))
-                progress.advance(task)
-                base.append(load(bare_url, seconds, generator="ours"))
-                progress.advance(task)
+            for rep in range(reps):
+                # Odd pairs run bare first: a drifting window then favours neither side.
+                for side in ("surge", "bare") if rep % 2 == 0 else ("bare", "surge"):
+                    if side == "surge":
+                        ours.append(measured("surge", surge_url, "ours"))
+                    else:
+                        base.append(measured("bare", bare_url, "ours"))
+                    progress.advance(task)
                 if cross:  # the same pair with wrk, in the same window
                     wrk_ours.append(load(surge_url, seconds, generator="wrk"))
                     wrk_base.append(load(bare_url, seconds, generator="wrk"))
@@ -98,11 +122,14 @@ def main(quick: bool = False) -> None:
     ratios = [o["rps"] / b["rps"] for o, b in zip(ours, base, strict=True)]
     ours_rps, base_rps = median([o["rps"] for o in ours]), median([b["rps"] for b in base])
     ours_p99, base_p99 = median([o["p99_ms"] for o in ours]), median([b["p99_ms"] for b in base])
+    ours_cpu, base_cpu = median([o["cpu_us"] for o in ours]), median([b["cpu_us"] for b in base])
     ratio = median(ratios)
     report(
         "ping",
-        ours={"rps": round(ours_rps), "p99_ms": round(ours_p99, 2), "runs_rps": [round(o["rps"]) for o in ours]},
+        ours={"rps": round(ours_rps), "p99_ms": round(ours_p99, 2), "runs_rps": [round(o["rps"]) for o in ours],
+              "cpu_us_per_request": round(ours_cpu, 1), "runs_cpu_us": [round(o["cpu_us"], 1) for o in ours]},
         baseline={"rps": round(base_rps), "p99_ms": round(base_p99, 2), "runs_rps": [round(b["rps"]) for b in base],
+                  "cpu_us_per_request": round(base_cpu, 1), "runs_cpu_us": [round(b["cpu_us"], 1) for b in base],
                   "what": "bare FastAPI app, no middleware, same uvicorn settings"},
         ratio=ratio,
         target=TARGET,
@@ -110,6 +137,7 @@ def main(quick: bool = False) -> None:
         rows=[
             ("requests/s (median)", f"{ours_rps:,.0f}", f"{base_rps:,.0f}"),
             ("p99 latency ms (median)", f"{ours_p99:.2f}", f"{base_p99:.2f}"),
+            ("server CPU µs per request (median)", f"{ours_cpu:.1f}", f"{base_cpu:.1f}"),
             ("ratio of paired runs (median)", f"{ratio:.3f}", "1.000"),
             *([("same, measured with wrk (interleaved)", f"{median([o['rps'] / b['rps'] for o, b in zip(wrk_ours, wrk_base, strict=True)]):.3f}", "1.000")] if cross else []),
         ],
@@ -117,6 +145,7 @@ def main(quick: bool = False) -> None:
             "workers": WORKERS, "connections": CONNECTIONS, "seconds_per_run": seconds, "reps": reps,
             "load_generator": generator_name(),
             "paired_ratios": [round(r, 3) for r in ratios],
+            "order": "pairs alternate: surge first in even pairs, bare first in odd ones",
             **({"wrk_cross_check": {
                 "ratio": round(median([o["rps"] / b["rps"] for o, b in zip(wrk_ours, wrk_base, strict=True)]), 3),
                 "paired_ratios": [round(o["rps"] / b["rps"], 3) for o, b in zip(wrk_ours, wrk_base, strict=True)],

@@ -154,3 +154,79 @@ async def test_file_stack_closes_only_what_was_pushed() -> None:
     assert used.used
     await used.aclose()
     assert closed == ["file"]
+
+
+class TestDeadlinesAcrossEventLoops:
+    """``SurgeMiddleware`` remembers the loop it runs in to find the running task without a
+    ``getpid`` per request (ADR 0049): a later loop in the same thread (as each test's own)
+    must still get its own task's deadline, never a stale loop's."""
+
+    @staticmethod
+    def serve_two(layer: SurgeMiddleware) -> list[int]:
+        """One request that never finishes and one that answers at once, concurrently."""
+        import asyncio
+
+        statuses: list[int] = []
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["path"] == "/stuck":
+                await asyncio.Event().wait()  # only the deadline ends it
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        layer.app = app
+
+        async def call(path: str) -> None:
+            scope: Scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+
+            async def receive() -> dict[str, object]:
+                return {"type": "http.request", "body": b""}
+
+            async def send(message: dict[str, object]) -> None:
+                if message["type"] == "http.response.start":
+                    statuses.append(int(message["status"]))  # type: ignore[call-overload]
+
+            await layer(scope, receive, send)  # type: ignore[arg-type]
+
+        async def both() -> None:
+            await asyncio.gather(call("/stuck"), call("/fast"))
+
+        asyncio.run(both())
+        return sorted(statuses)
+
+    def test_each_loop_times_out_its_own_request(self) -> None:
+        layer = SurgeMiddleware(lambda *_: None, timeout=0.05)  # type: ignore[arg-type]
+        assert self.serve_two(layer) == [200, 504]
+        assert self.serve_two(layer) == [200, 504]  # a new loop, same thread
+
+    def test_one_sweeper_serves_consecutive_quick_requests(self) -> None:
+        """A request that ends before the sweeper's first step (every ``/livez``) must not
+        leave it to end at once: the next request would start another task (ADR 0049)."""
+        import asyncio
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        layer = SurgeMiddleware(app, timeout=30.0)
+        scope: Scope = {"type": "http", "method": "GET", "path": "/quick", "headers": []}
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: object) -> None:
+            return None
+
+        async def requests() -> list[asyncio.Task[None] | None]:
+            seen = []
+            for _ in range(3):
+                await asyncio.create_task(layer(dict(scope), receive, send))
+                for _ in range(3):  # loop iterations: the sweeper takes its first steps
+                    await asyncio.sleep(0)
+                seen.append(layer._sweeper)
+            assert seen[-1] is not None
+            assert not seen[-1].done()
+            return seen
+
+        first, second, third = asyncio.run(requests())
+        assert first is second is third
