@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 import pytest
 from fastapi import FastAPI
 
@@ -113,3 +114,28 @@ async def test_a_signed_out_token_buys_no_user_tier(
             (await api.get("/api/v1/me", headers=bearer(tokens))).status_code for _ in range(4)
         ]
         assert statuses == [401, 401, 429, 429]  # anonymous 3, 4, then over the limit
+
+
+async def test_me_privileges_from_the_hook_answers_as_the_route(
+    limited: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    """With the limiter on, ``/me/privileges`` is sent from what the hook resolved (ADR
+    0048): the same body, media type and length as the FastAPI route, the rate-limit and
+    request-id headers still added; a signed-out token is never served from it."""
+    app, api = limited
+    email, user_id = await register(api)
+    tokens = await login(api, email)
+    response = await api.get("/api/v1/me/privileges", headers=bearer(tokens))
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert "ratelimit" in response.headers
+    assert response.headers["x-request-id"]
+    expected = await identity_service.privileges_of(app.state.runtime, uuid.UUID(user_id))
+    body = response.json()
+    assert body["user_id"] == user_id
+    assert {**body, "source": None} == {**orjson.loads(expected.json), "source": None}
+    assert (await api.post("/api/v1/auth/logout", headers=bearer(tokens))).status_code == 204
+    revoked = await api.get("/api/v1/me/privileges", headers=bearer(tokens))
+    assert revoked.status_code == 401
+    assert revoked.headers["content-type"] == "application/problem+json"
