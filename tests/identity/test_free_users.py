@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
@@ -32,6 +33,20 @@ def _snapshot(store: PrivilegeStore) -> Callable[[], Awaitable[bytes]]:
     return snapshot
 
 
+def _free(store: PrivilegeStore) -> FreeUsers:
+    assert store.free_users is not None
+    return store.free_users
+
+
+async def _retake(store: PrivilegeStore) -> None:
+    """A new snapshot, trusted: the echoes of this test's own invalidations (unread on the
+    pub/sub socket for a moment) read, as the memory tier waits for them too."""
+    free_users = store.free_users
+    assert free_users is not None
+    assert await free_users.rebuild(_snapshot(store))
+    await eventually(lambda: free_users.trusted, message="an invalidation never read")
+
+
 def _snapshot_answers() -> float:
     flush_all()
     return sum(
@@ -54,8 +69,7 @@ async def test_free_users_are_answered_from_memory_and_paying_ones_from_their_pl
     free, paying = [uuid.UUID((await register(api))[1]) for _ in range(2)]
     await _set_plan(api, admin, str(paying), "pro")
     store = _store(id_app)
-    assert store.free_users is not None
-    assert await store.free_users.rebuild(_snapshot(store))
+    await _retake(store)
     store.forget_all_local()
     before = _snapshot_answers()
     mine = await store.get(free)
@@ -76,8 +90,7 @@ async def test_a_plan_change_is_seen_at_once_and_never_answered_free(
     _, admin, _ = await make_admin(id_app, api)
     user_id = uuid.UUID((await register(api))[1])
     store = _store(id_app)
-    assert store.free_users is not None
-    assert await store.free_users.rebuild(_snapshot(store))
+    await _retake(store)
     assert (await store.get(user_id)).source == "memory"
     await _set_plan(api, admin, str(user_id), "ultra")
     # In the snapshot still, but invalidated at commit: never again answered from it.
@@ -121,8 +134,9 @@ async def test_a_plan_change_in_another_process_is_heard_by_its_snapshot(
     other = install_identity(other_runtime)
     await other.start(refresh_view=False)  # warms: takes its own snapshot
     try:
-        assert other.privileges.free_users is not None
-        assert other.privileges.free_users.trusted
+        free_users = other.privileges.free_users
+        assert free_users is not None
+        await eventually(lambda: free_users.trusted, message="no snapshot taken at start")
         assert (await other.privileges.get(user_id)).source == "memory"
         await _set_plan(api, admin, str(user_id), "pro")
 
@@ -141,15 +155,36 @@ async def test_after_a_possibly_missed_invalidation_the_snapshot_answers_nobody(
     _, user_id = await register(api)
     uid = uuid.UUID(user_id)
     store = _store(id_app)
-    assert store.free_users is not None
-    assert await store.free_users.rebuild(_snapshot(store))
-    assert store.free_users.is_free(uid, user_id)
+    free_users = _free(store)
+    await _retake(store)
+    assert free_users.is_free(uid, user_id)
     await store.cache.clear()  # the cache's own flush: whatever the snapshot knew is suspect
-    assert not store.free_users.trusted
-    assert store.free_users.stale()
-    assert not store.free_users.is_free(uid, user_id)
+    assert not free_users.trusted
+    assert free_users.stale()
+    assert not free_users.is_free(uid, user_id)
     assert await store.refresh_free_users()  # what the process's loop does within seconds
-    assert store.free_users.is_free(uid, user_id)
+    await eventually(lambda: free_users.trusted)
+    assert free_users.is_free(uid, user_id)
+
+
+async def test_an_invalidation_waiting_unread_stops_the_snapshot_answering(
+    api: httpx.AsyncClient, id_app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lagging event loop: another process's plan change sits unread on the pub/sub
+    socket. The memory tier defers to Redis then (ADR 0028); the snapshot must too, or the
+    follow-up read of a write (seed003_writes's read-back) is answered "free"."""
+    _, user_id = await register(api)
+    uid = uuid.UUID(user_id)
+    store = _store(id_app)
+    free_users = _free(store)
+    await _retake(store)
+    assert free_users.is_free(uid, user_id)
+    monkeypatch.setattr(store.cache.l1, "suspect", lambda: True)  # bytes unread on the socket
+    assert not free_users.is_free(uid, user_id)
+    assert (await store.get(uid)).source != "memory"
+    assert not free_users.stale()  # still current: answered again once read
+    monkeypatch.setattr(store.cache.l1, "suspect", lambda: False)
+    assert free_users.is_free(uid, user_id)
 
 
 async def test_too_many_invalidations_end_the_snapshot_until_retaken(
@@ -163,6 +198,8 @@ async def test_too_many_invalidations_end_the_snapshot_until_retaken(
     for _ in range(4):
         await store.invalidate(uuid.uuid4())
     assert free_users.stale()  # retaken early: dirty ids are a cost on every lookup
+    # (Each invalidation's own echo sits unread on the socket for a moment: not trusted.)
+    await eventually(lambda: free_users.trusted, message="the echo was never read")
     assert free_users.is_free(uid, user_id)
     for _ in range(3):
         await store.invalidate(uuid.uuid4())

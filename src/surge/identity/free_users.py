@@ -15,7 +15,9 @@ in it), answered from memory:
   cache drops (a plan change here or in another process, ``Cache.on_drop``) is *dirty* and
   no longer answered from the snapshot until the next one; the snapshot is trusted only
   while the cache's ``coherence_mark`` is the one it was built at (Redis up, subscribed, no
-  invalidation possibly missed: a gap, a reconnect or a ``clear`` ends it);
+  invalidation possibly missed: a gap, a reconnect or a ``clear`` ends it), and not while
+  an invalidation waits unread on the socket (``Cache.unread_invalidation``, a lagging
+  event loop: the memory tier defers to Redis then too);
 - **a paying user is never answered as free from it**: they have a subscription row, so
   they are not in a snapshot taken after it was written, and a row written after the
   snapshot began is invalidated after its commit, which marks it dirty (the build collects
@@ -75,15 +77,20 @@ class FreeUsers:
         if len(self._dirty) > self.max_dirty:
             self._mark = None  # too many exceptions to carry: rebuild first
 
-    @property
-    def trusted(self) -> bool:
+    def _current(self) -> bool:
         """A snapshot exists and no invalidation may have been missed since it was taken."""
         return self._mark is not None and self.cache.coherence_mark() == self._mark
 
+    @property
+    def trusted(self) -> bool:
+        """``_current``, and no invalidation waiting unread on the socket right now (a
+        lagging event loop: the memory tier defers to Redis then, and so does this)."""
+        return self._current() and not self.cache.unread_invalidation()
+
     def stale(self) -> bool:
-        """Due for a rebuild: not trusted, older than ``max_age``, or half full of dirt."""
+        """Due for a rebuild: not current, older than ``max_age``, or half full of dirt."""
         return (
-            not self.trusted
+            not self._current()
             or time.monotonic() - self.built_at > self.max_age
             or len(self._dirty) > self.max_dirty // 2
         )

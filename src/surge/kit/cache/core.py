@@ -487,6 +487,13 @@ class Cache(_ReadPath):
             return None
         return self._epoch
 
+    def unread_invalidation(self) -> bool:
+        """True while an invalidation has reached this process's socket unread (a lagging
+        event loop): the memory tier defers to Redis meanwhile (ADR 0028), and so must any
+        memo kept with ``coherence_mark``."""
+        suspect = self.l1.suspect
+        return suspect is not None and suspect()
+
     def stats(self) -> dict[str, Any]:
         """Counters since start, for ``/api/admin/metrics`` and ``surge doctor``."""
         lookups = self._hits_l1 + self._miss_l1
