@@ -27,7 +27,7 @@ def _store(app: FastAPI) -> PrivilegeStore:
 
 def _snapshot(store: PrivilegeStore) -> Callable[[], Awaitable[bytes]]:
     async def snapshot() -> bytes:
-        async with store.db.read_session() as session:
+        async with store.db.session() as session:
             return await repository.free_user_ids(session)
 
     return snapshot

@@ -19,8 +19,8 @@ Free users without a lookup: ``FreeUsers`` (``identity.free_users``, ADR 0050) i
 process's compact snapshot of the users who never had a subscription; its answers are
 "free" from memory (counted under ``memory``, and apart in
 ``surge_privilege_snapshot_answers_total``), kept as coherent as the memory tier by the same
-invalidations. ``warm_all`` (at start) takes it and writes every other user's privileges to
-Redis in bulk, so a cold start of the web processes, or of Redis too, begins with every
+invalidations. At start (``IdentityState``) it is taken and every other user's privileges
+are written to Redis in bulk (``warm_subscribed``), so a cold start of the web processes, or of Redis too, begins with every
 population user answerable without PostgreSQL.
 
 Invalidation: a plan change deletes the user's entry after its transaction commits — this
@@ -277,7 +277,9 @@ class PrivilegeStore:
             return False
 
         async def snapshot() -> bytes:
-            async with self.db.read_session() as session:
+            # On the primary: a lagging replica could still show as free a user whose new
+            # subscription committed, and whose invalidation was heard, before the build.
+            async with self.db.session() as session:
                 return await repository.free_user_ids(session)
 
         return await self.free_users.rebuild(snapshot)
