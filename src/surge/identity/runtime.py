@@ -149,24 +149,37 @@ class IdentityState:
     async def _warm(self) -> None:
         """Before the process takes traffic (ADR 0050): the free users' snapshot, every
         subscribed user's privileges into Redis, then the most active users' privileges and
-        ``/me`` views into memory (last, so the memory tier keeps them). A cold cache is slower, not broken: a
-        failure is logged and the process starts."""
+        ``/me`` views into memory (last, so the memory tier keeps them). A cold cache is
+        slower, not broken: a step that fails is logged and the next one still runs."""
         settings = self.settings
-        try:
-            if self.privileges.free_users is not None:
-                # The snapshot needs the invalidation channel heard from before it starts.
-                await asyncio.wait_for(self.privileges.cache.wait_listening(), _LISTEN_WAIT)
-                await self.privileges.refresh_free_users()
-            if settings.IDENTITY_WARM_SUBSCRIBED:
-                loaded = await self.privileges.warm_subscribed()
-                log.info("identity.privileges.subscribed_warmed", loaded=loaded)
-            if settings.IDENTITY_WARM_USERS > 0:
-                warmed = await self.privileges.warm(settings.IDENTITY_WARM_USERS)
-                log.info("identity.privileges.warmed", users=warmed)
-                loaded = await self.users.warm(settings.IDENTITY_WARM_USERS)
-                log.info("identity.users.warmed", loaded=loaded)
-        except Exception as error:
-            log.warning("identity.privileges.warm_failed", error=str(error)[:200])
+        store = self.privileges
+
+        async def snapshot() -> None:
+            # The snapshot needs the invalidation channel heard from before it starts.
+            await asyncio.wait_for(store.cache.wait_listening(), _LISTEN_WAIT)
+            await store.refresh_free_users()
+
+        async def subscribed() -> None:
+            log.info("identity.privileges.subscribed_warmed", loaded=await store.warm_subscribed())
+
+        async def active() -> None:
+            warmed = await store.warm(settings.IDENTITY_WARM_USERS)
+            log.info("identity.privileges.warmed", users=warmed)
+            loaded = await self.users.warm(settings.IDENTITY_WARM_USERS)
+            log.info("identity.users.warmed", loaded=loaded)
+
+        steps = {
+            "free_users": snapshot if store.free_users is not None else None,
+            "subscribed": subscribed if settings.IDENTITY_WARM_SUBSCRIBED else None,
+            "active": active if settings.IDENTITY_WARM_USERS > 0 else None,
+        }
+        for name, step in steps.items():
+            if step is None:
+                continue
+            try:
+                await step()
+            except Exception as error:
+                log.warning("identity.warm_failed", step=name, error=str(error)[:200])
 
     async def _snapshot_forever(self) -> None:
         """Retake the free users' snapshot when it stops being trusted (an invalidation
