@@ -68,7 +68,14 @@ async def _measure(
     from surge.identity.runtime import install_identity
     from surge.kit.runtime import Runtime
 
-    settings = Settings(DATABASE_URL=database_url, REDIS_URL=redis_url, LOG_LEVEL="WARNING")
+    # The tiers below the free users' snapshot are what is measured: without it, every
+    # user of a batch goes through memory → Redis → PostgreSQL (ADR 0050).
+    settings = Settings(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        LOG_LEVEL="WARNING",
+        IDENTITY_FREE_SNAPSHOT=False,
+    )
     runtime = Runtime(settings)
     await runtime.start()
     identity = install_identity(runtime)

@@ -84,15 +84,28 @@ class DomainSettings(BaseSettings):
     IDENTITY_PRIVILEGE_L1_TTL: timedelta = timedelta(seconds=60)
     """How long a memory entry is served without asking Redis. Plan changes reach every
     process at once through kit.cache's pub/sub; this bounds how long memory alone decides."""
-    IDENTITY_PRIVILEGE_TTL: timedelta = timedelta(minutes=5)
-    """Seed 003: privileges kept in Redis."""
+    IDENTITY_PRIVILEGE_TTL: timedelta = timedelta(hours=1)
+    """How long privileges are kept in Redis (jittered, refreshed early when read), and the
+    age at which the free users' snapshot is retaken. Seed 003 said 5 minutes; but every
+    plan change invalidates every tier at commit, and an invalidation that fails is
+    replayed within a second while Redis is up (ADR 0043): the TTL is only the safety net
+    for a write made outside the service. At 5 minutes it also expired everything warmed at
+    start as one wave and capped batch checks of random users at 83 % hits (ADR 0041, 0050)."""
     IDENTITY_PRIVILEGE_STALE: timedelta = timedelta(hours=1)
     """How long an expired in-memory entry may still be served while PostgreSQL is down."""
     IDENTITY_REFRESH_INTERVAL: timedelta = timedelta(minutes=1)
     """Seed 003: ``REFRESH MATERIALIZED VIEW CONCURRENTLY active_subscriptions`` period;
     a refresh that would change nothing a reader sees is skipped (ADR 0041)."""
+    IDENTITY_FREE_SNAPSHOT: bool = True
+    """Keep in each process a compact snapshot of the users who never had a subscription
+    (16 bytes a user), so "free" is answered from memory without an entry per user; kept
+    coherent by the privilege cache's invalidations (ADR 0050)."""
+    IDENTITY_WARM_SUBSCRIBED: bool = True
+    """At start, write every subscribed user's privileges to Redis in bulk (those already
+    there are only read), before the process takes traffic (ADR 0050)."""
     IDENTITY_WARM_USERS: int = 20_000
-    """Most recently active users whose privileges are loaded into memory at start. Above
+    """Most recently active users whose privileges and ``/me`` views are loaded into memory
+    (and Redis) at start. Above
     the active population (seed 003: 10 000 signed in): at 1 000, a restart under load sent
     every other active user's first request to PostgreSQL at once (issue 19)."""
 

@@ -15,6 +15,14 @@ Failover:
   waits, not outages). A paying user is never downgraded by a failure: they get their
   last known plan or a 503 their client retries (ADR 0015).
 
+Free users without a lookup: ``FreeUsers`` (``identity.free_users``, ADR 0050) is this
+process's compact snapshot of the users who never had a subscription; its answers are
+"free" from memory (counted under ``memory``, and apart in
+``surge_privilege_snapshot_answers_total``), kept as coherent as the memory tier by the same
+invalidations. At start (``IdentityState``) it is taken and every other user's privileges
+are written to Redis in bulk (``warm_subscribed``), so a cold start of the web processes, or of Redis too, begins with every
+population user answerable without PostgreSQL.
+
 Invalidation: a plan change deletes the user's entry after its transaction commits — this
 process's memory, Redis, and every other process's memory through kit.cache's pub/sub.
 Caches hold only *which plan until when*; features come from configuration at read time.
@@ -33,6 +41,7 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.identity import repository
+from surge.identity.free_users import FreeUsers
 from surge.identity.plans import FREE, Catalog, Grant, Privileges, privileges_for
 from surge.kit.cache import Cache
 from surge.kit.db import Database, is_pool_exhausted, is_unavailable
@@ -59,6 +68,19 @@ _TIERS = ("memory", "redis", "database", "stale", "unavailable")
 _BATCHED = BatchedCounter(PRIVILEGE_LOOKUPS)  # one lookup per authenticated request
 _COUNTERS = {s: _BATCHED.labels(s) for s in _TIERS}
 _BATCH_COUNTERS = {s: BatchedCounter(PRIVILEGE_BATCH_LOOKUPS).labels(s) for s in _TIERS}
+PRIVILEGE_SNAPSHOT_ANSWERS = Counter(
+    "surge_privilege_snapshot_answers_total",
+    "The part of the memory answers of surge_privilege_lookups_total given by the free users' "
+    "snapshot (users without any subscription: free, no per-user entry; ADR 0050), by kind "
+    "(own check or batch).",
+    ["kind"],
+)
+_SNAPSHOT_BATCHED = BatchedCounter(PRIVILEGE_SNAPSHOT_ANSWERS)
+_SNAPSHOT_OWN = _SNAPSHOT_BATCHED.labels("own")
+_SNAPSHOT_BATCH = _SNAPSHOT_BATCHED.labels("batch")
+#: The "cached value" of a memo built from the free users' snapshot (no cache entry).
+_SNAPSHOT: Any = object()
+_FREE_GRANT = {"p": FREE, "e": None, "f": True}
 
 
 class PrivilegesUnavailable(DependencyUnavailable):
@@ -76,10 +98,13 @@ class PrivilegeStore:
         catalog: Catalog,
         *,
         clock: Callable[[], float] = time.time,
+        free_users: FreeUsers | None = None,
     ) -> None:
         self.db = db
         self.cache = cache
         self.catalog = catalog
+        #: The snapshot of users without a subscription (None: every lookup goes to the cache).
+        self.free_users = free_users
         #: Wall-clock seconds against which plans expire (tests move it, as tokens' clock).
         self.clock = clock
         #: user id → (cached value, source, valid until (epoch s), its Privileges, cache
@@ -102,13 +127,20 @@ class PrivilegeStore:
         built = self._built.get(user_id)
         if built is None or built[1] != "memory" or self.clock() >= built[2]:
             return None
-        if self.cache.peek(built[4]) is not built[0]:
+        if built[0] is _SNAPSHOT:
+            if self.free_users is None or not self.free_users.is_free(user_id, built[4]):
+                return None
+            _SNAPSHOT_OWN.inc()
+        elif self.cache.peek(built[4]) is not built[0]:
             return None
         _COUNTERS["memory"].inc()
         return built[3]
 
     async def get(self, user_id: uuid.UUID) -> Privileges:
         key = str(user_id)
+        if self.free_users is not None and self.free_users.is_free(user_id, key):
+            _SNAPSHOT_OWN.inc()
+            return self._answer(user_id, key, _SNAPSHOT, False, "l1")
 
         async def load() -> dict[str, Any]:
             async with self.db.read_session() as session:
@@ -144,7 +176,7 @@ class PrivilegeStore:
         now = self.clock()
         if built is not None and built[0] is value and built[1] == source and now < built[2]:
             return built[3]
-        grant = _decode(value)
+        grant = _decode(_FREE_GRANT if value is _SNAPSHOT else value)
         privileges = privileges_for(
             self.catalog, user_id, grant, source, datetime.fromtimestamp(now, UTC)
         )
@@ -169,13 +201,29 @@ class PrivilegeStore:
         cached for some user and no answer from PostgreSQL: ``PrivilegesUnavailable`` (503)."""
         unique = list(dict.fromkeys(user_ids))
         keys = [str(u) for u in unique]
+        out: dict[uuid.UUID, Privileges] = {}
+        if self.free_users is not None:
+            free = self.free_users.free_among(unique, keys)
+            if any(free):
+                rest: list[uuid.UUID] = []
+                for user_id, key, is_free in zip(unique, keys, free, strict=True):
+                    if is_free:
+                        out[user_id] = self._answer(
+                            user_id, key, _SNAPSHOT, False, "l1", batch=True
+                        )
+                    else:
+                        rest.append(user_id)
+                _SNAPSHOT_BATCH.inc(len(out))
+                unique = rest
+                keys = [str(u) for u in unique]
+                if not unique:
+                    return out
         try:
             results = await self.cache.fetch_many(keys, self._load_many)
         except Exception as error:
             if not is_unavailable(error):
                 raise  # a bug, not an outage
             raise self._unavailable(error, users=len(unique), batch=True) from error
-        out: dict[uuid.UUID, Privileges] = {}
         for user_id, key in zip(unique, keys, strict=True):
             result = results.get(key)
             if result is None:  # the loader left it out (never, with grants())
@@ -221,6 +269,29 @@ class PrivilegeStore:
             user_ids = await repository.most_active_users(session, limit)
         await self.cache.warm([str(u) for u in user_ids], self._load_many)
         return len(user_ids)
+
+    async def refresh_free_users(self) -> bool:
+        """Take a new snapshot of the users without a subscription if the one held is not
+        trusted, too old or too dirty (``FreeUsers.stale``). Returns whether it did."""
+        if self.free_users is None or not self.free_users.stale():
+            return False
+
+        async def snapshot() -> bytes:
+            # On the primary: a lagging replica could still show as free a user whose new
+            # subscription committed, and whose invalidation was heard, before the build.
+            async with self.db.session() as session:
+                return await repository.free_user_ids(session)
+
+        return await self.free_users.rebuild(snapshot)
+
+    async def warm_subscribed(self) -> int:
+        """Every user with a subscription (everyone the free snapshot leaves out) into Redis,
+        in bulk: one query for the ids, then ``Cache.warm``'s chunks (one MGET, one SQL
+        load for the missing, one Redis command to write them). Keys already in Redis (a
+        restart of the web processes alone) cost the MGET only. Returns how many loaded."""
+        async with self.db.read_session() as session:
+            user_ids = await repository.subscribed_user_ids(session)
+        return await self.cache.warm([str(u) for u in user_ids], self._load_many)
 
     def forget_all_local(self) -> None:
         """Drop this process's memory tier (tests, benchmarks)."""

@@ -59,6 +59,12 @@ async def user_by_id(
     return result.scalar_one_or_none()
 
 
+async def users_by_ids(session: AsyncSession, user_ids: Sequence[uuid.UUID]) -> list[User]:
+    """The users among ``user_ids`` (any order; unknown ids left out): bulk loads."""
+    result = await session.execute(select(User).where(User.id.in_(list(user_ids))))
+    return list(result.scalars().all())
+
+
 async def live_sessions(
     session: AsyncSession, user_id: uuid.UUID, *, now: datetime
 ) -> Sequence[AuthSession]:
@@ -256,6 +262,27 @@ async def most_active_users(session: AsyncSession, limit: int) -> list[uuid.UUID
         ),
         {"n": limit},
     )
+    return list(result.scalars().all())
+
+
+async def free_user_ids(session: AsyncSession) -> bytes:
+    """Every user with no subscription row at all (never paid, so "free" with no doubt), as
+    one ``bytea``: their ids as 16-byte big-endian UUIDs, ascending (PostgreSQL orders
+    ``uuid`` bytewise), concatenated. One statement, so one consistent snapshot; no row
+    object per user on the way (``identity.free_users``)."""
+    blob = await session.scalar(
+        text(
+            "SELECT string_agg(uuid_send(u.id), ''::bytea ORDER BY u.id) FROM users u "
+            "WHERE NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = u.id)"
+        )
+    )
+    return bytes(blob or b"")
+
+
+async def subscribed_user_ids(session: AsyncSession) -> list[uuid.UUID]:
+    """Every user with a subscription row (paying, expired or cancelled): the users the
+    free snapshot leaves to the cache tiers (start-up warming)."""
+    result = await session.execute(text("SELECT user_id FROM subscriptions"))
     return list(result.scalars().all())
 
 

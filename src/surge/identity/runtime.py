@@ -24,6 +24,7 @@ import structlog
 
 from surge.config import Settings
 from surge.identity.devices import DeviceTokens
+from surge.identity.free_users import FreeUsers
 from surge.identity.plans import Catalog
 from surge.identity.principal import Principal
 from surge.identity.privileges import PrivilegeStore
@@ -37,6 +38,10 @@ from surge.kit.web.client_ip import ClientIpResolver
 log = structlog.get_logger()
 
 EXTENSION = "identity"
+#: Seconds between checks of the free users' snapshot (a rebuild only when it is due).
+_SNAPSHOT_CHECK = 5.0
+#: Seconds the start-up warming waits for the invalidation channel before giving up on it.
+_LISTEN_WAIT = 10.0
 
 
 def key_ring(settings: Settings) -> KeyRing:
@@ -69,21 +74,29 @@ class IdentityState:
             settings.SECRET_KEY.get_secret_value().encode() + b".mfa-backup"
         )
         self.catalog = Catalog.from_settings(settings)
+        privilege_cache = Cache(
+            runtime.redis,
+            name="privileges",
+            namespace="surge:identity:priv",
+            l1_max_entries=settings.IDENTITY_PRIVILEGE_L1_SIZE,
+            l1_ttl=settings.IDENTITY_PRIVILEGE_L1_TTL.total_seconds(),
+            ttl=settings.IDENTITY_PRIVILEGE_TTL.total_seconds(),
+            max_stale=settings.IDENTITY_PRIVILEGE_STALE.total_seconds(),
+            early_refresh=settings.CACHE_EARLY_REFRESH,
+            resync_interval=settings.CACHE_RESYNC_INTERVAL.total_seconds(),
+            lease=settings.CACHE_LEASE.total_seconds(),
+        )
         self.privileges = PrivilegeStore(
             runtime.db,
-            Cache(
-                runtime.redis,
-                name="privileges",
-                namespace="surge:identity:priv",
-                l1_max_entries=settings.IDENTITY_PRIVILEGE_L1_SIZE,
-                l1_ttl=settings.IDENTITY_PRIVILEGE_L1_TTL.total_seconds(),
-                ttl=settings.IDENTITY_PRIVILEGE_TTL.total_seconds(),
-                max_stale=settings.IDENTITY_PRIVILEGE_STALE.total_seconds(),
-                early_refresh=settings.CACHE_EARLY_REFRESH,
-                resync_interval=settings.CACHE_RESYNC_INTERVAL.total_seconds(),
-                lease=settings.CACHE_LEASE.total_seconds(),
-            ),
+            privilege_cache,
             self.catalog,
+            # The snapshot's safety net is the Redis TTL's: a write that bypassed the
+            # service (and its invalidation) is seen within it.
+            free_users=FreeUsers(
+                privilege_cache, max_age=settings.IDENTITY_PRIVILEGE_TTL.total_seconds()
+            )
+            if settings.IDENTITY_FREE_SNAPSHOT
+            else None,
         )
         # GET /me without a pooled connection when warm (issue 19, ADR 0016).
         self.users = UserStore(
@@ -122,16 +135,61 @@ class IdentityState:
         await self.revocations.start()
         await self.privileges.start()
         await self.users.start()
-        if warm and self.settings.IDENTITY_WARM_USERS > 0:
-            try:
-                warmed = await self.privileges.warm(self.settings.IDENTITY_WARM_USERS)
-                log.info("identity.privileges.warmed", users=warmed)
-            except Exception as error:  # a cold cache is slower, not broken
-                log.warning("identity.privileges.warm_failed", error=str(error)[:200])
+        if warm:
+            await self._warm()
         if refresh_view:
             self._tasks.append(
                 asyncio.create_task(self._refresh_forever(), name="identity-view-refresh")
             )
+        if self.privileges.free_users is not None:
+            self._tasks.append(
+                asyncio.create_task(self._snapshot_forever(), name="identity-free-users")
+            )
+
+    async def _warm(self) -> None:
+        """Before the process takes traffic (ADR 0050): the free users' snapshot, every
+        subscribed user's privileges into Redis, then the most active users' privileges and
+        ``/me`` views into memory (last, so the memory tier keeps them). A cold cache is
+        slower, not broken: a step that fails is logged and the next one still runs."""
+        settings = self.settings
+        store = self.privileges
+
+        async def snapshot() -> None:
+            # The snapshot needs the invalidation channel heard from before it starts.
+            await asyncio.wait_for(store.cache.wait_listening(), _LISTEN_WAIT)
+            await store.refresh_free_users()
+
+        async def subscribed() -> None:
+            log.info("identity.privileges.subscribed_warmed", loaded=await store.warm_subscribed())
+
+        async def active() -> None:
+            warmed = await store.warm(settings.IDENTITY_WARM_USERS)
+            log.info("identity.privileges.warmed", users=warmed)
+            loaded = await self.users.warm(settings.IDENTITY_WARM_USERS)
+            log.info("identity.users.warmed", loaded=loaded)
+
+        steps = {
+            "free_users": snapshot if store.free_users is not None else None,
+            "subscribed": subscribed if settings.IDENTITY_WARM_SUBSCRIBED else None,
+            "active": active if settings.IDENTITY_WARM_USERS > 0 else None,
+        }
+        for name, step in steps.items():
+            if step is None:
+                continue
+            try:
+                await step()
+            except Exception as error:
+                log.warning("identity.warm_failed", step=name, error=str(error)[:200])
+
+    async def _snapshot_forever(self) -> None:
+        """Retake the free users' snapshot when it stops being trusted (an invalidation
+        possibly missed: a Redis outage, a gap), gets too dirty or too old."""
+        while True:
+            await asyncio.sleep(_SNAPSHOT_CHECK)
+            try:
+                await self.privileges.refresh_free_users()
+            except Exception as error:  # until then the cache tiers answer everyone
+                log.warning("identity.free_users.rebuild_failed", error=str(error)[:200])
 
     async def close(self) -> None:
         for task in self._tasks:

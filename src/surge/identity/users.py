@@ -23,6 +23,7 @@ service, a migration) is bounded by it too.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -71,6 +72,20 @@ class UserStore:
             self._rendered.pop(next(iter(self._rendered)))  # the oldest rendered
         self._rendered[user_id] = (result.value, body)
         return body
+
+    async def warm(self, limit: int) -> int:
+        """The most active users' views into memory and Redis, in bulk (at start, like the
+        privileges: a cold start otherwise sends each signed-in user's first ``/me`` to
+        PostgreSQL as the load arrives). Returns how many were loaded from the database."""
+        async with self.db.read_session() as session:
+            user_ids = await repository.most_active_users(session, limit)
+
+        async def load_many(keys: Sequence[str]) -> dict[str, Any]:
+            async with self.db.read_session() as session:
+                users = await repository.users_by_ids(session, [uuid.UUID(k) for k in keys])
+            return {str(u.id): UserRead.model_validate(u).model_dump(mode="json") for u in users}
+
+        return await self.cache.warm([str(u) for u in user_ids], load_many)
 
     def invalidate_on_commit(self, session: AsyncSession, user_id: uuid.UUID) -> None:
         """Forget ``user_id``'s view everywhere once ``session`` commits (never on rollback)."""

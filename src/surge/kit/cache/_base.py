@@ -153,6 +153,8 @@ class _CacheBase:
         self._seen_remote = 0
         #: The invalidation channel's listener (``surge.kit.pubsub``), made at ``start()``.
         self._listener: ChannelListener | None = None
+        #: Called with every key this process drops as invalidated (``Cache.on_drop``).
+        self._drop_listeners: list[Callable[[str], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False

@@ -131,6 +131,8 @@ class _Coherence(_CacheBase):
         self.l1.pop(key)
         if key in self._watched:
             self._dirty.add(key)
+        for listener in self._drop_listeners:
+            listener(key)
 
     def _may_fill(self, key: str, epoch: int) -> bool:
         """L1 may keep a value read or loaded since ``epoch`` (no flush since, no delete of

@@ -469,6 +469,31 @@ class Cache(_ReadPath):
                 self._note_degraded()
         return loaded
 
+    # ==== memos kept beside the cache ======================================================
+    def on_drop(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(key)`` (synchronously, it must not block) for every key this
+        process drops because it was invalidated, here or in another process (pub/sub).
+        With ``coherence_mark`` it lets a caller keep its own memo of the source of truth
+        (a compact snapshot, say) exactly as coherent as L1."""
+        self._drop_listeners.append(listener)
+
+    def coherence_mark(self) -> int | None:
+        """While this process hears every invalidation (Redis up, subscribed): a number
+        that changes whenever it may have missed some (an L1 flush after a gap, a reconnect,
+        a ``clear``, a namespace change). A memo built from the source of truth while the
+        mark read M, and told of every drop since (``on_drop``), is current while the mark
+        still reads M. None: invalidations may be missed right now; trust no memo."""
+        if not self.gateway.is_up or not self._listening:
+            return None
+        return self._epoch
+
+    def unread_invalidation(self) -> bool:
+        """True while an invalidation has reached this process's socket unread (a lagging
+        event loop): the memory tier defers to Redis meanwhile (ADR 0028), and so must any
+        memo kept with ``coherence_mark``."""
+        suspect = self.l1.suspect
+        return suspect is not None and suspect()
+
     def stats(self) -> dict[str, Any]:
         """Counters since start, for ``/api/admin/metrics`` and ``surge doctor``."""
         lookups = self._hits_l1 + self._miss_l1
