@@ -261,6 +261,48 @@ class TestHotRoutes:
         assert paths[0] == "/hot"
         assert paths.index("/a") < paths.index("/twice")  # the rest keeps its order
 
+    async def test_shortcut_answers_when_it_can_and_the_route_otherwise(self) -> None:
+        from starlette.types import Scope
+
+        from surge.kit.web.routing import shortcut_route
+
+        app = FastAPI()
+
+        @app.get("/hot")
+        async def hot(who: str = "route") -> dict[str, str]:
+            return {"from": who}
+
+        def answer(scope: Scope) -> bytes | None:
+            return b'{"from":"shortcut"}' if scope["query_string"] == b"" else None
+
+        shortcut_route(app, hot, answer)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as client:
+            quick = await client.get("/hot")
+            full = await client.get("/hot", params={"who": "full"})
+            wrong_method = await client.post("/hot")
+        assert quick.status_code == 200
+        assert quick.json() == {"from": "shortcut"}
+        assert quick.headers["content-type"] == "application/json"
+        assert quick.headers["content-length"] == str(len(b'{"from":"shortcut"}'))
+        assert full.json() == {"from": "full"}  # None: FastAPI's route answers
+        assert wrong_method.status_code == 405  # matching stays the route's
+        assert "/hot" in app.openapi()["paths"]
+
+    async def test_shortcut_needs_exactly_one_route(self) -> None:
+        from surge.kit.web.routing import shortcut_route
+
+        app = FastAPI()
+
+        async def twice() -> dict[str, str]:
+            return {}
+
+        app.add_api_route("/a", twice)
+        app.add_api_route("/b", twice)
+        with pytest.raises(RuntimeError, match="2 routes"):
+            shortcut_route(app, twice, lambda scope: None)
+
     async def test_json_bytes_response_is_a_complete_json_response(self) -> None:
         from surge.kit.web.responses import JSONBytes
 

@@ -8,8 +8,7 @@ import uuid
 import orjson
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
-from fastapi.routing import APIRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 from surge.identity.deps import (
     AdminMfa,
@@ -50,6 +49,7 @@ from surge.kit.runtime import Runtime
 from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep
 from surge.kit.web.pagination import Cursor, Limit, Page
 from surge.kit.web.responses import JSONBytes
+from surge.kit.web.routing import shortcut_route
 
 
 def _tokens(pair: TokenPair) -> TokenRead:
@@ -246,45 +246,26 @@ def install_routes(app: FastAPI) -> None:
         tags=["identity"],
         summary="The caller's plan, features and rate tier",
     )
-    route = app.router.routes[-1]
-    assert isinstance(route, APIRoute)
-    assert route.endpoint is my_privileges
-    route.app = privileges_fast_path(route.app)
+    shortcut_route(app, my_privileges, privileges_from_hook)
     app.include_router(router)
 
 
-def privileges_fast_path(full: ASGIApp) -> ASGIApp:
+def privileges_from_hook(scope: Scope) -> bytes | None:
     """``GET /api/v1/me/privileges`` when the rate-limit hook already authenticated the
-    caller and found their privileges in memory (the common case): the memoised body sent as
-    two ASGI messages, without FastAPI's request handling (a ``Request``, two exit stacks,
-    the dependency solver and query parsing for a route that has neither: about a third of
-    the request's CPU in process, ADR 0048). Anything else — no hook answer (limiter off,
-    hook failed, token not in memory), FastAPI telemetry on — goes to ``full``, the route
-    as FastAPI built it (``my_privileges``), so errors, 401s and OpenAPI are unchanged."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope.get("state")
-        if state is not None and scope.get("fastapi.telemetry") is None:
-            principal: Principal | None = state.get(PRINCIPAL_STATE)
-            p: Privileges | None = state.get(PRIVILEGES_STATE)
-            if principal is not None and p is not None and p.user_id == principal.user_id:
-                bind_principal(state, principal)  # as current_user leaves it
-                body = p.json
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [(b"content-length", b"%d" % len(body)), _JSON_TYPE],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        await full(scope, receive, send)
-
-    return app
-
-
-_JSON_TYPE = (b"content-type", b"application/json")
+    caller and found their privileges in memory (the common case): the memoised body, bound
+    to the principal as ``current_user`` leaves it (``shortcut_route``, ADR 0048). Anything
+    else (no hook answer: limiter off, hook failed, token not in memory) returns ``None`` and
+    the route as FastAPI built it (``my_privileges``) answers, so errors and 401s are
+    unchanged."""
+    state = scope.get("state")
+    if state is None:
+        return None
+    principal: Principal | None = state.get(PRINCIPAL_STATE)
+    p: Privileges | None = state.get(PRIVILEGES_STATE)
+    if principal is None or p is None or p.user_id != principal.user_id:
+        return None
+    bind_principal(state, principal)
+    return p.json
 
 
 @admin_router.put("/users/{user_id}/plan", status_code=status.HTTP_204_NO_CONTENT)
