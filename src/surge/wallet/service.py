@@ -36,10 +36,9 @@ from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.kit.web.pagination import Slice
 from surge.models.wallet import Earning, Partner, RevenueEvent, Withdrawal
-from surge.wallet import repository
+from surge.wallet import payout_rules, repository
 from surge.wallet.errors import (
     NotAPartner,
-    NotWithdrawable,
     RevenueEventConflict,
     RevenueEventOutOfBounds,
     WithdrawalAlreadyDecided,
@@ -325,19 +324,7 @@ class WalletService:
         # Wallet and holds locked in the ledger's order before reading: a concurrent request
         # (or a credit) cannot change what is withdrawable between the check and the transfer.
         await self.ledger.lock(session, [wallet, holds])
-        balance, withdrawable = await self._withdrawable(session, wallet)
-        if balance.debt > 0:
-            raise WalletInDebt(
-                "This wallet owes the platform for a reversed top-up: no withdrawal until "
-                "the debt is repaid (top-ups and earnings repay it first).",
-                extra={"debt": balance.debt, "withdrawable": 0},
-            )
-        if withdrawable < amount <= balance.available:  # beyond available: the ledger's 409
-            raise NotWithdrawable(
-                "Top-up credit buys operations and is never paid out; this wallet can "
-                f"withdraw {max(withdrawable, 0)} minor units.",
-                extra={"withdrawable": max(withdrawable, 0)},
-            )
+        await payout_rules.check(session, settings, self.ledger, owner_id, wallet, amount=amount)
         posted = await self.ledger.transfer(
             session,
             key=f"withdrawal:{withdrawal_id}",
@@ -360,19 +347,6 @@ class WalletService:
         self.invalidate_after_commit(session, runtime)
         log.info("wallet.withdrawal.requested", withdrawal_id=str(withdrawal_id), amount=amount)
         return withdrawal
-
-    async def _withdrawable(self, session: AsyncSession, wallet: int) -> tuple[Balance, int]:
-        """(balance, withdrawable): available minus the top-up credit still in the wallet.
-        Posted purchases spend top-up credit first, but only credit already there: a later
-        top-up is not absorbed by earlier purchases paid with earnings (ADR 0045). One still
-        reserved does not count yet (stricter for the seconds an operation runs, never
-        looser). The wallet row's running total, kept by the ledger's functions (ADR 0036,
-        0045): O(1) whatever the wallet's history."""
-        balance = await self.ledger.balance(session, wallet)
-        if balance.debt > 0:  # a wallet in debt withdraws nothing (ADR 0042)
-            return balance, 0
-        unspent = await repository.topup_unspent(session, wallet)
-        return balance, balance.available - unspent
 
     async def decide(
         self,
@@ -515,7 +489,7 @@ class WalletService:
         wallet = await self.ledger.wallet_of(session, owner_id, currency=currency)
         if wallet is None:
             return None
-        balance, withdrawable = await self._withdrawable(session, wallet)
+        balance, withdrawable = await payout_rules.withdrawable(session, self.ledger, wallet)
         return balance, max(withdrawable, 0)
 
     async def transactions(
