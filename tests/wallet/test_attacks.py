@@ -200,3 +200,28 @@ async def age_withdrawals(app: FastAPI, who: Caller, *, hours: int) -> None:
             ),
             {"h": hours, "o": who.id},
         )
+
+
+class TestOperatorsMoneyIsAudited:
+    async def test_an_admins_revenue_event_is_in_the_audit_log_once(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        """An MFA administrator may record a revenue event: every active partner is then
+        credited. It was the one money action an operator could take without an audit row
+        (ADR 0051). A replay changes nothing and adds no row."""
+        event = {"id": f"game-{uuid4()}", "kind": "game", "profit": 9_999_999}
+        created = await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
+        assert created.status_code == 201, created.text
+        replay = await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
+        assert replay.status_code == 200, replay.text
+        async with runtime_of(wallet_app).db.session() as session:
+            rows = (
+                await session.execute(
+                    text(
+                        "SELECT actor_id, after FROM audit_log "
+                        "WHERE action = 'wallet.revenue_event.record' AND subject_id = :s"
+                    ),
+                    {"s": event["id"]},
+                )
+            ).all()
+        assert [(row.actor_id, row.after["profit"]) for row in rows] == [(admin.id, 9_999_999)]

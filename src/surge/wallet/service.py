@@ -184,9 +184,14 @@ class WalletService:
         kind: str,
         profit: int,
         occurred_at: datetime | None = None,
+        admin_id: UUID | None = None,
+        request_id: str | None = None,
     ) -> tuple[RevenueEvent, bool]:
         """Record an event once (its id is the idempotency key) and, in the same
-        transaction, enqueue the first earnings batch. Returns (event, created)."""
+        transaction, enqueue the first earnings batch. Returns (event, created).
+
+        Recorded by an administrator (``admin_id``) rather than the platform's service key,
+        it is a person crediting every partner: audited, in this transaction (ADR 0051)."""
         bound = runtime.settings.WALLET_REVENUE_EVENT_MAX
         if abs(profit) > bound:
             raise RevenueEventOutOfBounds(
@@ -206,6 +211,13 @@ class WalletService:
             session, EARNINGS_JOB, {"event_id": event_id, "after": None},
             dedup_key=f"earnings:{event_id}:",
         )  # fmt: skip
+        if admin_id is not None:
+            await audit_service.record(
+                session, admin_id, action="wallet.revenue_event.record",
+                subject_type="revenue_event", subject_id=event_id,
+                after={"kind": kind, "profit": profit, "currency": event.currency},
+                request_id=request_id,
+            )  # fmt: skip
         log.info("wallet.revenue_event.recorded", event_id=event_id, kind=kind)
         return event, True
 
