@@ -225,3 +225,36 @@ class TestOperatorsMoneyIsAudited:
                 )
             ).all()
         assert [(row.actor_id, row.after["profit"]) for row in rows] == [(admin.id, 9_999_999)]
+
+    async def test_a_money_job_cancelled_or_retried_through_the_api_is_audited(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        """Cancelling the queued job that would credit an event's earnings (or apply a
+        payment's chargeback) changes who holds money; the console audited it, the API's
+        ``/api/admin/jobs/{id}/cancel|retry`` did not."""
+        event = {"id": f"game-{uuid4()}", "kind": "game", "profit": 1_000}
+        assert (
+            await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
+        ).status_code == 201
+        async with runtime_of(wallet_app).db.session() as session:
+            job_id = await session.scalar(
+                text("SELECT id FROM jobs WHERE dedup_key = :k"), {"k": f"earnings:{event['id']}:"}
+            )
+        assert job_id is not None
+        for verb in ("cancel", "retry"):
+            done = await api.post(f"/api/admin/jobs/{job_id}/{verb}", headers=admin.headers)
+            assert done.status_code == 200, done.text
+        async with runtime_of(wallet_app).db.session() as session:
+            rows = (
+                await session.execute(
+                    text(
+                        "SELECT action, actor_id, after FROM audit_log "
+                        "WHERE subject_type = 'job' AND subject_id = :s ORDER BY id"
+                    ),
+                    {"s": str(job_id)},
+                )
+            ).all()
+        assert [(r.action, r.actor_id, r.after["name"], r.after["state"]) for r in rows] == [
+            ("jobs.job.cancel", admin.id, "wallet.earnings.credit", "cancelled"),
+            ("jobs.job.retry", admin.id, "wallet.earnings.credit", "queued"),
+        ]
