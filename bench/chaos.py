@@ -150,6 +150,9 @@ class Stack:
             "SURGE_JOBS_BACKOFF": "PT0.5S",
             "SURGE_JOBS_BACKOFF_MAX": "PT5S",
             "SURGE_WALLET_EARNINGS_BATCH": "4",  # three batches per event: kills land mid-way
+            # Thousands of 10.00 withdrawals per partner in one run measure the money path,
+            # not the 24 h payout cap (ADR 0051), which would turn the tail into 409s.
+            "SURGE_WALLET_WITHDRAWAL_DAILY_MAX": str(10**15),
             "SURGE_PAYMENTS_PROVIDER_URL": f"http://127.0.0.1:{self.payments_port}",
             "SURGE_PAYMENTS_WEBHOOK_SECRETS": WEBHOOK_SECRET,
             "SURGE_PAYMENTS_TIMEOUT": "PT4S",

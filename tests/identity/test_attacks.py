@@ -219,3 +219,45 @@ class TestConsoleSession:
             "/admin/login", data={"email": "a@example.com", "password": PASSWORD, "otp": ""}
         )
         assert login_csrf.status_code == 403
+
+
+class TestSecondFactorGuessing:
+    async def test_a_session_from_before_enrolment_cannot_guess_codes(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        """Session B was opened with the password alone, before the owner enrolled on
+        session A. B's owner (or whoever stole B's tokens) may call ``/auth/mfa/verify``:
+        every wrong code spends the account's sign-in failure budget, so B gets as many
+        guesses as a sign-in would (ADR 0051) — then even the right code is a 429. (The
+        guesses come from an address of their own: the suite's shared Redis keeps the
+        per-IP failure counts of 127.0.0.1 for every other test.)"""
+        identity = identity_of(id_app)
+        budget = identity.login_guard.max_per_account
+        email, _ = await register(api)
+        owner = await login(api, email)
+        stolen = await login(api, email)
+        setup = (await api.post("/api/v1/auth/mfa/setup", headers=bearer(owner))).json()
+        code = identity.totp.now(setup["secret"])
+        enrolled = await api.post(
+            "/api/v1/auth/mfa/verify", json={"code": code}, headers=bearer(owner)
+        )
+        assert enrolled.status_code == 200, enrolled.text
+        wrong = f"{(int(code) + 500_000) % 1_000_000:06d}"
+        transport = httpx.ASGITransport(app=id_app, client=("198.51.100.7", 40_000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as thief:
+            statuses = [
+                (
+                    await thief.post(
+                        "/api/v1/auth/mfa/verify", json={"code": wrong}, headers=bearer(stolen)
+                    )
+                ).status_code
+                for _ in range(budget + 2)
+            ]
+            assert statuses == [401] * budget + [429] * 2, statuses
+            backup = setup["backup_codes"][0]  # a valid code the attacker guessed or stole
+            right = await thief.post(
+                "/api/v1/auth/mfa/verify", json={"code": backup}, headers=bearer(stolen)
+            )
+            assert right.status_code == 429, right.text
+        me = await api.get("/api/v1/me", headers=bearer(stolen))
+        assert me.status_code == 200  # still signed in, still without a second factor

@@ -338,3 +338,60 @@ class TestWonDisputes:
         assert await balance(live, caller) == 5_000
         assert (await topup_of(live, caller, first["id"]))["amount_reversed"] == 2_000
         await assert_invariants(live)
+
+
+class TestEventAmountsBeyondTheTopup:
+    """The provider's event is signed, but a top-up is an amount Surge asked for: a credit
+    larger than it (an intent amended on the provider's side, a misconfigured capture, a
+    leaked signing secret) is a dead letter for an operator, never money (ADR 0051)."""
+
+    async def test_an_intent_received_beyond_its_amount_credits_nothing(self, live: Live) -> None:
+        caller = await live.reseller()
+        event = intent_event(caller.id, amount=1_200)
+        event["data"]["object"]["amount_received"] = 120_000
+        assert (await post(live, event, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        assert await balance(live, caller) == 0
+        assert await event_state(live, event["id"]) == "dead"
+        await assert_invariants(live)
+
+    async def test_a_forged_larger_success_for_a_real_topup_changes_nothing(
+        self, live: Live
+    ) -> None:
+        """The real payment's own success comes a moment later from the simulator; the
+        larger one, whichever is applied first, never credits its figure."""
+        caller = await live.reseller()
+        made = (await live.topup(caller, amount=1_000, card="pm_card_slow")).json()
+        assert made["status"] == "processing"
+        event = intent_event(caller.id, amount=1_000)
+        event["data"]["object"].update(id=made["provider_payment_id"], amount_received=99_000)
+        assert (await post(live, event, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        assert await balance(live, caller) == 1_000
+        assert (await topup_of(live, caller, made["id"]))["amount_credited"] == 1_000
+        await assert_invariants(live)
+
+    async def test_a_refund_event_capturing_more_credits_nothing(self, live: Live) -> None:
+        """``charge.refunded`` implies the credit of what was captured (a refund may arrive
+        before the payment's own event): captured beyond the top-up is refused whole."""
+        caller = await live.reseller()
+        first = intent_event(caller.id, amount=1_500)
+        first["data"]["object"].update(status="processing", amount_received=0)
+        first["type"] = "payment_intent.processing"
+        assert (await post(live, first, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        payment_id = first["data"]["object"]["id"]
+        refund = refund_event(payment_id, captured=50_000, refunds=[100])
+        assert (await post(live, refund, secrets=[SIM_SECRET])).status_code == 200
+        await live.settled()
+        assert await balance(live, caller) == 0
+        assert await event_state(live, refund["id"]) == "dead"
+        await assert_invariants(live)
+
+
+async def event_state(live: Live, event_id: str) -> str:
+    async with live.runtime.db.session() as session:
+        state = await session.scalar(
+            text("SELECT state FROM payment_events WHERE id = :i"), {"i": event_id}
+        )
+    return str(state)

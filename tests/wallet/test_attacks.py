@@ -10,7 +10,9 @@ from uuid import uuid4
 
 import httpx
 from fastapi import FastAPI
+from sqlalchemy import text
 
+from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import Caller
 from tests.fixtures.keys import expire_key
 from tests.wallet.test_api import assert_invariants, funded_partner, withdraw
@@ -106,3 +108,153 @@ class TestRaces:
         else:
             assert (wallet["balance"], wallet["available"]) == (10_000, 10_000)
         await assert_invariants(wallet_app)
+
+
+LIMIT_TYPE = "https://surge.dev/problems/withdrawal-limit-reached"
+
+
+class TestDailyLimit:
+    """A stolen session (or a partner emptying a wallet before a dispute lands) asked for as
+    many maximum-sized withdrawals as it liked: the per-request maximum bounded nothing.
+    ADR 0051: at most ``WALLET_WITHDRAWAL_DAILY_MAX`` in any 24 hours, under the wallet's
+    lock, pending and approved requests together."""
+
+    async def test_concurrent_requests_with_fresh_keys_stop_at_the_cap(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        cap = runtime_of(wallet_app).settings.WALLET_WITHDRAWAL_DAILY_MAX
+        each = cap // 4
+        partner = await funded_partner(wallet_app, api, amount=cap * 3)
+        replies = await asyncio.gather(
+            *(withdraw(api, partner, each, f"k-{uuid4()}") for _ in range(12))
+        )
+        codes = sorted(r.status_code for r in replies)
+        assert codes == [201] * 4 + [409] * 8, codes
+        for refused in (r for r in replies if r.status_code == 409):
+            assert refused.headers["content-type"] == "application/problem+json"
+            problem = refused.json()
+            assert (problem["type"], problem["limit"], problem["remaining"]) == (LIMIT_TYPE, cap, 0)
+        assert await available(api, partner) == cap * 2
+        await assert_invariants(wallet_app)
+
+    async def test_the_remainder_is_stated_and_a_larger_request_refused_whole(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient
+    ) -> None:
+        cap = runtime_of(wallet_app).settings.WALLET_WITHDRAWAL_DAILY_MAX
+        partner = await funded_partner(wallet_app, api, amount=cap * 2)
+        await withdraw_up_to(wallet_app, api, partner, cap - 5_000)
+        over = await withdraw(api, partner, 5_001)
+        assert over.status_code == 409, over.text
+        assert over.json()["remaining"] == 5_000
+        assert await available(api, partner) == cap * 2 - (cap - 5_000)
+        assert (await withdraw(api, partner, 5_000)).status_code == 201
+
+    async def test_a_rejected_request_gives_its_share_back(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        cap = runtime_of(wallet_app).settings.WALLET_WITHDRAWAL_DAILY_MAX
+        partner = await funded_partner(wallet_app, api, amount=cap * 2)
+        made = await withdraw_up_to(wallet_app, api, partner, cap)
+        assert (await withdraw(api, partner, 1_000)).status_code == 409
+        path = f"/api/admin/withdrawals/{made[0]}/reject"
+        assert (await api.post(path, headers=admin.headers)).status_code == 200
+        assert (await withdraw(api, partner, 1_000)).status_code == 201
+
+    async def test_approved_requests_count_until_the_window_has_passed(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        """The window is the database's clock: the test ages the rows instead of waiting."""
+        cap = runtime_of(wallet_app).settings.WALLET_WITHDRAWAL_DAILY_MAX
+        partner = await funded_partner(wallet_app, api, amount=cap * 2)
+        for made in await withdraw_up_to(wallet_app, api, partner, cap):
+            path = f"/api/admin/withdrawals/{made}/approve"
+            assert (await api.post(path, headers=admin.headers)).status_code == 200
+        assert (await withdraw(api, partner, 1_000)).status_code == 409
+        await age_withdrawals(wallet_app, partner, hours=23)
+        assert (await withdraw(api, partner, 1_000)).status_code == 409
+        await age_withdrawals(wallet_app, partner, hours=2)  # 25 h ago now
+        assert (await withdraw(api, partner, 1_000)).status_code == 201
+        await assert_invariants(wallet_app)
+
+
+async def withdraw_up_to(
+    app: FastAPI, api: httpx.AsyncClient, who: Caller, total: int
+) -> list[str]:
+    """Withdraw ``total`` in requests of at most ``WALLET_WITHDRAWAL_MAX``; their ids."""
+    most = runtime_of(app).settings.WALLET_WITHDRAWAL_MAX
+    ids = []
+    while total > 0:
+        made = await withdraw(api, who, min(most, total))
+        assert made.status_code == 201, made.text
+        ids.append(str(made.json()["id"]))
+        total -= min(most, total)
+    return ids
+
+
+async def age_withdrawals(app: FastAPI, who: Caller, *, hours: int) -> None:
+    async with runtime_of(app).db.session() as session:
+        await session.execute(
+            text(
+                "UPDATE wallet_withdrawals SET created_at = created_at - make_interval(hours => :h)"
+                " WHERE owner_id = :o"
+            ),
+            {"h": hours, "o": who.id},
+        )
+
+
+class TestOperatorsMoneyIsAudited:
+    async def test_an_admins_revenue_event_is_in_the_audit_log_once(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        """An MFA administrator may record a revenue event: every active partner is then
+        credited. It was the one money action an operator could take without an audit row
+        (ADR 0051). A replay changes nothing and adds no row."""
+        event = {"id": f"game-{uuid4()}", "kind": "game", "profit": 9_999_999}
+        created = await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
+        assert created.status_code == 201, created.text
+        replay = await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
+        assert replay.status_code == 200, replay.text
+        async with runtime_of(wallet_app).db.session() as session:
+            rows = (
+                await session.execute(
+                    text(
+                        "SELECT actor_id, after FROM audit_log "
+                        "WHERE action = 'wallet.revenue_event.record' AND subject_id = :s"
+                    ),
+                    {"s": event["id"]},
+                )
+            ).all()
+        assert [(row.actor_id, row.after["profit"]) for row in rows] == [(admin.id, 9_999_999)]
+
+    async def test_a_money_job_cancelled_or_retried_through_the_api_is_audited(
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+    ) -> None:
+        """Cancelling the queued job that would credit an event's earnings (or apply a
+        payment's chargeback) changes who holds money; the console audited it, the API's
+        ``/api/admin/jobs/{id}/cancel|retry`` did not."""
+        event = {"id": f"game-{uuid4()}", "kind": "game", "profit": 1_000}
+        assert (
+            await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
+        ).status_code == 201
+        async with runtime_of(wallet_app).db.session() as session:
+            job_id = await session.scalar(
+                text("SELECT id FROM jobs WHERE dedup_key = :k"), {"k": f"earnings:{event['id']}:"}
+            )
+        assert job_id is not None
+        for verb in ("cancel", "retry"):
+            done = await api.post(f"/api/admin/jobs/{job_id}/{verb}", headers=admin.headers)
+            assert done.status_code == 200, done.text
+        async with runtime_of(wallet_app).db.session() as session:
+            rows = (
+                await session.execute(
+                    text(
+                        "SELECT action, actor_id, after FROM audit_log "
+                        "WHERE subject_type = 'job' AND subject_id = :s ORDER BY id"
+                    ),
+                    {"s": str(job_id)},
+                )
+            ).all()
+        assert [(r.action, r.actor_id, r.after["name"], r.after["state"]) for r in rows] == [
+            ("jobs.job.cancel", admin.id, "wallet.earnings.credit", "cancelled"),
+            ("jobs.job.retry", admin.id, "wallet.earnings.credit", "queued"),
+        ]

@@ -133,5 +133,28 @@ class AdminService:
         log.info("admin.cache.cleared", caches=cleared)
         return cleared
 
+    async def record_job_action(
+        self,
+        session: AsyncSession,
+        actor_id: Any,
+        *,
+        action: str,
+        job: dict[str, Any],
+        request_id: str | None = None,
+    ) -> None:
+        """Audit a job retried or cancelled through ``/api/admin/jobs`` (the kit's router
+        calls this through ``surge.admin.surface``): which job, what it is about (its name
+        and keys, e.g. ``earnings:<event>:`` or ``payment:<pi>``), its state now — not its
+        payload, which may carry a mail's context. The console's job actions are audited by
+        its own service."""
+        await audit_service.record(
+            session, actor_id, action=action, subject_type="job", subject_id=str(job["id"]),
+            after={
+                "name": job["name"], "queue": job["queue"], "state": job["state"],
+                "dedup_key": job["dedup_key"], "lock_key": job["lock_key"],
+            },
+            request_id=request_id,
+        )  # fmt: skip
+
 
 admin = AdminService()

@@ -18,17 +18,23 @@ if any answers without an admin session with MFA.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, FastAPI
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.admin.routes import admin_router as admin_domain_router
+from surge.admin.service import admin as admin_service
 from surge.audit.routes import admin_router as audit_admin_router
 from surge.credential.routes import admin_router as credential_admin_router
 from surge.identity.deps import require_admin_mfa
+from surge.identity.principal import Principal
 from surge.identity.routes import admin_router as identity_admin_router
 from surge.kit.breaker import breaker_router
 from surge.kit.jobs.admin import admin_router as jobs_admin_router
 from surge.kit.runtime import Runtime
 from surge.kit.telemetry.health_score import platform_health_router
+from surge.kit.web.deps import request_id
 from surge.notifications.routes import admin_router as notifications_admin_router
 from surge.operations.routes import admin_router as operations_admin_router
 from surge.payments.routes import admin_router as payments_admin_router
@@ -52,10 +58,21 @@ def domain_admin_routers() -> list[APIRouter]:
     ]
 
 
+async def record_job_action(
+    request: Request, session: AsyncSession, action: str, job: dict[str, Any]
+) -> None:
+    """The kit jobs router's recorder: the admin the guard let in, audited."""
+    principal = request.state.principal
+    assert isinstance(principal, Principal)  # set by the guard, which ran first
+    await admin_service.record_job_action(
+        session, principal.user_id, action=action, job=job, request_id=request_id(request)
+    )
+
+
 def kit_admin_routers(runtime: Runtime) -> list[APIRouter]:
     """The kit's admin routers, built for this process (prefixes under ``/api/admin``)."""
     return [
-        jobs_admin_router(prefix=f"{ADMIN_PREFIX}/jobs"),
+        jobs_admin_router(prefix=f"{ADMIN_PREFIX}/jobs", record=record_job_action),
         breaker_router(prefix=f"{ADMIN_PREFIX}/circuit-breakers"),
         platform_health_router(
             runtime.health, runtime.extensions, path=f"{ADMIN_PREFIX}/platform-health"

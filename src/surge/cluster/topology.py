@@ -140,6 +140,9 @@ class ClusterConfig:
             "SURGE_SECRET_KEY": SECRET_KEY,
             "SURGE_LOG_JSON": "true",
             "SURGE_RATELIMIT_ENABLED": "false",  # the load comes from one address
+            # bench/cluster.py's few writers each withdraw thousands of times: the money
+            # path's figure, not the 24 h payout cap's (ADR 0051).
+            "SURGE_WALLET_WITHDRAWAL_DAILY_MAX": str(10**15),
             "SURGE_WEB_WORKERS": str(self.web_processes),
             "SURGE_JOBS_PROCESSES": "1",
         }

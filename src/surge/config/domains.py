@@ -116,6 +116,10 @@ class DomainSettings(BaseSettings):
     """Smallest withdrawal, in minor units (1 000 = 10.00)."""
     WALLET_WITHDRAWAL_MAX: int = 1_000_000
     """Largest single withdrawal, in minor units (1 000 000 = 10 000.00)."""
+    WALLET_WITHDRAWAL_DAILY_MAX: int = 2_000_000
+    """Most one owner may ask to withdraw in any 24 hours, pending and approved requests
+    together (2 000 000 = 20 000.00; ADR 0051). Without it the per-request maximum bounded
+    nothing: a stolen session drained a wallet in as many requests as it liked."""
     WALLET_REVENUE_EVENT_MAX: int = 10**12
     """Largest |profit| of one revenue event, in minor units (10¹² = 10 000 000 000.00).
     A bound keeps every balance far from BIGINT's end: one event near 2⁶³ would overflow

@@ -47,17 +47,25 @@ class MfaService:
         )
 
     async def verify(
-        self, session: AsyncSession, runtime: Runtime, principal: Principal, code: str
+        self, session: AsyncSession, runtime: Runtime, principal: Principal, code: str, *, ip: str
     ) -> str:
         """Check a TOTP (or backup) code: enables MFA on first success, marks this session
-        as MFA-verified, returns a new access token that says so."""
+        as MFA-verified, returns a new access token that says so.
+
+        A wrong code spends the sign-in failure budget of the account and of ``ip`` (ADR
+        0051): a session opened before the account enrolled (no second factor asked then)
+        could otherwise guess codes at the request rate limit — about one success a few days.
+        A right one gives its slot back."""
         state = identity_state(runtime)
         user = await repository.user_by_id(session, principal.user_id, for_update=True)
         assert user is not None
         if user.mfa_secret is None:
             raise Conflict("Start MFA enrolment first")
+        await state.login_guard.reserve(user.email, ip)  # 429 once the budget is spent
         if not await self.second_factor(session, state, user, code, allow_backup=user.mfa_enabled):
-            raise InvalidCredentials("Wrong or already used one-time code")
+            log.info("identity.mfa.failed", user_id=str(user.id), ip=ip)
+            raise InvalidCredentials("Wrong or already used one-time code")  # the slot is kept
+        await state.login_guard.release(user.email, ip)
         if not user.mfa_enabled:
             user.mfa_enabled = True
             state.users.invalidate_on_commit(session, user.id)  # /me shows it

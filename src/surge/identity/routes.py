@@ -193,9 +193,15 @@ async def mfa_setup(
 
 @router.post("/auth/mfa/verify")
 async def mfa_verify(
-    body: MfaVerifyRequest, principal: CurrentUser, session: SessionDep, runtime: RuntimeDep
+    body: MfaVerifyRequest,
+    principal: CurrentUser,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    request: Request,
 ) -> AccessTokenRead:
-    token = await mfa_service.verify(session, runtime, principal, body.code)
+    token = await mfa_service.verify(
+        session, runtime, principal, body.code, ip=_client_ip(request, runtime)
+    )
     return AccessTokenRead(access_token=token, expires_in=identity_service.access_ttl(runtime))
 
 

@@ -51,6 +51,10 @@ async def credit(
         raise PermanentEventError(f"currency {currency} differs from the top-up's {topup.currency}")
     if amount <= 0:
         return
+    if amount > topup.amount:  # signed, yet more than Surge asked for (ADR 0051)
+        raise PermanentEventError(
+            f"the provider reports {amount} received for a top-up of {topup.amount}"
+        )
     if late is not None and topup.amount_credited == 0:
         # The caller holds the top-up's row lock, and ``payment:<pi>`` is posted only from
         # here, each time with ``amount_credited`` set in the same transaction: nothing

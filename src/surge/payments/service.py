@@ -18,7 +18,8 @@ The one rule: **the provider's payment id is the idempotency key of the ledger p
 ``payment:<pi id>:dispute:<dp id>`` for the reversals, ``…:dispute:<dp id>:reinstated`` for a
 won dispute: ``surge.payments.reversals``). The request that saw the payment
 succeed, the webhook, its duplicates and the reconciliation poll all call ``funds.credit``
-with that key, so exactly one of them moves money.
+with that key, so exactly one of them moves money — never more than the top-up's own amount
+nor in another currency: a signed event that says otherwise is dead-lettered (ADR 0051).
 
 Paths that touch a top-up, all under its row lock (``repository.lock_topup``):
 - ``create_topup`` (request): creates and confirms the intent at the provider with an

@@ -6,6 +6,7 @@ WalletError (see ``surge.wallet.ledger`` for the ledger's own subclasses)
 ├── WithdrawalOutOfBounds (Unprocessable)  422: below the minimum or above the maximum
 ├── WithdrawalKeyMismatch (Unprocessable)  422: Idempotency-Key already named another amount
 ├── NotWithdrawable (Conflict)             409: the amount needs unspent top-up credit
+├── WithdrawalLimitReached (Conflict)      409: past WALLET_WITHDRAWAL_DAILY_MAX in 24 h
 ├── RevenueEventConflict (Conflict)        409: event id reused with other figures
 ├── RevenueEventOutOfBounds (Unprocessable) 422: profit beyond WALLET_REVENUE_EVENT_MAX
 └── NotAPartner (Unprocessable)            422: terms for a user without a partner role
@@ -48,3 +49,8 @@ class NotAPartner(WalletError, UnprocessableEntity):
 class NotWithdrawable(WalletError, Conflict):
     """The wallet holds the amount, but part of it is top-up credit: it buys operations and
     is never paid out (a card top-up cashed out would come back as a chargeback)."""
+
+
+class WithdrawalLimitReached(WalletError, Conflict):
+    """The owner's withdrawals of the last 24 hours plus this one would pass
+    ``WALLET_WITHDRAWAL_DAILY_MAX`` (ADR 0051)."""

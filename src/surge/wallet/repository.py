@@ -9,11 +9,11 @@ Listings page with ``kit.web.pagination``. Money itself moves only through ``led
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Row, select, text
+from sqlalchemy import Row, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.web.cursor import bigint, moment
@@ -245,6 +245,21 @@ async def owner_withdrawal(
             )
         )
     ).scalar_one_or_none()
+
+
+async def withdrawn_within(session: AsyncSession, owner_id: UUID, *, window: timedelta) -> int:
+    """What the owner asked to withdraw in the last ``window`` (database clock), pending and
+    approved alike: a rejected request paid nothing and does not count. Read under the
+    wallet's row lock by the withdrawal request, so two requests cannot both fit the window's
+    remainder (``ix_wallet_withdrawals_owner``: owner, newest first)."""
+    total = await session.scalar(
+        select(func.coalesce(func.sum(Withdrawal.amount), 0)).where(
+            Withdrawal.owner_id == owner_id,
+            Withdrawal.created_at > func.now() - window,
+            Withdrawal.status != "rejected",
+        )
+    )
+    return int(total or 0)
 
 
 async def withdrawal(session: AsyncSession, withdrawal_id: UUID) -> Withdrawal | None:

@@ -205,12 +205,16 @@ RevenueCaller = Annotated[Actor, Depends(service_or_admin("revenue-events:write"
     responses={200: {"model": RevenueEventRead, "description": "Already recorded: a replay"}},
 )
 async def record_revenue_event(
-    body: RevenueEventCreate, actor: RevenueCaller, session: SessionDep, runtime: RuntimeDep
+    body: RevenueEventCreate,
+    actor: RevenueCaller,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    request: Request,
 ) -> Response:
     """Record a game or sale once (201; its id again: 200 and nothing more happens). Every
     active partner is credited by jobs enqueued in this same transaction. Called by the
     platform's backend with a service key granted ``revenue-events:write`` (or by an MFA
-    administrator)."""
+    administrator: audited as ``wallet.revenue_event.record``)."""
     event, created = await wallet_service.record_revenue_event(
         session,
         runtime,
@@ -218,6 +222,8 @@ async def record_revenue_event(
         kind=body.kind,
         profit=body.profit,
         occurred_at=body.occurred_at,
+        admin_id=actor.user_id,  # an administrator's event is audited; a service key's not
+        request_id=request_id(request),
     )
     payload = RevenueEventRead(
         id=event.id, kind=event.kind, profit=event.profit, currency=event.currency,

@@ -36,10 +36,9 @@ from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.kit.web.pagination import Slice
 from surge.models.wallet import Earning, Partner, RevenueEvent, Withdrawal
-from surge.wallet import repository
+from surge.wallet import payout_rules, repository
 from surge.wallet.errors import (
     NotAPartner,
-    NotWithdrawable,
     RevenueEventConflict,
     RevenueEventOutOfBounds,
     WithdrawalAlreadyDecided,
@@ -185,9 +184,14 @@ class WalletService:
         kind: str,
         profit: int,
         occurred_at: datetime | None = None,
+        admin_id: UUID | None = None,
+        request_id: str | None = None,
     ) -> tuple[RevenueEvent, bool]:
         """Record an event once (its id is the idempotency key) and, in the same
-        transaction, enqueue the first earnings batch. Returns (event, created)."""
+        transaction, enqueue the first earnings batch. Returns (event, created).
+
+        Recorded by an administrator (``admin_id``) rather than the platform's service key,
+        it is a person crediting every partner: audited, in this transaction (ADR 0051)."""
         bound = runtime.settings.WALLET_REVENUE_EVENT_MAX
         if abs(profit) > bound:
             raise RevenueEventOutOfBounds(
@@ -207,6 +211,13 @@ class WalletService:
             session, EARNINGS_JOB, {"event_id": event_id, "after": None},
             dedup_key=f"earnings:{event_id}:",
         )  # fmt: skip
+        if admin_id is not None:
+            await audit_service.record(
+                session, admin_id, action="wallet.revenue_event.record",
+                subject_type="revenue_event", subject_id=event_id,
+                after={"kind": kind, "profit": profit, "currency": event.currency},
+                request_id=request_id,
+            )  # fmt: skip
         log.info("wallet.revenue_event.recorded", event_id=event_id, kind=kind)
         return event, True
 
@@ -325,19 +336,7 @@ class WalletService:
         # Wallet and holds locked in the ledger's order before reading: a concurrent request
         # (or a credit) cannot change what is withdrawable between the check and the transfer.
         await self.ledger.lock(session, [wallet, holds])
-        balance, withdrawable = await self._withdrawable(session, wallet)
-        if balance.debt > 0:
-            raise WalletInDebt(
-                "This wallet owes the platform for a reversed top-up: no withdrawal until "
-                "the debt is repaid (top-ups and earnings repay it first).",
-                extra={"debt": balance.debt, "withdrawable": 0},
-            )
-        if withdrawable < amount <= balance.available:  # beyond available: the ledger's 409
-            raise NotWithdrawable(
-                "Top-up credit buys operations and is never paid out; this wallet can "
-                f"withdraw {max(withdrawable, 0)} minor units.",
-                extra={"withdrawable": max(withdrawable, 0)},
-            )
+        await payout_rules.check(session, settings, self.ledger, owner_id, wallet, amount=amount)
         posted = await self.ledger.transfer(
             session,
             key=f"withdrawal:{withdrawal_id}",
@@ -360,19 +359,6 @@ class WalletService:
         self.invalidate_after_commit(session, runtime)
         log.info("wallet.withdrawal.requested", withdrawal_id=str(withdrawal_id), amount=amount)
         return withdrawal
-
-    async def _withdrawable(self, session: AsyncSession, wallet: int) -> tuple[Balance, int]:
-        """(balance, withdrawable): available minus the top-up credit still in the wallet.
-        Posted purchases spend top-up credit first, but only credit already there: a later
-        top-up is not absorbed by earlier purchases paid with earnings (ADR 0045). One still
-        reserved does not count yet (stricter for the seconds an operation runs, never
-        looser). The wallet row's running total, kept by the ledger's functions (ADR 0036,
-        0045): O(1) whatever the wallet's history."""
-        balance = await self.ledger.balance(session, wallet)
-        if balance.debt > 0:  # a wallet in debt withdraws nothing (ADR 0042)
-            return balance, 0
-        unspent = await repository.topup_unspent(session, wallet)
-        return balance, balance.available - unspent
 
     async def decide(
         self,
@@ -515,7 +501,7 @@ class WalletService:
         wallet = await self.ledger.wallet_of(session, owner_id, currency=currency)
         if wallet is None:
             return None
-        balance, withdrawable = await self._withdrawable(session, wallet)
+        balance, withdrawable = await payout_rules.withdrawable(session, self.ledger, wallet)
         return balance, max(withdrawable, 0)
 
     async def transactions(

@@ -162,7 +162,10 @@ async def mfa_setup(request: Request, runtime: RuntimeDep, db: SessionDep) -> Re
 async def mfa_verify(request: Request, runtime: RuntimeDep, db: SessionDep) -> Response:
     session, principal, fields = await _enrolling(request, runtime)
     try:
-        session.access = await mfa_service.verify(db, runtime, principal, first(fields, "code"))
+        session.access = await mfa_service.verify(
+            db, runtime, principal, first(fields, "code"),
+            ip=identity_service.client_ip(runtime, request.scope),
+        )  # fmt: skip
     except SurgeError as error:
         return html(
             views.page(

@@ -1,18 +1,22 @@
 """``GET /api/admin/jobs`` (per-queue stats, recent failures), ``GET /api/admin/jobs/{id}``,
 ``POST /api/admin/jobs/{id}/retry`` and ``.../cancel``.
 
-``admin_router(dependencies=[...])``: the application passes its admin guard (identity's
-admin + MFA dependency) so the kit stays free of any user model.
+``admin_router(dependencies=[...], record=...)``: the application passes its admin guard
+(identity's admin + MFA dependency) and its audit recorder, so the kit stays free of any user
+model. A retry or a cancel changes what the workers will do — a cancelled job that would
+have applied a payment's chargeback is money — so each is recorded in the request's own
+transaction, like the console's job actions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.params import Depends
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.jobs.errors import JobNotFound, JobStateConflict
 from surge.kit.jobs.queue import (
@@ -27,11 +31,25 @@ from surge.kit.web.deps import ReadSessionDep, SessionDep
 
 JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="A job's id (BIGINT).")]
 
+#: ``record(request, session, action, job)``: the application's audit of a job action
+#: (``action`` is ``jobs.job.retry`` or ``jobs.job.cancel``; ``job`` the job as it is now).
+Recorder = Callable[[Request, AsyncSession, str, dict[str, Any]], Awaitable[None]]
+
+
+async def _unrecorded(
+    request: Request, session: AsyncSession, action: str, job: dict[str, Any]
+) -> None:
+    return None
+
 
 def admin_router(
-    *, prefix: str = "/api/admin/jobs", dependencies: Sequence[Depends] = ()
+    *,
+    prefix: str = "/api/admin/jobs",
+    dependencies: Sequence[Depends] = (),
+    record: Recorder = _unrecorded,
 ) -> APIRouter:
-    """The jobs admin API; every route runs ``dependencies`` first (the admin guard)."""
+    """The jobs admin API; every route runs ``dependencies`` first (the admin guard), and
+    every change is passed to ``record`` in the request's transaction."""
     router = APIRouter(prefix=prefix, tags=["admin"], dependencies=list(dependencies))
 
     @router.get("")
@@ -73,12 +91,14 @@ def admin_router(
         return job.as_dict()
 
     @router.post("/{job_id}/retry")
-    async def job_retry(job_id: JobId, session: SessionDep) -> dict[str, Any]:
+    async def job_retry(job_id: JobId, session: SessionDep, request: Request) -> dict[str, Any]:
         """Re-queue a failed or cancelled job now, with its attempts reset."""
-        return (await retry_job(session, job_id)).as_dict()
+        job = (await retry_job(session, job_id)).as_dict()
+        await record(request, session, "jobs.job.retry", job)
+        return job
 
     @router.post("/{job_id}/cancel")
-    async def job_cancel(job_id: JobId, session: SessionDep) -> dict[str, Any]:
+    async def job_cancel(job_id: JobId, session: SessionDep, request: Request) -> dict[str, Any]:
         """Cancel a job that has not started yet."""
         if not await cancel_job(session, job_id):
             job = await get_job(session, job_id)
@@ -87,6 +107,7 @@ def admin_router(
             raise JobStateConflict(f"job {job_id} is {job.state}; only queued jobs cancel")
         job = await get_job(session, job_id)
         assert job is not None
+        await record(request, session, "jobs.job.cancel", job.as_dict())
         return job.as_dict()
 
     return router
