@@ -60,9 +60,14 @@ def alert_rules(
 
 
 def worker(
-    processes: Annotated[int, typer.Option(help="Worker processes (default JOBS_PROCESSES).")] = 0,
+    processes: Annotated[
+        int, typer.Option(help="Worker processes.", show_default="$SURGE_JOBS_PROCESSES, else 2")
+    ] = 0,
     concurrency: Annotated[
-        int, typer.Option(help="Jobs at once per process (default JOBS_CONCURRENCY).")
+        int,
+        typer.Option(
+            help="Jobs at once per process.", show_default="$SURGE_JOBS_CONCURRENCY, else 8"
+        ),
     ] = 0,
     queues: Annotated[
         str, typer.Option(help="Comma-separated queues (default: every registered queue).")
