@@ -150,6 +150,9 @@ def test_doctor_checks_external_servers(server_urls: tuple[str, str]) -> None:
     assert re.search(r"PostgreSQL \d+", result.stderr), result.stderr[-2000:]
     assert re.search(r"Redis \d+\.\d+", result.stderr), result.stderr[-2000:]
     assert "********" in result.stderr  # SECRET_KEY masked
+    # ...and only secrets: a reset link's lifetime is not one, a missing replica is not set.
+    assert re.search(r"AUTH_PASSWORD_RESET_TTL\W+0:30:00", result.stderr), result.stderr
+    assert re.search(r"DATABASE_REPLICA_URLS\W+\(not set\)", result.stderr), result.stderr
 
 
 def test_doctor_fails_when_a_server_is_unreachable(server_urls: tuple[str, str]) -> None:

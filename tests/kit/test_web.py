@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from http import HTTPStatus
 
 import httpx
 import pytest
@@ -14,8 +15,10 @@ from sqlalchemy import text
 
 from surge.app import create_app
 from surge.config import Settings
-from surge.kit.errors import Conflict
+from surge.kit.errors import Conflict, SurgeError
 from surge.kit.web.deps import SessionDep
+from surge.kit.web.idempotency import IdempotencyKeyRequired
+from surge.kit.web.problem import problem_title
 from tests.fixtures.clients import app_client
 from tests.fixtures.settings import make_settings
 
@@ -39,6 +42,14 @@ async def web(server_urls: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
     @app.post("/t/items", status_code=201)
     async def create_item(item: Item) -> Item:
         return item
+
+    @app.get("/t/items")
+    async def list_items() -> list[Item]:
+        return []
+
+    @app.get("/t/key-required")
+    async def key_required() -> None:
+        raise IdempotencyKeyRequired()
 
     @app.get("/t/boom")
     async def boom() -> None:
@@ -80,6 +91,40 @@ async def test_404_is_problem(web: httpx.AsyncClient) -> None:
 
 async def test_405_is_problem(web: httpx.AsyncClient) -> None:
     assert_problem(await web.delete("/livez"), 405)
+
+
+async def test_405_allows_every_method_of_the_path(web: httpx.AsyncClient) -> None:
+    """GET and POST declared apart: a PUT is told both (Starlette named only the first)."""
+    response = await web.put("/t/items", json={})
+    assert_problem(response, 405)
+    assert set(response.headers["allow"].split(", ")) == {"GET", "POST"}
+
+
+async def test_title_names_the_status_sent(web: httpx.AsyncClient) -> None:
+    """An error class that sets only its status does not inherit "Internal Server Error"."""
+    body = assert_problem(await web.get("/t/key-required"), 428)
+    assert body["title"] == "Precondition Required"
+
+
+def test_every_error_class_has_a_title_for_its_own_status() -> None:
+    """Every SurgeError of the assembled app (kit and domains): a class-level title
+    written for another status never reaches a client."""
+    import surge.worker  # noqa: F401  (every domain's errors, jobs included)
+
+    def subclasses(cls: type[SurgeError]) -> Iterator[type[SurgeError]]:
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    wrong = {}
+    for cls in set(subclasses(SurgeError)):
+        error = cls.__new__(cls)  # the class's status and title, whatever its constructor
+        title = problem_title(error)
+        if cls.status_code != 500 and title == "Internal Server Error":
+            wrong[cls.__qualname__] = title
+        if title not in (HTTPStatus(cls.status_code).phrase, cls.title):
+            wrong[cls.__qualname__] = title
+    assert not wrong
 
 
 async def test_422_lists_the_errors(web: httpx.AsyncClient) -> None:

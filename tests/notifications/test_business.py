@@ -192,7 +192,7 @@ class TestOperationFinished:
         async with email_worker(rt):
             row = await wait_status(rt, found[str(performed)].id)
         assert row.status == "sent", row.last_error
-        assert f"Your operation {performed} is succeeded" in received_text(relay, row.id)
+        assert f"Your operation {performed} succeeded" in received_text(relay, row.id)
 
     async def test_a_user_who_opted_out_of_operations_mail_is_skipped(self, rt: Runtime) -> None:
         owner, _ = await reseller(rt, balance=10_000)

@@ -28,15 +28,49 @@ app = typer.Typer(
     add_completion=False,
 )
 
-app.command()(servers.up)
-app.command()(servers.serve)
-app.command()(admin.migrate)
-app.command("alert-rules")(admin.alert_rules)
-app.command()(admin.worker)
-app.command("seed-demo")(admin.seed_demo)
-app.command()(bench.load)
-app.command()(bench.bench)
-app.command()(admin.doctor)
+
+def _examples(*lines: str) -> str:
+    """A command's ``--help`` epilog: one example a line (blank lines keep them apart)."""
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
+app.command(epilog=_examples(
+    "surge up                      # everything, on embedded servers in .data/",
+    "SURGE_PORT=8001 surge up      # a second run beside another one",
+    "surge up --no-seed --job-processes 2",
+))(servers.up)  # fmt: skip
+app.command(epilog=_examples(
+    "surge serve --workers 4",
+    "DATABASE_URL=postgresql://app@db/surge REDIS_URL=redis://cache:6379/0 surge serve --no-servers",
+))(servers.serve)  # fmt: skip
+app.command(epilog=_examples(
+    "surge migrate                 # embedded PostgreSQL, or DATABASE_URL when set",
+))(admin.migrate)  # fmt: skip
+app.command("alert-rules", epilog=_examples(
+    "surge alert-rules | less", "surge alert-rules --write   # deploy/prometheus/alerts.yml",
+))(admin.alert_rules)  # fmt: skip
+app.command(epilog=_examples(
+    "surge worker                                  # JOBS_PROCESSES x JOBS_CONCURRENCY",
+    "surge worker --processes 8 --concurrency 8    # seed 000's fleet",
+    "surge worker --queues email,wallet --metrics-port 9108",
+))(admin.worker)  # fmt: skip
+app.command("seed-demo", epilog=_examples(
+    "surge seed-demo     # admin, auditor, alice, bob, carol, partner1, partner2, reseller1",
+))(admin.seed_demo)  # fmt: skip
+app.command(epilog=_examples(
+    "surge load seed003 --users 10000 --think 5s --duration 60s --capacity",
+    "surge load seed003_writes",
+    "surge load ping --users 2000 --think 1s",
+))(bench.load)  # fmt: skip
+app.command(epilog=_examples(
+    "surge bench ping --quick      # a smoke run: bench/results/quick/ping.json",
+    "surge bench ledger            # the committed figure: bench/results/ledger.json",
+    "surge bench all",
+))(bench.bench)  # fmt: skip
+app.command(epilog=_examples(
+    "surge doctor                  # safe while `make run` runs",
+    "DATABASE_URL=postgresql://app@db/surge surge doctor",
+))(admin.doctor)  # fmt: skip
 # ---- sub-apps of other modules: one line each ---------------------------------------------
 app.add_typer(cluster_app, name="cluster")  # issue 18 (ADR 0022)
 

@@ -60,9 +60,14 @@ def alert_rules(
 
 
 def worker(
-    processes: Annotated[int, typer.Option(help="Worker processes (default JOBS_PROCESSES).")] = 0,
+    processes: Annotated[
+        int, typer.Option(help="Worker processes.", show_default="$SURGE_JOBS_PROCESSES, else 2")
+    ] = 0,
     concurrency: Annotated[
-        int, typer.Option(help="Jobs at once per process (default JOBS_CONCURRENCY).")
+        int,
+        typer.Option(
+            help="Jobs at once per process.", show_default="$SURGE_JOBS_CONCURRENCY, else 8"
+        ),
     ] = 0,
     queues: Annotated[
         str, typer.Option(help="Comma-separated queues (default: every registered queue).")
@@ -129,15 +134,23 @@ def doctor() -> None:
     table = Table(title="Effective configuration", show_lines=False)
     table.add_column("setting")
     table.add_column("value")
+    from surge.sim import SIMULATORS
+
+    # Empty, these are filled by the servers and simulators `surge up` starts; any other
+    # empty setting is just not set (no replica, no SMTP user...).
+    embedded = {"DATABASE_URL", "REDIS_URL"} | {
+        key.removeprefix("SURGE_") for sim in SIMULATORS for key in sim.env("127.0.0.1", 0)
+    }
     for key, value in settings.model_dump().items():
         shown = str(value)
-        if "SECRET" in key or "PASSWORD" in key:
-            shown = "********"
+        # AUTH_PASSWORD_RESET_TTL is no secret; NOTIFY_SMTP_PASSWORD and PAYMENTS_API_KEY are.
+        if "SECRET" in key or key.endswith(("PASSWORD", "_KEY", "_KEYS")):
+            shown = "********" if value else ""
         elif key.endswith("_URL") and value:
             shown = _mask_url(str(value))
         elif key.endswith("_URLS"):
             shown = ", ".join(_mask_url(v) for v in value)
-        table.add_row(key, shown or "[dim](embedded)")
+        table.add_row(key, shown or ("[dim](embedded)" if key in embedded else "[dim](not set)"))
     console.print(table)
     servers = resolve_servers()
     try:

@@ -57,7 +57,10 @@ def _seconds(value: str) -> float:
 
 def bench(
     name: Annotated[
-        str, typer.Argument(help="ping | cache | ratelimit | jobs | breaker | ... | all")
+        str,
+        typer.Argument(
+            help="A file of bench/ (ping, cache, ratelimit, jobs, breaker, ledger, notifications, operations, payments, privileges, chaos, ...) or all"
+        ),
     ],
     quick: Annotated[bool, typer.Option(help="Shorter runs (smoke test, noisier).")] = False,
 ) -> None:

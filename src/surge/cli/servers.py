@@ -42,7 +42,9 @@ HostOption = Annotated[
 
 
 def up(
-    workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="Web processes.", show_default="$SURGE_WEB_WORKERS, else CPUs")
+    ] = 0,
     port: PortOption = None,
     host: HostOption = None,
     job_processes: Annotated[int, typer.Option(help="Job worker processes.")] = 1,
@@ -342,7 +344,9 @@ def _has_jobs() -> bool:
 
 
 def serve(
-    workers: Annotated[int, typer.Option(help="Web processes (default: CPU count).")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="Web processes.", show_default="$SURGE_WEB_WORKERS, else CPUs")
+    ] = 0,
     port: PortOption = None,
     host: HostOption = None,
     servers_: Annotated[

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import Send
 
 from surge.kit.db import (
@@ -117,12 +118,23 @@ def problem_response(
     )
 
 
+def problem_title(error: SurgeError) -> str:
+    """The ``title`` for ``error``: its class's own, unless that title was written for
+    another status (a subclass that sets only ``status_code`` inherits "Internal Server
+    Error" from ``SurgeError``; a status given at construction overrides the class's): then
+    the status's standard phrase. A title always describes the status sent with it."""
+    definer = next(k for k in type(error).__mro__ if "title" in vars(k))
+    if getattr(definer, "status_code", None) == error.status_code:
+        return error.title
+    return _phrase(error.status_code)
+
+
 async def _surge_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, SurgeError)
     return problem_response(
         error.status_code,
         detail=error.message,
-        title=error.title,
+        title=problem_title(error),
         type_=error.type_slug,
         request=request,
         headers=error.headers,
@@ -135,9 +147,22 @@ async def _http_error(request: Request, error: Exception) -> Response:
     detail: str | None = error.detail if isinstance(error.detail, str) else None
     if detail == _phrase(error.status_code):
         detail = None
-    return problem_response(
-        error.status_code, detail=detail, request=request, headers=error.headers or {}
-    )
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return problem_response(error.status_code, detail=detail, request=request, headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """``Allow`` for a 405: every method of every route on this path. Starlette lists only
+    the first route that matched the path, so ``GET /x`` and ``POST /x`` declared apart
+    (the usual FastAPI way) would answer ``Allow: GET`` to a ``PUT`` (RFC 9110 §15.5.6)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 #: ``app.state`` attribute: an async check that runs before a 422 is answered (the API's
