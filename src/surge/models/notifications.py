@@ -27,9 +27,10 @@ class OutboxMessage(Base):
     __tablename__ = "notification_messages"
     __table_args__ = (
         Index("ix_notification_messages_created", text("created_at DESC")),
-        Index(
-            "ix_notification_messages_held", "to_address", postgresql_where=text("status = 'held'")
-        ),
+        # Not partial on ``status``: a column in an index predicate makes every status update
+        # non-HOT (ADR 0046); the fillfactor leaves room for the new version in the page.
+        Index("ix_notification_messages_address", "to_address"),
+        {"postgresql_with": {"fillfactor": 70}},
     )
 
     id: Mapped[UUID] = mapped_column(primary_key=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -98,9 +99,17 @@ class SendingUseCases:
     async def prepare_many(
         self, runtime: Runtime, ids: list[UUID]
     ) -> dict[UUID, Prepared | Settle | None]:
-        """``prepare`` for a batch of messages: their rows in one statement."""
+        """``prepare`` for a batch of messages: their rows in one statement, then each one
+        decided (rendered and built) in a turn of the event loop of its own: a batch's
+        messages built in one go held the loop ~0.3 ms per message (5 ms for 16), and every
+        SMTP reply and database answer of the process's other conversations waited behind
+        it (ADR 0046)."""
         rows = await repository.load_many(runtime.db.primary, ids)
-        return {id_: self.decide(runtime.settings, rows.get(id_)) for id_ in ids}
+        decisions: dict[UUID, Prepared | Settle | None] = {}
+        for id_ in ids:
+            decisions[id_] = self.decide(runtime.settings, rows.get(id_))
+            await asyncio.sleep(0)
+        return decisions
 
     def decide(self, settings: Settings, row: dict[str, Any] | None) -> Prepared | Settle | None:
         """What to do with a message, from its row as ``repository.load_many`` reads it."""
