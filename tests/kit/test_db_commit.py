@@ -177,12 +177,14 @@ class TestCleanUnitOfWork:
                 await release.wait()
 
         task = asyncio.create_task(unit_of_work())
-        await entered.wait()
-        release.set()
-        # the body returns and the COMMIT queues on the held mutex
-        await eventually(lambda: bool(held["mutex"]._waiters))
-        task.cancel()
-        held["mutex"].release()
+        try:
+            await entered.wait()
+            release.set()
+            # the body returns and the COMMIT queues on the held mutex
+            await eventually(lambda: bool(held["mutex"]._waiters))
+        finally:
+            task.cancel()
+            held["mutex"].release()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert not held["driver"].is_in_transaction()
