@@ -1,0 +1,214 @@
+"""kit.db: a unit of work with nothing for SQLAlchemy to do at commit time commits through
+the driver (ADR 0047) — same durability, same on_commit order, same errors, same pool."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import BigInteger, MetaData, event, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import surge.kit.db as kit_db
+from surge.kit.db import Database, PoolConfig, driver_fetch, is_unavailable, on_commit, sqlstate
+from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect
+from tests.fixtures.waiting import eventually
+
+
+class _Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class _Item(_Base):
+    __tablename__ = "driver_commit_items"
+    v: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+
+
+@pytest.fixture
+async def db(server_urls: tuple[str, str]) -> AsyncIterator[Database]:
+    """One pooled connection: every unit of work reuses it, so a connection left in a bad
+    state (a transaction still open, a dead socket) would be seen by the next one."""
+    database = Database(server_urls[0], config=PoolConfig(min_size=0, max_size=1))
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+async def table(db: Database) -> AsyncIterator[str]:
+    name = f"driver_commit_{uuid.uuid4().hex[:8]}"
+    async with db.session() as session:
+        await session.execute(
+            text(
+                f"CREATE TABLE {name} (v bigint, CONSTRAINT {name}_u UNIQUE (v) "
+                "DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+        await session.execute(text(f"DROP TABLE IF EXISTS {_Item.__tablename__}"))
+        await session.execute(text(f"CREATE TABLE {_Item.__tablename__} (v bigint PRIMARY KEY)"))
+    yield name
+    async with db.session() as session:
+        await session.execute(text(f"DROP TABLE {name}"))
+        await session.execute(text(f"DROP TABLE {_Item.__tablename__}"))
+
+
+@pytest.fixture
+def sqlalchemy_commits(monkeypatch: pytest.MonkeyPatch) -> list[Session]:
+    """The units of work committed by ``Session.commit()`` (the other path), recorded."""
+    seen: list[Session] = []
+    original = kit_db._commit_and_close
+
+    def recording(session: Session) -> None:
+        seen.append(session)
+        original(session)
+
+    monkeypatch.setattr(kit_db, "_commit_and_close", recording)
+    return seen
+
+
+async def _values(db: Database, table: str) -> list[int]:
+    async with db.session() as session:
+        return list((await session.execute(text(f"SELECT v FROM {table} ORDER BY v"))).scalars())
+
+
+async def _driver(session: AsyncSession) -> Any:
+    connection = await session.connection()
+    return (await connection.get_raw_connection()).driver_connection
+
+
+def _pool(db: Database) -> IdleTimeoutPool:
+    pool = db.primary.pool
+    assert isinstance(pool, IdleTimeoutPool)
+    return pool
+
+
+class TestCleanUnitOfWork:
+    async def test_commits_through_the_driver_and_on_commit_sees_the_write(
+        self, db: Database, table: str, sqlalchemy_commits: list[Session]
+    ) -> None:
+        seen: list[list[int]] = []
+
+        async def after() -> None:  # runs after the commit: another session sees the rows
+            seen.append(await _values(db, table))
+
+        async with db.session() as session:
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 1)
+            await session.execute(text(f"INSERT INTO {table} VALUES (2)"))
+            driver = await _driver(session)
+            on_commit(session, after)
+        assert sqlalchemy_commits == []
+        assert seen == [[1, 2]]
+        assert not driver.is_in_transaction()
+        assert _pool(db).checkedout() == 0
+
+    async def test_a_refused_commit_raises_its_sqlstate_and_writes_nothing(
+        self, db: Database, table: str, sqlalchemy_commits: list[Session]
+    ) -> None:
+        fired: list[str] = []
+
+        async def never() -> None:
+            fired.append("fired")
+
+        async def duplicate() -> None:
+            async with db.session() as session:
+                # both inserts pass; the deferred unique check fails at COMMIT
+                await driver_fetch(session, f"INSERT INTO {table} VALUES ($1), ($1)", 7)
+                on_commit(session, never)
+
+        with pytest.raises(DBAPIError) as refused:
+            await duplicate()
+        assert sqlstate(refused.value) == "23505"
+        assert not refused.value.connection_invalidated
+        assert sqlalchemy_commits == []
+        assert fired == []
+        assert await _values(db, table) == []  # and the one connection is usable again
+        assert _pool(db).checkedout() == 0
+
+    async def test_a_connection_lost_before_commit_is_an_outage_and_never_pooled_again(
+        self, db: Database, table: str
+    ) -> None:
+        pids: list[int] = []
+
+        async def killed_before_commit() -> None:
+            async with db.session() as session:
+                await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 3)
+                pids.append(await session.scalar(text("SELECT pg_backend_pid()")))
+                killer = await asyncpg_connect(db.primary)
+                try:
+                    await killer.execute("SELECT pg_terminate_backend($1)", pids[0])
+                finally:
+                    await killer.close()
+
+        with pytest.raises(DBAPIError) as lost:
+            await killed_before_commit()
+        assert lost.value.connection_invalidated
+        assert is_unavailable(lost.value)
+        assert await _values(db, table) == []
+        async with db.session() as session:
+            assert await session.scalar(text("SELECT pg_backend_pid()")) != pids[0]
+
+    async def test_cancelled_before_the_commit_left_rolls_back(
+        self, db: Database, table: str
+    ) -> None:
+        """A request cancelled while its COMMIT waits for the connection (a timeout): the
+        COMMIT never left, so the close must roll the transaction back, not hand the pool
+        a connection still inside it."""
+        entered = asyncio.Event()
+        release = asyncio.Event()
+        held: dict[str, Any] = {}
+
+        async def unit_of_work() -> None:
+            async with db.session() as session:
+                await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 5)
+                sync = (await session.connection()).sync_connection
+                assert sync is not None
+                adapted: Any = sync.connection.dbapi_connection
+                mutex = adapted._execute_mutex
+                held["driver"] = await _driver(session)
+                await mutex.acquire()  # the COMMIT will queue behind this
+                held["mutex"] = mutex
+                entered.set()
+                await release.wait()
+
+        task = asyncio.create_task(unit_of_work())
+        try:
+            await entered.wait()
+            release.set()
+            # the body returns and the COMMIT queues on the held mutex
+            await eventually(lambda: bool(held["mutex"]._waiters))
+        finally:
+            task.cancel()
+            held["mutex"].release()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not held["driver"].is_in_transaction()
+        assert await _values(db, table) == []
+
+
+class TestSqlalchemyCommit:
+    async def test_orm_changes_are_flushed_by_sqlalchemy(
+        self, db: Database, table: str, sqlalchemy_commits: list[Session]
+    ) -> None:
+        async with db.session() as session:
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 1)
+            session.add(_Item(v=11))
+        assert len(sqlalchemy_commits) == 1
+        assert await _values(db, table) == [1]
+        assert await _values(db, _Item.__tablename__) == [11]
+
+    async def test_a_commit_listener_still_hears_the_commit(
+        self, db: Database, table: str, sqlalchemy_commits: list[Session]
+    ) -> None:
+        heard: list[str] = []
+        async with db.session() as session:
+            event.listen(session.sync_session, "after_commit", lambda _s: heard.append("commit"))
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 2)
+        assert heard == ["commit"]
+        assert len(sqlalchemy_commits) == 1
+        assert await _values(db, table) == [2]
