@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from surge import __version__
 from surge.admin.console import install_console
+from surge.admin.console.ratelimit import console_subject
 from surge.admin.surface import install_admin
 from surge.config import Settings
 from surge.config import settings as default_settings
@@ -133,8 +134,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     promote_routes(app, HOT_ROUTES)
     # Added before SurgeMiddleware so it runs inside it: 429s get request ids and metrics.
     install_ratelimit(app, runtime)
-    # The caller's plan picks its rate-limit tier (identity's hook; anonymous otherwise).
-    runtime.extensions["ratelimit"].identify = RateLimitHook(identity).subject
+    # The caller's plan picks its rate-limit tier (identity's hook, a bearer token or a
+    # console session cookie; anonymous otherwise: ADR 0054).
+    rate_hook = RateLimitHook(identity)
+    rate_hook.otherwise = console_subject(runtime, rate_hook)
+    runtime.extensions["ratelimit"].identify = rate_hook.subject
     # The one layer around everything (ADR 0029): admission control first (issue 19, ADR
     # 0016: shed what cannot be served in time before any other work; health, readiness and
     # /metrics are exempt), then request id, body limit, timeout, metrics, Server-Timing and

@@ -207,6 +207,17 @@ class TestAdmin:
         with pytest.raises(ValueError, match="named 'x'"):
             parse_policies([{"name": "x", "limit": 1, "period": 1}] * 2)
 
+    def test_except_routes_leave_paths_out_of_a_policy(self) -> None:
+        policy = RatePolicy(
+            name="p", limit=5, period=timedelta(minutes=1),
+            routes=("/api/*",), except_routes=("/api/files/*", "/api/schema"),
+        )  # fmt: skip
+        assert policy.matches("GET", "/api/orders", "any", False)
+        assert not policy.matches("GET", "/api/files/app.css", "any", False)
+        assert not policy.matches("GET", "/api/schema", "any", False)
+        assert policy.matches("GET", "/api/schema/v2", "any", False)
+        assert not policy.matches("GET", "/other", "any", False)
+
 
 WORKER = textwrap.dedent(
     """

@@ -55,6 +55,15 @@ class TestDelivery:
         async with email_worker(rt):
             row = await wait_status(rt, message_id)
         assert row.status == "sent", row.last_error
+        # A success is not an error: the relay's reply is in the 'sent' event, not last_error.
+        assert row.last_error is None
+        assert row.last_code == 250
+        async with rt.db.session() as session:
+            reply = await session.scalar(
+                text("SELECT detail FROM notification_events "
+                     "WHERE message_id = :m AND event = 'sent'"), {"m": message_id},
+            )  # fmt: skip
+        assert reply
         header = message_id_header(message_id, rt.settings)
         assert relay.relay.count(header) == 1
         received = next(m for m in relay.messages if m.message_id == header)

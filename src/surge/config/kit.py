@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, NoDecode
 
 from surge.config._types import CsvList
 
+#: Constant files and pages the app serves (no data, no per-caller work): the console's CSS and
+#: JS, the docs' bundles, the docs and panel pages, the schema. They spend ``static-1m`` per
+#: IP, not a caller's tier budget (ADR 0054).
+STATIC_PAGES = ["/admin/static/*", "/docs-assets/*", "/docs", "/redoc", "/openapi.json", "/panel"]
+
 
 class KitSettings(BaseSettings):
     """``surge.kit``'s settings (a section of ``surge.config.Settings``)."""
@@ -47,10 +52,43 @@ class KitSettings(BaseSettings):
         default_factory=lambda: [
             # seed 004: anonymous 50 / 15 min per IP; tiers 300 / 500 / 1 000 per 15 min.
             # (per defaults to subject_or_ip: the anonymous tier is limited per client IP.)
-            {"name": "anonymous-15m", "limit": 50, "period": "PT15M", "tiers": ["anonymous"]},
-            {"name": "tier-free-15m", "limit": 300, "period": "PT15M", "tiers": ["free"]},
-            {"name": "tier-plus-15m", "limit": 500, "period": "PT15M", "tiers": ["plus"]},
-            {"name": "tier-pro-15m", "limit": 1000, "period": "PT15M", "tiers": ["pro"]},
+            # The constant files and pages (STATIC_PAGES) spend static-1m per IP, not the
+            # tier budgets meant for what a caller does (ADR 0054).
+            {
+                "name": "anonymous-15m",
+                "limit": 50,
+                "period": "PT15M",
+                "tiers": ["anonymous"],
+                "except_routes": STATIC_PAGES,
+            },
+            {
+                "name": "static-1m",
+                "limit": 300,
+                "period": "PT1M",
+                "per": "ip",
+                "routes": STATIC_PAGES,
+            },
+            {
+                "name": "tier-free-15m",
+                "limit": 300,
+                "period": "PT15M",
+                "tiers": ["free"],
+                "except_routes": STATIC_PAGES,
+            },
+            {
+                "name": "tier-plus-15m",
+                "limit": 500,
+                "period": "PT15M",
+                "tiers": ["plus"],
+                "except_routes": STATIC_PAGES,
+            },
+            {
+                "name": "tier-pro-15m",
+                "limit": 1000,
+                "period": "PT15M",
+                "tiers": ["pro"],
+                "except_routes": STATIC_PAGES,
+            },
             # seed 003: 1 000 / min per user, 10 000 / min per IP
             {"name": "subject-1m", "limit": 1000, "period": "PT1M", "per": "subject"},
             {"name": "ip-1m", "limit": 10000, "period": "PT1M", "per": "ip"},

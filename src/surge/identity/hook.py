@@ -17,7 +17,7 @@ from surge.identity.plans import Privileges
 from surge.identity.principal import PRINCIPAL_STATE, PRIVILEGES_STATE, Principal
 from surge.identity.runtime import IdentityState
 from surge.kit.errors import DependencyUnavailable
-from surge.kit.ratelimit import Subject
+from surge.kit.ratelimit import Identify, Subject
 from surge.kit.security import InvalidToken
 
 
@@ -29,11 +29,20 @@ class RateLimitHook:
         self._principal_of = state.principal_of
         self._revocations = state.revocations
         self._privileges = state.privileges
+        #: Who a request without a bearer token is (a console session cookie: ADR 0054);
+        #: None: anonymous. Asked only then, so a bearer request pays nothing for it.
+        self.otherwise: Identify | None = None
 
     def subject(self, scope: Any) -> Subject | Awaitable[Subject | None] | None:
         token = _bearer(scope)
         if token is None:
-            return None
+            otherwise = self.otherwise
+            return None if otherwise is None else otherwise(scope)
+        return self.of_token(token, scope)
+
+    def of_token(self, token: str, scope: Any) -> Subject | Awaitable[Subject | None] | None:
+        """The subject of an access token however it came (a bearer header, or a console
+        session holding one): verified, revocation included; None (anonymous) if invalid."""
         try:
             principal = self._principal_of(token)
         except InvalidToken:

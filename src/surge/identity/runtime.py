@@ -31,6 +31,7 @@ from surge.identity.privileges import PrivilegeStore
 from surge.identity.security import LoginGuard, RevocationList
 from surge.identity.users import UserStore
 from surge.kit.cache import Cache
+from surge.kit.db.phase import expected_slow
 from surge.kit.runtime import Runtime
 from surge.kit.security import BackupCodes, InvalidToken, KeyRing, PasswordHasher, TokenCodec, Totp
 from surge.kit.web.client_ip import ClientIpResolver
@@ -136,7 +137,10 @@ class IdentityState:
         await self.privileges.start()
         await self.users.start()
         if warm:
-            await self._warm()
+            # Bulk reads before the process takes traffic: expected to be slow on a busy
+            # machine, not the slow-query alert's business (kit.db.phase, ADR 0054).
+            with expected_slow("startup.identity_warm"):
+                await self._warm()
         if refresh_view:
             self._tasks.append(
                 asyncio.create_task(self._refresh_forever(), name="identity-view-refresh")

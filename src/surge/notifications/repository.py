@@ -85,7 +85,7 @@ _SENT_MANY = """
     ), m AS (
         UPDATE notification_messages n
         SET status = 'sent', sent_at = now(), finished_at = now(), last_code = v.code,
-            last_error = v.detail, subject = COALESCE(v.subject, n.subject),
+            last_error = NULL, subject = COALESCE(v.subject, n.subject),
             attempts = n.attempts + 1
         FROM v
         WHERE n.id = v.id AND n.status IN ('queued', 'sending')
@@ -136,7 +136,7 @@ async def record_sent(
             WITH m AS (
                 UPDATE notification_messages
                 SET status = 'sent', sent_at = now(), finished_at = now(),
-                    last_code = :code, last_error = :detail,
+                    last_code = :code, last_error = NULL,
                     subject = COALESCE(:subject, subject), attempts = attempts + 1
                 WHERE id = :id AND status IN ('queued', 'sending')
                 RETURNING id, to_address

@@ -258,7 +258,8 @@ class SendingUseCases:
         if row.status not in {"queued", "sending"}:
             return row.status  # finished meanwhile (e.g. a duplicate job): keep it
         row.last_code = verdict.code
-        row.last_error = verdict.detail or None
+        # A success is not an error: the relay's reply to it stays in the 'sent' event.
+        row.last_error = None if verdict.kind == "sent" else verdict.detail or None
         if subject:
             row.subject = subject
         if verdict.stage != "breaker":  # refused by the open breaker: not tried
@@ -329,7 +330,7 @@ class SendingUseCases:
         """The one final event of a message (not one per try)."""
         row.status = status
         row.finished_at = now()
-        if detail is not None:
+        if detail is not None and status != "sent":
             row.last_error = detail[:1000]
         await repository.add_event(session, address=row.to_address, event=status, source=source,
                                    message_id=row.id, code=code, detail=detail)  # fmt: skip

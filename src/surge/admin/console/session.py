@@ -36,6 +36,7 @@ from surge.kit.security import InvalidToken
 COOKIE = "surge_console"
 PRE_COOKIE = "surge_console_pre"  # the sign-in form's CSRF token, before any session
 KEY = "surge:console:session:"
+SESSION_STATE = "console_session"  # the session the rate-limit hook read (ratelimit.py)
 ADMIN_ROLES = frozenset({"admin", "admin_readonly"})
 
 
@@ -84,28 +85,36 @@ class Caller:
         return "administrator" if self.can_act else "read-only administrator"
 
 
-def _key(session_id: str) -> str:
+def session_key(session_id: str) -> str:
     return KEY + hashlib.sha256(session_id.encode()).hexdigest()
 
 
 async def save(runtime: Runtime, session: ConsoleSession) -> None:
     ttl = int(runtime.settings.CONSOLE_SESSION_TTL.total_seconds())
     async with runtime.redis.guard() as redis:
-        await redis.set(_key(session.id), session.dump(), ex=ttl)
+        await redis.set(session_key(session.id), session.dump(), ex=ttl)
 
 
 async def load(runtime: Runtime, request: Request) -> ConsoleSession | None:
     session_id = request.cookies.get(COOKIE)
     if not session_id:
         return None
+    found = request.scope.get("state", {}).get(SESSION_STATE)
+    if isinstance(found, ConsoleSession) and found.id == session_id:
+        return found  # read moments ago by the rate-limit hook (ratelimit.py)
+    return await load_by_id(runtime, session_id)
+
+
+async def load_by_id(runtime: Runtime, session_id: str) -> ConsoleSession | None:
+    """The session a cookie names, or None (unknown, expired or signed out)."""
     async with runtime.redis.guard() as redis:
-        raw = await redis.get(_key(session_id))
+        raw = await redis.get(session_key(session_id))
     return ConsoleSession(**orjson.loads(raw)) if raw else None
 
 
 async def drop(runtime: Runtime, session: ConsoleSession) -> None:
     async with runtime.redis.guard() as redis:
-        await redis.delete(_key(session.id))
+        await redis.delete(session_key(session.id))
 
 
 def new_session(access: str, refresh: str, email: str, stage: str) -> ConsoleSession:

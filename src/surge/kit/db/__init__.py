@@ -36,6 +36,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from surge.kit.db import replicas as routing
 from surge.kit.db.commit import as_dbapi_error, commit_through_driver
+from surge.kit.db.phase import current_phase
 from surge.kit.db.pipeline import Desynchronized, begin_and_fetch
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
 from surge.kit.telemetry import metrics
@@ -176,6 +177,11 @@ class _SlowLog:
     def observe(self, statement: str, started: float) -> None:
         elapsed = time.perf_counter() - started
         if elapsed >= self.threshold:
+            if (phase := current_phase()) is not None:  # expected (kit.db.phase)
+                metrics.DB_EXPECTED_SLOW_QUERIES.labels(self.pool, phase).inc()
+                log.info("db.slow_query.expected", pool=self.pool, phase=phase,
+                         duration_ms=round(elapsed * 1000, 1))  # fmt: skip
+                return
             self.counter.inc()
             metrics.DB_QUERY_MAX.set(elapsed)
             log.warning(

@@ -71,6 +71,9 @@ class RatePolicy(BaseModel):
     """Apply only to callers of these tiers; empty = every caller."""
     routes: tuple[str, ...] = ()
     """Path patterns (``fnmatch``: ``/api/v1/exports*``) this policy applies to; empty = all."""
+    except_routes: tuple[str, ...] = ()
+    """Path patterns this policy does not apply to (a constant file a page loads should not
+    spend the budget meant for what the page does; another policy can budget it instead)."""
     methods: tuple[str, ...] = ()
     """HTTP methods this policy applies to; empty = all."""
     scope: Scope = Scope.global_
@@ -126,6 +129,12 @@ class RatePolicy(BaseModel):
             return None
         return re.compile("|".join(fnmatch.translate(pattern) for pattern in self.routes))
 
+    @cached_property
+    def _except_regex(self) -> re.Pattern[str] | None:
+        if not self.except_routes:
+            return None
+        return re.compile("|".join(fnmatch.translate(p) for p in self.except_routes))
+
     def matches(self, method: str, path: str, tier: str, identified: bool) -> bool:
         """Does this policy apply to a request (tier, route, method, who is calling)?"""
         if self.tiers and tier not in self.tiers:
@@ -135,7 +144,10 @@ class RatePolicy(BaseModel):
         if self.methods and method not in self.methods:
             return False
         regex = self._route_regex
-        return regex is None or regex.match(path) is not None
+        if regex is not None and regex.match(path) is None:
+            return False
+        excluded = self._except_regex
+        return excluded is None or excluded.match(path) is None
 
     def header_item(self) -> str:
         """This policy as an item of the IETF ``RateLimit-Policy`` field."""

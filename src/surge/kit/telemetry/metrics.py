@@ -59,6 +59,11 @@ DB_POOL_WAITING = Gauge(
     "db_pool_waiting", "Callers waiting for a DB connection.", ["pool"], multiprocess_mode="livesum"
 )
 DB_SLOW_QUERIES = Counter("db_slow_queries_total", "Queries slower than DB_SLOW_QUERY.", ["pool"])
+DB_EXPECTED_SLOW_QUERIES = Counter(
+    "db_expected_slow_queries_total",
+    "Queries slower than DB_SLOW_QUERY inside a labelled expected-slow phase (kit.db.phase).",
+    ["pool", "phase"],
+)
 DB_QUERY_MAX = Gauge(
     "db_query_max_seconds", "Slowest query seen (per process).", multiprocess_mode="livemax"
 )
