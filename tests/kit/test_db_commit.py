@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import surge.kit.db as kit_db
-from surge.kit.db import Database, PoolConfig, driver_fetch, is_unavailable, on_commit, sqlstate
+from surge.kit.db import Database, driver_fetch, is_unavailable, on_commit, sqlstate
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect
 from tests.fixtures.waiting import eventually
 
@@ -27,17 +27,6 @@ class _Base(DeclarativeBase):
 class _Item(_Base):
     __tablename__ = "driver_commit_items"
     v: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-
-
-@pytest.fixture
-async def db(server_urls: tuple[str, str]) -> AsyncIterator[Database]:
-    """One pooled connection: every unit of work reuses it, so a connection left in a bad
-    state (a transaction still open, a dead socket) would be seen by the next one."""
-    database = Database(server_urls[0], config=PoolConfig(min_size=0, max_size=1))
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 @pytest.fixture

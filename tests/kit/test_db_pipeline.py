@@ -28,16 +28,6 @@ from surge.kit.telemetry import metrics
 
 
 @pytest.fixture
-async def db(server_urls: tuple[str, str]) -> AsyncIterator[Database]:
-    """One pooled connection, so every unit of work reuses it (and its prepared statements)."""
-    database = Database(server_urls[0], config=PoolConfig(min_size=0, max_size=1))
-    try:
-        yield database
-    finally:
-        await database.close()
-
-
-@pytest.fixture
 async def table(db: Database) -> AsyncIterator[str]:
     name = f"pipeline_{uuid.uuid4().hex[:8]}"
     async with db.session() as session:

@@ -52,6 +52,26 @@ def key_ring(settings: Settings) -> KeyRing:
     return KeyRing.derived(settings.SECRET_KEY.get_secret_value())
 
 
+def _cache(
+    runtime: Runtime, name: str, namespace: str, *, l1_max_entries: int, ttl: float
+) -> Cache:
+    """One of identity's read caches (privileges, ``/me`` views): the same memory TTL,
+    staleness bound and cache settings, each its own name, keys, size and Redis TTL."""
+    settings = runtime.settings
+    return Cache(
+        runtime.redis,
+        name=name,
+        namespace=namespace,
+        l1_max_entries=l1_max_entries,
+        l1_ttl=settings.IDENTITY_PRIVILEGE_L1_TTL.total_seconds(),
+        ttl=ttl,
+        max_stale=settings.IDENTITY_PRIVILEGE_STALE.total_seconds(),
+        early_refresh=settings.CACHE_EARLY_REFRESH,
+        resync_interval=settings.CACHE_RESYNC_INTERVAL.total_seconds(),
+        lease=settings.CACHE_LEASE.total_seconds(),
+    )
+
+
 class IdentityState:
     """What one process keeps for identity (see the module docstring)."""
 
@@ -75,17 +95,12 @@ class IdentityState:
             settings.SECRET_KEY.get_secret_value().encode() + b".mfa-backup"
         )
         self.catalog = Catalog.from_settings(settings)
-        privilege_cache = Cache(
-            runtime.redis,
-            name="privileges",
-            namespace="surge:identity:priv",
+        privilege_cache = _cache(
+            runtime,
+            "privileges",
+            "surge:identity:priv",
             l1_max_entries=settings.IDENTITY_PRIVILEGE_L1_SIZE,
-            l1_ttl=settings.IDENTITY_PRIVILEGE_L1_TTL.total_seconds(),
             ttl=settings.IDENTITY_PRIVILEGE_TTL.total_seconds(),
-            max_stale=settings.IDENTITY_PRIVILEGE_STALE.total_seconds(),
-            early_refresh=settings.CACHE_EARLY_REFRESH,
-            resync_interval=settings.CACHE_RESYNC_INTERVAL.total_seconds(),
-            lease=settings.CACHE_LEASE.total_seconds(),
         )
         self.privileges = PrivilegeStore(
             runtime.db,
@@ -102,17 +117,12 @@ class IdentityState:
         # GET /me without a pooled connection when warm (issue 19, ADR 0016).
         self.users = UserStore(
             runtime.db,
-            Cache(
-                runtime.redis,
-                name="users",
-                namespace="surge:identity:user",
+            _cache(
+                runtime,
+                "users",
+                "surge:identity:user",
                 l1_max_entries=settings.IDENTITY_USER_L1_SIZE,
-                l1_ttl=settings.IDENTITY_PRIVILEGE_L1_TTL.total_seconds(),
                 ttl=settings.IDENTITY_USER_TTL.total_seconds(),
-                max_stale=settings.IDENTITY_PRIVILEGE_STALE.total_seconds(),
-                early_refresh=settings.CACHE_EARLY_REFRESH,
-                resync_interval=settings.CACHE_RESYNC_INTERVAL.total_seconds(),
-                lease=settings.CACHE_LEASE.total_seconds(),
             ),
         )
         self.revocations = RevocationList(
