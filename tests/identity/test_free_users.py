@@ -47,6 +47,19 @@ async def _retake(store: PrivilegeStore) -> None:
     await eventually(lambda: free_users.trusted, message="an invalidation never read")
 
 
+async def _a_free_user_in_the_snapshot(
+    api: httpx.AsyncClient, app: FastAPI
+) -> tuple[uuid.UUID, str, PrivilegeStore, FreeUsers]:
+    """A user who never subscribed, registered and then found in a freshly taken snapshot."""
+    _, user_id = await register(api)
+    uid = uuid.UUID(user_id)
+    store = _store(app)
+    free_users = _free(store)
+    await _retake(store)
+    assert free_users.is_free(uid, user_id)
+    return uid, user_id, store, free_users
+
+
 def _snapshot_answers() -> float:
     flush_all()
     return sum(
@@ -152,12 +165,7 @@ async def test_a_plan_change_in_another_process_is_heard_by_its_snapshot(
 async def test_after_a_possibly_missed_invalidation_the_snapshot_answers_nobody(
     api: httpx.AsyncClient, id_app: FastAPI
 ) -> None:
-    _, user_id = await register(api)
-    uid = uuid.UUID(user_id)
-    store = _store(id_app)
-    free_users = _free(store)
-    await _retake(store)
-    assert free_users.is_free(uid, user_id)
+    uid, user_id, store, free_users = await _a_free_user_in_the_snapshot(api, id_app)
     await store.cache.clear()  # the cache's own flush: whatever the snapshot knew is suspect
     assert not free_users.trusted
     assert free_users.stale()
@@ -173,12 +181,7 @@ async def test_an_invalidation_waiting_unread_stops_the_snapshot_answering(
     """A lagging event loop: another process's plan change sits unread on the pub/sub
     socket. The memory tier defers to Redis then (ADR 0028); the snapshot must too, or the
     follow-up read of a write (seed003_writes's read-back) is answered "free"."""
-    _, user_id = await register(api)
-    uid = uuid.UUID(user_id)
-    store = _store(id_app)
-    free_users = _free(store)
-    await _retake(store)
-    assert free_users.is_free(uid, user_id)
+    uid, user_id, store, free_users = await _a_free_user_in_the_snapshot(api, id_app)
     monkeypatch.setattr(store.cache.l1, "suspect", lambda: True)  # bytes unread on the socket
     assert not free_users.is_free(uid, user_id)
     assert (await store.get(uid)).source != "memory"
