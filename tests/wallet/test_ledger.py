@@ -7,20 +7,24 @@ import asyncio
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import pool, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
+from surge.kit.db import migrate
 from surge.kit.runtime import Runtime
 from surge.wallet.ledger import (
     AlreadyResolved,
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidTransfer,
+    Ledger,
     Posted,
     SystemAccount,
     TransferSpec,
     ledger,
 )
+from tests.fixtures.migration_db import scratch_database
 from tests.wallet.factories import create_partner, fund
 
 
@@ -373,3 +377,35 @@ class TestSystemAccounts:
                     currency="EUR", kind="t",
                 )  # fmt: skip
         await assert_invariants(runtime)
+
+
+def test_a_system_account_id_is_not_trusted_across_engines(server_urls: tuple[str, str]) -> None:
+    """The per-process id cache is per engine: a database rebuilt at the same address (a
+    cluster built again, a restored backup) numbers its accounts anew."""
+    fresh = Ledger()
+
+    async def revenue_id(dsn: str) -> int:
+        engine = create_async_engine(dsn, poolclass=pool.NullPool)
+        try:
+            for _ in range(2):  # the first sight creates the row; the second caches its id
+                async with AsyncSession(engine) as session, session.begin():
+                    found = await fresh.system_account(
+                        session, SystemAccount.revenue, currency="USD"
+                    )
+            return found
+        finally:
+            await engine.dispose()
+
+    with scratch_database(server_urls[0], "head") as db:
+        db.upgrade()
+        before = asyncio.run(revenue_id(db.dsn))
+        asyncio.run(db._drop())
+        assert migrate.ensure_database(db.dsn)
+        db.upgrade()
+        db.run(  # the rebuilt database's first accounts are others
+            "INSERT INTO wallet_accounts (code, currency, guarded) VALUES ('holds', 'USD', true), "
+            "('payouts', 'USD', true), ('sales', 'USD', true)"
+        )
+        after = asyncio.run(revenue_id(db.dsn))
+        assert after != before
+        assert db.run(query="SELECT id FROM wallet_accounts WHERE code = 'revenue'") == [(after,)]

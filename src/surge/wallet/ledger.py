@@ -302,17 +302,21 @@ class Ledger:
         #: Per engine (per database and event loop): the standalone transfers waiting for
         #: the next batch. Weak, so a disposed engine takes its coalescer with it.
         self._coalescers: weakref.WeakKeyDictionary[Any, _Coalescer] = weakref.WeakKeyDictionary()
-        #: (database URL, code, currency) → id: a process may talk to more than one
-        #: database (a test, a migration tool), and ids are only unique within one.
-        self._system: dict[tuple[object, str, str], int] = {}
+        #: Per engine, (code, currency) → id: a process may talk to more than one database
+        #: (a test, a migration tool), and ids are only unique within one. Keyed by the
+        #: engine, not its URL: the same address can serve another database later (a
+        #: cluster torn down and built again at the same addresses, a restored backup).
+        self._system: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], int]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # ---- accounts ------------------------------------------------------------------------
     async def system_account(
         self, session: AsyncSession, code: SystemAccount, *, currency: str
     ) -> int:
         """The id of system account ``code`` in ``currency``, created on first use."""
-        database = session.get_bind().engine.url
-        cached = self._system.get((database, code, currency))
+        known = self._system.setdefault(session.get_bind().engine, {})
+        cached = known.get((code, currency))
         if cached is not None:
             return cached
         created = (
@@ -339,7 +343,7 @@ class Ledger:
                 )
             ).scalar_one()
         )
-        self._system[(database, code, currency)] = account_id
+        known[(code, currency)] = account_id
         return account_id
 
     async def open_wallet(self, session: AsyncSession, owner_id: UUID, *, currency: str) -> int:
