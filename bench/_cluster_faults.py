@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -71,6 +72,9 @@ class ClusterStack:
             ENV="production", SECRET_KEY=SECRET_KEY, LOG_LEVEL="WARNING", LOG_JSON=True,
             DB_CONNECT_TIMEOUT=2, DB_POOL_MIN=1, DB_POOL_MAX=4, AUTH_ARGON2_TIME_COST=1,
             AUTH_ARGON2_MEMORY_KIB=1024, AUTH_ARGON2_PARALLELISM=1,
+            # The load signs its callers in once, at seeding: a slow machine stretches the
+            # run past the default 15-minute access TTL, and every later request was a 401.
+            AUTH_ACCESS_TTL=timedelta(hours=2),
         )  # fmt: skip
 
 
