@@ -227,6 +227,7 @@ class TestCommitAnsweredWithRollback:
             async with db.session() as session:
                 await self._swallow_a_failure(session, table)
         assert not sqlalchemy_commits  # the driver's path was the one taken
+        assert raised.value.orig is not None
         assert isinstance(raised.value.orig.__cause__, CommitRolledBack)
         assert sqlstate(raised.value) == "25P02"
         assert not is_unavailable(raised.value)
