@@ -126,7 +126,9 @@ async def test_thousand_mixed_operations_on_one_wallet_keep_the_invariants(
     async def decide(withdrawal_id: UUID, approve: bool) -> None:
         try:
             async with db.session() as session:
-                await wallet_service.decide(session, admin, withdrawal_id, approve=approve)
+                await wallet_service.decide(
+                    session, busy_runtime, admin, withdrawal_id, approve=approve
+                )
             count("decide.ok")
         except SurgeError as error:
             count(f"decide.{error.status_code}")

@@ -135,6 +135,19 @@ class DomainSettings(BaseSettings):
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
 
+    # ---- four-eyes: a second administrator for money actions (ADR 0059) -------------
+    APPROVAL_THRESHOLD: int = 500_000
+    """Above this many minor units (500 000 = 5 000.00), an administrator's money action
+    (paying a withdrawal out, a revenue event, releasing an operation's reservation) is
+    recorded pending and carried out only when a different administrator approves it.
+    A debt write-off always needs the second administrator, whatever its amount."""
+    APPROVAL_TERMS_BPS: int = 2_000
+    """New partner terms whose effective rate (share × commission, in basis points of the
+    event's profit) exceeds this (2 000 = 20 %; the defaults give 4 %) need a second
+    administrator: 100 % × 100 % terms would hand a partner the whole profit."""
+    APPROVAL_TTL: timedelta = timedelta(hours=24)
+    """How long a pending request waits for its second administrator before it expires."""
+
     # ---- console ------------------------------------------------------------------------
     # (issue 16: operator's console, alerts from one source, service API keys)
     ALERT_ERROR_RATIO: float = 0.01

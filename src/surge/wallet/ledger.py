@@ -86,7 +86,9 @@ class SystemAccount(StrEnum):
     - payments: the payment provider's side of top-ups (unguarded: it goes negative by what
       the provider has collected for the platform and owes it);
     - receivables: what owners owe the platform — the part of a reversal their wallet could
-      not cover (unguarded: it goes negative by the sum of the wallets' ``debt``, ADR 0042).
+      not cover (unguarded: it goes negative by the sum of the wallets' ``debt``, ADR 0042);
+    - bad_debt: the platform's loss on debts written off (unguarded: it goes negative by
+      what was forgiven; ADR 0059).
     """
 
     revenue = "revenue"
@@ -96,10 +98,11 @@ class SystemAccount(StrEnum):
     sales = "sales"
     payments = "payments"
     receivables = "receivables"
+    bad_debt = "bad_debt"
 
 
 UNGUARDED = frozenset({SystemAccount.revenue, SystemAccount.external, SystemAccount.payments,
-                       SystemAccount.receivables})  # fmt: skip
+                       SystemAccount.receivables, SystemAccount.bad_debt})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,11 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from surge.kit.db import replicas as routing
-from surge.kit.db.commit import as_dbapi_error, commit_through_driver
+from surge.kit.db.commit import (
+    CheckedConnection,
+    as_dbapi_error,
+    commit_through_driver,
+)
 from surge.kit.db.phase import current_phase
 from surge.kit.db.pipeline import Desynchronized, begin_and_fetch
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
@@ -73,6 +77,8 @@ def engine_options(url: str, config: PoolConfig) -> dict[str, Any]:
         "timeout": config.connect_timeout,
         "command_timeout": None,
         "server_settings": server_settings,
+        # COMMIT answered with ROLLBACK raises instead of passing for a success (commit.py).
+        "connection_class": CheckedConnection,
     }
     if config.statement_timeout and not config.pgbouncer:
         server_settings["statement_timeout"] = str(int(config.statement_timeout * 1000))

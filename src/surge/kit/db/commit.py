@@ -11,6 +11,11 @@ is sent from here, on the connection the unit of work holds, and SQLAlchemy is t
 what the adapter's own ``commit()`` would have told it (the adapter's transaction is
 over); ``Session.close()`` returns the connection to the pool as after any commit.
 
+A COMMIT that PostgreSQL answers with the command tag ``ROLLBACK`` (the transaction had
+failed: a statement raised and the caller carried on without a savepoint) is an error too,
+on both paths: ``CheckedConnection`` (the driver's connection class) raises
+``CommitRolledBack`` for it, so nobody answers 2xx for a write that was thrown away.
+
 Errors are SQLAlchemy's: a refused COMMIT (a deferred constraint, a serialization failure)
 raises the same ``DBAPIError`` with its SQLSTATE, and a connection lost on the way is
 invalidated, so ``is_unavailable`` maps it to 503 and the pool never hands it out again.
@@ -21,8 +26,41 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
+from asyncpg.exceptions import InFailedSQLTransactionError  # type: ignore[import-untyped]
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+
+class CommitRolledBack(InFailedSQLTransactionError):  # type: ignore[misc]
+    """A ``COMMIT`` the server answered with the command tag ``ROLLBACK``: the transaction
+    had already failed (SQLSTATE 25P02), nothing of it was written. PostgreSQL reports this
+    as a success; the driver's ``Transaction.commit()`` drops the tag, so without this check
+    the caller would acknowledge writes that were rolled back."""
+
+
+#: The statements that end a transaction by committing it (``Transaction.commit()`` sends
+#: ``COMMIT;``); compared upper-cased without the trailing semicolon and spaces.
+_COMMITS = frozenset({"COMMIT", "END", "COMMIT TRANSACTION", "COMMIT WORK", "END TRANSACTION"})
+
+
+class CheckedConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, whose ``execute`` refuses a COMMIT answered with ``ROLLBACK``.
+
+    Every commit goes through here: SQLAlchemy's adapter and ``commit_through_driver`` both
+    call asyncpg's ``Transaction.commit()``, which sends ``COMMIT;`` with ``execute`` and
+    discards the command tag it returns. The protocol's own transaction status (``E``, a
+    failed transaction) is not visible from Python; the tag is. Cost: one string comparison
+    per ``execute`` (a plain statement; queries with results go through ``fetch``)."""
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        status: str = await super().execute(query, *args, timeout=timeout)
+        if status == "ROLLBACK" and query.strip().rstrip(";").strip().upper() in _COMMITS:
+            raise CommitRolledBack(
+                "COMMIT was answered with ROLLBACK: the transaction had failed, nothing of it "
+                "was written"
+            )
+        return status
 
 
 async def as_dbapi_error(
