@@ -257,6 +257,12 @@ class DomainSettings(BaseSettings):
     """Messages of one batch sent at the same time, each on its own pooled connection (a
     *wave*, ADR 0040): their marks and their ``sent`` records then meet in a few shared
     statements instead of one each. 1: one after another."""
+    NOTIFY_MARK_IN_FLIGHT: int = 1
+    """Mark statements (``sending``, just before an end of DATA) one worker process may
+    have in flight at once. 2: a mark that arrives while one is on the wire starts the next
+    at once instead of waiting for its answer (the compare-and-set keeps two attempts of one
+    message in different statements apart); measured no faster on the 2-core bench box, so
+    1 (ADR 0026's lane) stays the default (ADR 0055)."""
     NOTIFY_FROM: str = "Surge <no-reply@surge.localhost>"
     """The From header; its domain is also the Message-ID's right-hand side."""
     NOTIFY_RETURN_PATH: str = "bounces@surge.localhost"
