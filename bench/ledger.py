@@ -54,7 +54,8 @@ from surge.config import Settings
 from surge.kit.db import Database, PoolConfig, migrate
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
 from surge.kit.runtime import Runtime
-from surge.wallet.ledger import SystemAccount, TransferSpec, ledger
+from surge.wallet.accounts import SystemAccount
+from surge.wallet.ledger import TransferSpec, ledger
 from surge.wallet.service import wallet as wallet_service
 
 CLIENTS = 16

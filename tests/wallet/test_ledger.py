@@ -11,13 +11,13 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from surge.kit.runtime import Runtime
+from surge.wallet.accounts import SystemAccount
 from surge.wallet.ledger import (
     AlreadyResolved,
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidTransfer,
     Posted,
-    SystemAccount,
     TransferSpec,
     ledger,
 )
