@@ -15,7 +15,9 @@ transaction, so the transfer, both balance updates and both entries commit or va
 together. Each call is one round trip (the figure that lets a Python ledger keep up with
 pgbench, see ``bench/ledger.py``). Accounts are locked in id order, so two transactions that
 touch the same accounts queue instead of deadlocking; a transaction that moves money between
-more than two accounts calls ``lock()`` first with all of them.
+more than two accounts calls ``lock()`` first with all of them. A hot system account
+(holds, payments) is several rows chosen by owner, each an ordinary account locked by the
+same rule (``surge.wallet.accounts``, ADR 0058).
 
 Signs: ``balance`` = posted credits − posted debits, for every account, so the sum of all
 balances is zero by construction and a partner's wallet (money the platform owes) is
