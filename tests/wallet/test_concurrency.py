@@ -18,7 +18,8 @@ from surge.config import Settings
 from surge.kit.errors import SurgeError
 from surge.kit.runtime import Runtime
 from surge.kit.web.idempotency import fingerprint, idempotency_keys
-from surge.wallet.ledger import SystemAccount, ledger
+from surge.wallet.accounts import SystemAccount
+from surge.wallet.ledger import ledger
 from surge.wallet.service import wallet as wallet_service
 from tests.fixtures.settings import make_settings
 from tests.wallet.factories import create_partner

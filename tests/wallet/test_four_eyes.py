@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from surge.wallet.funds import funds as funds_service
-from surge.wallet.ledger import SystemAccount, ledger
+from surge.wallet.accounts import SystemAccount
+from surge.wallet.ledger import ledger
 from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import Caller
 from tests.wallet.conftest import make_partner

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from surge.kit.db import migrate
 from surge.kit.runtime import Runtime
+from surge.wallet.accounts import SystemAccount
 from surge.wallet.ledger import (
     AlreadyResolved,
     IdempotencyKeyReused,
@@ -20,7 +21,6 @@ from surge.wallet.ledger import (
     InvalidTransfer,
     Ledger,
     Posted,
-    SystemAccount,
     TransferSpec,
     ledger,
 )

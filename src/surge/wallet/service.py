@@ -36,6 +36,7 @@ from surge.kit.runtime import Runtime
 from surge.kit.web.pagination import Slice
 from surge.models.wallet import Earning, Partner, RevenueEvent, Withdrawal
 from surge.wallet import oversight, payout_rules, repository
+from surge.wallet.accounts import SystemAccount
 from surge.wallet.errors import (
     NotAPartner,
     RevenueEventConflict,
@@ -45,14 +46,7 @@ from surge.wallet.errors import (
     WithdrawalNotFound,
     WithdrawalOutOfBounds,
 )
-from surge.wallet.ledger import (
-    Balance,
-    Ledger,
-    SystemAccount,
-    TransferSpec,
-    WalletInDebt,
-    ledger,
-)
+from surge.wallet.ledger import Balance, Ledger, TransferSpec, WalletInDebt, ledger
 from surge.wallet.values import BatchItem, earning_for, withdrawal_id_for
 
 log = structlog.get_logger()
@@ -318,7 +312,11 @@ class WalletService:
         wallet = await self.ledger.wallet_of(
             session, owner_id, currency=currency
         ) or await self.ledger.open_wallet(session, owner_id, currency=currency)
-        holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
+        # The owner's stripe of holds (ADR 0058): requests of owners on other stripes lock
+        # other rows, and never wait for this one's COMMIT.
+        holds = await self.ledger.system_account_for(
+            session, SystemAccount.holds, owner_id, currency=currency
+        )
         # Wallet and holds locked in the ledger's order before reading: a concurrent request
         # (or a credit) cannot change what is withdrawable between the check and the transfer.
         await self.ledger.lock(session, [wallet, holds])
@@ -378,7 +376,9 @@ class WalletService:
                 request_id=request_id,
             )  # fmt: skip
         currency = withdrawal.currency
-        holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
+        # The holds stripe the reservation credited (ADR 0058): posted into, then emptied
+        # into payouts, so each stripe stays non-negative by itself.
+        holds = await repository.reserved_into(session, withdrawal.transfer_id)
         key = f"withdrawal:{withdrawal_id}"
         if approve:
             payouts = await self.ledger.system_account(
@@ -444,10 +444,11 @@ class WalletService:
         another order, a single approval, or a partner's withdrawal request."""
         unique = list(dict.fromkeys(ids))  # duplicates decided once, order kept
         rows = await repository.lock_withdrawals(session, unique)
-        accounts = {row.account_id for row in rows}
+        accounts = {row.account_id for row in rows} | {row.credit_account_id for row in rows}
         for currency in {row.currency for row in rows}:
-            for system in (SystemAccount.holds, SystemAccount.payouts):
-                accounts.add(await self.ledger.system_account(session, system, currency=currency))
+            accounts.add(
+                await self.ledger.system_account(session, SystemAccount.payouts, currency=currency)
+            )
         await self.ledger.lock(session, accounts)
         results: list[BatchItem] = []
         for withdrawal_id in unique:
@@ -504,6 +505,11 @@ class WalletService:
             return None
         balance, withdrawable = await payout_rules.withdrawable(session, self.ledger, wallet)
         return balance, max(withdrawable, 0)
+
+    async def system_balances(self, session: AsyncSession) -> list[dict[str, Any]]:
+        """The platform's accounts per currency, each summed over its stripes (ADR 0058):
+        code, currency, balance, pending in/out, stripes, smallest and largest stripe."""
+        return await repository.system_balances(session)
 
     async def transactions(
         self,
