@@ -13,8 +13,8 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from surge.wallet.funds import funds as funds_service
 from surge.wallet.accounts import SystemAccount
+from surge.wallet.funds import funds as funds_service
 from surge.wallet.ledger import ledger
 from tests.fixtures.clients import runtime_of
 from tests.fixtures.factories import Caller

@@ -24,8 +24,8 @@ from surge.audit.service import audit as audit_service
 from surge.kit.runtime import Runtime
 from surge.models.audit import AdminApproval
 from surge.wallet import oversight
-from surge.wallet.errors import NothingToWriteOff, NoWallet
 from surge.wallet.accounts import SystemAccount
+from surge.wallet.errors import NothingToWriteOff, NoWallet
 from surge.wallet.service import changed_owners
 from surge.wallet.service import wallet as wallet_service
 
