@@ -32,6 +32,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
+from surge.kit.db.hop import hop
+
 
 class UnitOfWorkSession(Session):
     """The session of ``Database.session()``: a ``Session`` that may hold a pooled connection
@@ -80,8 +82,8 @@ async def hold(session: AsyncSession) -> PoolProxiedConnection | None:
         if not _plain(sync, engine):
             return None
         # The pool's own checkout (waits for a free connection, opens or recycles one, as
-        # for any engine connection): the one greenlet hop left in such a unit of work.
-        held = await greenlet_spawn(engine.raw_connection)
+        # for any engine connection), on a reused greenlet (``hop``).
+        held = await hop(engine.raw_connection)
         sync._surge_held = held
     if not held.is_valid:  # a statement lost it earlier in this unit of work
         raise exc.PendingRollbackError(
@@ -137,4 +139,4 @@ def close_all(session: Session) -> None:
 
 async def release(session: AsyncSession) -> None:
     """Close ``session`` and give its connection back to the pool (see ``close_all``)."""
-    await greenlet_spawn(close_all, session.sync_session)
+    await hop(close_all, session.sync_session)
