@@ -99,8 +99,10 @@ def held_engine(session: AsyncSession) -> Engine:
 
 
 async def invalidate_held(held: PoolProxiedConnection, error: BaseException) -> None:
-    """Invalidate a held connection that is gone (``Connection.invalidate``'s pool side)."""
-    await greenlet_spawn(held.invalidate, error)
+    """Invalidate a held connection that is gone (``Connection.invalidate``'s pool side);
+    once only, as ``Connection.invalidate`` (a second call would warn)."""
+    if held.is_valid:
+        await greenlet_spawn(held.invalidate, error)
 
 
 def is_held(session: AsyncSession) -> bool:
