@@ -5,7 +5,7 @@
 ``Connection`` and its ``RootTransaction`` around the pool's checkout, and ``Session.close()``
 takes them apart again (expunge, the transaction's close, the connection's rollback of a
 transaction already committed, the return to the pool), each behind a greenlet hop. For a
-unit of work whose statements all go to the driver (a ledger transfer, an enqueue) none of
+unit of work whose statements all go to the driver (a stored-function call, an enqueue) none of
 it is used: it was about half of such a unit of work's client CPU.
 
 So the sessions of ``Database.session()`` are ``UnitOfWorkSession``\\ s. Their first driver
