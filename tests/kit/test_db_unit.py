@@ -146,6 +146,18 @@ class TestHeldConnection:
         assert _pool(db).checkedout() == 0
         assert await _values(db, table) == []
 
+    async def test_a_rollback_inside_the_unit_of_work_undoes_the_held_transaction(
+        self, db: Database, table: str
+    ) -> None:
+        async with db.session() as session:
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 13)
+            driver = _held_driver(session)
+            await session.rollback()  # the caller gave up on what it wrote so far
+            assert not driver.is_in_transaction()
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 14)
+        assert await _values(db, table) == [14]
+        assert _pool(db).checkedout() == 0
+
     async def test_a_refused_commit_raises_its_sqlstate_and_writes_nothing(
         self, db: Database, table: str, sqlalchemy_commits: list[Session]
     ) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.session import _SessionCloseState
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
@@ -55,6 +56,49 @@ class UnitOfWorkSession(Session):
             # a statement began one) is the adapter's; the Connection's begin() sends nothing.
             adopted = self._surge_adopted = Connection(engine, connection=held)
         return adopted
+
+    def rollback(self) -> None:
+        """``Session.rollback()``, the held connection's transaction included (SQLAlchemy
+        knows nothing of it until it adopts the connection)."""
+        held = self._surge_held
+        if held is not None and self._surge_adopted is None and held.is_valid:
+            adapted: Any = held.dbapi_connection
+            try:
+                adapted.rollback()  # ROLLBACK when a transaction is open, else nothing
+            except Exception as error:
+                dialect = self.bind.dialect  # type: ignore[union-attr]
+                lost = bool(dialect.is_disconnect(error, adapted, None))  # type: ignore[arg-type]
+                if lost:
+                    held.invalidate(error)
+                raise exc.DBAPIError.instance(
+                    "ROLLBACK", [], error, dialect.loaded_dbapi.Error,
+                    connection_invalidated=lost, dialect=dialect,
+                ) from error  # fmt: skip
+        super().rollback()
+
+    def _close_impl(self, invalidate: bool, is_reset: bool = False) -> None:
+        """``close()``, ``reset()`` and ``invalidate()``: the held connection goes back to the
+        pool (the pool's reset rolls back what is open) or is invalidated, as SQLAlchemy
+        does with the connections it checked out itself."""
+        held, adopted = self._surge_held, self._surge_adopted
+        self._surge_held = self._surge_adopted = None
+        try:
+            # Nothing to take apart when SQLAlchemy began nothing and holds no object (the
+            # held path): the base class would only swap in an empty identity map.
+            if (
+                self._transaction is not None
+                or self.identity_map
+                or self._new
+                or self._close_state is _SessionCloseState.ACTIVE
+            ):
+                super()._close_impl(invalidate, is_reset)
+        finally:
+            if adopted is not None:
+                adopted.close()
+            elif held is not None:
+                if invalidate and held.is_valid:
+                    held.invalidate()
+                held.close()
 
 
 def _plain(session: Session, engine: Engine) -> bool:
@@ -121,22 +165,9 @@ async def adopt(session: AsyncSession) -> None:
 
 
 def close_all(session: Session) -> None:
-    """``Session.close()``, then the held connection back to the pool: through the adopted
-    ``Connection`` (which rolls back a transaction still open on it) or the pool's check-in
-    (whose reset-on-return does). Runs in SQLAlchemy's greenlet (``release``)."""
-    try:
-        # Nothing to take apart when SQLAlchemy never began a transaction and holds no
-        # object (the held path): ``close()`` would only swap in an empty identity map.
-        if session._transaction is not None or session.identity_map or session._new:
-            session.close()
-    finally:
-        if isinstance(session, UnitOfWorkSession):
-            held, adopted = session._surge_held, session._surge_adopted
-            session._surge_held = session._surge_adopted = None
-            if adopted is not None:
-                adopted.close()
-            elif held is not None:
-                held.close()
+    """``Session.close()``: for a ``UnitOfWorkSession`` it also gives the held connection
+    back, through the adopted ``Connection`` or the pool's check-in (``_close_impl``)."""
+    session.close()
 
 
 async def release(session: AsyncSession) -> None:
