@@ -159,7 +159,7 @@ class TestDecisions:
         async with runtime.db.session() as session:
             payouts = await ledger.system_account(session, SystemAccount.payouts, currency="USD")
             owed = (await ledger.balance(session, payouts)).balance
-            await wallet_service.decide(session, uuid4(), withdrawal.id, approve=True)
+            await wallet_service.decide(session, runtime, uuid4(), withdrawal.id, approve=True)
             await session.commit()
         assert await stripe_row(runtime, SystemAccount.holds, 7) == before
         async with runtime.db.session() as session:
@@ -177,7 +177,7 @@ class TestDecisions:
             )
             await session.commit()
         async with runtime.db.session() as session:
-            await wallet_service.decide(session, uuid4(), withdrawal.id, approve=False)
+            await wallet_service.decide(session, runtime, uuid4(), withdrawal.id, approve=False)
             await session.commit()
         assert await stripe_row(runtime, SystemAccount.holds, 8) == before
         async with runtime.db.session() as session:
@@ -199,7 +199,7 @@ class TestDecisions:
             await session.commit()
         monkeypatch.setitem(accounts.STRIPES, SystemAccount.holds, 4)  # owner now on stripe 1
         async with runtime.db.session() as session:
-            await wallet_service.decide(session, uuid4(), first.id, approve=True)
+            await wallet_service.decide(session, runtime, uuid4(), first.id, approve=True)
             await session.commit()
         async with runtime.db.session() as session:
             decided = await wallet_service.batch_approve(session, uuid4(), [second.id])

@@ -29,7 +29,11 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 from asyncpg.exceptions import InFailedSQLTransactionError  # type: ignore[import-untyped]
 from sqlalchemy import exc
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.pool import PoolProxiedConnection
+
+from surge.kit.db.unit import UnitOfWorkSession, adopt, held_engine, invalidate_held
 
 
 class CommitRolledBack(InFailedSQLTransactionError):  # type: ignore[misc]
@@ -64,12 +68,21 @@ class CheckedConnection(asyncpg.Connection):  # type: ignore[misc]
 
 
 async def as_dbapi_error(
-    connection: AsyncConnection, adapted: Any, statement: str, args: Any, error: Exception
+    connection: AsyncConnection | PoolProxiedConnection,
+    adapted: Any,
+    statement: str,
+    args: Any,
+    error: Exception,
+    *,
+    dialect: Dialect | None = None,
 ) -> BaseException:
     """``error`` as ``Connection._handle_dbapi_exception`` would raise it: the adapter's
     translation of asyncpg's error, wrapped in ``DBAPIError``; a connection that is gone
-    is invalidated first (``connection_invalidated`` says so)."""
-    dialect = connection.dialect
+    is invalidated first (``connection_invalidated`` says so). ``connection`` is an engine
+    connection, or the pooled connection a unit of work holds (``unit``; give ``dialect``)."""
+    if isinstance(connection, AsyncConnection):
+        dialect = connection.dialect
+    assert dialect is not None
     dbapi_error: BaseException = error
     if not isinstance(error, dialect.loaded_dbapi.Error):
         try:
@@ -79,7 +92,10 @@ async def as_dbapi_error(
     disconnect = bool(dialect.is_disconnect(dbapi_error, adapted, None))  # type: ignore[arg-type]
     if disconnect:
         with contextlib.suppress(Exception):
-            await connection.invalidate(dbapi_error)
+            if isinstance(connection, AsyncConnection):
+                await connection.invalidate(dbapi_error)
+            else:
+                await invalidate_held(connection, dbapi_error)
     return exc.DBAPIError.instance(
         statement, args, dbapi_error, dialect.loaded_dbapi.Error,
         connection_invalidated=disconnect, dialect=dialect,
@@ -118,6 +134,55 @@ def _driver_of(session: AsyncSession) -> Any:
     return connection.connection.dbapi_connection
 
 
+async def _driver_commit(adapted: Any) -> None:
+    """The adapter's ``commit()`` without its greenlet: asyncpg's COMMIT under the adapter's
+    mutex; the adapter's transaction is dropped once the COMMIT was attempted, whatever its
+    outcome (the server ends a transaction whose COMMIT fails). A caller cancelled before
+    the COMMIT left keeps it, so the close rolls it back."""
+    async with adapted._execute_mutex:
+        transaction = adapted._transaction
+        if transaction is None:  # no statement began one on the server: nothing to end
+            return
+        try:
+            await transaction.commit()
+        finally:
+            adapted._transaction = None
+
+
+async def commit_held(session: AsyncSession) -> bool:
+    """Commit the connection ``session`` holds for its driver statements (``unit``) and
+    return True; or return False when SQLAlchemy commits: nothing held, held but adopted,
+    or SQLAlchemy has work to do at commit time (ORM changes to flush, a commit listener
+    on the session) — then it adopts the held connection first, so its flush and COMMIT
+    run in the same transaction. Raises what ``Session.commit()`` would."""
+    sync = session.sync_session
+    if not isinstance(sync, UnitOfWorkSession):
+        return False
+    held = sync._surge_held
+    if held is None or sync._surge_adopted is not None:
+        return False
+    if (
+        sync._transaction is not None
+        or not sync._is_clean()
+        or sync.dispatch.before_commit
+        or sync.dispatch.after_commit
+    ):
+        await adopt(session)
+        return False
+    if not held.is_valid:
+        raise exc.PendingRollbackError(
+            "the unit of work's connection was invalidated; roll it back", code="8s2b"
+        )
+    adapted = held.dbapi_connection
+    try:
+        await _driver_commit(adapted)
+    except Exception as error:
+        raise await as_dbapi_error(
+            held, adapted, "COMMIT", (), error, dialect=held_engine(session).dialect
+        ) from error
+    return True
+
+
 async def commit_through_driver(session: AsyncSession) -> bool:
     """Commit ``session``'s transaction with the driver's ``COMMIT`` and return True, or
     return False, having done nothing, when ``Session.commit()`` must do it (see
@@ -132,14 +197,7 @@ async def commit_through_driver(session: AsyncSession) -> bool:
     if adapted is None:
         return False
     try:
-        async with adapted._execute_mutex:
-            transaction = adapted._transaction
-            if transaction is None:  # no statement began one on the server: nothing to end
-                return True
-            try:
-                await transaction.commit()
-            finally:
-                adapted._transaction = None
+        await _driver_commit(adapted)
     except Exception as error:
         connection = await session.connection()
         raise await as_dbapi_error(connection, adapted, "COMMIT", (), error) from error
