@@ -14,9 +14,9 @@ caller who just wrote, no reads for a replica that lags (ADR 0022).
   ``db_replica_lag_bytes`` gauge); a replica past ``max_lag`` gets no reads.
 - ``primary_reads()``: every read of the block (and of the tasks it starts) goes to the
   primary. For a read whose answer is *kept* after an invalidation told the keeper to forget
-  the old one (a cache fill, a memory loaded after a (re)subscription): a replica that has not
-  replayed the invalidating write would hand the old answer back to be kept for a TTL, and
-  the filler cannot know which write it must have replayed (ADR 0060).
+  the old one (a cache fill, a memory loaded when it joins a pub/sub channel): a replica
+  that has not replayed the invalidating write would hand the old answer back to be kept
+  for a TTL, and the filler cannot know which write it must have replayed (ADR 0060).
 """
 
 from __future__ import annotations
