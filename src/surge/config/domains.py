@@ -186,8 +186,9 @@ class DomainSettings(BaseSettings):
     """Connect/read timeout of one provider call."""
     OPERATIONS_FLEET_WAIT: timedelta = timedelta(minutes=30)
     """How long an operation waits, attempts unspent, while every egress proxy is cooling
-    down (blocked or failing, re-check not yet due): a fleet that is down for now is not the
-    operation's failure. Past this (from the operation's creation), such an attempt counts."""
+    down (blocked or failing, re-check not yet due) or every active provider account is
+    leased by other jobs: a fleet that is busy or down for now is not the operation's
+    failure. Past this (from the operation's creation), such an attempt counts."""
     OPERATIONS_MAX_ATTEMPTS: int = 6
     """Attempts of an operation job; after the last, the operation fails (reservation
     released) or, when the provider may have done the work, goes to ``needs_review``."""

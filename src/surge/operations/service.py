@@ -333,10 +333,11 @@ class OperationsService:
     async def _wait_for_fleet(
         self, runtime: Runtime, operation: Operation, due_in: timedelta | None, detail: str
     ) -> None:
-        """Every proxy is cooling down: back to ``queued`` and snooze the job (the attempt
-        not spent) until one may be due, re-checking at least every provider timeout (a
-        running probe may free the proxy before its hold ends). Returns only when the
-        operation has waited ``OPERATIONS_FLEET_WAIT`` already."""
+        """Every proxy is cooling down, or every provider account is held by other jobs:
+        back to ``queued`` and snooze the job (the attempt not spent) until one may be due,
+        re-checking at least every provider timeout (a running probe may free the proxy
+        before its hold ends; a job ending releases its account before its lease does).
+        Returns only when the operation has waited ``OPERATIONS_FLEET_WAIT`` already."""
         settings = runtime.settings
         async with runtime.db.session() as s:
             waited = await repository.now(s) - operation.created_at

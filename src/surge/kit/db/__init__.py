@@ -5,7 +5,8 @@
   (cache invalidations, notifications) so nobody hears of a write that rolled back (ADR 0002).
 - ``Database.read_session()``: read-only work, routed round-robin to a healthy replica when
   ``DATABASE_REPLICA_URLS`` is set; a replica that fails to connect is skipped for
-  ``DB_REPLICA_RETRY`` and the read goes to the primary.
+  ``DB_REPLICA_RETRY`` and the read goes to the primary. Inside ``primary_reads()`` (every
+  cache fill: ``kit.cache``) it reads the primary (ADR 0060).
 - Pool: ``IdleTimeoutPool`` (max 20, floor 5, idle 30 s), gauges in ``/metrics``, slow
   queries logged and counted, connection loss mapped to 503 by ``is_unavailable``.
 """
@@ -43,6 +44,7 @@ from surge.kit.db.commit import (
 )
 from surge.kit.db.pipeline import Desynchronized, begin_and_fetch
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
+from surge.kit.db.replicas import primary_reads as primary_reads
 from surge.kit.db.slowlog import _SLOW_LOGS, _SlowLog
 from surge.kit.db.unit import (
     UnitOfWorkSession,
@@ -521,7 +523,7 @@ class Database:
             await connection.close()
 
     async def _read_connection(self) -> AsyncConnection:
-        if self._replica_cycle is not None:
+        if self._replica_cycle is not None and not routing.reading_primary():
             now = time.monotonic()
             reader = routing.current_reader()
             need = await self.sticks.get(reader) if reader and self.config.sticky_reads else None
