@@ -15,7 +15,8 @@ compares two URLs should pass the same tokens to both: the load generator then d
 same work for each, and only the server's work differs.
 
 ``uvicorn_server`` and ``wait_ready`` start an app the way production does (uvloop,
-httptools, N worker processes, no access log) and wait until it answers.
+httptools or Surge's protocol on it, N worker processes, no access log) and wait until it
+answers.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def uvicorn_server(
     workers: int,
     factory: bool,
     log: Path | None = None,
+    http: str = "httptools",
 ) -> subprocess.Popen[bytes]:
     """``target`` under uvicorn in its own process group (stop it with ``os.killpg``); its
     output appended to ``log`` when given, else discarded.
@@ -62,11 +64,14 @@ def uvicorn_server(
     With ``surge serve``'s keep-alive and listen backlog (``HTTP_KEEPALIVE_TIMEOUT``,
     ``HTTP_BACKLOG``), not uvicorn's: uvicorn closes an idle connection after 5 s, exactly
     httpx's own keep-alive expiry, so a client reusing a connection idle for ~5 s raced
-    the server's close and read a reset instead of an answer (ADR 0053)."""
+    the server's close and read a reset instead of an answer (ADR 0053).
+
+    ``http``: uvicorn's HTTP protocol, ``httptools`` or an import path; Surge runs as
+    ``surge serve`` runs it with ``surge.kit.web.protocol.PROTOCOL`` (ADR 0056)."""
     settings = Settings(**_env_settings(env))
     args = [
         sys.executable, "-m", "uvicorn", target, "--port", str(port), "--workers", str(workers),
-        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+        "--loop", "uvloop", "--http", http, "--no-access-log", "--log-level", "warning",
         "--timeout-keep-alive", str(int(settings.HTTP_KEEPALIVE_TIMEOUT.total_seconds())),
         "--backlog", str(settings.HTTP_BACKLOG),
     ]  # fmt: skip

@@ -293,7 +293,8 @@ class World:
     async def seed(self) -> None:
         from surge.identity.service import identity as identity_service
         from surge.kit.runtime import Runtime
-        from surge.wallet.ledger import SystemAccount, ledger
+        from surge.wallet.accounts import SystemAccount
+        from surge.wallet.ledger import ledger
         from surge.wallet.service import wallet as wallet_service
         from surge.worker import discover
 

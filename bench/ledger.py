@@ -15,6 +15,12 @@ for several repetitions, medians reported:
 - **batch50**: the same 16 tasks crediting 50 random wallets from the revenue account per
   unit of work with ``ledger.transfer_many`` (an earnings job's shape; all batches serialise
   on the revenue row's lock), counted in credits/s;
+- **withdrawals**: the same 16 tasks each requesting withdrawals through the wallet's service
+  (``request_withdrawal``: the wallet's row lock, the payout rules' reads, a pending transfer
+  to the holds system account, the withdrawal row, COMMIT) for random owners of the 1 000,
+  one unit of work each. Every request credits a holds account: this is the row ADR 0058
+  stripes. Compared with the random unit-of-work transfer of the same run (the same
+  shape without the payout rules: what a withdrawal could reach were holds not shared);
 - **pgbench**: ``pgbench -c 16 -j 2`` with its built-in tpcb-like script (5 statements: three
   balance updates, a select, a history insert) at scale 16 (one branch row per client, as
   TPC-B asks), simple protocol — the physical limit of a balance-moving transaction on this
@@ -37,15 +43,20 @@ import re
 import subprocess
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from sqlalchemy import text
 
 from bench.common import console, median, report, run_async
+from surge.config import Settings
 from surge.kit.db import Database, PoolConfig, migrate
-from surge.kit.embedded import EmbeddedPostgres
-from surge.wallet.ledger import SystemAccount, TransferSpec, ledger
+from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis
+from surge.kit.runtime import Runtime
+from surge.wallet.accounts import SystemAccount
+from surge.wallet.ledger import TransferSpec, ledger
+from surge.wallet.service import wallet as wallet_service
 
 CLIENTS = 16
 WALLETS = 1_000
@@ -56,7 +67,7 @@ UNIT_OF_WORK_TARGET = 0.8
 HOT_TARGET = 0.5
 
 
-async def _setup(db: Database) -> tuple[list[int], int]:
+async def _setup(db: Database) -> tuple[list[int], int, dict[int, UUID]]:
     async with db.session() as session:
         external = await ledger.system_account(session, SystemAccount.external, currency="USD")
         revenue = await ledger.system_account(session, SystemAccount.revenue, currency="USD")
@@ -80,7 +91,15 @@ async def _setup(db: Database) -> tuple[list[int], int]:
                 session, key=f"fund:{account}", debit=external, credit=account,
                 amount=FUNDING, currency="USD", kind="adjustment",
             )  # fmt: skip
-    return ids, revenue
+        owners = {
+            int(account): owner
+            for account, owner in (
+                await session.execute(
+                    text("SELECT id, owner_id FROM wallet_accounts WHERE code = 'wallet'")
+                )
+            ).all()
+        }
+    return ids, revenue, owners
 
 
 async def _run_ledger(
@@ -148,6 +167,32 @@ async def _run_batches(db: Database, wallets: list[int], revenue: int, seconds: 
     return done / (time.perf_counter() - started)
 
 
+async def _run_withdrawals(runtime: Runtime, owners: list[UUID], seconds: float) -> float:
+    """Withdrawal requests/s: each one a unit of work through ``request_withdrawal`` for a
+    random owner (the cap is lifted in this run's settings: every request is granted)."""
+    deadline = time.perf_counter() + seconds
+    done = 0
+    run = uuid4().hex[:8]
+
+    async def worker(index: int) -> None:
+        nonlocal done
+        rng = random.Random(2_000 + index)
+        sequence = 0
+        while time.perf_counter() < deadline:
+            sequence += 1
+            async with runtime.db.session() as session:
+                await wallet_service.request_withdrawal(
+                    session, runtime, rng.choice(owners), amount=rng.randint(1_000, 10_000),
+                    key=f"w:{run}:{index}:{sequence}",
+                )  # fmt: skip
+                await session.commit()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(CLIENTS)))
+    return done / (time.perf_counter() - started)
+
+
 def _pgbench(pg: EmbeddedPostgres, seconds: float, *, prepared: bool = False) -> float:
     args = [
         pg.pgbin("pgbench"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres",
@@ -168,7 +213,9 @@ async def _bench(quick: bool) -> None:
     repetitions = 2 if quick else 5
     with tempfile.TemporaryDirectory(prefix="surge-bench-ledger-") as folder:
         pg = EmbeddedPostgres(Path(folder) / "pg", durable=True)
+        redis = EmbeddedRedis(Path(folder) / "redis")
         pg.start()
+        redis_url = redis.start()
         try:
             console.print(f"[dim]PostgreSQL on port {pg.port}; migrating, pgbench -i -s {SCALE}[/]")
             await asyncio.to_thread(migrate.upgrade, pg.url)
@@ -182,12 +229,24 @@ async def _bench(quick: bool) -> None:
             # design here, and thousands of warnings would cost the run itself.
             config = PoolConfig(max_size=CLIENTS + 4, min_size=CLIENTS, slow_query=60)
             db = Database(pg.url, config=config)
+            # The withdrawals' own runtime (the service reads settings and the cache):
+            # the same server, a pool of the same size, the daily cap out of the way.
+            runtime = Runtime(
+                Settings(
+                    DATABASE_URL=pg.url, REDIS_URL=redis_url, LOG_LEVEL="WARNING",
+                    DB_POOL_MAX=CLIENTS + 4, DB_POOL_MIN=CLIENTS, DB_SLOW_QUERY=timedelta(seconds=60),
+                    WALLET_WITHDRAWAL_DAILY_MAX=FUNDING,
+                )
+            )  # fmt: skip
             await db.start()
+            await runtime.start()
             try:
-                wallets, revenue = await _setup(db)
+                wallets, revenue, owners = await _setup(db)
                 # Warm-up (plans, caches, pool): not measured.
                 await _run_ledger(db, wallets, hot=False, standalone=False, seconds=1.0)
-                order = ["pgbench", "random_now", "random", "hot_now", "hot", "batch50"]
+                order = [
+                    "pgbench", "random_now", "random", "hot_now", "hot", "batch50", "withdrawals",
+                ]  # fmt: skip
                 if not quick:
                     order.append("pgbench_prepared")
                 results: dict[str, list[float]] = {name: [] for name in order}
@@ -197,6 +256,8 @@ async def _bench(quick: bool) -> None:
                             value = await asyncio.to_thread(_pgbench, pg, seconds)
                         elif name == "batch50":
                             value = await _run_batches(db, wallets, revenue, seconds)
+                        elif name == "withdrawals":
+                            value = await _run_withdrawals(runtime, list(owners.values()), seconds)
                         elif name == "pgbench_prepared":
                             value = await asyncio.to_thread(_pgbench, pg, seconds, prepared=True)
                         else:
@@ -212,8 +273,10 @@ async def _bench(quick: bool) -> None:
                         await session.execute(text("SELECT count(*) FROM wallet_transfers"))
                     ).scalar_one()
             finally:
+                await runtime.stop()
                 await db.close()
         finally:
+            redis.stop()
             pg.stop()
     m = {name: median(values) for name, values in results.items()}
 
@@ -224,7 +287,7 @@ async def _bench(quick: bool) -> None:
     ratio = paired("random_now")
     ratios = {
         name: round(paired(name), 3)
-        for name in ("random_now", "random", "hot_now", "hot", "batch50")
+        for name in ("random_now", "random", "hot_now", "hot", "batch50", "withdrawals")
     }
     hot_over_random = {
         "standalone": round(m["hot_now"] / m["random_now"], 3) if m["random_now"] else 0.0,
@@ -251,6 +314,10 @@ async def _bench(quick: bool) -> None:
             "hot_wallet_transfers_per_s": round(m["hot_now"], 1),
             "hot_wallet_unit_of_work_transfers_per_s": round(m["hot"], 1),
             "earnings_batch50_credits_per_s": round(m["batch50"], 1),
+            "withdrawals_per_s": round(m["withdrawals"], 1),
+            "withdrawals_over_random_unit_of_work": (
+                round(m["withdrawals"] / m["random"], 3) if m["random"] else 0.0
+            ),
             "ratios_to_pgbench": ratios,
             "hot_over_random": hot_over_random,
             "invariants_ok": not problems,
@@ -269,6 +336,7 @@ async def _bench(quick: bool) -> None:
             row("one hot wallet, standalone transfer/s", "hot_now"),
             row("one hot wallet, unit of work transfer/s", "hot"),
             row("earnings batches of 50 from revenue, credit/s", "batch50"),
+            row("withdrawal requests of random owners, request/s", "withdrawals"),
             ("pgbench tpcb -M prepared (tps)", "", f"{prepared:,.0f}" if prepared else "-"),
             ("target: random standalone / pgbench", f"{ratio:.2f}", f"≥ {TARGET}"),
             (

@@ -14,7 +14,7 @@
     query that answers it from PostgreSQL without any cache.
 
 Servers: an embedded PostgreSQL and Redis started in a temporary folder; Surge under uvicorn
-with 2 workers (uvloop + httptools), rate limiting *on* with limits too high to trigger (its
+with 2 workers (uvloop + httptools, with Surge's one-write protocol as ``surge serve``), rate limiting *on* with limits too high to trigger (its
 cost is part of the measurement). Load: wrk (2 threads, 64 connections) when installed, else
 a bundled closed-loop generator that can send the Authorization header.
 """
@@ -51,6 +51,7 @@ from surge.config import Settings
 from surge.kit.db import migrate
 from surge.kit.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from surge.kit.security import PasswordHasher
+from surge.kit.web.protocol import PROTOCOL
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
@@ -228,7 +229,9 @@ def main(quick: bool = False) -> None:
             }
             port, port_nolimit = free_port(), free_port()
             procs.append(
-                uvicorn_server("surge.app:create_app", port, env, workers=WORKERS, factory=True)
+                uvicorn_server(
+                    "surge.app:create_app", port, env, workers=WORKERS, factory=True, http=PROTOCOL
+                )
             )
             # The same app with the rate limiter off: how much of (b) is the limiter's.
             nolimit_dir = folder / "metrics-nolimit"
@@ -239,7 +242,7 @@ def main(quick: bool = False) -> None:
                     port_nolimit,
                     {**env, "SURGE_RATELIMIT_ENABLED": "false",
                      "PROMETHEUS_MULTIPROC_DIR": str(nolimit_dir)},
-                    workers=WORKERS, factory=True,
+                    workers=WORKERS, factory=True, http=PROTOCOL,
                 )
             )  # fmt: skip
             url, url_nolimit = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port_nolimit}"

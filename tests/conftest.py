@@ -68,6 +68,21 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
 
 
 @pytest.fixture(scope="session")
+def lagging_replica_url(server_urls: tuple[str, str]) -> str:
+    """A "replica" that has replayed none of the suite's writes: a second database on the
+    suite's server, migrated and empty, so every row a test writes on the primary is missing
+    there (as on a streaming replica paused before that write). Routing treats it as a replica
+    whose replay position is unknown: it gets every read allowed to be stale."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_urls[0]).set(database="surge_lagging_replica")
+    rendered = url.render_as_string(hide_password=False)
+    migrate.ensure_database(rendered)
+    migrate.upgrade(rendered)
+    return rendered
+
+
+@pytest.fixture(scope="session")
 def settings(server_urls: tuple[str, str]) -> Settings:
     return make_settings(*server_urls)
 

@@ -36,6 +36,7 @@ DEMO_DOMAIN = "demo.surge.dev"
 ACCOUNTS = [
     ("admin", "admin", "ultra"),
     ("auditor", "admin_readonly", "free"),  # the console's read-only administrator
+    ("checker", "admin", "free"),  # the second administrator of four-eyes requests (ADR 0059)
     ("alice", "user", "plus"),
     ("bob", "user", "pro"),
     ("carol", "user", "free"),
@@ -148,7 +149,8 @@ def seed(console: Console, settings: Settings | None = None) -> None:
         created = asyncio.run(seed_async(settings or default_settings))
     if created:
         console.print(
-            f"[green]✓[/] Demo data: admin, auditor, alice, bob, carol, partner1, partner2, "
+            f"[green]✓[/] Demo data: admin, auditor, checker (a second admin for four-eyes "
+            f"approvals), alice, bob, carol, partner1, partner2, "
             f"reseller1 @{DEMO_DOMAIN}, password [bold]{DEMO_PASSWORD}[/] (auditor: read-only "
             f"admin; sign in at /admin, where the second factor is enrolled in the page); "
             f"reseller panel at /panel as reseller1"

@@ -128,9 +128,14 @@ class TestDebt:
             await session.commit()
         page = await api.get("/admin/withdrawals")
         assert page.status_code == 200
-        debts = page.text[page.text.index('id="debts"') :]
+        debts = page.text[page.text.index('id="debts"') : page.text.index("<h2>System")]
         assert email in debts
         assert "12.34" in debts
+        # The platform's accounts summed over their stripes (ADR 0058): holds (the pending
+        # withdrawal's reservation) and payments (the top-ups) among them.
+        system = page.text[page.text.index('id="system-accounts"') :]
+        assert "<td>holds</td>" in system
+        assert "<td>payments</td>" in system
         path = f"/admin/withdrawals/{withdrawal_id}/approve"
         asked = await api.post(path, data={"csrf": csrf})
         fields = {"csrf": csrf, "confirm": "yes", "form_key": form_key_of(asked.text)}

@@ -69,6 +69,32 @@ async def test_static_files_do_not_spend_the_anonymous_budget(api: httpx.AsyncCl
     assert "static-1m" in (await api.get("/admin/static/console.css")).headers["ratelimit"]
 
 
+class TestAnOperatorsOwnPolicies:
+    """ADR 0060: an operator who lists their own ``RATELIMIT_POLICIES`` keeps the constant
+    routes' budget without copying it (before: every CSS, JS and docs load spent their
+    anonymous tier, and the console's sign-in page was refused after a few page loads)."""
+
+    @pytest.fixture
+    def app_settings(self, server_urls: tuple[str, str]) -> Settings:
+        return identity_settings(
+            *server_urls,
+            RATELIMIT_ENABLED=True,
+            RATELIMIT_KEY_PREFIX=f"rl-console-{uuid.uuid4().hex[:8]}:",
+            RATELIMIT_POLICIES=[
+                {"name": "guests-15m", "limit": 50, "period": "PT15M", "tiers": ["anonymous"]},
+                {"name": "ip-1m", "limit": 10000, "period": "PT1M", "per": "ip"},
+            ],
+        )
+
+    async def test_static_files_keep_their_own_budget(self, api: httpx.AsyncClient) -> None:
+        for path in ("/admin/static/console.css", "/docs"):
+            assert await statuses(api, path) == [200] * CLICKS, path
+        page = await api.get("/admin")
+        assert page.status_code == 200
+        assert '"guests-15m";r=49' in page.headers["ratelimit"]
+        assert "static-1m" in (await api.get("/admin/static/console.css")).headers["ratelimit"]
+
+
 async def identify(app: FastAPI, session_id: str) -> Subject | None:
     hook = app.state.runtime.extensions["ratelimit"].identify
     scope = {"type": "http", "path": "/admin/overview", "headers": [

@@ -6,14 +6,17 @@ Runs in ``make test`` (no root needed; about ten seconds)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from sqlalchemy import text
 
+from surge.kit.cache import Cache
 from surge.kit.db import Database, PoolConfig
 from surge.kit.db.replicas import MemorySticks, ReplicaRouter, bind_reader, parse_lsn
 from surge.kit.embedded import EmbeddedPostgres
+from surge.kit.redis import RedisGateway
 from tests.fixtures.waiting import eventually
 
 
@@ -170,3 +173,34 @@ async def test_sticks_expire_and_keep_the_highest_position() -> None:
 def test_parse_lsn() -> None:
     assert parse_lsn("16/B374D848") == (0x16 << 32) + 0xB374D848
     assert parse_lsn(None) is None
+
+
+async def test_a_cache_fill_after_another_callers_write_reads_the_primary(
+    db: Database, server_urls: tuple[str, str]
+) -> None:
+    """ADR 0060 on a real streaming replica: an administrator's write is invalidated after
+    its commit; the next reader is another caller, whose own reads may be stale, but the
+    cache fill they trigger reads the primary (before: the paused replica, and the old count
+    was cached for the entry's TTL)."""
+    gateway = RedisGateway(server_urls[1])
+    cache = Cache(gateway, namespace=f"test:{uuid.uuid4().hex[:8]}", ttl_jitter=0.0)
+    await cache.start()
+
+    async def count() -> int:
+        async with db.read_session() as session:
+            return int((await session.execute(text("SELECT count(*) FROM notes"))).scalar() or 0)
+
+    try:
+        assert await cache.get_or_load("notes", count) == 0
+        await _pause_replay(db)
+        bind_reader("admin")
+        async with db.session() as session:
+            await session.execute(text("INSERT INTO notes VALUES (7)"))
+        await cache.delete("notes")  # the writer's invalidation, after its commit
+        bind_reader("user")  # another caller: stale reads are fine for their own queries
+        assert await count() == 0  # the replica has not replayed the write
+        assert await cache.get_or_load("notes", count) == 1  # the fill read the primary
+    finally:
+        await _resume_replay(db)
+        await cache.close()
+        await gateway.close()

@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from tests.fixtures.factories import Caller
-from tests.wallet.conftest import admin, app_settings, wallet_app, wallet_settings
+from tests.wallet.conftest import admin, app_settings, second_admin, wallet_app, wallet_settings
 
-__all__ = ["admin", "app_settings", "wallet_app", "wallet_settings"]
+__all__ = ["admin", "app_settings", "second_admin", "wallet_app", "wallet_settings"]
 
 
 def event() -> dict[str, Any]:
@@ -25,8 +25,9 @@ def key_header(key: str) -> dict[str, str]:
 
 
 async def issue(
-    api: httpx.AsyncClient, admin: Caller, scopes: list[str] | None = None
+    api: httpx.AsyncClient, admin: Caller, checker: Caller, scopes: list[str] | None = None
 ) -> dict[str, Any]:
+    """A key made by ``admin`` and approved by ``checker`` (ADR 0059), ready to use."""
     response = await api.post(
         "/api/admin/service-keys",
         json={"name": "game-backend", "scopes": scopes or ["revenue-events:write"]},
@@ -34,14 +35,22 @@ async def issue(
     )
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
+    await approve(api, checker, body)
     return body
+
+
+async def approve(api: httpx.AsyncClient, checker: Caller, issued: dict[str, Any]) -> None:
+    approved = await api.post(
+        f"/api/admin/approvals/{issued['approval_id']}/approve", headers=checker.headers
+    )
+    assert approved.status_code == 200, approved.text
 
 
 class TestServiceKeys:
     async def test_a_key_records_revenue_events_without_an_admin_session(
-        self, api: httpx.AsyncClient, admin: Caller
+        self, api: httpx.AsyncClient, admin: Caller, second_admin: Caller
     ) -> None:
-        issued = await issue(api, admin)
+        issued = await issue(api, admin, second_admin)
         assert issued["key"].startswith("surge_sk_")
         created = await api.post(
             "/api/v1/revenue-events", json=event(), headers=key_header(issued["key"])
@@ -49,9 +58,9 @@ class TestServiceKeys:
         assert created.status_code == 201, created.text
 
     async def test_shown_once_and_stored_hashed(
-        self, api: httpx.AsyncClient, admin: Caller, wallet_app: FastAPI
+        self, api: httpx.AsyncClient, admin: Caller, second_admin: Caller, wallet_app: FastAPI
     ) -> None:
-        issued = await issue(api, admin)
+        issued = await issue(api, admin, second_admin)
         listed = await api.get("/api/admin/service-keys", headers=admin.headers)
         assert issued["key"] not in listed.text
         assert issued["prefix"] in listed.text
@@ -64,9 +73,9 @@ class TestServiceKeys:
         assert len(stored) == 64  # a SHA-256
 
     async def test_wrong_or_missing_scope_and_unknown_keys_are_refused(
-        self, api: httpx.AsyncClient, admin: Caller
+        self, api: httpx.AsyncClient, admin: Caller, second_admin: Caller
     ) -> None:
-        issued = await issue(api, admin)
+        issued = await issue(api, admin, second_admin)
         forged = issued["key"][:-4] + "AAAA"
         assert (
             await api.post("/api/v1/revenue-events", json=event(), headers=key_header(forged))
@@ -84,9 +93,9 @@ class TestServiceKeys:
         ).status_code == 401
 
     async def test_revoked_key_is_refused_and_audited(
-        self, api: httpx.AsyncClient, admin: Caller, wallet_app: FastAPI
+        self, api: httpx.AsyncClient, admin: Caller, second_admin: Caller, wallet_app: FastAPI
     ) -> None:
-        issued = await issue(api, admin)
+        issued = await issue(api, admin, second_admin)
         revoked = await api.post(
             f"/api/admin/service-keys/{issued['id']}/revoke", headers=admin.headers
         )
@@ -107,9 +116,9 @@ class TestServiceKeys:
         assert {"credential.key.created", "credential.key.revoked"} <= actions
 
     async def test_rotation_gives_a_new_key_and_ends_the_old_after_its_grace(
-        self, api: httpx.AsyncClient, admin: Caller
+        self, api: httpx.AsyncClient, admin: Caller, second_admin: Caller
     ) -> None:
-        issued = await issue(api, admin)
+        issued = await issue(api, admin, second_admin)
         rotated = await api.post(
             f"/api/admin/service-keys/{issued['id']}/rotate",
             json={"grace_seconds": 0},
@@ -118,6 +127,11 @@ class TestServiceKeys:
         assert rotated.status_code == 201, rotated.text
         new = rotated.json()
         assert new["key"] != issued["key"]
+        waiting = await api.post(
+            "/api/v1/revenue-events", json=event(), headers=key_header(new["key"])
+        )
+        assert waiting.status_code == 401  # a rotated key waits for its second admin too
+        await approve(api, second_admin, new)
         ok = await api.post("/api/v1/revenue-events", json=event(), headers=key_header(new["key"]))
         assert ok.status_code == 201
         old = await api.post(
@@ -126,9 +140,9 @@ class TestServiceKeys:
         assert old.status_code == 401
 
     async def test_rotation_with_grace_keeps_the_old_key_working(
-        self, api: httpx.AsyncClient, admin: Caller
+        self, api: httpx.AsyncClient, admin: Caller, second_admin: Caller
     ) -> None:
-        issued = await issue(api, admin)
+        issued = await issue(api, admin, second_admin)
         rotated = await api.post(
             f"/api/admin/service-keys/{issued['id']}/rotate", headers=admin.headers
         )
@@ -137,6 +151,34 @@ class TestServiceKeys:
             "/api/v1/revenue-events", json=event(), headers=key_header(issued["key"])
         )
         assert old.status_code == 201  # the default grace: an hour to redeploy
+
+    async def test_one_administrator_alone_cannot_mint_a_working_key(
+        self, api: httpx.AsyncClient, admin: Caller, second_admin: Caller, wallet_app: FastAPI
+    ) -> None:
+        """Every key records revenue events, which credit partners: a key one administrator
+        made alone was a way around four-eyes (ADR 0059). It is refused until a different
+        administrator approves it; its maker cannot."""
+        made = await api.post(
+            "/api/admin/service-keys",
+            json={"name": "side-door", "scopes": ["revenue-events:write"]},
+            headers=admin.headers,
+        )
+        assert made.status_code == 201, made.text
+        issued = made.json()
+        assert issued["activated_at"] is None
+        refused = await api.post(
+            "/api/v1/revenue-events", json=event(), headers=key_header(issued["key"])
+        )
+        assert refused.status_code == 401, refused.text
+        own = await api.post(
+            f"/api/admin/approvals/{issued['approval_id']}/approve", headers=admin.headers
+        )
+        assert own.status_code == 403
+        await approve(api, second_admin, issued)
+        ok = await api.post(
+            "/api/v1/revenue-events", json=event(), headers=key_header(issued["key"])
+        )
+        assert ok.status_code == 201, ok.text
 
     async def test_malformed_json_without_a_token_is_401(self, api: httpx.AsyncClient) -> None:
         response = await api.post(

@@ -10,6 +10,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from surge.config import Settings
 from surge.identity.service import identity as identity_service
 from tests.fixtures.factories import (
     PASSWORD,
@@ -487,6 +488,33 @@ class TestRevocationAcrossProcesses:
                 return False
 
             await eventually(refused, timeout=0.5, interval=0.005, message="logout not heard")
+            assert other.revocations.trusted  # answered from memory, not a fallback
+        finally:
+            await other.close()
+            await other_runtime.stop()
+
+    async def test_a_process_subscribing_after_a_logout_does_not_trust_a_lagging_replica(
+        self, api: httpx.AsyncClient, id_settings: Settings, lagging_replica_url: str
+    ) -> None:
+        """ADR 0060: a process that subscribes after a logout was published learns of it
+        from the database only, then trusts its memory. Its replica has replayed none of the
+        suite's writes: the load must read the primary, or the revoked token passes."""
+        from surge.identity.runtime import install_identity
+        from surge.kit.runtime import Runtime
+        from surge.kit.security import InvalidToken
+
+        email, _ = await register(api)
+        tokens = await login(api, email)
+        assert (await api.post("/api/v1/auth/logout", headers=bearer(tokens))).status_code == 204
+        settings = id_settings.model_copy(update={"DATABASE_REPLICA_URLS": [lagging_replica_url]})
+        other_runtime = Runtime(settings)
+        await other_runtime.start()
+        other = install_identity(other_runtime)
+        await other.start(warm=False, refresh_view=False)
+        try:
+            await asyncio.wait_for(other.revocations.wait_trusted(), 5)
+            with pytest.raises(InvalidToken):
+                await other.authenticate(tokens["access_token"])
             assert other.revocations.trusted  # answered from memory, not a fallback
         finally:
             await other.close()

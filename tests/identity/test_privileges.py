@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
+from surge.config import Settings
 from surge.identity import repository
 from surge.identity.plans import Grant
 from surge.identity.service import identity as identity_service
@@ -104,6 +105,35 @@ class TestPlanChange:
         assert store.peek(uuid.UUID(user_id)) is None
         assert not await identity_service.has_privilege(runtime, uuid.UUID(user_id), "sso")
         assert (await identity_service.privileges_of(runtime, uuid.UUID(user_id))).plan == "free"
+
+
+class TestFillsFromALaggingReplica:
+    """ADR 0060: the tiers are filled from the primary. The app's only replica has replayed
+    none of the suite's writes (``lagging_replica_url``): before the fix, the fill that
+    followed a plan change's invalidation read it there and cached the old plan for the
+    hour of ADR 0050."""
+
+    @pytest.fixture
+    def app_settings(self, id_settings: Settings, lagging_replica_url: str) -> Settings:
+        return id_settings.model_copy(update={"DATABASE_REPLICA_URLS": [lagging_replica_url]})
+
+    async def test_a_user_who_just_paid_is_not_answered_free_for_an_hour(
+        self, api: httpx.AsyncClient, id_app: FastAPI
+    ) -> None:
+        _, admin, _ = await make_admin(id_app, api)
+        email, user_id = await register(api)
+        tokens = await login(api, email)
+        assert (await api.get("/api/v1/me/privileges", headers=bearer(tokens))).json()[
+            "plan"
+        ] == "free"
+        assert (await _set_plan(api, admin, user_id, "pro")).status_code == 204
+        for _ in range(2):  # the fill after the invalidation, then what it cached
+            own = (await api.get("/api/v1/me/privileges", headers=bearer(tokens))).json()
+            assert own["plan"] == "pro"
+        store = identity_of(id_app).privileges
+        await store.invalidate(uuid.UUID(user_id))  # the batch path fills too
+        [(_, found)] = (await store.get_many([uuid.UUID(user_id)])).items()
+        assert (found.plan, found.source) == ("pro", "database")
 
 
 class TestTiers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -255,6 +256,26 @@ async def test_a_failed_commit_is_never_a_2xx(server_urls: tuple[str, str]) -> N
         response = await client.post("/t/deferred")
         assert response.status_code == 500, response.text
         assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_commit_answered_with_rollback_is_never_a_2xx(server_urls: tuple[str, str]) -> None:
+    """A handler that swallows a failed statement without a savepoint and carries on: its
+    COMMIT comes back as ROLLBACK, nothing was written, so the answer is a 500, not 200."""
+    app = create_app(make_settings(*server_urls))
+
+    @app.post("/t/swallowed")
+    async def swallowed(session: SessionDep) -> dict[str, bool]:
+        await session.execute(text("CREATE TABLE IF NOT EXISTS uow_swallowed (v int)"))
+        await session.execute(text("INSERT INTO uow_swallowed VALUES (1)"))
+        with contextlib.suppress(DBAPIError):  # the bug: no savepoint, the transaction
+            await session.execute(text("SELECT 1 / 0"))  # is aborted
+        return {"credited": True}
+
+    async for client in app_client(app):
+        response = await client.post("/t/swallowed")
+        assert response.status_code == 500, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "credited" not in response.text
 
 
 def test_ensure_database_creates_a_missing_database_once(server_urls: tuple[str, str]) -> None:

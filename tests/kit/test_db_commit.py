@@ -16,6 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import surge.kit.db as kit_db
 from surge.kit.db import Database, driver_fetch, is_unavailable, on_commit, sqlstate
+from surge.kit.db.commit import CheckedConnection, CommitRolledBack
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect
 from tests.fixtures.waiting import eventually
 
@@ -200,4 +201,70 @@ class TestSqlalchemyCommit:
             await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 2)
         assert heard == ["commit"]
         assert len(sqlalchemy_commits) == 1
+        assert await _values(db, table) == [2]
+
+
+class TestCommitAnsweredWithRollback:
+    """A caller that catches a failed statement without a savepoint and carries on: the
+    transaction is aborted, and PostgreSQL answers its COMMIT with the command tag ROLLBACK —
+    a success to anyone who does not read the tag. Both commit paths must raise instead."""
+
+    async def _swallow_a_failure(
+        self, session: AsyncSession, table: str, *, listen: bool = False, callback: Any = None
+    ) -> None:
+        await session.execute(text(f"INSERT INTO {table} VALUES (1)"))
+        with pytest.raises(DBAPIError):  # the handler's bug: caught, no savepoint
+            await session.execute(text("SELECT 1 / 0"))
+        if listen:  # a commit listener sends this unit of work through Session.commit()
+            event.listen(session.sync_session, "after_commit", lambda _s: None)
+        if callback is not None:
+            on_commit(session, callback)
+
+    async def test_through_the_driver(
+        self, db: Database, table: str, sqlalchemy_commits: list[Session]
+    ) -> None:
+        with pytest.raises(DBAPIError) as raised:
+            async with db.session() as session:
+                await self._swallow_a_failure(session, table)
+        assert not sqlalchemy_commits  # the driver's path was the one taken
+        assert raised.value.orig is not None
+        assert isinstance(raised.value.orig.__cause__, CommitRolledBack)
+        assert sqlstate(raised.value) == "25P02"
+        assert not is_unavailable(raised.value)
+        assert await _values(db, table) == []  # nothing written, the connection reused
+
+    async def test_through_sqlalchemy(
+        self, db: Database, table: str, sqlalchemy_commits: list[Session]
+    ) -> None:
+        with pytest.raises(DBAPIError) as raised:
+            async with db.session() as session:
+                await self._swallow_a_failure(session, table, listen=True)
+        assert sqlalchemy_commits
+        assert sqlstate(raised.value) == "25P02"
+        assert await _values(db, table) == []
+
+    async def test_on_commit_callbacks_are_dropped(self, db: Database, table: str) -> None:
+        heard: list[str] = []
+
+        async def announce() -> None:
+            heard.append("committed")
+
+        with pytest.raises(DBAPIError):
+            async with db.session() as session:
+                await self._swallow_a_failure(session, table, callback=announce)
+        assert heard == []
+
+    async def test_a_real_commit_and_an_explicit_rollback_still_pass(
+        self, db: Database, table: str
+    ) -> None:
+        async with db.session() as session:
+            await session.execute(text(f"INSERT INTO {table} VALUES (2)"))
+        assert await _values(db, table) == [2]
+        async with db.session() as session:  # a ROLLBACK sent as such is no error
+            driver = await _driver(session)
+            assert isinstance(driver, CheckedConnection)
+            await driver.execute("COMMIT")  # the unit of work's own BEGIN, if any
+            await driver.execute("BEGIN")
+            await driver.execute(f"INSERT INTO {table} VALUES (3)")
+            assert await driver.execute("ROLLBACK") == "ROLLBACK"
         assert await _values(db, table) == [2]

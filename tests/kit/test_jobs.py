@@ -28,6 +28,7 @@ from surge.kit.jobs import (
     retry_job,
 )
 from surge.kit.jobs._sql import ACK, FETCH
+from surge.kit.jobs.config import RateLimit
 from surge.kit.jobs.queue import pause_queue, resume_queue
 from surge.kit.jobs.registry import get_spec
 from surge.kit.jobs.worker import Worker, WorkerConfig
@@ -501,6 +502,25 @@ class TestRetries:
         assert info.attempts == 1
         after = REGISTRY.get_sample_value("surge_jobs_snoozed_total", {"queue": "t_snooze"})
         assert (after or 0) - (before or 0) == 5
+
+    async def test_a_snoozed_start_gives_its_rate_budget_back(self, jobs_db: Runtime) -> None:
+        """ADR 0060: a queue limited to 2 starts a minute runs a job that snoozes three times
+        and another job at once: only the starts that did not snooze spend the budget.
+        Before, the snoozes spent it and the second job waited for the next minute."""
+        async with jobs_db.db.session() as session:
+            snoozing = await enqueue(session, "test.snooze", {"snoozes": 3})
+            plain = await enqueue(session, "test.snooze", {"snoozes": 0})
+        assert snoozing is not None
+        assert plain is not None
+        limits = {"t_snooze": RateLimit(2, timedelta(minutes=1))}
+        async with running_worker(jobs_db, ["t_snooze"], rate_limits=limits):
+            await eventually(lambda: _is(jobs_db, snoozing, "succeeded"), timeout=20)
+            await eventually(lambda: _is(jobs_db, plain, "succeeded"), timeout=20)
+        async with jobs_db.db.session() as session:
+            spent = await session.scalar(
+                text("SELECT count(*) FROM job_dispatches WHERE queue = 't_snooze'")
+            )
+        assert spent == 2  # the two starts that ran to the end
 
     async def test_retry_from_failed(self, jobs_db: Runtime) -> None:
         async with jobs_db.db.session() as session:

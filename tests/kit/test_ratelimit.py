@@ -12,12 +12,20 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as redis_async
 from prometheus_client import REGISTRY
 
-from surge.kit.ratelimit import Check, RateLimiter, RatePolicy, parse_policies
+from surge.kit.ratelimit import (
+    Check,
+    Per,
+    RateLimiter,
+    RatePolicy,
+    parse_policies,
+    with_constant_routes,
+)
 from surge.kit.redis import RedisGateway
 from surge.kit.telemetry import metrics
 from tests.fixtures.clock import Clock
@@ -217,6 +225,33 @@ class TestAdmin:
         assert not policy.matches("GET", "/api/schema", "any", False)
         assert policy.matches("GET", "/api/schema/v2", "any", False)
         assert not policy.matches("GET", "/other", "any", False)
+
+    def test_the_constant_routes_are_merged_into_any_policy_list(self) -> None:
+        """ADR 0060: an operator's own list keeps ``static-1m`` and the tier exclusions."""
+        routes = ["/static/*", "/docs"]
+        own: list[dict[str, Any] | RatePolicy] = [
+            {"name": "guests", "limit": 5, "period": "PT15M", "tiers": ["anonymous"]},
+            {"name": "gold", "limit": 9, "period": "PT15M", "tiers": ["gold"], "except_routes": []},
+            RatePolicy(name="silver", limit=7, period=timedelta(minutes=15), tiers=("silver",)),
+            {"name": "flood", "limit": 99, "period": "PT1M", "per": "ip"},
+            {"name": "exports", "limit": 2, "period": "PT1H", "scope": "route", "tiers": ["x"]},
+        ]
+        merged = {p.name: p for p in parse_policies(with_constant_routes(own, routes))}
+        assert merged["guests"].except_routes == tuple(routes)
+        assert merged["silver"].except_routes == tuple(routes)
+        assert merged["gold"].except_routes == ()  # said so explicitly: left as is
+        assert merged["flood"].except_routes == ()  # every tier: a flood cap counts them
+        assert merged["exports"].except_routes == ()  # a route's own limit
+        static = merged["static-1m"]
+        assert (static.limit, static.per, static.routes) == (300, Per.ip, tuple(routes))
+        assert not merged["guests"].matches("GET", "/docs", "anonymous", False)
+        assert static.matches("GET", "/static/app.css", "anonymous", False)
+        # An operator's own static-1m is kept (given the routes if it names none)...
+        mine = {"name": "static-1m", "limit": 30, "period": "PT1M", "per": "ip"}
+        [kept] = parse_policies(with_constant_routes([mine], routes))
+        assert (kept.limit, kept.routes) == (30, tuple(routes))
+        # ...and no constant routes means the list exactly as configured.
+        assert with_constant_routes(own, []) == own
 
 
 WORKER = textwrap.dedent(

@@ -278,6 +278,38 @@ def test_batched_request_metrics_land_in_the_right_buckets() -> None:
     assert abs(sample("http_request_duration_seconds_sum") - 45.2165) < 1e-9
 
 
+def test_request_metrics_are_keyed_by_route_object_and_labelled_by_its_template() -> None:
+    """The middleware records the matched route object (ADR 0056): an unhashable one (FastAPI's
+    effective route contexts are dataclasses) works, two objects with one template add up
+    in one series, and None is the unmatched label."""
+    from dataclasses import dataclass
+
+    from prometheus_client import REGISTRY
+
+    from surge.kit.telemetry.metrics import RequestRecorder
+
+    @dataclass
+    class Context:  # eq=True and no frozen: unhashable, as FastAPI's
+        path: str
+
+    recorder = RequestRecorder()
+    first, second = Context("/t/objects/{id}"), Context("/t/objects/{id}")
+    for route, status in ((first, 200), (second, 200), (second, 404), (None, 404)):
+        recorder.started()
+        recorder.finished("PUT", route, status, 0.003)
+    recorder.flush()
+
+    def sample(name: str, route: str, **labels: str) -> float:
+        value = REGISTRY.get_sample_value(name, {"method": "PUT", "route": route, **labels})
+        return float(value or 0.0)
+
+    assert sample("http_requests_total", "/t/objects/{id}", status="200") == 2
+    assert sample("http_requests_total", "/t/objects/{id}", status="404") == 1
+    assert sample("http_request_duration_seconds_count", "/t/objects/{id}") == 3
+    assert sample("http_request_duration_seconds_bucket", "/t/objects/{id}", le="0.005") == 3
+    assert sample("http_requests_total", "<unmatched>", status="404") == 1
+
+
 class TestHotRoutes:
     def test_promoted_routes_are_matched_first_and_duplicates_keep_their_order(self) -> None:
         from surge.kit.web.routing import promote_routes

@@ -179,12 +179,12 @@ class TestOperationFinished:
         performed = await operation_in_review(rt, owner)
         refused = await operation_in_review(rt, owner)
         async with rt.db.session() as session:
-            await operations_service.resolve(session, owner, performed, performed=True)
+            await operations_service.resolve(session, rt, owner, performed, performed=True)
         async with rt.db.session() as session:
-            await operations_service.resolve(session, owner, refused, performed=False)
+            await operations_service.resolve(session, rt, owner, refused, performed=False)
         with pytest.raises(NotInReview):  # a second decision is refused: no second mail
             async with rt.db.session() as session:
-                await operations_service.resolve(session, owner, performed, performed=False)
+                await operations_service.resolve(session, rt, owner, performed, performed=False)
         found = {m.context["operation_id"]: m for m in await mails(rt, owner, "operation_finished")}
         assert set(found) == {str(performed), str(refused)}
         assert found[str(performed)].context["status"] == "succeeded"
@@ -200,7 +200,7 @@ class TestOperationFinished:
             await notifications_service.set_preferences(session, rt, owner, {"operations": False})
         operation_id = await operation_in_review(rt, owner)
         async with rt.db.session() as session:
-            await operations_service.resolve(session, owner, operation_id, performed=True)
+            await operations_service.resolve(session, rt, owner, operation_id, performed=True)
         [mail] = await mails(rt, owner, "operation_finished")
         async with email_worker(rt):
             row = await wait_status(rt, mail.id)

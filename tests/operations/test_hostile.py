@@ -380,3 +380,79 @@ class TestFleetDown:
             )
         assert attempts == 2  # the blocked one and the one that went through
         assert await transfers(ops_app, op["id"]) == [("reserve", "pending"), ("settle", "post")]
+
+
+@pytest.mark.parametrize(
+    "ops_overrides",
+    [
+        {
+            "OPERATIONS_MAX_ATTEMPTS": 2,
+            "OPERATIONS_RETRY_BACKOFF": timedelta(milliseconds=50),
+            "OPERATIONS_ACCOUNT_LEASE": timedelta(milliseconds=400),  # waits a quarter in-job
+            "OPERATIONS_TIMEOUT": timedelta(milliseconds=400),  # the waiters' re-check cap
+        }
+    ],
+)
+class TestAccountsBusy:
+    async def test_an_operation_waits_for_an_account_without_spending_attempts(
+        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller
+    ) -> None:
+        """Every provider account leased by other jobs (for an hour here): the job snoozes,
+        the operation back to ``queued`` with ``WAITING: NO_ACCOUNT``, well past its two
+        attempts, and succeeds on its first attempt once an account is free. Before (ADR
+        0060), each start spent an attempt and the operation failed with NO_ACCOUNT."""
+        from prometheus_client import REGISTRY
+
+        from tests.fixtures.waiting import eventually
+
+        runtime = runtime_of(ops_app)
+        async with runtime.db.session() as session:
+            await session.execute(
+                text(
+                    "UPDATE operations_provider_accounts SET lease_token = gen_random_uuid(),"
+                    " leased_until = now() + interval '1 hour'"
+                )
+            )
+
+        def snoozes() -> float:
+            found = REGISTRY.get_sample_value("surge_jobs_snoozed_total", {"queue": "operations"})
+            return found or 0.0
+
+        before = snoozes()
+        async with ops_worker(runtime, concurrency=1):
+            op = (await submit(api, reseller)).json()
+            await eventually(lambda: snoozes() - before >= 4, timeout=30)
+            waiting = await api.get(f"/api/v1/operations/{op['id']}", headers=reseller.headers)
+            assert waiting.json()["status"] == "queued", waiting.text
+            assert waiting.json()["error"].startswith(
+                "WAITING: NO_ACCOUNT: every provider account is busy"
+            ), waiting.text
+            async with runtime.db.session() as session:
+                await session.execute(
+                    text("UPDATE operations_provider_accounts SET leased_until = NULL")
+                )
+            done = await wait_decided(api, reseller, op["id"])
+        assert done["status"] == "succeeded", done
+        assert done["error"] is None
+        async with runtime.db.session() as session:
+            attempts = await session.scalar(
+                text("SELECT attempts FROM jobs WHERE dedup_key = :k"), {"k": f"op:{op['id']}"}
+            )
+        assert attempts == 1  # every snoozed start given back
+
+    async def test_no_active_account_still_spends_the_attempt(
+        self, ops_app: FastAPI, api: httpx.AsyncClient, reseller: Caller
+    ) -> None:
+        """Nothing will free itself (every account disabled): no waiting, the attempts are
+        spent and the operation fails, released, as before."""
+        runtime = runtime_of(ops_app)
+        async with runtime.db.session() as session:
+            await session.execute(
+                text("UPDATE operations_provider_accounts SET status = 'disabled'")
+            )
+        async with ops_worker(runtime, concurrency=1):
+            op = (await submit(api, reseller)).json()
+            done = await wait_decided(api, reseller, op["id"])
+        assert done["status"] == "failed", done
+        assert done["error"] == "NO_ACCOUNT: no provider account is active"
+        assert await transfers(ops_app, op["id"]) == [("reserve", "pending"), ("release", "void")]

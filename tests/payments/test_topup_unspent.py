@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from surge.wallet.accounts import SystemAccount
 from surge.wallet.funds import funds as funds_service
-from surge.wallet.ledger import SystemAccount, ledger
+from surge.wallet.ledger import ledger
 from tests.fixtures.factories import Caller
 from tests.payments.conftest import Live
 from tests.payments.test_attacks import assert_invariants

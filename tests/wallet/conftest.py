@@ -61,6 +61,15 @@ async def admin(wallet_app: FastAPI, api: httpx.AsyncClient) -> Caller:
     return Caller(id=UUID(me.json()["id"]), headers=bearer(tokens))
 
 
+@pytest.fixture
+async def second_admin(wallet_app: FastAPI, api: httpx.AsyncClient) -> Caller:
+    """Another MFA administrator: the checker of four-eyes requests (ADR 0059)."""
+    _, tokens, _ = await make_admin(wallet_app, api)
+    me = await api.get("/api/v1/me", headers=bearer(tokens))
+    assert me.status_code == 200, me.text
+    return Caller(id=UUID(me.json()["id"]), headers=bearer(tokens))
+
+
 def wallet_worker(runtime: Runtime, **overrides: Any) -> AbstractAsyncContextManager[Worker]:
     """A job worker in this process on the ``wallet`` queue (what ``surge worker`` runs)."""
     return running_worker(runtime, ["wallet"], **overrides)

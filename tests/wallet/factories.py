@@ -7,7 +7,8 @@ from uuid import UUID, uuid4
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.runtime import Runtime
-from surge.wallet.ledger import SystemAccount, ledger
+from surge.wallet.accounts import SystemAccount
+from surge.wallet.ledger import ledger
 from surge.wallet.service import wallet as wallet_service
 
 

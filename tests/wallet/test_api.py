@@ -542,7 +542,7 @@ class TestHostileAdminInput:
         assert response.json()["mfa_required"] is True
 
     async def test_a_profit_past_the_bound_is_refused_whole(
-        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
+        self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller, second_admin: Caller
     ) -> None:
         """One event near 2⁶³ used to be accepted, overflow the revenue account and stop
         every later earnings batch for good."""
@@ -561,9 +561,14 @@ class TestHostileAdminInput:
                 )
                 assert found.first() is None
         at_bound = {"id": f"big-{uuid4()}", "kind": "game", "profit": bound}
-        assert (
-            await api.post("/api/v1/revenue-events", json=at_bound, headers=admin.headers)
-        ).status_code == 201
+        asked = await api.post("/api/v1/revenue-events", json=at_bound, headers=admin.headers)
+        assert asked.status_code == 202, asked.text  # above APPROVAL_THRESHOLD (ADR 0059)
+        approved = await api.post(
+            f"/api/admin/approvals/{asked.json()['approval']['id']}/approve",
+            headers=second_admin.headers,
+        )
+        assert approved.status_code == 200, approved.text
+        assert approved.json()["result"] == {"created": True}
 
     async def test_nul_characters_are_422_and_write_nothing(
         self, wallet_app: FastAPI, api: httpx.AsyncClient, admin: Caller
@@ -625,7 +630,7 @@ class TestHostileAdminInput:
         await api.put(
             f"/api/admin/partners/{partner.id}", json={"share_bps": 3_333}, headers=admin.headers
         )
-        event = {"id": f"game-{uuid4()}", "kind": "game", "profit": 987_654}
+        event = {"id": f"game-{uuid4()}", "kind": "game", "profit": 98_765}
         assert (
             await api.post("/api/v1/revenue-events", json=event, headers=admin.headers)
         ).status_code == 201
@@ -638,7 +643,7 @@ class TestHostileAdminInput:
         (earning,) = items["items"]
         assert "share_bps" not in earning
         assert "profit" not in earning
-        assert earning["shown_profit"] == 987_654 * 3_333 // 10_000
+        assert earning["shown_profit"] == 98_765 * 3_333 // 10_000
 
 
 class TestLockOrder:

@@ -18,7 +18,8 @@ from surge.config import Settings
 from surge.kit.errors import SurgeError
 from surge.kit.runtime import Runtime
 from surge.kit.web.idempotency import fingerprint, idempotency_keys
-from surge.wallet.ledger import SystemAccount, ledger
+from surge.wallet.accounts import SystemAccount
+from surge.wallet.ledger import ledger
 from surge.wallet.service import wallet as wallet_service
 from tests.fixtures.settings import make_settings
 from tests.wallet.factories import create_partner
@@ -126,7 +127,9 @@ async def test_thousand_mixed_operations_on_one_wallet_keep_the_invariants(
     async def decide(withdrawal_id: UUID, approve: bool) -> None:
         try:
             async with db.session() as session:
-                await wallet_service.decide(session, admin, withdrawal_id, approve=approve)
+                await wallet_service.decide(
+                    session, busy_runtime, admin, withdrawal_id, approve=approve
+                )
             count("decide.ok")
         except SurgeError as error:
             count(f"decide.{error.status_code}")

@@ -14,8 +14,8 @@ from sqlalchemy import text
 import surge.wallet.jobs
 from surge.kit.runtime import Runtime
 from surge.wallet.ledger import ledger
-from surge.wallet.service import earning_for
 from surge.wallet.service import wallet as wallet_service
+from surge.wallet.values import earning_for
 from tests.fixtures.waiting import eventually
 from tests.fixtures.workers import worker_process
 from tests.wallet.factories import create_partner

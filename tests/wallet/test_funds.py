@@ -3,30 +3,29 @@ idempotent by the caller's key, in the caller's transaction, guarded against ove
 
 from __future__ import annotations
 
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
 from surge.kit.runtime import Runtime
+from surge.wallet.accounts import SystemAccount
 from surge.wallet.funds import funds as funds_service
-from surge.wallet.ledger import (
-    IdempotencyKeyReused,
-    SystemAccount,
-    WalletInDebt,
-    ledger,
-)
+from surge.wallet.ledger import IdempotencyKeyReused, WalletInDebt, ledger
 
 
-async def payments_balance(runtime: Runtime) -> int:
+async def payments_balance(runtime: Runtime, owner: UUID) -> int:
+    """The balance of the payments stripe ``owner``'s top-ups debit (ADR 0058)."""
     async with runtime.db.session() as session:
-        account = await ledger.system_account(session, SystemAccount.payments, currency="USD")
+        account = await ledger.system_account_for(
+            session, SystemAccount.payments, owner, currency="USD"
+        )
         return (await ledger.balance(session, account)).balance
 
 
 class TestCredit:
     async def test_same_key_moves_money_once(self, runtime: Runtime) -> None:
         owner, key = uuid4(), f"payment:pi_{uuid4().hex}"
-        before = await payments_balance(runtime)
+        before = await payments_balance(runtime, owner)
         async with runtime.db.session() as session:
             first = await funds_service.credit(
                 session, owner, amount=1_500, currency="USD", key=key, kind="topup"
@@ -45,7 +44,7 @@ class TestCredit:
         async with runtime.db.session() as session:
             assert await funds_service.available(session, owner, currency="USD") == 1_500
         # Double entry: the provider's side went down by what the wallet went up.
-        assert await payments_balance(runtime) == before - 1_500
+        assert await payments_balance(runtime, owner) == before - 1_500
 
     async def test_same_key_other_amount_is_refused(self, runtime: Runtime) -> None:
         owner, key = uuid4(), f"payment:pi_{uuid4().hex}"
@@ -130,12 +129,13 @@ class TestReverse:
             assert wallet is not None
             seen = await ledger.balance(session, wallet)
             assert (seen.balance, seen.debt) == (0, 1)
-            with pytest.raises(WalletInDebt) as info:
+        with pytest.raises(WalletInDebt) as info:  # its own unit of work: it fails whole
+            async with runtime.db.session() as session:
                 await funds_service.reserve(
                     session, owner, amount=1, currency="USD", key=f"op:{uuid4()}",
                     kind="operation",
                 )  # fmt: skip
-            assert info.value.status_code == 409
+        assert info.value.status_code == 409
         async with runtime.db.session() as session:
             await funds_service.credit(
                 session, owner, amount=50, currency="USD", key=f"payment:pi_{uuid4().hex}",

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from surge.kit.db import migrate
 from surge.kit.runtime import Runtime
+from surge.wallet.accounts import SystemAccount
 from surge.wallet.ledger import (
     AlreadyResolved,
     IdempotencyKeyReused,
@@ -20,7 +21,6 @@ from surge.wallet.ledger import (
     InvalidTransfer,
     Ledger,
     Posted,
-    SystemAccount,
     TransferSpec,
     ledger,
 )
@@ -135,12 +135,15 @@ class TestTransfer:
 
     async def test_shape_errors(self, runtime: Runtime) -> None:
         a, _ = await two_wallets(runtime)
-        async with runtime.db.session() as session:
-            with pytest.raises(InvalidTransfer):
+        # Each refusal fails its own unit of work: a failed statement aborts the transaction,
+        # and a unit of work carried on past it fails at COMMIT (ADR 0059).
+        with pytest.raises(InvalidTransfer):
+            async with runtime.db.session() as session:
                 await ledger.transfer(
                     session, key="x", debit=a, credit=a, amount=1, currency="USD", kind="t"
                 )
-            with pytest.raises(InvalidTransfer):
+        with pytest.raises(InvalidTransfer):
+            async with runtime.db.session() as session:
                 await ledger.transfer(
                     session, key="y", debit=a, credit=a + 1, amount=0, currency="USD", kind="t"
                 )

@@ -12,8 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.runtime import Runtime
 from surge.wallet import repository
+from surge.wallet.accounts import SystemAccount
 from surge.wallet.funds import funds as funds_service
-from surge.wallet.ledger import SystemAccount, TransferSpec, ledger
+from surge.wallet.ledger import TransferSpec, ledger
 from tests.fixtures.migration_db import post, scratch_database
 
 REVISION = "0014_wallet_topup_totals"

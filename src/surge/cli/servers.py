@@ -354,7 +354,8 @@ def serve(
         typer.Option("--servers/--no-servers", help="Start embedded servers if no URL is set."),
     ] = True,
 ) -> None:
-    """The API alone: N uvicorn processes (uvloop + httptools), graceful drain on SIGTERM."""
+    """The API alone: N uvicorn processes (uvloop + httptools, one write per response: ADR
+    0056), graceful drain on SIGTERM."""
     from surge.config import settings
 
     servers = resolve_servers() if servers_ else None
@@ -362,6 +363,8 @@ def serve(
     _prepare_metrics_dir()
     _warn_somaxconn(settings.HTTP_BACKLOG)
     import uvicorn
+
+    from surge.kit.web.protocol import PROTOCOL as ONE_WRITE_PROTOCOL
 
     try:
         uvicorn.run(
@@ -371,7 +374,8 @@ def serve(
             port=port or settings.PORT,
             workers=workers,
             loop="uvloop",
-            http="httptools",
+            # uvicorn's httptools protocol, each fixed-length response in one write (ADR 0056).
+            http=ONE_WRITE_PROTOCOL,
             lifespan="on",
             access_log=False,
             log_config=None,

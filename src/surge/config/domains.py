@@ -135,6 +135,19 @@ class DomainSettings(BaseSettings):
     WALLET_PARTITION_MONTHS_AHEAD: int = 3
     """Monthly history partitions kept created ahead of time by the upkeep job."""
 
+    # ---- four-eyes: a second administrator for money actions (ADR 0059) -------------
+    APPROVAL_THRESHOLD: int = 500_000
+    """Above this many minor units (500 000 = 5 000.00), an administrator's money action
+    (paying a withdrawal out, a revenue event, releasing an operation's reservation) is
+    recorded pending and carried out only when a different administrator approves it.
+    A debt write-off always needs the second administrator, whatever its amount."""
+    APPROVAL_TERMS_BPS: int = 2_000
+    """New partner terms whose effective rate (share × commission, in basis points of the
+    event's profit) exceeds this (2 000 = 20 %; the defaults give 4 %) need a second
+    administrator: 100 % × 100 % terms would hand a partner the whole profit."""
+    APPROVAL_TTL: timedelta = timedelta(hours=24)
+    """How long a pending request waits for its second administrator before it expires."""
+
     # ---- console ------------------------------------------------------------------------
     # (issue 16: operator's console, alerts from one source, service API keys)
     ALERT_ERROR_RATIO: float = 0.01
@@ -173,8 +186,9 @@ class DomainSettings(BaseSettings):
     """Connect/read timeout of one provider call."""
     OPERATIONS_FLEET_WAIT: timedelta = timedelta(minutes=30)
     """How long an operation waits, attempts unspent, while every egress proxy is cooling
-    down (blocked or failing, re-check not yet due): a fleet that is down for now is not the
-    operation's failure. Past this (from the operation's creation), such an attempt counts."""
+    down (blocked or failing, re-check not yet due) or every active provider account is
+    leased by other jobs: a fleet that is busy or down for now is not the operation's
+    failure. Past this (from the operation's creation), such an attempt counts."""
     OPERATIONS_MAX_ATTEMPTS: int = 6
     """Attempts of an operation job; after the last, the operation fails (reservation
     released) or, when the provider may have done the work, goes to ``needs_review``."""
@@ -244,6 +258,12 @@ class DomainSettings(BaseSettings):
     """Messages of one batch sent at the same time, each on its own pooled connection (a
     *wave*, ADR 0040): their marks and their ``sent`` records then meet in a few shared
     statements instead of one each. 1: one after another."""
+    NOTIFY_MARK_IN_FLIGHT: int = 1
+    """Mark statements (``sending``, just before an end of DATA) one worker process may
+    have in flight at once. 2: a mark that arrives while one is on the wire starts the next
+    at once instead of waiting for its answer (the compare-and-set keeps two attempts of one
+    message in different statements apart); measured no faster on the 2-core bench box, so
+    1 (ADR 0026's lane) stays the default (ADR 0055)."""
     NOTIFY_FROM: str = "Surge <no-reply@surge.localhost>"
     """The From header; its domain is also the Message-ID's right-hand side."""
     NOTIFY_RETURN_PATH: str = "bounces@surge.localhost"

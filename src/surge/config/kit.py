@@ -13,7 +13,7 @@ from surge.config._types import CsvList
 
 #: Constant files and pages the app serves (no data, no per-caller work): the console's CSS and
 #: JS, the docs' bundles, the docs and panel pages, the schema. They spend ``static-1m`` per
-#: IP, not a caller's tier budget (ADR 0054).
+#: IP, not a caller's tier budget (ADR 0054); the default of ``RATELIMIT_STATIC_ROUTES``.
 STATIC_PAGES = ["/admin/static/*", "/docs-assets/*", "/docs", "/redoc", "/openapi.json", "/panel"]
 
 
@@ -52,43 +52,12 @@ class KitSettings(BaseSettings):
         default_factory=lambda: [
             # seed 004: anonymous 50 / 15 min per IP; tiers 300 / 500 / 1 000 per 15 min.
             # (per defaults to subject_or_ip: the anonymous tier is limited per client IP.)
-            # The constant files and pages (STATIC_PAGES) spend static-1m per IP, not the
-            # tier budgets meant for what a caller does (ADR 0054).
-            {
-                "name": "anonymous-15m",
-                "limit": 50,
-                "period": "PT15M",
-                "tiers": ["anonymous"],
-                "except_routes": STATIC_PAGES,
-            },
-            {
-                "name": "static-1m",
-                "limit": 300,
-                "period": "PT1M",
-                "per": "ip",
-                "routes": STATIC_PAGES,
-            },
-            {
-                "name": "tier-free-15m",
-                "limit": 300,
-                "period": "PT15M",
-                "tiers": ["free"],
-                "except_routes": STATIC_PAGES,
-            },
-            {
-                "name": "tier-plus-15m",
-                "limit": 500,
-                "period": "PT15M",
-                "tiers": ["plus"],
-                "except_routes": STATIC_PAGES,
-            },
-            {
-                "name": "tier-pro-15m",
-                "limit": 1000,
-                "period": "PT15M",
-                "tiers": ["pro"],
-                "except_routes": STATIC_PAGES,
-            },
+            # The constant files and pages (RATELIMIT_STATIC_ROUTES) are merged in at start:
+            # static-1m per IP, left out of every tier policy (ADR 0054, 0060).
+            {"name": "anonymous-15m", "limit": 50, "period": "PT15M", "tiers": ["anonymous"]},
+            {"name": "tier-free-15m", "limit": 300, "period": "PT15M", "tiers": ["free"]},
+            {"name": "tier-plus-15m", "limit": 500, "period": "PT15M", "tiers": ["plus"]},
+            {"name": "tier-pro-15m", "limit": 1000, "period": "PT15M", "tiers": ["pro"]},
             # seed 003: 1 000 / min per user, 10 000 / min per IP
             {"name": "subject-1m", "limit": 1000, "period": "PT1M", "per": "subject"},
             {"name": "ip-1m", "limit": 10000, "period": "PT1M", "per": "ip"},
@@ -99,7 +68,13 @@ class KitSettings(BaseSettings):
         ]
     )
     """Rate-limit policies (JSON list of ``surge.kit.ratelimit.RatePolicy``), validated at
-    start-up. The defaults reproduce seeds 003 and 004."""
+    start-up. The defaults reproduce seeds 003 and 004. Whether these or an operator's own,
+    ``RATELIMIT_STATIC_ROUTES`` is merged in (``kit.ratelimit.with_constant_routes``): a
+    ``static-1m`` policy (300 a minute per IP) unless one of that name is listed, and those
+    routes left out of every policy with ``tiers`` that does not set ``except_routes``."""
+    RATELIMIT_STATIC_ROUTES: CsvList[str] = Field(default_factory=lambda: list(STATIC_PAGES))
+    """Constant files and pages (fnmatch patterns): they spend ``static-1m`` per IP, not a
+    caller's tier budget (ADR 0054, 0060). Empty: no ``static-1m``, policies as listed."""
     RATELIMIT_EXEMPT_PATHS: CsvList[str] = Field(
         default_factory=lambda: [
             "/livez",

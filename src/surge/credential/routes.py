@@ -26,16 +26,23 @@ admin_router = APIRouter(prefix="/api/admin/service-keys", tags=["admin"])
 
 def _issued(issued: IssuedKey) -> ServiceKeyIssued:
     read = ServiceKeyRead.model_validate(issued.key)
-    return ServiceKeyIssued(**read.model_dump(), key=issued.secret)
+    return ServiceKeyIssued(**read.model_dump(), key=issued.secret, approval_id=issued.approval_id)
 
 
 @admin_router.post("", status_code=status.HTTP_201_CREATED)
 async def create_key(
-    body: ServiceKeyCreate, admin: AdminMfa, session: SessionDep, request: Request
-) -> ServiceKeyIssued:
-    """A new scoped key for a server (e.g. ``revenue-events:write``); shown this once."""
+    body: ServiceKeyCreate, *, admin: AdminMfa, session: SessionDep, runtime: RuntimeDep,
+    request: Request,
+) -> ServiceKeyIssued:  # fmt: skip
+    """A new scoped key for a server (e.g. ``revenue-events:write``); shown this once.
+    Refused until a different administrator approves ``approval_id`` (ADR 0059)."""
     issued = await credential_service.create(
-        session, admin.user_id, name=body.name, scopes=body.scopes, request_id=request_id(request)
+        session,
+        runtime,
+        admin.user_id,
+        name=body.name,
+        scopes=body.scopes,
+        request_id=request_id(request),
     )
     await session.refresh(issued.key)
     return _issued(issued)
@@ -69,7 +76,7 @@ async def rotate_key(
         else runtime.settings.CREDENTIAL_ROTATION_GRACE
     )
     issued = await credential_service.rotate(
-        session, admin.user_id, key_id, grace=grace, request_id=request_id(request)
+        session, runtime, admin.user_id, key_id, grace=grace, request_id=request_id(request)
     )
     await session.refresh(issued.key)
     return _issued(issued)

@@ -36,10 +36,17 @@ class ServiceKeyRead(BaseModel):
     last_used_at: datetime | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    activated_at: datetime | None = Field(
+        default=None, description="When a second administrator approved it (ADR 0059)."
+    )
 
 
 class ServiceKeyIssued(ServiceKeyRead):
     key: str = Field(description="The key itself: shown this once, stored only as a hash.")
+    approval_id: UUID = Field(
+        description="Refused until a different administrator approves this request "
+        "(POST /api/admin/approvals/{id}/approve, ADR 0059)."
+    )
 
 
 #: Newest first, a page at a time (``kit.web.pagination``).

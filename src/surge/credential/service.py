@@ -8,8 +8,13 @@ authenticates one server-to-server caller for the scopes it was given (``revenue
     └── CredentialError
         ├── KeyNotFound (404)
         ├── UnknownScope (422)
-        ├── InvalidServiceKey (401)   unknown, revoked or expired key (< NotAuthenticated)
+        ├── InvalidServiceKey (401)   unknown, revoked, expired or not yet approved key
+        │                             (< NotAuthenticated)
         └── ScopeNotGranted (403)     a valid key without the scope the route needs
+
+A new key (created or rotated) is refused until a *different* administrator approves it
+(four-eyes, ADR 0059): every key can record revenue events, which credit partners, so one
+administrator minting one alone was a way around the four-eyes rule on revenue events.
 
 A key reads ``surge_sk_<prefix>_<secret>``: the prefix finds the row, the SHA-256 of the
 whole key is compared in constant time. 256 random bits need no slow hash.
@@ -26,11 +31,14 @@ from uuid import UUID
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from surge.audit.approvals import approvals
 from surge.audit.service import audit as audit_service
 from surge.credential import repository
 from surge.kit.errors import Forbidden, NotAuthenticated, NotFound, SurgeError, UnprocessableEntity
+from surge.kit.runtime import Runtime
 from surge.kit.security import hash_token
 from surge.kit.web.pagination import Slice
+from surge.models.audit import AdminApproval
 from surge.models.credential import ServiceKey
 
 log = structlog.get_logger()
@@ -66,6 +74,8 @@ class IssuedKey:
 
     key: ServiceKey
     secret: str
+    #: The four-eyes request a second administrator approves to make the key usable.
+    approval_id: UUID
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,7 @@ class CredentialService:
     async def create(
         self,
         session: AsyncSession,
+        runtime: Runtime,
         actor_id: UUID,
         *,
         name: str,
@@ -129,8 +140,13 @@ class CredentialService:
             session, actor_id, action="credential.key.created", subject_type="service_key",
             subject_id=str(key.id), after=_view(key), request_id=request_id,
         )  # fmt: skip
+        approval = await approvals.ask(
+            session, runtime, actor_id, action=ACTIVATE, subject_type="service_key",
+            subject_id=str(key.id), amount=0, currency=None,
+            params={"name": name, "scopes": key.scopes, "prefix": prefix}, request_id=request_id,
+        )  # fmt: skip
         log.info("credential.key.created", key_id=str(key.id), prefix=prefix)
-        return IssuedKey(key, secret)
+        return IssuedKey(key, secret, approval.id)
 
     async def list(
         self, session: AsyncSession, *, limit: int = 50, cursor: str | None = None
@@ -141,6 +157,7 @@ class CredentialService:
     async def rotate(
         self,
         session: AsyncSession,
+        runtime: Runtime,
         actor_id: UUID,
         key_id: UUID,
         *,
@@ -148,13 +165,14 @@ class CredentialService:
         request_id: str | None = None,
     ) -> IssuedKey:
         """A new key with the same name and scopes; the old one expires after ``grace`` (0:
-        at once), so a fleet can be redeployed with the new key first."""
+        at once), so a fleet can be redeployed with the new key first. The new key works
+        once a second administrator approves it: rotate with a grace that leaves the time."""
         old = await self._live(session, key_id)
         before = _view(old)
         expires = _now() + grace
         old.expires_at = min(old.expires_at, expires) if old.expires_at else expires
         issued = await self.create(
-            session, actor_id, name=old.name, scopes=list(old.scopes),
+            session, runtime, actor_id, name=old.name, scopes=list(old.scopes),
             request_id=request_id, rotated_from=old.id,
         )  # fmt: skip
         await audit_service.record(
@@ -190,9 +208,11 @@ class CredentialService:
             or not hmac.compare_digest(key.secret_hash, hash_token(token))
             or key.revoked_at is not None
             or (key.expires_at is not None and key.expires_at <= now)
+            or key.activated_at is None
         ):
             raise InvalidServiceKey(
-                "Unknown, revoked or expired service key", headers={"WWW-Authenticate": "Bearer"}
+                "Unknown, revoked, expired or not yet approved service key",
+                headers={"WWW-Authenticate": "Bearer"},
             )
         if scope not in key.scopes:
             raise ScopeNotGranted(f"This key is not granted {scope!r}")
@@ -207,3 +227,26 @@ class CredentialService:
 
 
 credential = CredentialService()
+
+#: The four-eyes action that makes a new key usable (ADR 0059).
+ACTIVATE = "credential.key.activate"
+
+
+async def _activate(
+    session: AsyncSession, runtime: Runtime, approval: AdminApproval, checker_id: UUID,
+    request_id: str | None,
+) -> dict[str, object]:  # fmt: skip
+    key = await repository.by_id(session, UUID(approval.subject_id), for_update=True)
+    if key is None or key.revoked_at is not None:
+        raise KeyNotFound(f"no live service key {approval.subject_id}")
+    if key.activated_at is None:
+        key.activated_at = _now()
+        await audit_service.record(
+            session, approval.maker_id, action="credential.key.activated",
+            subject_type="service_key", subject_id=str(key.id),
+            after={**_view(key), "approved_by": str(checker_id)}, request_id=request_id,
+        )  # fmt: skip
+    return {"activated": True}
+
+
+approvals.register(ACTIVATE, _activate)

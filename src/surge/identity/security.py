@@ -34,7 +34,7 @@ import structlog
 
 from surge.identity import repository
 from surge.kit.aio import cancel_until_done
-from surge.kit.db import Database, is_unavailable
+from surge.kit.db import Database, is_unavailable, primary_reads
 from surge.kit.errors import DependencyUnavailable, TooManyRequests
 from surge.kit.pubsub import ChannelListener
 from surge.kit.redis import RedisGateway, RedisUnavailable
@@ -112,8 +112,12 @@ class RevocationList:
 
     async def _load(self) -> None:
         since = datetime.now(UTC) - timedelta(seconds=self.ttl)
-        async with self.db.read_session() as session:
-            sessions, users = await repository.recent_revocations(session, since=since)
+        # On the primary: memory is trusted after this load, and a revocation published
+        # before the subscription is known from here only; a replica behind it would let a
+        # revoked token in for its whole lifetime (ADR 0060).
+        with primary_reads():
+            async with self.db.read_session() as session:
+                sessions, users = await repository.recent_revocations(session, since=since)
         keep_until = time.time() + self.ttl
         for session_id in sessions:
             self._sessions[session_id] = keep_until
@@ -229,8 +233,9 @@ class RevocationList:
         """Re-announce the last access-TTL of revocations from PostgreSQL (Redis is back)."""
         since = datetime.now(UTC) - timedelta(seconds=self.ttl)
         try:
-            async with self.db.read_session() as session:
-                sessions, users = await repository.recent_revocations(session, since=since)
+            with primary_reads():  # what the others' memories lack may be the newest (_load)
+                async with self.db.read_session() as session:
+                    sessions, users = await repository.recent_revocations(session, since=since)
             await self._send(sessions, [(u, m.timestamp()) for u, m in users])
         except Exception:
             log.exception("identity.revocation.resync_failed")

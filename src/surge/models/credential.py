@@ -34,3 +34,5 @@ class ServiceKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     rotated_from: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    #: When a second administrator approved the key (ADR 0059); a key without it is refused.
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     Text,
     func,
     text,
@@ -32,13 +33,14 @@ from surge.models.base import Base
 
 class LedgerAccount(Base):
     """One ledger account: a partner's wallet (``code='wallet'``, ``owner_id`` set) or a
-    system account (revenue, holds, payouts, external). ``balance`` is credits minus debits
-    of posted transfers; ``pending_out``/``pending_in`` are reservations not yet posted."""
+    system account (revenue, holds, payouts, external...; a hot one is striped over several
+    rows, ADR 0058). ``balance`` is credits minus debits of posted transfers;
+    ``pending_out``/``pending_in`` are reservations not yet posted."""
 
     __tablename__ = "wallet_accounts"
     __table_args__ = (
         Index("uq_wallet_accounts_owner", "owner_id", "currency", unique=True),
-        Index("uq_wallet_accounts_system", "code", "currency", unique=True),
+        Index("uq_wallet_accounts_system", "code", "currency", "stripe", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
@@ -49,6 +51,9 @@ class LedgerAccount(Base):
     pending_out: Mapped[int] = mapped_column(BigInteger, server_default="0")
     pending_in: Mapped[int] = mapped_column(BigInteger, server_default="0")
     guarded: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    #: Which sub-account of a striped system account this row is (ADR 0058): 0 for a
+    #: wallet and for an account that is not striped; the account's balance is the sum.
+    stripe: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     #: Running totals kept by the ledger's functions (ADR 0036): the sum of this account's
     #: entries against the payments account, and minus the sum of those against sales.
     topup_net: Mapped[int] = mapped_column(BigInteger, server_default="0")

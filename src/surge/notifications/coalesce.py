@@ -33,8 +33,8 @@ EXTENSION = "notifications.coalescer"
 
 
 class Lane(Generic[K, R]):
-    """Requests for ``run`` served in groups: one call of ``run`` in flight at a time, fed
-    with every key queued since the previous one started."""
+    """Requests for ``run`` served in groups: up to ``in_flight`` calls of ``run`` at a
+    time (1 unless told), each fed with every key queued since the previous one started."""
 
     def __init__(
         self,
@@ -42,15 +42,22 @@ class Lane(Generic[K, R]):
         default: R,
         *,
         exclusive: bool = False,
+        in_flight: int = 1,
     ) -> None:
         self._run = run
         self._default = default
+        #: Statements at most in flight at once (ADR 0055). A second one starts only while
+        #: the first is on the wire, with what arrived since; what arrives while all are in
+        #: flight waits for the first answer, and the next statement takes all of it.
+        self._in_flight = max(1, in_flight)
+        #: A drainer created but not yet running: it will take what is queued now.
+        self._starting: asyncio.Task[None] | None = None
         #: A key asked twice in one batch: only its first request gets the answer, the
         #: others the default (a compare-and-set has one winner: two attempts of one message
         #: marked in the same statement must not both be told they own it).
         self._exclusive = exclusive
         self._queue: list[tuple[K, asyncio.Future[R]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
         self.items = 0
 
@@ -67,11 +74,19 @@ class Lane(Generic[K, R]):
         that has other work to do meanwhile, and awaits it later)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((key, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain())
+        if self._starting is None and len(self._tasks) < self._in_flight:
+            task = self._starting = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._drained)
         return future
 
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._starting is task:  # cancelled before it ran: the next submit starts one
+            self._starting = None
+
     async def _drain(self) -> None:
+        self._starting = None
         while self._queue:
             batch, self._queue = self._queue, []
             self.batches += 1
@@ -181,7 +196,11 @@ class Coalescer:
 
         self.load: Lane[UUID, dict[str, Any] | None] = Lane(load, None)
         # Two attempts of one message marked in one statement: one of them wins (ADR 0031).
-        self.mark: Lane[UUID, bool] = Lane(mark, False, exclusive=True)
+        # Across statements the compare-and-set (``status = 'queued'``) elects one: the
+        # later statement waits for the earlier one's row lock, then finds it ``sending``.
+        self.mark: Lane[UUID, bool] = Lane(
+            mark, False, exclusive=True, in_flight=runtime.settings.NOTIFY_MARK_IN_FLIGHT
+        )
         self.sent: Lane[Outcome, bool] = Lane(sent, False, exclusive=True)
 
 

@@ -68,8 +68,8 @@ def backoff(base: timedelta, cap: timedelta) -> Callable[[int], timedelta]:
 class Attempts:
     """One attempt's walk: lease an account, pick proxies, reuse or make a session, ask
     before resending, perform. Returns (verdict, detail): ``done``, ``rejected``,
-    ``unclear``, or ``wait`` when no proxy could be picked at all and one will be due again
-    in ``fleet_due_in``."""
+    ``unclear``, or ``wait`` when no account could be leased or no proxy picked at all and
+    one will be due again in ``fleet_due_in``."""
 
     def __init__(self, runtime: Runtime, operation: Operation, attempt: int) -> None:
         self.runtime = runtime
@@ -83,7 +83,7 @@ class Attempts:
         )
         #: A state-changing call left in this attempt (its answer may be lost).
         self.sent = False
-        #: Set with the ``wait`` verdict: when the fleet may have a proxy again.
+        #: Set with the ``wait`` verdict: when the fleet may have an account or a proxy again.
         self.fleet_due_in: timedelta | None = None
 
     async def record(
@@ -124,9 +124,20 @@ class Attempts:
     async def drive(self) -> tuple[str, str]:
         lease = await self.lease()
         if lease is None:
-            await self.record(None, None, "no_account", "every provider account is busy or failed",
+            # Every active account is held by other jobs: wait for a lease to end, nothing
+            # spent, as for a cooling proxy fleet (ADR 0037, 0060). None is due by itself
+            # (all disabled or failed): the attempt counts.
+            async with self.runtime.db.session() as s:
+                self.fleet_due_in = await repository.accounts_due_in(s)
+            if self.fleet_due_in is not None:
+                due = self.fleet_due_in.total_seconds()
+                return (
+                    "wait",
+                    f"NO_ACCOUNT: every provider account is busy, next lease ends in {due:.0f} s",
+                )
+            await self.record(None, None, "no_account", "no provider account is active",
                               datetime.now(UTC))  # fmt: skip
-            return "unclear", "NO_ACCOUNT: every provider account is busy or failed"
+            return "unclear", "NO_ACCOUNT: no provider account is active"
         try:
             return await self._with_account(lease)
         finally:

@@ -85,6 +85,30 @@ async def lease_account(
     return (account, token) if account is not None else None
 
 
+async def accounts_due_in(session: AsyncSession) -> timedelta | None:
+    """How long until some provider account can be leased: zero when an active one is free
+    (it was only locked by a concurrent lease), the earliest end of a lease when every active
+    one is held, None when none will be free by itself (all disabled or failed, or none)."""
+    now = func.now()
+    row = (
+        await session.execute(
+            select(
+                func.bool_or(
+                    or_(ProviderAccount.leased_until.is_(None), ProviderAccount.leased_until <= now)
+                ),
+                func.min(ProviderAccount.leased_until) - now,
+            ).where(ProviderAccount.status == "active")
+        )
+    ).one()
+    free, wait = row
+    if free is None:  # no active account at all
+        return None
+    if free:
+        return timedelta(0)
+    left: timedelta = wait
+    return max(left, timedelta(0))
+
+
 async def release_account(session: AsyncSession, account_id: UUID, token: UUID) -> None:
     await session.execute(
         update(ProviderAccount)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from surge.audit.schemas import APPROVAL_PENDING_RESPONSE
 from surge.audit.service import audit as audit_service
 from surge.identity.deps import AdminMfa, require_role
 from surge.identity.service import Principal
@@ -211,15 +212,20 @@ async def list_all_operations(
     )
 
 
-@admin_router.post("/operations/{operation_id}/resolve", response_model=AdminOperationRead)
+@admin_router.post(
+    "/operations/{operation_id}/resolve",
+    response_model=AdminOperationRead,
+    responses=APPROVAL_PENDING_RESPONSE,
+)
 async def resolve_operation(
-    operation_id: UUID, body: ResolveCreate, admin: AdminMfa, session: SessionDep,
-    request: Request,
+    operation_id: UUID, body: ResolveCreate, *, admin: AdminMfa, session: SessionDep,
+    runtime: RuntimeDep, request: Request,
 ) -> AdminOperationRead:  # fmt: skip
     """Decide an operation in review after checking with the provider: settle (it was done)
-    or release (it was not). Audited."""
+    or release (it was not). Audited. A release above ``APPROVAL_THRESHOLD`` waits for a
+    second administrator (202, ADR 0059)."""
     operation = await operations_service.resolve(
-        session, admin.user_id, operation_id, performed=body.performed, note=body.note,
+        session, runtime, admin.user_id, operation_id, performed=body.performed, note=body.note,
         request_id=request_id(request),
     )  # fmt: skip
     return AdminOperationRead.model_validate(operation)

@@ -39,9 +39,11 @@ from uuid import UUID, uuid4, uuid5
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from surge.audit.approvals import approvals
 from surge.audit.service import audit as audit_service
 from surge.kit.jobs import Snooze, enqueue
 from surge.kit.runtime import Runtime
+from surge.models.audit import AdminApproval
 from surge.models.operations import EgressProxy, Operation, ProviderAccount
 from surge.notifications.service import notifications as notifications_service
 from surge.operations import repository
@@ -224,21 +226,33 @@ class OperationsService:
         return found
 
     async def resolve(
-        self, session: AsyncSession, actor_id: UUID, operation_id: UUID, *, performed: bool,
-        note: str | None = None, request_id: str | None = None,
+        self, session: AsyncSession, runtime: Runtime, actor_id: UUID, operation_id: UUID, *,
+        performed: bool, note: str | None = None, request_id: str | None = None,
+        approved_by: UUID | None = None,
     ) -> Operation:  # fmt: skip
         """An admin's decision on an operation in review: the provider did it (settle) or
-        not (release). Audited in the same transaction (the API and the console both)."""
+        not (release). Audited in the same transaction (the API and the console both).
+        Releasing more than ``APPROVAL_THRESHOLD`` gives a reseller its money back on one
+        person's word: it waits for a second administrator (ADR 0059)."""
         operation = await repository.get_operation(session, operation_id, lock=True)
         if operation is None:
             raise OperationNotFound("No such operation.")
         if operation.status != "needs_review":
             raise NotInReview(f"The operation is {operation.status}, not in review.")
+        if not performed:
+            await approvals.gate(
+                session, runtime, actor_id, action=RELEASE, subject_type="operation",
+                subject_id=str(operation_id), amount=operation.amount,
+                currency=operation.currency, params={"note": note}, approved_by=approved_by,
+                request_id=request_id,
+            )  # fmt: skip
         await self._finish(session, operation, succeeded=performed, error=operation.error)
+        after = {"status": operation.status, "performed": performed, "note": note}
+        if approved_by is not None:
+            after["approved_by"] = str(approved_by)
         await audit_service.record(
             session, actor_id, action="operations.operation.resolve", subject_type="operation",
-            subject_id=str(operation_id), before={"status": "needs_review"},
-            after={"status": operation.status, "performed": performed, "note": note},
+            subject_id=str(operation_id), before={"status": "needs_review"}, after=after,
             request_id=request_id,
         )  # fmt: skip
         return operation
@@ -319,10 +333,11 @@ class OperationsService:
     async def _wait_for_fleet(
         self, runtime: Runtime, operation: Operation, due_in: timedelta | None, detail: str
     ) -> None:
-        """Every proxy is cooling down: back to ``queued`` and snooze the job (the attempt
-        not spent) until one may be due, re-checking at least every provider timeout (a
-        running probe may free the proxy before its hold ends). Returns only when the
-        operation has waited ``OPERATIONS_FLEET_WAIT`` already."""
+        """Every proxy is cooling down, or every provider account is held by other jobs:
+        back to ``queued`` and snooze the job (the attempt not spent) until one may be due,
+        re-checking at least every provider timeout (a running probe may free the proxy
+        before its hold ends; a job ending releases its account before its lease does).
+        Returns only when the operation has waited ``OPERATIONS_FLEET_WAIT`` already."""
         settings = runtime.settings
         async with runtime.db.session() as s:
             waited = await repository.now(s) - operation.created_at
@@ -358,3 +373,20 @@ class OperationsService:
 
 
 operations = OperationsService()
+
+#: The four-eyes action of releasing a reviewed operation's reservation (ADR 0059).
+RELEASE = "operations.operation.release"
+
+
+async def _release_approved(
+    session: AsyncSession, runtime: Runtime, approval: AdminApproval, checker_id: UUID,
+    request_id: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    operation = await operations.resolve(
+        session, runtime, approval.maker_id, UUID(approval.subject_id), performed=False,
+        note=approval.params.get("note"), request_id=request_id, approved_by=checker_id,
+    )  # fmt: skip
+    return {"status": operation.status}
+
+
+approvals.register(RELEASE, _release_approved)

@@ -2,8 +2,9 @@
 0018), so the request, the webhook, its duplicates, the reconciliation poll and the scan
 can all report the same success and only one of them moves money.
 
-The ledger posting debits the ``payments`` system account, one row every top-up of every
-owner locks until its transaction commits. The inbox job therefore makes it *last*
+The ledger posting debits the owner's stripe of the ``payments`` system account (ADR 0058),
+a row every top-up of the owners on that stripe locks until its transaction commits. The
+inbox job therefore makes it *last*
 (``late``): the top-up's record, the owner's mail and the inbox rows are written first,
 and the posting is followed only by the job's completion and the commit, so the next
 payment's job waits for two statements instead of every statement of this one (ADR 0053).

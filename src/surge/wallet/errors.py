@@ -9,7 +9,9 @@ WalletError (see ``surge.wallet.ledger`` for the ledger's own subclasses)
 ├── WithdrawalLimitReached (Conflict)      409: past WALLET_WITHDRAWAL_DAILY_MAX in 24 h
 ├── RevenueEventConflict (Conflict)        409: event id reused with other figures
 ├── RevenueEventOutOfBounds (Unprocessable) 422: profit beyond WALLET_REVENUE_EVENT_MAX
-└── NotAPartner (Unprocessable)            422: terms for a user without a partner role
+├── NotAPartner (Unprocessable)            422: terms for a user without a partner role
+├── NoWallet (NotFound)                    404: a write-off for an owner without a wallet
+└── NothingToWriteOff (Conflict)           409: no debt, or more than the debt (ADR 0059)
 """
 
 from __future__ import annotations
@@ -54,3 +56,11 @@ class NotWithdrawable(WalletError, Conflict):
 class WithdrawalLimitReached(WalletError, Conflict):
     """The owner's withdrawals of the last 24 hours plus this one would pass
     ``WALLET_WITHDRAWAL_DAILY_MAX`` (ADR 0051)."""
+
+
+class NoWallet(WalletError, NotFound):
+    """The owner has no wallet in the platform's currency."""
+
+
+class NothingToWriteOff(WalletError, Conflict):
+    """A debt write-off of a wallet without a debt, or of more than it owes."""

@@ -25,7 +25,8 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.wallet import repository
-from surge.wallet.ledger import Balance, Ledger, Posted, SystemAccount, ledger
+from surge.wallet.accounts import SystemAccount
+from surge.wallet.ledger import Balance, Ledger, Posted, ledger
 from surge.wallet.service import changed_owners
 
 log = structlog.get_logger()
@@ -123,8 +124,8 @@ class FundsService:
         shortfall is exact; receivables is locked last. Idempotent by ``key``: a replay finds
         the reversal posted and moves nothing (it is not sized again)."""
         wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
-        payments = await self.ledger.system_account(
-            session, SystemAccount.payments, currency=currency
+        payments = await self.ledger.system_account_for(
+            session, SystemAccount.payments, owner_id, currency=currency
         )
         await self.ledger.lock(session, [wallet, payments])
         done = await repository.moved_under(session, key)
@@ -165,7 +166,8 @@ class FundsService:
         the owner marked changed so the edge invalidates its cached stats. Returns (wallet
         id, outcome)."""
         wallet = await self.ledger.open_wallet(session, owner_id, currency=currency)
-        other = await self.ledger.system_account(session, system, currency=currency)
+        # The owner's stripe of a striped account (payments, ADR 0058); the one row otherwise.
+        other = await self.ledger.system_account_for(session, system, owner_id, currency=currency)
         debit, credit = (other, wallet) if to_owner else (wallet, other)
         posted = await self.ledger.transfer(
             session, key=key, debit=debit, credit=credit, amount=amount, currency=currency,

@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from surge.wallet.accounts import STRIPES
+
 
 async def check_invariants(session: AsyncSession) -> list[str]:
     """Every violation of the money rules, as readable lines; empty when all hold.
@@ -29,7 +31,10 @@ async def check_invariants(session: AsyncSession) -> list[str]:
         against payments, sales and receivables in posting (id) order, by this module's own
         reading of ADR 0045's rule (not the ledger's function); and 0 ≤ unspent + spent ≤
         max(0, topup_net) (what ``withdrawable`` reads);
-    4. no guarded account shows negative availability;
+    3e. a system account has rows only on the stripes ``accounts.STRIPES`` gives it (one
+        row, stripe 0, for an account that is not striped: receivables is found by code);
+    4. no guarded account shows negative availability — each stripe of a striped guarded
+       account by itself (ADR 0058);
     5. no idempotency key has two effects: one transfer per key (unique index), one
        resolution per pending transfer, one earning per (event, owner), and every
        transfer has exactly its two entries (or none while pending/void).
@@ -104,6 +109,12 @@ async def check_invariants(session: AsyncSession) -> list[str]:
     ):
         problems.append(f"account {account_id} ({code}) owes {debt}")
     problems += await _check_topup_unspent(session)
+    stripes = {code.value: count for code, count in STRIPES.items()}
+    for account_id, code, stripe in await rows(
+        "SELECT id, code, stripe FROM wallet_accounts WHERE stripe <> 0"
+    ):
+        if stripe >= stripes.get(code, 1):
+            problems.append(f"account {account_id} ({code}) is on stripe {stripe}")
     for (account_id,) in await rows(
         "SELECT id FROM wallet_accounts WHERE guarded AND balance - pending_out < 0"
     ):

@@ -15,7 +15,9 @@ transaction, so the transfer, both balance updates and both entries commit or va
 together. Each call is one round trip (the figure that lets a Python ledger keep up with
 pgbench, see ``bench/ledger.py``). Accounts are locked in id order, so two transactions that
 touch the same accounts queue instead of deadlocking; a transaction that moves money between
-more than two accounts calls ``lock()`` first with all of them.
+more than two accounts calls ``lock()`` first with all of them. A hot system account
+(holds, payments) is several rows chosen by owner, each an ordinary account locked by the
+same rule (``surge.wallet.accounts``, ADR 0058).
 
 Signs: ``balance`` = posted credits − posted debits, for every account, so the sum of all
 balances is zero by construction and a partner's wallet (money the platform owes) is
@@ -29,7 +31,6 @@ import asyncio
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -41,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from surge.kit.db import autocommit_fetch, driver_fetch
 from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
 from surge.wallet import invariants
+from surge.wallet.accounts import UNGUARDED, SystemAccount, stripe_of
 
 log = structlog.get_logger()
 
@@ -72,34 +74,6 @@ class LedgerNotFound(WalletError, NotFound):
 
 class InvalidTransfer(WalletError, UnprocessableEntity):
     """A transfer the ledger refuses by shape: same account twice, non-positive amount."""
-
-
-class SystemAccount(StrEnum):
-    """The platform's own accounts, one per currency.
-
-    - revenue: debited for every commission paid (unguarded: it goes negative by what the
-      platform has paid its partners);
-    - holds: credited by a withdrawal when it is approved, then emptied into payouts;
-    - payouts: what is owed to partners' bank accounts until a payment provider settles it;
-    - external: the outside world (manual adjustments, imports, the benchmark's seeding);
-    - sales: credited with what owners pay for the platform's services (operations);
-    - payments: the payment provider's side of top-ups (unguarded: it goes negative by what
-      the provider has collected for the platform and owes it);
-    - receivables: what owners owe the platform — the part of a reversal their wallet could
-      not cover (unguarded: it goes negative by the sum of the wallets' ``debt``, ADR 0042).
-    """
-
-    revenue = "revenue"
-    holds = "holds"
-    payouts = "payouts"
-    external = "external"
-    sales = "sales"
-    payments = "payments"
-    receivables = "receivables"
-
-
-UNGUARDED = frozenset({SystemAccount.revenue, SystemAccount.external, SystemAccount.payments,
-                       SystemAccount.receivables})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,30 +276,33 @@ class Ledger:
         #: Per engine (per database and event loop): the standalone transfers waiting for
         #: the next batch. Weak, so a disposed engine takes its coalescer with it.
         self._coalescers: weakref.WeakKeyDictionary[Any, _Coalescer] = weakref.WeakKeyDictionary()
-        #: Per engine, (code, currency) → id: a process may talk to more than one database
-        #: (a test, a migration tool), and ids are only unique within one. Keyed by the
-        #: engine, not its URL: the same address can serve another database later (a
+        #: Per engine, (code, currency, stripe) → id: a process may talk to more than one
+        #: database (a test, a migration tool), and ids are only unique within one. Keyed by
+        #: the engine, not its URL: the same address can serve another database later (a
         #: cluster torn down and built again at the same addresses, a restored backup).
-        self._system: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], int]] = (
+        self._system: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int], int]] = (
             weakref.WeakKeyDictionary()
         )
 
     # ---- accounts ------------------------------------------------------------------------
     async def system_account(
-        self, session: AsyncSession, code: SystemAccount, *, currency: str
+        self, session: AsyncSession, code: SystemAccount, *, currency: str, stripe: int = 0
     ) -> int:
-        """The id of system account ``code`` in ``currency``, created on first use."""
+        """The id of system account ``code`` in ``currency`` (its ``stripe``, ADR 0058),
+        created on first use."""
         known = self._system.setdefault(session.get_bind().engine, {})
-        cached = known.get((code, currency))
+        cached = known.get((code, currency, stripe))
         if cached is not None:
             return cached
         created = (
             await session.execute(
                 text(
-                    "INSERT INTO wallet_accounts (code, currency, guarded) VALUES (:c, :cur, :g) "
-                    "ON CONFLICT (code, currency) WHERE owner_id IS NULL DO NOTHING RETURNING id"
+                    "INSERT INTO wallet_accounts (code, currency, guarded, stripe) "
+                    "VALUES (:c, :cur, :g, :s) "
+                    "ON CONFLICT (code, currency, stripe) WHERE owner_id IS NULL DO NOTHING "
+                    "RETURNING id"
                 ),
-                {"c": code.value, "cur": currency, "g": code not in UNGUARDED},
+                {"c": code.value, "cur": currency, "g": code not in UNGUARDED, "s": stripe},
             )
         ).scalar_one_or_none()
         if created is not None:
@@ -336,15 +313,24 @@ class Ledger:
             (
                 await session.execute(
                     text(
-                        "SELECT id FROM wallet_accounts "
-                        "WHERE code = :c AND currency = :cur AND owner_id IS NULL"
+                        "SELECT id FROM wallet_accounts WHERE code = :c AND currency = :cur "
+                        "AND stripe = :s AND owner_id IS NULL"
                     ),
-                    {"c": code.value, "cur": currency},
+                    {"c": code.value, "cur": currency, "s": stripe},
                 )
             ).scalar_one()
         )
-        known[(code, currency)] = account_id
+        known[(code, currency, stripe)] = account_id
         return account_id
+
+    async def system_account_for(
+        self, session: AsyncSession, code: SystemAccount, owner_id: UUID, *, currency: str
+    ) -> int:
+        """The stripe of system account ``code`` that movements concerning ``owner_id`` use
+        (``accounts.stripe_of``; the one row of an account that is not striped)."""
+        return await self.system_account(
+            session, code, currency=currency, stripe=stripe_of(code, owner_id)
+        )
 
     async def open_wallet(self, session: AsyncSession, owner_id: UUID, *, currency: str) -> int:
         """The id of ``owner_id``'s guarded wallet in ``currency``, created on first use."""

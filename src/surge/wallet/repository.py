@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.web.cursor import bigint, moment
 from surge.kit.web.pagination import Keyset, Slice, keyset_page
-from surge.models.wallet import Earning, Entry, Partner, RevenueEvent, Withdrawal
+from surge.models.wallet import Earning, Entry, Partner, RevenueEvent, Transfer, Withdrawal
 
 
 async def moved_under(session: AsyncSession, key: str) -> int | None:
@@ -222,17 +222,48 @@ async def withdrawal_for_update(session: AsyncSession, withdrawal_id: UUID) -> W
     ).scalar_one_or_none()
 
 
-async def lock_withdrawals(session: AsyncSession, ids: Iterable[UUID]) -> Sequence[Row[int, str]]:
-    """Lock the withdrawals' rows in id order (ADR 0010's global order); their accounts and
-    currencies."""
+async def lock_withdrawals(
+    session: AsyncSession, ids: Iterable[UUID]
+) -> Sequence[Row[int, str, int]]:
+    """Lock the withdrawals' rows in id order (ADR 0010's global order); their wallets,
+    currencies and the holds stripes their reservations credited (ADR 0058)."""
     return (
         await session.execute(
-            select(Withdrawal.account_id, Withdrawal.currency)
+            select(Withdrawal.account_id, Withdrawal.currency, Transfer.credit_account_id)
+            .join(Transfer, Transfer.id == Withdrawal.transfer_id)
             .where(Withdrawal.id.in_(list(ids)))
             .order_by(Withdrawal.id)
-            .with_for_update()
+            .with_for_update(of=Withdrawal)
         )
     ).all()
+
+
+async def reserved_into(session: AsyncSession, transfer_id: int) -> int:
+    """The account a pending transfer credits: the holds stripe a withdrawal's reservation
+    chose, which its approval must post into and empty again (ADR 0058)."""
+    return int(
+        (
+            await session.execute(
+                select(Transfer.credit_account_id).where(Transfer.id == transfer_id)
+            )
+        ).scalar_one()
+    )
+
+
+async def system_balances(session: AsyncSession) -> list[dict[str, Any]]:
+    """Every system account's balance per currency, summed over its stripes (ADR 0058), with
+    its stripe count and its largest and smallest stripe: the platform's side of the ledger
+    at a glance. One row per system account row scanned: a report, not a hot path."""
+    rows = await session.execute(
+        text(
+            "SELECT code, currency, sum(balance)::bigint AS balance, "
+            "  sum(pending_in)::bigint AS pending_in, sum(pending_out)::bigint AS pending_out, "
+            "  count(*) AS stripes, min(balance) AS smallest, max(balance) AS largest "
+            "FROM wallet_accounts WHERE owner_id IS NULL GROUP BY code, currency "
+            "ORDER BY currency, code"
+        )
+    )
+    return [dict(row._mapping) for row in rows]
 
 
 async def owner_withdrawal(

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from surge.audit.schemas import APPROVAL_PENDING_RESPONSE
 from surge.config import Settings
 from surge.credential.deps import Actor, service_or_admin
 from surge.identity.deps import AdminMfa, require_role
@@ -26,6 +27,7 @@ from surge.kit.web.deps import ReadSessionDep, RuntimeDep, SessionDep, request_i
 from surge.kit.web.idempotency import REQUIRED_HEADER_OPENAPI, idempotency_keys
 from surge.kit.web.pagination import Cursor, Limit, Page
 from surge.models.wallet import Withdrawal
+from surge.wallet.approved import request_write_off
 from surge.wallet.schemas import (
     AdminWithdrawalRead,
     BatchApproveCreate,
@@ -42,6 +44,7 @@ from surge.wallet.schemas import (
     WalletRead,
     WithdrawalCreate,
     WithdrawalRead,
+    WriteOffCreate,
 )
 from surge.wallet.service import wallet as wallet_service
 
@@ -202,7 +205,10 @@ RevenueCaller = Annotated[Actor, Depends(service_or_admin("revenue-events:write"
     "/revenue-events",
     status_code=201,
     response_model=RevenueEventRead,
-    responses={200: {"model": RevenueEventRead, "description": "Already recorded: a replay"}},
+    responses={
+        200: {"model": RevenueEventRead, "description": "Already recorded: a replay"},
+        **APPROVAL_PENDING_RESPONSE,
+    },
 )
 async def record_revenue_event(
     body: RevenueEventCreate,
@@ -233,7 +239,9 @@ async def record_revenue_event(
 
 
 # ---- admin --------------------------------------------------------------------------------
-@admin_router.put("/partners/{owner_id}", response_model=PartnerRead)
+@admin_router.put(
+    "/partners/{owner_id}", response_model=PartnerRead, responses=APPROVAL_PENDING_RESPONSE
+)
 async def set_partner_terms(
     owner_id: UUID,
     body: PartnerTerms,
@@ -268,13 +276,23 @@ async def list_withdrawals_to_decide(
     )
 
 
-@admin_router.post("/withdrawals/{withdrawal_id}/approve", response_model=WithdrawalRead)
+@admin_router.post(
+    "/withdrawals/{withdrawal_id}/approve",
+    response_model=WithdrawalRead,
+    responses=APPROVAL_PENDING_RESPONSE,
+)
 async def approve_withdrawal(
     withdrawal_id: UUID, admin: AdminMfa, session: SessionDep, runtime: RuntimeDep, request: Request
 ) -> WithdrawalRead:
-    """Post the reservation and move it to payouts; audited; the partner is notified."""
+    """Post the reservation and move it to payouts; audited; the partner is notified.
+    Above ``APPROVAL_THRESHOLD``: recorded for a second administrator (202, ADR 0059)."""
     found, _ = await wallet_service.decide(
-        session, admin.user_id, withdrawal_id, approve=True, request_id=request_id(request)
+        session,
+        runtime,
+        admin.user_id,
+        withdrawal_id,
+        approve=True,
+        request_id=request_id(request),
     )
     wallet_service.invalidate_after_commit(session, runtime)
     return WithdrawalRead.model_validate(found)
@@ -292,7 +310,7 @@ async def reject_withdrawal(
 ) -> WithdrawalRead:
     """Void the reservation (the funds are available again); audited; partner notified."""
     found, _ = await wallet_service.decide(
-        session, admin.user_id, withdrawal_id, approve=False,
+        session, runtime, admin.user_id, withdrawal_id, approve=False,
         reason=body.reason if body else None, request_id=request_id(request),
     )  # fmt: skip
     wallet_service.invalidate_after_commit(session, runtime)
@@ -309,9 +327,10 @@ async def batch_approve(
 ) -> BatchApproveRead:
     """Approve up to 100 withdrawals, each in its own savepoint: the result says, per item,
     approved or why not; a failing item never fails the others. Each approval is audited
-    like a single one (amount included)."""
+    like a single one (amount included). An item above ``APPROVAL_THRESHOLD`` is recorded
+    for a second administrator (its code 202, ADR 0059)."""
     results = await wallet_service.batch_approve(
-        session, admin.user_id, body.ids, request_id=request_id(request)
+        session, runtime, admin.user_id, body.ids, request_id=request_id(request)
     )
     wallet_service.invalidate_after_commit(session, runtime)
     approved = sum(1 for item in results if item.ok)
@@ -320,3 +339,28 @@ async def batch_approve(
         approved=approved,
         failed=len(results) - approved,
     )
+
+
+@admin_router.post(
+    "/wallets/{owner_id}/debt-write-off",
+    status_code=202,
+    responses=APPROVAL_PENDING_RESPONSE,
+    response_class=Response,
+)
+async def write_off_debt(
+    owner_id: UUID,
+    body: WriteOffCreate,
+    *,
+    admin: AdminMfa,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    request: Request,
+) -> Response:
+    """Ask to write off the owner's debt (``amount``, default all of it) to the platform's
+    loss: always recorded for a second administrator (202 with the request), who carries it
+    out at ``POST /api/admin/approvals/{id}/approve``. No debt, or more than it: 409."""
+    await request_write_off(
+        session, runtime, admin.user_id, owner_id, amount=body.amount, reason=body.reason,
+        request_id=request_id(request),
+    )  # fmt: skip
+    return Response(status_code=202)  # not reached: the request always waits (ApprovalPending)

@@ -143,6 +143,15 @@ class DecisionCreate(BaseModel):
     reason: str | None = Field(default=None, max_length=500)
 
 
+class WriteOffCreate(BaseModel):
+    """A debt write-off request (ADR 0059): how much (default: the whole debt) and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    amount: int | None = Field(default=None, strict=True, ge=1, le=2**62)
+    reason: str = Field(min_length=1, max_length=500)
+
+
 class BatchApproveCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -20,10 +20,9 @@ the platform. An earning below one minor unit is skipped (no transfer, no row).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID, uuid4, uuid5
+from uuid import UUID, uuid4
 
 import structlog
 from sqlalchemy import Row
@@ -36,7 +35,8 @@ from surge.kit.jobs import enqueue
 from surge.kit.runtime import Runtime
 from surge.kit.web.pagination import Slice
 from surge.models.wallet import Earning, Partner, RevenueEvent, Withdrawal
-from surge.wallet import payout_rules, repository
+from surge.wallet import oversight, payout_rules, repository
+from surge.wallet.accounts import SystemAccount
 from surge.wallet.errors import (
     NotAPartner,
     RevenueEventConflict,
@@ -46,14 +46,8 @@ from surge.wallet.errors import (
     WithdrawalNotFound,
     WithdrawalOutOfBounds,
 )
-from surge.wallet.ledger import (
-    Balance,
-    Ledger,
-    SystemAccount,
-    TransferSpec,
-    WalletInDebt,
-    ledger,
-)
+from surge.wallet.ledger import Balance, Ledger, TransferSpec, WalletInDebt, ledger
+from surge.wallet.values import BatchItem, earning_for, withdrawal_id_for
 
 log = structlog.get_logger()
 
@@ -62,37 +56,8 @@ log = structlog.get_logger()
 CHANGED = "wallet.changed_owners"
 EARNINGS_JOB = "wallet.earnings.credit"
 NOTIFY_JOB = "wallet.withdrawal.notify"
-BPS = 10_000
 #: pg advisory lock key: one stats refresh at a time across every process.
 STATS_LOCK = 7_421_010
-#: Namespace of withdrawal ids: uuid5(owner id + client key) is the same on every retry.
-WITHDRAWAL_NAMESPACE = UUID("0b6f9a53-6c0e-4d8e-a3f3-2f4f3b1d7c10")
-
-
-def withdrawal_id_for(owner_id: UUID, key: str) -> UUID:
-    """The withdrawal a client's ``Idempotency-Key`` names (stable across retries, for ever:
-    the HTTP record of the key expires after a day, the withdrawal it made does not)."""
-    return uuid5(WITHDRAWAL_NAMESPACE, f"{owner_id}:{key}")
-
-
-def earning_for(profit: int, share_bps: int, commission_bps: int) -> tuple[int, int]:
-    """(shown profit, earning) in minor units, rounded toward zero once (module docstring)."""
-    if profit <= 0:
-        return 0, 0
-    return profit * share_bps // BPS, profit * share_bps * commission_bps // (BPS * BPS)
-
-
-@dataclass(frozen=True, slots=True)
-class BatchItem:
-    """One row of a batch decision: ``ok`` or the error that stopped this item alone."""
-
-    id: UUID
-    ok: bool
-    status: str | None = None
-    error: str | None = None
-    code: int | None = None
-    changed: bool = False
-    """Decided by this batch (False: it already was approved): only changes are audited."""
 
 
 def changed_owners(session: AsyncSession) -> set[UUID]:
@@ -156,12 +121,19 @@ class WalletService:
         commission_bps: int | None,
         active: bool,
         request_id: str | None = None,
+        approved_by: UUID | None = None,
     ) -> Partner:
         """An admin sets a partner's terms (and opens its wallet); audited. The user must
-        exist (404) and hold the partner or reseller role (422)."""
+        exist (404) and hold the partner or reseller role (422). Terms above
+        ``APPROVAL_TERMS_BPS`` wait for a second administrator (ADR 0059)."""
         user = await identity_service.get_user(session, owner_id)
         if user.role not in {"partner", "reseller"}:
             raise NotAPartner("Only partners and resellers have commercial terms.")
+        await oversight.gate_terms(
+            session, runtime, admin_id, owner_id, share_bps=share_bps,
+            commission_bps=commission_bps, active=active, approved_by=approved_by,
+            request_id=request_id,
+        )  # fmt: skip
         partner = await self.set_partner(
             session, runtime, owner_id, share_bps=share_bps, commission_bps=commission_bps,
             active=active,
@@ -169,7 +141,8 @@ class WalletService:
         await audit_service.record(
             session, admin_id, action="wallet.partner.terms", subject_type="user",
             subject_id=str(owner_id),
-            after={"share_bps": share_bps, "commission_bps": commission_bps, "active": active},
+            after={"share_bps": share_bps, "commission_bps": commission_bps, "active": active,
+                   **oversight.approved(approved_by)},
             request_id=request_id,
         )  # fmt: skip
         return partner
@@ -186,6 +159,7 @@ class WalletService:
         occurred_at: datetime | None = None,
         admin_id: UUID | None = None,
         request_id: str | None = None,
+        approved_by: UUID | None = None,
     ) -> tuple[RevenueEvent, bool]:
         """Record an event once (its id is the idempotency key) and, in the same
         transaction, enqueue the first earnings batch. Returns (event, created).
@@ -197,6 +171,11 @@ class WalletService:
             raise RevenueEventOutOfBounds(
                 f"A revenue event's profit must be between -{bound} and {bound} minor units."
             )
+        if admin_id is not None:  # a person crediting every partner: four-eyes (ADR 0059)
+            await oversight.gate_revenue_event(
+                session, runtime, admin_id, event_id=event_id, kind=kind, profit=profit,
+                occurred_at=occurred_at, approved_by=approved_by, request_id=request_id,
+            )  # fmt: skip
         event, created = await repository.insert_revenue_event(
             session, event_id=event_id, kind=kind, profit=profit,
             currency=self.currency(runtime), occurred_at=occurred_at or datetime.now(UTC),
@@ -215,7 +194,8 @@ class WalletService:
             await audit_service.record(
                 session, admin_id, action="wallet.revenue_event.record",
                 subject_type="revenue_event", subject_id=event_id,
-                after={"kind": kind, "profit": profit, "currency": event.currency},
+                after={"kind": kind, "profit": profit, "currency": event.currency,
+                       **oversight.approved(approved_by)},
                 request_id=request_id,
             )  # fmt: skip
         log.info("wallet.revenue_event.recorded", event_id=event_id, kind=kind)
@@ -332,7 +312,11 @@ class WalletService:
         wallet = await self.ledger.wallet_of(
             session, owner_id, currency=currency
         ) or await self.ledger.open_wallet(session, owner_id, currency=currency)
-        holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
+        # The owner's stripe of holds (ADR 0058): requests of owners on other stripes lock
+        # other rows, and never wait for this one's COMMIT.
+        holds = await self.ledger.system_account_for(
+            session, SystemAccount.holds, owner_id, currency=currency
+        )
         # Wallet and holds locked in the ledger's order before reading: a concurrent request
         # (or a credit) cannot change what is withdrawable between the check and the transfer.
         await self.ledger.lock(session, [wallet, holds])
@@ -363,6 +347,7 @@ class WalletService:
     async def decide(
         self,
         session: AsyncSession,
+        runtime: Runtime,
         admin_id: UUID,
         withdrawal_id: UUID,
         *,
@@ -370,11 +355,13 @@ class WalletService:
         reason: str | None = None,
         request_id: str | None = None,
         batch: bool = False,
+        approved_by: UUID | None = None,
     ) -> tuple[Withdrawal, bool]:
         """Approve (post the reservation, then move it from holds to payouts) or reject
         (void it), audited with the amount. Idempotent: deciding the same way twice returns
         the withdrawal as is (and False: nothing changed, nothing audited); the other way is
-        409. Enqueues the partner's notification."""
+        409. Enqueues the partner's notification. A payout above ``APPROVAL_THRESHOLD``
+        waits for a second administrator (ADR 0059; a batch gates before its savepoints)."""
         withdrawal = await repository.withdrawal_for_update(session, withdrawal_id)
         if withdrawal is None:
             raise WithdrawalNotFound(f"no withdrawal {withdrawal_id}")
@@ -383,8 +370,15 @@ class WalletService:
             return withdrawal, False
         if withdrawal.status != "pending":
             raise WithdrawalAlreadyDecided(f"withdrawal {withdrawal_id} is {withdrawal.status}")
+        if approve and not batch:
+            await oversight.gate_payout(
+                session, runtime, admin_id, withdrawal, approved_by=approved_by,
+                request_id=request_id,
+            )  # fmt: skip
         currency = withdrawal.currency
-        holds = await self.ledger.system_account(session, SystemAccount.holds, currency=currency)
+        # The holds stripe the reservation credited (ADR 0058): posted into, then emptied
+        # into payouts, so each stripe stays non-negative by itself.
+        holds = await repository.reserved_into(session, withdrawal.transfer_id)
         key = f"withdrawal:{withdrawal_id}"
         if approve:
             payouts = await self.ledger.system_account(
@@ -420,6 +414,7 @@ class WalletService:
         after: dict[str, Any] = {"status": target, "amount": withdrawal.amount, "reason": reason}
         if batch:
             after["batch"] = True
+        after.update(oversight.approved(approved_by))
         await audit_service.record(
             session, admin_id,
             action="wallet.withdrawal.approve" if approve else "wallet.withdrawal.reject",
@@ -433,6 +428,7 @@ class WalletService:
     async def batch_approve(
         self,
         session: AsyncSession,
+        runtime: Runtime,
         admin_id: UUID,
         ids: Sequence[UUID],
         *,
@@ -448,18 +444,24 @@ class WalletService:
         another order, a single approval, or a partner's withdrawal request."""
         unique = list(dict.fromkeys(ids))  # duplicates decided once, order kept
         rows = await repository.lock_withdrawals(session, unique)
-        accounts = {row.account_id for row in rows}
+        accounts = {row.account_id for row in rows} | {row.credit_account_id for row in rows}
         for currency in {row.currency for row in rows}:
-            for system in (SystemAccount.holds, SystemAccount.payouts):
-                accounts.add(await self.ledger.system_account(session, system, currency=currency))
+            accounts.add(
+                await self.ledger.system_account(session, SystemAccount.payouts, currency=currency)
+            )
         await self.ledger.lock(session, accounts)
         results: list[BatchItem] = []
         for withdrawal_id in unique:
             try:
+                # Outside the savepoint: a payout above the threshold is recorded pending
+                # (and kept) while the item reports 202 (ADR 0059).
+                await oversight.gate_batch_item(
+                    session, runtime, admin_id, withdrawal_id, request_id=request_id
+                )
                 async with session.begin_nested():
                     withdrawal, changed = await self.decide(
-                        session, admin_id, withdrawal_id, approve=True, request_id=request_id,
-                        batch=True,
+                        session, runtime, admin_id, withdrawal_id, approve=True,
+                        request_id=request_id, batch=True,
                     )  # fmt: skip
                 results.append(
                     BatchItem(withdrawal_id, True, status=withdrawal.status, changed=changed)
@@ -503,6 +505,11 @@ class WalletService:
             return None
         balance, withdrawable = await payout_rules.withdrawable(session, self.ledger, wallet)
         return balance, max(withdrawable, 0)
+
+    async def system_balances(self, session: AsyncSession) -> list[dict[str, Any]]:
+        """The platform's accounts per currency, each summed over its stripes (ADR 0058):
+        code, currency, balance, pending in/out, stripes, smallest and largest stripe."""
+        return await repository.system_balances(session)
 
     async def transactions(
         self,

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from surge.admin.console import views
+from surge.admin.console.pages import approvals as approval_pages
 from surge.admin.console.pages import jobs as jobs_pages
 from surge.admin.console.pages import keys as key_pages
 from surge.admin.console.pages import operations as operation_pages
@@ -266,5 +267,6 @@ async def events(caller: CallerDep, runtime: RuntimeDep, request: Request) -> Re
     )
 
 
-for _pages in (jobs_pages, withdrawal_pages, operation_pages, key_pages, system_pages):
+for _pages in (jobs_pages, withdrawal_pages, operation_pages, approval_pages, key_pages,
+               system_pages):  # fmt: skip
     router.include_router(_pages.router)

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.admin.console import repository
 from surge.admin.console.session import Caller, ConsoleForbidden
+from surge.audit.approvals import approvals as approvals_service
 from surge.audit.service import audit as audit_service
 from surge.credential.service import IssuedKey
 from surge.credential.service import credential as credential_service
@@ -38,6 +39,7 @@ from surge.kit.jobs.queue import (
 )
 from surge.kit.runtime import Runtime
 from surge.kit.web.pagination import Slice
+from surge.models.audit import AdminApproval
 from surge.models.credential import ServiceKey
 from surge.models.operations import Operation
 from surge.operations.service import operations as operations_service
@@ -160,7 +162,7 @@ class ConsoleService:
             raise NotFound(f"no withdrawal {withdrawal_id}")
         # The wallet audits the decision itself (before, after, request id).
         withdrawal, changed = await wallet_service.decide(
-            session, admin.user_id, withdrawal_id, approve=approve, reason=reason,
+            session, runtime, admin.user_id, withdrawal_id, approve=approve, reason=reason,
             request_id=request_id,
         )  # fmt: skip
         if changed:
@@ -178,7 +180,7 @@ class ConsoleService:
     ) -> list[ItemResult]:
         admin = _require_admin(caller)
         results = await wallet_service.batch_approve(
-            session, admin.user_id, ids, request_id=request_id
+            session, runtime, admin.user_id, ids, request_id=request_id
         )  # each approval audited by the wallet
         out = []
         for item in results:
@@ -287,13 +289,13 @@ class ConsoleService:
         return operation
 
     async def resolve_operation(
-        self, session: AsyncSession, caller: Caller, *, operation_id: UUID, performed: bool,
-        note: str | None, request_id: str | None,
+        self, session: AsyncSession, runtime: Runtime, caller: Caller, *, operation_id: UUID,
+        performed: bool, note: str | None, request_id: str | None,
     ) -> Operation:  # fmt: skip
         """Settle (the provider did it) or release (it did not); operations audits it."""
         admin = _require_admin(caller)
         return await operations_service.resolve(
-            session, admin.user_id, operation_id, performed=performed, note=note,
+            session, runtime, admin.user_id, operation_id, performed=performed, note=note,
             request_id=request_id,
         )  # fmt: skip
 
@@ -304,15 +306,15 @@ class ConsoleService:
         return await credential_service.list(session, limit=limit, cursor=cursor)
 
     async def create_service_key(
-        self, session: AsyncSession, caller: Caller, *, name: str, scopes: list[str],
-        request_id: str | None,
+        self, session: AsyncSession, runtime: Runtime, caller: Caller, *, name: str,
+        scopes: list[str], request_id: str | None,
     ) -> IssuedKey:  # fmt: skip
         """A new key; its secret is in the answer only (credential audits the creation)."""
         admin = _require_admin(caller)
         if not name.strip():
             raise UnprocessableEntity("A key needs a name (who uses it)")
         return await credential_service.create(
-            session, admin.user_id, name=name.strip(), scopes=scopes, request_id=request_id
+            session, runtime, admin.user_id, name=name.strip(), scopes=scopes, request_id=request_id
         )
 
     async def revoke_service_key(
@@ -322,6 +324,29 @@ class ConsoleService:
         return await credential_service.revoke(
             session, admin.user_id, key_id, request_id=request_id
         )
+
+    # ---- four-eyes requests (ADR 0059) ---------------------------------------------------
+    async def approvals(
+        self, session: AsyncSession, *, status: str, cursor: str | None
+    ) -> Slice[AdminApproval]:
+        return await approvals_service.page(session, status=status, limit=100, cursor=cursor)
+
+    async def approval(self, session: AsyncSession, approval_id: UUID) -> AdminApproval:
+        return await approvals_service.get(session, approval_id)
+
+    async def decide_approval(
+        self, session: AsyncSession, runtime: Runtime, caller: Caller, *, approval_id: UUID,
+        approve: bool, reason: str | None, request_id: str | None,
+    ) -> AdminApproval:  # fmt: skip
+        """The second administrator's decision; the owning domain carries an approved
+        action out (and audits it), the approvals service audits the decision."""
+        admin = _require_admin(caller)
+        approval, _ = await approvals_service.decide(
+            session, runtime, admin.user_id, approval_id, approve=approve, reason=reason,
+            request_id=request_id,
+        )  # fmt: skip
+        self._invalidate(session, runtime)
+        return approval
 
 
 def _describe(flt: JobFilter) -> str:

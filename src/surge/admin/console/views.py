@@ -20,6 +20,7 @@ NAV = (
     ("jobs", "Jobs"),
     ("withdrawals", "Withdrawals"),
     ("operations", "Operations"),
+    ("approvals", "Approvals"),
     ("keys", "API keys"),
     ("breakers", "Breakers"),
     ("caches", "Caches"),

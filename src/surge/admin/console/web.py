@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,6 +26,7 @@ from surge.admin.console.session import (
     read_form,
     same_origin,
 )
+from surge.audit.approvals import ApprovalPending
 from surge.kit.errors import SurgeError
 from surge.kit.web.deps import RuntimeDep
 from surge.kit.web.idempotency import fingerprint, idempotency_keys
@@ -109,12 +111,14 @@ async def once(
 async def answered(caller: Caller, action: Callable[[], Awaitable[Response]]) -> Response:
     """``action()``'s page, or, when the owning domain refuses the action (any
     ``SurgeError``: not found, a conflict, a rule), the console's error page with the
-    refusal's status: the one way a console action shows a refusal. The console's own
+    refusal's status (an action recorded for a second administrator: the approvals page): the one way a console action shows a refusal. The console's own
     errors (sign-in, CSRF, forbidden) pass through to ``console_error``."""
     try:
         return await action()
     except ConsoleError:
         raise
+    except ApprovalPending as pending:  # recorded: a second administrator decides (ADR 0059)
+        return redirect(f"/admin/approvals?flash={quote(pending.message)}")
     except SurgeError as error:
         return html(views.error_page(error.status_code, error.message, caller), error.status_code)
 

@@ -35,7 +35,9 @@ Semantics, in the order a read meets them:
 - **Single-flight**: concurrent misses of a key in one process share one loader call; across
   processes a Redis lease (``SET NX PX``) lets one process load while the others poll L2 for
   at most ``CACHE_LEASE``. A delete kills the lease, so a load that raced an invalidation
-  never writes its old value back (Facebook's memcache leases).
+  never writes its old value back (Facebook's memcache leases). A loader runs inside
+  ``kit.db.primary_reads()``: a fill that starts after an invalidation reads the primary,
+  never a replica that has not replayed the invalidating write yet (ADR 0060).
 - **Early refresh**: in the last ``CACHE_EARLY_REFRESH`` of its TTL, a hit starts one
   background refresh with a probability rising to 1 at expiry (``refresh_early``): hot
   entries are renewed before anyone sees them expire, and a batch written together

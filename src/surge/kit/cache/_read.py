@@ -28,6 +28,7 @@ from surge.kit.cache._base import (
 from surge.kit.cache._codec import _Codec
 from surge.kit.cache._l1 import Entry
 from surge.kit.cache._scripts import _RELEASE, _SET_IF_LEASE, _VALUE_OR_LEASE
+from surge.kit.db import primary_reads
 from surge.kit.redis import RedisUnavailable, is_closed_transport
 
 log = structlog.get_logger()
@@ -268,7 +269,10 @@ class _ReadPath(_Codec):
     async def _timed_load(self, loader: Callable[[], Awaitable[T]]) -> T:
         started = time.perf_counter()
         try:
-            value = await loader()
+            # A fill is kept after the invalidation it may follow: it reads the primary, since
+            # a replica behind the invalidating write would be cached for a TTL (ADR 0060).
+            with primary_reads():
+                value = await loader()
         except BaseException:
             m.LOADS.labels(self.name, "error").inc()
             raise

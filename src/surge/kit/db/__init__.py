@@ -5,7 +5,8 @@
   (cache invalidations, notifications) so nobody hears of a write that rolled back (ADR 0002).
 - ``Database.read_session()``: read-only work, routed round-robin to a healthy replica when
   ``DATABASE_REPLICA_URLS`` is set; a replica that fails to connect is skipped for
-  ``DB_REPLICA_RETRY`` and the read goes to the primary.
+  ``DB_REPLICA_RETRY`` and the read goes to the primary. Inside ``primary_reads()`` (every
+  cache fill: ``kit.cache``) it reads the primary (ADR 0060).
 - Pool: ``IdleTimeoutPool`` (max 20, floor 5, idle 30 s), gauges in ``/metrics``, slow
   queries logged and counted, connection loss mapped to 503 by ``is_unavailable``.
 """
@@ -16,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,13 +32,29 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from surge.kit.db import replicas as routing
-from surge.kit.db.commit import as_dbapi_error, commit_through_driver
-from surge.kit.db.phase import current_phase
+from surge.kit.db.commit import (
+    CheckedConnection,
+    as_dbapi_error,
+    commit_held,
+    commit_through_driver,
+)
 from surge.kit.db.pipeline import Desynchronized, begin_and_fetch
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
+from surge.kit.db.replicas import primary_reads as primary_reads
+from surge.kit.db.slowlog import _SLOW_LOGS, _SlowLog
+from surge.kit.db.unit import (
+    UnitOfWorkSession,
+    close_all,
+    held_engine,
+    hold,
+    invalidate_held,
+    is_held,
+    release,
+)
 from surge.kit.telemetry import metrics
 
 log = structlog.get_logger()
@@ -73,6 +89,8 @@ def engine_options(url: str, config: PoolConfig) -> dict[str, Any]:
         "timeout": config.connect_timeout,
         "command_timeout": None,
         "server_settings": server_settings,
+        # COMMIT answered with ROLLBACK raises instead of passing for a success (commit.py).
+        "connection_class": CheckedConnection,
     }
     if config.statement_timeout and not config.pgbouncer:
         server_settings["statement_timeout"] = str(int(config.statement_timeout * 1000))
@@ -165,35 +183,6 @@ _WROTE = text("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
 _LSN = text("SELECT pg_current_wal_insert_lsn()::text")
 
 
-class _SlowLog:
-    """One engine's slow-query rule: count, track the maximum and log a statement that took
-    ``threshold`` seconds or more (``DB_SLOW_QUERY``)."""
-
-    __slots__ = ("counter", "pool", "threshold")
-
-    def __init__(self, threshold: float, counter: Any, pool: str) -> None:
-        self.threshold, self.counter, self.pool = threshold, counter, pool
-
-    def observe(self, statement: str, started: float) -> None:
-        elapsed = time.perf_counter() - started
-        if elapsed >= self.threshold:
-            if (phase := current_phase()) is not None:  # expected (kit.db.phase)
-                metrics.DB_EXPECTED_SLOW_QUERIES.labels(self.pool, phase).inc()
-                log.info("db.slow_query.expected", pool=self.pool, phase=phase,
-                         duration_ms=round(elapsed * 1000, 1))  # fmt: skip
-                return
-            self.counter.inc()
-            metrics.DB_QUERY_MAX.set(elapsed)
-            log.warning(
-                "db.slow_query", pool=self.pool, duration_ms=round(elapsed * 1000, 1),
-                statement=statement[:500],
-            )  # fmt: skip
-
-
-#: The slow-query rule of each engine a ``Database`` made (the fast paths look it up).
-_SLOW_LOGS: weakref.WeakKeyDictionary[Engine, _SlowLog] = weakref.WeakKeyDictionary()
-
-
 def observe_statement(engine: Engine | None, statement: str, started: float) -> None:
     """Count ``statement``, begun at ``perf_counter()`` value ``started``, in ``engine``'s
     slow-query log and metrics. For the statements sent to the driver directly (the fast
@@ -230,10 +219,20 @@ async def driver_fetch(session: AsyncSession, statement: str, *args: Any) -> lis
     the same ``sqlalchemy.exc.DBAPIError`` a ``session.execute`` would raise, and a
     connection that is gone is invalidated, so the pool never hands it out again. Counted
     by the slow-query log like any statement."""
-    connection = await session.connection()
-    sync = connection.sync_connection
-    assert sync is not None  # a session's connection is always started
-    adapted: Any = sync.connection.dbapi_connection
+    # The unit of work's own hold on its pooled connection when nothing went through
+    # SQLAlchemy yet (ADR 0057), else the connection SQLAlchemy holds for the session.
+    held = await hold(session)
+    connection: AsyncConnection | PoolProxiedConnection
+    if held is not None:
+        connection, engine = held, held_engine(session)
+        adapted: Any = held.dbapi_connection
+    else:
+        connection = await session.connection()
+        sync = connection.sync_connection
+        assert sync is not None  # a session's connection is always started
+        adapted = sync.connection.dbapi_connection
+        engine = sync.engine
+    dialect = engine.dialect
     started = time.perf_counter()
     try:
         async with adapted._execute_mutex:
@@ -248,14 +247,21 @@ async def driver_fetch(session: AsyncSession, statement: str, *args: Any) -> lis
         # The caller gets the error the statement would have raised (a bad value stays a bad
         # value, a lost connection an outage); the connection is discarded either way.
         cause = lost.__cause__ if isinstance(lost.__cause__, Exception) else lost
-        translated = await as_dbapi_error(connection, adapted, statement, args, cause)
+        translated = await as_dbapi_error(
+            connection, adapted, statement, args, cause, dialect=dialect
+        )
         with contextlib.suppress(Exception):
-            await connection.invalidate(cause)
+            if isinstance(connection, AsyncConnection):
+                await connection.invalidate(cause)
+            else:
+                await invalidate_held(connection, cause)
         raise translated from cause
     except Exception as error:
-        raise await as_dbapi_error(connection, adapted, statement, args, error) from error
+        raise await as_dbapi_error(
+            connection, adapted, statement, args, error, dialect=dialect
+        ) from error
     finally:
-        observe_statement(sync.engine, statement, started)
+        observe_statement(engine, statement, started)
 
 
 def behind_pooler(driver: Any) -> bool:
@@ -315,7 +321,9 @@ class Database:
         )
         #: Where read-your-writes sticks live; the runtime swaps in ``RedisSticks``.
         self.sticks: routing.StickStore = routing.MemorySticks()
-        self._sessions = async_sessionmaker(self.primary, expire_on_commit=False)
+        self._sessions = async_sessionmaker(
+            self.primary, expire_on_commit=False, sync_session_class=UnitOfWorkSession
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     def _engine(self, url: str, name: str) -> AsyncEngine:
@@ -451,31 +459,31 @@ class Database:
                 wrote = (
                     reader is not None
                     and self.config.sticky_reads > 0
-                    and session.in_transaction()
+                    and (session.in_transaction() or is_held(session))
                     and bool((await session.execute(_WROTE)).scalar())
                 )
             except BaseException:
                 if session.info.pop(_KEEP_ON_ERROR, False):
-                    await session.commit()
+                    await _commit(session)
                     await run_on_commit(session)
                 else:
                     await session.rollback()
                 raise
-            # Nothing for SQLAlchemy to do at commit time (no ORM change to flush, no commit
-            # listener): COMMIT through the driver, ~60 µs of Python less (ADR 0047); the
-            # close then only returns the connection. A failed COMMIT raises here and the
-            # ``finally`` closes. Otherwise COMMIT and the return to the pool in one hop
-            # into SQLAlchemy's greenlet instead of two (ADR 0024); ``close`` runs even
-            # when COMMIT fails.
-            if await commit_through_driver(session):
+            # A connection held by the unit of work's driver statements, never adopted by
+            # SQLAlchemy (ADR 0057), or nothing for SQLAlchemy to do at commit time (no ORM
+            # change to flush, no commit listener): COMMIT through the driver (ADR 0047),
+            # then the close only returns the connection. A failed COMMIT raises here and
+            # the ``finally`` closes. Otherwise COMMIT and the return to the pool in one hop
+            # into SQLAlchemy's greenlet (ADR 0024); the close runs even when COMMIT fails.
+            if await commit_held(session) or await commit_through_driver(session):
                 closed = True
-                await session.close()
+                await release(session)
             else:
                 closed = True
                 await greenlet_spawn(_commit_and_close, session.sync_session)
         finally:
             if not closed:
-                await asyncio.shield(session.close())
+                await asyncio.shield(release(session))
         if wrote and reader is not None:
             # After the commit (its LSN is what a replica must have replayed); the closed
             # session takes a connection for this one query and gives it back.
@@ -515,7 +523,7 @@ class Database:
             await connection.close()
 
     async def _read_connection(self) -> AsyncConnection:
-        if self._replica_cycle is not None:
+        if self._replica_cycle is not None and not routing.reading_primary():
             now = time.monotonic()
             reader = routing.current_reader()
             need = await self.sticks.get(reader) if reader and self.config.sticky_reads else None
@@ -555,11 +563,17 @@ class Database:
             await connection.execute(text("SELECT 1"))
 
 
+async def _commit(session: AsyncSession) -> None:
+    """Commit ``session``'s unit of work the cheapest way that is equivalent (see ``session``)."""
+    if not await commit_held(session) and not await commit_through_driver(session):
+        await session.commit()
+
+
 def _commit_and_close(session: Session) -> None:
     try:
         session.commit()
     finally:
-        session.close()
+        close_all(session)
 
 
 async def run_on_commit(session: AsyncSession) -> None:

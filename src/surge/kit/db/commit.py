@@ -11,6 +11,11 @@ is sent from here, on the connection the unit of work holds, and SQLAlchemy is t
 what the adapter's own ``commit()`` would have told it (the adapter's transaction is
 over); ``Session.close()`` returns the connection to the pool as after any commit.
 
+A COMMIT that PostgreSQL answers with the command tag ``ROLLBACK`` (the transaction had
+failed: a statement raised and the caller carried on without a savepoint) is an error too,
+on both paths: ``CheckedConnection`` (the driver's connection class) raises
+``CommitRolledBack`` for it, so nobody answers 2xx for a write that was thrown away.
+
 Errors are SQLAlchemy's: a refused COMMIT (a deferred constraint, a serialization failure)
 raises the same ``DBAPIError`` with its SQLSTATE, and a connection lost on the way is
 invalidated, so ``is_unavailable`` maps it to 503 and the pool never hands it out again.
@@ -21,17 +26,63 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
+from asyncpg.exceptions import InFailedSQLTransactionError  # type: ignore[import-untyped]
 from sqlalchemy import exc
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.pool import PoolProxiedConnection
+
+from surge.kit.db.unit import UnitOfWorkSession, adopt, held_engine, invalidate_held
+
+
+class CommitRolledBack(InFailedSQLTransactionError):  # type: ignore[misc]
+    """A ``COMMIT`` the server answered with the command tag ``ROLLBACK``: the transaction
+    had already failed (SQLSTATE 25P02), nothing of it was written. PostgreSQL reports this
+    as a success; the driver's ``Transaction.commit()`` drops the tag, so without this check
+    the caller would acknowledge writes that were rolled back."""
+
+
+#: The statements that end a transaction by committing it (``Transaction.commit()`` sends
+#: ``COMMIT;``); compared upper-cased without the trailing semicolon and spaces.
+_COMMITS = frozenset({"COMMIT", "END", "COMMIT TRANSACTION", "COMMIT WORK", "END TRANSACTION"})
+
+
+class CheckedConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, whose ``execute`` refuses a COMMIT answered with ``ROLLBACK``.
+
+    Every commit goes through here: SQLAlchemy's adapter and ``commit_through_driver`` both
+    call asyncpg's ``Transaction.commit()``, which sends ``COMMIT;`` with ``execute`` and
+    discards the command tag it returns. The protocol's own transaction status (``E``, a
+    failed transaction) is not visible from Python; the tag is. Cost: one string comparison
+    per ``execute`` (a plain statement; queries with results go through ``fetch``)."""
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        status: str = await super().execute(query, *args, timeout=timeout)
+        if status == "ROLLBACK" and query.strip().rstrip(";").strip().upper() in _COMMITS:
+            raise CommitRolledBack(
+                "COMMIT was answered with ROLLBACK: the transaction had failed, nothing of it "
+                "was written"
+            )
+        return status
 
 
 async def as_dbapi_error(
-    connection: AsyncConnection, adapted: Any, statement: str, args: Any, error: Exception
+    connection: AsyncConnection | PoolProxiedConnection,
+    adapted: Any,
+    statement: str,
+    args: Any,
+    error: Exception,
+    *,
+    dialect: Dialect | None = None,
 ) -> BaseException:
     """``error`` as ``Connection._handle_dbapi_exception`` would raise it: the adapter's
     translation of asyncpg's error, wrapped in ``DBAPIError``; a connection that is gone
-    is invalidated first (``connection_invalidated`` says so)."""
-    dialect = connection.dialect
+    is invalidated first (``connection_invalidated`` says so). ``connection`` is an engine
+    connection, or the pooled connection a unit of work holds (``unit``; give ``dialect``)."""
+    if isinstance(connection, AsyncConnection):
+        dialect = connection.dialect
+    assert dialect is not None
     dbapi_error: BaseException = error
     if not isinstance(error, dialect.loaded_dbapi.Error):
         try:
@@ -41,7 +92,10 @@ async def as_dbapi_error(
     disconnect = bool(dialect.is_disconnect(dbapi_error, adapted, None))  # type: ignore[arg-type]
     if disconnect:
         with contextlib.suppress(Exception):
-            await connection.invalidate(dbapi_error)
+            if isinstance(connection, AsyncConnection):
+                await connection.invalidate(dbapi_error)
+            else:
+                await invalidate_held(connection, dbapi_error)
     return exc.DBAPIError.instance(
         statement, args, dbapi_error, dialect.loaded_dbapi.Error,
         connection_invalidated=disconnect, dialect=dialect,
@@ -80,6 +134,55 @@ def _driver_of(session: AsyncSession) -> Any:
     return connection.connection.dbapi_connection
 
 
+async def _driver_commit(adapted: Any) -> None:
+    """The adapter's ``commit()`` without its greenlet: asyncpg's COMMIT under the adapter's
+    mutex; the adapter's transaction is dropped once the COMMIT was attempted, whatever its
+    outcome (the server ends a transaction whose COMMIT fails). A caller cancelled before
+    the COMMIT left keeps it, so the close rolls it back."""
+    async with adapted._execute_mutex:
+        transaction = adapted._transaction
+        if transaction is None:  # no statement began one on the server: nothing to end
+            return
+        try:
+            await transaction.commit()
+        finally:
+            adapted._transaction = None
+
+
+async def commit_held(session: AsyncSession) -> bool:
+    """Commit the connection ``session`` holds for its driver statements (``unit``) and
+    return True; or return False when SQLAlchemy commits: nothing held, held but adopted,
+    or SQLAlchemy has work to do at commit time (ORM changes to flush, a commit listener
+    on the session) — then it adopts the held connection first, so its flush and COMMIT
+    run in the same transaction. Raises what ``Session.commit()`` would."""
+    sync = session.sync_session
+    if not isinstance(sync, UnitOfWorkSession):
+        return False
+    held = sync._surge_held
+    if held is None or sync._surge_adopted is not None:
+        return False
+    if (
+        sync._transaction is not None
+        or not sync._is_clean()
+        or sync.dispatch.before_commit
+        or sync.dispatch.after_commit
+    ):
+        await adopt(session)
+        return False
+    if not held.is_valid:
+        raise exc.PendingRollbackError(
+            "the unit of work's connection was invalidated; roll it back", code="8s2b"
+        )
+    adapted = held.dbapi_connection
+    try:
+        await _driver_commit(adapted)
+    except Exception as error:
+        raise await as_dbapi_error(
+            held, adapted, "COMMIT", (), error, dialect=held_engine(session).dialect
+        ) from error
+    return True
+
+
 async def commit_through_driver(session: AsyncSession) -> bool:
     """Commit ``session``'s transaction with the driver's ``COMMIT`` and return True, or
     return False, having done nothing, when ``Session.commit()`` must do it (see
@@ -94,14 +197,7 @@ async def commit_through_driver(session: AsyncSession) -> bool:
     if adapted is None:
         return False
     try:
-        async with adapted._execute_mutex:
-            transaction = adapted._transaction
-            if transaction is None:  # no statement began one on the server: nothing to end
-                return True
-            try:
-                await transaction.commit()
-            finally:
-                adapted._transaction = None
+        await _driver_commit(adapted)
     except Exception as error:
         connection = await session.connection()
         raise await as_dbapi_error(connection, adapted, "COMMIT", (), error) from error

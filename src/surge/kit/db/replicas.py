@@ -12,12 +12,18 @@ caller who just wrote, no reads for a replica that lags (ADR 0022).
   the stick for the others (GitLab's bug); the stick expires by time only.
 - ``ReplicaRouter.observe`` takes each poll: replay lag in bytes per replica (the
   ``db_replica_lag_bytes`` gauge); a replica past ``max_lag`` gets no reads.
+- ``primary_reads()``: every read of the block (and of the tasks it starts) goes to the
+  primary. For a read whose answer is *kept* after an invalidation told the keeper to forget
+  the old one (a cache fill, a memory loaded when it joins a pub/sub channel): a replica
+  that has not replayed the invalidating write would hand the old answer back to be kept
+  for a TTL, and the filler cannot know which write it must have replayed (ADR 0060).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +35,7 @@ from surge.kit.telemetry import metrics
 log = structlog.get_logger()
 
 _READER: ContextVar[str | None] = ContextVar("surge_db_reader", default=None)
+_PRIMARY: ContextVar[bool] = ContextVar("surge_db_primary_reads", default=False)
 
 
 def bind_reader(key: str | None) -> Token[str | None]:
@@ -38,6 +45,21 @@ def bind_reader(key: str | None) -> Token[str | None]:
 
 def current_reader() -> str | None:
     return _READER.get()
+
+
+@contextmanager
+def primary_reads() -> Iterator[None]:
+    """Read the primary in this block, whatever the replicas' lag (see the module docstring)."""
+    token = _PRIMARY.set(True)
+    try:
+        yield
+    finally:
+        _PRIMARY.reset(token)
+
+
+def reading_primary() -> bool:
+    """Whether ``primary_reads()`` is open in this task."""
+    return _PRIMARY.get()
 
 
 def parse_lsn(text: str | None) -> int | None:

@@ -45,7 +45,7 @@ Semantics (the guarantees, and their limits):
   that start not counted (the handler bounds its own waiting).
 - **Rate limit.** ``JOBS_RATE_LIMITS={"operations": "50/min"}``: at most 50 *starts* of that
   queue's jobs in any 60 s window, across every worker process (a sliding log in PostgreSQL
-  under an advisory lock).
+  under an advisory lock). A start that snoozes gives its place in the window back.
 - **Periodic.** ``@job("reports.daily", cron="0 6 * * *")``: one job per slot (UTC), enqueued
   by exactly one worker, at most ``JOBS_STALLED_CHECK`` late.
 

@@ -81,15 +81,28 @@ _RELEASE = text(
     """
 )
 
+# A snoozed start (:uncount = 1) is given back twice: its attempt, and its entry in the
+# rate-limited queue's dispatch log (one row of its queue and dispatch time; a batch claimed
+# together shares the time, so each snoozed job removes one): the start did nothing the
+# limit protects (ADR 0060). A queue without a limit has no row, and nothing is deleted.
 _FAIL_OR_RETRY = text(
     """
-    UPDATE jobs SET state = :state, last_error = :error, lease_expires_at = NULL,
-        attempts = GREATEST(attempts - :uncount, 0),
-        run_at = CASE WHEN :state = 'queued' THEN now() + make_interval(secs => :delay)
-                 ELSE run_at END,
-        finished_at = CASE WHEN :state = 'failed' THEN now() ELSE NULL END
-    WHERE id = :id AND lease_token = :token AND state = 'active'
-    RETURNING id
+    WITH retried AS (
+        UPDATE jobs SET state = :state, last_error = :error, lease_expires_at = NULL,
+            attempts = GREATEST(attempts - :uncount, 0),
+            run_at = CASE WHEN :state = 'queued' THEN now() + make_interval(secs => :delay)
+                     ELSE run_at END,
+            finished_at = CASE WHEN :state = 'failed' THEN now() ELSE NULL END
+        WHERE id = :id AND lease_token = :token AND state = 'active'
+        RETURNING id, queue, dispatched_at
+    ), given_back AS (
+        DELETE FROM job_dispatches WHERE ctid = (
+            SELECT d.ctid FROM job_dispatches d JOIN retried r
+                ON d.queue = r.queue AND d.dispatched_at = r.dispatched_at
+            WHERE :uncount = 1 LIMIT 1
+        )
+    )
+    SELECT id FROM retried
     """
 )
 

@@ -49,7 +49,9 @@ class Snooze(Exception):
 
     The handler's writes through ``ctx.session`` are rolled back as on any raise. A job that
     could wait forever must bound its own waiting (e.g. by its payload's creation time):
-    snoozes never exhaust ``max_attempts``."""
+    snoozes never exhaust ``max_attempts``. Nor do they spend a rate-limited queue's start
+    budget (``JOBS_RATE_LIMITS``): the start's place in the window is given back, so a
+    snoozing handler also bounds its own start rate through ``delay``."""
 
     def __init__(self, delay: timedelta, reason: str = "") -> None:
         super().__init__(reason or f"snoozed for {delay.total_seconds():.3f} s")

@@ -462,6 +462,9 @@ class Worker:
             log.warning("jobs.lease_lost", job_id=claim.id, at="error")
             return
         if snoozed:
+            # Its place in the rate-limit window was given back (``_FAIL_OR_RETRY``): this
+            # worker asks again instead of sleeping out the wait its last full window set.
+            self._rate_wait_until.pop(claim.queue, None)
             metrics.SNOOZED.labels(claim.queue).inc()
             log.info("jobs.snoozed", job_id=claim.id, job=claim.name, delay_s=round(delay, 3),
                      reason=str(error)[:500])  # fmt: skip

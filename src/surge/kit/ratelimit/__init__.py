@@ -32,6 +32,7 @@ from surge.kit.ratelimit.policy import (
     Subject,
     parse_policies,
     subject_from_state,
+    with_constant_routes,
 )
 from surge.kit.ratelimit.web import (
     MemoClientIp,
@@ -54,7 +55,9 @@ def build_limiter(settings: Settings, gateway: RedisGateway) -> RateLimiter:
     processes = settings.RATELIMIT_LOCAL_PROCESSES or settings.WEB_WORKERS
     return RateLimiter(
         gateway,
-        parse_policies(settings.RATELIMIT_POLICIES),
+        parse_policies(
+            with_constant_routes(settings.RATELIMIT_POLICIES, settings.RATELIMIT_STATIC_ROUTES)
+        ),
         prefix=settings.RATELIMIT_KEY_PREFIX,
         local_processes=processes,
         client_ip=MemoClientIp(settings.TRUSTED_PROXIES),
@@ -99,4 +102,5 @@ __all__ = [
     "parse_policies",
     "rate_limit_headers",
     "subject_from_state",
+    "with_constant_routes",
 ]

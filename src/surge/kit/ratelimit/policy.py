@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
@@ -163,7 +163,52 @@ class RatePolicy(BaseModel):
         return f'"{self.name}"'.encode()
 
 
-def parse_policies(raw: list[dict[str, Any]] | list[RatePolicy]) -> list[RatePolicy]:
+#: The built-in budget of the constant routes (``with_constant_routes``): 300 a minute per IP.
+CONSTANT_POLICY: dict[str, Any] = {"name": "static-1m", "limit": 300, "period": "PT1M", "per": "ip"}
+
+
+def with_constant_routes(
+    raw: Sequence[dict[str, Any] | RatePolicy], routes: Sequence[str]
+) -> list[dict[str, Any] | RatePolicy]:
+    """The configured policies with the constant routes' budget merged in (ADR 0054, 0060):
+    files and pages that hold no data and do no per-caller work (``routes``: fnmatch
+    patterns) spend ``static-1m`` per IP instead of the tier budgets meant for what a caller
+    does, whether the policies are the defaults or an operator's own list.
+
+    - ``static-1m`` (``CONSTANT_POLICY``) is added unless a policy of that name is configured;
+      a configured one without ``routes`` gets ``routes``.
+    - Every global policy restricted to ``tiers`` that says nothing of ``except_routes``
+      gets ``routes`` there. One that sets ``except_routes`` (even to ``[]``) is left as is;
+      policies for every tier (flood caps such as ``ip-1m``) keep counting those routes.
+
+    No ``routes`` (``RATELIMIT_STATIC_ROUTES`` empty): the policies as configured."""
+    if not routes:
+        return list(raw)
+    merged: list[dict[str, Any] | RatePolicy] = []
+    named = False
+    for policy in raw:
+        data = policy.model_dump() if isinstance(policy, RatePolicy) else dict(policy)
+        given = policy.model_fields_set if isinstance(policy, RatePolicy) else set(policy)
+        if data.get("name") == CONSTANT_POLICY["name"]:
+            named = True
+            if not data.get("routes"):
+                merged.append({**data, "routes": list(routes)})
+                continue
+        elif (
+            data.get("tiers")
+            and not data.get("routes")
+            and str(data.get("scope", Scope.global_)) == Scope.global_
+            and "except_routes" not in given
+        ):
+            merged.append({**data, "except_routes": list(routes)})
+            continue
+        merged.append(policy)
+    if not named:
+        merged.append({**CONSTANT_POLICY, "routes": list(routes)})
+    return merged
+
+
+def parse_policies(raw: Sequence[dict[str, Any] | RatePolicy]) -> list[RatePolicy]:
     """Validate the configured policies; names must be unique."""
     policies = [p if isinstance(p, RatePolicy) else RatePolicy.model_validate(p) for p in raw]
     seen: set[str] = set()

@@ -99,45 +99,54 @@ class RequestRecorder:
 
     In multiprocess mode every ``inc``/``observe`` is a locked write into an mmap file: five of
     them per request cost ~15 µs, a third of a bare FastAPI request (bench ``ping``). Here a
-    request costs a few dict operations; ``flush()`` (every second, and before each
-    ``/metrics`` render in this process) adds the batched counts in one write per series.
+    request costs one dict lookup and two list updates; ``flush()`` (every second, and before
+    each ``/metrics`` render in this process) adds the batched counts in one write per series.
     ``/metrics`` may therefore lag by up to a second for the *other* processes.
+
+    ``route`` is the route *object* the request matched (anything with a ``path`` template:
+    a Starlette route, FastAPI's effective route context of an included router), a template
+    string, or ``None`` (unmatched). Series are keyed by its identity and the template is
+    read at flush, not per request (ADR 0056); a series holds its route until the flush, so
+    an identity cannot be reused meanwhile.
     """
 
-    __slots__ = ("_bounds", "_counts", "_histograms", "_in_flight")
+    __slots__ = ("_bounds", "_in_flight", "_series")
 
     def __init__(self) -> None:
         self._bounds = LATENCY_BUCKETS
-        self._counts: dict[tuple[str, str, int], int] = {}
-        # (method, route) -> [sum, n_bucket_0, ..., n_bucket_k, n_over_last_bound]
-        self._histograms: dict[tuple[str, str], list[float]] = {}
+        # (method, id(route), status) -> [route, sum, n_bucket_0, ..., n_bucket_k, n_over]
+        self._series: dict[tuple[str, int, int], list[Any]] = {}
         self._in_flight = 0
 
     def started(self) -> None:
         self._in_flight += 1
 
-    def finished(self, method: str, route: str, status: int, seconds: float) -> None:
+    def finished(self, method: str, route: object, status: int, seconds: float) -> None:
         self._in_flight -= 1
-        key = (method, route, status)
-        counts = self._counts
-        counts[key] = counts.get(key, 0) + 1
-        hkey = (method, route)
-        histogram = self._histograms.get(hkey)
-        if histogram is None:
-            histogram = self._histograms[hkey] = [0.0] * (len(self._bounds) + 2)
-        histogram[0] += seconds
+        key = (method, id(route), status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = [route, 0.0, *([0] * (len(self._bounds) + 1))]
+        series[1] += seconds
         # The first bound ≥ seconds (``le`` semantics), or the slot after the last bound.
-        histogram[bisect_left(self._bounds, seconds) + 1] += 1
+        series[bisect_left(self._bounds, seconds) + 2] += 1
 
     def untimed(self) -> None:
         """A request that is not recorded (a stream) has ended: it is no longer in flight."""
         self._in_flight -= 1
 
     def flush(self) -> None:
-        counts, self._counts = self._counts, {}
-        histograms, self._histograms = self._histograms, {}
-        for (method, route, status), count in counts.items():
-            HTTP_REQUESTS.labels(method, route, str(status)).inc(count)
+        series, self._series = self._series, {}
+        histograms: dict[tuple[str, str], list[float]] = {}
+        for (method, _, status), values in series.items():
+            route = template(values[0])
+            HTTP_REQUESTS.labels(method, route, str(status)).inc(sum(values[2:]))
+            histogram = histograms.get((method, route))
+            if histogram is None:
+                histograms[(method, route)] = values[1:]
+            else:  # the same template under another status (or another route object)
+                for index, value in enumerate(values[1:]):
+                    histogram[index] += value
         for (method, route), values in histograms.items():
             child = HTTP_DURATION.labels(method, route)
             buckets = getattr(child, "_buckets", None)
@@ -151,6 +160,17 @@ class RequestRecorder:
             if values[-1]:
                 buckets[-1].inc(values[-1])  # the +Inf bucket
         HTTP_IN_FLIGHT.set(self._in_flight)
+
+
+#: The ``route`` label of a request that matched no route.
+UNMATCHED = "<unmatched>"
+
+
+def template(route: object) -> str:
+    """A recorded route's label: a template string as given, else the object's ``path``."""
+    if isinstance(route, str):
+        return route
+    return str(getattr(route, "path", None) or UNMATCHED)
 
 
 REQUESTS = RequestRecorder()

@@ -13,6 +13,7 @@ as two helpers ``SurgeMiddleware`` calls, so the assembled app needs neither lay
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -29,9 +30,20 @@ log = structlog.get_logger()
 
 
 class FileStack(AsyncExitStack):
-    """An ``AsyncExitStack`` that knows whether anything was pushed on it."""
+    """An ``AsyncExitStack`` that knows whether anything was pushed on it, and makes its
+    callback queue only then: one is created for every request and almost none is used
+    (ADR 0056)."""
 
     used = False
+
+    def __init__(self) -> None:  # no queue until something needs it: see __getattr__
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_exit_callbacks":
+            self._exit_callbacks: deque[Any] = deque()
+            return self._exit_callbacks
+        raise AttributeError(name)
 
     def push_async_callback(
         self, callback: Callable[..., Any], /, *args: Any, **kwds: Any

@@ -12,7 +12,8 @@ assembled app it is the only layer around the app's own middleware (``kit.web.st
 2. body limit: a ``Content-Length`` above the limit is refused with 413 before reading; a
    chunked body is counted as it streams and cut at the limit;
 3. timeout: the request is cancelled after ``timeout`` seconds and answered 504;
-4. RED metrics by route *template* (``/api/v1/orders/{id}``, never the raw path);
+4. RED metrics by route *template* (``/api/v1/orders/{id}``, never the raw path), recorded
+   by the matched route object and read as a template once a second;
 5. an exception raised outside a route goes to its handler (``exception_handlers=``, as
    Starlette's ``ExceptionMiddleware`` would); any exception without one is logged with its
    traceback and answered with a bare 500 problem (no detail to the client);
@@ -53,7 +54,7 @@ RESPONSE_HEADERS = "surge.response_headers"
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-UNMATCHED = "<unmatched>"
+UNMATCHED = metrics.UNMATCHED
 
 
 class BodyTooLarge(BaseException):
@@ -243,6 +244,9 @@ class SurgeMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, response_started
+            if response_started:  # the body: nothing to add (ADR 0056)
+                await send(message)
+                return
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
@@ -327,7 +331,15 @@ class SurgeMiddleware:
                 await files.aclose()
             elapsed = time.perf_counter() - started
             if UNTIMED not in scope:  # a stream's length is not a latency
-                recorder.finished(scope["method"], route_template(scope), status, elapsed)
+                # The matched route object, its template read at flush (ADR 0056): FastAPI's
+                # effective route context (an included router's route: every prefix), else
+                # the route, else None (unmatched). ``route_template`` is the same, spelled out.
+                fastapi_scope = scope.get("fastapi")
+                route = fastapi_scope.get(_EFFECTIVE) if fastapi_scope else None
+                recorder.finished(
+                    scope["method"], scope.get("route") if route is None else route, status,
+                    elapsed,
+                )  # fmt: skip
             else:
                 recorder.untimed()
             if self.access_log or elapsed >= self.slow_request or status >= 500:
@@ -342,17 +354,18 @@ class SurgeMiddleware:
 UNTIMED = "surge.untimed"
 
 
+#: FastAPI's scope key (under ``scope["fastapi"]``) of an included route's effective context.
+_EFFECTIVE = "effective_route_context"
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's path template with every router prefix, or ``<unmatched>``.
 
     FastAPI ≥ 0.160 keeps included routers nested, so ``scope["route"].path`` lacks the
     prefixes given at ``include_router`` time; the effective route context has the full one.
     """
-    context = scope.get("fastapi", {}).get("effective_route_context")
-    path = getattr(context, "path", None)
-    if path:
-        return str(path)
-    return str(getattr(scope.get("route"), "path", None) or UNMATCHED)
+    context = scope.get("fastapi", {}).get(_EFFECTIVE)
+    return metrics.template(scope.get("route") if context is None else context)
 
 
 async def _send_problem(

@@ -16,7 +16,7 @@ from surge.admin.console.session import first
 from surge.admin.console.views import e, form, page, table, when
 from surge.admin.console.web import CallerDep, answered, html, posted, redirect
 from surge.credential.service import SCOPES
-from surge.kit.web.deps import SessionDep, request_id
+from surge.kit.web.deps import RuntimeDep, SessionDep, request_id
 
 router = APIRouter(include_in_schema=False)
 
@@ -63,7 +63,9 @@ async def keys_view(
 
 
 @router.post("/keys")
-async def create_key(request: Request, caller: CallerDep, db: SessionDep) -> Response:
+async def create_key(
+    request: Request, caller: CallerDep, db: SessionDep, runtime: RuntimeDep
+) -> Response:
     fields = await posted(request, caller)
     name = first(fields, "name")[:200]
     scopes = [s for s in fields.get("scopes", []) if s][:20]
@@ -75,13 +77,15 @@ async def create_key(request: Request, caller: CallerDep, db: SessionDep) -> Res
 
     async def act() -> Response:
         issued = await console_service.create_service_key(
-            db, caller, name=name, scopes=scopes, request_id=request_id(request)
+            db, runtime, caller, name=name, scopes=scopes, request_id=request_id(request)
         )
         body = (
             f'<div class="card" id="issued"><p>Key <b>{e(issued.key.name)}</b> created. Copy '
             "it now: it is shown this once and stored only as a hash.</p>"
             f'<p><code id="secret">{e(issued.secret)}</code></p>'
-            '<p><a href="/admin/keys">Back to the keys</a></p></div>'
+            "<p>It is refused until a different administrator approves it on the "
+            f'<a href="/admin/approvals">approvals page</a> (request {e(str(issued.approval_id))}).'
+            '</p><p><a href="/admin/keys">Back to the keys</a></p></div>'
         )
         return html(page("Service key created", body, caller, active="keys"))
 

@@ -17,7 +17,7 @@ from surge.admin.console.session import ConsoleError, first
 from surge.admin.console.views import e, form, money, page, table, when
 from surge.admin.console.web import CallerDep, answered, html, once, posted, redirect
 from surge.kit.errors import SurgeError
-from surge.kit.web.deps import SessionDep, request_id
+from surge.kit.web.deps import RuntimeDep, SessionDep, request_id
 
 router = APIRouter(include_in_schema=False)
 
@@ -84,8 +84,9 @@ async def operations_view(
 
 @router.post("/operations/{operation_id}/resolve")
 async def resolve(
-    operation_id: uuid.UUID, request: Request, caller: CallerDep, db: SessionDep
-) -> Response:
+    operation_id: uuid.UUID, request: Request, caller: CallerDep, db: SessionDep,
+    runtime: RuntimeDep,
+) -> Response:  # fmt: skip
     fields = await posted(request, caller)
     performed = first(fields, "performed")
     if performed not in ACTIONS:
@@ -110,7 +111,7 @@ async def resolve(
 
     async def act() -> Response:
         done = await console_service.resolve_operation(
-            db, caller, operation_id=operation_id, performed=performed == "yes", note=note,
+            db, runtime, caller, operation_id=operation_id, performed=performed == "yes", note=note,
             request_id=request_id(request),
         )  # fmt: skip
         return redirect(f"/admin/operations?flash=Operation+{done.id}+{quote(done.status)}")

@@ -90,6 +90,23 @@ async def withdrawals(
             ["partner", "debt", "balance", "available", "last change"], debt_rows, table_id="debts"
         )
     )
+    system_rows = [
+        (e(a["code"]), money(a["balance"], a["currency"]), money(a["pending_in"], a["currency"]),
+         money(a["pending_out"], a["currency"]), str(a["stripes"]),
+         f'{money(a["smallest"], a["currency"])} … {money(a["largest"], a["currency"])}'
+         if a["stripes"] > 1 else "–")
+        for a in await wallet_service.system_balances(db)
+    ]  # fmt: skip
+    body += (
+        "<h2>System accounts</h2><p>The platform's side of the ledger, each account's total "
+        "over its stripes (ADR 0058: a hot account is several rows chosen by owner; every "
+        "stripe keeps its own history).</p>"
+        + table(
+            ["account", "balance", "reserved in", "reserved out", "stripes", "stripe range"],
+            system_rows,
+            table_id="system-accounts",
+        )
+    )
     return html(page("Withdrawals", body, caller, active="withdrawals", flash=flash))
 
 
