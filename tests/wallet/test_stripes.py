@@ -202,7 +202,7 @@ class TestDecisions:
             await wallet_service.decide(session, runtime, uuid4(), first.id, approve=True)
             await session.commit()
         async with runtime.db.session() as session:
-            decided = await wallet_service.batch_approve(session, uuid4(), [second.id])
+            decided = await wallet_service.batch_approve(session, runtime, uuid4(), [second.id])
             await session.commit()
         assert [item.ok for item in decided] == [True]
         assert await stripe_row(runtime, SystemAccount.holds, 9) == before
