@@ -199,6 +199,7 @@ class TestConsoleSession:
         assert len(posts) >= 10, posts
         fill = {"withdrawal_id": str(uuid.uuid4()), "operation_id": str(uuid.uuid4()),
                 "user_id": str(uuid.uuid4()), "key_id": str(uuid.uuid4()),
+                "approval_id": str(uuid.uuid4()),
                 "queue": "default", "verb": "approve"}  # fmt: skip
         for template in posts:
             path = template.format(**fill)
