@@ -33,7 +33,7 @@ def pair(
     replica._chown(replica.data_dir)
     made = replica._run(
         "pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
-        "-D", str(replica.pgdata), "-R", "-X", "stream", check=False,
+        "-D", str(replica.pgdata), "-R", "-X", "stream", "--checkpoint=fast", check=False,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     replica.start()
