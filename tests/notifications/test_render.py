@@ -41,7 +41,8 @@ def built(
 
 def bodies(parsed: EmailMessage) -> tuple[str, str]:
     plain, html = parsed.get_body(("plain",)), parsed.get_body(("html",))
-    assert plain is not None and html is not None
+    assert plain is not None
+    assert html is not None
     return plain.get_content(), html.get_content()
 
 
@@ -90,7 +91,8 @@ def test_headers_fold_within_78_columns_and_unfold_to_the_same_value() -> None:
     raw, parsed = built(Rendered(subject=subject, text="t", html="h"), unsubscribe_url=None)
     head = raw.split(b"\n\n", 1)[0]
     assert max(len(line) for line in head.split(b"\n")) <= 78
-    assert b"Subject: Your withdrawal" in head and b"\n " in head
+    assert b"Subject: Your withdrawal" in head
+    assert b"\n " in head
     assert parsed["Subject"] == subject
 
 
