@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import text
 
 from surge.kit.db import Database, PoolConfig
 
@@ -19,3 +21,14 @@ async def db(server_urls: tuple[str, str]) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.close()
+
+
+@pytest.fixture
+async def table(db: Database) -> AsyncIterator[str]:
+    """A scratch table ``(v bigint PRIMARY KEY)`` of the test's own, dropped after it."""
+    name = f"scratch_{uuid.uuid4().hex[:8]}"
+    async with db.session() as session:
+        await session.execute(text(f"CREATE TABLE {name} (v bigint PRIMARY KEY)"))
+    yield name
+    async with db.session() as session:
+        await session.execute(text(f"DROP TABLE {name}"))

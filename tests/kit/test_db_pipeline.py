@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,16 +23,6 @@ from surge.kit.db import (
     sqlstate,
 )
 from surge.kit.telemetry import metrics
-
-
-@pytest.fixture
-async def table(db: Database) -> AsyncIterator[str]:
-    name = f"pipeline_{uuid.uuid4().hex[:8]}"
-    async with db.session() as session:
-        await session.execute(text(f"CREATE TABLE {name} (v bigint PRIMARY KEY)"))
-    yield name
-    async with db.session() as session:
-        await session.execute(text(f"DROP TABLE {name}"))
 
 
 async def _driver(session: AsyncSession) -> Any:

@@ -9,24 +9,11 @@ a test that can fail on demand)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
 from surge.kit.db import Database
-
-
-@pytest.fixture
-async def table(db: Database) -> AsyncIterator[str]:
-    name = f"reset_{uuid.uuid4().hex[:8]}"
-    async with db.session() as session:
-        await session.execute(text(f"CREATE TABLE {name} (v bigint)"))
-    yield name
-    async with db.session() as session:
-        await session.execute(text(f"DROP TABLE {name}"))
 
 
 async def _driver(db: Database) -> Any:
