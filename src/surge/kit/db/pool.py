@@ -115,7 +115,8 @@ def _end_untracked_transaction(
     nothing, and every later unit of work on that connection failed with "cannot use
     Connection.transaction() in a manually started transaction" — a pooled connection
     poisoned for good (seen once in ~900 tests; about 1 in 600 random cancellations,
-    ``tests/kit/test_db_pool_reset.py``). Here the ROLLBACK is sent through the driver,
+    ``tests/kit/test_db_pool_reset.py``; the same family as SQLAlchemy issue 13381 and
+    sqlx issue 4393). Here the ROLLBACK is sent through the driver,
     which first waits for the cancelled statement's answer (a ROLLBACK outside a
     transaction only draws a warning). A connection that cannot take it raises, and
     SQLAlchemy closes it instead of pooling it."""
