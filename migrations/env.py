@@ -7,6 +7,7 @@ starting at once must not race on the same DDL).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from alembic import context
 from sqlalchemy import pool, text
@@ -39,6 +40,7 @@ def run_migrations_offline() -> None:
 
 def _run(connection: Connection) -> None:
     connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_ID})
+    done = False
     try:
         context.configure(
             connection=connection,
@@ -48,9 +50,21 @@ def _run(connection: Connection) -> None:
         )
         with context.begin_transaction():
             context.run_migrations()
+        done = True
     finally:
-        connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_ID})
-        connection.commit()
+        # A failed revision leaves the transaction aborted: end it first (the advisory lock
+        # is the session's, it outlives the rollback), so that the unlock can run, and let
+        # the revision's own error be the one reported, not the unlock's.
+        if not done:
+            with contextlib.suppress(Exception):
+                connection.rollback()
+        try:
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_ID})
+            connection.commit()
+        except Exception:
+            if done:
+                raise
+            # The connection is closed next; closing it releases the lock too.
 
 
 async def run_migrations_online() -> None:

@@ -5,12 +5,14 @@ the wallet tables because ``surge.models`` did not import them)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import pool
@@ -77,3 +79,53 @@ def test_importing_the_registry_imports_every_model_module() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "", f"not imported by surge.models: {result.stdout}"
+
+
+def test_a_failing_migration_reports_its_own_error_and_releases_the_lock(
+    server_urls: tuple[str, str], tmp_path: Path
+) -> None:
+    """A revision that fails leaves its transaction aborted; the migrator's unlock must not
+    run inside it and replace the real error with "current transaction is aborted"."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    copy = tmp_path / "migrations"
+    shutil.copytree(migrate.MIGRATIONS_DIR, copy)
+    head = ScriptDirectory(str(migrate.MIGRATIONS_DIR)).get_current_head()
+    (copy / "versions" / "9999_broken.py").write_text(
+        f'revision = "9999_broken"\ndown_revision = "{head}"\n'
+        "from alembic import op\n\n\n"
+        'def upgrade() -> None:\n    op.execute("SELECT 1 / 0")\n'
+    )
+    url = make_url(server_urls[0]).set(database=f"surge_broken_{uuid.uuid4().hex[:8]}")
+    fresh = url.render_as_string(hide_password=False)
+    config = migrate.alembic_config(fresh)
+    config.set_main_option("script_location", str(copy))
+
+    async def lock_is_free() -> bool:
+        engine = create_async_engine(fresh, poolclass=pool.NullPool)
+        try:
+            async with engine.connect() as connection:
+                taken = await connection.scalar(
+                    text("SELECT pg_try_advisory_lock(:k)"), {"k": 7_421_001}
+                )
+                await connection.execute(text("SELECT pg_advisory_unlock_all()"))
+                return bool(taken)
+        finally:
+            await engine.dispose()
+
+    async def drop() -> None:
+        admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        async with admin.connect() as connection:
+            await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}"')
+        await admin.dispose()
+
+    try:
+        assert migrate.ensure_database(fresh)
+        with pytest.raises(Exception, match="division by zero") as raised:
+            command.upgrade(config, "heads")
+        assert "current transaction is aborted" not in str(raised.value)
+        assert asyncio.run(lock_is_free())
+    finally:
+        asyncio.run(drop())
