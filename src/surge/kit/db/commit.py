@@ -33,7 +33,13 @@ from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.pool import PoolProxiedConnection
 
-from surge.kit.db.unit import UnitOfWorkSession, adopt, held_engine, invalidate_held
+from surge.kit.db.unit import (
+    UnitOfWorkSession,
+    adopt,
+    held_engine,
+    invalidate_held,
+    sqlalchemy_holds,
+)
 
 
 class CommitRolledBack(InFailedSQLTransactionError):  # type: ignore[misc]
@@ -151,7 +157,8 @@ async def _driver_commit(adapted: Any) -> None:
 
 async def commit_held(session: AsyncSession) -> bool:
     """Commit the connection ``session`` holds for its driver statements (``unit``) and
-    return True; or return False when SQLAlchemy commits: nothing held, held but adopted,
+    return True; or return False when SQLAlchemy commits: nothing held, held but taken over
+    by SQLAlchemy's session transaction (a bare ``get_bind()`` does not count),
     or SQLAlchemy has work to do at commit time (ORM changes to flush, a commit listener
     on the session) — then it adopts the held connection first, so its flush and COMMIT
     run in the same transaction. Raises what ``Session.commit()`` would."""
@@ -159,7 +166,7 @@ async def commit_held(session: AsyncSession) -> bool:
     if not isinstance(sync, UnitOfWorkSession):
         return False
     held = sync._surge_held
-    if held is None or sync._surge_adopted is not None:
+    if held is None or sqlalchemy_holds(sync):
         return False
     if (
         sync._transaction is not None
