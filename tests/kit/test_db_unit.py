@@ -201,6 +201,29 @@ class TestHeldConnection:
         assert await _values(db, table) == [18, 19]
         assert _pool(db).checkedout() == 0
 
+    async def test_an_empty_unit_of_work_commits_nothing_and_runs_its_callbacks(
+        self, db: Database, sqlalchemy_commits: list[Session]
+    ) -> None:
+        ran: list[str] = []
+
+        async def after() -> None:
+            ran.append("after")
+
+        async with db.session() as session:
+            on_commit(session, after)
+        assert sqlalchemy_commits == []  # no empty session transaction begun and committed
+        assert ran == ["after"]
+        assert _pool(db).checkedout() == 0
+
+    async def test_an_empty_unit_of_work_with_a_commit_listener_keeps_sqlalchemy_path(
+        self, db: Database, sqlalchemy_commits: list[Session]
+    ) -> None:
+        heard: list[str] = []
+        async with db.session() as session:
+            event.listen(session.sync_session, "after_commit", lambda _s: heard.append("commit"))
+        assert heard == ["commit"]
+        assert len(sqlalchemy_commits) == 1
+
     async def test_a_refused_commit_raises_its_sqlstate_and_writes_nothing(
         self, db: Database, table: str, sqlalchemy_commits: list[Session]
     ) -> None:
