@@ -41,6 +41,7 @@ from surge.kit.db.commit import (
     as_dbapi_error,
     commit_held,
     commit_through_driver,
+    nothing_to_commit,
 )
 from surge.kit.db.pipeline import Desynchronized, begin_and_fetch
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
@@ -478,7 +479,7 @@ class Database:
             if (
                 await commit_held(session)
                 or await commit_through_driver(session)
-                or _nothing_to_commit(session.sync_session)
+                or nothing_to_commit(session.sync_session)
             ):
                 closed = True
                 await release(session)
@@ -571,24 +572,6 @@ async def _commit(session: AsyncSession) -> None:
     """Commit ``session``'s unit of work the cheapest way that is equivalent (see ``session``)."""
     if not await commit_held(session) and not await commit_through_driver(session):
         await session.commit()
-
-
-def _nothing_to_commit(session: Session) -> bool:
-    """Whether ``Session.commit()`` would do nothing but fire its own events: no statement
-    began a transaction (on the driver's connection either: ``commit_held`` ran first), no
-    ORM change to flush, nobody listening to the commit or to the session transaction it
-    would begin and end. A unit of work that issued nothing (a request answered from a cache
-    through a route that takes a session) then only closes its session (ADR 0063): ~65 µs of
-    client CPU otherwise, to begin and commit an empty session transaction in a new greenlet."""
-    if session._transaction is not None or not session._is_clean():
-        return False
-    dispatch = session.dispatch
-    return not (
-        dispatch.before_commit
-        or dispatch.after_commit
-        or dispatch.after_transaction_create
-        or dispatch.after_transaction_end
-    )
 
 
 def _commit_and_close(session: Session) -> None:
