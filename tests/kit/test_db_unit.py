@@ -158,6 +158,72 @@ class TestHeldConnection:
         assert await _values(db, table) == [14]
         assert _pool(db).checkedout() == 0
 
+    async def test_a_bare_get_bind_after_a_driver_write_keeps_the_write(
+        self, db: Database, table: str, sqlalchemy_commits: list[Session]
+    ) -> None:
+        # ``ledger.system_account`` reads the engine through ``get_bind()``: SQLAlchemy is
+        # handed the held connection but begins nothing on it. The driver's transaction is
+        # still the unit of work's to commit (it was rolled back by the pool's check-in).
+        seen: list[list[int]] = []
+
+        async def after() -> None:
+            seen.append(await _values(db, table))
+
+        async with db.session() as session:
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 15)
+            assert session.get_bind().engine is db.primary.sync_engine
+            on_commit(session, after)
+        assert seen == [[15]]
+        assert sqlalchemy_commits == []
+        assert _pool(db).checkedout() == 0
+
+    async def test_a_rollback_after_a_bare_get_bind_undoes_the_held_write(
+        self, db: Database, table: str
+    ) -> None:
+        async with db.session() as session:
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 16)
+            driver = _held_driver(session)
+            session.get_bind()
+            await session.rollback()
+            assert not driver.is_in_transaction()
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 17)
+        assert await _values(db, table) == [17]
+        assert _pool(db).checkedout() == 0
+
+    async def test_a_held_write_and_a_sqlalchemy_write_after_a_bare_get_bind_commit_together(
+        self, db: Database, table: str
+    ) -> None:
+        async with db.session() as session:
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 18)
+            session.get_bind()
+            await session.execute(text(f"INSERT INTO {table} VALUES (19)"))
+            assert session.in_transaction()  # SQLAlchemy's transaction took the connection
+        assert await _values(db, table) == [18, 19]
+        assert _pool(db).checkedout() == 0
+
+    async def test_an_empty_unit_of_work_commits_nothing_and_runs_its_callbacks(
+        self, db: Database, sqlalchemy_commits: list[Session]
+    ) -> None:
+        ran: list[str] = []
+
+        async def after() -> None:
+            ran.append("after")
+
+        async with db.session() as session:
+            on_commit(session, after)
+        assert sqlalchemy_commits == []  # no empty session transaction begun and committed
+        assert ran == ["after"]
+        assert _pool(db).checkedout() == 0
+
+    async def test_an_empty_unit_of_work_with_a_commit_listener_keeps_sqlalchemy_path(
+        self, db: Database, sqlalchemy_commits: list[Session]
+    ) -> None:
+        heard: list[str] = []
+        async with db.session() as session:
+            event.listen(session.sync_session, "after_commit", lambda _s: heard.append("commit"))
+        assert heard == ["commit"]
+        assert len(sqlalchemy_commits) == 1
+
     async def test_a_refused_commit_raises_its_sqlstate_and_writes_nothing(
         self, db: Database, table: str, sqlalchemy_commits: list[Session]
     ) -> None:

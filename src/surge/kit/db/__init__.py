@@ -41,6 +41,7 @@ from surge.kit.db.commit import (
     as_dbapi_error,
     commit_held,
     commit_through_driver,
+    nothing_to_commit,
 )
 from surge.kit.db.pipeline import Desynchronized, begin_and_fetch
 from surge.kit.db.pool import IdleTimeoutPool, asyncpg_connect, prewarm
@@ -475,7 +476,11 @@ class Database:
             # then the close only returns the connection. A failed COMMIT raises here and
             # the ``finally`` closes. Otherwise COMMIT and the return to the pool in one hop
             # into SQLAlchemy's greenlet (ADR 0024); the close runs even when COMMIT fails.
-            if await commit_held(session) or await commit_through_driver(session):
+            if (
+                await commit_held(session)
+                or await commit_through_driver(session)
+                or nothing_to_commit(session.sync_session)
+            ):
                 closed = True
                 await release(session)
             else:

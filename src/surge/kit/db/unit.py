@@ -61,7 +61,7 @@ class UnitOfWorkSession(Session):
         """``Session.rollback()``, the held connection's transaction included (SQLAlchemy
         knows nothing of it until it adopts the connection)."""
         held = self._surge_held
-        if held is not None and self._surge_adopted is None and held.is_valid:
+        if held is not None and not sqlalchemy_holds(self) and held.is_valid:
             adapted: Any = held.dbapi_connection
             try:
                 adapted.rollback()  # ROLLBACK when a transaction is open, else nothing
@@ -99,6 +99,21 @@ class UnitOfWorkSession(Session):
                 if invalidate and held.is_valid:
                     held.invalidate()
                 held.close()
+
+
+def sqlalchemy_holds(session: UnitOfWorkSession) -> bool:
+    """Whether SQLAlchemy's session transaction took the held connection over (it then
+    commits and rolls it back). ``get_bind()`` alone hands out the adopted ``Connection``
+    without beginning anything on it (``ledger.system_account`` reads the engine from it):
+    the held transaction is then still the driver's alone, and the unit of work commits or
+    rolls it back itself — otherwise SQLAlchemy would commit an empty session transaction
+    and the pool's check-in would roll the driver's writes back (ADR 0063)."""
+    adopted, transaction = session._surge_adopted, session._transaction
+    if adopted is None or transaction is None:
+        return False
+    while transaction._parent is not None:
+        transaction = transaction._parent
+    return adopted in transaction._connections
 
 
 def _plain(session: Session, engine: Engine) -> bool:
@@ -150,12 +165,12 @@ async def invalidate_held(held: PoolProxiedConnection, error: BaseException) -> 
 
 
 def is_held(session: AsyncSession) -> bool:
-    """Whether ``session`` holds a connection SQLAlchemy has not adopted."""
+    """Whether ``session`` holds a connection whose transaction SQLAlchemy has not taken over."""
     sync = session.sync_session
     return (
         isinstance(sync, UnitOfWorkSession)
         and sync._surge_held is not None
-        and (sync._surge_adopted is None)
+        and not sqlalchemy_holds(sync)
     )
 
 
