@@ -230,3 +230,141 @@ class TestDeadlinesAcrossEventLoops:
 
         first, second, third = asyncio.run(requests())
         assert first is second is third
+
+
+class TestWhatEachRequestLeaves:
+    """What ``SurgeMiddleware`` adds to every response and records for every request, on
+    each way a request can end: the headers (request id, the inner layers' extra headers,
+    ``Server-Timing``), the status its RED metrics get, and whether it is logged (the access
+    log policy). Pins the per-request work the hot path was trimmed around (ADR 0061)."""
+
+    class Recorder:
+        """``metrics.REQUESTS``'s interface, keeping what it is told."""
+
+        def __init__(self) -> None:
+            self.in_flight = 0
+            self.statuses: list[int] = []
+            self.untimed_count = 0
+
+        def started(self) -> None:
+            self.in_flight += 1
+
+        def finished(self, method: str, route: object, status: int, seconds: float) -> None:
+            assert seconds >= 0
+            self.in_flight -= 1
+            self.statuses.append(status)
+
+        def untimed(self) -> None:
+            self.in_flight -= 1
+            self.untimed_count += 1
+
+    @pytest.fixture
+    def recorder(self, monkeypatch: pytest.MonkeyPatch) -> TestWhatEachRequestLeaves.Recorder:
+        from surge.kit.telemetry import metrics
+
+        fake = self.Recorder()
+        monkeypatch.setattr(metrics, "REQUESTS", fake)
+        return fake
+
+    @staticmethod
+    async def serve(
+        layer: SurgeMiddleware, path: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> list[dict[str, object]]:
+        sent: list[dict[str, object]] = []
+        scope: Scope = {
+            "type": "http", "method": "GET", "path": path, "headers": headers or [],
+            "http_version": "1.1",
+        }  # fmt: skip
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        await layer(scope, receive, send)  # type: ignore[arg-type]
+        return sent
+
+    @staticmethod
+    def app() -> ASGIApp:
+        import asyncio
+
+        from starlette.exceptions import HTTPException
+
+        from surge.kit.web.middleware import RESPONSE_HEADERS, UNTIMED
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            path = scope["path"]
+            scope["route"] = path
+            if path == "/limited":  # an inner layer's headers (the rate limiter's)
+                scope[RESPONSE_HEADERS].append((b"ratelimit", b"limit=5"))
+            if path == "/missing":
+                raise HTTPException(404)
+            if path == "/bug":
+                raise RuntimeError("secret")
+            if path == "/stuck":
+                await asyncio.Event().wait()
+            if path == "/stream":
+                scope[UNTIMED] = True
+            start = {"type": "http.response.start", "status": 201, "headers": [(b"a", b"1")]}
+            await send(start)
+            if path == "/half":
+                raise RuntimeError("after the head")
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        return app
+
+    def layer(self, **options: object) -> SurgeMiddleware:
+        handlers = _handlers_of(FastAPI())
+        return SurgeMiddleware(self.app(), exception_handlers=handlers, **options)  # type: ignore[arg-type]
+
+    async def test_headers_in_order_and_the_body_untouched(self, recorder: Recorder) -> None:
+        sent = await self.serve(self.layer(), "/limited", [(b"x-request-id", b"given-1")])
+        names = [name for name, _ in sent[0]["headers"]]  # type: ignore[attr-defined]
+        assert names == [b"a", b"x-request-id", b"ratelimit", b"server-timing"]
+        headers = dict(sent[0]["headers"])  # type: ignore[call-overload]
+        assert headers[b"x-request-id"] == b"given-1"
+        assert headers[b"server-timing"].startswith(b"app;dur=")
+        assert sent[1] == {"type": "http.response.body", "body": b"ok"}
+        stamped = await self.serve(self.layer(), "/ok", [(b"x-request-start", b"t=1")])
+        assert dict(stamped[0]["headers"])[b"server-timing"].startswith(b"queue;dur=")  # type: ignore[call-overload]
+        quiet = await self.serve(self.layer(server_timing=False), "/ok")
+        assert [name for name, _ in quiet[0]["headers"]] == [b"a", b"x-request-id"]  # type: ignore[attr-defined]
+
+    async def test_each_ending_records_its_status(self, recorder: Recorder) -> None:
+        layer = self.layer(timeout=0.05, body_limit=10)
+        assert (await self.serve(layer, "/ok"))[0]["status"] == 201
+        assert (await self.serve(layer, "/missing"))[0]["status"] == 404
+        assert (await self.serve(layer, "/bug"))[0]["status"] == 500
+        assert (await self.serve(layer, "/stuck"))[0]["status"] == 504
+        big = await self.serve(layer, "/ok", [(b"content-length", b"11")])
+        assert big[0]["status"] == 413
+        half = await self.serve(layer, "/half")  # failed after its head: no second answer
+        assert [m["type"] for m in half] == ["http.response.start"]
+        await self.serve(layer, "/stream")
+        assert recorder.statuses == [201, 404, 500, 504, 413, 201]  # /half: its head went
+        assert recorder.untimed_count == 1
+        assert recorder.in_flight == 0
+
+    async def test_the_access_log_policy(self, recorder: Recorder) -> None:
+        from structlog.testing import capture_logs
+
+        with capture_logs() as quiet:
+            await self.serve(self.layer(), "/ok")
+        assert [e for e in quiet if e["event"] == "http.request"] == []
+        with capture_logs() as every:
+            await self.serve(self.layer(access_log=True), "/ok")
+        assert [e["status"] for e in every if e["event"] == "http.request"] == [201]
+        with capture_logs() as slow:
+            await self.serve(self.layer(slow_request=0.0), "/ok")
+        assert [e["status"] for e in slow if e["event"] == "http.request"] == [201]
+        with capture_logs() as failed:
+            await self.serve(self.layer(), "/bug")
+        assert [e["status"] for e in failed if e["event"] == "http.request"] == [500]
+
+
+def _handlers_of(app: FastAPI) -> tuple[dict[object, object], dict[int, object]]:
+    from surge.kit.web.stack import _handlers
+
+    install_problem_handlers(app)
+    return _handlers(app)  # type: ignore[return-value]

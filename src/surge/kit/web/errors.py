@@ -36,8 +36,9 @@ class FileStack(AsyncExitStack):
 
     used = False
 
-    def __init__(self) -> None:  # no queue until something needs it: see __getattr__
-        pass
+    # No queue until something needs it (see __getattr__), and ``object``'s own initialiser:
+    # no Python frame per request either (ADR 0061).
+    __init__ = object.__init__
 
     def __getattr__(self, name: str) -> Any:
         if name == "_exit_callbacks":

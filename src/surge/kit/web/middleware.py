@@ -32,7 +32,9 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Awaitable
 from threading import get_ident
+from time import perf_counter
 from typing import Any
 
 import structlog
@@ -55,6 +57,11 @@ RESPONSE_HEADERS = "surge.response_headers"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 UNMATCHED = metrics.UNMATCHED
+_task_of = asyncio.current_task
+#: The request headers ``SurgeMiddleware`` reads.
+_READ = frozenset(
+    (b"content-length", b"x-request-id", b"traceparent", b"transfer-encoding", b"x-request-start")
+)
 
 
 class BodyTooLarge(BaseException):
@@ -132,6 +139,9 @@ class SurgeMiddleware:
         self.timeout = timeout
         self.slow_request = slow_request
         self.access_log = access_log
+        #: A request is logged when it took this long (every one with the access log on),
+        #: or when it failed (5xx).
+        self._log_above = 0.0 if access_log else slow_request
         self.server_timing = server_timing
         # Request deadlines (``time.perf_counter`` seconds), swept by one task, instead of
         # one asyncio.timeout per request: asyncio.timeout costs ~6 µs per request under
@@ -182,13 +192,16 @@ class SurgeMiddleware:
                 scope["starlette.exception_handlers"] = self.exception_handlers
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = perf_counter()
         # One pass over the headers for everything this layer reads (it was four).
         request_id: str | None = None
         declared: int | None = None
         chunked = False
         stamp: bytes | None = None
+        # One set lookup per header, not five comparisons: most are none of these.
         for name, value in scope["headers"]:
+            if name not in _READ:
+                continue
             if name == b"content-length":
                 try:
                     declared = int(value)
@@ -206,7 +219,7 @@ class SurgeMiddleware:
                         request_id = match.group(1)
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name == b"x-request-start":
+            else:  # x-request-start
                 stamp = value
         request_start = _request_start(stamp) if stamp is not None else None
         admission = self.admission
@@ -224,7 +237,7 @@ class SurgeMiddleware:
             state = scope["state"] = {}
         state["request_id"] = request_id
         _REQUEST_ID_VAR.set(request_id)
-        id_header = (b"x-request-id", request_id.encode("latin-1"))
+        id_header = (b"x-request-id", request_id.encode())
         extra: list[tuple[bytes, bytes]] = []
         scope[RESPONSE_HEADERS] = extra
         handlers = self.exception_handlers
@@ -233,35 +246,35 @@ class SurgeMiddleware:
             # What ExceptionMiddleware and AsyncExitStackMiddleware put in the scope.
             scope["starlette.exception_handlers"] = handlers
             files = scope["fastapi_middleware_astack"] = FileStack()
-        status = 500
-        response_started = False
+        # The status sent, 0 until the response starts (then the answer is the app's).
+        sent = 0
+        timing = self.server_timing
         queue_ms = (
             max(0.0, (time.time() - request_start) * 1000)
-            if request_start is not None and self.server_timing
+            if timing and request_start is not None
             else None
         )
-        timing = self.server_timing
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, response_started
-            if response_started:  # the body: nothing to add (ADR 0056)
-                await send(message)
-                return
-            if message["type"] == "http.response.start":
-                response_started = True
-                status = message["status"]
-                if timing:
-                    app_ms = (time.perf_counter() - started) * 1000
-                    extra.append(
-                        (b"server-timing", b"app;dur=%.2f" % app_ms)
-                        if queue_ms is None
-                        else (
-                            b"server-timing",
-                            b"queue;dur=%.2f, app;dur=%.2f" % (queue_ms, app_ms),
-                        )
-                    )
+        def send_wrapper(message: Message) -> Awaitable[None]:
+            # A plain function handing back the inner ``send``'s awaitable: no coroutine of
+            # its own per message (ADR 0061). The body passes straight through (ADR 0056).
+            nonlocal sent
+            if sent or message["type"] != "http.response.start":
+                return send(message)
+            sent = message["status"]
+            if timing:
+                app_ms = (perf_counter() - started) * 1000
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    id_header,
+                    *extra,
+                    (b"server-timing", b"app;dur=%.2f" % app_ms)
+                    if queue_ms is None
+                    else (b"server-timing", b"queue;dur=%.2f, app;dur=%.2f" % (queue_ms, app_ms)),
+                ]
+            else:
                 message["headers"] = [*message.get("headers", ()), id_header, *extra]
-            await send(message)
+            return send(message)
 
         limit = self.body_limit
         if declared is not None or (not chunked and scope.get("http_version", "1.1")[0] == "1"):
@@ -285,11 +298,19 @@ class SurgeMiddleware:
 
         recorder = metrics.REQUESTS
         recorder.started()
-        task = self._current_task()
-        self._deadlines[task] = started + self.timeout
+        # The running task (its deadline's key) without ``asyncio.current_task()``'s getpid
+        # (``_current_task``); the method call only when the loop changed.
+        task = _task_of(self._loop) if self._loop_thread == get_ident() else None
+        if task is None:
+            task = self._current_task()
+        deadlines = self._deadlines
+        deadlines[task] = started + self.timeout
         sweeper = self._sweeper
         if sweeper is None or sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="request-deadlines")
+        # What is recorded: the status sent through ``send_wrapper`` (see ``finally``), else
+        # the answer this layer sent itself, else 500 (no answer at all).
+        status = 500
         try:
             if declared is not None and declared > limit:
                 status = 413
@@ -303,12 +324,12 @@ class SurgeMiddleware:
                 raise  # cancelled by someone else (client gone, shutdown): not ours to answer
             self._expired.discard(task)
             task.uncancel()
-            if not response_started:
+            if not sent:
                 status = 504
                 await _send_problem(send, 504, id_header, detail="The request took too long.")
             log.warning("http.timeout", path=scope["path"], timeout_s=self.timeout)
         except BodyTooLarge:
-            if not response_started:
+            if not sent:
                 status = 413
                 await _send_problem(
                     send, 413, id_header, detail=f"The request body exceeds {limit} bytes."
@@ -317,19 +338,21 @@ class SurgeMiddleware:
             # Raised outside a route (404, 405, an inner layer): its handler, as
             # ExceptionMiddleware would; anything without one is a bug.
             if handlers is None or not await handle_exception(
-                handlers, error, scope, inner_receive, send_wrapper, started=response_started
+                handlers, error, scope, inner_receive, send_wrapper, started=sent != 0
             ):
                 log.exception("http.unhandled", method=scope["method"], path=scope["path"])
-                if not response_started:
+                if not sent:
                     status = 500
                     await _send_problem(send, 500, id_header)
         finally:
+            if sent:
+                status = sent
             if counted:
                 admission.in_flight -= 1  # type: ignore[union-attr]
-            self._deadlines.pop(task, None)  # the sweeper removed it if it expired
+            deadlines.pop(task, None)  # the sweeper removed it if it expired
             if files is not None and files.used:
                 await files.aclose()
-            elapsed = time.perf_counter() - started
+            elapsed = perf_counter() - started
             if UNTIMED not in scope:  # a stream's length is not a latency
                 # The matched route object, its template read at flush (ADR 0056): FastAPI's
                 # effective route context (an included router's route: every prefix), else
@@ -342,7 +365,7 @@ class SurgeMiddleware:
                 )  # fmt: skip
             else:
                 recorder.untimed()
-            if self.access_log or elapsed >= self.slow_request or status >= 500:
+            if elapsed >= self._log_above or status >= 500:
                 log.info(
                     "http.request", method=scope["method"], path=scope["path"], status=status,
                     duration_ms=round(elapsed * 1000, 2),
