@@ -3,10 +3,12 @@ own middleware and the router, doing what FastAPI's wrapping layers did."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+import structlog
 from fastapi import FastAPI
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
@@ -232,6 +234,19 @@ class TestDeadlinesAcrossEventLoops:
         assert first is second is third
 
 
+@pytest.fixture
+def info_logs() -> Iterator[None]:
+    """Log lines at info reach ``capture_logs``: a test run before may have configured the
+    process's logging at WARNING (``surge.kit.telemetry.logging``), which filters them out
+    before any processor sees them."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
 class TestWhatEachRequestLeaves:
     """What ``SurgeMiddleware`` adds to every response and records for every request, on
     each way a request can end: the headers (request id, the inner layers' extra headers,
@@ -346,6 +361,7 @@ class TestWhatEachRequestLeaves:
         assert recorder.untimed_count == 1
         assert recorder.in_flight == 0
 
+    @pytest.mark.usefixtures("info_logs")
     async def test_the_access_log_policy(self, recorder: Recorder) -> None:
         from structlog.testing import capture_logs
 
