@@ -128,3 +128,21 @@ def test_the_boundary_and_message_id_are_the_same_on_every_attempt() -> None:
     first, _ = built(rendered, outbox_id=outbox_id)
     again, _ = built(rendered, outbox_id=outbox_id)
     assert first == again
+
+
+def test_a_missing_variable_is_an_error_not_a_hole() -> None:
+    from jinja2 import UndefinedError
+
+    with pytest.raises(UndefinedError):
+        render("welcome", "en", {"public_url": "http://x", "unsubscribe_url": None})
+
+
+def test_rendering_leaves_the_context_as_it_was() -> None:
+    context = {"email": "a@example.com", "public_url": "http://x", "unsubscribe_url": None}
+    first = render("welcome", "en", dict(context))
+    assert render("welcome", "en", context) == first
+    assert context == {"email": "a@example.com", "public_url": "http://x", "unsubscribe_url": None}
+    assert "a@example.com" in first.text
+    escaped = render("welcome", "en", {**context, "email": "<b>x</b>@example.com"})
+    assert "<b>x</b>@example.com" in escaped.text  # plain text: as given
+    assert "&lt;b&gt;x&lt;/b&gt;@example.com" in escaped.html  # HTML: autoescaped
