@@ -5,10 +5,12 @@ the wallet tables because ``surge.models`` did not import them)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +35,11 @@ def _diff(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
-def test_autogenerate_on_a_migrated_database_proposes_nothing(
-    server_urls: tuple[str, str],
-) -> None:
-    """On a database of its own (other tests add tables of theirs to the shared one),
-    migrated from empty like ``surge migrate`` does it, dropped afterwards."""
-    url = make_url(server_urls[0]).set(database=f"surge_drift_{uuid.uuid4().hex[:8]}")
-    fresh = url.render_as_string(hide_password=False)
-
-    async def compare() -> list[Any]:
-        engine = create_async_engine(fresh, poolclass=pool.NullPool)
-        try:
-            async with engine.connect() as connection:
-                return await connection.run_sync(_diff)
-        finally:
-            await engine.dispose()
+@contextlib.contextmanager
+def scratch_database(server_urls: tuple[str, str], prefix: str) -> Iterator[str]:
+    """A database of the test's own on the test server (other tests add tables of theirs to
+    the shared one), created empty and dropped afterwards: its URL."""
+    url = make_url(server_urls[0]).set(database=f"{prefix}_{uuid.uuid4().hex[:8]}")
 
     async def drop() -> None:
         admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
@@ -55,12 +47,31 @@ def test_autogenerate_on_a_migrated_database_proposes_nothing(
             await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}"')
         await admin.dispose()
 
+    fresh = url.render_as_string(hide_password=False)
     try:
         assert migrate.ensure_database(fresh)
-        migrate.upgrade(fresh)
-        diff = asyncio.run(compare())
+        yield fresh
     finally:
         asyncio.run(drop())
+
+
+def test_autogenerate_on_a_migrated_database_proposes_nothing(
+    server_urls: tuple[str, str],
+) -> None:
+    """On a database of its own (other tests add tables of theirs to the shared one),
+    migrated from empty like ``surge migrate`` does it, dropped afterwards."""
+
+    async def compare(fresh: str) -> list[Any]:
+        engine = create_async_engine(fresh, poolclass=pool.NullPool)
+        try:
+            async with engine.connect() as connection:
+                return await connection.run_sync(_diff)
+        finally:
+            await engine.dispose()
+
+    with scratch_database(server_urls, "surge_drift") as fresh:
+        migrate.upgrade(fresh)
+        diff = asyncio.run(compare(fresh))
     assert diff == [], "autogenerate would propose:\n" + "\n".join(map(str, diff))
 
 
@@ -98,12 +109,8 @@ def test_a_failing_migration_reports_its_own_error_and_releases_the_lock(
         "from alembic import op\n\n\n"
         'def upgrade() -> None:\n    op.execute("SELECT 1 / 0")\n'
     )
-    url = make_url(server_urls[0]).set(database=f"surge_broken_{uuid.uuid4().hex[:8]}")
-    fresh = url.render_as_string(hide_password=False)
-    config = migrate.alembic_config(fresh)
-    config.set_main_option("script_location", str(copy))
 
-    async def lock_is_free() -> bool:
+    async def lock_is_free(fresh: str) -> bool:
         engine = create_async_engine(fresh, poolclass=pool.NullPool)
         try:
             async with engine.connect() as connection:
@@ -115,17 +122,10 @@ def test_a_failing_migration_reports_its_own_error_and_releases_the_lock(
         finally:
             await engine.dispose()
 
-    async def drop() -> None:
-        admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-        async with admin.connect() as connection:
-            await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}"')
-        await admin.dispose()
-
-    try:
-        assert migrate.ensure_database(fresh)
+    with scratch_database(server_urls, "surge_broken") as fresh:
+        config = migrate.alembic_config(fresh)
+        config.set_main_option("script_location", str(copy))
         with pytest.raises(Exception, match="division by zero") as raised:
             command.upgrade(config, "heads")
         assert "current transaction is aborted" not in str(raised.value)
-        assert asyncio.run(lock_is_free())
-    finally:
-        asyncio.run(drop())
+        assert asyncio.run(lock_is_free(fresh))
