@@ -146,26 +146,3 @@ def test_rendering_leaves_the_context_as_it_was() -> None:
     escaped = render("welcome", "en", {**context, "email": "<b>x</b>@example.com"})
     assert "<b>x</b>@example.com" in escaped.text  # plain text: as given
     assert "&lt;b&gt;x&lt;/b&gt;@example.com" in escaped.html  # HTML: autoescaped
-
-
-@pytest.mark.parametrize(
-    ("address", "wire"),
-    [
-        ("reader@example.com", b"<reader@example.com>"),
-        ("o'brien+tag@mail.example.co.uk", b"<o'brien+tag@mail.example.co.uk>"),
-        ("Reader <reader@example.com>", b"<reader@example.com>"),
-        ("reader@example.com\r\nRSET", None),
-    ],
-)
-def test_an_envelope_address_is_bracketed_and_never_carries_a_line_break(
-    address: str, wire: bytes | None
-) -> None:
-    from surge.notifications.smtp import envelope
-
-    sent = envelope(address)
-    if wire is not None:
-        assert sent == wire
-    assert b"\r" not in sent
-    assert b"\n" not in sent
-    assert sent.startswith(b"<")
-    assert sent.endswith(b">")

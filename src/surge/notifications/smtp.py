@@ -31,7 +31,6 @@ from typing import Literal
 
 import aiosmtplib
 import structlog
-from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from surge.kit.breaker import Breaker, BreakerOpenError
@@ -41,10 +40,6 @@ log = structlog.get_logger()
 Kind = Literal["sent", "transient", "hard", "blocked", "unconfirmed", "aborted", "failed"]
 
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
-#: An envelope address that goes on the wire as it is, between angle brackets: a dot-atom
-#: local part and a domain (what the outbox accepts). Anything else — a display name,
-#: spaces, CR or LF, non-ASCII — goes through aiosmtplib's own parsing (``quote_address``).
-_BARE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 _BLOCK_WORDS = re.compile(
     r"block ?list|blacklist|reputation|spam|blocked|rbl|dnsbl|policy", re.IGNORECASE
 )
@@ -89,15 +84,6 @@ def classify(code: int | None, text: str, stage: str) -> Verdict:
         # MAIL FROM refused: our sender/relay configuration, not this recipient.
         return Verdict("blocked", code, detail, stage)
     return Verdict("transient", code, detail, stage, address_fault=recipient_reply)
-
-
-def envelope(address: str) -> bytes:
-    """``address`` as MAIL FROM / RCPT TO carry it: ``<local@domain>``. The common case
-    without ``email.utils.parseaddr``, which aiosmtplib's ``mail()`` and ``rcpt()`` run on
-    every call (about 5 % of the worker's CPU per e-mail)."""
-    if _BARE_ADDRESS.fullmatch(address):
-        return b"<" + address.encode("ascii") + b">"
-    return quote_address(address).encode("ascii")
 
 
 class RelayDown(Exception):
@@ -147,11 +133,6 @@ class SmtpRelay:
         await client.connect()
         if config.username:
             await client.login(config.username, config.password)
-        if client.is_ehlo_or_helo_needed:  # what aiosmtplib's mail() would do first
-            try:
-                await client.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await client.helo()
         return client
 
     async def close(self) -> None:
@@ -236,22 +217,12 @@ class SmtpRelay:
         timeout = self.config.timeout
         stage = "mail"
         try:
-            # MAIL and RCPT as aiosmtplib's mail() and rcpt() send them, without their
-            # per-call address parsing (``envelope``) and EHLO check (done in ``_open``).
             try:
-                reply = await client.execute_command(
-                    b"MAIL", b"FROM:" + envelope(sender), timeout=timeout
-                )
+                await client.mail(sender, timeout=timeout)
             except aiosmtplib.SMTPServerDisconnected as error:
                 raise _Stale from error
-            if reply.code != 250:
-                raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
             stage = "rcpt"
-            reply = await client.execute_command(
-                b"RCPT", b"TO:" + envelope(recipient), timeout=timeout
-            )
-            if reply.code not in {250, 251}:
-                raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
+            await client.rcpt(recipient, timeout=timeout)
             stage = "data"
             reply = await client.execute_command(b"DATA", timeout=timeout)
             if reply.code != 354:
