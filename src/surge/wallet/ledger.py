@@ -39,7 +39,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from surge.kit.db import autocommit_fetch, driver_fetch
+from surge.kit.db import autocommit_fetch, driver_fetch, on_commit
 from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
 from surge.wallet import invariants
 from surge.wallet.accounts import UNGUARDED, SystemAccount, stripe_of
@@ -79,12 +79,22 @@ class InvalidTransfer(WalletError, UnprocessableEntity):
 @dataclass(frozen=True, slots=True)
 class Posted:
     """The outcome of one ledger call. ``created`` is False when the idempotency key had
-    already been used for the same transfer: nothing moved the second time."""
+    already been used for the same transfer: nothing moved the second time.
+
+    ``credit_balance`` is None when the credit is pending (``transfer(...,
+    defer_contended_credit=True)`` found the credited row held by another transaction,
+    ADR 0065): the transfer and its debit are committed with the caller's unit of work, the
+    credit is posted after it, and the credited account's balance at that point is unknown."""
 
     transfer_id: int
     created: bool
     debit_balance: int
-    credit_balance: int
+    credit_balance: int | None
+
+    @property
+    def credit_pending(self) -> bool:
+        """The credit leg waits for the poster (ADR 0065): not in the credited balance yet."""
+        return self.credit_balance is None
 
 
 class TransferSpec(NamedTuple):
@@ -153,6 +163,12 @@ _TRANSFER_DRIVER = (
     "SELECT transfer_id, created, debit_balance, credit_balance "
     "FROM wallet_transfer($1, $2, $3, $4, $5, $6, $7, false)"
 )
+_TRANSFER_DEFERRING = (
+    "SELECT transfer_id, created, debit_balance, credit_balance "
+    "FROM wallet_transfer_deferring($1, $2, $3, $4, $5, $6, $7)"
+)
+_POST_CREDITS = "SELECT wallet_post_credits($1, $2)"
+_PENDING_ACCOUNTS = "SELECT DISTINCT account_id FROM wallet_pending_credits ORDER BY 1"
 _TRANSFER_BATCH = (
     "SELECT transfer_id, created, debit_balance, credit_balance "
     "FROM wallet_transfer_batch($1, $2, $3, $4, $5, $6, $7)"
@@ -231,6 +247,48 @@ class _Coalescer:
                     future.set_result(Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3])))
 
 
+#: Most pending credits one posting transaction writes (it holds the account's lock meanwhile).
+POST_MAX = 256
+
+
+class _Poster:
+    """Pending credits on one engine, posted after the commits that wrote them (ADR 0065):
+    one task per engine drains the accounts it was told of, one ``wallet_post_credits``
+    statement (one transaction, the account locked once) per account per round, so the
+    credits committed while a round is in flight are posted together by the next."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.accounts: set[int] = set()
+        self.task: asyncio.Task[None] | None = None
+
+    def kick(self, account_id: int) -> None:
+        self.accounts.add(account_id)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self.accounts:
+            account_id = self.accounts.pop()
+            try:
+                (row,) = await autocommit_fetch(self.engine, _POST_CREDITS, account_id, POST_MAX)
+            except Exception:  # the row stays pending: the next kick or the sweeper posts it
+                log.warning("ledger.pending_credits.post_failed", account_id=account_id)
+                continue
+            if int(row[0]) >= POST_MAX:  # more were waiting than one round takes
+                self.accounts.add(account_id)
+
+    async def idle(self) -> None:
+        """Until every account this poster was told of has been posted (tests, the bench)."""
+        while self.task is not None and not self.task.done():
+            await asyncio.shield(self.task)
+
+
+def _async_engine(session: AsyncSession) -> AsyncEngine:
+    bind: Any = session.bind
+    return bind if isinstance(bind, AsyncEngine) else bind.engine
+
+
 def _sqlstate(error: BaseException) -> tuple[str | None, str | None, str]:
     """(SQLSTATE, constraint, message) of a SQLAlchemy-wrapped or a bare asyncpg error."""
     orig: Any = getattr(error, "orig", None) or error
@@ -266,6 +324,10 @@ def translate(error: BaseException) -> WalletError | None:
     return None
 
 
+def _optional(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 class Ledger:
     """Stateless service over the ledger tables; the one way balances change.
 
@@ -276,6 +338,8 @@ class Ledger:
         #: Per engine (per database and event loop): the standalone transfers waiting for
         #: the next batch. Weak, so a disposed engine takes its coalescer with it.
         self._coalescers: weakref.WeakKeyDictionary[Any, _Coalescer] = weakref.WeakKeyDictionary()
+        #: Per engine: the poster of pending credits (ADR 0065).
+        self._posters: weakref.WeakKeyDictionary[Any, _Poster] = weakref.WeakKeyDictionary()
         #: Per engine, (code, currency, stripe) → id: a process may talk to more than one
         #: database (a test, a migration tool), and ids are only unique within one. Keyed by
         #: the engine, not its URL: the same address can serve another database later (a
@@ -431,15 +495,69 @@ class Ledger:
         kind: str,
         reference: str | None = None,
         pending: bool = False,
+        defer_contended_credit: bool = False,
     ) -> Posted:
         """Move ``amount`` minor units from ``debit`` to ``credit`` (posted at once), or
         reserve it (``pending=True``: the debit's available balance drops now, the posted
-        balances move only on ``post``). Idempotent by ``key``."""
+        balances move only on ``post``). Idempotent by ``key``.
+
+        ``defer_contended_credit`` (ADR 0065; not with ``pending``): if another transaction
+        holds the credited account's row, do not wait for it: the debit applies as always,
+        the credit is recorded as pending in this unit of work and posted, with its exact
+        balance before/after, by this process right after the commit (the sweeper job posts
+        what a crash left). The result's ``credit_balance`` is then None. For a caller that
+        neither reads the credited balance nor spends from it later in the same unit of work
+        (a debt ``collect`` after the credit would not see it)."""
         if amount <= 0:
             raise InvalidTransfer("amount must be a positive number of minor units")
-        return await self._call(
-            session, _TRANSFER, key, debit, credit, amount, currency, kind, reference, pending
+        if not defer_contended_credit:
+            return await self._call(
+                session, _TRANSFER, key, debit, credit, amount, currency, kind, reference, pending
+            )
+        if pending:
+            raise InvalidTransfer("a reservation cannot defer its credit")
+        posted = await self._call(
+            session, _TRANSFER_DEFERRING, key, debit, credit, amount, currency, kind, reference
         )
+        if posted.credit_pending:
+            poster = self._poster(_async_engine(session))
+
+            async def post() -> None:
+                poster.kick(credit)
+
+            on_commit(session, post)
+        return posted
+
+    def _poster(self, engine: AsyncEngine) -> _Poster:
+        poster = self._posters.get(engine.sync_engine)
+        if poster is None:
+            poster = self._posters[engine.sync_engine] = _Poster(engine)
+        return poster
+
+    async def post_pending_credits(self, engine: AsyncEngine, account_id: int) -> int:
+        """Post ``account_id``'s pending credits now, in transactions of ``POST_MAX``;
+        how many were posted."""
+        total = 0
+        while True:
+            (row,) = await autocommit_fetch(engine, _POST_CREDITS, account_id, POST_MAX)
+            total += int(row[0])
+            if int(row[0]) < POST_MAX:
+                return total
+
+    async def sweep_pending_credits(self, engine: AsyncEngine) -> int:
+        """Post every pending credit in the database (the sweeper: what a process that
+        crashed between a commit and its posting left), one account per transaction, so
+        the sweeper never holds two accounts' locks. How many were posted."""
+        total = 0
+        for (account_id,) in await autocommit_fetch(engine, _PENDING_ACCOUNTS):
+            total += await self.post_pending_credits(engine, int(account_id))
+        return total
+
+    async def posting_idle(self, engine: AsyncEngine) -> None:
+        """Until this process's poster on ``engine`` has posted what it was told of."""
+        poster = self._posters.get(engine.sync_engine)
+        if poster is not None:
+            await poster.idle()
 
     async def transfer_now(
         self,
@@ -575,7 +693,7 @@ class Ledger:
             if domain is None:
                 raise
             raise domain from error
-        return Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3]))
+        return Posted(int(row[0]), bool(row[1]), int(row[2]), _optional(row[3]))
 
     # ---- invariants (docs/architecture.md §6) -----------------------------------------------------
     async def check_invariants(self, session: AsyncSession) -> list[str]:
