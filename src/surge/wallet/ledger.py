@@ -40,40 +40,36 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from surge.kit.db import autocommit_fetch, driver_fetch, on_commit
-from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
-from surge.wallet import invariants
+from surge.wallet import invariants, pending_credits
 from surge.wallet.accounts import UNGUARDED, SystemAccount, stripe_of
+from surge.wallet.ledger_errors import (
+    AlreadyResolved,
+    IdempotencyKeyReused,
+    InsufficientFunds,
+    InvalidTransfer,
+    LedgerNotFound,
+    WalletError,
+    WalletInDebt,
+    translate,
+)
 
 log = structlog.get_logger()
 
-
-class WalletError(SurgeError):
-    """Root of the wallet domain's errors."""
-
-
-class InsufficientFunds(WalletError, Conflict):
-    """The debit would take a guarded account below zero available."""
-
-
-class WalletInDebt(InsufficientFunds):
-    """The account owes the platform (a reversal it could not cover, ADR 0042): it may spend
-    only what its free balance exceeds its debt by, and withdraw nothing."""
-
-
-class IdempotencyKeyReused(WalletError, Conflict):
-    """The idempotency key already names a transfer with other fields."""
-
-
-class AlreadyResolved(WalletError, Conflict):
-    """The pending transfer was already posted or voided (under another key)."""
-
-
-class LedgerNotFound(WalletError, NotFound):
-    """An account or pending transfer that does not exist (or not in that currency)."""
-
-
-class InvalidTransfer(WalletError, UnprocessableEntity):
-    """A transfer the ledger refuses by shape: same account twice, non-positive amount."""
+__all__ = [
+    "AlreadyResolved",
+    "Balance",
+    "IdempotencyKeyReused",
+    "InsufficientFunds",
+    "InvalidTransfer",
+    "Ledger",
+    "LedgerNotFound",
+    "Posted",
+    "TransferSpec",
+    "WalletError",
+    "WalletInDebt",
+    "ledger",
+    "translate",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +163,6 @@ _TRANSFER_DEFERRING = (
     "SELECT transfer_id, created, debit_balance, credit_balance "
     "FROM wallet_transfer_deferring($1, $2, $3, $4, $5, $6, $7)"
 )
-_POST_CREDITS = "SELECT wallet_post_credits($1, $2)"
-_PENDING_ACCOUNTS = "SELECT DISTINCT account_id FROM wallet_pending_credits ORDER BY 1"
 _TRANSFER_BATCH = (
     "SELECT transfer_id, created, debit_balance, credit_balance "
     "FROM wallet_transfer_batch($1, $2, $3, $4, $5, $6, $7)"
@@ -247,83 +241,6 @@ class _Coalescer:
                     future.set_result(Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3])))
 
 
-#: Most pending credits one posting transaction writes (it holds the account's lock meanwhile).
-POST_MAX = 256
-
-
-class _Poster:
-    """Pending credits on one engine, posted after the commits that wrote them (ADR 0065):
-    one task per engine drains the accounts it was told of, one ``wallet_post_credits``
-    statement (one transaction, the account locked once) per account per round, so the
-    credits committed while a round is in flight are posted together by the next."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self.accounts: set[int] = set()
-        self.task: asyncio.Task[None] | None = None
-
-    def kick(self, account_id: int) -> None:
-        self.accounts.add(account_id)
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        while self.accounts:
-            account_id = self.accounts.pop()
-            try:
-                (row,) = await autocommit_fetch(self.engine, _POST_CREDITS, account_id, POST_MAX)
-            except Exception:  # the row stays pending: the next kick or the sweeper posts it
-                log.warning("ledger.pending_credits.post_failed", account_id=account_id)
-                continue
-            if int(row[0]) >= POST_MAX:  # more were waiting than one round takes
-                self.accounts.add(account_id)
-
-    async def idle(self) -> None:
-        """Until every account this poster was told of has been posted (tests, the bench)."""
-        while self.task is not None and not self.task.done():
-            await asyncio.shield(self.task)
-
-
-def _async_engine(session: AsyncSession) -> AsyncEngine:
-    bind: Any = session.bind
-    return bind if isinstance(bind, AsyncEngine) else bind.engine
-
-
-def _sqlstate(error: BaseException) -> tuple[str | None, str | None, str]:
-    """(SQLSTATE, constraint, message) of a SQLAlchemy-wrapped or a bare asyncpg error."""
-    orig: Any = getattr(error, "orig", None) or error
-    cause: Any = getattr(orig, "__cause__", None) or orig
-    state = getattr(orig, "sqlstate", None) or getattr(cause, "sqlstate", None)
-    constraint = getattr(cause, "constraint_name", None)
-    message = str(getattr(cause, "message", None) or orig)
-    return state, constraint, message
-
-
-def translate(error: BaseException) -> WalletError | None:
-    """Map the ledger functions' SQLSTATEs and constraint names to domain errors."""
-    state, constraint, message = _sqlstate(error)
-    if state == "23514":
-        if constraint == "ck_wallet_accounts_non_negative":
-            return InsufficientFunds("Insufficient funds for this transfer.")
-        return InvalidTransfer(f"Transfer refused by {constraint}.")
-    if state == "WL402":
-        return WalletInDebt(
-            "This wallet owes the platform for a reversed top-up: it may spend only what "
-            "exceeds its debt, and withdraw nothing until the debt is repaid."
-        )
-    if state == "WL404":
-        return LedgerNotFound(message)
-    if state == "WL409":
-        return IdempotencyKeyReused(message)
-    if state == "WL410":
-        return AlreadyResolved(message)
-    if state == "WL422":
-        return InvalidTransfer(message)
-    if state == "22003":  # a balance would leave BIGINT: refused, never wrapped
-        return InvalidTransfer("This transfer would overflow an account balance.")
-    return None
-
-
 def _optional(value: Any) -> int | None:
     return None if value is None else int(value)
 
@@ -339,7 +256,7 @@ class Ledger:
         #: the next batch. Weak, so a disposed engine takes its coalescer with it.
         self._coalescers: weakref.WeakKeyDictionary[Any, _Coalescer] = weakref.WeakKeyDictionary()
         #: Per engine: the poster of pending credits (ADR 0065).
-        self._posters: weakref.WeakKeyDictionary[Any, _Poster] = weakref.WeakKeyDictionary()
+        self._posters = pending_credits.Posters()
         #: Per engine, (code, currency, stripe) → id: a process may talk to more than one
         #: database (a test, a migration tool), and ids are only unique within one. Keyed by
         #: the engine, not its URL: the same address can serve another database later (a
@@ -520,44 +437,22 @@ class Ledger:
             session, _TRANSFER_DEFERRING, key, debit, credit, amount, currency, kind, reference
         )
         if posted.credit_pending:
-            poster = self._poster(_async_engine(session))
-
-            async def post() -> None:
-                poster.kick(credit)
-
-            on_commit(session, post)
+            on_commit(
+                session, self._posters.after_commit(pending_credits.engine_of(session), credit)
+            )
         return posted
 
-    def _poster(self, engine: AsyncEngine) -> _Poster:
-        poster = self._posters.get(engine.sync_engine)
-        if poster is None:
-            poster = self._posters[engine.sync_engine] = _Poster(engine)
-        return poster
-
     async def post_pending_credits(self, engine: AsyncEngine, account_id: int) -> int:
-        """Post ``account_id``'s pending credits now, in transactions of ``POST_MAX``;
-        how many were posted."""
-        total = 0
-        while True:
-            (row,) = await autocommit_fetch(engine, _POST_CREDITS, account_id, POST_MAX)
-            total += int(row[0])
-            if int(row[0]) < POST_MAX:
-                return total
+        """Post ``account_id``'s pending credits now (ADR 0065); how many."""
+        return await pending_credits.post(engine, account_id)
 
     async def sweep_pending_credits(self, engine: AsyncEngine) -> int:
-        """Post every pending credit in the database (the sweeper: what a process that
-        crashed between a commit and its posting left), one account per transaction, so
-        the sweeper never holds two accounts' locks. How many were posted."""
-        total = 0
-        for (account_id,) in await autocommit_fetch(engine, _PENDING_ACCOUNTS):
-            total += await self.post_pending_credits(engine, int(account_id))
-        return total
+        """Post every pending credit in the database (what a crash left); how many."""
+        return await pending_credits.sweep(engine)
 
     async def posting_idle(self, engine: AsyncEngine) -> None:
         """Until this process's poster on ``engine`` has posted what it was told of."""
-        poster = self._posters.get(engine.sync_engine)
-        if poster is not None:
-            await poster.idle()
+        await self._posters.idle(engine)
 
     async def transfer_now(
         self,
