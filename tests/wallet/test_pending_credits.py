@@ -13,6 +13,7 @@ import itertools
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from uuid import uuid4
 
 import pytest
@@ -20,8 +21,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from surge.kit.jobs import JobContext
+from surge.kit.jobs.registry import get_spec
 from surge.kit.runtime import Runtime
 from surge.wallet.accounts import SystemAccount
+from surge.wallet.jobs import sweep_pending_credits
 from surge.wallet.ledger import InsufficientFunds, InvalidTransfer, Posted, ledger
 from tests.wallet.factories import create_partner, fund
 
@@ -272,7 +276,17 @@ class TestCrash:
             assert credit is None
         assert (await state(runtime, b))[:2] == (10_000, 1)
         await assert_invariants(runtime)  # the books balance with the credit pending
-        assert await ledger.sweep_pending_credits(runtime.db.primary) == 1
+        # The sweeper job, as the worker's cron runs it every minute.
+        spec = get_spec("wallet.pending_credits.sweep")
+        assert spec is not None
+        slot = datetime(2026, 12, 7, 3, 0, 30, tzinfo=UTC)
+        assert spec.next_run(slot) == datetime(2026, 12, 7, 3, 1, tzinfo=UTC)  # every minute
+        async with runtime.db.session() as session:
+            ctx = JobContext(
+                id=1, name=spec.name, queue=spec.queue, payload={}, attempt=1, token=1,
+                stalls=0, runtime=runtime, session_factory=lambda: session,
+            )  # fmt: skip
+            await sweep_pending_credits(ctx)
         assert await ledger.sweep_pending_credits(runtime.db.primary) == 0  # never twice
         balance, pending, entries = await state(runtime, b)
         assert (balance, pending, entries[-1]) == (10_900, 0, (900, 10_000, 10_900))
