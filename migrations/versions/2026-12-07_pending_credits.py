@@ -8,7 +8,10 @@ funds and debt checks on the locked row), then the credit leg tries the credited
 *without waiting*. Free (or held by this transaction already): the credit applies at once,
 exactly as ``wallet_transfer`` would. Held by another transaction: the credit is written as
 a row of ``wallet_pending_credits`` in the caller's transaction and the function returns a
-NULL ``credit_balance``; the credited account's balance does not move yet.
+NULL ``credit_balance``; the credited account's balance does not move yet. The two rows are
+still taken in id order (the credit's, when skipped, as a KEY SHARE lock: what the foreign
+keys of the transfer take on it anyway, waited for only behind a FOR UPDATE holder), so
+the ledger's one lock order holds and no cycle can form.
 
 ``wallet_post_credits(account, limit)`` posts an account's pending credits: it locks the
 account once, and for each pending row in id order writes the credit entry with its exact
@@ -84,28 +87,37 @@ BEGIN
     IF p_amount <= 0 THEN
         RAISE EXCEPTION 'amount must be positive' USING ERRCODE = 'WL422';
     END IF;
-    -- The debit leg waits for its row, as in wallet_transfer: its funds are checked there.
-    SELECT a.code, a.debt, a.balance - a.pending_out
-        INTO v_debit_code, v_debit_debt, v_debit_free
-        FROM wallet_accounts a WHERE a.id = p_debit AND a.currency = p_currency
-        FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'accounts % and % do not both exist in %', p_debit, p_credit, p_currency
-            USING ERRCODE = 'WL404';
-    END IF;
-    -- The credit leg never waits: held by another transaction, the credit goes pending.
-    -- (A row this transaction holds already is not skipped.) No wait, so no lock cycle.
-    SELECT a.code INTO v_credit_code FROM wallet_accounts a
-        WHERE a.id = p_credit AND a.currency = p_currency FOR NO KEY UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
-        SELECT a.code INTO v_credit_code FROM wallet_accounts a
-            WHERE a.id = p_credit AND a.currency = p_currency;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'accounts % and % do not both exist in %', p_debit, p_credit,
-                p_currency USING ERRCODE = 'WL404';
+    -- Both rows in id order, as every ledger function takes them (no lock cycle). The debit
+    -- waits for its row, as in wallet_transfer: its funds are checked there. The credit
+    -- never waits for an exclusive lock: held by another transaction, the credit goes
+    -- pending, and only a KEY SHARE lock is taken on its row (what the transfer's foreign
+    -- key takes anyway; it waits only for a FOR UPDATE holder, and in id order).
+    FOR v_step IN 1 .. 2 LOOP
+        IF (v_step = 1) = (p_debit < p_credit) THEN
+            SELECT a.code, a.debt, a.balance - a.pending_out
+                INTO v_debit_code, v_debit_debt, v_debit_free
+                FROM wallet_accounts a WHERE a.id = p_debit AND a.currency = p_currency
+                FOR NO KEY UPDATE;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'accounts % and % do not both exist in %', p_debit, p_credit,
+                    p_currency USING ERRCODE = 'WL404';
+            END IF;
+        ELSE
+            -- A row this transaction holds already is not skipped.
+            SELECT a.code INTO v_credit_code FROM wallet_accounts a
+                WHERE a.id = p_credit AND a.currency = p_currency
+                FOR NO KEY UPDATE SKIP LOCKED;
+            IF NOT FOUND THEN
+                SELECT a.code INTO v_credit_code FROM wallet_accounts a
+                    WHERE a.id = p_credit AND a.currency = p_currency FOR KEY SHARE;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'accounts % and % do not both exist in %', p_debit,
+                        p_credit, p_currency USING ERRCODE = 'WL404';
+                END IF;
+                v_deferred := true;
+            END IF;
         END IF;
-        v_deferred := true;
-    END IF;
+    END LOOP;
     INSERT INTO wallet_transfers AS t (idempotency_key, debit_account_id, credit_account_id,
                                        amount, currency, phase, kind, reference)
         VALUES (p_key, p_debit, p_credit, p_amount, p_currency, 'single', p_kind, p_reference)

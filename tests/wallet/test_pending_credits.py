@@ -255,6 +255,56 @@ class TestDebitsAndRules:
         await assert_invariants(runtime)
 
 
+class TestLockOrder:
+    async def test_a_credit_row_held_for_update_is_waited_for_in_id_order(
+        self, runtime: Runtime
+    ) -> None:
+        """Another transaction holds the credited row FOR UPDATE (``ledger.lock``) and then
+        wants the debited one. The deferring transfer must not hold the debit while it
+        waits behind that lock (the transfer's foreign key waits there): the lower id,
+        the credited row, is waited for first, as every ledger function orders its locks."""
+        hot, payer = await wallets(runtime, 2)
+        assert hot < payer
+        async with runtime.db.primary.connect() as other:
+            await other.execute(
+                text("SELECT 1 FROM wallet_accounts WHERE id = :id FOR UPDATE"), {"id": hot}
+            )
+            transfer = asyncio.create_task(deferring(runtime, payer, hot, 100, f"t:{uuid4()}"))
+            await waiting_for_a_lock(runtime, other)
+            await other.execute(text("SET LOCAL lock_timeout = '5s'"))
+            await other.execute(  # deadlocked here (40P01) if the transfer held the payer
+                text("SELECT 1 FROM wallet_accounts WHERE id = :id FOR UPDATE"), {"id": payer}
+            )
+            await other.commit()
+        posted = await transfer
+        assert posted.credit_pending
+        await ledger.posting_idle(runtime.db.primary)
+        assert (await state(runtime, hot))[:2] == (10_100, 0)
+        await assert_invariants(runtime)
+
+
+async def waiting_for_a_lock(runtime: Runtime, blocker: AsyncConnection) -> None:
+    """Until some backend waits for a lock ``blocker``'s backend holds (a readiness
+    condition read from the server, polled: the wait has no event of its own)."""
+    pid = (await blocker.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    async with runtime.db.primary.connect() as probe:
+        for _ in range(1_000):
+            blocked = (
+                await probe.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE :pid = ANY(pg_blocking_pids(pid))"
+                    ),
+                    {"pid": pid},
+                )
+            ).scalar_one()
+            await probe.rollback()
+            if blocked:
+                return
+            await asyncio.sleep(0.005)
+    raise AssertionError("nothing waited for the blocker's lock")
+
+
 class TestCrash:
     async def test_a_crash_before_posting_is_recovered_by_the_sweeper(
         self, runtime: Runtime
