@@ -11,7 +11,9 @@ for several repetitions, medians reported:
   (``Database.session()``: BEGIN, the call, COMMIT — the path of a request or a job that
   does more than the transfer);
 - **hot**: the same 16 tasks all crediting ONE wallet from random wallets (every transfer
-  queues on that wallet's row lock: the worst case of a popular partner), both ways;
+  queues on that wallet's row lock: the worst case of a popular partner), both ways; the
+  unit of work passes ``defer_contended_credit`` (ADR 0065: a credit that finds the row held
+  goes pending and is posted after the commit), and a run ends when its credits are posted;
 - **batch50**: the same 16 tasks crediting 50 random wallets from the revenue account per
   unit of work with ``ledger.transfer_many`` (an earnings job's shape; all batches serialise
   on the revenue row's lock), counted in credits/s;
@@ -130,12 +132,15 @@ async def _run_ledger(
                 async with db.session() as session:
                     await ledger.transfer(
                         session, key=key, debit=debit, credit=credit, amount=amount,
-                        currency="USD", kind="transfer",
+                        currency="USD", kind="transfer", defer_contended_credit=hot,
                     )  # fmt: skip
             done += 1
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(CLIENTS)))
+    # The hot unit of work's credits that went pending (ADR 0065) are counted done only once
+    # posted: the time their poster takes after the last commit is inside the measurement.
+    await ledger.posting_idle(db.primary)
     return done / (time.perf_counter() - started)
 
 

@@ -227,7 +227,7 @@ class TestStandalone:
         good = [r for n in (*range(10), 12) if isinstance(r := mixed[n], Posted) and r.created]
         assert len(good) == 11
         # Credited one after the other: each sees the balance the previous one left.
-        credits = sorted(r.credit_balance for r in good)
+        credits = sorted(r.credit_balance or 0 for r in good)
         assert credits == [1_000 + 1 + 32 * 10 + 10 * (n + 1) for n in range(11)]
         await assert_invariants(runtime)
 

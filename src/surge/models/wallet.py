@@ -112,6 +112,28 @@ class Entry(Base):
     reference: Mapped[str | None] = mapped_column(Text)
 
 
+class PendingCredit(Base):
+    """The credit leg of a posted transfer that found its account's row held by another
+    transaction (ADR 0065): committed with the transfer and its debit entry, posted after
+    (an entry with its exact before/after, this row deleted in the same transaction).
+    Counted by the invariant checker with the balances."""
+
+    __tablename__ = "wallet_pending_credits"
+    __table_args__ = (Index("ix_wallet_pending_credits_account", "account_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("wallet_accounts.id"))
+    transfer_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("wallet_transfers.id"), unique=True
+    )
+    counterparty_account_id: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)
+    reference: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Partner(Base):
     """A partner's commercial terms (seed 001), in basis points: 4000 = 40 %."""
 

@@ -19,7 +19,8 @@ from surge.wallet.accounts import STRIPES
 async def check_invariants(session: AsyncSession) -> list[str]:
     """Every violation of the money rules, as readable lines; empty when all hold.
 
-    1. per currency, the sum of all balances is zero, and pending out = pending in;
+    1. per currency, the sum of all balances and of the pending credits (ADR 0065) is
+       zero, and pending out = pending in;
     2. each balance equals the sum of its entries, and its latest entry's balance_after;
     3. each reservation equals its open pending transfers;
     3b. each account's ``topup_net`` / ``purchases_posted`` / ``debt`` equal the sums of
@@ -37,19 +38,26 @@ async def check_invariants(session: AsyncSession) -> list[str]:
        account by itself (ADR 0058);
     5. no idempotency key has two effects: one transfer per key (unique index), one
        resolution per pending transfer, one earning per (event, owner), and every
-       transfer has exactly its two entries (or none while pending/void).
+       transfer has exactly its two entries (or none while pending/void) — a pending
+       credit counting as its credit entry (ADR 0065);
+    6. every pending credit (ADR 0065) is the credit leg of its posted transfer, which
+       has no credit entry; rule 1's sum counts pending credits with the balances.
     """
     problems: list[str] = []
 
     async def rows(sql: str) -> Sequence[Any]:
         return (await session.execute(text(sql))).all()
 
-    for currency, total, out, in_ in await rows(
-        "SELECT currency, sum(balance), sum(pending_out), sum(pending_in) "
-        "FROM wallet_accounts GROUP BY currency"
+    for currency, total, out, in_, credits in await rows(
+        "SELECT a.currency, sum(a.balance), sum(a.pending_out), sum(a.pending_in), "
+        "  coalesce((SELECT sum(p.amount) FROM wallet_pending_credits p "
+        "            WHERE p.currency = a.currency), 0) "
+        "FROM wallet_accounts a GROUP BY a.currency"
     ):
-        if total != 0:
-            problems.append(f"{currency}: sum of balances is {total}, not 0")
+        if total + credits != 0:
+            problems.append(
+                f"{currency}: sum of balances {total} + pending credits {credits} is not 0"
+            )
         if out != in_:
             problems.append(f"{currency}: pending out {out} != pending in {in_}")
     for account_id, balance, entries, last in await rows(
@@ -120,11 +128,25 @@ async def check_invariants(session: AsyncSession) -> list[str]:
     ):
         problems.append(f"account {account_id}: guarded and negative")
     for transfer_id, phase, count in await rows(
-        "SELECT t.id, t.phase, count(e.id) FROM wallet_transfers t "
+        "SELECT t.id, t.phase, count(e.id) + (SELECT count(*) FROM wallet_pending_credits p "
+        "  WHERE p.transfer_id = t.id) FROM wallet_transfers t "
         "LEFT JOIN wallet_entries e ON e.transfer_id = t.id GROUP BY t.id, t.phase "
-        "HAVING count(e.id) <> CASE WHEN t.phase IN ('single', 'post') THEN 2 ELSE 0 END"
+        "HAVING count(e.id) + (SELECT count(*) FROM wallet_pending_credits p "
+        "  WHERE p.transfer_id = t.id) "
+        "  <> CASE WHEN t.phase IN ('single', 'post') THEN 2 ELSE 0 END"
     ):
-        problems.append(f"transfer {transfer_id} ({phase}) has {count} entries")
+        problems.append(f"transfer {transfer_id} ({phase}) has {count} entries and pending credits")
+    for credit_id, transfer_id in await rows(
+        "SELECT p.id, p.transfer_id FROM wallet_pending_credits p "
+        "LEFT JOIN wallet_transfers t ON t.id = p.transfer_id "
+        "LEFT JOIN wallet_entries e ON e.transfer_id = p.transfer_id "
+        "  AND e.account_id = p.account_id "
+        "WHERE t.id IS NULL OR t.phase <> 'single' OR e.id IS NOT NULL "
+        "   OR (t.credit_account_id, t.debit_account_id, t.amount, t.currency, t.kind, "
+        "       t.reference) IS DISTINCT FROM (p.account_id, p.counterparty_account_id, "
+        "       p.amount, p.currency, p.kind, p.reference)"
+    ):
+        problems.append(f"pending credit {credit_id} does not match transfer {transfer_id}")
     for key, count in await rows(
         "SELECT idempotency_key, count(*) FROM wallet_transfers "
         "GROUP BY idempotency_key HAVING count(*) > 1"

@@ -88,3 +88,13 @@ async def purge_idempotency_keys(ctx: JobContext) -> None:
     purged = await idempotency_keys.purge(ctx.session)
     if purged:
         ctx.log.info("wallet.idempotency.purged", count=purged)
+
+
+@job("wallet.pending_credits.sweep", queue="wallet", cron="* * * * *")
+async def sweep_pending_credits(ctx: JobContext) -> None:
+    """Post the pending credits (ADR 0065) that no process posted after their commit: a
+    process that crashed in between, or a posting that failed. Every minute; a no-op (one
+    index read) when there are none. Each account posts in its own transaction."""
+    posted = await wallet_service.ledger.sweep_pending_credits(ctx.runtime.db.primary)
+    if posted:
+        ctx.log.warning("wallet.pending_credits.swept", count=posted)

@@ -39,52 +39,58 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from surge.kit.db import autocommit_fetch, driver_fetch
-from surge.kit.errors import Conflict, NotFound, SurgeError, UnprocessableEntity
-from surge.wallet import invariants
+from surge.kit.db import autocommit_fetch, driver_fetch, on_commit
+from surge.wallet import invariants, pending_credits
 from surge.wallet.accounts import UNGUARDED, SystemAccount, stripe_of
+from surge.wallet.ledger_errors import (
+    AlreadyResolved,
+    IdempotencyKeyReused,
+    InsufficientFunds,
+    InvalidTransfer,
+    LedgerNotFound,
+    WalletError,
+    WalletInDebt,
+    translate,
+)
 
 log = structlog.get_logger()
 
-
-class WalletError(SurgeError):
-    """Root of the wallet domain's errors."""
-
-
-class InsufficientFunds(WalletError, Conflict):
-    """The debit would take a guarded account below zero available."""
-
-
-class WalletInDebt(InsufficientFunds):
-    """The account owes the platform (a reversal it could not cover, ADR 0042): it may spend
-    only what its free balance exceeds its debt by, and withdraw nothing."""
-
-
-class IdempotencyKeyReused(WalletError, Conflict):
-    """The idempotency key already names a transfer with other fields."""
-
-
-class AlreadyResolved(WalletError, Conflict):
-    """The pending transfer was already posted or voided (under another key)."""
-
-
-class LedgerNotFound(WalletError, NotFound):
-    """An account or pending transfer that does not exist (or not in that currency)."""
-
-
-class InvalidTransfer(WalletError, UnprocessableEntity):
-    """A transfer the ledger refuses by shape: same account twice, non-positive amount."""
+__all__ = [
+    "AlreadyResolved",
+    "Balance",
+    "IdempotencyKeyReused",
+    "InsufficientFunds",
+    "InvalidTransfer",
+    "Ledger",
+    "LedgerNotFound",
+    "Posted",
+    "TransferSpec",
+    "WalletError",
+    "WalletInDebt",
+    "ledger",
+    "translate",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Posted:
     """The outcome of one ledger call. ``created`` is False when the idempotency key had
-    already been used for the same transfer: nothing moved the second time."""
+    already been used for the same transfer: nothing moved the second time.
+
+    ``credit_balance`` is None when the credit is pending (``transfer(...,
+    defer_contended_credit=True)`` found the credited row held by another transaction,
+    ADR 0065): the transfer and its debit are committed with the caller's unit of work, the
+    credit is posted after it, and the credited account's balance at that point is unknown."""
 
     transfer_id: int
     created: bool
     debit_balance: int
-    credit_balance: int
+    credit_balance: int | None
+
+    @property
+    def credit_pending(self) -> bool:
+        """The credit leg waits for the poster (ADR 0065): not in the credited balance yet."""
+        return self.credit_balance is None
 
 
 class TransferSpec(NamedTuple):
@@ -152,6 +158,10 @@ _COLLECT_MANY = text(
 _TRANSFER_DRIVER = (
     "SELECT transfer_id, created, debit_balance, credit_balance "
     "FROM wallet_transfer($1, $2, $3, $4, $5, $6, $7, false)"
+)
+_TRANSFER_DEFERRING = (
+    "SELECT transfer_id, created, debit_balance, credit_balance "
+    "FROM wallet_transfer_deferring($1, $2, $3, $4, $5, $6, $7)"
 )
 _TRANSFER_BATCH = (
     "SELECT transfer_id, created, debit_balance, credit_balance "
@@ -231,39 +241,8 @@ class _Coalescer:
                     future.set_result(Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3])))
 
 
-def _sqlstate(error: BaseException) -> tuple[str | None, str | None, str]:
-    """(SQLSTATE, constraint, message) of a SQLAlchemy-wrapped or a bare asyncpg error."""
-    orig: Any = getattr(error, "orig", None) or error
-    cause: Any = getattr(orig, "__cause__", None) or orig
-    state = getattr(orig, "sqlstate", None) or getattr(cause, "sqlstate", None)
-    constraint = getattr(cause, "constraint_name", None)
-    message = str(getattr(cause, "message", None) or orig)
-    return state, constraint, message
-
-
-def translate(error: BaseException) -> WalletError | None:
-    """Map the ledger functions' SQLSTATEs and constraint names to domain errors."""
-    state, constraint, message = _sqlstate(error)
-    if state == "23514":
-        if constraint == "ck_wallet_accounts_non_negative":
-            return InsufficientFunds("Insufficient funds for this transfer.")
-        return InvalidTransfer(f"Transfer refused by {constraint}.")
-    if state == "WL402":
-        return WalletInDebt(
-            "This wallet owes the platform for a reversed top-up: it may spend only what "
-            "exceeds its debt, and withdraw nothing until the debt is repaid."
-        )
-    if state == "WL404":
-        return LedgerNotFound(message)
-    if state == "WL409":
-        return IdempotencyKeyReused(message)
-    if state == "WL410":
-        return AlreadyResolved(message)
-    if state == "WL422":
-        return InvalidTransfer(message)
-    if state == "22003":  # a balance would leave BIGINT: refused, never wrapped
-        return InvalidTransfer("This transfer would overflow an account balance.")
-    return None
+def _optional(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 class Ledger:
@@ -276,6 +255,8 @@ class Ledger:
         #: Per engine (per database and event loop): the standalone transfers waiting for
         #: the next batch. Weak, so a disposed engine takes its coalescer with it.
         self._coalescers: weakref.WeakKeyDictionary[Any, _Coalescer] = weakref.WeakKeyDictionary()
+        #: Per engine: the poster of pending credits (ADR 0065).
+        self._posters = pending_credits.Posters()
         #: Per engine, (code, currency, stripe) → id: a process may talk to more than one
         #: database (a test, a migration tool), and ids are only unique within one. Keyed by
         #: the engine, not its URL: the same address can serve another database later (a
@@ -431,15 +412,47 @@ class Ledger:
         kind: str,
         reference: str | None = None,
         pending: bool = False,
+        defer_contended_credit: bool = False,
     ) -> Posted:
         """Move ``amount`` minor units from ``debit`` to ``credit`` (posted at once), or
         reserve it (``pending=True``: the debit's available balance drops now, the posted
-        balances move only on ``post``). Idempotent by ``key``."""
+        balances move only on ``post``). Idempotent by ``key``.
+
+        ``defer_contended_credit`` (ADR 0065; not with ``pending``): if another transaction
+        holds the credited account's row, do not wait for it: the debit applies as always,
+        the credit is recorded as pending in this unit of work and posted, with its exact
+        balance before/after, by this process right after the commit (the sweeper job posts
+        what a crash left). The result's ``credit_balance`` is then None. For a caller that
+        neither reads the credited balance nor spends from it later in the same unit of work
+        (a debt ``collect`` after the credit would not see it)."""
         if amount <= 0:
             raise InvalidTransfer("amount must be a positive number of minor units")
-        return await self._call(
-            session, _TRANSFER, key, debit, credit, amount, currency, kind, reference, pending
+        if not defer_contended_credit:
+            return await self._call(
+                session, _TRANSFER, key, debit, credit, amount, currency, kind, reference, pending
+            )
+        if pending:
+            raise InvalidTransfer("a reservation cannot defer its credit")
+        posted = await self._call(
+            session, _TRANSFER_DEFERRING, key, debit, credit, amount, currency, kind, reference
         )
+        if posted.credit_pending:
+            on_commit(
+                session, self._posters.after_commit(pending_credits.engine_of(session), credit)
+            )
+        return posted
+
+    async def post_pending_credits(self, engine: AsyncEngine, account_id: int) -> int:
+        """Post ``account_id``'s pending credits now (ADR 0065); how many."""
+        return await pending_credits.post(engine, account_id)
+
+    async def sweep_pending_credits(self, engine: AsyncEngine) -> int:
+        """Post every pending credit in the database (what a crash left); how many."""
+        return await pending_credits.sweep(engine)
+
+    async def posting_idle(self, engine: AsyncEngine) -> None:
+        """Until this process's poster on ``engine`` has posted what it was told of."""
+        await self._posters.idle(engine)
 
     async def transfer_now(
         self,
@@ -575,7 +588,7 @@ class Ledger:
             if domain is None:
                 raise
             raise domain from error
-        return Posted(int(row[0]), bool(row[1]), int(row[2]), int(row[3]))
+        return Posted(int(row[0]), bool(row[1]), int(row[2]), _optional(row[3]))
 
     # ---- invariants (docs/architecture.md §6) -----------------------------------------------------
     async def check_invariants(self, session: AsyncSession) -> list[str]:
