@@ -2,8 +2,9 @@
 
 An administrator with MFA could create money alone (a revenue event, 100 % partner terms)
 or pay a colluding partner out; the audit log said so afterwards. Now the owning domain's
-service calls ``approvals.gate(...)`` before such an action: below the threshold it returns
-and the action goes ahead; above it the request is recorded ``pending`` (audited) and
+service calls ``approvals.gate(...)`` before such an action: below the threshold, and within
+what the administrator may move alone in a day (``APPROVAL_SOLO_BUDGET``, ADR 0066), it
+returns and the action goes ahead; above it the request is recorded ``pending`` (audited) and
 ``ApprovalPending`` (202) is raised — the unit of work still commits the request
 (``keep_on_error``), nothing else of the action has happened. A *different* administrator
 then approves it (the domain's executor, registered under the action's name, carries the
@@ -121,19 +122,41 @@ class ApprovalService:
     ) -> None:
         """Return when the action may go ahead now: it is being carried out by an approval
         (``approved_by``), or its ``amount`` is within ``APPROVAL_THRESHOLD`` (and not
-        ``always``). Otherwise record the pending request — or find the one already pending
-        for this action and subject, asked the same way — and raise ``ApprovalPending``.
-        Call it before the action writes anything: the unit of work commits what it holds."""
+        ``always``) and, when it moves money (an amount in a currency), within what the maker
+        may still move alone in ``APPROVAL_SOLO_WINDOW`` (``APPROVAL_SOLO_BUDGET``: counted
+        here, in the action's transaction, ADR 0066). Otherwise record the pending request —
+        or find the one already pending for this action and subject, asked the same way —
+        and raise ``ApprovalPending``. Call it before the action writes anything: the unit
+        of work commits what it holds."""
         if approved_by is not None:
             return
-        if not always and amount <= runtime.settings.APPROVAL_THRESHOLD:
-            return
+        settings = runtime.settings
+        over_budget: dict[str, Any] | None = None
+        if not always and amount <= settings.APPROVAL_THRESHOLD:
+            if amount <= 0 or currency is None:
+                return  # moves no money of its own (terms are gated on their rate)
+            spent = await repository.spend_alone(
+                session, maker_id=maker_id, action=action, subject_id=subject_id,
+                amount=amount, currency=currency, budget=settings.APPROVAL_SOLO_BUDGET,
+                window_seconds=settings.APPROVAL_SOLO_WINDOW.total_seconds(),
+            )  # fmt: skip
+            if spent is None:
+                return
+            over_budget = {"budget": settings.APPROVAL_SOLO_BUDGET, "spent": spent,
+                           "currency": currency,
+                           "window_seconds": int(settings.APPROVAL_SOLO_WINDOW.total_seconds())}  # fmt: skip
         approval = await self._pending(
             session, runtime, maker_id, action=action, subject_type=subject_type,
             subject_id=subject_id, amount=amount, currency=currency, params=params,
             reason=reason, request_id=request_id,
         )  # fmt: skip
         keep_on_error(session)  # the request is the answer: it survives the 202
+        if over_budget is not None:
+            raise ApprovalPending(
+                "Recorded: this would take what you moved alone past your budget for the "
+                "window; a second administrator must approve it before it happens.",
+                extra={"approval": describe(approval), "solo_budget": over_budget},
+            )
         raise ApprovalPending(
             "Recorded: a second administrator must approve this before it happens.",
             extra={"approval": describe(approval)},

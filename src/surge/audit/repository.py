@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from surge.kit.web.cursor import bigint, moment
 from surge.kit.web.pagination import Keyset, Slice, keyset_page
-from surge.models.audit import AdminApproval, AuditEntry
+from surge.models.audit import AdminApproval, AdminSoloAction, AuditEntry
 
 NEWEST_FIRST = Keyset((AuditEntry.id,), (bigint,), descending=True)
 
@@ -91,6 +91,54 @@ async def insert_pending(
         .returning(AdminApproval)
     )  # fmt: skip
     return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def spend_alone(
+    session: AsyncSession,
+    *,
+    maker_id: uuid.UUID,
+    action: str,
+    subject_id: str,
+    amount: int,
+    currency: str,
+    budget: int,
+    window_seconds: float,
+) -> int | None:
+    """Count ``amount`` against what ``maker_id`` moved alone in ``currency`` over the last
+    ``window_seconds`` (ADR 0066), in the caller's transaction: None when it fits (recorded,
+    once per maker, action and subject: a retried action is not counted twice), else what
+    the maker already moved alone in the window (nothing recorded).
+
+    One maker's solo actions are serialised on a transaction-level advisory lock taken
+    before the sum, so two concurrent actions cannot both see room for one."""
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended('surge.solo:' || :maker, 0))"),
+        {"maker": str(maker_id)},
+    )
+    spent = int(
+        (
+            await session.execute(
+                select(func.coalesce(func.sum(AdminSoloAction.amount), 0)).where(
+                    AdminSoloAction.maker_id == maker_id,
+                    AdminSoloAction.currency == currency,
+                    AdminSoloAction.at
+                    > func.now() - func.make_interval(0, 0, 0, 0, 0, 0, window_seconds),
+                    # the same action on the same subject again is the one already counted
+                    ~((AdminSoloAction.action == action)
+                      & (AdminSoloAction.subject_id == subject_id)),
+                )
+            )
+        ).scalar_one()
+    )  # fmt: skip
+    if spent + amount > budget:
+        return spent
+    await session.execute(
+        insert(AdminSoloAction)
+        .values(maker_id=maker_id, action=action, subject_id=subject_id, amount=amount,
+                currency=currency)
+        .on_conflict_do_nothing(index_elements=["maker_id", "action", "subject_id"])
+    )  # fmt: skip
+    return None
 
 
 async def pending_for(

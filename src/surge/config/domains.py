@@ -147,6 +147,13 @@ class DomainSettings(BaseSettings):
     administrator: 100 % × 100 % terms would hand a partner the whole profit."""
     APPROVAL_TTL: timedelta = timedelta(hours=24)
     """How long a pending request waits for its second administrator before it expires."""
+    APPROVAL_SOLO_BUDGET: int = 2_500_000
+    """What one administrator may move alone (each action within ``APPROVAL_THRESHOLD``)
+    per currency in any ``APPROVAL_SOLO_WINDOW`` (2 500 000 = 25 000.00): an action that
+    would take them past it waits for a second administrator like a large one, so many
+    payouts just under the threshold are not one person's word either (ADR 0066)."""
+    APPROVAL_SOLO_WINDOW: timedelta = timedelta(hours=24)
+    """The rolling window of ``APPROVAL_SOLO_BUDGET``."""
 
     # ---- console ------------------------------------------------------------------------
     # (issue 16: operator's console, alerts from one source, service API keys)

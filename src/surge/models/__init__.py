@@ -1,6 +1,6 @@
 """Every ORM model, one module per aggregate, all on one ``Base`` (Alembic sees them all here)."""
 
-from surge.models.audit import AdminApproval, AuditEntry
+from surge.models.audit import AdminApproval, AdminSoloAction, AuditEntry
 from surge.models.base import Base, TimestampMixin
 from surge.models.credential import ServiceKey
 from surge.models.identity import AuthSession, RefreshToken, Subscription, User, ViewRefresh
@@ -29,6 +29,7 @@ from surge.models.wallet import (
 
 __all__ = [
     "AdminApproval",
+    "AdminSoloAction",
     "Attempt",
     "AuditEntry",
     "AuthSession",

@@ -80,3 +80,25 @@ class AdminApproval(Base):
     )
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AdminSoloAction(Base):
+    """A money action an administrator carried out alone (within ``APPROVAL_THRESHOLD``),
+    counted against their ``APPROVAL_SOLO_BUDGET`` (ADR 0066). Written by
+    ``approvals.gate`` in the action's own transaction: rolled back with it. One row per
+    administrator, action and subject, so a retried action is counted once."""
+
+    __tablename__ = "admin_solo_actions"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="ck_admin_solo_actions_amount"),
+        Index("ix_admin_solo_actions_maker", "maker_id", "currency", "at"),
+    )
+
+    maker_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    action: Mapped[str] = mapped_column(Text, primary_key=True)
+    subject_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    currency: Mapped[str] = mapped_column(Text, nullable=False)
+    at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )

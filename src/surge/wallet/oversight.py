@@ -83,8 +83,9 @@ async def gate_revenue_event(
     profit: int, occurred_at: datetime | None, approved_by: UUID | None,
     request_id: str | None,
 ) -> None:  # fmt: skip
-    """Before the event is inserted; a replay of a recorded event answers as before."""
-    if approved_by is not None or profit <= runtime.settings.APPROVAL_THRESHOLD:
+    """Before the event is inserted; a replay of a recorded event answers as before (and is
+    not counted again against the administrator's solo budget)."""
+    if approved_by is not None:
         return
     if await repository.revenue_event(session, event_id) is not None:
         return
