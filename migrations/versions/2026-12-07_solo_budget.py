@@ -5,8 +5,8 @@ under it were still one person's word. ``admin_solo_actions`` records each one (
 action, subject, amount, currency, when), one row per maker, action and subject, so that
 ``approvals.gate`` can sum what a maker moved alone in the window.
 
-Revision ID: 0020_solo_budget
-Revises: 0019_system_stripes
+Revision ID: 0021_solo_budget
+Revises: 0020_pending_credits
 Create Date: 2026-12-07
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0020_solo_budget"
-down_revision: str | None = "0019_system_stripes"
+revision: str = "0021_solo_budget"
+down_revision: str | None = "0020_pending_credits"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
