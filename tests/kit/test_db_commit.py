@@ -268,3 +268,53 @@ class TestCommitAnsweredWithRollback:
             await driver.execute(f"INSERT INTO {table} VALUES (3)")
             assert await driver.execute("ROLLBACK") == "ROLLBACK"
         assert await _values(db, table) == [2]
+
+
+class TestHeldCommitInOneStep:
+    """The held connection's COMMIT goes straight to asyncpg's protocol (ADR 0064), with
+    what ``Transaction.commit()`` and ``CheckedConnection.execute`` would have done."""
+
+    async def test_it_skips_the_transaction_object_and_leaves_asyncpg_tracking_nothing(
+        self, db: Database, table: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import asyncpg.transaction  # type: ignore[import-untyped]
+
+        calls: list[str] = []
+        original = asyncpg.transaction.Transaction.commit
+
+        async def recording(self: Any) -> None:
+            calls.append("Transaction.commit")
+            await original(self)
+
+        monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", recording)
+        async with db.session() as session:
+            await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 1)
+            sync = session.sync_session
+            held: Any = sync._surge_held  # type: ignore[attr-defined]
+            driver = held.dbapi_connection._connection
+            transaction = driver._top_xact
+            assert transaction is not None
+        assert calls == []
+        assert driver._top_xact is None
+        assert transaction._state is asyncpg.transaction.TransactionState.COMMITTED
+        assert not driver.is_in_transaction()
+        assert await _values(db, table) == [1]
+
+    async def test_a_commit_answered_with_rollback_raises_and_parks_nothing(
+        self, db: Database, table: str
+    ) -> None:
+        async def swallowing() -> None:
+            async with db.session() as session:
+                await driver_fetch(session, f"INSERT INTO {table} VALUES ($1)", 1)
+                with pytest.raises(DBAPIError):  # the handler's bug: caught, no savepoint
+                    await driver_fetch(session, "SELECT 1 / $1::int", 0)
+
+        with pytest.raises(DBAPIError) as raised:
+            await swallowing()
+        assert raised.value.orig is not None
+        assert isinstance(raised.value.orig.__cause__, CommitRolledBack)
+        assert sqlstate(raised.value) == "25P02"
+        pool = db.primary.pool
+        assert isinstance(pool, IdleTimeoutPool)
+        assert pool.parked() == 0
+        assert await _values(db, table) == []

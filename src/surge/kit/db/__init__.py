@@ -476,11 +476,12 @@ class Database:
             # then the close only returns the connection. A failed COMMIT raises here and
             # the ``finally`` closes. Otherwise COMMIT and the return to the pool in one hop
             # into SQLAlchemy's greenlet (ADR 0024); the close runs even when COMMIT fails.
-            if (
-                await commit_held(session)
-                or await commit_through_driver(session)
-                or nothing_to_commit(session.sync_session)
-            ):
+            if await commit_held(session):
+                # Committed cleanly through the driver: the connection may be parked for
+                # the next unit of work (ADR 0064) rather than checked in.
+                closed = True
+                await release(session, committed=True)
+            elif await commit_through_driver(session) or nothing_to_commit(session.sync_session):
                 closed = True
                 await release(session)
             else:

@@ -28,6 +28,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 from asyncpg.exceptions import InFailedSQLTransactionError  # type: ignore[import-untyped]
+from asyncpg.transaction import TransactionState  # type: ignore[import-untyped]
 from sqlalchemy import exc
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -151,9 +152,42 @@ async def _driver_commit(adapted: Any) -> None:
         if transaction is None:  # no statement began one on the server: nothing to end
             return
         try:
-            await transaction.commit()
+            await _commit(adapted._connection, transaction)
         finally:
             adapted._transaction = None
+
+
+async def _commit(driver: Any, transaction: Any) -> None:
+    """``transaction.commit()`` — asyncpg's ``Transaction.commit`` → ``execute("COMMIT;")``
+    → ``CheckedConnection.execute`` — in one step where nothing else would have happened
+    on the way (ADR 0064): a top-level transaction this unit of work started and asyncpg
+    tracks, a ``CheckedConnection``, no query logger. The same message (``COMMIT;`` as a
+    simple query), the same state changes (``_top_xact`` cleared first, the transaction
+    COMMITTED, or FAILED when the COMMIT raised or was answered ``ROLLBACK``), the same
+    errors. Anything else goes through ``transaction.commit()``."""
+    if (
+        transaction._state is not TransactionState.STARTED
+        or transaction._nested
+        or transaction._managed
+        or driver._top_xact is not transaction
+        or driver._query_loggers
+        or not isinstance(driver, CheckedConnection)
+    ):
+        await transaction.commit()
+        return
+    driver._check_open()
+    driver._top_xact = None
+    try:
+        status = await driver._protocol.query("COMMIT;", None)
+        if status == "ROLLBACK":
+            raise CommitRolledBack(
+                "COMMIT was answered with ROLLBACK: the transaction had failed, nothing of it "
+                "was written"
+            )
+    except BaseException:
+        transaction._state = TransactionState.FAILED
+        raise
+    transaction._state = TransactionState.COMMITTED
 
 
 async def commit_held(session: AsyncSession) -> bool:

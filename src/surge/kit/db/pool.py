@@ -10,6 +10,15 @@ close the ones idle longer than ``idle_timeout``, never go below ``min``.
 and LIFO checkout (hot connections are reused, idle ones sink to the bottom), plus
 ``reap()``, called periodically, which closes idle connections down to the floor, and
 ``prewarm()``, which opens the floor at start-up.
+
+It also keeps the connections that units of work *parked* (``park`` / ``take_parked``, ADR
+0064): a connection whose unit of work held it for the driver alone and committed it cleanly
+is kept checked out, in a small LIFO, for the next unit of work, instead of going through
+the pool's check-in (reset, events, queue) and check-out (queue, record, fairy, events) and
+the two greenlet hops around them. A parked connection counts as checked in (``checkedin``,
+``checkedout``, ``exhausted``, the gauges); it goes back to the queue the moment anything
+else needs one (``_do_get`` finds the queue empty), when its record is due for recycling or
+was invalidated, when it has been parked for ``idle_timeout`` (``reap``), and at ``dispose``.
 """
 
 from __future__ import annotations
@@ -20,7 +29,12 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolResetState
+from sqlalchemy.pool import (
+    AsyncAdaptedQueuePool,
+    ConnectionPoolEntry,
+    PoolProxiedConnection,
+    PoolResetState,
+)
 from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util.concurrency import await_
 
@@ -36,10 +50,19 @@ class IdleTimeoutPool(AsyncAdaptedQueuePool):
         super().__init__(*args, **kwargs)
         self.min_size = min_size
         self._waiting = 0
-        event.listen(self, "checkin", _stamp_idle)
+        #: Parked connections and when they were parked (``time.monotonic()``), most recent last.
+        self._parked: list[tuple[PoolProxiedConnection, float]] = []
         event.listen(self, "reset", _end_untracked_transaction)
 
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()  # what the reaper measures idleness from
+        super()._do_return_conn(record)
+
     def _do_get(self) -> ConnectionPoolEntry:
+        if self._parked and self._pool.qsize() == 0:
+            # Someone else needs a connection and the queue has none: a parked one is idle,
+            # it goes back first (no caller ever waits, or opens one, while one is parked).
+            self._unpark(0)
         if self._pool.qsize() == 0 and self._overflow >= self._max_overflow:
             self._waiting += 1
             try:
@@ -51,9 +74,90 @@ class IdleTimeoutPool(AsyncAdaptedQueuePool):
     def waiting(self) -> int:
         return self._waiting
 
+    def checkedin(self) -> int:
+        """Connections idle (in the queue or parked)."""
+        return super().checkedin() + len(self._parked)
+
+    def parked(self) -> int:
+        return len(self._parked)
+
+    def checkedout(self) -> int:
+        """Connections in use (a parked one is idle: not counted)."""
+        return super().checkedout() - len(self._parked)
+
     def exhausted(self) -> bool:
         """No idle connection and none may be opened: the next checkout waits."""
-        return self._pool.qsize() == 0 and self._overflow >= self._max_overflow
+        return self._pool.qsize() == 0 and not self._parked and self._overflow >= self._max_overflow
+
+    # ---- parked connections (ADR 0064) -----------------------------------------------------
+    def parking(self) -> bool:
+        """Whether a connection may be parked now: nobody waits for one, and nothing listens
+        to the check-in or check-out a parked connection skips (only this pool's own reset
+        listener, whose case a parked connection never is: see ``park``)."""
+        dispatch = self.dispatch
+        return (
+            not self._waiting
+            and len(self._parked) < self._pool.maxsize
+            and not dispatch.checkin
+            and not dispatch.checkout
+            and len(dispatch.reset) == 1
+        )
+
+    def park(self, connection: PoolProxiedConnection) -> bool:
+        """Keep ``connection`` checked out for the next ``take_parked`` and return True, or
+        return False (the caller checks it in as usual). The caller vouches that the
+        connection is exactly what the check-in would have left: outside any transaction,
+        no statement in flight, nothing for the reset to do (``unit.park``)."""
+        if not self.parking():
+            return False
+        self._parked.append((connection, time.monotonic()))
+        return True
+
+    def take_parked(self) -> PoolProxiedConnection | None:
+        """The most recently parked connection, still checked out, or ``None``. One whose
+        record the check-out would recycle (``pool_recycle`` age, the pool invalidated since
+        it was opened, a soft invalidation) goes back to the queue instead, where the next
+        check-out recycles it as it would have."""
+        while self._parked:
+            connection, _since = self._parked[-1]
+            record: Any = connection._connection_record
+            if record is not None and not self._due(record):
+                self._parked.pop()
+                return connection
+            self._unpark(len(self._parked) - 1)
+        return None
+
+    def _due(self, record: Any) -> bool:
+        """What ``_ConnectionRecord.get_connection`` checks at check-out."""
+        started = record.starttime
+        return bool(
+            (self._recycle > -1 and time.time() - started > self._recycle)
+            or self._invalidate_time > started
+            or record._soft_invalidate_time > started
+        )
+
+    def _unpark(self, index: int) -> None:
+        """Check the parked connection at ``index`` in, as its unit of work would have; its
+        idle time counts from when it was parked. No I/O: a parked connection is outside any
+        transaction, so the reset's rollback sends nothing."""
+        connection, since = self._parked.pop(index)
+        record: Any = connection._connection_record
+        connection.close()
+        if record is not None:
+            record.info[_IDLE_SINCE] = since
+
+    def unpark(self, older_than: float = 0.0) -> int:
+        """Check in the connections parked for at least ``older_than`` seconds (all by
+        default); return how many."""
+        now, count = time.monotonic(), 0
+        while self._parked and now - self._parked[0][1] >= older_than:
+            self._unpark(0)
+            count += 1
+        return count
+
+    def dispose(self) -> None:
+        self.unpark()
+        super().dispose()
 
     def opened(self) -> int:
         """Connections open right now (checked in + checked out)."""
@@ -92,15 +196,15 @@ class IdleTimeoutPool(AsyncAdaptedQueuePool):
                 self._dec_overflow()
 
     async def reap(self, idle_timeout: float) -> int:
-        """Close connections idle for ``idle_timeout`` seconds, keeping ``min_size`` open."""
+        """Close connections idle for ``idle_timeout`` seconds, keeping ``min_size`` open. The
+        connections parked that long go back to the queue first (the oldest are at the
+        bottom of the LIFO: under load only the top few are reused)."""
+        if self._parked:
+            await greenlet_spawn(self.unpark, idle_timeout)
         stale = self._take_idle(idle_timeout)
         if stale:
             await greenlet_spawn(self._close_records, stale)
         return len(stale)
-
-
-def _stamp_idle(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-    record.info[_IDLE_SINCE] = time.monotonic()
 
 
 def _end_untracked_transaction(

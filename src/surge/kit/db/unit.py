@@ -34,6 +34,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from surge.kit.db.hop import hop
+from surge.kit.db.pool import IdleTimeoutPool
 
 
 class UnitOfWorkSession(Session):
@@ -140,9 +141,13 @@ async def hold(session: AsyncSession) -> PoolProxiedConnection | None:
             return None
         if not _plain(sync, engine):
             return None
-        # The pool's own checkout (waits for a free connection, opens or recycles one, as
-        # for any engine connection), on a reused greenlet (``hop``).
-        held = await hop(engine.raw_connection)
+        # A connection an earlier unit of work parked (ADR 0064): still checked out, outside
+        # any transaction; else the pool's own checkout (waits for a free connection, opens
+        # or recycles one, as for any engine connection), on a reused greenlet (``hop``).
+        pool = engine.pool
+        held = pool.take_parked() if isinstance(pool, IdleTimeoutPool) else None
+        if held is None:
+            held = await hop(engine.raw_connection)
         sync._surge_held = held
     if not held.is_valid:  # a statement lost it earlier in this unit of work
         raise exc.PendingRollbackError(
@@ -185,6 +190,53 @@ def close_all(session: Session) -> None:
     session.close()
 
 
-async def release(session: AsyncSession) -> None:
-    """Close ``session`` and give its connection back to the pool (see ``close_all``)."""
-    await hop(close_all, session.sync_session)
+async def release(session: AsyncSession, *, committed: bool = False) -> None:
+    """Close ``session`` and give its connection back to the pool (see ``close_all``);
+    ``committed``: the unit of work's driver COMMIT (``commit_held``) just succeeded, so the
+    connection it held may be parked for the next unit of work instead (``park``)."""
+    sync = session.sync_session
+    if committed and isinstance(sync, UnitOfWorkSession) and park(sync):
+        return
+    await hop(close_all, sync)
+
+
+def park(session: UnitOfWorkSession) -> bool:
+    """Park the connection ``session`` held for its driver statements alone, after their
+    COMMIT succeeded, and return True; or return False, having done nothing, when the
+    connection is not exactly what the pool's check-in would leave (ADR 0064): it must be
+    valid; SQLAlchemy must never have touched it (no adopted ``Connection``, nothing for
+    ``Session.close()`` to take apart); the adapter and asyncpg must both see no
+    transaction, the protocol no transaction status other than idle, no cancellation whose
+    answer is still due, and the connection open; the record no finalizer pending (an
+    isolation level to restore). The pool then decides (``IdleTimeoutPool.park``: nobody
+    waiting, nobody listening to check-in or check-out)."""
+    held = session._surge_held
+    if (
+        held is None
+        or session._surge_adopted is not None
+        or session._transaction is not None
+        or session.identity_map
+        or session._new
+        or session._close_state is _SessionCloseState.ACTIVE
+        or not held.is_valid
+    ):
+        return False
+    record: Any = held._connection_record
+    adapted: Any = held.dbapi_connection
+    driver = adapted._connection
+    protocol = driver._protocol
+    if (
+        record is None
+        or record.finalize_callback
+        or adapted._transaction is not None
+        or driver._top_xact is not None
+        or driver.is_closed()
+        or protocol.is_in_transaction()
+        or protocol._is_cancelling()
+    ):
+        return False
+    pool = held._pool
+    if not isinstance(pool, IdleTimeoutPool) or not pool.park(held):
+        return False
+    session._surge_held = None
+    return True
