@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -242,15 +242,3 @@ class TestBackToThePool:
             await eventually(gone)
         finally:
             await probe.close()
-
-
-@pytest.fixture
-async def table(db: Database) -> AsyncIterator[str]:
-    """A scratch table ``(v bigint PRIMARY KEY)``, created and dropped outside the pools the
-    tests open (some tests use a pool of their own)."""
-    name = f"parked_{uuid.uuid4().hex[:8]}"
-    async with db.session() as session:
-        await session.execute(text(f"CREATE TABLE {name} (v bigint PRIMARY KEY)"))
-    yield name
-    async with db.session() as session:
-        await session.execute(text(f"DROP TABLE {name}"))
